@@ -1,0 +1,27 @@
+// The grokit command line: a thin front over the libraries. Each command parses its
+// flags, calls one library function and prints: payload on stdout, progress and a
+// one-line summary on stderr. Exit codes: 0 success, 1 failure, 2 bad usage.
+#pragma once
+
+#include <string>
+#include <vector>
+
+namespace grokit::cli {
+
+struct Command {
+  const char* name;
+  const char* summary;
+  int (*run)(int argc, char** argv);  // argv[0] is "grokit <name>"
+};
+
+int cmd_convert(int argc, char** argv);
+int cmd_inspect(int argc, char** argv);
+int cmd_verify(int argc, char** argv);
+int cmd_validate(int argc, char** argv);
+int cmd_devices(int argc, char** argv);
+
+inline constexpr int kExitOk = 0;
+inline constexpr int kExitFailure = 1;
+inline constexpr int kExitUsage = 2;
+
+}  // namespace grokit::cli

@@ -1,0 +1,24 @@
+// The C interface between the grokit binary and libgrokit_cuda.so. Plain C types only:
+// the two sides may be built by different compilers.
+#pragma once
+#include <stddef.h>
+#include <stdint.h>
+
+#define GROKIT_CUDA_ABI_VERSION 1
+
+typedef struct GrokitCudaDevice {
+  char name[256];
+  uint64_t memory_bytes;
+  int major, minor;
+} GrokitCudaDevice;
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+int grokit_cuda_abi_version(void);
+// Number of CUDA devices, or -1 with a reason in err (no driver, no device).
+int grokit_cuda_device_count(char* err, size_t err_len);
+int grokit_cuda_device_info(int index, GrokitCudaDevice* out);
+#ifdef __cplusplus
+}
+#endif
