@@ -497,6 +497,16 @@ class _ProgressSink:
             self.report(self.nbytes)
 
 
+class _SparseSink(_ProgressSink):
+    """Writes the pickle structure and leaves every payload of 64 KiB or more as a hole
+    (zeros): files of the real sizes that take no disk, for testing size checks."""
+    counts_only = True
+
+    def skip(self, n: int) -> None:
+        self.f.seek(n, os.SEEK_CUR)
+        self.nbytes += n
+
+
 def _params(config, seed, attn_logit_boost):
     for i, (name, (kind, shapes)) in enumerate(param_shapes(config).items()):
         yield i, name, param_value(name, kind, shapes, config, seed, i, attn_logit_boost)
@@ -513,10 +523,11 @@ def checkpoint_sizes(config: dict) -> list[tuple[str, str, int]]:
 
 
 def write_checkpoint(out_dir, config, seed=0, attn_logit_boost=0.0, force=False,
-                     chunk_bytes=DEFAULT_CHUNK_BYTES, log=None) -> int:
+                     chunk_bytes=DEFAULT_CHUNK_BYTES, log=None, sparse=False) -> int:
     """Write <out_dir>/ckpt-0/tensor%05d_000 and <out_dir>/config.json; return the bytes
     written. A non-empty out_dir needs force (stale tensor files are then removed).
-    log: a text stream for progress lines, or None."""
+    log: a text stream for progress lines, or None. sparse: all-zero payloads left as
+    holes (real file sizes, no disk used)."""
     validate_config(config)
     if seed < 0:
         raise ValueError("seed must be >= 0")
@@ -525,7 +536,7 @@ def write_checkpoint(out_dir, config, seed=0, attn_logit_boost=0.0, force=False,
     probe, need = os.path.abspath(out_dir), sum(n for _, _, n in checkpoint_sizes(config))
     while not os.path.exists(probe):
         probe = os.path.dirname(probe)
-    if shutil.disk_usage(probe).free < need:
+    if not sparse and shutil.disk_usage(probe).free < need:
         raise ValueError(f"{need:,} bytes needed, {shutil.disk_usage(probe).free:,} free")
     ckpt = os.path.join(out_dir, "ckpt-0")
     os.makedirs(ckpt, exist_ok=True)
@@ -543,8 +554,10 @@ def write_checkpoint(out_dir, config, seed=0, attn_logit_boost=0.0, force=False,
     for i, name, value in _params(config, seed, attn_logit_boost):
         path = os.path.join(ckpt, f"tensor{i:05d}_000")
         with open(path + ".tmp", "wb") as f:
-            sink = _ProgressSink(f, lambda n: say(f"  ... {os.path.basename(path)}", n))
+            sink = (_SparseSink if sparse else _ProgressSink)(
+                f, lambda n: say(f"  ... {os.path.basename(path)}", n))
             write_param(sink, value, chunk_bytes)
+            f.truncate(sink.nbytes)
         os.replace(path + ".tmp", path)
         say(f"[{i + 1}/{n_files}] {os.path.basename(path)} {name} {sink.nbytes:,} B",
             sink.nbytes)
@@ -587,6 +600,9 @@ def build_parser() -> argparse.ArgumentParser:
                          f"~{ATTN_LOGIT_STD:g}*X^2 (X=4: ~45%% beyond +-30, the tanh cap)")
     ap.add_argument("--count-only", action="store_true",
                     help="write nothing; print each file's size and the total")
+    ap.add_argument("--sparse", action="store_true",
+                    help="leave payloads >= 64 KiB as holes (all-zero weights, real file sizes, "
+                         "almost no disk): for testing the real model's size checks")
     ap.add_argument("--force", action="store_true",
                     help="write into a non-empty OUT_DIR (stale tensor files are removed)")
     ap.add_argument("--chunk-mb", type=float, default=DEFAULT_CHUNK_BYTES / 2**20,
@@ -611,7 +627,8 @@ def main(argv=None) -> int:
             raise ValueError("OUT_DIR is required (unless --count-only)")
         total = write_checkpoint(args.out_dir, config, seed=args.seed,
                                  attn_logit_boost=args.attn_logit_boost, force=args.force,
-                                 chunk_bytes=int(args.chunk_mb * 2**20), log=sys.stderr)
+                                 chunk_bytes=int(args.chunk_mb * 2**20), log=sys.stderr,
+                                 sparse=args.sparse)
     except (FileExistsError, ValueError) as e:
         print(f"make_checkpoint: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,185 @@
+"""The grokit command line: help, bad arguments, refusals, pre-write checks on the real
+model's sizes (sparse files), and the run-time-loaded CUDA backend."""
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import unittest
+
+from e2e_util import GROKIT, files_of, run, tiny_config, write_checkpoint
+
+COMMANDS = ["convert", "inspect", "verify", "validate tensors", "devices"]
+
+
+class Binary(unittest.TestCase):
+    def test_links_no_cuda_library(self):
+        out = subprocess.run(["ldd", GROKIT], capture_output=True, text=True, check=True).stdout
+        for lib in ("libcudart", "libcuda.so", "libnccl", "libcublas"):
+            self.assertNotIn(lib, out)
+
+    def test_devices_without_gpu_says_why(self):
+        p = run("devices")
+        if p.returncode == 0:
+            self.assertRegex(p.stdout, r"cuda:0 ")  # a GPU machine lists its devices
+        else:
+            self.assertEqual(p.returncode, 1)
+            self.assertRegex(p.stderr, r"CUDA (is not usable|backend is not installed)")
+
+    def test_help_lists_every_flag_with_default(self):
+        for cmd in COMMANDS:
+            p = run(*cmd.split(), "--help", check=0)
+            blocks = []  # one per option; cxxopts wraps long descriptions onto more lines
+            for line in p.stdout.splitlines():
+                if re.match(r"^\s+(-\w, )?--[a-z]", line):
+                    blocks.append(line)
+                elif blocks and line.startswith("          "):
+                    blocks[-1] += " " + line.strip()
+            for block in blocks:
+                if "--help" not in block:
+                    self.assertIn("default:", block, f"{cmd}: {block.strip()}")
+
+    def test_bad_arguments_exit_2_with_usage(self):
+        cases = [["nonsense"], [], ["convert"], ["convert", "a"], ["convert", "a", "b", "--tp", "3"],
+                 ["convert", "a", "b", "--bogus"], ["verify"], ["inspect", "a", "b"],
+                 ["validate"], ["validate", "things"], ["validate", "tensors", "a"],
+                 ["convert", "a", "b", "--resume", "--force"], ["verify", "x", "--threads", "0"]]
+        for args in cases:
+            p = run(*args)
+            self.assertEqual(p.returncode, 2, f"{args}: {p.stderr}")
+            self.assertRegex(p.stderr, r"(?i)usage|must|expected|unknown|contradict", str(args))
+
+
+class Convert(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.mkdtemp(prefix="grokit-cli-")
+        cls.ckpt = write_checkpoint(os.path.join(cls.tmp, "ck"), tiny_config(layers=2))
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.tmp, ignore_errors=True)
+
+    def out(self, name):
+        p = os.path.join(self.tmp, name)
+        shutil.rmtree(p, ignore_errors=True)
+        return p
+
+    def test_refuses_to_overwrite_then_force_replaces(self):
+        out = self.out("m")
+        run("convert", self.ckpt, out, "--tp", 2, "--no-progress", check=0)
+        before = files_of(out)
+        p = run("convert", self.ckpt, out, "--tp", 2, "--no-progress")
+        self.assertEqual(p.returncode, 1)
+        self.assertIn("refusing to overwrite", p.stderr)
+        self.assertEqual(files_of(out), before)
+        p = run("convert", self.ckpt, out, "--tp", 2, "--resume", "--no-progress", check=0)
+        self.assertIn("already complete", p.stderr)
+        run("convert", self.ckpt, out, "--tp", 4, "--force", "--no-progress", check=0)
+        self.assertIn("shard-00003-of-00004.gkt", os.listdir(out))
+        self.assertNotIn("shard-00000-of-00002.gkt", os.listdir(out))
+        run("verify", out, "--no-progress", check=0)
+
+    def test_refuses_a_foreign_directory(self):
+        out = self.out("foreign")
+        os.makedirs(out)
+        with open(os.path.join(out, "notes.txt"), "w") as f:
+            f.write("mine")
+        p = run("convert", self.ckpt, out, "--tp", 1)
+        self.assertEqual(p.returncode, 1)
+        self.assertIn("not empty", p.stderr)
+        self.assertEqual(os.listdir(out), ["notes.txt"])
+
+    def test_dry_run_writes_nothing(self):
+        out = self.out("dry")
+        p = run("convert", self.ckpt, out, "--tp", 2, "--dry-run", check=0)
+        self.assertIn("plan:", p.stderr)
+        self.assertFalse(os.path.exists(out))
+
+    def test_says_where_the_config_came_from(self):
+        p = run("convert", self.ckpt, self.out("c1"), "--tp", 1, "--dry-run", check=0)
+        self.assertIn("config: " + os.path.join(os.path.dirname(self.ckpt), "config.json"), p.stderr)
+        # Without config.json the built-in Grok-1 config applies: 770 files expected.
+        bare = os.path.join(self.tmp, "bare")
+        shutil.rmtree(bare, ignore_errors=True)
+        shutil.copytree(self.ckpt, os.path.join(bare, "ckpt-0"))
+        p = run("convert", os.path.join(bare, "ckpt-0"), self.out("c2"), "--tp", 1, "--dry-run")
+        self.assertEqual(p.returncode, 1)
+        self.assertIn("built-in Grok-1", p.stderr)
+        self.assertRegex(p.stderr, r"expects 770 tensor files; \d+ missing: tensor000\d\d_000")
+
+    def test_unknown_config_key_is_an_error(self):
+        cfg = os.path.join(self.tmp, "bad.json")
+        with open(cfg, "w") as f:
+            f.write('{"num_layer": 2}')
+        p = run("convert", self.ckpt, self.out("c3"), "--tp", 1, "--config", cfg)
+        self.assertEqual(p.returncode, 1)
+        self.assertIn("unknown config key 'num_layer'", p.stderr)
+
+    def test_tp_that_does_not_split_is_refused(self):
+        cfg = os.path.join(self.tmp, "c.json")
+        with open(cfg, "w") as f:
+            f.write('{"vocab_size": 512, "emb_size": 128, "key_size": 16, "num_q_heads": 8,'
+                    ' "num_kv_heads": 8, "num_layers": 2, "widening_factor": 3}')
+        p = run("convert", self.ckpt, self.out("c4"), "--tp", 16, "--config", cfg)
+        self.assertEqual(p.returncode, 1)
+        self.assertIn("num_q_heads 8 does not split evenly", p.stderr)
+
+    def test_incomplete_model_is_refused_by_every_reader(self):
+        out = self.out("inc")
+        run("convert", self.ckpt, out, "--tp", 2, "--no-progress", check=0)
+        os.remove(os.path.join(out, "manifest.json"))
+        for args in (["verify", out], ["inspect", out], ["validate", "tensors", self.ckpt, out]):
+            p = run(*args)
+            self.assertEqual(p.returncode, 1, args)
+            self.assertIn("incomplete conversion", p.stderr)
+
+
+class RealSizes(unittest.TestCase):
+    """Grok-1's 770 files at their real sizes as sparse files (all-zero payloads)."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.mkdtemp(prefix="grokit-g1-")
+        import make_checkpoint
+        cfg = make_checkpoint.make_config(**make_checkpoint.PRESETS["grok-1"])
+        try:
+            cls.ckpt = write_checkpoint(os.path.join(cls.tmp, "g1"), cfg, sparse=True)
+        except OSError as e:  # a filesystem without sparse files
+            shutil.rmtree(cls.tmp, ignore_errors=True)
+            raise unittest.SkipTest(f"cannot write 318 GB of sparse files here: {e}")
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.tmp, ignore_errors=True)
+
+    def test_checks_pass_and_plan_is_printed(self):
+        p = run("convert", self.ckpt, os.path.join(self.tmp, "m"), "--tp", 8, "--dry-run", check=0)
+        self.assertIn("plan: 770 tensors", p.stderr)
+
+    def test_truncated_download_is_named(self):
+        victim = os.path.join(self.ckpt, "tensor00100_000")
+        size = os.path.getsize(victim)
+        os.truncate(victim, size - 1)
+        try:
+            p = run("convert", self.ckpt, os.path.join(self.tmp, "m"), "--tp", 8, "--dry-run")
+        finally:
+            os.truncate(victim, size)
+        self.assertEqual(p.returncode, 1)
+        self.assertIn("tensor00100_000", p.stderr)
+        self.assertIn("truncated download", p.stderr)
+
+    def test_missing_file_is_named(self):
+        victim = os.path.join(self.ckpt, "tensor00042_000")
+        os.rename(victim, victim + ".away")
+        try:
+            p = run("convert", self.ckpt, os.path.join(self.tmp, "m"), "--tp", 8)
+        finally:
+            os.rename(victim + ".away", victim)
+        self.assertEqual(p.returncode, 1)
+        self.assertIn("1 missing: tensor00042_000", p.stderr)
+        self.assertFalse(os.path.exists(os.path.join(self.tmp, "m", "manifest.json")))
+
+
+if __name__ == "__main__":
+    unittest.main()
