@@ -285,7 +285,9 @@ std::string path_join(const std::string& a, const std::string& b) {
   if (a.back() == '/') return a + b;
   return a + "/" + b;
 }
-std::string path_dirname(const std::string& p) {
+std::string path_dirname(const std::string& path) {
+  std::string p = path;
+  while (p.size() > 1 && p.back() == '/') p.pop_back();  // "a/b/" is "a/b"
   auto pos = p.find_last_of('/');
   if (pos == std::string::npos) return ".";
   if (pos == 0) return "/";

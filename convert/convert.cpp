@@ -83,7 +83,7 @@ Plan make_plan(const Checkpoint& ck, const ConvertOptions& o, const std::string&
     key += format::serialize_header(rp.header) + format::serialize_index(rp.entries);
   }
   for (const auto& t : ck.tensors) key += str_cat(path_basename(t.path), ":", t.size, ";");
-  key += str_cat("compress=", o.compress, ":", o.zstd_level);
+  key += o.compress ? str_cat("zstd=", o.zstd_level) : std::string("raw");
   p.hash = xxh3_64(key.data(), key.size());
   return p;
 }
@@ -599,7 +599,6 @@ Result<ConvertReport> Converter::run() {
   report_.config_source = lc.source;
   const bool lc_is_file = path_exists(lc.source);
   std::fprintf(stderr, "config: %s\n", lc.source.c_str());
-  GROKIT_TRY(check_tensor_parallel(lc.config, o_.tp));
 
   bool already_complete = false;
   GROKIT_TRY(prepare_output_dir(already_complete));
@@ -613,7 +612,7 @@ Result<ConvertReport> Converter::run() {
   }
 
   GROKIT_ASSIGN_OR_RETURN(ck_, index_checkpoint(o_.ckpt_dir, lc.config, o_.threads));
-  GROKIT_TRY(check_tensor_parallel(ck_.config, o_.tp));  // again, with the inferred sizes
+  GROKIT_TRY(check_tensor_parallel(ck_.config, o_.tp));  // with the sizes read from the shapes
   plan_ = make_plan(ck_, o_, state_dir_);
   report_.tensors = ck_.tensors.size();
   report_.anon_bound = static_cast<uint64_t>(o_.threads) * o_.staging_bytes + (64u << 20);

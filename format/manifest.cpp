@@ -1,4 +1,6 @@
 // manifest.json and the model directory.
+#include <dirent.h>
+
 #include <nlohmann/json.hpp>
 
 #include "format/format.h"
@@ -112,6 +114,8 @@ Result<Manifest> Manifest::from_json(std::string_view text, const std::string& f
   if (tp == 0 || tp > 4096) return make_error(file, ": tensor_parallel ", tp, " is out of range");
   m.tp = static_cast<uint32_t>(tp);
   GROKIT_ASSIGN_OR_RETURN(uint64_t alignment, r.u64(j, "alignment"));
+  if (alignment < kMinAlignment || alignment > (1u << 30) || (alignment & (alignment - 1)) != 0)
+    return make_error(file, ": alignment ", alignment, " is not a power of two from 4096 to 2^30");
   m.alignment = static_cast<uint32_t>(alignment);
   GROKIT_ASSIGN_OR_RETURN(m.tensor_count, r.u64(j, "tensor_count"));
   GROKIT_ASSIGN_OR_RETURN(const json* cfg, r.get(j, "config", json::value_t::object));
@@ -132,6 +136,8 @@ Result<Manifest> Manifest::from_json(std::string_view text, const std::string& f
       return make_error(file, ": shards[", i, "] names file '", info.file, "', expected '", shard_file_name(info.rank, m.tp), "'");
     GROKIT_ASSIGN_OR_RETURN(info.size, r.u64(s, "size"));
     GROKIT_ASSIGN_OR_RETURN(info.tensor_count, r.u64(s, "tensor_count"));
+    if (info.tensor_count != m.tensor_count)
+      return make_error(file, ": shards[", i, "] holds ", info.tensor_count, " tensors, the model ", m.tensor_count);
     GROKIT_ASSIGN_OR_RETURN(info.index_xxh3, r.hex(s, "index_xxh3"));
     m.shards.push_back(info);
   }
@@ -170,7 +176,13 @@ Result<Model> Model::open(const std::string& dir) {
   if (!path_exists(manifest_path)) {
     // Shards or convert state without a manifest: an interrupted or failed conversion.
     bool partial = path_exists(path_join(dir, ".grokit-convert"));
-    for (uint32_t tp : {1u, 2u, 4u, 8u, 16u}) partial = partial || path_exists(path_join(dir, shard_file_name(0, tp)));
+    if (DIR* d = opendir(dir.c_str())) {
+      while (dirent* e = readdir(d)) {
+        std::string n = e->d_name;
+        partial = partial || (n.rfind("shard-", 0) == 0 && n.size() > 4 && n.compare(n.size() - 4, 4, ".gkt") == 0);
+      }
+      closedir(d);
+    }
     if (partial)
       return make_error(dir, ": no ", kManifestFile,
                         ": this is an incomplete conversion (interrupted?); finish it with 'grokit convert --resume'");
@@ -209,6 +221,8 @@ Result<ShardReader> Model::open_shard(uint32_t rank) const {
   e.file_size = s.size;
   e.index_xxh3 = s.index_xxh3;
   GROKIT_ASSIGN_OR_RETURN(ShardReader r, ShardReader::open(path_join(dir_, s.file), e));
+  if (r.header().alignment != manifest_.alignment)
+    return make_error(r.path(), ": alignment ", r.header().alignment, ", the manifest records ", manifest_.alignment);
   if (r.entries().size() != s.tensor_count)
     return make_error(r.path(), ": ", r.entries().size(), " tensors, the manifest records ", s.tensor_count);
   return r;

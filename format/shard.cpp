@@ -141,6 +141,9 @@ Result<ShardHeader> parse_header(const uint8_t* p, uint64_t size, const std::str
   if (h.alignment < kMinAlignment || (h.alignment & (h.alignment - 1)) != 0 || h.alignment > (1u << 30))
     return bad(80, "alignment ", h.alignment, " is not a power of two from 4096 to 2^30");
   if (h.flags != 0) return bad(84, "unknown flags ", h.flags);
+  for (int k = 96; k < 120; ++k) {
+    if (p[k] != 0) return bad(k, "reserved header byte is not zero");
+  }
   if (h.file_size != size)
     return bad(72, "the header records a file of ", h.file_size, " bytes but the file has ", size,
                h.file_size > size ? " (truncated)" : " (trailing data)");
@@ -263,6 +266,7 @@ Result<std::vector<IndexEntry>> parse_index(const uint8_t* data, uint64_t size, 
       return ctx("size ", e.size, " bytes does not match ", dtype_name(e.dtype), " ", shape_str(e.shape), " (", *expect, " bytes)");
     if (e.compression > 1) return ctx("unknown compression ", e.compression);
     if (e.compression == 0 && e.stored_size != e.size) return ctx("raw tensor with stored size ", e.stored_size, " != size ", e.size);
+    if (e.compression == 1 && e.stored_size == 0) return ctx("compressed tensor with no stored bytes");
     uint64_t end;
     if (e.offset % h.alignment != 0) return ctx("offset ", e.offset, " is not aligned to ", h.alignment);
     if (!checked_add(e.offset, e.stored_size, &end) || end > h.data_size)
