@@ -54,6 +54,13 @@ constexpr std::array<AllowedGlobal, 9> kAllowedGlobals{{
     {"numpy._core.numeric", "_frombuffer", Callable::kFromBuffer},
 }};
 
+const char* callable_name(Callable c) {
+  for (const auto& g : kAllowedGlobals) {
+    if (g.callable == c) return g.name.data();  // the names are NUL-terminated literals
+  }
+  return "?";
+}
+
 struct Node;
 using NodeRef = std::shared_ptr<Node>;
 
@@ -75,6 +82,9 @@ struct Node {
   std::vector<NodeRef> items;    // kTuple, kList; kDict as key,value pairs
   Callable callable{};           // kGlobal
   uint32_t depth = 1;
+  // A container placed inside another is frozen: growing it afterwards (reached again
+  // through the memo) would change its ancestors' depth, or make a cycle.
+  bool frozen = false;
   // kDtype
   ElementType etype{};
   bool dtype_built = false;
@@ -206,6 +216,7 @@ Result<NodeRef> Machine::make_container(Kind k, std::vector<NodeRef> items) {
   uint32_t depth = 1;
   for (auto& it : items) depth = std::max(depth, it->depth + 1);
   if (depth > limits_.max_depth) return fail(op_pos_, "containers nested deeper than ", limits_.max_depth);
+  for (auto& it : items) it->frozen = true;
   NodeRef n = make(k);
   n->items = std::move(items);
   n->depth = depth;
@@ -350,7 +361,7 @@ Status Machine::reduce(const NodeRef& fn, const NodeRef& args) {
       return push(arr);
     }
     default:
-      return fail(op_pos_, "REDUCE may not call this global");
+      return fail(op_pos_, "REDUCE may not call ", callable_name(fn->callable));
   }
 }
 
@@ -563,8 +574,12 @@ Result<ReleaseTensor> Machine::run() {
         }
         GROKIT_ASSIGN_OR_RETURN(auto list, top());
         if (list->kind != Kind::kList) return fail(op_pos_, "APPEND to a ", kind_name(list->kind));
+        if (list->frozen) return fail(op_pos_, "APPEND to a list that is already inside another container");
+        if (list->items.size() + items.size() > limits_.max_stack) return fail(op_pos_, "list with too many items");
         for (auto& v : items) {
+          if (v == list) return fail(op_pos_, "a list appended to itself");
           if (v->depth + 1 > limits_.max_depth) return fail(op_pos_, "containers nested deeper than ", limits_.max_depth);
+          v->frozen = true;
           list->depth = std::max(list->depth, v->depth + 1);
           list->items.push_back(std::move(v));
         }
@@ -583,9 +598,12 @@ Result<ReleaseTensor> Machine::run() {
         }
         GROKIT_ASSIGN_OR_RETURN(auto dict, top());
         if (dict->kind != Kind::kDict) return fail(op_pos_, "SETITEM on a ", kind_name(dict->kind));
+        if (dict->frozen) return fail(op_pos_, "SETITEM on a dict that is already inside another container");
         if (dict->items.size() + items.size() > 64) return fail(op_pos_, "dict with too many items");
         for (auto& v : items) {
+          if (v == dict) return fail(op_pos_, "a dict stored in itself");
           if (v->depth + 1 > limits_.max_depth) return fail(op_pos_, "containers nested deeper than ", limits_.max_depth);
+          v->frozen = true;
           dict->depth = std::max(dict->depth, v->depth + 1);
           dict->items.push_back(std::move(v));
         }

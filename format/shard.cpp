@@ -368,7 +368,18 @@ Status ShardReader::verify(const IndexEntry& e) const {
 }
 
 Status ShardReader::read(const IndexEntry& e, std::vector<uint8_t>& out) const {
-  out.resize(e.size);
+  if (e.compression != 0) {
+    // The frame must declare exactly the size the index records, before any allocation.
+    unsigned long long declared = ZSTD_getFrameContentSize(stored(e), e.stored_size);
+    if (declared == ZSTD_CONTENTSIZE_ERROR || declared == ZSTD_CONTENTSIZE_UNKNOWN || declared != e.size)
+      return make_error(path(), ": tensor '", e.name, "': the zstd frame does not declare the ", e.size,
+                        " bytes the index records");
+  }
+  try {
+    out.resize(e.size);
+  } catch (const std::bad_alloc&) {
+    return make_error(path(), ": tensor '", e.name, "': cannot allocate ", e.size, " bytes to read it");
+  }
   if (e.compression == 0) {
     std::memcpy(out.data(), stored(e), e.size);
     return {};
