@@ -1,5 +1,6 @@
 """The grokit command line: help, bad arguments, refusals, pre-write checks on the real
 model's sizes (sparse files), and the run-time-loaded CUDA backend."""
+import json
 import os
 import re
 import shutil
@@ -135,6 +136,57 @@ class Convert(unittest.TestCase):
             self.assertIn("incomplete conversion", p.stderr)
 
 
+class Options(unittest.TestCase):
+    """--compress, --tokenizer and inspect --json, end to end."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.mkdtemp(prefix="grokit-opt-")
+        cls.ckpt = write_checkpoint(os.path.join(cls.tmp, "ck"), tiny_config(layers=2))
+        cls.tok = os.path.join(cls.tmp, "fake-tokenizer.model")
+        with open(cls.tok, "wb") as f:
+            f.write(b"not really a sentencepiece model, but bytes to carry" * 10)
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.tmp, ignore_errors=True)
+
+    def test_compressed_model_verifies_validates_and_is_deterministic(self):
+        outs = [os.path.join(self.tmp, f"z{i}") for i in range(2)]
+        for out in outs:
+            run("convert", self.ckpt, out, "--tp", 2, "--compress", "--no-progress", check=0)
+        self.assertEqual(files_of(outs[0]), files_of(outs[1]))
+        raw = os.path.join(self.tmp, "raw")
+        run("convert", self.ckpt, raw, "--tp", 2, "--no-progress", check=0)
+        size = lambda d: sum(len(v) for v in files_of(d).values())
+        self.assertLess(size(outs[0]), size(raw))
+        run("verify", outs[0], "--no-progress", check=0)
+        run("validate", "tensors", self.ckpt, outs[0], "--no-progress", check=0)
+        info = json.loads(run("inspect", outs[0], "--json", check=0).stdout)
+        comp = {t["compression"] for r in info["ranks"] for t in r["tensors"]}
+        self.assertEqual(comp, {"zstd"})
+
+    def test_tokenizer_is_carried_and_checked(self):
+        out = os.path.join(self.tmp, "tok")
+        run("convert", self.ckpt, out, "--tp", 1, "--tokenizer", self.tok, "--no-progress", check=0)
+        info = json.loads(run("inspect", out, "--json", check=0).stdout)
+        self.assertEqual(info["tokenizer"]["file"], "tokenizer.model")
+        self.assertEqual(info["tokenizer"]["size"], os.path.getsize(self.tok))
+        self.assertEqual(info["tensor_parallel"], 1)
+        self.assertEqual(info["tensor_count"], 2 + 12 * 2)
+        self.assertEqual(info["derived"]["output_multiplier_bf16"], 0.578125)
+        run("verify", out, "--no-progress", check=0)
+        path = os.path.join(out, "tokenizer.model")
+        with open(path, "rb") as f:
+            data = bytearray(f.read())
+        data[10] ^= 0x01
+        with open(path, "wb") as f:
+            f.write(data)
+        p = run("verify", out, "--no-progress")
+        self.assertEqual(p.returncode, 1)
+        self.assertIn("tokenizer checksum mismatch", p.stdout)
+
+
 class RealSizes(unittest.TestCase):
     """Grok-1's 770 files at their real sizes as sparse files (all-zero payloads)."""
 
@@ -168,6 +220,17 @@ class RealSizes(unittest.TestCase):
         self.assertEqual(p.returncode, 1)
         self.assertIn("tensor00100_000", p.stderr)
         self.assertIn("truncated download", p.stderr)
+
+    def test_payload_beyond_4_gib(self):
+        """An embedding of 6.4 GB (BINBYTES8; the pickle's tail lies past 2^32)."""
+        import make_checkpoint
+        sizes = dict(make_checkpoint.PRESETS["bench-slice"], vocab=262144)
+        d = os.path.join(self.tmp, "big")
+        ckpt = write_checkpoint(d, make_checkpoint.make_config(**sizes), sparse=True)
+        self.assertGreater(os.path.getsize(os.path.join(ckpt, "tensor00000_000")), 2**32)
+        p = run("convert", ckpt, os.path.join(self.tmp, "mbig"), "--tp", 8, "--dry-run", check=0)
+        self.assertIn("plan: 14 tensors", p.stderr)
+        shutil.rmtree(d)
 
     def test_missing_file_is_named(self):
         victim = os.path.join(self.ckpt, "tensor00042_000")
