@@ -100,10 +100,15 @@ class Journal {
     if (keep && path_exists(path)) {
       GROKIT_ASSIGN_OR_RETURN(std::string text, read_small_file(path, 1u << 30));
       const auto* p = reinterpret_cast<const uint8_t*>(text.data());
-      if (text.size() < 24 || load_le<uint32_t>(p) != kJournalHeaderMagic ||
-          load_le<uint64_t>(p + 16) != xxh3_64(p, 16))
-        return make_error(path, ": the journal of the interrupted conversion is unreadable; start over with --force");
-      if (load_le<uint64_t>(p + 8) != plan_hash)
+      // A run killed while it rewrote the journal leaves it short or torn: keep nothing
+      // then (every tensor is redone), which is always correct.
+      bool readable = text.size() >= 24 && load_le<uint32_t>(p) == kJournalHeaderMagic &&
+                      load_le<uint64_t>(p + 16) == xxh3_64(p, 16);
+      if (!readable) {
+        std::fprintf(stderr, "resume: the journal is torn; redoing every tensor\n");
+        text.clear();
+      }
+      if (readable && load_le<uint64_t>(p + 8) != plan_hash)
         return make_error(path_dirname(path), ": the interrupted conversion was made with other options or another "
                           "source (TP degree, config, compression); resume with the same ones or start over with --force");
       size_t rec = 16 + 8 * static_cast<size_t>(tp) + 8;

@@ -212,6 +212,8 @@ class ShardReader {
   Result<Q8View> q8(std::string_view name, std::span<const int64_t> shape) const;
   // Recomputes the entry's checksum; names the tensor on mismatch.
   Status verify(const IndexEntry& e) const;
+  // Checks that every byte outside the header, the index and the tensors is zero.
+  Status verify_padding() const;
   // The entry's bytes, decompressed if needed, into `out` (resized).
   Status read(const IndexEntry& e, std::vector<uint8_t>& out) const;
   const MappedFile& file() const { return file_; }

@@ -117,13 +117,15 @@ Result<ShardHeader> parse_header(const uint8_t* p, uint64_t size, const std::str
   if (std::memcmp(p, kShardMagic, 8) != 0) return bad(0, "bad magic: not a grokit shard file");
   ShardHeader h;
   h.version = load_le<uint32_t>(p + 8);
-  if (h.version == 0 || h.version > kFormatVersion)
+  // A corrupt header must not pass for a newer version: check the sum first.
+  uint64_t stored_sum = load_le<uint64_t>(p + 120), sum = xxh3_64(p, 120);
+  bool sum_ok = stored_sum == sum;
+  if (sum_ok && (h.version == 0 || h.version > kFormatVersion))
     return bad(8, "format version ", h.version, " is not supported (this grokit reads version ", kFormatVersion, ")");
+  if (!sum_ok)
+    return bad(120, "header checksum mismatch (stored ", hex64(stored_sum), ", computed ", hex64(sum), "): corrupt header");
   uint32_t header_size = load_le<uint32_t>(p + 12);
   if (header_size != kShardHeaderSize) return bad(12, "header size ", header_size, ", expected ", kShardHeaderSize);
-  uint64_t stored_sum = load_le<uint64_t>(p + 120), sum = xxh3_64(p, 120);
-  if (stored_sum != sum)
-    return bad(120, "header checksum mismatch (stored ", hex64(stored_sum), ", computed ", hex64(sum), "): corrupt header");
   h.rank = load_le<uint32_t>(p + 16);
   h.rank_count = load_le<uint32_t>(p + 20);
   h.model_id = load_le<uint64_t>(p + 24);
@@ -365,6 +367,28 @@ Status ShardReader::verify(const IndexEntry& e) const {
                       "..", header_.data_offset + e.offset + e.stored_size, "): checksum mismatch (index records ",
                       hex64(e.xxh3), ", data hashes to ", hex64(sum), ")");
   return {};
+}
+
+Status ShardReader::verify_padding() const {
+  auto zero = [&](uint64_t from, uint64_t to, const std::string& after) -> Status {
+    for (uint64_t k = from; k < to; ++k) {
+      if (file_.data()[k] != 0)
+        return make_error(path(), ": byte ", k, ": padding after ", after, " is not zero (corrupt file)");
+    }
+    return {};
+  };
+  GROKIT_TRY(zero(header_.index_offset + header_.index_size, header_.data_offset, "the index"));
+  std::vector<const IndexEntry*> by_offset;
+  for (const auto& e : entries_) by_offset.push_back(&e);
+  std::sort(by_offset.begin(), by_offset.end(), [](auto* a, auto* b) { return a->offset < b->offset; });
+  uint64_t pos = 0;
+  std::string prev = "the index";
+  for (const IndexEntry* e : by_offset) {
+    GROKIT_TRY(zero(header_.data_offset + pos, header_.data_offset + e->offset, prev));
+    pos = e->offset + e->stored_size;
+    prev = "tensor '" + e->name + "'";
+  }
+  return zero(header_.data_offset + pos, header_.file_size, prev);
 }
 
 Status ShardReader::read(const IndexEntry& e, std::vector<uint8_t>& out) const {

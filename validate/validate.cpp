@@ -25,6 +25,7 @@ Result<VerifyReport> verify_model(const std::string& model_dir, unsigned threads
   std::vector<format::ShardReader> shards;
   for (uint32_t r = 0; r < m.tp; ++r) {
     GROKIT_ASSIGN_OR_RETURN(format::ShardReader s, model.open_shard(r));
+    if (auto p = s.verify_padding(); !p.ok()) rep.bad.push_back({"(padding)", r, p.error().message});
     shards.push_back(std::move(s));
   }
   if (m.tokenizer) {

@@ -870,7 +870,8 @@ TEST(PickleParse, Protocol5FortranOrderOneDimensionalIsFine) {
   o.proto = 5;
   PyPickler p(o);
   p.ndarray_frombuffer(DT::kF32, {4}, f32_bytes({1, 2, 3, 4}), "F");
-  auto r = parse(p.finish());
+  const Buf b = p.finish();  // the views point into b: keep it alive
+  auto r = parse(b);
   ASSERT_TRUE(r.ok()) << r.error().message;
   expect_f32(r->array, {4}, {1, 2, 3, 4});
 }
@@ -953,7 +954,8 @@ TEST(PickleParse, DtypeSpellingsAccepted) {
   for (const char* spelling : {"<f4", "=f4", "float32"}) {
     PyPickler::Options o;
     o.dtype_override = spelling;
-    auto r = parse(f32_pickle({1.5f}, o));
+    const Buf b = f32_pickle({1.5f}, o);  // the views point into b: keep it alive
+    auto r = parse(b);
     ASSERT_TRUE(r.ok()) << spelling << ": " << r.error().message;
     expect_f32(r->array, {1}, {1.5f});
   }

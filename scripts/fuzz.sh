@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Builds the libFuzzer targets (clang, ASan + UBSan) and runs each on a corpus seeded
+# with generated files: pickles of a small checkpoint, its converted shards, manifests.
+# Usage: scripts/fuzz.sh [SECONDS_PER_TARGET]   (default 600; CI runs 20)
+# Crashes are written to build-fuzz/crashes/<target>/ and make the script fail.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SECONDS_PER_TARGET=${1:-600}
+B=${GROKIT_FUZZ_BUILD_DIR:-build-fuzz}
+if [ ! -f "$B/build.ninja" ]; then
+  CC=clang CXX=clang++ cmake -S . -B "$B" -G Ninja -DGROKIT_FUZZ=ON -DGROKIT_CUDA=OFF \
+    -DGROKIT_BUILD_TESTS=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
+fi
+cmake --build "$B" -j "$(nproc)" --target fuzz_pickle fuzz_shard fuzz_manifest grokit >/dev/null
+
+# Seeds: a small checkpoint, converted at TP 1 and 2 (the grokit built here is instrumented too).
+SEEDS=$B/seeds
+if [ ! -d "$SEEDS/pickle" ]; then
+  rm -rf "$SEEDS"
+  mkdir -p "$SEEDS"/{pickle,shard,manifest}
+  python3 scripts/make_checkpoint.py "$SEEDS/ck" --vocab 32 --emb 16 --layers 1 --q-heads 2 \
+    --kv-heads 2 --key-size 8 --experts 2 --selected 1 --widening-factor 6 --force >/dev/null 2>&1
+  for tp in 1 2; do
+    "$B/bin/grokit" convert "$SEEDS/ck/ckpt-0" "$SEEDS/m$tp" --tp $tp --no-progress 2>/dev/null
+    cp "$SEEDS/m$tp/manifest.json" "$SEEDS/manifest/tp$tp.json"
+    for f in "$SEEDS/m$tp"/shard-*.gkt; do cp "$f" "$SEEDS/shard/tp$tp-$(basename "$f")"; done
+  done
+  cp "$SEEDS/ck/config.json" "$SEEDS/manifest/config.json"
+  python3 tests/e2e/attacks.py "$SEEDS/pickle" >/dev/null  # the hand-made attacks
+  for f in "$SEEDS/ck/ckpt-0"/tensor*; do cp "$f" "$SEEDS/pickle/"; done
+  python3 - "$SEEDS/pickle" <<'PY'
+import pickle, sys, numpy as np
+out = sys.argv[1]
+for proto in (2, 3, 5):
+    with open(f"{out}/proto{proto}.pkl", "wb") as f:
+        pickle.dump(np.arange(12, dtype=np.float32).reshape(3, 4), f, protocol=proto)
+PY
+fi
+
+status=0
+for t in pickle shard manifest; do
+  mkdir -p "$B/corpus/$t" "$B/crashes/$t"
+  echo "fuzz_$t: ${SECONDS_PER_TARGET}s" >&2
+  if ! "$B/bin/fuzz_$t" "$B/corpus/$t" "$SEEDS/$t" -max_total_time="$SECONDS_PER_TARGET" \
+      -max_len=262144 -rss_limit_mb=2048 -timeout=10 -artifact_prefix="$B/crashes/$t/" \
+      -print_final_stats=1 2> "$B/fuzz_$t.log"; then
+    echo "fuzz_$t: FAILED (see $B/fuzz_$t.log and $B/crashes/$t/)" >&2
+    tail -n 30 "$B/fuzz_$t.log" >&2
+    status=1
+  else
+    grep -E "^stat::number_of_executed_units|^stat::peak_rss_mb" "$B/fuzz_$t.log" | tr '\n' ' ' >&2
+    echo >&2
+  fi
+done
+exit $status
