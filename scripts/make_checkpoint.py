@@ -397,6 +397,19 @@ ATTN_LOGIT_STD = 2.5  # (b) q.k * mult: std = mult * sqrt(dh) * A2 * D * std(Wq)
 ROUTER_STD = 1.0      # router logits: sqrt(A2 * D) * std(Wr)
 
 
+def branch_gain(c: dict) -> float:
+    """Scale of the post-norms (rms_norm_1, rms_norm_3), whose outputs join the residual.
+    With unit post-norms the 78.5 * E embedding dominates the residual stream: the last
+    logits are then nearly E_tok . E_v, whose self term (~ sqrt(D) times the others) makes
+    every top-1 the input token and greedy decoding repeat it. A trained model's branches
+    carry real weight: here the 2L branches together reach twice the size at which the
+    self term only competes with the rest (x0 rms * sqrt(D) / 3, x0 rms ~ 5.2 by the
+    LOGIT_STD calibration), so few top-1s are the input token and greedy text varies."""
+    x0_rms = LOGIT_STD / (c["output_multiplier_scale"] * math.sqrt(A2))
+    x0_rms *= c["embedding_multiplier_scale"] / math.sqrt(c["emb_size"])
+    return 2.0 * x0_rms * math.sqrt(c["emb_size"]) / 3.0 / math.sqrt(2 * c["num_layers"])
+
+
 def _stream(seed: int, index: int, part: int) -> np.random.PCG64:
     return np.random.PCG64(np.random.SeedSequence([seed, index, part]))
 
@@ -465,7 +478,8 @@ def param_value(name, kind, shapes, config, seed, index, attn_logit_boost=0.0):
         return _normal_f32(seed, index, shapes[0], std)
     normal = lambda: np.random.Generator(_stream(seed, index, 1)).standard_normal(shapes[0])  # noqa
     if name.endswith("/scale"):
-        return _small(shapes[0], np.float32, lambda: np.exp(NORM_SIGMA * normal()))
+        gain = branch_gain(config) if name.endswith(("rms_norm_1/scale", "rms_norm_3/scale")) else 1.0
+        return _small(shapes[0], np.float32, lambda: gain * np.exp(NORM_SIGMA * normal()))
     if name.endswith("router/w"):
         return _small(shapes[0], np.float32, lambda: ROUTER_STD / math.sqrt(A2 * D) * normal())
     sub = name.split("/", 2)[2]
