@@ -1,6 +1,7 @@
 #include <cxxopts.hpp>
 #include <nlohmann/json.hpp>
 
+#include <cmath>
 #include <cstdio>
 #include <functional>
 #include <optional>
@@ -237,16 +238,27 @@ int cmd_verify(int argc, char** argv) {
 }
 
 // ---------------------------------------------------------------------------------
+namespace {
+int cmd_validate_logits(int argc, char** argv);
+}  // namespace
+
 int cmd_validate(int argc, char** argv) {
   if (argc < 2 || std::string(argv[1]) == "--help" || std::string(argv[1]) == "-h") {
     std::FILE* out = argc < 2 ? stderr : stdout;
-    std::fprintf(out, "usage: grokit validate <what> ...\n\n  tensors   every stored tensor equals its source "
-                      "(grokit validate tensors --help)\n");
+    std::fprintf(out, "usage: grokit validate <what> ...\n\n"
+                      "  tensors   every stored tensor equals its source (grokit validate tensors --help)\n"
+                      "  logits    candidate logits agree with reference logits: KL, top-1, perplexity\n"
+                      "            (grokit validate logits --help)\n");
     return argc < 2 ? kExitUsage : kExitOk;
   }
   std::string what = argv[1];
+  if (what == "logits") {
+    std::string prog = "grokit validate logits";
+    argv[1] = prog.data();
+    return cmd_validate_logits(argc - 1, argv + 1);
+  }
   if (what != "tensors") {
-    std::fprintf(stderr, "grokit validate: unknown check '%s' (available: tensors)\n", what.c_str());
+    std::fprintf(stderr, "grokit validate: unknown check '%s' (available: tensors, logits)\n", what.c_str());
     return kExitUsage;
   }
   cxxopts::Options opts("grokit validate tensors",
@@ -279,6 +291,171 @@ int cmd_validate(int argc, char** argv) {
                static_cast<double>(rep->source_bytes) / std::max(rep->seconds, 1e-9) / 1e9);
   return rep->bad.empty() ? kExitOk : kExitFailure;
 }
+
+// ---------------------------------------------------------------------------------
+namespace {
+
+std::string fmt_g(double v) {
+  if (std::isnan(v)) return "n/a";
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.6g", v);
+  return buf;
+}
+
+std::string fmt_fraction(uint64_t agree, uint64_t of) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%.4f%% (%lu/%lu)", of ? 100.0 * static_cast<double>(agree) / static_cast<double>(of) : 100.0,
+                static_cast<unsigned long>(agree), static_cast<unsigned long>(of));
+  return buf;
+}
+
+int cmd_validate_logits(int argc, char** argv) {
+  const std::string prog = "grokit validate logits";
+  cxxopts::Options opts(prog,
+                        "Compare candidate float32 logits with reference logits (.npy, [B, T, V] or [N, V]) position "
+                        "by position: KL(reference || candidate) of the softmaxes in float64, top-1 agreement outside "
+                        "near ties (reference top-2 margin below --near-tie-margin) and within them, max |delta "
+                        "logit|, and with --tokens the perplexity of each model on the next tokens. Exits 0 only if "
+                        "every active threshold passes, 1 if one fails or a file is bad.");
+  opts.positional_help("");
+  opts.add_options()
+      ("reference", "reference logits .npy, float32 (default: none; required)", cxxopts::value<std::string>())
+      ("candidate", "candidate logits .npy, same shape (default: none; required)", cxxopts::value<std::string>())
+      ("tokens", "int32 tokens .npy [B, T] ([N] for [N, V] logits); 0 is padding on the right: padding positions "
+                 "are skipped and perplexity is measured (default: none)", cxxopts::value<std::string>())
+      ("max-kl", "fail if the max KL over positions exceeds this", cxxopts::value<double>()->default_value("0.001"))
+      ("min-top1", "fail if top-1 agreement outside near ties is below this fraction",
+       cxxopts::value<double>()->default_value("1"))
+      ("near-tie-margin", "positions whose reference top-2 margin is below this are near ties, counted apart",
+       cxxopts::value<double>()->default_value("0.1"))
+      ("max-mean-kl", "fail if the mean KL exceeds this (default: off)", cxxopts::value<double>())
+      ("max-p99-kl", "fail if the 99th percentile of KL exceeds this (default: off)", cxxopts::value<double>())
+      ("max-abs-diff", "fail if max |delta logit| exceeds this (default: off)", cxxopts::value<double>())
+      ("max-ppl-ratio", "fail if |ppl(candidate) / ppl(reference) - 1| exceeds this; needs --tokens (default: off)",
+       cxxopts::value<double>())
+      ("threads", "threads over positions (the result does not depend on it)",
+       cxxopts::value<unsigned>()->default_value(std::to_string(std::min(8u, hardware_threads()))))
+      ("json", "print the report as JSON on stdout (default: off)", cxxopts::value<bool>()->default_value("false")->implicit_value("true"))
+      ("no-progress", "no progress bar (default: off)", cxxopts::value<bool>()->default_value("false")->implicit_value("true"));
+  Parsed p;
+  if (auto rc = parse(opts, argc, argv, 0, 0, p)) return *rc;
+  const auto& r = p.result;
+  auto usage = [&](const std::string& msg) {
+    std::fprintf(stderr, "%s: %s\n\n%s", prog.c_str(), msg.c_str(), opts.help().c_str());
+    return kExitUsage;
+  };
+  if (!r.count("reference") || !r.count("candidate")) return usage("--reference and --candidate are required");
+  validate::LogitsThresholds th;
+  th.max_kl = r["max-kl"].as<double>();
+  th.min_top1 = r["min-top1"].as<double>();
+  th.near_tie_margin = r["near-tie-margin"].as<double>();
+  auto optional_flag = [&](const char* name) -> std::optional<double> {
+    if (!r.count(name)) return std::nullopt;
+    return r[name].as<double>();
+  };
+  th.max_mean_kl = optional_flag("max-mean-kl");
+  th.max_p99_kl = optional_flag("max-p99-kl");
+  th.max_abs_diff = optional_flag("max-abs-diff");
+  th.max_ppl_ratio = optional_flag("max-ppl-ratio");
+  for (auto [name, v] : {std::pair{"--max-kl", th.max_kl}, {"--max-mean-kl", th.max_mean_kl},
+                         {"--max-p99-kl", th.max_p99_kl}, {"--max-abs-diff", th.max_abs_diff},
+                         {"--max-ppl-ratio", th.max_ppl_ratio}, {"--near-tie-margin", std::optional{th.near_tie_margin}}}) {
+    if (v && !(std::isfinite(*v) && *v >= 0)) return usage(str_cat(name, " must be a non-negative number (got ", *v, ")"));
+  }
+  if (!(*th.min_top1 >= 0 && *th.min_top1 <= 1)) return usage(str_cat("--min-top1 must be a fraction in [0, 1] (got ", *th.min_top1, ")"));
+  std::string tokens = r.count("tokens") ? r["tokens"].as<std::string>() : std::string();
+  if (th.max_ppl_ratio && tokens.empty()) return usage("--max-ppl-ratio needs --tokens");
+  unsigned threads = r["threads"].as<unsigned>();
+  if (threads == 0 || threads > 256) return usage("--threads must be 1..256");
+  const std::string ref_path = r["reference"].as<std::string>(), cand_path = r["candidate"].as<std::string>();
+  auto rep = validate::compare_logits(ref_path, cand_path, tokens, th, threads, !r["no-progress"].as<bool>());
+  if (!rep.ok()) return fail(prog, rep.error());
+
+  auto threshold_of = [&](const char* name) -> const validate::LogitsCheck* {
+    for (const auto& c : rep->checks)
+      if (c.name == name) return &c;
+    return nullptr;
+  };
+  if (r["json"].as<bool>()) {
+    auto opt = [](const std::optional<double>& v) { return v ? json(*v) : json(nullptr); };
+    json checks = json::array();
+    for (const auto& c : rep->checks)
+      checks.push_back({{"name", c.name}, {"value", c.value}, {"threshold", c.threshold},
+                        {"op", c.at_least ? ">=" : "<="}, {"pass", c.pass}});
+    json worst = json::array();
+    for (const auto& w : rep->worst) worst.push_back(json::array({w.b, w.t, w.kl}));
+    json ppl = nullptr;
+    if (rep->has_perplexity)
+      ppl = {{"predictions", rep->predictions}, {"reference", rep->ppl_reference}, {"candidate", rep->ppl_candidate},
+             {"ratio", rep->ppl_ratio}};
+    json j = {{"ok", rep->pass},
+              {"reference", ref_path},
+              {"candidate", cand_path},
+              {"tokens", tokens.empty() ? json(nullptr) : json(tokens)},
+              {"shape", rep->shape},
+              {"positions", rep->positions},
+              {"padding_skipped", rep->padding},
+              {"kl", {{"mean", rep->mean_kl}, {"p99", rep->p99_kl}, {"max", rep->max_kl}}},
+              {"top1", {{"positions", rep->decisive}, {"agree", rep->decisive_agree}, {"agreement", rep->top1_agreement}}},
+              {"near_ties", {{"margin", th.near_tie_margin}, {"positions", rep->near_ties}, {"agree", rep->near_tie_agree},
+                             {"agreement", rep->near_tie_agreement}}},
+              {"max_abs_diff", rep->max_abs_diff},
+              {"perplexity", ppl},
+              {"thresholds", {{"max_kl", opt(th.max_kl)}, {"min_top1", opt(th.min_top1)},
+                              {"near_tie_margin", th.near_tie_margin}, {"max_mean_kl", opt(th.max_mean_kl)},
+                              {"max_p99_kl", opt(th.max_p99_kl)}, {"max_abs_diff", opt(th.max_abs_diff)},
+                              {"max_ppl_ratio", opt(th.max_ppl_ratio)}}},
+              {"checks", checks},
+              {"worst_positions", worst},
+              {"seconds", rep->seconds}};
+    std::printf("%s\n", j.dump(2).c_str());
+  } else {
+    std::printf("reference  %s  %s\ncandidate  %s\n", ref_path.c_str(), shape_text(rep->shape).c_str(), cand_path.c_str());
+    if (!tokens.empty()) std::printf("tokens     %s\n", tokens.c_str());
+    std::printf("\n%-34s %-24s %-16s %s\n", "metric", "value", "threshold", "result");
+    auto row = [&](const std::string& metric, const std::string& value, const char* check) {
+      const validate::LogitsCheck* c = check ? threshold_of(check) : nullptr;
+      std::string limit = "-", result;
+      if (c != nullptr) {
+        limit = std::string(c->at_least ? ">= " : "<= ") + fmt_g(c->threshold);
+        if (std::string(check) == "max_ppl_ratio") limit = "|r - 1| <= " + fmt_g(c->threshold);
+        result = c->pass ? "PASS" : "FAIL";
+      }
+      std::printf("%-34s %-24s %-16s %s\n", metric.c_str(), value.c_str(), limit.c_str(), result.c_str());
+    };
+    row("positions compared", std::to_string(rep->positions), nullptr);
+    if (!tokens.empty()) row("padding positions skipped", std::to_string(rep->padding), nullptr);
+    row("mean KL", fmt_g(rep->mean_kl), "max_mean_kl");
+    row("p99 KL", fmt_g(rep->p99_kl), "max_p99_kl");
+    row("max KL", fmt_g(rep->max_kl), "max_kl");
+    row("top-1 agreement (margin >= " + fmt_g(th.near_tie_margin) + ")", fmt_fraction(rep->decisive_agree, rep->decisive),
+        "min_top1");
+    row("near-tie top-1 agreement", fmt_fraction(rep->near_tie_agree, rep->near_ties), nullptr);
+    row("max |delta logit|", fmt_g(rep->max_abs_diff), "max_abs_diff");
+    if (!tokens.empty()) {
+      row("next tokens scored", std::to_string(rep->predictions), nullptr);
+      row("perplexity reference", rep->has_perplexity ? fmt_g(rep->ppl_reference) : "n/a", nullptr);
+      row("perplexity candidate", rep->has_perplexity ? fmt_g(rep->ppl_candidate) : "n/a", nullptr);
+      row("perplexity ratio cand/ref", rep->has_perplexity ? fmt_g(rep->ppl_ratio) : "n/a", "max_ppl_ratio");
+    }
+    if (!rep->worst.empty()) {
+      std::printf("\nlargest KL at");
+      for (const auto& w : rep->worst) std::printf("  [%ld, %ld] %s", static_cast<long>(w.b), static_cast<long>(w.t), fmt_g(w.kl).c_str());
+      std::printf("\n");
+    }
+  }
+  size_t failed = 0;
+  for (const auto& c : rep->checks) failed += !c.pass;
+  std::fprintf(stderr, "validate logits: %s: %lu positions, max KL %s, top-1 %s outside near ties%s; %zu/%zu checks passed in %.2f s (%.2f GB/s)\n",
+               rep->pass ? "OK" : "FAILED", static_cast<unsigned long>(rep->positions), fmt_g(rep->max_kl).c_str(),
+               fmt_fraction(rep->decisive_agree, rep->decisive).c_str(),
+               rep->has_perplexity ? str_cat(", ppl ratio ", fmt_g(rep->ppl_ratio)).c_str() : "",
+               rep->checks.size() - failed, rep->checks.size(), rep->seconds,
+               static_cast<double>(rep->bytes_read) / std::max(rep->seconds, 1e-9) / 1e9);
+  return rep->pass ? kExitOk : kExitFailure;
+}
+
+}  // namespace
 
 // ---------------------------------------------------------------------------------
 int cmd_devices(int argc, char** argv) {

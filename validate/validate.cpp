@@ -2,8 +2,11 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
+#include <limits>
 #include <mutex>
 
+#include "common/npy.h"
 #include "convert/convert.h"
 
 namespace grokit::validate {
@@ -235,6 +238,259 @@ Result<TensorValidateReport> validate_tensors(const std::string& ckpt_dir, const
   rep.elements_checked = elements.load();
   rep.seconds = seconds_since(t0);
   std::sort(rep.bad.begin(), rep.bad.end(), [](auto& a, auto& b) { return std::tie(a.rank, a.tensor) < std::tie(b.rank, b.tensor); });
+  return rep;
+}
+
+// ---------------------------------------------------------------------------------
+// Logits parity.
+namespace {
+
+std::string dims_text(const std::vector<int64_t>& s) {
+  std::string r = "[";
+  for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
+  return r + "]";
+}
+
+// What one position yields; reduced in position order afterwards.
+struct PositionResult {
+  double kl = 0, max_abs = 0, nll_ref = 0, nll_cand = 0;
+  bool compared = false, near_tie = false, agree = false, has_nll = false;
+  // A non-finite value: which file (0 reference, 1 candidate) and vocabulary index.
+  int bad_file = -1;
+  int64_t bad_index = 0;
+  float bad_value = 0;
+};
+
+bool is_finite_bits(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  return (u & 0x7f800000u) != 0x7f800000u;
+}
+
+// The work of one position: two passes over each row, float64 accumulation.
+void compare_position(const float* r, const float* c, int64_t vocab, int32_t next_token, double near_tie_margin,
+                      PositionResult* out) {
+  out->compared = true;
+  double r1 = -std::numeric_limits<double>::infinity(), r2 = r1, c1 = r1, max_abs = 0;
+  int64_t ri = 0, ci = 0;
+  for (int64_t v = 0; v < vocab; ++v) {
+    const float xr = r[v], xc = c[v];
+    if (!is_finite_bits(xr) || !is_finite_bits(xc)) {
+      out->bad_file = is_finite_bits(xr) ? 1 : 0;
+      out->bad_index = v;
+      out->bad_value = is_finite_bits(xr) ? xc : xr;
+      return;
+    }
+    const double dr = xr, dc = xc;
+    if (dr > r1) {
+      r2 = r1;
+      r1 = dr;
+      ri = v;
+    } else if (dr > r2) {
+      r2 = dr;
+    }
+    if (dc > c1) {
+      c1 = dc;
+      ci = v;
+    }
+    max_abs = std::max(max_abs, std::fabs(dr - dc));
+  }
+  // KL = sum p_r (x_r - x_c) + (m_c - m_r) + log S_c - log S_r, with
+  // S = sum exp(x - m) and p_r = exp(x_r - m_r) / S_r.
+  double sr = 0, sc = 0, w = 0;
+  for (int64_t v = 0; v < vocab; ++v) {
+    const double dr = r[v], dc = c[v];
+    const double er = std::exp(dr - r1);
+    sr += er;
+    sc += std::exp(dc - c1);
+    w += er * (dr - dc);
+  }
+  const double log_sr = std::log(sr), log_sc = std::log(sc);
+  out->kl = std::max(0.0, w / sr + (c1 - r1) + (log_sc - log_sr));
+  out->max_abs = max_abs;
+  out->agree = ri == ci;
+  out->near_tie = (r1 - r2) < near_tie_margin;  // r2 = -inf when vocab is 1: never a near tie
+  if (next_token > 0) {
+    out->has_nll = true;
+    out->nll_ref = r1 + log_sr - static_cast<double>(r[next_token]);
+    out->nll_cand = c1 + log_sc - static_cast<double>(c[next_token]);
+  }
+}
+
+// numpy.percentile's default (linear interpolation between closest ranks).
+double percentile(std::vector<double> v, double q) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  const double idx = q / 100.0 * static_cast<double>(v.size() - 1);
+  const size_t lo = static_cast<size_t>(std::floor(idx));
+  const size_t hi = std::min(lo + 1, v.size() - 1);
+  const double t = idx - static_cast<double>(lo);
+  return v[lo] + (v[hi] - v[lo]) * t;
+}
+
+void add_check(LogitsReport& rep, const char* name, const std::optional<double>& th, double value, bool at_least) {
+  if (!th) return;
+  LogitsCheck c;
+  c.name = name;
+  c.value = value;
+  c.threshold = *th;
+  c.at_least = at_least;
+  c.pass = at_least ? value >= *th : value <= *th;  // NaN fails
+  rep.checks.push_back(c);
+}
+
+}  // namespace
+
+Result<LogitsReport> compare_logits(const std::string& reference, const std::string& candidate,
+                                    const std::string& tokens, const LogitsThresholds& thresholds, unsigned threads,
+                                    bool progress) {
+  auto t0 = std::chrono::steady_clock::now();
+  GROKIT_CHECK(threads >= 1);
+  if (!(thresholds.near_tie_margin >= 0)) return make_error("the near-tie margin must be >= 0");
+  if (thresholds.max_ppl_ratio && tokens.empty())
+    return make_error("a perplexity-ratio threshold needs a tokens file");
+  GROKIT_ASSIGN_OR_RETURN(npy::Array ref, npy::Array::open(reference));
+  GROKIT_ASSIGN_OR_RETURN(npy::Array cand, npy::Array::open(candidate));
+  for (const npy::Array* a : {&ref, &cand}) {
+    if (a->header().descr != "<f4" || (a->shape().size() != 2 && a->shape().size() != 3))
+      return make_error(a->path(), ": expected float32 logits ('<f4' [B, T, V] or [N, V]) / actual ",
+                        a->header().descr, " ", dims_text(a->shape()));
+  }
+  if (ref.shape() != cand.shape())
+    return make_error("logits shapes differ: reference ", dims_text(ref.shape()), " / candidate ",
+                      dims_text(cand.shape()), " (", reference, ", ", candidate, ")");
+  LogitsReport rep;
+  rep.thresholds = thresholds;
+  rep.shape = ref.shape();
+  const bool three_d = rep.shape.size() == 3;
+  rep.batch = three_d ? rep.shape[0] : 1;
+  rep.seq = three_d ? rep.shape[1] : rep.shape[0];
+  rep.vocab = rep.shape.back();
+  const int64_t B = rep.batch, T = rep.seq, V = rep.vocab;
+  const uint64_t n_pos = static_cast<uint64_t>(B) * static_cast<uint64_t>(T);  // bounded by the checked file size
+  auto pos_text = [&](uint64_t p) {
+    return three_d ? str_cat("[", p / static_cast<uint64_t>(T), ", ", p % static_cast<uint64_t>(T), "]")
+                   : str_cat("[", p, "]");
+  };
+
+  // Tokens: checked whole up front (B * T int32, small next to the logits).
+  std::optional<npy::Array> tok;
+  const int32_t* tk = nullptr;
+  if (!tokens.empty()) {
+    GROKIT_ASSIGN_OR_RETURN(npy::Array t, npy::Array::open(tokens));
+    const auto& ts = t.shape();
+    const bool fits = three_d ? ts == std::vector<int64_t>{B, T}
+                              : (ts == std::vector<int64_t>{T} || ts == std::vector<int64_t>{1, T});
+    if (t.header().descr != "<i4" || !fits)
+      return make_error(tokens, ": expected int32 tokens ('<i4' ", three_d ? dims_text({B, T}) : dims_text({T}),
+                        " for logits ", dims_text(rep.shape), ") / actual ", t.header().descr, " ", dims_text(ts));
+    tok = std::move(t);
+    tk = tok->data<int32_t>();
+    for (uint64_t p = 0; p < n_pos; ++p) {
+      if (tk[p] < 0 || tk[p] >= V)
+        return make_error(tokens, ": token ", tk[p], " at ", pos_text(p), " is outside the vocabulary [0, ", V, ")");
+      if (tk[p] != 0 && p % static_cast<uint64_t>(T) != 0 && tk[p - 1] == 0)
+        return make_error(tokens, ": token ", tk[p], " at ", pos_text(p),
+                          " follows padding (0); padding must be on the right");
+    }
+  }
+
+  const float* rd = ref.data<float>();
+  const float* cd = cand.data<float>();
+  const uint64_t row_bytes = static_cast<uint64_t>(V) * 4;
+  // Blocks of positions: about 64 MiB of each file, and enough positions for the threads.
+  const uint64_t block = std::max<uint64_t>(
+      {uint64_t{4} * threads, row_bytes ? (uint64_t{64} << 20) / row_bytes : 1, uint64_t{1}});
+  std::vector<PositionResult> res;
+  std::vector<double> kls;
+  double sum_kl = 0, nll_ref = 0, nll_cand = 0;
+  std::vector<LogitsPosition> worst;
+  ref.file().advise_sequential();
+  cand.file().advise_sequential();
+  Progress prog("validate logits", n_pos * row_bytes * 2, progress);
+  for (uint64_t start = 0; start < n_pos; start += block) {
+    const uint64_t n = std::min(block, n_pos - start);
+    res.assign(n, PositionResult{});
+    parallel_for(n, threads, [&](size_t i) {
+      const uint64_t p = start + i;
+      int32_t next = 0;
+      if (tk != nullptr) {
+        if (tk[p] == 0) return;  // padding
+        if ((p + 1) % static_cast<uint64_t>(T) != 0) next = tk[p + 1];
+      }
+      compare_position(rd + p * static_cast<uint64_t>(V), cd + p * static_cast<uint64_t>(V), V, next,
+                       thresholds.near_tie_margin, &res[i]);
+    });
+    for (uint64_t i = 0; i < n; ++i) {
+      const PositionResult& r = res[i];
+      const uint64_t p = start + i;
+      if (!r.compared) {
+        ++rep.padding;
+        continue;
+      }
+      if (r.bad_file >= 0)
+        return make_error(r.bad_file == 0 ? reference : candidate, ": non-finite logit ", r.bad_value, " at position ",
+                          pos_text(p), ", vocabulary index ", r.bad_index, " (first such position)");
+      ++rep.positions;
+      kls.push_back(r.kl);
+      sum_kl += r.kl;
+      rep.max_kl = std::max(rep.max_kl, r.kl);
+      rep.max_abs_diff = std::max(rep.max_abs_diff, r.max_abs);
+      if (r.near_tie) {
+        ++rep.near_ties;
+        rep.near_tie_agree += r.agree;
+      } else {
+        ++rep.decisive;
+        rep.decisive_agree += r.agree;
+      }
+      if (r.has_nll) {
+        ++rep.predictions;
+        nll_ref += r.nll_ref;
+        nll_cand += r.nll_cand;
+      }
+      // Keep the 5 largest KLs; an equal KL later in order does not displace an earlier one.
+      if (worst.size() < 5 || r.kl > worst.back().kl) {
+        LogitsPosition lp{three_d ? static_cast<int64_t>(p / static_cast<uint64_t>(T)) : 0,
+                          static_cast<int64_t>(p % static_cast<uint64_t>(T)), r.kl};
+        auto it = std::upper_bound(worst.begin(), worst.end(), lp,
+                                   [](const LogitsPosition& a, const LogitsPosition& b) { return a.kl > b.kl; });
+        worst.insert(it, lp);
+        if (worst.size() > 5) worst.pop_back();
+      }
+    }
+    // Done with these rows: drop their pages from this process.
+    const uint64_t off = start * row_bytes, len = n * row_bytes;
+    ref.file().advise_dontneed(ref.header().data_offset + off, len);
+    cand.file().advise_dontneed(cand.header().data_offset + off, len);
+    prog.add(2 * len);
+  }
+  prog.finish();
+  if (rep.positions == 0)
+    return make_error("no position to compare in ", reference, " ", dims_text(rep.shape),
+                      tk != nullptr ? " (every token is padding)" : "");
+  rep.bytes_read = rep.positions * row_bytes * 2;
+  rep.mean_kl = sum_kl / static_cast<double>(rep.positions);
+  rep.p99_kl = percentile(std::move(kls), 99);
+  rep.worst = std::move(worst);
+  rep.top1_agreement = rep.decisive ? static_cast<double>(rep.decisive_agree) / static_cast<double>(rep.decisive) : 1.0;
+  rep.near_tie_agreement =
+      rep.near_ties ? static_cast<double>(rep.near_tie_agree) / static_cast<double>(rep.near_ties) : 1.0;
+  if (rep.predictions > 0) {
+    rep.has_perplexity = true;
+    rep.ppl_reference = std::exp(nll_ref / static_cast<double>(rep.predictions));
+    rep.ppl_candidate = std::exp(nll_cand / static_cast<double>(rep.predictions));
+    rep.ppl_ratio = rep.ppl_candidate / rep.ppl_reference;
+  }
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  add_check(rep, "max_kl", thresholds.max_kl, rep.max_kl, false);
+  add_check(rep, "min_top1", thresholds.min_top1, rep.top1_agreement, true);
+  add_check(rep, "max_mean_kl", thresholds.max_mean_kl, rep.mean_kl, false);
+  add_check(rep, "max_p99_kl", thresholds.max_p99_kl, rep.p99_kl, false);
+  add_check(rep, "max_abs_diff", thresholds.max_abs_diff, rep.max_abs_diff, false);
+  add_check(rep, "max_ppl_ratio", thresholds.max_ppl_ratio,
+            rep.has_perplexity ? std::fabs(rep.ppl_ratio - 1.0) : nan, false);
+  rep.pass = std::all_of(rep.checks.begin(), rep.checks.end(), [](const LogitsCheck& c) { return c.pass; });
+  rep.seconds = seconds_since(t0);
   return rep;
 }
 
