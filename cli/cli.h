@@ -19,6 +19,9 @@ int cmd_inspect(int argc, char** argv);
 int cmd_verify(int argc, char** argv);
 int cmd_validate(int argc, char** argv);
 int cmd_devices(int argc, char** argv);
+int cmd_run(int argc, char** argv);
+int cmd_logits(int argc, char** argv);
+int cmd_bench(int argc, char** argv);
 
 inline constexpr int kExitOk = 0;
 inline constexpr int kExitFailure = 1;

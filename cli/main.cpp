@@ -12,7 +12,10 @@ static const Command kCommands[] = {
     {"inspect", "describe a converted model (config, shards, tensors)", cmd_inspect},
     {"verify", "recompute every checksum of a converted model", cmd_verify},
     {"validate", "prove parity: 'validate tensors' against the source checkpoint", cmd_validate},
+    {"run", "generate text from a prompt (or a batch of prompts)", cmd_run},
+    {"logits", "write the logits of every position for token ids (.npy)", cmd_logits},
     {"devices", "list the CUDA devices the CUDA backend sees", cmd_devices},
+    {"bench", "decode speed against the measured memory bandwidth (roofline)", cmd_bench},
 };
 
 static void usage(FILE* out) {

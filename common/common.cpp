@@ -9,6 +9,7 @@
 #include <xxhash.h>
 
 #include <cerrno>
+#include <condition_variable>
 #include <cinttypes>
 #include <cstdio>
 #include <cstdlib>
@@ -318,6 +319,71 @@ void parallel_for(size_t n, unsigned threads, const std::function<void(size_t)>&
   for (unsigned t = 1; t < threads; ++t) pool.emplace_back(worker);
   worker();
   for (auto& t : pool) t.join();
+}
+
+// ---------------------------------------------------------------------------------
+struct ThreadPool::State {
+  std::mutex mu;
+  std::condition_variable wake, done;
+  std::vector<std::thread> workers;
+  const std::function<void(size_t)>* fn = nullptr;
+  size_t n = 0;
+  std::atomic<size_t> next{0};
+  uint64_t generation = 0;
+  unsigned busy = 0;
+  bool stop = false;
+};
+
+ThreadPool::ThreadPool(unsigned threads) : threads_(std::max(1u, threads)), state_(new State) {
+  for (unsigned t = 1; t < threads_; ++t) {
+    state_->workers.emplace_back([s = state_] {
+      uint64_t seen = 0;
+      while (true) {
+        std::unique_lock<std::mutex> lock(s->mu);
+        s->wake.wait(lock, [&] { return s->stop || s->generation != seen; });
+        if (s->stop) return;
+        seen = s->generation;
+        const auto* fn = s->fn;
+        size_t n = s->n;
+        lock.unlock();
+        for (size_t i = s->next.fetch_add(1); i < n; i = s->next.fetch_add(1)) (*fn)(i);
+        lock.lock();
+        if (--s->busy == 0) s->done.notify_one();
+      }
+    });
+  }
+}
+
+ThreadPool::~ThreadPool() {
+  {
+    std::lock_guard<std::mutex> lock(state_->mu);
+    state_->stop = true;
+  }
+  state_->wake.notify_all();
+  for (auto& t : state_->workers) t.join();
+  delete state_;
+}
+
+void ThreadPool::run(size_t n, const std::function<void(size_t)>& fn) {
+  if (n == 0) return;
+  if (threads_ == 1 || n == 1) {
+    for (size_t i = 0; i < n; ++i) fn(i);
+    return;
+  }
+  State* s = state_;
+  {
+    std::lock_guard<std::mutex> lock(s->mu);
+    s->fn = &fn;
+    s->n = n;
+    s->next.store(0);
+    s->busy = threads_ - 1;
+    ++s->generation;
+  }
+  s->wake.notify_all();
+  for (size_t i = s->next.fetch_add(1); i < n; i = s->next.fetch_add(1)) fn(i);
+  std::unique_lock<std::mutex> lock(s->mu);
+  s->done.wait(lock, [&] { return s->busy == 0; });
+  s->fn = nullptr;
 }
 
 // ---------------------------------------------------------------------------------

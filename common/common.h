@@ -66,6 +66,8 @@ class [[nodiscard]] Result {
   T* operator->() { return &value(); }
   const T* operator->() const { return &value(); }
   T& operator*() & { return value(); }
+  const T& operator*() const& { return value(); }
+  T&& operator*() && { return std::move(*this).value(); }
   const Error& error() const { return std::get<1>(v_); }
   Error take_error() { return std::get<1>(std::move(v_)); }
 
@@ -243,6 +245,25 @@ std::string path_basename(const std::string& p);
 // handing out indices in order. fn must not throw.
 void parallel_for(size_t n, unsigned threads, const std::function<void(size_t)>& fn);
 unsigned hardware_threads();
+
+// A persistent pool for the many short parallel loops of a forward pass (creating
+// threads per loop would cost more than a small matrix product). run() hands indices
+// [0, n) out to the workers and the calling thread, and returns when all are done.
+// One run() at a time per pool; fn must not throw.
+class ThreadPool {
+ public:
+  explicit ThreadPool(unsigned threads);  // threads in all, the caller included
+  ~ThreadPool();
+  ThreadPool(const ThreadPool&) = delete;
+  ThreadPool& operator=(const ThreadPool&) = delete;
+  unsigned size() const { return threads_; }
+  void run(size_t n, const std::function<void(size_t)>& fn);
+
+ private:
+  struct State;
+  unsigned threads_;
+  State* state_;
+};
 
 // ---------------------------------------------------------------------------------
 // Progress on stderr: a bar when stderr is a terminal, a line every few seconds

@@ -1,0 +1,140 @@
+// grokit bench: measurements against the machine's own limits.
+#include <immintrin.h>
+
+#include <cxxopts.hpp>
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+
+#include "cli/cli.h"
+#include "runner/runner.h"
+
+namespace grokit::cli {
+
+namespace {
+
+__attribute__((target("avx2"))) double sum_avx2(const float* p, size_t n) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  for (size_t i = 0; i + 32 <= n; i += 32) {
+    a0 = _mm256_add_ps(a0, _mm256_load_ps(p + i));
+    a1 = _mm256_add_ps(a1, _mm256_load_ps(p + i + 8));
+    a2 = _mm256_add_ps(a2, _mm256_load_ps(p + i + 16));
+    a3 = _mm256_add_ps(a3, _mm256_load_ps(p + i + 24));
+  }
+  alignas(32) float t[8];
+  _mm256_store_ps(t, _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+  double s = 0;
+  for (float v : t) s += v;
+  return s;
+}
+
+}  // namespace
+
+double measure_read_bandwidth(unsigned threads, uint64_t bytes) {
+  size_t n = bytes / sizeof(float) / 32 * 32;
+  auto* buf = static_cast<float*>(std::aligned_alloc(64, n * sizeof(float)));
+  GROKIT_CHECK(buf != nullptr);
+  parallel_for(threads, threads, [&](size_t t) {  // first touch by the threads that read
+    size_t a = n / threads * t, b = t + 1 == threads ? n : n / threads * (t + 1);
+    for (size_t i = a; i < b; ++i) buf[i] = 1.0f;
+  });
+  double best = 0;
+  ThreadPool pool(threads);
+  for (int rep = 0; rep < 5; ++rep) {
+    std::atomic<double> sink{0};
+    auto t0 = std::chrono::steady_clock::now();
+    size_t per = n / threads / 32 * 32;
+    pool.run(threads, [&](size_t t) {
+      size_t a = per * t, len = t + 1 == threads ? n - a : per;
+      double s = sum_avx2(buf + a, len);
+      double expected = sink.load();
+      while (!sink.compare_exchange_weak(expected, expected + s)) {
+      }
+    });
+    double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (sink.load() != static_cast<double>(n)) std::fprintf(stderr, "bench: bandwidth check sum is off\n");
+    best = std::max(best, static_cast<double>(n * sizeof(float)) / secs);
+  }
+  std::free(buf);
+  return best;
+}
+
+int cmd_bench(int argc, char** argv) {
+  const char* prog = "grokit bench";
+  cxxopts::Options opts(prog,
+                        "Measure memory read bandwidth, then decode one token at a time on a model and print the "
+                        "roofline ratio: (weight bytes read per token / bandwidth) / step time.");
+  opts.positional_help("<model dir>");
+  opts.add_options()
+      ("threads", "threads (0: every core)", cxxopts::value<unsigned>()->default_value("0"))
+      ("steps", "decode steps to time", cxxopts::value<int>()->default_value("32"))
+      ("prompt-tokens", "prompt length before the timed steps", cxxopts::value<int>()->default_value("16"))
+      ("buffer-mb", "bandwidth test buffer, MiB (larger than the caches)", cxxopts::value<unsigned>()->default_value("1024"))
+      ("h,help", "show this help")
+      ("positional", "", cxxopts::value<std::vector<std::string>>());
+  opts.parse_positional({"positional"});
+  cxxopts::ParseResult r;
+  try {
+    r = opts.parse(argc, argv);
+  } catch (const cxxopts::exceptions::exception& e) {
+    std::fprintf(stderr, "%s: %s\n\n%s", prog, e.what(), opts.help().c_str());
+    return kExitUsage;
+  }
+  if (r.count("help")) return std::printf("%s", opts.help().c_str()), kExitOk;
+  std::vector<std::string> pos;
+  if (r.count("positional")) pos = r["positional"].as<std::vector<std::string>>();
+  if (pos.size() != 1) return std::fprintf(stderr, "%s: expected <model dir>\n\n%s", prog, opts.help().c_str()), kExitUsage;
+  unsigned threads = r["threads"].as<unsigned>();
+  if (threads == 0) threads = hardware_threads();
+  int steps = r["steps"].as<int>(), prompt = r["prompt-tokens"].as<int>();
+  if (steps < 1 || prompt < 1) return std::fprintf(stderr, "%s: --steps and --prompt-tokens must be >= 1\n", prog), kExitUsage;
+
+  double bw = measure_read_bandwidth(threads, uint64_t{r["buffer-mb"].as<unsigned>()} << 20);
+  runner::EngineOptions eo;
+  eo.threads = threads;
+  eo.verify = false;
+  eo.progress = false;
+  auto engine = runner::Engine::load(pos[0], eo);
+  if (!engine.ok()) return std::fprintf(stderr, "%s: error: %s\n", prog, engine.error().message.c_str()), kExitFailure;
+  runner::Engine& eng = **engine;
+  auto slot = eng.open_sequence(prompt + steps + 1);
+  if (!slot.ok()) return std::fprintf(stderr, "%s: error: %s\n", prog, slot.error().message.c_str()), kExitFailure;
+  std::vector<int32_t> tokens(static_cast<size_t>(prompt));
+  for (int i = 0; i < prompt; ++i) tokens[static_cast<size_t>(i)] = 3 + (i * 7919) % static_cast<int>(eng.config().vocab_size - 3);
+  int32_t next = 0;
+  auto take = [&](size_t, int64_t, const float* logits) {
+    next = runner::argmax(std::span<const float>(logits, static_cast<size_t>(eng.config().vocab_size)));
+    if (next == 0) next = 3;
+    return Status{};
+  };
+  runner::StepRow row{*slot, tokens, runner::StepRow::Logits::kLast};
+  if (auto s = eng.step(std::span<const runner::StepRow>(&row, 1), take); !s.ok())
+    return std::fprintf(stderr, "%s: error: %s\n", prog, s.error().message.c_str()), kExitFailure;
+  std::vector<double> times;
+  for (int i = 0; i < steps; ++i) {
+    int32_t t = next;
+    row = {*slot, std::span<const int32_t>(&t, 1), runner::StepRow::Logits::kLast};
+    auto t0 = std::chrono::steady_clock::now();
+    if (auto s = eng.step(std::span<const runner::StepRow>(&row, 1), take); !s.ok())
+      return std::fprintf(stderr, "%s: error: %s\n", prog, s.error().message.c_str()), kExitFailure;
+    times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  std::sort(times.begin(), times.end());
+  double median = times[times.size() / 2];
+  uint64_t bytes = eng.weight_bytes_per_token();
+  double ideal = static_cast<double>(bytes) / bw;
+  std::printf("memory read bandwidth : %8.2f GB/s (%u threads)\n", bw / 1e9, threads);
+  std::printf("weights read per token: %8.1f MiB (attention, %ld of %ld experts, output projection)\n",
+              static_cast<double>(bytes) / (1 << 20), static_cast<long>(eng.config().num_selected_experts),
+              static_cast<long>(eng.config().num_experts));
+  std::printf("decode step (median)  : %8.2f ms  -> %6.2f tok/s\n", median * 1e3, 1.0 / median);
+  std::printf("bandwidth-bound step  : %8.2f ms\n", ideal * 1e3);
+  std::printf("roofline ratio        : %8.2f (target >= 0.7)\n", ideal / median);
+  std::fprintf(stderr, "%s: %.2f tok/s, roofline %.2f, kernels %s\n", prog, 1.0 / median, ideal / median,
+               std::getenv("GROKIT_KERNELS") ? std::getenv("GROKIT_KERNELS") : "auto");
+  return kExitOk;
+}
+
+}  // namespace grokit::cli

@@ -1,0 +1,300 @@
+// grokit run and grokit logits: thin fronts over runner::Engine.
+#include <cxxopts.hpp>
+
+#include <cstdio>
+#include <fstream>
+#include <optional>
+
+#include "cli/cli.h"
+#include "common/npy.h"
+#include "runner/runner.h"
+#include "runner/tokenizer.h"
+
+namespace grokit::cli {
+
+namespace {
+
+std::optional<int> parse_args(cxxopts::Options& opts, int argc, char** argv, size_t positional,
+                              cxxopts::ParseResult& out, std::vector<std::string>& pos) {
+  opts.add_options()("h,help", "show this help");
+  opts.add_options()("positional", "", cxxopts::value<std::vector<std::string>>());
+  opts.parse_positional({"positional"});
+  try {
+    out = opts.parse(argc, argv);
+  } catch (const cxxopts::exceptions::exception& e) {
+    std::fprintf(stderr, "%s: %s\n\n%s", opts.program().c_str(), e.what(), opts.help().c_str());
+    return kExitUsage;
+  }
+  if (out.count("help")) {
+    std::printf("%s", opts.help().c_str());
+    return kExitOk;
+  }
+  if (out.count("positional")) pos = out["positional"].as<std::vector<std::string>>();
+  if (pos.size() != positional) {
+    std::fprintf(stderr, "%s: expected %zu argument%s, got %zu\n\n%s", opts.program().c_str(), positional,
+                 positional == 1 ? "" : "s", pos.size(), opts.help().c_str());
+    return kExitUsage;
+  }
+  return std::nullopt;
+}
+
+int usage_error(const cxxopts::Options& opts, const std::string& msg) {
+  std::fprintf(stderr, "%s: %s\n\n%s", opts.program().c_str(), msg.c_str(), opts.help().c_str());
+  return kExitUsage;
+}
+
+int fail(const char* program, const Error& e) {
+  std::fprintf(stderr, "%s: error: %s\n", program, e.message.c_str());
+  return kExitFailure;
+}
+
+void add_engine_options(cxxopts::Options& opts) {
+  opts.add_options()
+      ("threads", "threads in all (0: every core)", cxxopts::value<unsigned>()->default_value("0"))
+      ("no-verify", "skip recomputing the weights' checksums while loading (default: off)",
+       cxxopts::value<bool>()->default_value("false")->implicit_value("true"))
+      ("no-progress", "no progress bar (default: off)", cxxopts::value<bool>()->default_value("false")->implicit_value("true"));
+}
+
+Result<std::unique_ptr<runner::Engine>> load_engine(const std::string& dir, const cxxopts::ParseResult& r,
+                                                    const char* program) {
+  runner::EngineOptions eo;
+  eo.threads = r["threads"].as<unsigned>();
+  eo.verify = !r["no-verify"].as<bool>();
+  eo.progress = !r["no-progress"].as<bool>();
+  runner::LoadReport rep;
+  GROKIT_ASSIGN_OR_RETURN(auto engine, runner::Engine::load(dir, eo, &rep));
+  std::fprintf(stderr, "%s: loaded %s of weights in %.2f s (TP %d, %u threads per rank, %s kernels%s)\n", program,
+               human_bytes(static_cast<double>(rep.bytes)).c_str(), rep.seconds, engine->tensor_parallel(),
+               engine->threads_per_rank(), rep.kernel_path.c_str(), eo.verify ? ", checksums verified" : "");
+  return engine;
+}
+
+// int32 token ids [B, T] (or [T]) from an .npy file.
+Result<std::vector<std::vector<int32_t>>> read_token_rows(const std::string& path, bool trim_padding) {
+  GROKIT_ASSIGN_OR_RETURN(npy::Array a, npy::Array::open(path));
+  const auto& shape = a.shape();
+  if (a.header().descr != "<i4" || shape.empty() || shape.size() > 2)
+    return make_error(path, ": expected int32 token ids [B, T] / actual ", a.header().descr, " with ", shape.size(),
+                      " dimensions");
+  int64_t B = shape.size() == 2 ? shape[0] : 1, T = shape.back();
+  if (B == 0 || T == 0) return make_error(path, ": no tokens");
+  std::vector<std::vector<int32_t>> rows(static_cast<size_t>(B));
+  const int32_t* p = a.data<int32_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    rows[static_cast<size_t>(b)].assign(p + b * T, p + (b + 1) * T);
+    if (trim_padding) {
+      auto& r = rows[static_cast<size_t>(b)];
+      while (!r.empty() && r.back() == 0) r.pop_back();
+    }
+  }
+  return rows;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------
+int cmd_logits(int argc, char** argv) {
+  const char* prog = "grokit logits";
+  cxxopts::Options opts(prog,
+                        "Run the model over token ids and write float32 logits [B, T, V] for every position "
+                        "(streamed to the file: memory does not grow with T x V).");
+  opts.positional_help("<model dir>");
+  opts.add_options()
+      ("tokens", "int32 token ids [B, T] (.npy), 0 = padding on the right", cxxopts::value<std::string>())
+      ("out", "output .npy of float32 logits [B, T, V]", cxxopts::value<std::string>())
+      ("dump-layers", "also write DIR/hidden_000.npy (embedding output) .. hidden_L.npy (after each layer)",
+       cxxopts::value<std::string>()->default_value(""))
+      ("force", "overwrite existing outputs (default: off)", cxxopts::value<bool>()->default_value("false")->implicit_value("true"));
+  add_engine_options(opts);
+  cxxopts::ParseResult r;
+  std::vector<std::string> pos;
+  if (auto rc = parse_args(opts, argc, argv, 1, r, pos)) return *rc;
+  if (!r.count("tokens") || !r.count("out")) return usage_error(opts, "--tokens and --out are required");
+  const bool force = r["force"].as<bool>();
+  auto rows = read_token_rows(r["tokens"].as<std::string>(), false);
+  if (!rows.ok()) return fail(prog, rows.error());
+  auto engine = load_engine(pos[0], r, prog);
+  if (!engine.ok()) return fail(prog, engine.error());
+  runner::Engine& eng = **engine;
+  const auto& cfg = eng.config();
+  const int64_t B = static_cast<int64_t>(rows->size()), T = static_cast<int64_t>((*rows)[0].size());
+  if (T > cfg.sequence_len)
+    return fail(prog, make_error(T, " positions are more than the model's sequence_len of ", cfg.sequence_len));
+  std::vector<int64_t> shape{B, T, cfg.vocab_size};
+  auto out = npy::Writer::create(r["out"].as<std::string>(), "<f4", shape, force);
+  if (!out.ok()) return fail(prog, out.error());
+  std::vector<npy::Writer> dumps;
+  std::string dump_dir = r["dump-layers"].as<std::string>();
+  if (!dump_dir.empty()) {
+    if (auto s = make_directory(dump_dir); !s.ok()) return fail(prog, s.error());
+    std::vector<int64_t> hshape{B, T, cfg.emb_size};
+    for (int64_t i = 0; i <= cfg.num_layers; ++i) {
+      char name[32];
+      std::snprintf(name, sizeof name, "hidden_%03ld.npy", static_cast<long>(i));
+      auto w = npy::Writer::create(path_join(dump_dir, name), "<f4", hshape, force);
+      if (!w.ok()) return fail(prog, w.error());
+      dumps.push_back(std::move(*w));
+    }
+  }
+  runner::HiddenSink hidden = [&](int index, size_t, int64_t, int64_t n, const float* x) {
+    return dumps[static_cast<size_t>(index)].write(x, sizeof(float) * static_cast<size_t>(n * cfg.emb_size));
+  };
+  auto t0 = std::chrono::steady_clock::now();
+  Progress progress("logits", static_cast<uint64_t>(B * T), !r["no-progress"].as<bool>());
+  for (int64_t b = 0; b < B; ++b) {
+    auto slot = eng.open_sequence(T);
+    if (!slot.ok()) return fail(prog, slot.error());
+    runner::StepRow row{*slot, (*rows)[static_cast<size_t>(b)], runner::StepRow::Logits::kAll};
+    Status s = eng.step(std::span<const runner::StepRow>(&row, 1),
+                        [&](size_t, int64_t, const float* logits) {
+                          progress.add(1);
+                          return out->write(logits, sizeof(float) * static_cast<size_t>(cfg.vocab_size));
+                        },
+                        dumps.empty() ? nullptr : &hidden);
+    eng.close_sequence(*slot);
+    if (!s.ok()) return fail(prog, s.error());
+  }
+  progress.finish();
+  for (auto& d : dumps) {
+    if (auto s = d.finish(); !s.ok()) return fail(prog, s.error());
+  }
+  if (auto s = out->finish(); !s.ok()) return fail(prog, s.error());
+  double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  std::fprintf(stderr, "%s: %ld x %ld positions in %.2f s (%.1f tok/s) -> %s\n", prog, static_cast<long>(B),
+               static_cast<long>(T), secs, static_cast<double>(B * T) / std::max(secs, 1e-9), r["out"].as<std::string>().c_str());
+  return kExitOk;
+}
+
+// ---------------------------------------------------------------------------------
+int cmd_run(int argc, char** argv) {
+  const char* prog = "grokit run";
+  cxxopts::Options opts(prog,
+                        "Generate text. One --prompt streams its continuation to stdout; --prompt-file runs "
+                        "one prompt per line as a batch and prints each continuation as it ends.");
+  opts.positional_help("<model dir>");
+  opts.add_options()
+      ("prompt", "the prompt text", cxxopts::value<std::string>())
+      ("prompt-file", "a file of prompts, one per line (run as one batch)", cxxopts::value<std::string>())
+      ("tokens-in", "prompts as int32 token ids [B, T] (.npy, 0-padded on the right) instead of text",
+       cxxopts::value<std::string>())
+      ("tokens-out", "write the generated ids as int32 [B, max-tokens] (.npy, 0 after the end)",
+       cxxopts::value<std::string>()->default_value(""))
+      ("max-tokens", "tokens to generate per prompt", cxxopts::value<int64_t>()->default_value("64"))
+      ("temperature", "sampling temperature; 0 is greedy", cxxopts::value<float>()->default_value("1.0"))
+      ("top-p", "nucleus sampling: keep the top tokens whose mass reaches p (the official rule)",
+       cxxopts::value<float>()->default_value("1.0"))
+      ("top-k", "keep only the k most likely tokens (0: off)", cxxopts::value<int>()->default_value("0"))
+      ("seed", "random seed (same seed, same text)", cxxopts::value<uint64_t>()->default_value("0"))
+      ("device", "cpu (cuda: see 'grokit devices')", cxxopts::value<std::string>()->default_value("cpu"))
+      ("ignore-eos", "keep generating past the end-of-sequence token (default: off)",
+       cxxopts::value<bool>()->default_value("false")->implicit_value("true"))
+      ("force", "overwrite --tokens-out (default: off)", cxxopts::value<bool>()->default_value("false")->implicit_value("true"));
+  add_engine_options(opts);
+  cxxopts::ParseResult r;
+  std::vector<std::string> pos;
+  if (auto rc = parse_args(opts, argc, argv, 1, r, pos)) return *rc;
+  int sources = static_cast<int>(r.count("prompt") + r.count("prompt-file") + r.count("tokens-in"));
+  if (sources != 1) return usage_error(opts, "give exactly one of --prompt, --prompt-file, --tokens-in");
+  if (r["device"].as<std::string>() != "cpu")
+    return usage_error(opts, "--device " + r["device"].as<std::string>() + " is not available; use --device cpu");
+  runner::GenerateOptions go;
+  go.max_tokens = r["max-tokens"].as<int64_t>();
+  go.sampling.temperature = r["temperature"].as<float>();
+  go.sampling.top_p = r["top-p"].as<float>();
+  go.sampling.top_k = r["top-k"].as<int>();
+  go.sampling.seed = r["seed"].as<uint64_t>();
+  go.stop_at_eos = !r["ignore-eos"].as<bool>();
+  if (go.max_tokens < 1) return usage_error(opts, "--max-tokens must be at least 1");
+  if (!(go.sampling.temperature >= 0) || !(go.sampling.top_p > 0 && go.sampling.top_p <= 1) || go.sampling.top_k < 0)
+    return usage_error(opts, "--temperature must be >= 0, --top-p in (0, 1], --top-k >= 0");
+
+  // The tokenizer travels with the model; needed for text in or out.
+  std::optional<runner::Tokenizer> tok;
+  std::string tok_path = path_join(pos[0], format::kTokenizerFile);
+  if (path_exists(tok_path)) {
+    auto t = runner::Tokenizer::load(tok_path);
+    if (!t.ok()) return fail(prog, t.error());
+    tok.emplace(std::move(*t));
+  }
+  std::vector<std::vector<int32_t>> prompts;
+  if (r.count("tokens-in")) {
+    auto rows = read_token_rows(r["tokens-in"].as<std::string>(), true);
+    if (!rows.ok()) return fail(prog, rows.error());
+    prompts = std::move(*rows);
+  } else {
+    if (!tok) return fail(prog, make_error(pos[0], ": the model has no tokenizer.model; convert it with --tokenizer or give --tokens-in"));
+    std::vector<std::string> texts;
+    if (r.count("prompt")) {
+      texts.push_back(r["prompt"].as<std::string>());
+    } else {
+      std::ifstream in(r["prompt-file"].as<std::string>());
+      if (!in) return fail(prog, make_error(r["prompt-file"].as<std::string>(), ": cannot read"));
+      for (std::string line; std::getline(in, line);) {
+        if (!line.empty()) texts.push_back(line);
+      }
+      if (texts.empty()) return fail(prog, make_error(r["prompt-file"].as<std::string>(), ": no prompts"));
+    }
+    for (const auto& t : texts) {
+      auto ids = tok->encode(t);
+      if (!ids.ok()) return fail(prog, ids.error());
+      prompts.push_back(std::move(*ids));
+    }
+  }
+  std::string tokens_out = r["tokens-out"].as<std::string>();
+  std::optional<npy::Writer> ids_writer;
+  if (!tokens_out.empty()) {
+    std::vector<int64_t> shape{static_cast<int64_t>(prompts.size()), go.max_tokens};
+    auto w = npy::Writer::create(tokens_out, "<i4", shape, r["force"].as<bool>());
+    if (!w.ok()) return fail(prog, w.error());
+    ids_writer.emplace(std::move(*w));
+  }
+  auto engine = load_engine(pos[0], r, prog);
+  if (!engine.ok()) return fail(prog, engine.error());
+
+  const bool stream = prompts.size() == 1 && tok.has_value();
+  std::optional<runner::StreamDecoder> decoder;
+  if (stream) decoder.emplace(*tok);
+  auto on_token = [&](size_t, int32_t id) {
+    if (!stream) return;
+    std::string text = decoder->push(id);
+    std::fwrite(text.data(), 1, text.size(), stdout);
+    std::fflush(stdout);
+  };
+  runner::GenerateStats st;
+  auto out = runner::generate(**engine, prompts, go, on_token, &st);
+  if (!out.ok()) return fail(prog, out.error());
+  if (stream) {
+    std::string rest = decoder->finish();
+    std::fwrite(rest.data(), 1, rest.size(), stdout);
+    std::fputc('\n', stdout);
+  } else {
+    for (size_t i = 0; i < out->size(); ++i) {
+      const auto& ids = (*out)[i];
+      if (tok) {
+        std::printf("%s\n", tok->decode(ids).c_str());
+      } else {
+        for (size_t k = 0; k < ids.size(); ++k) std::printf("%s%d", k ? " " : "", ids[k]);
+        std::printf("\n");
+      }
+    }
+  }
+  if (ids_writer) {
+    std::vector<int32_t> row(static_cast<size_t>(go.max_tokens));
+    for (const auto& ids : *out) {
+      std::fill(row.begin(), row.end(), 0);
+      std::copy(ids.begin(), ids.end(), row.begin());
+      if (auto s = ids_writer->write(row.data(), row.size() * sizeof(int32_t)); !s.ok()) return fail(prog, s.error());
+    }
+    if (auto s = ids_writer->finish(); !s.ok()) return fail(prog, s.error());
+  }
+  std::fprintf(stderr,
+               "%s: prompt %ld tokens at %.1f tok/s, generated %ld tokens at %.2f tok/s, time to first token %.0f ms, "
+               "KV cache %s per rank\n",
+               prog, static_cast<long>(st.prompt_tokens), static_cast<double>(st.prompt_tokens) / std::max(st.prefill_seconds, 1e-9),
+               static_cast<long>(st.generated_tokens), static_cast<double>(st.generated_tokens) / std::max(st.decode_seconds, 1e-9),
+               st.first_token_seconds * 1000, human_bytes(static_cast<double>(st.kv_bytes)).c_str());
+  return kExitOk;
+}
+
+}  // namespace grokit::cli

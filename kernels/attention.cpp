@@ -1,0 +1,112 @@
+// Grouped-query attention over a KV cache, with the 30*tanh(x/30) logit cap.
+#include <vector>
+
+#include "kernels/internal.h"
+
+namespace grokit::kernels {
+namespace {
+using namespace detail;
+
+constexpr float kMasked = -1e30f;
+
+float dot_bf16_ref(const float* q, const uint16_t* k, int64_t dh) {
+  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (int64_t d = 0; d < dh; ++d) acc[d % 8] += static_cast<double>(q[d]) * static_cast<double>(bf16f(k[d]));
+  return static_cast<float>(combine8(acc));
+}
+
+GROKIT_AVX2 float dot_bf16_avx2(const float* q, const uint16_t* k, int64_t dh) {
+  __m256d lo = _mm256_setzero_pd(), hi = _mm256_setzero_pd();
+  int64_t d8 = dh / 8 * 8;
+  for (int64_t d = 0; d < d8; d += 8) fma8_pd(_mm256_loadu_ps(q + d), load_bf16x8(k + d), lo, hi);
+  double lanes[8];
+  store8_pd(lo, hi, lanes);
+  for (int64_t d = d8; d < dh; ++d) lanes[d % 8] += static_cast<double>(q[d]) * static_cast<double>(bf16f(k[d]));
+  return static_cast<float>(combine8(lanes));
+}
+
+// acc[d] += w * v[d] in double, key after key.
+void accumulate_ref(float w, const uint16_t* v, int64_t dh, double* acc) {
+  for (int64_t d = 0; d < dh; ++d) acc[d] += static_cast<double>(w) * static_cast<double>(bf16f(v[d]));
+}
+
+GROKIT_AVX2 void accumulate_avx2(float w, const uint16_t* v, int64_t dh, double* acc) {
+  __m256 wv = _mm256_set1_ps(w);
+  int64_t d8 = dh / 8 * 8;
+  for (int64_t d = 0; d < d8; d += 8) {
+    __m256d lo = _mm256_loadu_pd(acc + d), hi = _mm256_loadu_pd(acc + d + 4);
+    fma8_pd(wv, load_bf16x8(v + d), lo, hi);
+    store8_pd(lo, hi, acc + d);
+  }
+  for (int64_t d = d8; d < dh; ++d) acc[d] += static_cast<double>(w) * static_cast<double>(bf16f(v[d]));
+}
+
+template <bool kSimd>
+void one_head(const float* q, int32_t pos, const uint16_t* k, const uint16_t* v, const uint8_t* valid, int64_t n_keys,
+              const AttentionShape& sh, float* o, std::vector<float>& scores, std::vector<double>& acc) {
+  const int64_t dh = sh.head_dim;
+  // Keys after the query's position are masked: exp(-1e30 - max) is exactly 0, so they
+  // are skipped unless no key is visible at all (then every key counts, uniformly).
+  int64_t visible_end = std::min<int64_t>(n_keys, static_cast<int64_t>(pos) + 1);
+  bool any = false;
+  for (int64_t j = 0; j < visible_end && !any; ++j) any = valid[j] != 0;
+  int64_t end = any ? visible_end : n_keys;
+  scores.resize(static_cast<size_t>(end));
+  float mx = kMasked;
+  for (int64_t j = 0; j < end; ++j) {
+    float s = kMasked;
+    if (any && valid[j] != 0) {
+      float dot = kSimd ? dot_bf16_avx2(q, k + j * dh, dh) : dot_bf16_ref(q, k + j * dh, dh);
+      s = round_bf16(dot) * sh.multiplier;
+      s = sh.logit_cap * tanh_f(s / sh.logit_cap);
+    }
+    scores[static_cast<size_t>(j)] = s;
+    mx = std::max(mx, s);
+  }
+  float sum = 0.0f;
+  for (int64_t j = 0; j < end; ++j) {
+    float e = exp_f(scores[static_cast<size_t>(j)] - mx);
+    scores[static_cast<size_t>(j)] = e;
+    sum += e;
+  }
+  acc.assign(static_cast<size_t>(dh), 0.0);
+  for (int64_t j = 0; j < end; ++j) {
+    float w = round_bf16(scores[static_cast<size_t>(j)] / sum);
+    if (w == 0.0f) continue;  // adds exactly nothing
+    if (kSimd) accumulate_avx2(w, v + j * dh, dh, acc.data());
+    else accumulate_ref(w, v + j * dh, dh, acc.data());
+  }
+  for (int64_t d = 0; d < dh; ++d) o[d] = round_bf16(static_cast<float>(acc[static_cast<size_t>(d)]));
+}
+
+template <bool kSimd>
+Status impl(const float* q, int64_t M, const int32_t* q_pos, const uint16_t* k_cache, const uint16_t* v_cache,
+            const uint8_t* key_valid, int64_t n_keys, const AttentionShape& sh, float* o, Pool pool) {
+  GROKIT_CHECK(M >= 0 && sh.q_heads > 0 && sh.kv_heads > 0 && sh.q_heads % sh.kv_heads == 0 && sh.head_dim > 0);
+  GROKIT_CHECK(n_keys > 0 && n_keys <= sh.cap);
+  const int64_t group = sh.q_heads / sh.kv_heads, dh = sh.head_dim;
+  for_each(pool, static_cast<size_t>(M * sh.q_heads), [&](size_t i) {
+    thread_local std::vector<float> scores;
+    thread_local std::vector<double> acc;
+    int64_t m = static_cast<int64_t>(i) / sh.q_heads, h = static_cast<int64_t>(i) % sh.q_heads;
+    int64_t kv = h / group;
+    one_head<kSimd>(q + (m * sh.q_heads + h) * dh, q_pos[m], k_cache + kv * sh.cap * dh, v_cache + kv * sh.cap * dh,
+                    key_valid, n_keys, sh, o + (m * sh.q_heads + h) * dh, scores, acc);
+  });
+  return {};
+}
+
+}  // namespace
+
+Status attention(const float* q, int64_t M, const int32_t* q_pos, const uint16_t* k_cache, const uint16_t* v_cache,
+                 const uint8_t* key_valid, int64_t n_keys, const AttentionShape& shape, float* o, Pool pool) {
+  if (detail::use_avx2()) return impl<true>(q, M, q_pos, k_cache, v_cache, key_valid, n_keys, shape, o, pool);
+  return impl<false>(q, M, q_pos, k_cache, v_cache, key_valid, n_keys, shape, o, pool);
+}
+Status attention_ref(const float* q, int64_t M, const int32_t* q_pos, const uint16_t* k_cache,
+                     const uint16_t* v_cache, const uint8_t* key_valid, int64_t n_keys, const AttentionShape& shape,
+                     float* o, Pool pool) {
+  return impl<false>(q, M, q_pos, k_cache, v_cache, key_valid, n_keys, shape, o, pool);
+}
+
+}  // namespace grokit::kernels

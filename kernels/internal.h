@@ -1,0 +1,70 @@
+// Shared helpers of the CPU kernels (not part of the public interface).
+#pragma once
+
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "kernels/kernels.h"
+
+namespace grokit::kernels::detail {
+
+bool use_avx2();
+
+inline float bf16f(uint16_t h) { return bf16_bits_to_f32(h); }
+
+// Runs fn(i) for i in [0, n) on the pool, or inline without one.
+template <class Fn>
+void for_each(Pool pool, size_t n, Fn&& fn) {
+  if (pool == nullptr || n <= 1) {
+    for (size_t i = 0; i < n; ++i) fn(i);
+  } else {
+    pool->run(n, std::function<void(size_t)>(fn));
+  }
+}
+
+// Splits [0, n) into about `parts` chunks whose sizes are multiples of `align`.
+inline int64_t chunk_size(int64_t n, int64_t parts, int64_t align) {
+  int64_t c = (n + parts - 1) / std::max<int64_t>(parts, 1);
+  c = (c + align - 1) / align * align;
+  return std::max<int64_t>(c, align);
+}
+inline int64_t task_count(Pool pool) { return pool == nullptr ? 1 : 4 * static_cast<int64_t>(pool->size()); }
+
+// Dot products accumulate in double (products of fp32 and bf16 values are exact there)
+// and round once to fp32: an ideal fp32 accumulator, so the result does not depend on
+// the order of the terms beyond double rounding. Where the SIMD form runs across k, the
+// order is still fixed, so the twins agree to the bit: eight partial sums (lane j takes
+// k = j mod 8) combined as ((0+1)+(2+3))+((4+5)+(6+7)).
+inline double combine8(const double* a) { return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7])); }
+
+// Transcendentals in double, rounded once to fp32: the same value in every twin.
+inline float exp_f(float x) { return static_cast<float>(std::exp(static_cast<double>(x))); }
+inline float tanh_f(float x) { return static_cast<float>(std::tanh(static_cast<double>(x))); }
+
+#define GROKIT_AVX2 __attribute__((target("avx2,fma")))
+
+GROKIT_AVX2 inline __m256 load_bf16x8(const uint16_t* p) {
+  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+// Round-to-nearest-even to bf16, kept in fp32 lanes (NaN inputs do not occur here).
+GROKIT_AVX2 inline __m256 round_bf16x8(__m256 v) {
+  __m256i b = _mm256_castps_si256(v);
+  __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+  b = _mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
+  return _mm256_castsi256_ps(_mm256_and_si256(b, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
+}
+// x (8 fp32) times w (8 bf16 widened) into two double accumulators: lanes 0-3 and 4-7.
+GROKIT_AVX2 inline void fma8_pd(__m256 x, __m256 w, __m256d& lo, __m256d& hi) {
+  lo = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(x)), _mm256_cvtps_pd(_mm256_castps256_ps128(w)), lo);
+  hi = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(x, 1)), _mm256_cvtps_pd(_mm256_extractf128_ps(w, 1)), hi);
+}
+GROKIT_AVX2 inline void store8_pd(__m256d lo, __m256d hi, double* a) {
+  _mm256_storeu_pd(a, lo);
+  _mm256_storeu_pd(a + 4, hi);
+}
+
+}  // namespace grokit::kernels::detail

@@ -1,0 +1,105 @@
+// grokit kernels: the operations of the Grok-1 forward pass on the CPU.
+//
+// Every op comes twice with the same signature: `<op>` (multi-threaded, AVX2/FMA where
+// the CPU has it) and `<op>_ref` (plain scalar C++, the ground truth the tests compare
+// against). A CUDA backend gives each op a third twin with the same signature but a
+// stream in place of the pool. Launch parameters are raw pointers; a null pool runs on
+// the calling thread. Ops return a Status; invalid arguments are invariants (they abort).
+//
+// Numerics follow the official forward pass (format/SPEC.md and the reference
+// scripts/reference.py): activations travel as fp32 arrays holding bf16 values where
+// the official code holds bf16, products of bf16 operands accumulate in fp32, and each op
+// says where it rounds. Transcendentals (exp, tanh, sin, cos) are evaluated in double
+// and rounded to fp32, so that independent implementations agree to the bit. For any
+// row of a batch, the result does not depend on the other rows (batched equals alone).
+#pragma once
+
+#include <cstdint>
+
+#include "common/common.h"
+
+namespace grokit::kernels {
+
+using Pool = ThreadPool*;
+
+// Which SIMD path the dispatching ops use ("avx2" or "scalar"); GROKIT_KERNELS=scalar
+// in the environment forces the scalar twins.
+const char* cpu_kernel_path();
+
+// ---------------------------------------------------------------------------------
+// Weight-only int8 matrix product, the release's layout: codes [K, N] row-major with
+// bf16 scales [B, N]; rows [b*K/B, (b+1)*K/B) use scale row b.
+//   y[m, n] = sum_k x[m, k] * w[k, n],  w[k, n] = bf16(code[k, n] * scale[k / (K/B), n])
+// x is fp32 [M, K] (row stride ldx), y fp32 [M, N] (row stride ldy), accumulated in fp32
+// in k order for every row. The caller rounds y where the forward pass does.
+Status matmul_q8(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t* codes, const uint16_t* scales,
+                 int64_t N, int64_t blocks, float* y, int64_t ldy, Pool pool);
+Status matmul_q8_ref(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t* codes, const uint16_t* scales,
+                     int64_t N, int64_t blocks, float* y, int64_t ldy, Pool pool);
+
+// bf16 matrix against transposed rows: y[m, n] = sum_k x[m, k] * w[n, k], w bf16 [N, K]
+// row-major (the embedding: logits = x @ E^T). fp32 accumulation in k order.
+Status matmul_bf16_nt(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, float* y, int64_t ldy,
+                      Pool pool);
+Status matmul_bf16_nt_ref(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, float* y, int64_t ldy,
+                          Pool pool);
+
+// ---------------------------------------------------------------------------------
+// RMSNorm: out[m, :] = bf16((x * (1 / sqrt(mean(x*x) + eps))) * scale), all in fp32.
+// x and out [M, D] may alias.
+Status rmsnorm(const float* x, int64_t M, int64_t D, const float* scale, float eps, float* out, Pool pool);
+Status rmsnorm_ref(const float* x, int64_t M, int64_t D, const float* scale, float eps, float* out, Pool pool);
+
+// Rotary embedding on split halves, in place: x [M, heads, dh] (bf16 values), row m at
+// position positions[m]: x' = bf16(x * cos + rotate_half(x) * sin), rotate_half([a, b]) =
+// [-b, a], phase[j] = fp32(position) * inv_freq[j] with inv_freq[j] = fp32(1 / base^(2j/dh))
+// duplicated over both halves; cos and sin of the fp32 phase in double, rounded.
+Status rope(float* x, int64_t M, int64_t heads, int64_t dh, const int32_t* positions, double base, Pool pool);
+Status rope_ref(float* x, int64_t M, int64_t heads, int64_t dh, const int32_t* positions, double base, Pool pool);
+
+// ---------------------------------------------------------------------------------
+// Attention of M query rows of one sequence over its KV cache.
+// q: [M, Hq, dh] (bf16 values) at positions q_pos[m]; k_cache, v_cache: bf16 bits
+// [KV, cap, dh] holding keys for positions [0, n_keys); key_valid[j] != 0 when the token
+// at position j is real (not padding). Query head h uses kv head h / (Hq / KV).
+// s = fp32(bf16(q . k)) * multiplier; s = cap * tanh(s / cap); keys after q_pos or
+// padding get -1e30; softmax in fp32; weights rounded to bf16; o = bf16(sum w * v).
+// A row with no visible key attends uniformly to all n_keys keys (as -1e30 everywhere
+// does in the official code). o: [M, Hq * dh].
+struct AttentionShape {
+  int64_t q_heads, kv_heads, head_dim, cap;  // cap: allocated positions per kv head
+  float multiplier, logit_cap;
+};
+Status attention(const float* q, int64_t M, const int32_t* q_pos, const uint16_t* k_cache, const uint16_t* v_cache,
+                 const uint8_t* key_valid, int64_t n_keys, const AttentionShape& shape, float* o, Pool pool);
+Status attention_ref(const float* q, int64_t M, const int32_t* q_pos, const uint16_t* k_cache,
+                     const uint16_t* v_cache, const uint8_t* key_valid, int64_t n_keys, const AttentionShape& shape,
+                     float* o, Pool pool);
+
+// ---------------------------------------------------------------------------------
+// Router: probs = softmax(x @ w) in fp32 (x [M, D] fp32, w [D, E] fp32), then the top k
+// experts by probability, ties to the lower index; gates are the probabilities as they
+// are (not renormalized). experts, gates: [M, k].
+Status router_topk(const float* x, int64_t M, int64_t D, const float* w, int64_t E, int64_t k, int32_t* experts,
+                   float* gates, Pool pool);
+Status router_topk_ref(const float* x, int64_t M, int64_t D, const float* w, int64_t E, int64_t k, int32_t* experts,
+                       float* gates, Pool pool);
+
+// h = gelu(g) * u in fp32, gelu the tanh approximation as JAX writes it:
+// x * (0.5 * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x*x*x)))). h may alias g or u.
+Status gelu_mul(const float* g, const float* u, int64_t n, float* h, Pool pool);
+Status gelu_mul_ref(const float* g, const float* u, int64_t n, float* h, Pool pool);
+
+// ---------------------------------------------------------------------------------
+// Small elementwise ops (no SIMD twin needed: the compiler vectorizes them; each is
+// its own reference).
+// out = bf16(x) elementwise (round to nearest even).
+void round_to_bf16(const float* x, int64_t n, float* out);
+// out = bf16(a + b) (the residual add of two bf16 arrays).
+void add_bf16(const float* a, const float* b, int64_t n, float* out);
+// Embedding rows [row_start, row_start + rows) of a vocabulary-split bf16 table:
+// out[m, :] = bf16(E[tok] * multiplier) when tok falls in this part, else 0.
+void embed(const int32_t* tokens, int64_t M, const uint16_t* table, int64_t row_start, int64_t rows, int64_t D,
+           float multiplier, float* out);
+
+}  // namespace grokit::kernels

@@ -1,0 +1,73 @@
+// The in-process communicator: ranks are threads; collectives meet at a barrier.
+#include <barrier>
+
+#include "runner/runner.h"
+
+namespace grokit::runner {
+namespace {
+
+struct Hub {
+  explicit Hub(int n) : ranks(n), sync(n), ptrs(static_cast<size_t>(n), nullptr) {}
+  int ranks;
+  std::barrier<> sync;
+  std::vector<const void*> ptrs;
+};
+
+class LocalCommunicator final : public Communicator {
+ public:
+  LocalCommunicator(std::shared_ptr<Hub> hub, int rank) : hub_(std::move(hub)), rank_(rank) {}
+  int rank() const override { return rank_; }
+  int size() const override { return hub_->ranks; }
+
+  void all_reduce_sum(float* data, size_t n) override {
+    const int N = hub_->ranks;
+    if (N == 1) return;
+    hub_->ptrs[static_cast<size_t>(rank_)] = data;
+    hub_->sync.arrive_and_wait();
+    // Each rank reduces its own slice of every buffer, in rank order, and writes the
+    // sum back to all of them: no element is touched by two ranks.
+    size_t per = (n + static_cast<size_t>(N) - 1) / static_cast<size_t>(N);
+    size_t a = std::min(n, per * static_cast<size_t>(rank_)), b = std::min(n, a + per);
+    for (size_t i = a; i < b; ++i) {
+      float s = static_cast<const float*>(hub_->ptrs[0])[i];
+      for (int q = 1; q < N; ++q) s += static_cast<const float*>(hub_->ptrs[static_cast<size_t>(q)])[i];
+      for (int q = 0; q < N; ++q) const_cast<float*>(static_cast<const float*>(hub_->ptrs[static_cast<size_t>(q)]))[i] = s;
+    }
+    hub_->sync.arrive_and_wait();
+  }
+
+  void all_gather(const void* send, void* recv, size_t bytes) override {
+    const int N = hub_->ranks;
+    hub_->ptrs[static_cast<size_t>(rank_)] = send;
+    hub_->sync.arrive_and_wait();
+    for (int q = 0; q < N; ++q)
+      std::memcpy(static_cast<uint8_t*>(recv) + static_cast<size_t>(q) * bytes, hub_->ptrs[static_cast<size_t>(q)], bytes);
+    hub_->sync.arrive_and_wait();
+  }
+
+  void broadcast(void* data, size_t bytes, int root) override {
+    if (hub_->ranks == 1) return;
+    if (rank_ == root) hub_->ptrs[static_cast<size_t>(root)] = data;
+    hub_->sync.arrive_and_wait();
+    if (rank_ != root) std::memcpy(data, hub_->ptrs[static_cast<size_t>(root)], bytes);
+    hub_->sync.arrive_and_wait();
+  }
+
+  void barrier() override { hub_->sync.arrive_and_wait(); }
+
+ private:
+  std::shared_ptr<Hub> hub_;
+  int rank_;
+};
+
+}  // namespace
+
+std::vector<std::unique_ptr<Communicator>> make_local_communicators(int ranks) {
+  GROKIT_CHECK(ranks >= 1);
+  auto hub = std::make_shared<Hub>(ranks);
+  std::vector<std::unique_ptr<Communicator>> out;
+  for (int r = 0; r < ranks; ++r) out.push_back(std::make_unique<LocalCommunicator>(hub, r));
+  return out;
+}
+
+}  // namespace grokit::runner

@@ -1,0 +1,524 @@
+// The forward pass over tensor-parallel ranks (one thread each), with KV caches.
+#include <condition_variable>
+#include <mutex>
+#include <thread>
+
+#include "kernels/kernels.h"
+#include "runner/runner.h"
+
+namespace grokit::runner {
+
+using format::Q8View;
+using format::TensorKind;
+
+namespace {
+
+// One thread per rank, so that every rank reaches every collective.
+class RankGroup {
+ public:
+  explicit RankGroup(int n) : n_(n) {
+    for (int r = 1; r < n; ++r) threads_.emplace_back([this, r] { loop(r); });
+  }
+  ~RankGroup() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+    }
+    wake_.notify_all();
+    for (auto& t : threads_) t.join();
+  }
+  // Runs fn(rank) on every rank (rank 0 on the calling thread) and waits for all.
+  void run(const std::function<void(int)>& fn) {
+    if (n_ == 1) return fn(0);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      fn_ = &fn;
+      pending_ = n_ - 1;
+      ++generation_;
+    }
+    wake_.notify_all();
+    fn(0);
+    std::unique_lock<std::mutex> lock(mu_);
+    done_.wait(lock, [&] { return pending_ == 0; });
+  }
+
+ private:
+  void loop(int r) {
+    uint64_t seen = 0;
+    while (true) {
+      std::unique_lock<std::mutex> lock(mu_);
+      wake_.wait(lock, [&] { return stop_ || generation_ != seen; });
+      if (stop_) return;
+      seen = generation_;
+      const auto* fn = fn_;
+      lock.unlock();
+      (*fn)(r);
+      lock.lock();
+      if (--pending_ == 0) done_.notify_one();
+    }
+  }
+  int n_;
+  std::vector<std::thread> threads_;
+  std::mutex mu_;
+  std::condition_variable wake_, done_;
+  const std::function<void(int)>* fn_ = nullptr;
+  int pending_ = 0;
+  uint64_t generation_ = 0;
+  bool stop_ = false;
+};
+
+struct LayerWeights {
+  Q8View query, key, value, output, gate, up, down;
+  const float *attn_norm_in = nullptr, *attn_norm_out = nullptr, *moe_norm_in = nullptr, *moe_norm_out = nullptr;
+  const float* router = nullptr;
+};
+
+struct Cache {
+  std::vector<std::vector<uint16_t>> k, v;  // per layer: [kv_heads, capacity, head_dim] bf16
+};
+
+struct Rank {
+  int index = 0;
+  format::ShardReader shard;
+  std::unique_ptr<Communicator> comm;
+  std::unique_ptr<ThreadPool> pool;
+  int64_t q_heads = 0, kv_heads = 0, ffn = 0, vocab_start = 0, vocab_rows = 0;
+  const uint16_t* embedding = nullptr;
+  const float* final_norm = nullptr;
+  std::vector<LayerWeights> layers;
+  std::vector<Cache> caches;  // by sequence slot
+};
+
+struct Sequence {
+  bool open = false;
+  int64_t capacity = 0, length = 0;
+  std::vector<uint8_t> valid;  // per position: the token is real (not padding)
+};
+
+// One forward step's work, the same on every rank.
+struct PlanRow {
+  int slot;
+  const int32_t* tokens;
+  int64_t n, start;          // tokens and the position of the first
+  int64_t first_logit;       // index within this chunk of the first position that wants logits (n: none)
+  size_t user_row;           // the caller's row number
+  int64_t user_offset;       // index of tokens[0] within the caller's row
+};
+
+}  // namespace
+
+struct Engine::Impl {
+  format::Model model;
+  format::ModelConfig cfg;
+  EngineOptions options;
+  unsigned threads_per_rank = 1;
+  std::vector<Rank> ranks;
+  std::vector<Sequence> sequences;
+  std::unique_ptr<RankGroup> group;
+
+  Status load(const std::string& dir, LoadReport* report);
+  void rank_step(Rank& R, const std::vector<PlanRow>& plan, const LogitsSink& logits, const HiddenSink* hidden,
+                 Status& sink_status);
+};
+
+namespace {
+
+Result<Q8View> q8_of(const format::ShardReader& shard, const format::TensorSpec& spec, const format::ModelConfig& cfg,
+                     int tp, int rank) {
+  format::ShardSlice s = format::shard_slice(spec, cfg, tp, rank);
+  GROKIT_ASSIGN_OR_RETURN(Q8View v, shard.q8(spec.name, s.shape));
+  if (v.blocks != s.blocks)
+    return make_error(shard.path(), ": tensor '", spec.name, "': expected ", s.blocks, " scale blocks / actual ", v.blocks);
+  return v;
+}
+
+}  // namespace
+
+Status Engine::Impl::load(const std::string& dir, LoadReport* report) {
+  auto t0 = std::chrono::steady_clock::now();
+  GROKIT_ASSIGN_OR_RETURN(model, format::Model::open(dir));
+  cfg = model.config();
+  const int tp = static_cast<int>(model.manifest().tp);
+  if (model.manifest().scheme != "int8")
+    return make_error(dir, ": weight scheme '", model.manifest().scheme, "' is not supported by the CPU runner");
+  GROKIT_TRY(format::check_tensor_parallel(cfg, tp));
+  unsigned threads = options.threads == 0 ? hardware_threads() : options.threads;
+  threads_per_rank = std::max(1u, threads / static_cast<unsigned>(tp));
+  auto comms = make_local_communicators(tp);
+  ranks.resize(static_cast<size_t>(tp));
+  const auto specs = format::model_tensors(cfg);
+  uint64_t bytes = 0;
+  for (int r = 0; r < tp; ++r) {
+    Rank& R = ranks[static_cast<size_t>(r)];
+    R.index = r;
+    GROKIT_ASSIGN_OR_RETURN(R.shard, model.open_shard(static_cast<uint32_t>(r)));
+    R.comm = std::move(comms[static_cast<size_t>(r)]);
+    R.pool = std::make_unique<ThreadPool>(threads_per_rank);
+    R.q_heads = cfg.num_q_heads / tp;
+    R.kv_heads = cfg.num_kv_heads >= tp ? cfg.num_kv_heads / tp : 1;
+    R.ffn = cfg.ffn() / tp;
+    R.vocab_rows = cfg.vocab_size / tp;
+    R.vocab_start = r * R.vocab_rows;
+    R.layers.resize(static_cast<size_t>(cfg.num_layers));
+    for (const auto& spec : specs) {
+      format::ShardSlice s = format::shard_slice(spec, cfg, tp, r);
+      if (spec.kind == TensorKind::kEmbedding) {
+        GROKIT_ASSIGN_OR_RETURN(auto v, R.shard.view(spec.name, format::DType::kBF16, s.shape));
+        R.embedding = v.as<uint16_t>();
+        continue;
+      }
+      if (spec.dtype == format::DType::kF32) {
+        GROKIT_ASSIGN_OR_RETURN(auto v, R.shard.view(spec.name, format::DType::kF32, s.shape));
+        const float* p = v.as<float>();
+        if (spec.kind == TensorKind::kFinalNorm) {
+          R.final_norm = p;
+          continue;
+        }
+        LayerWeights& L = R.layers[static_cast<size_t>(spec.layer)];
+        switch (spec.kind) {
+          case TensorKind::kNormAttnIn: L.attn_norm_in = p; break;
+          case TensorKind::kNormAttnOut: L.attn_norm_out = p; break;
+          case TensorKind::kNormMoeIn: L.moe_norm_in = p; break;
+          case TensorKind::kNormMoeOut: L.moe_norm_out = p; break;
+          case TensorKind::kRouter: L.router = p; break;
+          default: GROKIT_CHECK_MSG(false, spec.name);
+        }
+        continue;
+      }
+      GROKIT_ASSIGN_OR_RETURN(Q8View q, q8_of(R.shard, spec, cfg, tp, r));
+      LayerWeights& L = R.layers[static_cast<size_t>(spec.layer)];
+      switch (spec.kind) {
+        case TensorKind::kAttnQuery: L.query = q; break;
+        case TensorKind::kAttnKey: L.key = q; break;
+        case TensorKind::kAttnValue: L.value = q; break;
+        case TensorKind::kAttnOutput: L.output = q; break;
+        case TensorKind::kMoeGate: L.gate = q; break;
+        case TensorKind::kMoeUp: L.up = q; break;
+        case TensorKind::kMoeDown: L.down = q; break;
+        default: GROKIT_CHECK_MSG(false, spec.name);
+      }
+    }
+    for (const auto& e : R.shard.entries()) bytes += e.stored_size;
+  }
+  if (options.verify) {
+    // Every checksum, in parallel: a corrupt shard is named here, not met as garbage output.
+    std::vector<std::pair<const format::ShardReader*, const format::IndexEntry*>> work;
+    for (const auto& R : ranks) {
+      for (const auto& e : R.shard.entries()) work.emplace_back(&R.shard, &e);
+    }
+    Progress prog("verify", bytes, options.progress);
+    std::mutex mu;
+    std::optional<Error> bad;
+    parallel_for(work.size(), threads, [&](size_t i) {
+      Status s = work[i].first->verify(*work[i].second);
+      prog.add(work[i].second->stored_size);
+      if (!s.ok()) {
+        std::lock_guard<std::mutex> lock(mu);
+        if (!bad) bad = s.take_error();
+      }
+    });
+    prog.finish();
+    if (bad) return *bad;
+  }
+  group = std::make_unique<RankGroup>(tp);
+  if (report != nullptr) {
+    report->bytes = bytes;
+    report->seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    report->kernel_path = kernels::cpu_kernel_path();
+  }
+  return {};
+}
+
+Result<std::unique_ptr<Engine>> Engine::load(const std::string& model_dir, const EngineOptions& options,
+                                             LoadReport* report) {
+  auto impl = std::make_unique<Impl>();
+  impl->options = options;
+  GROKIT_TRY(impl->load(model_dir, report));
+  return std::unique_ptr<Engine>(new Engine(std::move(impl)));
+}
+
+Engine::Engine(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Engine::~Engine() = default;
+const format::ModelConfig& Engine::config() const { return impl_->cfg; }
+const format::Manifest& Engine::manifest() const { return impl_->model.manifest(); }
+int Engine::tensor_parallel() const { return static_cast<int>(impl_->ranks.size()); }
+unsigned Engine::threads_per_rank() const { return impl_->threads_per_rank; }
+
+uint64_t Engine::kv_bytes_per_rank(int64_t capacity) const {
+  const Rank& R = impl_->ranks[0];
+  return 2ull * static_cast<uint64_t>(impl_->cfg.num_layers) * static_cast<uint64_t>(R.kv_heads) *
+         static_cast<uint64_t>(capacity) * static_cast<uint64_t>(impl_->cfg.key_size) * sizeof(uint16_t);
+}
+
+uint64_t Engine::weight_bytes_per_token() const {
+  const auto& cfg = impl_->cfg;
+  uint64_t total = 0;
+  for (const Rank& R : impl_->ranks) {
+    for (const auto& e : R.shard.entries()) {
+      bool expert = e.name.find(".moe.gate") != std::string::npos || e.name.find(".moe.up") != std::string::npos ||
+                    e.name.find(".moe.down") != std::string::npos;
+      if (e.name == "embedding") total += e.size;  // read whole as the output projection
+      else if (expert) total += e.size / static_cast<uint64_t>(cfg.num_experts) * static_cast<uint64_t>(cfg.num_selected_experts);
+      else total += e.size;
+    }
+  }
+  return total;
+}
+
+Result<int> Engine::open_sequence(int64_t capacity) {
+  const auto& cfg = impl_->cfg;
+  if (capacity <= 0) return make_error("a sequence needs a capacity of at least one position");
+  if (capacity > cfg.sequence_len)
+    return make_error("a sequence of ", capacity, " positions exceeds the model's sequence_len of ", cfg.sequence_len);
+  size_t slot = 0;
+  while (slot < impl_->sequences.size() && impl_->sequences[slot].open) ++slot;
+  if (slot == impl_->sequences.size()) impl_->sequences.emplace_back();
+  Sequence& s = impl_->sequences[slot];
+  s.open = true;
+  s.capacity = capacity;
+  s.length = 0;
+  s.valid.assign(static_cast<size_t>(capacity), 0);
+  for (Rank& R : impl_->ranks) {
+    if (R.caches.size() <= slot) R.caches.resize(slot + 1);
+    Cache& c = R.caches[slot];
+    size_t n = static_cast<size_t>(R.kv_heads * capacity * cfg.key_size);
+    c.k.assign(static_cast<size_t>(cfg.num_layers), std::vector<uint16_t>(n));
+    c.v.assign(static_cast<size_t>(cfg.num_layers), std::vector<uint16_t>(n));
+  }
+  return static_cast<int>(slot);
+}
+
+void Engine::close_sequence(int slot) {
+  GROKIT_CHECK(slot >= 0 && static_cast<size_t>(slot) < impl_->sequences.size());
+  impl_->sequences[static_cast<size_t>(slot)] = Sequence{};
+  for (Rank& R : impl_->ranks) R.caches[static_cast<size_t>(slot)] = Cache{};
+}
+
+int64_t Engine::sequence_length(int slot) const { return impl_->sequences.at(static_cast<size_t>(slot)).length; }
+
+Status Engine::step(std::span<const StepRow> rows, const LogitsSink& logits, const HiddenSink* hidden) {
+  Impl& I = *impl_;
+  const auto& cfg = I.cfg;
+  for (size_t r = 0; r < rows.size(); ++r) {
+    const StepRow& row = rows[r];
+    if (row.slot < 0 || static_cast<size_t>(row.slot) >= I.sequences.size() || !I.sequences[static_cast<size_t>(row.slot)].open)
+      return make_error("row ", r, ": sequence ", row.slot, " is not open");
+    const Sequence& s = I.sequences[static_cast<size_t>(row.slot)];
+    if (row.tokens.empty()) return make_error("row ", r, ": no tokens");
+    if (s.length + static_cast<int64_t>(row.tokens.size()) > s.capacity)
+      return make_error("row ", r, ": ", s.length, " + ", row.tokens.size(), " tokens exceed the sequence's capacity of ",
+                        s.capacity, " positions");
+    for (size_t i = 0; i < row.tokens.size(); ++i) {
+      if (row.tokens[i] < 0 || row.tokens[i] >= cfg.vocab_size)
+        return make_error("row ", r, ", token ", i, ": id ", row.tokens[i], " is outside the vocabulary [0, ", cfg.vocab_size, ")");
+    }
+    for (size_t q = 0; q < r; ++q) {
+      if (rows[q].slot == row.slot) return make_error("rows ", q, " and ", r, " append to the same sequence");
+    }
+  }
+  // Long rows go through in chunks; results do not depend on the chunking.
+  std::vector<int64_t> done(rows.size(), 0);
+  while (true) {
+    std::vector<PlanRow> plan;
+    for (size_t r = 0; r < rows.size(); ++r) {
+      int64_t total = static_cast<int64_t>(rows[r].tokens.size());
+      if (done[r] >= total) continue;
+      int64_t n = std::min(I.options.prefill_chunk, total - done[r]);
+      Sequence& s = I.sequences[static_cast<size_t>(rows[r].slot)];
+      PlanRow p{rows[r].slot, rows[r].tokens.data() + done[r], n, s.length, n, r, done[r]};
+      if (rows[r].logits == StepRow::Logits::kAll) p.first_logit = 0;
+      if (rows[r].logits == StepRow::Logits::kLast && done[r] + n == total) p.first_logit = n - 1;
+      for (int64_t i = 0; i < n; ++i) s.valid[static_cast<size_t>(s.length + i)] = p.tokens[i] > 0;
+      plan.push_back(p);
+    }
+    if (plan.empty()) break;
+    std::vector<Status> sink_status(I.ranks.size());
+    I.group->run([&](int r) { I.rank_step(I.ranks[static_cast<size_t>(r)], plan, logits, hidden, sink_status[static_cast<size_t>(r)]); });
+    for (const PlanRow& p : plan) {
+      I.sequences[static_cast<size_t>(p.slot)].length += p.n;
+      done[p.user_row] += p.n;
+    }
+    for (auto& s : sink_status) GROKIT_TRY(std::move(s));
+  }
+  return {};
+}
+
+// Every rank runs this with the same plan; only rank 0 talks to the sinks.
+void Engine::Impl::rank_step(Rank& R, const std::vector<PlanRow>& plan, const LogitsSink& logits_sink,
+                             const HiddenSink* hidden, Status& sink_status) {
+  namespace K = kernels;
+  ThreadPool* pool = R.pool.get();
+  const int64_t D = cfg.emb_size, dh = cfg.key_size, E = cfg.num_experts, top = cfg.num_selected_experts;
+  const int64_t QD = R.q_heads * dh, KVD = R.kv_heads * dh, F = R.ffn;
+  const float eps = static_cast<float>(cfg.rms_norm_eps);
+  int64_t N = 0;
+  for (const auto& p : plan) N += p.n;
+  std::vector<int32_t> tokens(static_cast<size_t>(N)), positions(static_cast<size_t>(N));
+  {
+    int64_t t = 0;
+    for (const auto& p : plan) {
+      for (int64_t i = 0; i < p.n; ++i, ++t) {
+        tokens[static_cast<size_t>(t)] = p.tokens[i];
+        positions[static_cast<size_t>(t)] = static_cast<int32_t>(p.start + i);
+      }
+    }
+  }
+  const bool talk = R.index == 0;
+  auto emit_hidden = [&](int index, const float* x) {
+    if (!talk || hidden == nullptr || !sink_status.ok()) return;
+    int64_t t = 0;
+    for (const auto& p : plan) {
+      Status s = (*hidden)(index, p.user_row, p.user_offset, p.n, x + t * D);
+      if (!s.ok()) sink_status = std::move(s);
+      t += p.n;
+    }
+  };
+  auto check = [](Status s) { GROKIT_CHECK_MSG(s.ok(), s.error().message); };
+
+  std::vector<float> x(static_cast<size_t>(N * D)), a(static_cast<size_t>(N * D)), tmp(static_cast<size_t>(N * D));
+  std::vector<float> q(static_cast<size_t>(N * QD)), k(static_cast<size_t>(N * KVD)), v(static_cast<size_t>(N * KVD));
+  std::vector<float> o(static_cast<size_t>(N * QD));
+
+  // 1. Embedding: each rank fills the tokens of its vocabulary rows; the sum is exact.
+  K::embed(tokens.data(), N, R.embedding, R.vocab_start, R.vocab_rows, D, cfg.embedding_multiplier_bf16(), x.data());
+  R.comm->all_reduce_sum(x.data(), x.size());
+  emit_hidden(0, x.data());
+
+  std::vector<int32_t> experts(static_cast<size_t>(N * top));
+  std::vector<float> gates(static_cast<size_t>(N * top));
+  std::vector<float> routed(static_cast<size_t>(N * top * D));  // y of each (token, choice)
+  const kernels::AttentionShape ashape{R.q_heads, R.kv_heads, dh, 0, static_cast<float>(cfg.attn_output_multiplier),
+                                       static_cast<float>(cfg.attn_logit_cap)};
+  for (int64_t l = 0; l < cfg.num_layers; ++l) {
+    const LayerWeights& L = R.layers[static_cast<size_t>(l)];
+    // 2. Attention.
+    check(K::rmsnorm(x.data(), N, D, L.attn_norm_in, eps, a.data(), pool));
+    check(K::matmul_q8(a.data(), N, D, D, L.query.codes, L.query.scales, QD, L.query.blocks, q.data(), QD, pool));
+    check(K::matmul_q8(a.data(), N, D, D, L.key.codes, L.key.scales, KVD, L.key.blocks, k.data(), KVD, pool));
+    check(K::matmul_q8(a.data(), N, D, D, L.value.codes, L.value.scales, KVD, L.value.blocks, v.data(), KVD, pool));
+    K::round_to_bf16(q.data(), N * QD, q.data());
+    K::round_to_bf16(k.data(), N * KVD, k.data());
+    K::round_to_bf16(v.data(), N * KVD, v.data());
+    check(K::rope(q.data(), N, R.q_heads, dh, positions.data(), cfg.rope_base, pool));
+    check(K::rope(k.data(), N, R.kv_heads, dh, positions.data(), cfg.rope_base, pool));
+    int64_t t0 = 0;
+    for (const auto& p : plan) {
+      Sequence& seq = sequences[static_cast<size_t>(p.slot)];
+      Cache& c = R.caches[static_cast<size_t>(p.slot)];
+      uint16_t* kc = c.k[static_cast<size_t>(l)].data();
+      uint16_t* vc = c.v[static_cast<size_t>(l)].data();
+      for (int64_t i = 0; i < p.n; ++i) {
+        for (int64_t h = 0; h < R.kv_heads; ++h) {
+          const float* ks = k.data() + ((t0 + i) * R.kv_heads + h) * dh;
+          const float* vs = v.data() + ((t0 + i) * R.kv_heads + h) * dh;
+          uint16_t* kd = kc + (h * seq.capacity + p.start + i) * dh;
+          uint16_t* vd = vc + (h * seq.capacity + p.start + i) * dh;
+          for (int64_t d = 0; d < dh; ++d) {
+            kd[d] = f32_to_bf16_bits(ks[d]);
+            vd[d] = f32_to_bf16_bits(vs[d]);
+          }
+        }
+      }
+      kernels::AttentionShape sh = ashape;
+      sh.cap = seq.capacity;
+      check(K::attention(q.data() + t0 * QD, p.n, positions.data() + t0, kc, vc, seq.valid.data(), p.start + p.n, sh,
+                         o.data() + t0 * QD, pool));
+      t0 += p.n;
+    }
+    check(K::matmul_q8(o.data(), N, QD, QD, L.output.codes, L.output.scales, D, L.output.blocks, tmp.data(), D, pool));
+    R.comm->all_reduce_sum(tmp.data(), tmp.size());
+    K::round_to_bf16(tmp.data(), N * D, tmp.data());
+    check(K::rmsnorm(tmp.data(), N, D, L.attn_norm_out, eps, tmp.data(), pool));
+    K::add_bf16(x.data(), tmp.data(), N * D, x.data());
+
+    // 3. Mixture of experts: every rank routes alike; each computes its ffn columns.
+    check(K::rmsnorm(x.data(), N, D, L.moe_norm_in, eps, a.data(), pool));
+    check(K::router_topk(a.data(), N, D, L.router, E, top, experts.data(), gates.data(), pool));
+    for (int64_t e = 0; e < E; ++e) {
+      std::vector<int64_t> picks;  // (token * top + choice) routed to e, in token order
+      for (int64_t i = 0; i < N * top; ++i) {
+        if (experts[static_cast<size_t>(i)] == e) picks.push_back(i);
+      }
+      if (picks.empty()) continue;
+      const int64_t ne = static_cast<int64_t>(picks.size());
+      std::vector<float> me(static_cast<size_t>(ne * D)), g(static_cast<size_t>(ne * F)), u(static_cast<size_t>(ne * F));
+      for (int64_t i = 0; i < ne; ++i)
+        std::memcpy(me.data() + i * D, a.data() + (picks[static_cast<size_t>(i)] / top) * D, sizeof(float) * static_cast<size_t>(D));
+      auto expert = [&](const Q8View& w) {
+        Q8View x8 = w;
+        x8.codes = w.codes + e * w.rows * w.cols;
+        x8.scales = w.scales + e * static_cast<int64_t>(w.blocks) * w.cols;
+        return x8;
+      };
+      Q8View wg = expert(L.gate), wu = expert(L.up), wd = expert(L.down);
+      check(K::matmul_q8(me.data(), ne, D, D, wg.codes, wg.scales, F, wg.blocks, g.data(), F, pool));
+      check(K::matmul_q8(me.data(), ne, D, D, wu.codes, wu.scales, F, wu.blocks, u.data(), F, pool));
+      K::round_to_bf16(g.data(), ne * F, g.data());
+      K::round_to_bf16(u.data(), ne * F, u.data());
+      check(K::gelu_mul(g.data(), u.data(), ne * F, g.data(), pool));
+      std::vector<float> y(static_cast<size_t>(ne * D));
+      check(K::matmul_q8(g.data(), ne, F, F, wd.codes, wd.scales, D, wd.blocks, y.data(), D, pool));
+      for (int64_t i = 0; i < ne; ++i)
+        std::memcpy(routed.data() + picks[static_cast<size_t>(i)] * D, y.data() + i * D, sizeof(float) * static_cast<size_t>(D));
+    }
+    // moe = sum over the choices, in choice order, of fp32(bf16(gate)) * y.
+    for (int64_t t = 0; t < N; ++t) {
+      float* acc = tmp.data() + t * D;
+      std::fill(acc, acc + D, 0.0f);
+      for (int64_t c = 0; c < top; ++c) {
+        float gb = round_bf16(gates[static_cast<size_t>(t * top + c)]);
+        const float* y = routed.data() + (t * top + c) * D;
+        for (int64_t d = 0; d < D; ++d) acc[d] = acc[d] + gb * y[d];
+      }
+    }
+    R.comm->all_reduce_sum(tmp.data(), tmp.size());
+    K::round_to_bf16(tmp.data(), N * D, tmp.data());
+    check(K::rmsnorm(tmp.data(), N, D, L.moe_norm_out, eps, tmp.data(), pool));
+    K::add_bf16(x.data(), tmp.data(), N * D, x.data());
+    emit_hidden(static_cast<int>(l + 1), x.data());
+  }
+
+  // 4. Logits of the requested positions, a chunk at a time: each rank its vocabulary
+  // rows, gathered on rank 0.
+  std::vector<std::pair<size_t, int64_t>> want;  // (plan row, index within the chunk)
+  std::vector<int64_t> token_index;
+  {
+    int64_t t = 0;
+    for (size_t r = 0; r < plan.size(); ++r) {
+      for (int64_t i = plan[r].first_logit; i < plan[r].n; ++i) {
+        want.emplace_back(r, i);
+        token_index.push_back(t + i);
+      }
+      t += plan[r].n;
+    }
+  }
+  const int64_t V = cfg.vocab_size, Vr = R.vocab_rows;
+  const int64_t chunk = 32;
+  std::vector<float> xf(static_cast<size_t>(chunk * D)), part(static_cast<size_t>(chunk * Vr));
+  std::vector<float> all(static_cast<size_t>(chunk * V)), full(talk ? static_cast<size_t>(V) : 0);
+  const float out_mult = cfg.output_multiplier_bf16();
+  for (size_t c0 = 0; c0 < want.size(); c0 += chunk) {
+    int64_t n = std::min<int64_t>(chunk, static_cast<int64_t>(want.size() - c0));
+    for (int64_t i = 0; i < n; ++i)
+      std::memcpy(xf.data() + i * D, x.data() + token_index[c0 + static_cast<size_t>(i)] * D, sizeof(float) * static_cast<size_t>(D));
+    check(K::rmsnorm(xf.data(), n, D, R.final_norm, eps, xf.data(), pool));
+    check(K::matmul_bf16_nt(xf.data(), n, D, R.embedding, Vr, part.data(), Vr, pool));
+    for (int64_t i = 0; i < n * Vr; ++i) part[static_cast<size_t>(i)] = round_bf16(round_bf16(part[static_cast<size_t>(i)]) * out_mult);
+    // all_gather of equal-sized parts: [rank][n][Vr]
+    R.comm->all_gather(part.data(), all.data(), sizeof(float) * static_cast<size_t>(chunk * Vr));
+    if (!talk || !sink_status.ok()) continue;
+    for (int64_t i = 0; i < n; ++i) {
+      for (size_t rk = 0; rk < ranks.size(); ++rk)
+        std::memcpy(full.data() + static_cast<int64_t>(rk) * Vr, all.data() + (static_cast<int64_t>(rk) * chunk + i) * Vr,
+                    sizeof(float) * static_cast<size_t>(Vr));
+      const auto& [r, idx] = want[c0 + static_cast<size_t>(i)];
+      Status s = logits_sink(plan[r].user_row, plan[r].user_offset + idx, full.data());
+      if (!s.ok()) {
+        sink_status = std::move(s);
+        break;
+      }
+    }
+  }
+}
+
+}  // namespace grokit::runner

@@ -1,0 +1,150 @@
+// grokit runner: a converted model, loaded from its shard files, running the forward pass.
+//
+// An Engine holds one rank per shard file of the model (its tensor-parallel degree):
+// each rank memory-maps its file and computes on its own slice of every tensor (its
+// attention heads, its columns of the expert ffn, its rows of the vocabulary), and the
+// ranks combine partial results through a Communicator (all-reduce after the attention
+// output and the expert down projection, all-gather of the logits). The in-process
+// communicator runs the ranks as threads of one process; an NCCL one runs them on GPUs.
+//
+// Numerics are the official forward pass (format/SPEC.md, scripts/reference.py), with
+// fp32 partial sums reduced across ranks before their bf16 rounding.
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <random>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "common/common.h"
+#include "format/format.h"
+
+namespace grokit::runner {
+
+// ---------------------------------------------------------------------------------
+// Collectives across the ranks of a tensor-parallel group. Every rank calls the same
+// sequence of collectives; results are deterministic (fixed reduction order).
+class Communicator {
+ public:
+  virtual ~Communicator() = default;
+  virtual int rank() const = 0;
+  virtual int size() const = 0;
+  // data[i] = sum over ranks of data[i], summed in rank order.
+  virtual void all_reduce_sum(float* data, size_t n) = 0;
+  // recv = the concatenation of every rank's `bytes` from send, in rank order.
+  virtual void all_gather(const void* send, void* recv, size_t bytes) = 0;
+  virtual void broadcast(void* data, size_t bytes, int root) = 0;
+  virtual void barrier() = 0;
+};
+// N communicators for N ranks that are threads of this process.
+std::vector<std::unique_ptr<Communicator>> make_local_communicators(int ranks);
+
+// ---------------------------------------------------------------------------------
+struct EngineOptions {
+  unsigned threads = 0;          // in all, over the ranks; 0: the machine's cores
+  bool verify = true;            // recompute every tensor checksum while loading
+  bool progress = true;
+  int64_t prefill_chunk = 1024;  // tokens of one sequence per forward step
+};
+
+struct LoadReport {
+  uint64_t bytes = 0;            // weight bytes mapped (all ranks)
+  double seconds = 0;
+  std::string kernel_path;       // "avx2" or "scalar"
+};
+
+// What a forward step asks for, per row: the row appends `tokens` to sequence `slot`.
+struct StepRow {
+  int slot = 0;
+  std::span<const int32_t> tokens;
+  enum class Logits { kNone, kLast, kAll } logits = Logits::kLast;
+};
+// Receives the logits of each requested position, in row order then position order:
+// (row index, position within the row's tokens, V logits, fp32 holding bf16 values).
+using LogitsSink = std::function<Status(size_t row, int64_t index, const float* logits)>;
+// Receives hidden states: index 0 is the embedding output, i + 1 the output of layer i;
+// (index, row, first token index within the row, [n, D] values).
+using HiddenSink = std::function<Status(int index, size_t row, int64_t first, int64_t n, const float* x)>;
+
+class Engine {
+ public:
+  static Result<std::unique_ptr<Engine>> load(const std::string& model_dir, const EngineOptions& options,
+                                              LoadReport* report = nullptr);
+  ~Engine();
+
+  const format::ModelConfig& config() const;
+  const format::Manifest& manifest() const;
+  int tensor_parallel() const;
+  unsigned threads_per_rank() const;
+
+  // A sequence with a KV cache for `capacity` positions (refused beyond sequence_len).
+  Result<int> open_sequence(int64_t capacity);
+  void close_sequence(int slot);
+  int64_t sequence_length(int slot) const;
+  // Bytes of KV cache one sequence of `capacity` positions takes on each rank.
+  uint64_t kv_bytes_per_rank(int64_t capacity) const;
+  // Weight bytes one decode step of one sequence reads, over all ranks: every attention
+  // matrix, the selected experts' matrices, router, norms and the output projection.
+  uint64_t weight_bytes_per_token() const;
+
+  // Runs the rows through the model, appending their tokens to their sequences.
+  Status step(std::span<const StepRow> rows, const LogitsSink& logits, const HiddenSink* hidden = nullptr);
+
+  struct Impl;
+
+ private:
+  explicit Engine(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+// ---------------------------------------------------------------------------------
+// Sampling, as the official runner does it: logits / temperature, the nucleus filter,
+// then a draw; plus top-k. temperature 0 is greedy (argmax, ties to the lower id).
+struct SamplingParams {
+  float temperature = 1.0f;
+  float top_p = 1.0f;
+  int top_k = 0;          // 0: off
+  uint64_t seed = 0;
+};
+// The official nucleus rule: sort ascending, softmax, find the first index where the
+// cumulative probability reaches 1 - top_p; every logit below that one's value gets
+// -1e10 (ties at the threshold are kept).
+void nucleus_filter(std::vector<float>& logits, float top_p);
+// Keeps the top_k largest logits (ties at the k-th value kept), the rest -1e10.
+void top_k_filter(std::vector<float>& logits, int top_k);
+int32_t argmax(std::span<const float> logits);
+class Sampler {
+ public:
+  explicit Sampler(const SamplingParams& params);
+  int32_t sample(std::span<const float> logits);
+
+ private:
+  SamplingParams params_;
+  std::mt19937_64 rng_;
+  std::vector<float> work_;
+};
+
+// ---------------------------------------------------------------------------------
+// Generation over several prompts at once (each prompt its own sequence and sampler).
+struct GenerateOptions {
+  int64_t max_tokens = 64;
+  SamplingParams sampling;
+  bool stop_at_eos = true;
+};
+struct GenerateStats {
+  int64_t prompt_tokens = 0;
+  double prefill_seconds = 0;    // until every first token is out
+  int64_t generated_tokens = 0;  // after the first
+  double decode_seconds = 0;
+  double first_token_seconds = 0;
+  uint64_t kv_bytes = 0;         // per rank, all sequences
+};
+// on_token(prompt index, token) is called as tokens are chosen.
+Result<std::vector<std::vector<int32_t>>> generate(Engine& engine, const std::vector<std::vector<int32_t>>& prompts,
+                                                   const GenerateOptions& options,
+                                                   const std::function<void(size_t, int32_t)>& on_token,
+                                                   GenerateStats* stats = nullptr);
+
+}  // namespace grokit::runner

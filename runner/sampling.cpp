@@ -1,0 +1,76 @@
+// Sampling: temperature, the official nucleus filter, top-k, a seeded draw.
+#include <algorithm>
+#include <cmath>
+
+#include "runner/runner.h"
+
+namespace grokit::runner {
+
+static constexpr float kFiltered = -1e10f;
+
+int32_t argmax(std::span<const float> logits) {
+  int32_t best = 0;
+  for (size_t i = 1; i < logits.size(); ++i) {
+    if (logits[i] > logits[static_cast<size_t>(best)]) best = static_cast<int32_t>(i);
+  }
+  return best;
+}
+
+void nucleus_filter(std::vector<float>& logits, float top_p) {
+  if (logits.empty()) return;
+  std::vector<float> sorted = logits;
+  std::sort(sorted.begin(), sorted.end());  // ascending, as jax.lax.sort
+  // softmax of the sorted logits, in double; then the first index where the cumulative
+  // probability reaches 1 - top_p.
+  double mx = sorted.back(), sum = 0;
+  std::vector<double> p(sorted.size());
+  for (size_t i = 0; i < sorted.size(); ++i) sum += p[i] = std::exp(static_cast<double>(sorted[i]) - mx);
+  double cum = 0, need = 1.0 - static_cast<double>(top_p);
+  size_t idx = sorted.size() - 1;
+  for (size_t i = 0; i < sorted.size(); ++i) {
+    cum += p[i] / sum;
+    if (cum >= need) {
+      idx = i;
+      break;
+    }
+  }
+  float threshold = sorted[idx];
+  for (float& l : logits) {
+    if (l < threshold) l = kFiltered;
+  }
+}
+
+void top_k_filter(std::vector<float>& logits, int top_k) {
+  if (top_k <= 0 || static_cast<size_t>(top_k) >= logits.size()) return;
+  std::vector<float> sorted = logits;
+  std::nth_element(sorted.begin(), sorted.begin() + (top_k - 1), sorted.end(), std::greater<float>());
+  float threshold = sorted[static_cast<size_t>(top_k - 1)];
+  for (float& l : logits) {
+    if (l < threshold) l = kFiltered;
+  }
+}
+
+Sampler::Sampler(const SamplingParams& params) : params_(params), rng_(params.seed) {}
+
+int32_t Sampler::sample(std::span<const float> logits) {
+  if (params_.temperature <= 0.0f) return argmax(logits);
+  work_.assign(logits.begin(), logits.end());
+  for (float& l : work_) l = l / params_.temperature;
+  top_k_filter(work_, params_.top_k);
+  if (params_.top_p < 1.0f) nucleus_filter(work_, params_.top_p);
+  // A categorical draw: inverse CDF of the softmax, in token order, in double.
+  double mx = *std::max_element(work_.begin(), work_.end()), sum = 0;
+  std::vector<double> p(work_.size());
+  for (size_t i = 0; i < work_.size(); ++i) sum += p[i] = std::exp(static_cast<double>(work_[i]) - mx);
+  double u = std::uniform_real_distribution<double>(0.0, 1.0)(rng_) * sum, cum = 0;
+  size_t last = 0;
+  for (size_t i = 0; i < p.size(); ++i) {
+    if (p[i] == 0) continue;
+    last = i;
+    cum += p[i];
+    if (u < cum) return static_cast<int32_t>(i);
+  }
+  return static_cast<int32_t>(last);
+}
+
+}  // namespace grokit::runner
