@@ -322,6 +322,9 @@ void parallel_for(size_t n, unsigned threads, const std::function<void(size_t)>&
 }
 
 // ---------------------------------------------------------------------------------
+// Workers spin for a short while before sleeping: a forward pass issues thousands of
+// short parallel loops, and waking a sleeping thread costs tens of microseconds (more in
+// a VM), as much as a small loop itself.
 struct ThreadPool::State {
   std::mutex mu;
   std::condition_variable wake, done;
@@ -329,26 +332,42 @@ struct ThreadPool::State {
   const std::function<void(size_t)>* fn = nullptr;
   size_t n = 0;
   std::atomic<size_t> next{0};
-  uint64_t generation = 0;
-  unsigned busy = 0;
-  bool stop = false;
+  std::atomic<uint64_t> generation{0};
+  std::atomic<unsigned> busy{0};
+  std::atomic<bool> stop{false};
 };
+
+static inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
+}
+
+static constexpr int kSpinIterations = 2000;  // some tens of microseconds of pause instructions
 
 ThreadPool::ThreadPool(unsigned threads) : threads_(std::max(1u, threads)), state_(new State) {
   for (unsigned t = 1; t < threads_; ++t) {
     state_->workers.emplace_back([s = state_] {
       uint64_t seen = 0;
       while (true) {
-        std::unique_lock<std::mutex> lock(s->mu);
-        s->wake.wait(lock, [&] { return s->stop || s->generation != seen; });
-        if (s->stop) return;
-        seen = s->generation;
+        bool ready = false;
+        for (int i = 0; i < kSpinIterations && !ready; ++i) {
+          ready = s->stop.load(std::memory_order_acquire) || s->generation.load(std::memory_order_acquire) != seen;
+          if (!ready) cpu_relax();
+        }
+        if (!ready) {
+          std::unique_lock<std::mutex> lock(s->mu);
+          s->wake.wait(lock, [&] { return s->stop.load() || s->generation.load() != seen; });
+        }
+        if (s->stop.load()) return;
+        seen = s->generation.load(std::memory_order_acquire);
         const auto* fn = s->fn;
         size_t n = s->n;
-        lock.unlock();
         for (size_t i = s->next.fetch_add(1); i < n; i = s->next.fetch_add(1)) (*fn)(i);
-        lock.lock();
-        if (--s->busy == 0) s->done.notify_one();
+        if (s->busy.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+          std::lock_guard<std::mutex> lock(s->mu);
+          s->done.notify_one();
+        }
       }
     });
   }
@@ -357,7 +376,7 @@ ThreadPool::ThreadPool(unsigned threads) : threads_(std::max(1u, threads)), stat
 ThreadPool::~ThreadPool() {
   {
     std::lock_guard<std::mutex> lock(state_->mu);
-    state_->stop = true;
+    state_->stop.store(true);
   }
   state_->wake.notify_all();
   for (auto& t : state_->workers) t.join();
@@ -371,18 +390,21 @@ void ThreadPool::run(size_t n, const std::function<void(size_t)>& fn) {
     return;
   }
   State* s = state_;
+  s->fn = &fn;
+  s->n = n;
+  s->next.store(0);
+  s->busy.store(threads_ - 1);
   {
-    std::lock_guard<std::mutex> lock(s->mu);
-    s->fn = &fn;
-    s->n = n;
-    s->next.store(0);
-    s->busy = threads_ - 1;
-    ++s->generation;
+    std::lock_guard<std::mutex> lock(s->mu);  // pairs with the sleepers' predicate check
+    s->generation.fetch_add(1, std::memory_order_release);
   }
   s->wake.notify_all();
   for (size_t i = s->next.fetch_add(1); i < n; i = s->next.fetch_add(1)) fn(i);
-  std::unique_lock<std::mutex> lock(s->mu);
-  s->done.wait(lock, [&] { return s->busy == 0; });
+  for (int i = 0; i < kSpinIterations && s->busy.load(std::memory_order_acquire) != 0; ++i) cpu_relax();
+  if (s->busy.load(std::memory_order_acquire) != 0) {
+    std::unique_lock<std::mutex> lock(s->mu);
+    s->done.wait(lock, [&] { return s->busy.load() == 0; });
+  }
   s->fn = nullptr;
 }
 

@@ -6,18 +6,31 @@
 namespace grokit::kernels {
 
 namespace detail {
+// GROKIT_KERNELS=scalar|avx2 caps the SIMD level (for tests and comparisons).
+static std::string_view forced_level() {
+  const char* force = std::getenv("GROKIT_KERNELS");
+  return force == nullptr ? std::string_view() : std::string_view(force);
+}
 bool use_avx2() {
   static const bool yes = [] {
-    const char* force = std::getenv("GROKIT_KERNELS");
-    if (force != nullptr && std::string_view(force) == "scalar") return false;
+    if (forced_level() == "scalar") return false;
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   }();
   return yes;
 }
+bool use_avx512() {
+  static const bool yes = [] {
+    if (!use_avx2() || forced_level() == "avx2") return false;
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512bf16");
+  }();
+  return yes;
+}
 }  // namespace detail
 
-const char* cpu_kernel_path() { return detail::use_avx2() ? "avx2" : "scalar"; }
+const char* cpu_kernel_path() { return detail::use_avx512() ? "avx512" : detail::use_avx2() ? "avx2" : "scalar"; }
 
 namespace {
 // JAX's gelu(approximate=True): x * (0.5 * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x^3)))).

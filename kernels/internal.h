@@ -12,6 +12,10 @@
 namespace grokit::kernels::detail {
 
 bool use_avx2();
+// AVX-512 F/BW/VL/DQ with BF16 (vcvtneps2bf16 rounds to bf16 exactly as round_bf16 does
+// for every value the forward pass meets: it flushes denormals, which no scale or
+// activation here is).
+bool use_avx512();
 
 inline float bf16f(uint16_t h) { return bf16_bits_to_f32(h); }
 
@@ -45,6 +49,9 @@ inline float exp_f(float x) { return static_cast<float>(std::exp(static_cast<dou
 inline float tanh_f(float x) { return static_cast<float>(std::tanh(static_cast<double>(x))); }
 
 #define GROKIT_AVX2 __attribute__((target("avx2,fma")))
+#define GROKIT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma")))
+// A lambda inside a target function needs the target too.
+#define GROKIT_AVX512_LAMBDA __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma")))
 
 GROKIT_AVX2 inline __m256 load_bf16x8(const uint16_t* p) {
   __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));

@@ -8,10 +8,12 @@
 //
 // Numerics follow the official forward pass (format/SPEC.md and the reference
 // scripts/reference.py): activations travel as fp32 arrays holding bf16 values where
-// the official code holds bf16, products of bf16 operands accumulate in fp32, and each op
-// says where it rounds. Transcendentals (exp, tanh, sin, cos) are evaluated in double
-// and rounded to fp32, so that independent implementations agree to the bit. For any
-// row of a batch, the result does not depend on the other rows (batched equals alone).
+// the official code holds bf16, products of bf16 operands accumulate in fp32 (matrix
+// products in a pinned order, see below; attention and the router exactly, in double),
+// and each op says where it rounds. Transcendentals (exp, tanh, sin, cos) are evaluated
+// in double and rounded to fp32, so that independent implementations agree to the bit.
+// For any row of a batch, the result does not depend on the other rows (batched equals
+// alone).
 #pragma once
 
 #include <cstdint>
@@ -27,18 +29,35 @@ using Pool = ThreadPool*;
 const char* cpu_kernel_path();
 
 // ---------------------------------------------------------------------------------
-// Weight-only int8 matrix product, the release's layout: codes [K, N] row-major with
-// bf16 scales [B, N]; rows [b*K/B, (b+1)*K/B) use scale row b.
-//   y[m, n] = sum_k x[m, k] * w[k, n],  w[k, n] = bf16(code[k, n] * scale[k / (K/B), n])
-// x is fp32 [M, K] (row stride ldx), y fp32 [M, N] (row stride ldy), accumulated in fp32
-// in k order for every row. The caller rounds y where the forward pass does.
+// Matrix products accumulate in fp32 in a pinned order, the order of the AVX-512 bf16
+// dot-product instruction (vdpbf16ps), so that every twin (and scripts/reference.py)
+// gets the same bits: products of bf16 values are exact in fp32, and each pair of
+// terms (k, k+1) is added as  acc = acc + x[k+1] w[k+1];  acc = acc + x[k] w[k].
+// A missing term (past K) adds nothing.
+//
+// Weight-only int8 product, the release's layout: codes [K, N] row-major with bf16
+// scales [B, N]; rows [b*K/B, (b+1)*K/B) use scale row b:
+//   y[m, n] = sum_k x[m, k] w[k, n],   w[k, n] = bf16(code[k, n] * scale[k / (K/B), n])
+// x [M, K] (row stride ldx) holds bf16 values; y [M, N] (row stride ldy) gets fp32 sums
+// in the pair order above, one chain per output. The caller rounds y where the forward
+// pass does.
 Status matmul_q8(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t* codes, const uint16_t* scales,
                  int64_t N, int64_t blocks, float* y, int64_t ldy, Pool pool);
 Status matmul_q8_ref(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t* codes, const uint16_t* scales,
                      int64_t N, int64_t blocks, float* y, int64_t ldy, Pool pool);
 
-// bf16 matrix against transposed rows: y[m, n] = sum_k x[m, k] * w[n, k], w bf16 [N, K]
-// row-major (the embedding: logits = x @ E^T). fp32 accumulation in k order.
+// The same product for fp32 activations (the expert down projection, h = gelu(g) * u,
+// which the official code keeps in fp32): acc = fma(x[k], w[k], acc) in k order.
+Status matmul_q8_f32(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t* codes, const uint16_t* scales,
+                     int64_t N, int64_t blocks, float* y, int64_t ldy, Pool pool);
+Status matmul_q8_f32_ref(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t* codes,
+                         const uint16_t* scales, int64_t N, int64_t blocks, float* y, int64_t ldy, Pool pool);
+
+// bf16 matrix against transposed rows (the embedding as the output projection:
+// logits = x @ E^T): y[m, n] = sum_k x[m, k] w[n, k], x holding bf16 values, w bf16 bits
+// [N, K] row-major. Sixteen fp32 lanes: lane i takes the pairs k = 32j + 2i, 32j + 2i + 1
+// for j = 0, 1, ... in the pair order above; then the lanes are summed by halving
+// (lane i += lane i+8, then i+4, i+2, i+1).
 Status matmul_bf16_nt(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, float* y, int64_t ldy,
                       Pool pool);
 Status matmul_bf16_nt_ref(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, float* y, int64_t ldy,

@@ -1,56 +1,116 @@
-// y = x @ W^T for a bf16 W [N, K] (the embedding table as the output projection).
+// y = x @ W^T for a bf16 W [N, K] (the embedding as the output projection), sixteen fp32
+// lanes in the pinned pair order of kernels.h, then summed by halving.
+#include <vector>
+
 #include "kernels/internal.h"
+
+// GCC 12's avx512fintrin.h trips -Wmaybe-uninitialized on its own _mm512_undefined values.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 namespace grokit::kernels {
 namespace {
 using namespace detail;
 
-float dot_ref(const float* x, const uint16_t* w, int64_t K) {
-  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  for (int64_t k = 0; k < K; ++k) acc[k % 8] += static_cast<double>(x[k]) * static_cast<double>(bf16f(w[k]));
-  return static_cast<float>(combine8(acc));
+float reduce16(float* l) {
+  for (int step = 8; step >= 1; step /= 2) {
+    for (int i = 0; i < step; ++i) l[i] = l[i] + l[i + step];
+  }
+  return l[0];
+}
+
+// Adds the pairs of blocks [j0, ...) (from k = 32 * j0 on) to the 16 lanes.
+void lanes_ref(const float* x, const uint16_t* w, int64_t K, int64_t from, float* l) {
+  for (int64_t k = from; k < K; k += 2) {
+    int lane = static_cast<int>((k % 32) / 2);
+    if (k + 1 < K) l[lane] = l[lane] + x[k + 1] * bf16f(w[k + 1]);
+    l[lane] = l[lane] + x[k] * bf16f(w[k]);
+  }
 }
 
 void rows_ref(const float* x, int64_t M, int64_t K, const uint16_t* w, float* y, int64_t ldy, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; ++n) {
-    for (int64_t m = 0; m < M; ++m) y[m * ldy + n] = dot_ref(x + m * K, w + n * K, K);
+    for (int64_t m = 0; m < M; ++m) {
+      float l[16] = {};
+      lanes_ref(x + m * K, w + n * K, K, 0, l);
+      y[m * ldy + n] = reduce16(l);
+    }
   }
 }
 
-// Up to 4 rows of x against one row of w at a time, the w row read once.
-GROKIT_AVX2 void rows_avx2(const float* x, int64_t M, int64_t K, const uint16_t* w, float* y, int64_t ldy,
-                           int64_t n0, int64_t n1) {
-  const int64_t K8 = K / 8 * 8;
+// AVX2: lanes 0-7 and 8-15 in two vectors; the odd element of each bf16 pair is the high
+// half of its dword, the even one the low half.
+GROKIT_AVX2 inline __m256 odd_of(__m256i v) { return _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xffff0000u)))); }
+GROKIT_AVX2 inline __m256 even_of(__m256i v) { return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)); }
+
+GROKIT_AVX2 void rows_avx2(const uint16_t* xb, int64_t M, int64_t K, const float* x, const uint16_t* w, float* y,
+                           int64_t ldy, int64_t n0, int64_t n1) {
+  const int64_t K32 = K / 32 * 32;
   for (int64_t n = n0; n < n1; ++n) {
     const uint16_t* wr = w + n * K;
-    for (int64_t m0 = 0; m0 < M; m0 += 4) {
-      int64_t mc = std::min<int64_t>(4, M - m0);
-      __m256d lo[4], hi[4];
-      for (int64_t i = 0; i < 4; ++i) lo[i] = hi[i] = _mm256_setzero_pd();
-      for (int64_t k = 0; k < K8; k += 8) {
-        __m256 wv = load_bf16x8(wr + k);
-        for (int64_t i = 0; i < mc; ++i) fma8_pd(_mm256_loadu_ps(x + (m0 + i) * K + k), wv, lo[i], hi[i]);
+    for (int64_t m = 0; m < M; ++m) {
+      const uint16_t* xr = xb + m * K;
+      __m256 a = _mm256_setzero_ps(), b = _mm256_setzero_ps();
+      for (int64_t k = 0; k < K32; k += 32) {
+        __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + k));
+        __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + k + 16));
+        __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + k));
+        __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + k + 16));
+        a = _mm256_fmadd_ps(odd_of(x0), odd_of(w0), a);
+        a = _mm256_fmadd_ps(even_of(x0), even_of(w0), a);
+        b = _mm256_fmadd_ps(odd_of(x1), odd_of(w1), b);
+        b = _mm256_fmadd_ps(even_of(x1), even_of(w1), b);
       }
-      for (int64_t i = 0; i < mc; ++i) {
-        double lanes[8];
-        store8_pd(lo[i], hi[i], lanes);
-        const float* xr = x + (m0 + i) * K;
-        for (int64_t k = K8; k < K; ++k) lanes[k % 8] += static_cast<double>(xr[k]) * static_cast<double>(bf16f(wr[k]));
-        y[(m0 + i) * ldy + n] = static_cast<float>(combine8(lanes));
+      alignas(32) float l[16];
+      _mm256_store_ps(l, a);
+      _mm256_store_ps(l + 8, b);
+      lanes_ref(x + m * K, wr, K, K32, l);
+      y[m * ldy + n] = reduce16(l);
+    }
+  }
+}
+
+// AVX-512: one vdpbf16ps per 32 elements; four rows of w in flight against each row of x.
+GROKIT_AVX512 void rows_avx512(const uint16_t* xb, int64_t M, int64_t K, const float* x, const uint16_t* w, float* y,
+                               int64_t ldy, int64_t n0, int64_t n1) {
+  const int64_t K32 = K / 32 * 32;
+  int64_t n = n0;
+  for (; n < n1; n += 4) {
+    const int rows = static_cast<int>(std::min<int64_t>(4, n1 - n));
+    for (int64_t m = 0; m < M; ++m) {
+      const uint16_t* xr = xb + m * K;
+      __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+      for (int64_t k = 0; k < K32; k += 32) {
+        __m512bh xv = reinterpret_cast<__m512bh>(_mm512_loadu_si512(xr + k));
+        for (int r = 0; r < rows; ++r)
+          a[r] = _mm512_dpbf16_ps(a[r], reinterpret_cast<__m512bh>(_mm512_loadu_si512(w + (n + r) * K + k)), xv);
+      }
+      for (int r = 0; r < rows; ++r) {
+        alignas(64) float l[16];
+        _mm512_store_ps(l, a[r]);
+        lanes_ref(x + m * K, w + (n + r) * K, K, K32, l);
+        y[m * ldy + n + r] = reduce16(l);
       }
     }
   }
 }
 
-template <bool kSimd>
+enum class Level { kScalar, kAvx2, kAvx512 };
+
+template <Level kLevel>
 Status impl(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, float* y, int64_t ldy, Pool pool) {
   GROKIT_CHECK(M >= 0 && K > 0 && N > 0 && ldy >= N);
   if (M == 0) return {};
-  const int64_t chunk = chunk_size(N, task_count(pool), 8);
+  std::vector<uint16_t> xb;
+  if (kLevel != Level::kScalar) {
+    xb.resize(static_cast<size_t>(M * K));
+    for (int64_t i = 0; i < M * K; ++i) xb[static_cast<size_t>(i)] = f32_to_bf16_bits(x[i]);
+  }
+  const int64_t chunk = chunk_size(N, task_count(pool), 16);
   const int64_t tasks = (N + chunk - 1) / chunk;
   for_each(pool, static_cast<size_t>(tasks), [&](size_t t) {
     int64_t n0 = static_cast<int64_t>(t) * chunk, n1 = std::min(N, n0 + chunk);
-    if (kSimd) rows_avx2(x, M, K, w, y, ldy, n0, n1);
+    if (kLevel == Level::kAvx512) rows_avx512(xb.data(), M, K, x, w, y, ldy, n0, n1);
+    else if (kLevel == Level::kAvx2) rows_avx2(xb.data(), M, K, x, w, y, ldy, n0, n1);
     else rows_ref(x, M, K, w, y, ldy, n0, n1);
   });
   return {};
@@ -60,12 +120,13 @@ Status impl(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, 
 
 Status matmul_bf16_nt(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, float* y, int64_t ldy,
                       Pool pool) {
-  if (detail::use_avx2()) return impl<true>(x, M, K, w, N, y, ldy, pool);
-  return impl<false>(x, M, K, w, N, y, ldy, pool);
+  if (detail::use_avx512()) return impl<Level::kAvx512>(x, M, K, w, N, y, ldy, pool);
+  if (detail::use_avx2()) return impl<Level::kAvx2>(x, M, K, w, N, y, ldy, pool);
+  return impl<Level::kScalar>(x, M, K, w, N, y, ldy, pool);
 }
 Status matmul_bf16_nt_ref(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, float* y, int64_t ldy,
                           Pool pool) {
-  return impl<false>(x, M, K, w, N, y, ldy, pool);
+  return impl<Level::kScalar>(x, M, K, w, N, y, ldy, pool);
 }
 
 }  // namespace grokit::kernels

@@ -1,15 +1,41 @@
 // The in-process communicator: ranks are threads; collectives meet at a barrier.
-#include <barrier>
+#include <atomic>
 
 #include "runner/runner.h"
 
 namespace grokit::runner {
 namespace {
 
+// A barrier that spins briefly before it sleeps: collectives come every few hundred
+// microseconds during a forward pass, and a futex wake-up costs as much.
+class SpinBarrier {
+ public:
+  explicit SpinBarrier(int n) : n_(n) {}
+  void arrive_and_wait() {
+    uint32_t phase = phase_.load(std::memory_order_acquire);
+    if (count_.fetch_add(1, std::memory_order_acq_rel) + 1 == n_) {
+      count_.store(0, std::memory_order_relaxed);
+      phase_.fetch_add(1, std::memory_order_release);
+      phase_.notify_all();
+      return;
+    }
+    for (int i = 0; i < 2000; ++i) {  // some tens of microseconds, then sleep
+      if (phase_.load(std::memory_order_acquire) != phase) return;
+      __builtin_ia32_pause();
+    }
+    while (phase_.load(std::memory_order_acquire) == phase) phase_.wait(phase, std::memory_order_acquire);
+  }
+
+ private:
+  const int n_;
+  std::atomic<int> count_{0};
+  std::atomic<uint32_t> phase_{0};
+};
+
 struct Hub {
   explicit Hub(int n) : ranks(n), sync(n), ptrs(static_cast<size_t>(n), nullptr) {}
   int ranks;
-  std::barrier<> sync;
+  SpinBarrier sync;
   std::vector<const void*> ptrs;
 };
 

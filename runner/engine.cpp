@@ -87,6 +87,7 @@ struct Rank {
   const float* final_norm = nullptr;
   std::vector<LayerWeights> layers;
   std::vector<Cache> caches;  // by sequence slot
+  std::vector<float> logits_x, logits_part, logits_all, logits_full;  // scratch
 };
 
 struct Sequence {
@@ -457,7 +458,7 @@ void Engine::Impl::rank_step(Rank& R, const std::vector<PlanRow>& plan, const Lo
       K::round_to_bf16(u.data(), ne * F, u.data());
       check(K::gelu_mul(g.data(), u.data(), ne * F, g.data(), pool));
       std::vector<float> y(static_cast<size_t>(ne * D));
-      check(K::matmul_q8(g.data(), ne, F, F, wd.codes, wd.scales, D, wd.blocks, y.data(), D, pool));
+      check(K::matmul_q8_f32(g.data(), ne, F, F, wd.codes, wd.scales, D, wd.blocks, y.data(), D, pool));
       for (int64_t i = 0; i < ne; ++i)
         std::memcpy(routed.data() + picks[static_cast<size_t>(i)] * D, y.data() + i * D, sizeof(float) * static_cast<size_t>(D));
     }
@@ -493,9 +494,16 @@ void Engine::Impl::rank_step(Rank& R, const std::vector<PlanRow>& plan, const Lo
     }
   }
   const int64_t V = cfg.vocab_size, Vr = R.vocab_rows;
-  const int64_t chunk = 32;
-  std::vector<float> xf(static_cast<size_t>(chunk * D)), part(static_cast<size_t>(chunk * Vr));
-  std::vector<float> all(static_cast<size_t>(chunk * V)), full(talk ? static_cast<size_t>(V) : 0);
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(32, static_cast<int64_t>(want.size())));
+  // Reused across steps: a decode step must not allocate (and fault in) [32, V] buffers.
+  auto& xf = R.logits_x;
+  auto& part = R.logits_part;
+  auto& all = R.logits_all;
+  auto& full = R.logits_full;
+  xf.resize(static_cast<size_t>(chunk * D));
+  part.resize(static_cast<size_t>(chunk * Vr));
+  all.resize(static_cast<size_t>(chunk * V));
+  full.resize(talk ? static_cast<size_t>(V) : 0);
   const float out_mult = cfg.output_multiplier_bf16();
   for (size_t c0 = 0; c0 < want.size(); c0 += chunk) {
     int64_t n = std::min<int64_t>(chunk, static_cast<int64_t>(want.size() - c0));

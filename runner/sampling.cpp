@@ -25,8 +25,10 @@ void nucleus_filter(std::vector<float>& logits, float top_p) {
   double mx = sorted.back(), sum = 0;
   std::vector<double> p(sorted.size());
   for (size_t i = 0; i < sorted.size(); ++i) sum += p[i] = std::exp(static_cast<double>(sorted[i]) - mx);
-  double cum = 0, need = 1.0 - static_cast<double>(top_p);
-  size_t idx = sorted.size() - 1;
+  // 1 - top_p in fp32, as the official code computes it; when no cumulative sum reaches
+  // it, jnp.argmax of all-false is index 0: the smallest logit, so everything is kept.
+  double cum = 0, need = static_cast<double>(1.0f - top_p);
+  size_t idx = 0;
   for (size_t i = 0; i < sorted.size(); ++i) {
     cum += p[i] / sum;
     if (cum >= need) {

@@ -8,8 +8,9 @@ official code holds in bfloat16 (by JAX's promotion rules) goes through the one 
 bf16(); the rest is float32, as there. So that another implementation can agree bit for bit,
 the float32 details the official code leaves open are pinned: exp, tanh, cos and sin are
 evaluated in float64 and rounded to float32; float32 sums (norms, softmax) run sequentially
-in index order; matrix products are the ideal float32 ones (float64 accumulation, rounded
-once), so no result depends on a summation order, on the other rows or on the padding.
+in index order; the weight matrix products accumulate in float32 in the order of the bf16
+dot-product instruction (see matmul_pairs), attention and the router exactly (float64,
+rounded once); so no result depends on the other rows or on the padding.
 
   reference.py CKPT_DIR --tokens T.npy --out LOGITS.npy [--dump-layers DIR]
                [--greedy N --greedy-out G.npy] [--config FILE]
@@ -70,8 +71,58 @@ def matmul(a, b):
     """A float32 matrix product as an ideal fp32 accumulator gives it: products and sums in
     float64 (products of bf16 values are exact), one rounding to float32. (A float32 BLAS
     product changes its summation order with the matrix shapes: a row's result would then
-    depend on the other rows and on the padding.)"""
+    depend on the other rows and on the padding.) Used where the sums are short or few:
+    attention and the router."""
     return np.matmul(np.asarray(a, np.float64), np.asarray(b, np.float64)).astype(F32)
+
+
+# The weight matrix products accumulate in float32, as the official code's do, in one
+# pinned order (that of the bf16 dot-product instruction vdpbf16ps, which grokit's CPU
+# kernels use): a row's result then never depends on the other rows, and any
+# implementation that follows the order gets the same bits.
+def matmul_pairs(x, w):
+    """x [M, K] (bf16 values) @ w [K, N] (bf16 values) in float32: for each pair of terms
+    (k, k+1), acc = acc + x[k+1] w[k+1], then acc = acc + x[k] w[k] (products exact)."""
+    x, w = np.asarray(x, F32), np.asarray(w, F32)
+    K = x.shape[1]
+    acc = np.zeros((x.shape[0], w.shape[1]), F32)
+    for k in range(0, K, 2):
+        if k + 1 < K:
+            acc += x[:, k + 1:k + 2] * w[k + 1]
+        acc += x[:, k:k + 1] * w[k]
+    return acc
+
+
+def matmul_fma(x, w):
+    """x [M, K] (float32 values) @ w [K, N] (bf16 values) in float32 with a fused multiply-
+    add per term, in k order: acc = fma(x[k], w[k], acc). (The product is exact in float64
+    and so is the sum but for a double rounding in a case of about 2^-29.)"""
+    x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    acc = np.zeros((x.shape[0], w.shape[1]), F32)
+    for k in range(x.shape[1]):
+        acc = (acc + x[:, k:k + 1] * w[k]).astype(F32)
+    return acc
+
+
+def matmul_lanes(x, w):
+    """x [M, K] (bf16 values) @ w[N, K].T (bf16 values) in float32 over 16 lanes: lane i
+    takes the pairs (32j + 2i, 32j + 2i + 1) in the pair order of matmul_pairs; then the
+    lanes are summed by halving (lane i += lane i + 8, then + 4, + 2, + 1)."""
+    x, w = np.asarray(x, F32), np.asarray(w, F32)
+    M, K = x.shape
+    out = np.empty((M, w.shape[0]), F32)
+    for m0 in range(0, M, 64):  # bounded memory: [64, N, 16] lanes at a time
+        xm = x[m0:m0 + 64]
+        lanes = np.zeros((xm.shape[0], w.shape[0], 16), F32)
+        for k in range(0, K, 2):
+            i = (k % 32) // 2
+            if k + 1 < K:
+                lanes[:, :, i] += xm[:, None, k + 1] * w[None, :, k + 1]
+            lanes[:, :, i] += xm[:, None, k] * w[None, :, k]
+        for step in (8, 4, 2, 1):
+            lanes[:, :, :step] += lanes[:, :, step:2 * step]
+        out[m0:m0 + 64] = lanes[:, :, 0]
+    return out
 
 
 def softmax(x):
@@ -289,11 +340,11 @@ def attention(cfg, p, a, tokens, cos, sin, stats=None):
     B, T, D = a.shape
     H, KV, dh = cfg["num_q_heads"], cfg["num_kv_heads"], cfg["key_size"]
     flat = a.reshape(B * T, D)
-    q = rope(bf16(matmul(flat, p["wq"])).reshape(B, T, H, dh), cos, sin)
-    k = rope(bf16(matmul(flat, p["wk"])).reshape(B, T, KV, dh), cos, sin)
-    v = bf16(matmul(flat, p["wv"])).reshape(B, T, KV, dh)
+    q = rope(bf16(matmul_pairs(flat, p["wq"])).reshape(B, T, H, dh), cos, sin)
+    k = rope(bf16(matmul_pairs(flat, p["wk"])).reshape(B, T, KV, dh), cos, sin)
+    v = bf16(matmul_pairs(flat, p["wv"])).reshape(B, T, KV, dh)
     o = np.stack([attend(cfg, q[b], k[b], v[b], tokens[b] > 0, stats) for b in range(B)])
-    return bf16(matmul(o.reshape(B * T, H * dh), p["wo"])).reshape(B, T, D)
+    return bf16(matmul_pairs(o.reshape(B * T, H * dh), p["wo"])).reshape(B, T, D)
 
 
 def route(x, router, k):
@@ -317,9 +368,9 @@ def moe(cfg, p, m):
     for e in range(cfg["num_experts"]):
         if not (chosen == e).any():
             continue
-        g, u = bf16(matmul(x, p["gate"][e])), bf16(matmul(x, p["up"][e]))  # bf16 products
+        g, u = bf16(matmul_pairs(x, p["gate"][e])), bf16(matmul_pairs(x, p["up"][e]))  # bf16 products
         h = gelu(g) * u  # float32 from here on: the official one-hot selection is float32
-        ye = matmul(h, p["down"][e])  # float32 times the bf16 weight: a float32 result
+        ye = matmul_fma(h, p["down"][e])  # float32 times the bf16 weight: a float32 result
         for slot in range(k):
             rows = chosen[:, slot] == e
             y[slot, rows] = ye[rows]
@@ -361,7 +412,7 @@ def forward(config, params, tokens, dump=None, stats=None, log=None):
             print(f"  layer {i + 1}/{len(params['layers'])} ({time.monotonic() - t0:.2f} s)",
                   file=log, flush=True)
     x = rmsnorm(x, params["final_norm"], eps).reshape(B * T, -1)
-    return bf16(bf16(matmul(x, E.T)) * out_mult).reshape(B, T, -1)
+    return bf16(bf16(matmul_lanes(x, E)) * out_mult).reshape(B, T, -1)
 
 
 def greedy(config, params, tokens, n, log=None):

@@ -1,0 +1,1210 @@
+// Tests of the CPU kernels (kernels/kernels.h).
+//
+// 1. One parity harness for every op, in the manner of ggml's test-backend-ops: a table of
+//    cases, each naming its op, its parameters (odd sizes on purpose: K off multiples of
+//    8 and 16, N off multiples of 16 and 32, M = 1, 2, 3, 7, 33, padded strides) and its
+//    error budget against the scalar twin run on the calling thread. Every budget here is
+//    0: the kernels pin their accumulation order so that `<op>` (AVX-512 or AVX2 where
+//    the CPU has it) equals `<op>_ref` bit for bit, with or without a ThreadPool of 1, 2
+//    or 3 threads. Outputs are poisoned with a NaN bit pattern before each run, so an
+//    element that is not written fails, and so does one written outside the output
+//    (stride padding). Filter by op: --gtest_filter='Ops/KernelParity.*matmul_q8_M*'.
+// 2. The numerics of the scalar twins against independent hand computations on tiny
+//    inputs (these define what the kernels compute), and the pool under many short runs.
+// 3. Batched equals alone: row m of a batched call equals the same row computed alone.
+//
+// The SIMD level (avx512, avx2, scalar) is decided once per process, so this process
+// reaches its best level by comparing `<op>` with `<op>_ref`; the lower levels are
+// reached by running the parity suite again in child processes with GROKIT_KERNELS set
+// (KernelLevels below).
+#include <gtest/gtest.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <numbers>
+#include <ostream>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "common/common.h"
+#include "kernels/kernels.h"
+
+extern char** environ;
+
+namespace grokit::kernels {
+namespace {
+
+// ---------------------------------------------------------------------------------
+// Helpers.
+
+// splitmix64: the same stream on every platform and standard library.
+class Rng {
+ public:
+  explicit Rng(uint64_t seed) : s_(seed) {}
+  uint64_t next() {
+    uint64_t z = (s_ += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+  }
+  double uniform() { return static_cast<double>(next() >> 11) * 0x1.0p-53; }  // [0, 1)
+  int64_t range(int64_t lo, int64_t hi) {                                     // [lo, hi]
+    return lo + static_cast<int64_t>(next() % static_cast<uint64_t>(hi - lo + 1));
+  }
+  float f32(float lo, float hi) { return lo + static_cast<float>(uniform()) * (hi - lo); }
+  // A bf16 value +-(1 + m/128) * 2^e, e in [min_exp, max_exp]; zero one time in 32.
+  float bf16_value(int min_exp, int max_exp) {
+    if (range(0, 31) == 0) return 0.0f;
+    float mant = 1.0f + static_cast<float>(range(0, 127)) / 128.0f;
+    float v = std::ldexp(mant, static_cast<int>(range(min_exp, max_exp)));
+    return range(0, 1) != 0 ? -v : v;
+  }
+  uint16_t bf16_bits(int min_exp, int max_exp) { return f32_to_bf16_bits(bf16_value(min_exp, max_exp)); }
+
+ private:
+  uint64_t s_;
+};
+
+constexpr uint32_t kPoison = 0x7fbadbadu;  // a NaN no kernel produces
+
+uint32_t bits_of(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+float from_bits(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+template <class T>
+void poison(std::vector<T>& v) {
+  static_assert(sizeof(T) == 4);
+  for (auto& x : v) std::memcpy(&x, &kPoison, 4);
+}
+float bf16_ulp(float v) {  // the spacing of bf16 values at |v|
+  int e = 0;
+  std::frexp(v, &e);
+  return std::ldexp(1.0f, e - 8);
+}
+
+ThreadPool* pool_of(unsigned threads) {
+  static ThreadPool p1(1), p2(2), p3(3);
+  switch (threads) {
+    case 1: return &p1;
+    case 2: return &p2;
+    case 3: return &p3;
+    default: return nullptr;
+  }
+}
+
+// ---------------------------------------------------------------------------------
+// 1. The parity harness.
+
+enum class Twin { kRef, kSimd };
+
+// What one run of a case wrote: its output buffers as 4-byte words, and for each word
+// whether the op must write it (1) or must leave it alone (0: stride padding).
+struct Output {
+  std::vector<uint32_t> words;
+  std::vector<uint8_t> written;
+  void add(const void* data, size_t count, const std::vector<uint8_t>& mask) {
+    size_t at = words.size();
+    words.resize(at + count);
+    if (count > 0) std::memcpy(words.data() + at, data, count * 4);  // data may be null when empty
+    written.insert(written.end(), mask.begin(), mask.end());
+  }
+  void add_all(const void* data, size_t count) { add(data, count, std::vector<uint8_t>(count, 1)); }
+};
+using CaseRunner = std::function<Output(Twin, Pool)>;
+
+struct KernelCase {
+  std::string name;                    // op and parameters; a gtest name
+  uint32_t max_ulps;                   // budget against the scalar twin; 0: bit for bit
+  std::function<CaseRunner()> make;    // builds the (seeded) inputs, returns the runner
+};
+
+std::vector<uint8_t> strided_mask(int64_t rows, int64_t cols, int64_t ld) {
+  std::vector<uint8_t> m(static_cast<size_t>(rows * ld), 0);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) m[static_cast<size_t>(r * ld + c)] = 1;
+  return m;
+}
+
+// f32: matmul_q8_f32 on fp32 activations (any fp32 value), else matmul_q8 on bf16 ones.
+KernelCase case_matmul_q8(int64_t M, int64_t K, int64_t N, int64_t blocks, int64_t pad, bool f32 = false) {
+  std::string name = std::string(f32 ? "matmul_q8_f32" : "matmul_q8") + "_M" + std::to_string(M) + "_K" +
+                     std::to_string(K) + "_N" + std::to_string(N) + "_B" + std::to_string(blocks) +
+                     (pad != 0 ? "_strided" : "");
+  return {name, 0, [=]() -> CaseRunner {
+            Rng rng(static_cast<uint64_t>(M * 1000003 + K * 1009 + N * 7 + blocks + (f32 ? 5 : 0)));
+            const int64_t ldx = K + pad, ldy = N + 2 * pad;
+            auto x = std::make_shared<std::vector<float>>(static_cast<size_t>(M * ldx));
+            for (int64_t m = 0; m < M; ++m)
+              for (int64_t k = 0; k < ldx; ++k)  // padding holds NaN: reading it would show
+                (*x)[static_cast<size_t>(m * ldx + k)] =
+                    k >= K ? from_bits(0x7fc00001u) : f32 ? rng.f32(-3.0f, 3.0f) * std::ldexp(1.0f, static_cast<int>(rng.range(-6, 4)))
+                                                         : rng.bf16_value(-6, 4);
+            auto codes = std::make_shared<std::vector<int8_t>>(static_cast<size_t>(K * N));
+            for (auto& c : *codes) c = static_cast<int8_t>(rng.range(-128, 127));
+            (*codes)[0] = -128;
+            (*codes)[codes->size() - 1] = 127;
+            auto scales = std::make_shared<std::vector<uint16_t>>(static_cast<size_t>(blocks * N));
+            for (auto& s : *scales) s = f32_to_bf16_bits(std::fabs(rng.bf16_value(-14, 2)) + 0x1p-20f);
+            auto mask = std::make_shared<std::vector<uint8_t>>(strided_mask(M, N, ldy));
+            return [=](Twin twin, Pool pool) {
+              std::vector<float> y(static_cast<size_t>(M * ldy));
+              poison(y);
+              auto fn = f32 ? (twin == Twin::kRef ? matmul_q8_f32_ref : matmul_q8_f32)
+                            : (twin == Twin::kRef ? matmul_q8_ref : matmul_q8);
+              EXPECT_TRUE(fn(x->data(), M, K, ldx, codes->data(), scales->data(), N, blocks, y.data(), ldy, pool).ok());
+              Output out;
+              out.add(y.data(), y.size(), *mask);
+              return out;
+            };
+          }};
+}
+
+KernelCase case_matmul_bf16_nt(int64_t M, int64_t K, int64_t N, int64_t pad) {
+  std::string name = "matmul_bf16_nt_M" + std::to_string(M) + "_K" + std::to_string(K) + "_N" + std::to_string(N) +
+                     (pad != 0 ? "_strided" : "");
+  return {name, 0, [=]() -> CaseRunner {
+            Rng rng(static_cast<uint64_t>(M * 7919 + K * 104729 + N));
+            const int64_t ldy = N + pad;
+            auto x = std::make_shared<std::vector<float>>(static_cast<size_t>(M * K));
+            for (auto& v : *x) v = rng.bf16_value(-8, 6);
+            auto w = std::make_shared<std::vector<uint16_t>>(static_cast<size_t>(N * K));
+            for (auto& v : *w) v = rng.bf16_bits(-10, 2);
+            auto mask = std::make_shared<std::vector<uint8_t>>(strided_mask(M, N, ldy));
+            return [=](Twin twin, Pool pool) {
+              std::vector<float> y(static_cast<size_t>(M * ldy));
+              poison(y);
+              auto fn = twin == Twin::kRef ? matmul_bf16_nt_ref : matmul_bf16_nt;
+              EXPECT_TRUE(fn(x->data(), M, K, w->data(), N, y.data(), ldy, pool).ok());
+              Output out;
+              out.add(y.data(), y.size(), *mask);
+              return out;
+            };
+          }};
+}
+
+KernelCase case_rmsnorm(int64_t M, int64_t D, bool in_place) {
+  std::string name = "rmsnorm_M" + std::to_string(M) + "_D" + std::to_string(D) + (in_place ? "_in_place" : "");
+  return {name, 0, [=]() -> CaseRunner {
+            Rng rng(static_cast<uint64_t>(M * 31 + D * 17 + (in_place ? 1 : 0)));
+            auto x = std::make_shared<std::vector<float>>(static_cast<size_t>(M * D));
+            for (int64_t m = 0; m < M; ++m)  // rows of very different magnitudes
+              for (int64_t d = 0; d < D; ++d) (*x)[static_cast<size_t>(m * D + d)] = rng.bf16_value(-12 + static_cast<int>(m % 9), -4 + static_cast<int>(m % 9) * 2);
+            auto scale = std::make_shared<std::vector<float>>(static_cast<size_t>(D));
+            for (auto& s : *scale) s = rng.bf16_value(-2, 1);
+            return [=](Twin twin, Pool pool) {
+              std::vector<float> out(static_cast<size_t>(M * D));
+              auto fn = twin == Twin::kRef ? rmsnorm_ref : rmsnorm;
+              if (in_place) {
+                out = *x;
+                EXPECT_TRUE(fn(out.data(), M, D, scale->data(), 1e-5f, out.data(), pool).ok());
+              } else {
+                poison(out);
+                EXPECT_TRUE(fn(x->data(), M, D, scale->data(), 1e-5f, out.data(), pool).ok());
+              }
+              Output o;
+              o.add_all(out.data(), out.size());
+              return o;
+            };
+          }};
+}
+
+KernelCase case_rope(int64_t M, int64_t heads, int64_t dh) {
+  std::string name = "rope_M" + std::to_string(M) + "_H" + std::to_string(heads) + "_dh" + std::to_string(dh);
+  return {name, 0, [=]() -> CaseRunner {
+            Rng rng(static_cast<uint64_t>(M * 131 + heads * 13 + dh));
+            auto x = std::make_shared<std::vector<float>>(static_cast<size_t>(M * heads * dh));
+            for (auto& v : *x) v = rng.bf16_value(-6, 3);
+            auto pos = std::make_shared<std::vector<int32_t>>(static_cast<size_t>(M));
+            for (auto& p : *pos) p = static_cast<int32_t>(rng.range(0, 8191));
+            (*pos)[0] = 8191;
+            if (M > 1) (*pos)[1] = 0;
+            return [=](Twin twin, Pool pool) {
+              std::vector<float> v = *x;  // in place
+              auto fn = twin == Twin::kRef ? rope_ref : rope;
+              EXPECT_TRUE(fn(v.data(), M, heads, dh, pos->data(), 10000.0, pool).ok());
+              Output o;
+              o.add_all(v.data(), v.size());
+              return o;
+            };
+          }};
+}
+
+// Query positions: kPrefill puts the M rows at the last M positions of the cache (a
+// prefill chunk), kRandom anywhere in [0, 8191] (also past n_keys).
+enum class QueryPos { kPrefill, kRandom };
+
+KernelCase case_attention(int64_t M, int64_t Hq, int64_t KV, int64_t dh, int64_t n_keys, QueryPos qp, float multiplier,
+                          bool no_visible_key) {
+  std::string name = "attention_M" + std::to_string(M) + "_Hq" + std::to_string(Hq) + "_KV" + std::to_string(KV) +
+                     "_dh" + std::to_string(dh) + "_keys" + std::to_string(n_keys) +
+                     (qp == QueryPos::kPrefill ? "_prefill" : "_randpos") + (multiplier >= 1.0f ? "_capped" : "") +
+                     (no_visible_key ? "_novisible" : "");
+  return {name, 0, [=]() -> CaseRunner {
+            Rng rng(static_cast<uint64_t>(M * 3 + Hq * 5 + KV * 7 + dh * 11 + n_keys * 13 + (no_visible_key ? 1 : 0)));
+            AttentionShape sh{Hq, KV, dh, n_keys + 5, multiplier, 30.0f};
+            auto q = std::make_shared<std::vector<float>>(static_cast<size_t>(M * Hq * dh));
+            for (auto& v : *q) v = rng.bf16_value(-4, 2);
+            auto kc = std::make_shared<std::vector<uint16_t>>(static_cast<size_t>(KV * sh.cap * dh));
+            auto vc = std::make_shared<std::vector<uint16_t>>(kc->size());
+            for (auto& v : *kc) v = rng.bf16_bits(-4, 1);
+            for (auto& v : *vc) v = rng.bf16_bits(-6, 2);
+            auto valid = std::make_shared<std::vector<uint8_t>>(static_cast<size_t>(sh.cap), 1);
+            for (int64_t j = 0; j < n_keys; ++j) (*valid)[static_cast<size_t>(j)] = rng.range(0, 4) == 0 ? 0 : 1;
+            for (int64_t j = 0; j < std::min<int64_t>(3, n_keys - 1); ++j) (*valid)[static_cast<size_t>(j)] = 0;  // left padding
+            auto pos = std::make_shared<std::vector<int32_t>>(static_cast<size_t>(M));
+            for (int64_t m = 0; m < M; ++m)
+              (*pos)[static_cast<size_t>(m)] = qp == QueryPos::kPrefill ? static_cast<int32_t>(n_keys - M + m)
+                                                                        : static_cast<int32_t>(rng.range(0, 8191));
+            if (no_visible_key) (*pos)[0] = static_cast<int32_t>(std::min<int64_t>(2, n_keys - 2));  // keys 0..2 are padding
+            auto mask = std::make_shared<std::vector<uint8_t>>(q->size(), 1);
+            return [=](Twin twin, Pool pool) {
+              std::vector<float> o(q->size());
+              poison(o);
+              auto fn = twin == Twin::kRef ? attention_ref : attention;
+              EXPECT_TRUE(fn(q->data(), M, pos->data(), kc->data(), vc->data(), valid->data(), n_keys, sh, o.data(), pool).ok());
+              Output out;
+              out.add(o.data(), o.size(), *mask);
+              return out;
+            };
+          }};
+}
+
+KernelCase case_router(int64_t M, int64_t D, int64_t E, int64_t k) {
+  std::string name = "router_topk_M" + std::to_string(M) + "_D" + std::to_string(D) + "_E" + std::to_string(E) + "_k" +
+                     std::to_string(k);
+  return {name, 0, [=]() -> CaseRunner {
+            Rng rng(static_cast<uint64_t>(M * 101 + D * 103 + E * 107 + k));
+            auto x = std::make_shared<std::vector<float>>(static_cast<size_t>(M * D));
+            for (auto& v : *x) v = rng.bf16_value(-6, 2);
+            auto w = std::make_shared<std::vector<float>>(static_cast<size_t>(D * E));
+            for (auto& v : *w) v = rng.f32(-0.5f, 0.5f);
+            if (E >= 3) {  // expert E-1 duplicates expert 1: exact ties in every row
+              for (int64_t d = 0; d < D; ++d) (*w)[static_cast<size_t>(d * E + E - 1)] = (*w)[static_cast<size_t>(d * E + 1)];
+            }
+            return [=](Twin twin, Pool pool) {
+              std::vector<int32_t> experts(static_cast<size_t>(M * k));
+              std::vector<float> gates(static_cast<size_t>(M * k));
+              poison(experts);
+              poison(gates);
+              auto fn = twin == Twin::kRef ? router_topk_ref : router_topk;
+              EXPECT_TRUE(fn(x->data(), M, D, w->data(), E, k, experts.data(), gates.data(), pool).ok());
+              for (int32_t e : experts) EXPECT_TRUE(e >= 0 && e < E) << e;
+              Output out;
+              out.add_all(experts.data(), experts.size());
+              out.add_all(gates.data(), gates.size());
+              return out;
+            };
+          }};
+}
+
+// alias: 0 separate output, 1 h = g, 2 h = u.
+KernelCase case_gelu_mul(int64_t n, int alias) {
+  std::string name = "gelu_mul_n" + std::to_string(n) + (alias == 1 ? "_h_is_g" : alias == 2 ? "_h_is_u" : "");
+  return {name, 0, [=]() -> CaseRunner {
+            Rng rng(static_cast<uint64_t>(n * 3 + alias));
+            auto g = std::make_shared<std::vector<float>>(static_cast<size_t>(n));
+            auto u = std::make_shared<std::vector<float>>(static_cast<size_t>(n));
+            for (auto& v : *g) v = rng.range(0, 15) == 0 ? rng.f32(-40.0f, 40.0f) : rng.f32(-6.0f, 6.0f);
+            for (auto& v : *u) v = rng.f32(-4.0f, 4.0f);
+            return [=](Twin twin, Pool pool) {
+              std::vector<float> gg = *g, uu = *u, h(static_cast<size_t>(n));
+              poison(h);
+              float* dst = alias == 1 ? gg.data() : alias == 2 ? uu.data() : h.data();
+              auto fn = twin == Twin::kRef ? gelu_mul_ref : gelu_mul;
+              EXPECT_TRUE(fn(gg.data(), uu.data(), n, dst, pool).ok());
+              Output out;
+              out.add_all(alias == 1 ? gg.data() : alias == 2 ? uu.data() : h.data(), static_cast<size_t>(n));
+              return out;
+            };
+          }};
+}
+
+std::vector<KernelCase> all_cases() {
+  std::vector<KernelCase> c;
+  // matmul_q8 and matmul_q8_f32: {M, K, N, blocks}; K % blocks == 0. K = 150 / B2 and
+  // 560 / B8 give blocks of 75 and 70 rows (odd), so pairs of rows straddle scale blocks
+  // and the kernel's 64-row tiles; N = 32, 64 are whole SIMD tiles, the others leave a
+  // scalar tail; odd K leaves a last pair of one.
+  const int64_t q8[][4] = {{1, 1, 1, 1},     {1, 6, 17, 2},    {2, 30, 33, 1},  {3, 24, 47, 8},   {7, 150, 100, 2},
+                           {33, 40, 16, 8},  {1, 560, 129, 8}, {2, 130, 32, 1}, {7, 9, 300, 1},   {33, 100, 31, 2},
+                           {3, 136, 65, 8},  {1, 200, 257, 8}, {7, 2, 15, 2},   {2, 1000, 48, 8}, {33, 66, 129, 2},
+                           {1, 63, 64, 1},   {3, 127, 33, 1}};
+  for (const auto& p : q8) {
+    c.push_back(case_matmul_q8(p[0], p[1], p[2], p[3], 0));
+    c.push_back(case_matmul_q8(p[0], p[1], p[2], p[3], 0, true));
+  }
+  c.push_back(case_matmul_q8(3, 150, 100, 2, 3));
+  c.push_back(case_matmul_q8(7, 24, 33, 8, 1));
+  c.push_back(case_matmul_q8(2, 65, 64, 5, 0));
+  c.push_back(case_matmul_q8(3, 150, 100, 2, 3, true));
+  c.push_back(case_matmul_q8(2, 129, 96, 3, 1, true));
+  c.push_back(case_matmul_q8(0, 64, 40, 2, 0));  // M = 0: nothing to write, nothing written
+  c.push_back(case_matmul_q8(0, 64, 40, 2, 0, true));
+  // matmul_bf16_nt: {M, K, N}; K off and on multiples of 32 (the lanes' block), N off
+  // multiples of 4 (the AVX-512 rows in flight).
+  const int64_t nt[][3] = {{1, 1, 1},   {1, 7, 9},     {2, 9, 31},  {3, 15, 33},  {5, 17, 100}, {7, 100, 7},
+                           {33, 257, 65}, {4, 32, 32}, {1, 1023, 5}, {6, 33, 129}, {2, 64, 3},   {3, 95, 18}};
+  for (const auto& p : nt) c.push_back(case_matmul_bf16_nt(p[0], p[1], p[2], 0));
+  c.push_back(case_matmul_bf16_nt(7, 23, 37, 3));
+  c.push_back(case_matmul_bf16_nt(0, 23, 37, 0));
+  // rmsnorm: {M, D}.
+  const int64_t rn[][2] = {{0, 5}, {1, 1}, {2, 7}, {3, 33}, {7, 129}, {33, 100}, {1, 6144}};
+  for (const auto& p : rn) {
+    c.push_back(case_rmsnorm(p[0], p[1], false));
+    c.push_back(case_rmsnorm(p[0], p[1], true));
+  }
+  // rope: {M, heads, dh}.
+  const int64_t rp[][3] = {{1, 1, 2}, {2, 3, 6}, {3, 2, 30}, {7, 5, 128}, {33, 1, 10}};
+  for (const auto& p : rp) c.push_back(case_rope(p[0], p[1], p[2]));
+  // attention: group sizes 1, 2, 3, 8; head_dim on and off multiples of 8.
+  c.push_back(case_attention(1, 1, 1, 1, 1, QueryPos::kPrefill, 1.0f, false));
+  c.push_back(case_attention(1, 2, 2, 7, 5, QueryPos::kPrefill, 0.25f, false));
+  c.push_back(case_attention(2, 4, 2, 8, 40, QueryPos::kPrefill, 0.125f, false));
+  c.push_back(case_attention(3, 6, 2, 9, 40, QueryPos::kPrefill, 0.0883883476f, false));
+  c.push_back(case_attention(7, 8, 1, 33, 100, QueryPos::kPrefill, 0.0883883476f, false));
+  c.push_back(case_attention(7, 3, 3, 16, 300, QueryPos::kRandom, 0.0883883476f, false));
+  c.push_back(case_attention(3, 4, 1, 128, 64, QueryPos::kPrefill, 4.0f, false));
+  c.push_back(case_attention(2, 2, 1, 17, 8192, QueryPos::kRandom, 0.0883883476f, false));
+  c.push_back(case_attention(3, 2, 2, 12, 20, QueryPos::kRandom, 0.25f, true));
+  c.push_back(case_attention(1, 4, 2, 8, 6, QueryPos::kPrefill, 0.25f, true));
+  // router_topk: {M, D, E, k}.
+  const int64_t rt[][4] = {{1, 1, 1, 1}, {3, 7, 3, 2}, {7, 33, 8, 2}, {33, 100, 9, 3}, {2, 6144 / 64, 5, 5}, {7, 13, 16, 4}};
+  for (const auto& p : rt) c.push_back(case_router(p[0], p[1], p[2], p[3]));
+  // gelu_mul: chunks of 256 per task.
+  for (int64_t n : {0, 1, 7, 255, 256, 257, 1000, 5003}) c.push_back(case_gelu_mul(n, 0));
+  c.push_back(case_gelu_mul(1001, 1));
+  c.push_back(case_gelu_mul(777, 2));
+  return c;
+}
+
+// gtest prints a failing case's parameter: its name, not its bytes.
+void PrintTo(const KernelCase& c, std::ostream* os) { *os << c.name; }
+
+class KernelParity : public ::testing::TestWithParam<KernelCase> {};
+
+void expect_same(const Output& want, const Output& got, uint32_t max_ulps, const std::string& what) {
+  ASSERT_EQ(want.words.size(), got.words.size()) << what;
+  size_t unwritten = 0, clobbered = 0, differ = 0, first_bad = SIZE_MAX;
+  for (size_t i = 0; i < got.words.size(); ++i) {
+    const bool is_unwritten = got.written[i] != 0 && got.words[i] == kPoison;
+    const bool is_clobbered = got.written[i] == 0 && got.words[i] != kPoison;
+    // Within budget: bit for bit at 0, else the distance in fp32 bit patterns (ulps).
+    const int64_t d = static_cast<int64_t>(got.words[i]) - static_cast<int64_t>(want.words[i]);
+    const bool is_different = std::llabs(d) > static_cast<int64_t>(max_ulps);
+    unwritten += is_unwritten ? 1 : 0;
+    clobbered += is_clobbered ? 1 : 0;
+    differ += is_different ? 1 : 0;
+    if ((is_unwritten || is_clobbered || is_different) && first_bad == SIZE_MAX) first_bad = i;
+  }
+  if (max_ulps == 0 && !got.words.empty()) {
+    EXPECT_EQ(std::memcmp(want.words.data(), got.words.data(), got.words.size() * 4), 0) << what;
+  }
+  EXPECT_EQ(unwritten, 0u) << what << ": elements left unwritten";
+  EXPECT_EQ(clobbered, 0u) << what << ": elements written outside the output";
+  EXPECT_EQ(differ, 0u) << what << ": elements differ from the scalar twin; first at word " << first_bad
+                        << ": want 0x" << std::hex << want.words[first_bad] << " (" << from_bits(want.words[first_bad])
+                        << "), got 0x" << got.words[first_bad] << " (" << from_bits(got.words[first_bad]) << ")";
+}
+
+TEST_P(KernelParity, SimdAndThreadsEqualScalar) {
+  const KernelCase& kc = GetParam();
+  CaseRunner run = kc.make();
+  const Output want = run(Twin::kRef, nullptr);
+  // The reference itself: fully written, nothing outside, nothing but finite values.
+  expect_same(want, want, 0, "scalar twin");
+  for (size_t i = 0; i < want.words.size(); ++i) {
+    if (want.written[i] != 0) {
+      ASSERT_TRUE(std::isfinite(from_bits(want.words[i]))) << "word " << i;
+    }
+  }
+  struct Variant {
+    Twin twin;
+    unsigned threads;
+    const char* label;
+  };
+  const Variant variants[] = {{Twin::kRef, 0, "scalar twin, again"}, {Twin::kRef, 3, "scalar twin, 3 threads"},
+                              {Twin::kSimd, 0, "simd twin, no pool"}, {Twin::kSimd, 1, "simd twin, 1 thread"},
+                              {Twin::kSimd, 2, "simd twin, 2 threads"}, {Twin::kSimd, 3, "simd twin, 3 threads"},
+                              {Twin::kSimd, 3, "simd twin, 3 threads, again"}};
+  for (const auto& v : variants) {
+    expect_same(want, run(v.twin, pool_of(v.threads)), kc.max_ulps, std::string(v.label) + " (" + cpu_kernel_path() + ")");
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Ops, KernelParity, ::testing::ValuesIn(all_cases()),
+                         [](const ::testing::TestParamInfo<KernelCase>& info) { return info.param.name; });
+
+// ---------------------------------------------------------------------------------
+// 2. Numerics of the scalar twins on tiny hand-made inputs.
+
+constexpr uint16_t kOne = 0x3f80;  // bf16 1.0
+
+// One-hot rows of x read single rows of the dequantized matrix: y = w[k, :].
+std::vector<float> q8_rows(const std::vector<int8_t>& codes, const std::vector<uint16_t>& scales, int64_t K, int64_t N,
+                           int64_t blocks) {
+  std::vector<float> x(static_cast<size_t>(K * K), 0.0f), y(static_cast<size_t>(K * N));
+  for (int64_t k = 0; k < K; ++k) x[static_cast<size_t>(k * K + k)] = 1.0f;
+  EXPECT_TRUE(matmul_q8_ref(x.data(), K, K, K, codes.data(), scales.data(), N, blocks, y.data(), N, nullptr).ok());
+  return y;
+}
+
+TEST(KernelNumerics, MatmulQ8DequantizesToBf16OfCodeTimesScale) {
+  // Scales 1 + 2^-7 (0x3f81) and 1 + 3*2^-7 (0x3f83). bf16 keeps 8 significant bits.
+  //   3 * (1 + 2^-7)   = 3 + 1.5 * 2^-6: a tie between 3 + 2^-6 (odd) and 3 + 2^-5 (even) -> 3.03125
+  //   5 * (1 + 2^-7)   = 5 + 1.25 * 2^-5: below the half -> 5 + 2^-5 = 5.03125
+  //   3 * (1 + 3*2^-7) = 3 + 4.5 * 2^-6: a tie between 3 + 4*2^-6 (even) and 5*2^-6 -> 3.0625
+  //   -128 * (1 + 3*2^-7) = -(128 + 3): 131 needs 8 bits: exact -> -131
+  //   127 * (1 + 2^-7) = 127 + 127/128 = 127.9921875: spacing 0.5 there -> 128
+  //   -3 * (1 + 2^-7): the tie by symmetry -> -3.03125
+  const std::vector<int8_t> codes = {3, 5, 3, -128, 127, -3};
+  const std::vector<uint16_t> scales = {0x3f81, 0x3f81, 0x3f83, 0x3f83, 0x3f81, 0x3f81};
+  std::vector<float> y = q8_rows(codes, scales, 1, 6, 1);
+  const std::vector<float> want = {3.03125f, 5.03125f, 3.0625f, -131.0f, 128.0f, -3.03125f};
+  for (size_t i = 0; i < want.size(); ++i) EXPECT_EQ(y[i], want[i]) << "column " << i;
+}
+
+TEST(KernelNumerics, MatmulQ8RowBlocksPickTheirScaleRow) {
+  // K = 6, blocks = 3: rows {0,1} use scale row 0, {2,3} row 1, {4,5} row 2. Codes all 1
+  // so each output is the scale itself; N = 2 with different scales per column.
+  const int64_t K = 6, N = 2, B = 3;
+  std::vector<int8_t> codes(static_cast<size_t>(K * N), 1);
+  const std::vector<uint16_t> scales = {f32_to_bf16_bits(2.0f),  f32_to_bf16_bits(-0.5f),   // row 0
+                                        f32_to_bf16_bits(4.0f),  f32_to_bf16_bits(0.25f),   // row 1
+                                        f32_to_bf16_bits(-8.0f), f32_to_bf16_bits(0.125f)};  // row 2
+  std::vector<float> y = q8_rows(codes, scales, K, N, B);
+  const float want[6][2] = {{2, -0.5f}, {2, -0.5f}, {4, 0.25f}, {4, 0.25f}, {-8, 0.125f}, {-8, 0.125f}};
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t n = 0; n < N; ++n) EXPECT_EQ(y[static_cast<size_t>(k * N + n)], want[k][n]) << k << "," << n;
+  // And through the SIMD twin, with N = 16 so the row goes through a whole SIMD tile.
+  const int64_t N16 = 16;
+  std::vector<int8_t> c16(static_cast<size_t>(K * N16), 1);
+  std::vector<uint16_t> s16(static_cast<size_t>(B * N16));
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t n = 0; n < N16; ++n) s16[static_cast<size_t>(b * N16 + n)] = f32_to_bf16_bits(static_cast<float>((b + 1) * 100 + n));
+  std::vector<float> x(static_cast<size_t>(K * K), 0.0f), y16(static_cast<size_t>(K * N16));
+  for (int64_t k = 0; k < K; ++k) x[static_cast<size_t>(k * K + k)] = 1.0f;
+  ASSERT_TRUE(matmul_q8(x.data(), K, K, K, c16.data(), s16.data(), N16, B, y16.data(), N16, nullptr).ok());
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t n = 0; n < N16; ++n)
+      EXPECT_EQ(y16[static_cast<size_t>(k * N16 + n)], round_bf16(static_cast<float>((k / 2 + 1) * 100 + n))) << k << "," << n;
+}
+
+// The pinned order of kernels.h, written out independently: terms taken in pairs
+// (k, k+1), each pair adding term k+1 then term k to one fp32 sum.
+float pinned_pair_sum(const std::vector<float>& terms, float acc = 0.0f) {
+  for (size_t k = 0; k < terms.size(); k += 2) {
+    if (k + 1 < terms.size()) acc = acc + terms[k + 1];
+    acc = acc + terms[k];
+  }
+  return acc;
+}
+
+float q8_one(const std::vector<float>& x, bool f32) {
+  const std::vector<int8_t> codes(x.size(), 1);
+  const std::vector<uint16_t> scales = {kOne};
+  const int64_t K = static_cast<int64_t>(x.size());
+  float y = from_bits(kPoison);
+  auto fn = f32 ? matmul_q8_f32_ref : matmul_q8_ref;
+  EXPECT_TRUE(fn(x.data(), 1, K, K, codes.data(), scales.data(), 1, 1, &y, 1, nullptr).ok());
+  return y;
+}
+
+TEST(KernelNumerics, MatmulQ8AccumulatesInThePinnedPairOrder) {
+  // Terms (w = 1) 1, 2^27, -2^27, 1. The pinned order adds 2^27, 1 (lost: fp32 spacing at
+  // 2^27 is 16), then 1 (lost), then -2^27: 0. Plain k order gives 1 (the last 1 lands
+  // after the cancellation); the exact sum is 2.
+  const float big = 134217728.0f;  // 2^27, a bf16 value
+  const std::vector<float> x = {1.0f, big, -big, 1.0f};
+  EXPECT_EQ(q8_one(x, false), 0.0f);
+  EXPECT_EQ(pinned_pair_sum(x), 0.0f);
+  // Odd K, the last pair has one term: terms -2^27, 2^27, 1: the pair adds 2^27 then
+  // -2^27 (0), then the lone 1: 1.
+  EXPECT_EQ(q8_one({-big, big, 1.0f}, false), 1.0f);
+  // Terms 2^27, 1, -2^27: pair (1 then 2^27) = 2^27, then -2^27: 0 (exact would be 1).
+  EXPECT_EQ(q8_one({big, 1.0f, -big}, false), 0.0f);
+  // Random bf16 products: bit for bit against the transcription.
+  Rng rng(21);
+  const int64_t K = 37, N = 3;
+  std::vector<float> xr(static_cast<size_t>(K));
+  for (auto& v : xr) v = rng.bf16_value(-8, 8);
+  std::vector<int8_t> codes(static_cast<size_t>(K * N));
+  for (auto& c : codes) c = static_cast<int8_t>(rng.range(-128, 127));
+  std::vector<uint16_t> scales(static_cast<size_t>(N));
+  for (auto& sc : scales) sc = f32_to_bf16_bits(std::fabs(rng.bf16_value(-8, 0)) + 0x1p-10f);
+  std::vector<float> y(static_cast<size_t>(N));
+  ASSERT_TRUE(matmul_q8_ref(xr.data(), 1, K, K, codes.data(), scales.data(), N, 1, y.data(), N, nullptr).ok());
+  for (int64_t n = 0; n < N; ++n) {
+    std::vector<float> terms(static_cast<size_t>(K));
+    for (int64_t k = 0; k < K; ++k) {
+      const float w = round_bf16(static_cast<float>(codes[static_cast<size_t>(k * N + n)]) * bf16_bits_to_f32(scales[static_cast<size_t>(n)]));
+      terms[static_cast<size_t>(k)] = xr[static_cast<size_t>(k)] * w;  // exact: bf16 times bf16
+    }
+    EXPECT_EQ(bits_of(y[static_cast<size_t>(n)]), bits_of(pinned_pair_sum(terms))) << n;
+  }
+}
+
+TEST(KernelNumerics, MatmulQ8F32FusesEachProductInKOrder) {
+  // x = [t, -t], w = [1 + 2^-7, 1 + 2^-7] (bf16 0x3f81), t = 1 + 3 * 2^-23 (fp32, not bf16).
+  // t w = 1 + 2^-7 + 3*2^-23 + 3*2^-30 rounds (fma with 0) to 1 + 2^-7 + 3*2^-23; the second
+  // fma adds -t w exactly: the result is the rounding error, -3 * 2^-30. An unfused
+  // multiply-add would give 0.
+  const float t = 1.0f + 3 * 0x1p-23f;
+  const std::vector<float> x = {t, -t};
+  const std::vector<int8_t> codes = {1, 1};
+  const std::vector<uint16_t> scales = {0x3f81};
+  float y = 0;
+  ASSERT_TRUE(matmul_q8_f32_ref(x.data(), 1, 2, 2, codes.data(), scales.data(), 1, 1, &y, 1, nullptr).ok());
+  EXPECT_EQ(y, -3 * 0x1p-30f);
+  // Same SIMD twin.
+  float ys = 0;
+  ASSERT_TRUE(matmul_q8_f32(x.data(), 1, 2, 2, codes.data(), scales.data(), 1, 1, &ys, 1, nullptr).ok());
+  EXPECT_EQ(bits_of(ys), bits_of(y));
+  // k order, not pairs: terms 1, 2^27, -2^27, 1 (w = 1) -> ((1 + 2^27) - 2^27) + 1 = 1.
+  EXPECT_EQ(q8_one({1.0f, 134217728.0f, -134217728.0f, 1.0f}, true), 1.0f);
+  // Random fp32 activations against std::fma in k order.
+  Rng rng(22);
+  const int64_t K = 29;
+  std::vector<float> xr(static_cast<size_t>(K));
+  for (auto& v : xr) v = rng.f32(-5.0f, 5.0f);
+  std::vector<int8_t> c(static_cast<size_t>(K));
+  for (auto& v : c) v = static_cast<int8_t>(rng.range(-128, 127));
+  const std::vector<uint16_t> s1 = {f32_to_bf16_bits(0.0123f)};
+  ASSERT_TRUE(matmul_q8_f32_ref(xr.data(), 1, K, K, c.data(), s1.data(), 1, 1, &y, 1, nullptr).ok());
+  float acc = 0;
+  for (int64_t k = 0; k < K; ++k)
+    acc = std::fma(xr[static_cast<size_t>(k)], round_bf16(static_cast<float>(c[static_cast<size_t>(k)]) * bf16_bits_to_f32(s1[0])), acc);
+  EXPECT_EQ(bits_of(y), bits_of(acc));
+}
+
+// The lanes of kernels.h for matmul_bf16_nt, written out independently: lane i sums the
+// pairs starting at k = 32 j + 2 i in the pinned order; lanes reduce by halving.
+float lanes_dot(const std::vector<float>& terms) {
+  float lane[16] = {};
+  for (size_t k = 0; k < terms.size(); k += 2) {
+    float& l = lane[(k % 32) / 2];
+    if (k + 1 < terms.size()) l = l + terms[k + 1];
+    l = l + terms[k];
+  }
+  for (int half = 8; half >= 1; half /= 2)
+    for (int i = 0; i < half; ++i) lane[i] = lane[i] + lane[i + half];
+  return lane[0];
+}
+
+float nt_one(const std::vector<float>& x, const std::vector<float>& w, bool simd = false) {
+  std::vector<uint16_t> wb(w.size());
+  for (size_t i = 0; i < w.size(); ++i) wb[i] = f32_to_bf16_bits(w[i]);
+  float y = from_bits(kPoison);
+  auto fn = simd ? matmul_bf16_nt : matmul_bf16_nt_ref;
+  EXPECT_TRUE(fn(x.data(), 1, static_cast<int64_t>(x.size()), wb.data(), 1, &y, 1, nullptr).ok());
+  return y;
+}
+
+TEST(KernelNumerics, MatmulBf16NtSumsLanesThenHalves) {
+  const float big = 134217728.0f;  // 2^27
+  // K = 64, w = 1. Lane 0 holds 2^27 (k = 0), lane 8 holds 1 (k = 16), lane 4 holds -2^27
+  // (k = 8). Halving: lane 0 += lane 8 -> 2^27 (1 lost); lane 0 += lane 4 -> 0. Exact: 1.
+  std::vector<float> x(64, 0.0f), w(64, 1.0f);
+  x[0] = big;
+  x[16] = 1.0f;
+  x[8] = -big;
+  EXPECT_EQ(nt_one(x, w), 0.0f);
+  EXPECT_EQ(nt_one(x, w, true), 0.0f);
+  // Lane 1 (k = 2) holds the 1 instead: it meets lane 0 only at the last step, after
+  // lanes 0 and 4 cancelled: 1.
+  x[16] = 0.0f;
+  x[2] = 1.0f;
+  EXPECT_EQ(nt_one(x, w), 1.0f);
+  EXPECT_EQ(nt_one(x, w, true), 1.0f);
+  // The second block of 32 lands in the same lanes: k = 32 -> lane 0 after k = 0, 1.
+  std::vector<float> x2(40, 0.0f), w2(40, 1.0f);
+  x2[0] = 1.0f;
+  x2[1] = big;
+  x2[32] = -big;
+  x2[39] = 1.0f;  // lane 3, on its own: survives
+  EXPECT_EQ(nt_one(x2, w2), 1.0f);  // lane 0: (2^27 + 1) - 2^27 = 0; plus lane 3's 1
+  EXPECT_EQ(nt_one(x2, w2, true), 1.0f);
+}
+
+TEST(KernelNumerics, MatmulBf16NtEqualsADoublePrecisionDot) {
+  // Integer-valued inputs (|x|, |w| <= 8): every partial sum is an integer below 2^24,
+  // exact in fp32 in any order, so the result equals the double-precision dot exactly.
+  Rng rng(42);
+  const int64_t M = 3, K = 77, N = 5;
+  std::vector<float> x(static_cast<size_t>(M * K));
+  std::vector<uint16_t> w(static_cast<size_t>(N * K));
+  for (auto& v : x) v = static_cast<float>(rng.range(-8, 8));
+  for (auto& v : w) v = f32_to_bf16_bits(static_cast<float>(rng.range(-8, 8)));
+  std::vector<float> y(static_cast<size_t>(M * N));
+  ASSERT_TRUE(matmul_bf16_nt_ref(x.data(), M, K, w.data(), N, y.data(), N, nullptr).ok());
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) {
+      double dot = 0;
+      for (int64_t k = 0; k < K; ++k)
+        dot += static_cast<double>(x[static_cast<size_t>(m * K + k)]) * bf16_bits_to_f32(w[static_cast<size_t>(n * K + k)]);
+      EXPECT_EQ(y[static_cast<size_t>(m * N + n)], static_cast<float>(dot)) << m << "," << n;
+    }
+  // Random bf16 values: bit for bit against the lanes written out, and within the fp32
+  // error bound of the double-precision dot (K * 2^-24 * sum |x w| covers any order).
+  const int64_t K2 = 333;
+  std::vector<float> xr(static_cast<size_t>(K2)), wr(static_cast<size_t>(K2)), terms(static_cast<size_t>(K2));
+  for (auto& v : xr) v = rng.bf16_value(-6, 3);
+  for (auto& v : wr) v = rng.bf16_value(-6, 3);
+  double dot = 0, mag = 0;
+  for (size_t k = 0; k < terms.size(); ++k) {
+    terms[k] = xr[k] * wr[k];
+    dot += static_cast<double>(xr[k]) * wr[k];
+    mag += std::fabs(static_cast<double>(xr[k]) * wr[k]);
+  }
+  const float got = nt_one(xr, wr);
+  EXPECT_EQ(bits_of(got), bits_of(lanes_dot(terms)));
+  EXPECT_NEAR(got, dot, static_cast<double>(K2) * 0x1p-24 * mag);
+  // Hand-made: [1, 2, 3] . [0.5, -1, 2] = 4.5.
+  EXPECT_EQ(nt_one({1, 2, 3}, {0.5f, -1.0f, 2.0f}), 4.5f);
+}
+
+TEST(KernelNumerics, RmsnormFollowsTheFormula) {
+  // x = [3, 4]: mean(x*x) = 12.5; with eps = 0 the factor is 1/sqrt(12.5).
+  {
+    const std::vector<float> x = {3.0f, 4.0f}, scale = {1.0f, 2.0f};
+    std::vector<float> out(2);
+    ASSERT_TRUE(rmsnorm_ref(x.data(), 1, 2, scale.data(), 0.0f, out.data(), nullptr).ok());
+    const double inv = 1.0 / std::sqrt(12.5);  // 0.28284271...
+    EXPECT_EQ(out[0], round_bf16(static_cast<float>(3.0 * inv)));         // 0.8485 -> 0.84765625
+    EXPECT_EQ(out[1], round_bf16(static_cast<float>(4.0 * inv * 2.0)));   // 2.2627 -> 2.265625
+    EXPECT_EQ(out[0], 0.84765625f);
+    EXPECT_EQ(out[1], 2.265625f);
+  }
+  // Random rows: bit for bit against the formula written out in fp32, and within one
+  // bf16 ulp (plus the fp32 slack) of the formula in double.
+  Rng rng(7);
+  const int64_t M = 4, D = 333;
+  const float eps = 1e-5f;
+  std::vector<float> x(static_cast<size_t>(M * D)), scale(static_cast<size_t>(D)), out(x.size());
+  for (auto& v : x) v = rng.bf16_value(-10, 4);
+  for (auto& v : scale) v = rng.bf16_value(-1, 1);
+  ASSERT_TRUE(rmsnorm_ref(x.data(), M, D, scale.data(), eps, out.data(), nullptr).ok());
+  for (int64_t m = 0; m < M; ++m) {
+    const float* r = x.data() + m * D;
+    float ss = 0;
+    double ssd = 0;
+    for (int64_t d = 0; d < D; ++d) {
+      ss += r[d] * r[d];
+      ssd += static_cast<double>(r[d]) * r[d];
+    }
+    const float inv = 1.0f / std::sqrt(ss / static_cast<float>(D) + eps);
+    const double invd = 1.0 / std::sqrt(ssd / static_cast<double>(D) + eps);
+    for (int64_t d = 0; d < D; ++d) {
+      const float got = out[static_cast<size_t>(m * D + d)];
+      EXPECT_EQ(got, round_bf16((r[d] * inv) * scale[static_cast<size_t>(d)])) << m << "," << d;
+      const double ideal = r[d] * invd * scale[static_cast<size_t>(d)];
+      EXPECT_LE(std::fabs(got - ideal), bf16_ulp(static_cast<float>(ideal)) * 0.5 + std::fabs(ideal) * 1e-6) << m << "," << d;
+    }
+  }
+}
+
+TEST(KernelNumerics, RopeAtPositionThreeRotatesSplitHalves) {
+  // dh = 4, base 10000: inv_freq = {1, 1/100}. x = [1, 0, 0, 0] at position 3: the pair
+  // (x[0], x[2]) rotates by 3 radians: [cos 3, 0, sin 3, 0], rounded to bf16:
+  //   cos 3 = -0.98999 -> -253/256 = -0.98828125;  sin 3 = 0.141120 -> 145/1024 = 0.1416015625
+  {
+    std::vector<float> x = {1, 0, 0, 0};
+    const int32_t pos = 3;
+    ASSERT_TRUE(rope_ref(x.data(), 1, 1, 4, &pos, 10000.0, nullptr).ok());
+    EXPECT_EQ(x[0], -0.98828125f);
+    EXPECT_EQ(x[1], 0.0f);
+    EXPECT_EQ(x[2], 0.1416015625f);
+    EXPECT_EQ(x[3], 0.0f);
+  }
+  // Random heads at position 3, dh = 8: against the split-halves formula written out.
+  Rng rng(3);
+  const int64_t heads = 3, dh = 8, half = dh / 2;
+  std::vector<float> x(static_cast<size_t>(heads * dh));
+  for (auto& v : x) v = rng.bf16_value(-3, 3);
+  std::vector<float> got = x;
+  const int32_t pos = 3;
+  ASSERT_TRUE(rope_ref(got.data(), 1, heads, dh, &pos, 10000.0, nullptr).ok());
+  for (int64_t h = 0; h < heads; ++h)
+    for (int64_t j = 0; j < half; ++j) {
+      const float inv = static_cast<float>(1.0 / std::pow(10000.0, static_cast<double>(2 * j) / dh));
+      const float phase = 3.0f * inv;
+      const float c = static_cast<float>(std::cos(static_cast<double>(phase)));
+      const float s = static_cast<float>(std::sin(static_cast<double>(phase)));
+      const float a = x[static_cast<size_t>(h * dh + j)], b = x[static_cast<size_t>(h * dh + j + half)];
+      EXPECT_EQ(got[static_cast<size_t>(h * dh + j)], round_bf16(a * c - b * s)) << h << "," << j;
+      EXPECT_EQ(got[static_cast<size_t>(h * dh + j + half)], round_bf16(b * c + a * s)) << h << "," << j;
+      // And near the exact rotation (catches a wrong pairing, e.g. interleaved).
+      const double ex = a * std::cos(3.0 * inv) - b * std::sin(3.0 * inv);
+      EXPECT_NEAR(got[static_cast<size_t>(h * dh + j)], ex, bf16_ulp(static_cast<float>(ex)) + 1e-5) << h << "," << j;
+    }
+}
+
+TEST(KernelNumerics, RopeAtPositionZeroIsTheIdentity) {
+  Rng rng(5);
+  const int64_t M = 2, heads = 2, dh = 10;
+  std::vector<float> x(static_cast<size_t>(M * heads * dh));
+  for (auto& v : x) v = rng.bf16_value(-8, 8);
+  std::vector<float> got = x;
+  const int32_t pos[2] = {0, 0};
+  ASSERT_TRUE(rope_ref(got.data(), M, heads, dh, pos, 10000.0, nullptr).ok());
+  // Compared as values: x * 1 + (-b) * 0 turns a -0 into +0, which is fine.
+  for (size_t i = 0; i < x.size(); ++i) EXPECT_EQ(got[i], x[i]) << i;
+  ASSERT_TRUE(rope(got.data(), M, heads, dh, pos, 10000.0, pool_of(2)).ok());
+  for (size_t i = 0; i < x.size(); ++i) EXPECT_EQ(got[i], x[i]) << i;
+}
+
+// A tiny attention problem, one sequence: keys/values given as float rows (bf16 values).
+struct TinyAttention {
+  int64_t q_heads = 1, kv_heads = 1, dh = 2;
+  float multiplier = 1.0f;
+  std::vector<std::vector<std::vector<float>>> k, v;  // [kv_head][key][dh]
+  std::vector<uint8_t> valid;
+
+  std::vector<float> run(const std::vector<float>& q, const std::vector<int32_t>& pos, bool simd = false,
+                         Pool pool = nullptr) const {
+    const int64_t n_keys = static_cast<int64_t>(valid.size()), cap = n_keys + 1, M = static_cast<int64_t>(pos.size());
+    std::vector<uint16_t> kc(static_cast<size_t>(kv_heads * cap * dh), 0x7fc1), vc(kc.size(), 0x7fc1);  // NaN past n_keys
+    for (int64_t h = 0; h < kv_heads; ++h)
+      for (int64_t j = 0; j < n_keys; ++j)
+        for (int64_t d = 0; d < dh; ++d) {
+          size_t at = static_cast<size_t>((h * cap + j) * dh + d);
+          kc[at] = f32_to_bf16_bits(k[static_cast<size_t>(h)][static_cast<size_t>(j)][static_cast<size_t>(d)]);
+          vc[at] = f32_to_bf16_bits(v[static_cast<size_t>(h)][static_cast<size_t>(j)][static_cast<size_t>(d)]);
+        }
+    AttentionShape sh{q_heads, kv_heads, dh, cap, multiplier, 30.0f};
+    std::vector<float> o(static_cast<size_t>(M * q_heads * dh));
+    poison(o);
+    auto fn = simd ? attention : attention_ref;
+    EXPECT_TRUE(fn(q.data(), M, pos.data(), kc.data(), vc.data(), valid.data(), n_keys, sh, o.data(), pool).ok());
+    return o;
+  }
+};
+
+TEST(KernelNumerics, AttentionTwoKeysByHand) {
+  // q = [1, 0]; k0 = [2, 0], k1 = [0, 1]: logits 2 and 0, capped: 30 tanh(2/30) and 0.
+  // softmax weights w0 = 1 / (1 + e^-s0), w1 = e^-s0 / (1 + e^-s0); v0 = [1, 0],
+  // v1 = [0, 1], so o = [bf16(w0), bf16(w1)].
+  //   s0 = 1.99703..., w0 = 0.88046 -> 225/256 = 0.87890625, w1 = 0.11954 -> 0.11962890625
+  TinyAttention t;
+  t.k = {{{2, 0}, {0, 1}}};
+  t.v = {{{1, 0}, {0, 1}}};
+  t.valid = {1, 1};
+  std::vector<float> o = t.run({1, 0}, {1});
+  EXPECT_EQ(o[0], 0.87890625f);
+  EXPECT_EQ(o[1], 0.11962890625f);
+  // The same in fp32 step by step, as the header states it.
+  const float s0 = 30.0f * static_cast<float>(std::tanh(static_cast<double>(2.0f / 30.0f)));
+  const float e0 = 1.0f, e1 = static_cast<float>(std::exp(static_cast<double>(0.0f - s0)));
+  const float sum = e0 + e1;
+  EXPECT_EQ(o[0], round_bf16(round_bf16(e0 / sum) * 1.0f));
+  EXPECT_EQ(o[1], round_bf16(round_bf16(e1 / sum) * 1.0f));
+  // A mix of values: o = bf16(w0 * v0 + w1 * v1) with bf16 weights.
+  t.v = {{{3, -2}, {0.5f, 8}}};
+  o = t.run({1, 0}, {1});
+  const double w0 = round_bf16(e0 / sum), w1 = round_bf16(e1 / sum);
+  EXPECT_EQ(o[0], round_bf16(static_cast<float>(w0 * 3 + w1 * 0.5)));
+  EXPECT_EQ(o[1], round_bf16(static_cast<float>(w0 * -2 + w1 * 8)));
+}
+
+TEST(KernelNumerics, AttentionCapsLogitsAt30Tanh) {
+  // q . k0 = 100 (multiplier 1): the logit becomes 30 tanh(100/30) = 29.92..., not 100.
+  // k1 gives 0. So w1 = e^-29.92 / (1 + e^-29.92) = 1.0e-13, where an uncapped logit
+  // would give e^-100 = 3.7e-44. v0 = [1, 0], v1 = [0, 1]: o = [1, bf16(w1)].
+  TinyAttention t;
+  t.k = {{{10, 0}, {0, 1}}};
+  t.v = {{{1, 0}, {0, 1}}};
+  t.valid = {1, 1};
+  std::vector<float> o = t.run({10, 0}, {1});
+  const double capped = 30.0 * std::tanh(100.0 / 30.0);
+  EXPECT_NEAR(capped, 29.9237, 1e-4);
+  EXPECT_EQ(o[0], 1.0f);
+  const double w1 = std::exp(-capped);
+  EXPECT_NEAR(o[1], w1, w1 * 0.01);  // bf16 precision and fp32 phase
+  // With the multiplier: q . k = 100, multiplier 0.5 -> 30 tanh(50/30).
+  t.multiplier = 0.5f;
+  o = t.run({10, 0}, {1});
+  const double w1b = std::exp(-30.0 * std::tanh(50.0 / 30.0));
+  EXPECT_NEAR(o[1], w1b, w1b * 0.01);
+}
+
+TEST(KernelNumerics, AttentionIgnoresPaddingKeys) {
+  // Keys 0 and 2 real, key 1 padding with a large value: the result equals attention over
+  // keys {0, 2} alone, bit for bit.
+  TinyAttention with_pad, without;
+  with_pad.dh = without.dh = 3;
+  with_pad.k = {{{1, 2, -1}, {4, 4, 4}, {0.5f, -1, 3}}};
+  with_pad.v = {{{1, -1, 2}, {1000, 1000, 1000}, {-3, 0.25f, 5}}};
+  with_pad.valid = {1, 0, 1};
+  without.k = {{with_pad.k[0][0], with_pad.k[0][2]}};
+  without.v = {{with_pad.v[0][0], with_pad.v[0][2]}};
+  without.valid = {1, 1};
+  const std::vector<float> q = {0.5f, 1, -0.75f};
+  std::vector<float> a = with_pad.run(q, {2}), b = without.run(q, {1});
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t i = 0; i < a.size(); ++i) EXPECT_EQ(bits_of(a[i]), bits_of(b[i])) << i;
+  for (float x : a) EXPECT_LT(std::fabs(x), 10.0f);
+  std::vector<float> c = with_pad.run(q, {2}, true, pool_of(2));
+  for (size_t i = 0; i < a.size(); ++i) EXPECT_EQ(bits_of(a[i]), bits_of(c[i])) << i;
+}
+
+TEST(KernelNumerics, AttentionIsCausal) {
+  // Three keys; a query at position 1 ignores key 2 (equals the 2-key result); a query
+  // at position 0 sees key 0 alone: o = v0 exactly (weight 1).
+  TinyAttention three, two;
+  three.k = {{{1, 0}, {0, 1}, {5, 5}}};
+  three.v = {{{1, 2}, {-2, 0.5f}, {1000, -1000}}};
+  three.valid = {1, 1, 1};
+  two.k = {{three.k[0][0], three.k[0][1]}};
+  two.v = {{three.v[0][0], three.v[0][1]}};
+  two.valid = {1, 1};
+  const std::vector<float> q = {0.75f, -0.5f};
+  std::vector<float> a = three.run(q, {1}), b = two.run(q, {1});
+  for (size_t i = 0; i < a.size(); ++i) EXPECT_EQ(bits_of(a[i]), bits_of(b[i])) << i;
+  std::vector<float> z = three.run(q, {0});
+  EXPECT_EQ(z[0], 1.0f);
+  EXPECT_EQ(z[1], 2.0f);
+  // The three queries of a prefill at positions 0, 1, 2 in one call.
+  std::vector<float> all = three.run({0.75f, -0.5f, 0.75f, -0.5f, 0.75f, -0.5f}, {0, 1, 2});
+  EXPECT_EQ(all[0], 1.0f);
+  EXPECT_EQ(all[1], 2.0f);
+  EXPECT_EQ(all[2], a[0]);
+  EXPECT_EQ(all[3], a[1]);
+  EXPECT_GT(std::fabs(all[4]), 10.0f);  // position 2 sees key 2
+}
+
+TEST(KernelNumerics, AttentionWithNoVisibleKeyIsUniform) {
+  // Query at position 1; keys 0 and 1 are padding, key 2 (after the query) is real. Every
+  // key is masked, so the softmax is uniform over all n_keys = 4 keys (weights bf16(1/4)).
+  TinyAttention t;
+  t.k = {{{1, 0}, {0, 1}, {3, 3}, {-1, 2}}};
+  t.v = {{{1, 2}, {3, 4}, {5, 6}, {7, 8.5f}}};
+  t.valid = {0, 0, 1, 1};
+  std::vector<float> o = t.run({1, 1}, {1});
+  EXPECT_EQ(o[0], 4.0f);       // (1 + 3 + 5 + 7) / 4
+  EXPECT_EQ(o[1], 5.125f);     // (2 + 4 + 6 + 8.5) / 4
+  // Three keys: weights bf16(1/3) = 0.333984375, o = bf16(w * (1 + 3 + 5)) = bf16(3.005859375) = 3.0
+  t.k.resize(1);
+  t.k[0].resize(3);
+  t.v[0].resize(3);
+  t.valid = {0, 0, 1};
+  o = t.run({1, 1}, {1});
+  EXPECT_EQ(o[0], round_bf16(static_cast<float>(0.333984375 * 9.0)));
+  EXPECT_EQ(o[0], 3.0f);
+  EXPECT_EQ(o[1], round_bf16(static_cast<float>(0.333984375 * 12.0)));  // 4.0078125 -> 4.0
+}
+
+TEST(KernelNumerics, AttentionGroupsQueryHeadsOverKvHeads) {
+  // 4 query heads, 2 kv heads: heads 0, 1 read kv head 0; heads 2, 3 read kv head 1.
+  // One key each, so every head's output is its kv head's value row.
+  TinyAttention t;
+  t.q_heads = 4;
+  t.kv_heads = 2;
+  t.k = {{{1, 1}}, {{-1, 2}}};
+  t.v = {{{1, 1.5f}}, {{2, -4}}};
+  t.valid = {1};
+  std::vector<float> o = t.run({1, 0, 0, 1, 2, 2, -1, 3}, {0});
+  const std::vector<float> want = {1, 1.5f, 1, 1.5f, 2, -4, 2, -4};
+  for (size_t i = 0; i < want.size(); ++i) EXPECT_EQ(o[i], want[i]) << i;
+  // With two keys the weights depend on the head's kv keys: head h equals a one-head
+  // call on kv head h / 2.
+  t.k = {{{1, 1}, {0.5f, -2}}, {{-1, 2}, {3, 0.25f}}};
+  t.v = {{{1, 1.5f}, {-2, 3}}, {{2, -4}, {0.5f, 6}}};
+  t.valid = {1, 1};
+  const std::vector<float> q = {1, 0, 0, 1, 2, 2, -1, 3};
+  o = t.run(q, {1});
+  for (int64_t h = 0; h < 4; ++h) {
+    TinyAttention one;
+    one.k = {t.k[static_cast<size_t>(h / 2)]};
+    one.v = {t.v[static_cast<size_t>(h / 2)]};
+    one.valid = {1, 1};
+    std::vector<float> r = one.run({q[static_cast<size_t>(2 * h)], q[static_cast<size_t>(2 * h + 1)]}, {1});
+    EXPECT_EQ(o[static_cast<size_t>(2 * h)], r[0]) << h;
+    EXPECT_EQ(o[static_cast<size_t>(2 * h + 1)], r[1]) << h;
+  }
+}
+
+TEST(KernelNumerics, RouterTiesGoToTheLowerIndexAndGatesAreNotRenormalized) {
+  // D = 1, x = [1], logits = w = [0.5, 2, 2, 1]. softmax: e = exp(l - 2) =
+  // [e^-1.5, 1, 1, e^-1]; sum = 2.59101; p = [0.08612, 0.38595, 0.38595, 0.14198].
+  const std::vector<float> x = {1.0f}, w = {0.5f, 2.0f, 2.0f, 1.0f};
+  int32_t experts[3] = {-1, -1, -1};
+  float gates[3] = {0, 0, 0};
+  ASSERT_TRUE(router_topk_ref(x.data(), 1, 1, w.data(), 4, 3, experts, gates, nullptr).ok());
+  EXPECT_EQ(experts[0], 1);
+  EXPECT_EQ(experts[1], 2);
+  EXPECT_EQ(experts[2], 3);
+  const float e[4] = {static_cast<float>(std::exp(-1.5)), 1.0f, 1.0f, static_cast<float>(std::exp(-1.0))};
+  const float sum = ((e[0] + e[1]) + e[2]) + e[3];
+  EXPECT_EQ(gates[0], 1.0f / sum);
+  EXPECT_EQ(gates[1], 1.0f / sum);
+  EXPECT_EQ(gates[2], e[3] / sum);
+  EXPECT_NEAR(gates[0], 0.385950, 1e-5);
+  EXPECT_NEAR(gates[2], 0.141983, 1e-5);
+  // Not renormalized over the chosen two: they sum to 0.7719, not 1.
+  int32_t e2[2];
+  float g2[2];
+  ASSERT_TRUE(router_topk_ref(x.data(), 1, 1, w.data(), 4, 2, e2, g2, nullptr).ok());
+  EXPECT_NEAR(g2[0] + g2[1], 0.771900, 1e-5);
+  // All equal: the first k indices, each gate 1/E.
+  const std::vector<float> flat = {0.25f, 0.25f, 0.25f, 0.25f, 0.25f};
+  ASSERT_TRUE(router_topk_ref(x.data(), 1, 1, flat.data(), 5, 2, e2, g2, nullptr).ok());
+  EXPECT_EQ(e2[0], 0);
+  EXPECT_EQ(e2[1], 1);
+  EXPECT_EQ(g2[0], 1.0f / 5.0f);
+  // The logits are x @ w with D = 2: x = [1, -2], w columns: e0 = [1, 0] -> 1,
+  // e1 = [0, -1] -> 2, e2 = [2, 0] -> 2 (ties e1). k = 1 picks e1.
+  const std::vector<float> x2 = {1.0f, -2.0f}, w2 = {1.0f, 0.0f, 2.0f, 0.0f, -1.0f, 0.0f};
+  int32_t e1 = -1;
+  float g1 = 0;
+  ASSERT_TRUE(router_topk_ref(x2.data(), 1, 2, w2.data(), 3, 1, &e1, &g1, nullptr).ok());
+  EXPECT_EQ(e1, 1);
+  ASSERT_TRUE(router_topk(x2.data(), 1, 2, w2.data(), 3, 1, &e1, &g1, pool_of(2)).ok());
+  EXPECT_EQ(e1, 1);
+}
+
+TEST(KernelNumerics, GeluMulFollowsTheTanhFormula) {
+  const std::vector<float> g = {0.0f, 1.0f, -1.0f, 0.5f, 3.0f, -3.0f, 10.0f, -10.0f, 40.0f, -0.001f};
+  const std::vector<float> u = {5.0f, 1.0f, 1.0f, -2.0f, 0.5f, 1.0f, 1.0f, 1.0f, 1.0f, 3.0f};
+  std::vector<float> h(g.size());
+  ASSERT_TRUE(gelu_mul_ref(g.data(), u.data(), static_cast<int64_t>(g.size()), h.data(), nullptr).ok());
+  for (size_t i = 0; i < g.size(); ++i) {
+    const double x = g[i];
+    const double ideal = x * 0.5 * (1.0 + std::tanh(std::sqrt(2.0 / std::numbers::pi) * (x + 0.044715 * x * x * x))) * u[i];
+    // fp32 steps: a few ulps relative, plus tanh's fp32 rounding (6e-8) carried by x * u
+    // where 1 + tanh cancels (negative x).
+    EXPECT_NEAR(h[i], ideal, std::fabs(ideal) * 4e-7 + 1e-7 * std::fabs(x * u[i])) << "g = " << g[i];
+    // The header's expression in fp32, tanh in double.
+    const float xf = g[i];
+    const float inner = 0.7978845608028654f * (xf + 0.044715f * (xf * xf * xf));
+    const float want = xf * (0.5f * (1.0f + static_cast<float>(std::tanh(static_cast<double>(inner))))) * u[i];
+    EXPECT_EQ(h[i], want) << "g = " << g[i];
+  }
+  EXPECT_EQ(h[0], 0.0f);
+  EXPECT_NEAR(h[1], 0.841192, 1e-6);   // gelu_tanh(1)
+  EXPECT_NEAR(h[2], -0.158808, 1e-6);  // gelu_tanh(-1)
+  EXPECT_EQ(h[6], 10.0f);
+  EXPECT_EQ(h[7], -0.0f);
+}
+
+TEST(KernelNumerics, EmbedZerosOutsideItsRows) {
+  // This part holds rows [10, 13) of a D = 3 table.
+  const int64_t D = 3;
+  const std::vector<uint16_t> table = {f32_to_bf16_bits(1.0f), f32_to_bf16_bits(-2.0f), f32_to_bf16_bits(0.5f),
+                                       f32_to_bf16_bits(3.0f), f32_to_bf16_bits(1.0f / 3.0f), f32_to_bf16_bits(7.0f),
+                                       f32_to_bf16_bits(-1.0f), f32_to_bf16_bits(0.0f), f32_to_bf16_bits(100.0f)};
+  const std::vector<int32_t> tokens = {10, 9, 12, 13, 11, -1, 0};
+  std::vector<float> out(tokens.size() * D);
+  poison(out);
+  embed(tokens.data(), static_cast<int64_t>(tokens.size()), table.data(), 10, 3, D, 78.38367176906169f, out.data());
+  const float mult = 78.38367176906169f;
+  auto row = [&](size_t m) { return std::vector<float>(out.begin() + static_cast<long>(m * D), out.begin() + static_cast<long>((m + 1) * D)); };
+  auto scaled = [&](size_t r) {
+    std::vector<float> v(D);
+    for (int64_t d = 0; d < D; ++d) v[static_cast<size_t>(d)] = round_bf16(bf16_bits_to_f32(table[r * D + static_cast<size_t>(d)]) * mult);
+    return v;
+  };
+  EXPECT_EQ(row(0), scaled(0));
+  EXPECT_EQ(row(1), std::vector<float>(D, 0.0f));
+  EXPECT_EQ(row(2), scaled(2));
+  EXPECT_EQ(row(3), std::vector<float>(D, 0.0f));  // one past the last row
+  EXPECT_EQ(row(4), scaled(1));
+  EXPECT_EQ(row(5), std::vector<float>(D, 0.0f));
+  EXPECT_EQ(row(6), std::vector<float>(D, 0.0f));
+  EXPECT_EQ(out[0], round_bf16(78.38367176906169f));  // 78.5
+  EXPECT_EQ(out[0], 78.5f);
+}
+
+TEST(KernelNumerics, RoundToBf16AndAddBf16TieToEven) {
+  const std::vector<float> x = {
+      1.0f + 0x1p-8f,               // tie between 1 (even) and 1 + 2^-7 -> 1
+      1.0f + 3 * 0x1p-8f,           // tie between 1 + 2^-7 (odd) and 1 + 2^-6 -> 1 + 2^-6
+      1.0f + 0x1p-8f + 0x1p-20f,    // just above the tie -> 1 + 2^-7
+      -(1.0f + 0x1p-8f),            // -1
+      -(1.0f + 3 * 0x1p-8f),        // -(1 + 2^-6)
+      255.5f,                       // spacing 1 in [128, 256): tie between 255 (odd) and 256 -> 256
+      254.5f,                       // tie -> 254 (even)
+      FLT_MAX,                      // 0x7f7fffff: rounds up, out of range -> +inf
+      -FLT_MAX,                     // -inf
+      0.0f, -0.0f};
+  const std::vector<float> want = {1.0f, 1.0f + 0x1p-6f, 1.0f + 0x1p-7f, -1.0f, -(1.0f + 0x1p-6f), 256.0f, 254.0f,
+                                   INFINITY, -INFINITY, 0.0f, -0.0f};
+  std::vector<float> out(x.size());
+  round_to_bf16(x.data(), static_cast<int64_t>(x.size()), out.data());
+  for (size_t i = 0; i < x.size(); ++i) EXPECT_EQ(bits_of(out[i]), bits_of(want[i])) << i << ": " << x[i];
+  // add_bf16: the sum in fp32, then the same rounding.
+  const std::vector<float> a = {1.0f, 1.0f + 0x1p-7f, 256.0f, -1.0f, 0.5f};
+  const std::vector<float> b = {0x1p-8f, 0x1p-8f, -1.5f, -0x1p-8f, 0.25f};
+  const std::vector<float> sum_want = {1.0f, 1.0f + 0x1p-6f, 254.0f /* 254.5 tie -> 254 */, -1.0f, 0.75f};
+  std::vector<float> s(a.size());
+  add_bf16(a.data(), b.data(), static_cast<int64_t>(a.size()), s.data());
+  for (size_t i = 0; i < a.size(); ++i) EXPECT_EQ(s[i], sum_want[i]) << i;
+}
+
+// The pool the multi-threaded twins run on: many short runs in a row (the pattern of a
+// forward pass), every index exactly once, for every size around the thread count.
+TEST(KernelPool, EveryIndexRunsOnceOverManyShortRuns) {
+  for (unsigned threads : {1u, 2u, 3u}) {
+    ThreadPool& pool = *pool_of(threads);
+    std::vector<std::atomic<int>> hits(64);
+    int64_t runs = 0, wrong = 0;
+    for (int round = 0; round < 150; ++round) {
+      for (size_t n : {size_t{0}, size_t{1}, size_t{2}, size_t{3}, size_t{5}, size_t{64}}) {
+        for (auto& h : hits) h.store(0);
+        pool.run(n, [&](size_t i) { hits[i].fetch_add(1); });
+        for (size_t i = 0; i < hits.size(); ++i) wrong += hits[i].load() != (i < n ? 1 : 0) ? 1 : 0;
+        ++runs;
+      }
+    }
+    EXPECT_EQ(wrong, 0) << threads << " threads, " << runs << " runs";
+  }
+}
+
+// ---------------------------------------------------------------------------------
+// 3. Batched equals alone.
+
+TEST(KernelBatching, MatmulQ8RowEqualsTheRowAlone) {
+  const int64_t M = 7, K = 150, N = 70, B = 2, ldx = K + 2, ldy = N + 1;
+  Rng rng(11);
+  std::vector<float> x(static_cast<size_t>(M * ldx));
+  for (auto& v : x) v = rng.bf16_value(-5, 3);
+  std::vector<int8_t> codes(static_cast<size_t>(K * N));
+  for (auto& c : codes) c = static_cast<int8_t>(rng.range(-128, 127));
+  std::vector<uint16_t> scales(static_cast<size_t>(B * N));
+  for (auto& s : scales) s = f32_to_bf16_bits(std::fabs(rng.bf16_value(-10, 0)) + 0x1p-12f);
+  for (bool simd : {false, true})
+    for (unsigned threads : {0u, 3u}) {
+      auto fn = simd ? matmul_q8 : matmul_q8_ref;
+      std::vector<float> all(static_cast<size_t>(M * ldy));
+      ASSERT_TRUE(fn(x.data(), M, K, ldx, codes.data(), scales.data(), N, B, all.data(), ldy, pool_of(threads)).ok());
+      for (int64_t m = 0; m < M; ++m) {
+        std::vector<float> one(static_cast<size_t>(N));
+        ASSERT_TRUE(fn(x.data() + m * ldx, 1, K, K, codes.data(), scales.data(), N, B, one.data(), N, pool_of(threads)).ok());
+        EXPECT_EQ(std::memcmp(one.data(), all.data() + m * ldy, static_cast<size_t>(N) * 4), 0)
+            << "row " << m << (simd ? " simd" : " ref") << ", threads " << threads;
+      }
+    }
+}
+
+TEST(KernelBatching, MatmulBf16NtRowEqualsTheRowAlone) {
+  const int64_t M = 7, K = 203, N = 45;
+  Rng rng(12);
+  std::vector<float> x(static_cast<size_t>(M * K));
+  for (auto& v : x) v = rng.bf16_value(-8, 4);
+  std::vector<uint16_t> w(static_cast<size_t>(N * K));
+  for (auto& v : w) v = rng.bf16_bits(-8, 2);
+  for (bool simd : {false, true})
+    for (unsigned threads : {0u, 2u}) {
+      auto fn = simd ? matmul_bf16_nt : matmul_bf16_nt_ref;
+      std::vector<float> all(static_cast<size_t>(M * N));
+      ASSERT_TRUE(fn(x.data(), M, K, w.data(), N, all.data(), N, pool_of(threads)).ok());
+      for (int64_t m = 0; m < M; ++m) {
+        std::vector<float> one(static_cast<size_t>(N));
+        ASSERT_TRUE(fn(x.data() + m * K, 1, K, w.data(), N, one.data(), N, pool_of(threads)).ok());
+        EXPECT_EQ(std::memcmp(one.data(), all.data() + m * N, static_cast<size_t>(N) * 4), 0)
+            << "row " << m << (simd ? " simd" : " ref") << ", threads " << threads;
+      }
+    }
+}
+
+TEST(KernelBatching, AttentionRowEqualsTheRowAlone) {
+  const int64_t M = 7, Hq = 6, KV = 2, dh = 20, n_keys = 50;
+  AttentionShape sh{Hq, KV, dh, 64, 0.125f, 30.0f};
+  Rng rng(13);
+  std::vector<float> q(static_cast<size_t>(M * Hq * dh));
+  for (auto& v : q) v = rng.bf16_value(-3, 2);
+  std::vector<uint16_t> kc(static_cast<size_t>(KV * sh.cap * dh)), vc(kc.size());
+  for (auto& v : kc) v = rng.bf16_bits(-3, 1);
+  for (auto& v : vc) v = rng.bf16_bits(-3, 1);
+  std::vector<uint8_t> valid(static_cast<size_t>(sh.cap), 1);
+  valid[0] = valid[1] = valid[17] = 0;
+  const std::vector<int32_t> pos = {43, 44, 45, 46, 47, 48, 1};  // the last one sees no valid key
+  for (bool simd : {false, true})
+    for (unsigned threads : {0u, 3u}) {
+      auto fn = simd ? attention : attention_ref;
+      std::vector<float> all(q.size());
+      ASSERT_TRUE(fn(q.data(), M, pos.data(), kc.data(), vc.data(), valid.data(), n_keys, sh, all.data(), pool_of(threads)).ok());
+      for (int64_t m = 0; m < M; ++m) {
+        std::vector<float> one(static_cast<size_t>(Hq * dh));
+        ASSERT_TRUE(fn(q.data() + m * Hq * dh, 1, &pos[static_cast<size_t>(m)], kc.data(), vc.data(), valid.data(), n_keys, sh,
+                       one.data(), pool_of(threads))
+                        .ok());
+        EXPECT_EQ(std::memcmp(one.data(), all.data() + m * Hq * dh, one.size() * 4), 0)
+            << "row " << m << (simd ? " simd" : " ref") << ", threads " << threads;
+      }
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// 4. Every SIMD level. This process runs the best level the CPU has; the suites above
+// run again in child processes with GROKIT_KERNELS=avx2 and =scalar, so that the AVX2
+// kernels are checked on machines that also have AVX-512 (and the other way round
+// nothing is lost: a forced level the CPU lacks falls back to a lower one).
+
+// Runs this binary with GROKIT_KERNELS=level (and no GTEST_* variables, so that an
+// output file of the parent is not overwritten) on `filter`; returns the wait status.
+int run_self(const std::string& level, const std::string& filter) {
+  std::vector<char> self(4096, '\0');
+  ssize_t len = readlink("/proc/self/exe", self.data(), self.size() - 1);
+  if (len <= 0) return -1;
+  std::vector<std::string> env;
+  for (char** e = environ; *e != nullptr; ++e) {
+    std::string_view v(*e);
+    if (v.starts_with("GROKIT_KERNELS=") || v.starts_with("GTEST_")) continue;
+    env.emplace_back(v);
+  }
+  env.push_back("GROKIT_KERNELS=" + level);
+  std::vector<std::string> args = {self.data(), "--gtest_filter=" + filter, "--gtest_brief=1"};
+  std::vector<char*> argv, envp;
+  for (auto& a : args) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  for (auto& e : env) envp.push_back(e.data());
+  envp.push_back(nullptr);
+  pid_t pid = 0;
+  if (posix_spawn(&pid, self.data(), nullptr, nullptr, argv.data(), envp.data()) != 0) return -1;
+  int status = 0;
+  if (waitpid(pid, &status, 0) != pid) return -1;
+  return status;
+}
+
+TEST(KernelLevels, LowerLevelsMatchTheScalarTwinsInChildProcesses) {
+  if (std::getenv("GROKIT_KERNELS") != nullptr) GTEST_SKIP() << "a child run (GROKIT_KERNELS is set)";
+  for (const char* level : {"avx2", "scalar"}) {
+    int status = run_self(level, "Ops/KernelParity.*:KernelNumerics.*:KernelBatching.*:KernelLevels.ForcedLevelIsHonoured");
+    EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0)
+        << "the kernel tests fail with GROKIT_KERNELS=" << level << " (wait status " << status
+        << "); rerun with that variable to see which";
+  }
+}
+
+TEST(KernelLevels, ForcedLevelIsHonoured) {
+  const std::string path = cpu_kernel_path();
+  RecordProperty("kernel_path", path);
+  const char* forced = std::getenv("GROKIT_KERNELS");
+  if (forced == nullptr) {
+    EXPECT_TRUE(path == "avx512" || path == "avx2" || path == "scalar") << path;
+  } else if (std::string_view(forced) == "scalar") {
+    EXPECT_EQ(path, "scalar");
+  } else if (std::string_view(forced) == "avx2") {
+    __builtin_cpu_init();
+    const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    EXPECT_EQ(path, has ? "avx2" : "scalar");
+  }
+}
+
+}  // namespace
+}  // namespace grokit::kernels
