@@ -38,6 +38,30 @@ std::optional<int> parse_args(cxxopts::Options& opts, int argc, char** argv, siz
   return std::nullopt;
 }
 
+// One continuation per line: control characters, backslashes and line breaks escaped,
+// every other byte (UTF-8 included) as it is.
+std::string escape_line(const std::string& s) {
+  std::string out;
+  out.reserve(s.size());
+  for (unsigned char c : s) {
+    switch (c) {
+      case '\\': out += "\\\\"; break;
+      case '\n': out += "\\n"; break;
+      case '\r': out += "\\r"; break;
+      case '\t': out += "\\t"; break;
+      default:
+        if (c < 0x20 || c == 0x7f) {
+          char buf[8];
+          std::snprintf(buf, sizeof buf, "\\x%02x", c);
+          out += buf;
+        } else {
+          out += static_cast<char>(c);
+        }
+    }
+  }
+  return out;
+}
+
 int usage_error(const cxxopts::Options& opts, const std::string& msg) {
   std::fprintf(stderr, "%s: %s\n\n%s", opts.program().c_str(), msg.c_str(), opts.help().c_str());
   return kExitUsage;
@@ -101,8 +125,9 @@ int cmd_logits(int argc, char** argv) {
                         "(streamed to the file: memory does not grow with T x V).");
   opts.positional_help("<model dir>");
   opts.add_options()
-      ("tokens", "int32 token ids [B, T] (.npy), 0 = padding on the right", cxxopts::value<std::string>())
-      ("out", "output .npy of float32 logits [B, T, V]", cxxopts::value<std::string>())
+      ("tokens", "int32 token ids [B, T] (.npy), 0 = padding on the right (default: none; required)",
+       cxxopts::value<std::string>())
+      ("out", "output .npy of float32 logits [B, T, V] (default: none; required)", cxxopts::value<std::string>())
       ("dump-layers", "also write DIR/hidden_000.npy (embedding output) .. hidden_L.npy (after each layer)",
        cxxopts::value<std::string>()->default_value(""))
       ("force", "overwrite existing outputs (default: off)", cxxopts::value<bool>()->default_value("false")->implicit_value("true"));
@@ -174,9 +199,11 @@ int cmd_run(int argc, char** argv) {
                         "one prompt per line as a batch and prints each continuation as it ends.");
   opts.positional_help("<model dir>");
   opts.add_options()
-      ("prompt", "the prompt text", cxxopts::value<std::string>())
-      ("prompt-file", "a file of prompts, one per line (run as one batch)", cxxopts::value<std::string>())
-      ("tokens-in", "prompts as int32 token ids [B, T] (.npy, 0-padded on the right) instead of text",
+      ("prompt", "the prompt text (default: none; give one of --prompt, --prompt-file, --tokens-in)",
+       cxxopts::value<std::string>())
+      ("prompt-file", "a file of prompts, one per line, run as one batch; each continuation is printed on one "
+       "line with \\n, \\r, \\t, \\\\ and \\xNN escapes (default: none)", cxxopts::value<std::string>())
+      ("tokens-in", "prompts as int32 token ids [B, T] (.npy, 0-padded on the right) instead of text (default: none)",
        cxxopts::value<std::string>())
       ("tokens-out", "write the generated ids as int32 [B, max-tokens] (.npy, 0 after the end)",
        cxxopts::value<std::string>()->default_value(""))
@@ -272,7 +299,9 @@ int cmd_run(int argc, char** argv) {
     for (size_t i = 0; i < out->size(); ++i) {
       const auto& ids = (*out)[i];
       if (tok) {
-        std::printf("%s\n", tok->decode(ids).c_str());
+        std::string line = escape_line(tok->decode(ids));
+        line += '\n';
+        std::fwrite(line.data(), 1, line.size(), stdout);
       } else {
         for (size_t k = 0; k < ids.size(); ++k) std::printf("%s%d", k ? " " : "", ids[k]);
         std::printf("\n");
@@ -288,12 +317,15 @@ int cmd_run(int argc, char** argv) {
     }
     if (auto s = ids_writer->finish(); !s.ok()) return fail(prog, s.error());
   }
+  int64_t generated = 0;
+  for (const auto& ids : *out) generated += static_cast<int64_t>(ids.size());
   std::fprintf(stderr,
-               "%s: prompt %ld tokens at %.1f tok/s, generated %ld tokens at %.2f tok/s, time to first token %.0f ms, "
-               "KV cache %s per rank\n",
+               "%s: prompt %ld tokens at %.1f tok/s; generated %ld tokens, %ld in decode steps at %.2f tok/s; "
+               "time to first token %.0f ms; KV cache %s per rank\n",
                prog, static_cast<long>(st.prompt_tokens), static_cast<double>(st.prompt_tokens) / std::max(st.prefill_seconds, 1e-9),
-               static_cast<long>(st.generated_tokens), static_cast<double>(st.generated_tokens) / std::max(st.decode_seconds, 1e-9),
-               st.first_token_seconds * 1000, human_bytes(static_cast<double>(st.kv_bytes)).c_str());
+               static_cast<long>(generated), static_cast<long>(st.generated_tokens),
+               static_cast<double>(st.generated_tokens) / std::max(st.decode_seconds, 1e-9), st.first_token_seconds * 1000,
+               human_bytes(static_cast<double>(st.kv_bytes)).c_str());
   return kExitOk;
 }
 

@@ -30,6 +30,12 @@ float ModelConfig::embedding_multiplier_bf16() const {
 }
 float ModelConfig::output_multiplier_bf16() const { return round_bf16(static_cast<float>(output_multiplier_scale)); }
 
+int64_t ModelConfig::split_sum_rows(int64_t K) {
+  int64_t nb = 16;
+  while (nb > 1 && K % (2 * nb) != 0) nb /= 2;
+  return K / nb;
+}
+
 namespace {
 
 struct IntField { const char* key; int64_t ModelConfig::*member; };

@@ -39,19 +39,29 @@ const char* cpu_kernel_path();
 // scales [B, N]; rows [b*K/B, (b+1)*K/B) use scale row b:
 //   y[m, n] = sum_k x[m, k] w[k, n],   w[k, n] = bf16(code[k, n] * scale[k / (K/B), n])
 // x [M, K] (row stride ldx) holds bf16 values; y [M, N] (row stride ldy) gets fp32 sums
-// in the pair order above, one chain per output. The caller rounds y where the forward
-// pass does.
+// in the pair order above. The caller rounds y where the forward pass does.
+//
+// sum_rows splits the sum over k into independent chains of sum_rows rows each (0: one
+// chain), combined by a pairwise tree (adjacent sums added level by level, an odd last
+// one carried up). The products whose rows tensor parallelism splits (attention output,
+// expert down projection) use the model's sum_rows (format::ModelConfig), and the
+// ranks' partial sums meet in the same tree, so every TP degree gets the TP-1 bits.
 Status matmul_q8(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t* codes, const uint16_t* scales,
-                 int64_t N, int64_t blocks, float* y, int64_t ldy, Pool pool);
+                 int64_t N, int64_t blocks, float* y, int64_t ldy, Pool pool, int64_t sum_rows = 0);
 Status matmul_q8_ref(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t* codes, const uint16_t* scales,
-                     int64_t N, int64_t blocks, float* y, int64_t ldy, Pool pool);
+                     int64_t N, int64_t blocks, float* y, int64_t ldy, Pool pool, int64_t sum_rows = 0);
+
+// The pairwise tree of sum_rows: v[0..n) reduced in place, level by level (v[i] =
+// v[2i] + v[2i+1], an odd last element carried up); returns the total.
+float tree_sum(float* v, int64_t n);
 
 // The same product for fp32 activations (the expert down projection, h = gelu(g) * u,
 // which the official code keeps in fp32): acc = fma(x[k], w[k], acc) in k order.
 Status matmul_q8_f32(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t* codes, const uint16_t* scales,
-                     int64_t N, int64_t blocks, float* y, int64_t ldy, Pool pool);
+                     int64_t N, int64_t blocks, float* y, int64_t ldy, Pool pool, int64_t sum_rows = 0);
 Status matmul_q8_f32_ref(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t* codes,
-                         const uint16_t* scales, int64_t N, int64_t blocks, float* y, int64_t ldy, Pool pool);
+                         const uint16_t* scales, int64_t N, int64_t blocks, float* y, int64_t ldy, Pool pool,
+                         int64_t sum_rows = 0);
 
 // bf16 matrix against transposed rows (the embedding as the output projection:
 // logits = x @ E^T): y[m, n] = sum_k x[m, k] w[n, k], x holding bf16 values, w bf16 bits

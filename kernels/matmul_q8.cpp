@@ -23,29 +23,27 @@ inline float weight(const int8_t* codes, const uint16_t* scales, int64_t N, int6
 
 // ---------------------------------------------------------------------------------
 // Scalar twins: columns [n0, n1) of every row.
-void pairs_ref(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t* codes, const uint16_t* scales,
-               int64_t N, int64_t rpb, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+template <bool kPairs>
+void columns_ref(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t* codes, const uint16_t* scales,
+                 int64_t N, int64_t rpb, int64_t sr, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+  std::vector<float> sums(static_cast<size_t>(K / sr));
   for (int64_t m = 0; m < M; ++m) {
     const float* xr = x + m * ldx;
     for (int64_t n = n0; n < n1; ++n) {
-      float acc = 0.0f;
-      for (int64_t k = 0; k < K; k += 2) {
-        if (k + 1 < K) acc = acc + xr[k + 1] * weight(codes, scales, N, rpb, k + 1, n);
-        acc = acc + xr[k] * weight(codes, scales, N, rpb, k, n);
+      for (int64_t s = 0; s < K / sr; ++s) {
+        const int64_t a = s * sr, b = a + sr;
+        float acc = 0.0f;
+        if (kPairs) {
+          for (int64_t k = a; k < b; k += 2) {
+            if (k + 1 < b) acc = acc + xr[k + 1] * weight(codes, scales, N, rpb, k + 1, n);
+            acc = acc + xr[k] * weight(codes, scales, N, rpb, k, n);
+          }
+        } else {
+          for (int64_t k = a; k < b; ++k) acc = std::fma(xr[k], weight(codes, scales, N, rpb, k, n), acc);
+        }
+        sums[static_cast<size_t>(s)] = acc;
       }
-      y[m * ldy + n] = acc;
-    }
-  }
-}
-
-void fma_ref(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t* codes, const uint16_t* scales,
-             int64_t N, int64_t rpb, float* y, int64_t ldy, int64_t n0, int64_t n1) {
-  for (int64_t m = 0; m < M; ++m) {
-    const float* xr = x + m * ldx;
-    for (int64_t n = n0; n < n1; ++n) {
-      float acc = 0.0f;
-      for (int64_t k = 0; k < K; ++k) acc = std::fma(xr[k], weight(codes, scales, N, rpb, k, n), acc);
-      y[m * ldy + n] = acc;
+      y[m * ldy + n] = tree_sum(sums.data(), K / sr);
     }
   }
 }
@@ -193,8 +191,11 @@ enum class Level { kScalar, kAvx2, kAvx512 };
 
 template <Level kLevel, bool kPairs>
 Status impl(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t* codes, const uint16_t* scales, int64_t N,
-            int64_t blocks, float* y, int64_t ldy, Pool pool) {
+            int64_t blocks, float* y, int64_t ldy, Pool pool, int64_t sum_rows) {
   check_args(M, K, ldx, N, blocks, ldy);
+  const int64_t sr = sum_rows > 0 ? sum_rows : K;  // rows per independent chain
+  GROKIT_CHECK(K % sr == 0 && (sr == K || sr % 2 == 0));
+  const int64_t chains = K / sr;
   if (M == 0) return {};
   const int64_t rpb = K / blocks;
   // bf16 pairs of x for vdpbf16ps: x[k] in the low half, x[k + 1] in the high half.
@@ -216,59 +217,79 @@ Status impl(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t* cod
     const int64_t n0 = static_cast<int64_t>(t) * chunk, n1 = std::min(N, n0 + chunk);
     const int64_t vec_end = kLevel == Level::kScalar ? n0 : n0 + (n1 - n0) / 32 * 32;
     if (vec_end > n0) {
-      // Row blocks outer, 32-column tiles inner: the codes stream through row by row;
-      // each tile's fp32 sums wait in `acc` between blocks.
-      const int64_t width = vec_end - n0;
+      // Chains outer, then row blocks, then 32-column tiles: the codes stream through row
+      // by row; each tile's fp32 sums wait in `acc` (one slice per chain) between blocks.
+      const int64_t width = vec_end - n0, slice = M * width;
       thread_local std::vector<float> acc;
-      acc.assign(static_cast<size_t>(M * width), 0.0f);
-      for (int64_t k0 = 0; k0 < K; k0 += kRowBlock) {
-        const int64_t k1 = std::min(K, k0 + kRowBlock);
-        for (int64_t c = n0; c < vec_end; c += 32) {
-          float* ap = acc.data() + (c - n0);
-          if constexpr (kLevel == Level::kAvx512) {
-            if (kPairs) pairs_block_avx512(xpairs.data(), M, kp, K, codes, scales, N, rpb, k0, k1, c, ap, width);
-            else fma_block_avx512(x, M, ldx, codes, scales, N, rpb, k0, k1, c, ap, width);
-          } else if constexpr (kLevel == Level::kAvx2) {
-            block_avx2<kPairs>(x, M, ldx, K, codes, scales, N, rpb, k0, k1, c, ap, width);
+      acc.assign(static_cast<size_t>(chains * slice), 0.0f);
+      for (int64_t ch = 0; ch < chains; ++ch) {
+        for (int64_t k0 = ch * sr; k0 < (ch + 1) * sr; k0 += kRowBlock) {
+          const int64_t k1 = std::min((ch + 1) * sr, k0 + kRowBlock);
+          for (int64_t c = n0; c < vec_end; c += 32) {
+            float* ap = acc.data() + ch * slice + (c - n0);
+            if constexpr (kLevel == Level::kAvx512) {
+              if (kPairs) pairs_block_avx512(xpairs.data(), M, kp, K, codes, scales, N, rpb, k0, k1, c, ap, width);
+              else fma_block_avx512(x, M, ldx, codes, scales, N, rpb, k0, k1, c, ap, width);
+            } else if constexpr (kLevel == Level::kAvx2) {
+              block_avx2<kPairs>(x, M, ldx, K, codes, scales, N, rpb, k0, k1, c, ap, width);
+            }
           }
         }
       }
-      for (int64_t m = 0; m < M; ++m)
-        std::memcpy(y + m * ldy + n0, acc.data() + m * width, sizeof(float) * static_cast<size_t>(width));
+      std::vector<float> v(static_cast<size_t>(chains));
+      for (int64_t m = 0; m < M; ++m) {
+        for (int64_t j = 0; j < width; ++j) {
+          if (chains == 1) {
+            y[m * ldy + n0 + j] = acc[static_cast<size_t>(m * width + j)];
+            continue;
+          }
+          for (int64_t ch = 0; ch < chains; ++ch) v[static_cast<size_t>(ch)] = acc[static_cast<size_t>(ch * slice + m * width + j)];
+          y[m * ldy + n0 + j] = tree_sum(v.data(), chains);
+        }
+      }
     }
-    if (vec_end < n1) {
-      if (kPairs) pairs_ref(x, M, K, ldx, codes, scales, N, rpb, y, ldy, vec_end, n1);
-      else fma_ref(x, M, K, ldx, codes, scales, N, rpb, y, ldy, vec_end, n1);
-    }
+    if (vec_end < n1) columns_ref<kPairs>(x, M, K, ldx, codes, scales, N, rpb, sr, y, ldy, vec_end, n1);
   });
   return {};
 }
 
 template <bool kPairs>
 Status dispatch(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t* codes, const uint16_t* scales,
-                int64_t N, int64_t blocks, float* y, int64_t ldy, Pool pool) {
-  if (use_avx512()) return impl<Level::kAvx512, kPairs>(x, M, K, ldx, codes, scales, N, blocks, y, ldy, pool);
-  if (use_avx2()) return impl<Level::kAvx2, kPairs>(x, M, K, ldx, codes, scales, N, blocks, y, ldy, pool);
-  return impl<Level::kScalar, kPairs>(x, M, K, ldx, codes, scales, N, blocks, y, ldy, pool);
+                int64_t N, int64_t blocks, float* y, int64_t ldy, Pool pool, int64_t sr) {
+  if (use_avx512()) return impl<Level::kAvx512, kPairs>(x, M, K, ldx, codes, scales, N, blocks, y, ldy, pool, sr);
+  if (use_avx2()) return impl<Level::kAvx2, kPairs>(x, M, K, ldx, codes, scales, N, blocks, y, ldy, pool, sr);
+  return impl<Level::kScalar, kPairs>(x, M, K, ldx, codes, scales, N, blocks, y, ldy, pool, sr);
 }
 
 }  // namespace
 
+float tree_sum(float* v, int64_t n) {
+  GROKIT_CHECK(n >= 1);
+  while (n > 1) {
+    int64_t half = n / 2;
+    for (int64_t i = 0; i < half; ++i) v[i] = v[2 * i] + v[2 * i + 1];
+    if (n % 2 != 0) v[half] = v[n - 1];
+    n = half + n % 2;
+  }
+  return v[0];
+}
+
 Status matmul_q8(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t* codes, const uint16_t* scales,
-                 int64_t N, int64_t blocks, float* y, int64_t ldy, Pool pool) {
-  return dispatch<true>(x, M, K, ldx, codes, scales, N, blocks, y, ldy, pool);
+                 int64_t N, int64_t blocks, float* y, int64_t ldy, Pool pool, int64_t sum_rows) {
+  return dispatch<true>(x, M, K, ldx, codes, scales, N, blocks, y, ldy, pool, sum_rows);
 }
 Status matmul_q8_ref(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t* codes, const uint16_t* scales,
-                     int64_t N, int64_t blocks, float* y, int64_t ldy, Pool pool) {
-  return impl<Level::kScalar, true>(x, M, K, ldx, codes, scales, N, blocks, y, ldy, pool);
+                     int64_t N, int64_t blocks, float* y, int64_t ldy, Pool pool, int64_t sum_rows) {
+  return impl<Level::kScalar, true>(x, M, K, ldx, codes, scales, N, blocks, y, ldy, pool, sum_rows);
 }
 Status matmul_q8_f32(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t* codes, const uint16_t* scales,
-                     int64_t N, int64_t blocks, float* y, int64_t ldy, Pool pool) {
-  return dispatch<false>(x, M, K, ldx, codes, scales, N, blocks, y, ldy, pool);
+                     int64_t N, int64_t blocks, float* y, int64_t ldy, Pool pool, int64_t sum_rows) {
+  return dispatch<false>(x, M, K, ldx, codes, scales, N, blocks, y, ldy, pool, sum_rows);
 }
 Status matmul_q8_f32_ref(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t* codes,
-                         const uint16_t* scales, int64_t N, int64_t blocks, float* y, int64_t ldy, Pool pool) {
-  return impl<Level::kScalar, false>(x, M, K, ldx, codes, scales, N, blocks, y, ldy, pool);
+                         const uint16_t* scales, int64_t N, int64_t blocks, float* y, int64_t ldy, Pool pool,
+                         int64_t sum_rows) {
+  return impl<Level::kScalar, false>(x, M, K, ldx, codes, scales, N, blocks, y, ldy, pool, sum_rows);
 }
 
 }  // namespace grokit::kernels

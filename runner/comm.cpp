@@ -1,6 +1,7 @@
 // The in-process communicator: ranks are threads; collectives meet at a barrier.
 #include <atomic>
 
+#include "kernels/kernels.h"
 #include "runner/runner.h"
 
 namespace grokit::runner {
@@ -54,9 +55,10 @@ class LocalCommunicator final : public Communicator {
     // sum back to all of them: no element is touched by two ranks.
     size_t per = (n + static_cast<size_t>(N) - 1) / static_cast<size_t>(N);
     size_t a = std::min(n, per * static_cast<size_t>(rank_)), b = std::min(n, a + per);
+    std::vector<float> v(static_cast<size_t>(N));
     for (size_t i = a; i < b; ++i) {
-      float s = static_cast<const float*>(hub_->ptrs[0])[i];
-      for (int q = 1; q < N; ++q) s += static_cast<const float*>(hub_->ptrs[static_cast<size_t>(q)])[i];
+      for (int q = 0; q < N; ++q) v[static_cast<size_t>(q)] = static_cast<const float*>(hub_->ptrs[static_cast<size_t>(q)])[i];
+      float s = kernels::tree_sum(v.data(), N);
       for (int q = 0; q < N; ++q) const_cast<float*>(static_cast<const float*>(hub_->ptrs[static_cast<size_t>(q)]))[i] = s;
     }
     hub_->sync.arrive_and_wait();

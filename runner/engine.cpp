@@ -388,6 +388,13 @@ void Engine::Impl::rank_step(Rank& R, const std::vector<PlanRow>& plan, const Lo
   std::vector<int32_t> experts(static_cast<size_t>(N * top));
   std::vector<float> gates(static_cast<size_t>(N * top));
   std::vector<float> routed(static_cast<size_t>(N * top * D));  // y of each (token, choice)
+  // Chains of the row-split products (see ModelConfig::split_sum_rows); a rank holding
+  // less than a chain sums its rows in one chain.
+  auto chain = [](int64_t global_rows, int64_t local_rows) {
+    int64_t sr = format::ModelConfig::split_sum_rows(global_rows);
+    return local_rows % sr == 0 ? sr : 0;
+  };
+  const int64_t out_sum_rows = chain(cfg.num_q_heads * dh, QD), down_sum_rows = chain(cfg.ffn(), F);
   const kernels::AttentionShape ashape{R.q_heads, R.kv_heads, dh, 0, static_cast<float>(cfg.attn_output_multiplier),
                                        static_cast<float>(cfg.attn_logit_cap)};
   for (int64_t l = 0; l < cfg.num_layers; ++l) {
@@ -426,7 +433,8 @@ void Engine::Impl::rank_step(Rank& R, const std::vector<PlanRow>& plan, const Lo
                          o.data() + t0 * QD, pool));
       t0 += p.n;
     }
-    check(K::matmul_q8(o.data(), N, QD, QD, L.output.codes, L.output.scales, D, L.output.blocks, tmp.data(), D, pool));
+    check(K::matmul_q8(o.data(), N, QD, QD, L.output.codes, L.output.scales, D, L.output.blocks, tmp.data(), D, pool,
+                       out_sum_rows));
     R.comm->all_reduce_sum(tmp.data(), tmp.size());
     K::round_to_bf16(tmp.data(), N * D, tmp.data());
     check(K::rmsnorm(tmp.data(), N, D, L.attn_norm_out, eps, tmp.data(), pool));
@@ -458,10 +466,12 @@ void Engine::Impl::rank_step(Rank& R, const std::vector<PlanRow>& plan, const Lo
       K::round_to_bf16(u.data(), ne * F, u.data());
       check(K::gelu_mul(g.data(), u.data(), ne * F, g.data(), pool));
       std::vector<float> y(static_cast<size_t>(ne * D));
-      check(K::matmul_q8_f32(g.data(), ne, F, F, wd.codes, wd.scales, D, wd.blocks, y.data(), D, pool));
+      check(K::matmul_q8_f32(g.data(), ne, F, F, wd.codes, wd.scales, D, wd.blocks, y.data(), D, pool, down_sum_rows));
       for (int64_t i = 0; i < ne; ++i)
         std::memcpy(routed.data() + picks[static_cast<size_t>(i)] * D, y.data() + i * D, sizeof(float) * static_cast<size_t>(D));
     }
+    // Each choice's y is all-reduced before gating, so the gated sum is the TP-1 one.
+    R.comm->all_reduce_sum(routed.data(), routed.size());
     // moe = sum over the choices, in choice order, of fp32(bf16(gate)) * y.
     for (int64_t t = 0; t < N; ++t) {
       float* acc = tmp.data() + t * D;
@@ -472,7 +482,6 @@ void Engine::Impl::rank_step(Rank& R, const std::vector<PlanRow>& plan, const Lo
         for (int64_t d = 0; d < D; ++d) acc[d] = acc[d] + gb * y[d];
       }
     }
-    R.comm->all_reduce_sum(tmp.data(), tmp.size());
     K::round_to_bf16(tmp.data(), N * D, tmp.data());
     check(K::rmsnorm(tmp.data(), N, D, L.moe_norm_out, eps, tmp.data(), pool));
     K::add_bf16(x.data(), tmp.data(), N * D, x.data());

@@ -31,7 +31,8 @@ class Communicator {
   virtual ~Communicator() = default;
   virtual int rank() const = 0;
   virtual int size() const = 0;
-  // data[i] = sum over ranks of data[i], summed in rank order.
+  // data[i] = sum over ranks of data[i], combined by the pairwise tree over ranks in
+  // rank order (kernels::tree_sum), the tree the kernels' chains meet in.
   virtual void all_reduce_sum(float* data, size_t n) = 0;
   // recv = the concatenation of every rank's `bytes` from send, in rank order.
   virtual void all_gather(const void* send, void* recv, size_t bytes) = 0;

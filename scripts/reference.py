@@ -104,6 +104,33 @@ def matmul_fma(x, w):
     return acc
 
 
+def split_sum_rows(K):
+    """Rows per chain of the products whose rows tensor parallelism splits (attention
+    output, expert down): K / nb, nb the largest power of two <= 16 with 2 * nb dividing K."""
+    nb = 16
+    while nb > 1 and K % (2 * nb):
+        nb //= 2
+    return K // nb
+
+
+def tree_sum(parts):
+    """Adjacent partial sums added level by level in float32, an odd last one carried up."""
+    parts = list(parts)
+    while len(parts) > 1:
+        nxt = [parts[i] + parts[i + 1] for i in range(0, len(parts) - 1, 2)]
+        parts = nxt + ([parts[-1]] if len(parts) % 2 else [])
+    return parts[0]
+
+
+def chained(product, x, w):
+    """product over independent chains of split_sum_rows(K) rows, combined by tree_sum:
+    the order in which tensor-parallel ranks' partial sums meet, so it is the same at
+    every TP degree (a split product needs it; the others are one chain)."""
+    K = x.shape[1]
+    sr = split_sum_rows(K)
+    return tree_sum(product(x[:, i:i + sr], w[i:i + sr]) for i in range(0, K, sr))
+
+
 def matmul_lanes(x, w):
     """x [M, K] (bf16 values) @ w[N, K].T (bf16 values) in float32 over 16 lanes: lane i
     takes the pairs (32j + 2i, 32j + 2i + 1) in the pair order of matmul_pairs; then the
@@ -344,7 +371,7 @@ def attention(cfg, p, a, tokens, cos, sin, stats=None):
     k = rope(bf16(matmul_pairs(flat, p["wk"])).reshape(B, T, KV, dh), cos, sin)
     v = bf16(matmul_pairs(flat, p["wv"])).reshape(B, T, KV, dh)
     o = np.stack([attend(cfg, q[b], k[b], v[b], tokens[b] > 0, stats) for b in range(B)])
-    return bf16(matmul_pairs(o.reshape(B * T, H * dh), p["wo"])).reshape(B, T, D)
+    return bf16(chained(matmul_pairs, o.reshape(B * T, H * dh), p["wo"])).reshape(B, T, D)
 
 
 def route(x, router, k):
@@ -370,7 +397,7 @@ def moe(cfg, p, m):
             continue
         g, u = bf16(matmul_pairs(x, p["gate"][e])), bf16(matmul_pairs(x, p["up"][e]))  # bf16 products
         h = gelu(g) * u  # float32 from here on: the official one-hot selection is float32
-        ye = matmul_fma(h, p["down"][e])  # float32 times the bf16 weight: a float32 result
+        ye = chained(matmul_fma, h, p["down"][e])  # float32 times the bf16 weight: a float32 result
         for slot in range(k):
             rows = chosen[:, slot] == e
             y[slot, rows] = ye[rows]

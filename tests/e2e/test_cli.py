@@ -10,7 +10,8 @@ import unittest
 
 from e2e_util import GROKIT, files_of, run, tiny_config, write_checkpoint
 
-COMMANDS = ["convert", "inspect", "verify", "validate tensors", "devices"]
+COMMANDS = ["convert", "inspect", "verify", "validate tensors", "devices", "run", "logits",
+            "validate logits", "bench"]
 
 
 class Binary(unittest.TestCase):
@@ -32,7 +33,7 @@ class Binary(unittest.TestCase):
             p = run(*cmd.split(), "--help", check=0)
             blocks = []  # one per option; cxxopts wraps long descriptions onto more lines
             for line in p.stdout.splitlines():
-                if re.match(r"^\s+(-\w, )?--[a-z]", line):
+                if re.match(r"^ {2,8}(-\w, )?--[a-z]", line):  # wrapped text is indented deeper
                     blocks.append(line)
                 elif blocks and line.startswith("          "):
                     blocks[-1] += " " + line.strip()

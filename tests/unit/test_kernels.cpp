@@ -142,10 +142,11 @@ std::vector<uint8_t> strided_mask(int64_t rows, int64_t cols, int64_t ld) {
 }
 
 // f32: matmul_q8_f32 on fp32 activations (any fp32 value), else matmul_q8 on bf16 ones.
-KernelCase case_matmul_q8(int64_t M, int64_t K, int64_t N, int64_t blocks, int64_t pad, bool f32 = false) {
+KernelCase case_matmul_q8(int64_t M, int64_t K, int64_t N, int64_t blocks, int64_t pad, bool f32 = false,
+                          int64_t sum_rows = 0) {
   std::string name = std::string(f32 ? "matmul_q8_f32" : "matmul_q8") + "_M" + std::to_string(M) + "_K" +
                      std::to_string(K) + "_N" + std::to_string(N) + "_B" + std::to_string(blocks) +
-                     (pad != 0 ? "_strided" : "");
+                     (sum_rows != 0 ? "_chains" + std::to_string(K / sum_rows) : "") + (pad != 0 ? "_strided" : "");
   return {name, 0, [=]() -> CaseRunner {
             Rng rng(static_cast<uint64_t>(M * 1000003 + K * 1009 + N * 7 + blocks + (f32 ? 5 : 0)));
             const int64_t ldx = K + pad, ldy = N + 2 * pad;
@@ -167,7 +168,7 @@ KernelCase case_matmul_q8(int64_t M, int64_t K, int64_t N, int64_t blocks, int64
               poison(y);
               auto fn = f32 ? (twin == Twin::kRef ? matmul_q8_f32_ref : matmul_q8_f32)
                             : (twin == Twin::kRef ? matmul_q8_ref : matmul_q8);
-              EXPECT_TRUE(fn(x->data(), M, K, ldx, codes->data(), scales->data(), N, blocks, y.data(), ldy, pool).ok());
+              EXPECT_TRUE(fn(x->data(), M, K, ldx, codes->data(), scales->data(), N, blocks, y.data(), ldy, pool, sum_rows).ok());
               Output out;
               out.add(y.data(), y.size(), *mask);
               return out;
@@ -354,6 +355,13 @@ std::vector<KernelCase> all_cases() {
   c.push_back(case_matmul_q8(2, 65, 64, 5, 0));
   c.push_back(case_matmul_q8(3, 150, 100, 2, 3, true));
   c.push_back(case_matmul_q8(2, 129, 96, 3, 1, true));
+  // Independent chains combined by the tree (the row-split products): 2, 3, 8, 16 chains,
+  // chains shorter and longer than the kernels' 64-row blocks.
+  c.push_back(case_matmul_q8(1, 256, 96, 8, 0, false, 16));
+  c.push_back(case_matmul_q8(3, 192, 70, 2, 1, false, 64));
+  c.push_back(case_matmul_q8(2, 256, 64, 8, 0, true, 128));
+  c.push_back(case_matmul_q8(5, 96, 33, 1, 0, true, 12));
+  c.push_back(case_matmul_q8(1, 24, 40, 3, 0, false, 8));
   c.push_back(case_matmul_q8(0, 64, 40, 2, 0));  // M = 0: nothing to write, nothing written
   c.push_back(case_matmul_q8(0, 64, 40, 2, 0, true));
   // matmul_bf16_nt: {M, K, N}; K off and on multiples of 32 (the lanes' block), N off
@@ -521,8 +529,28 @@ float q8_one(const std::vector<float>& x, bool f32) {
   const int64_t K = static_cast<int64_t>(x.size());
   float y = from_bits(kPoison);
   auto fn = f32 ? matmul_q8_f32_ref : matmul_q8_ref;
-  EXPECT_TRUE(fn(x.data(), 1, K, K, codes.data(), scales.data(), 1, 1, &y, 1, nullptr).ok());
+  EXPECT_TRUE(fn(x.data(), 1, K, K, codes.data(), scales.data(), 1, 1, &y, 1, nullptr, 0).ok());
   return y;
+}
+
+TEST(KernelNumerics, MatmulQ8ChainsMeetInAPairwiseTree) {
+  // Terms (w = 1) 2^25, 1, 1, -2^25, 1, 1, 1, 1 in 4 chains of 2: each chain in the pair
+  // order: (1 + 2^25) = 2^25 (1 lost), (-2^25 + 1) = -2^25 + 1 exactly? 2^25 - 1 needs 25
+  // bits: it rounds to -2^25 (ties to even); (1 + 1) = 2, (1 + 1) = 2. Tree: (2^25 + -2^25)
+  // + (2 + 2) = 4. One chain would give a different value.
+  const std::vector<float> x = {0x1p25f, 1, 1, -0x1p25f, 1, 1, 1, 1};
+  const std::vector<int8_t> codes(x.size(), 1);
+  const std::vector<uint16_t> scales = {kOne};
+  for (auto fn : {matmul_q8_ref, matmul_q8}) {
+    float y4 = from_bits(kPoison), y1 = from_bits(kPoison);
+    ASSERT_TRUE(fn(x.data(), 1, 8, 8, codes.data(), scales.data(), 1, 1, &y4, 1, nullptr, 2).ok());
+    ASSERT_TRUE(fn(x.data(), 1, 8, 8, codes.data(), scales.data(), 1, 1, &y1, 1, nullptr, 0).ok());
+    EXPECT_EQ(y4, 4.0f);
+    EXPECT_NE(y4, y1);
+  }
+  // tree_sum itself: an odd last element is carried up.
+  std::vector<float> v = {1, 2, 3, 4, 5};
+  EXPECT_EQ(tree_sum(v.data(), 5), 15.0f);
 }
 
 TEST(KernelNumerics, MatmulQ8AccumulatesInThePinnedPairOrder) {
@@ -1090,10 +1118,10 @@ TEST(KernelBatching, MatmulQ8RowEqualsTheRowAlone) {
     for (unsigned threads : {0u, 3u}) {
       auto fn = simd ? matmul_q8 : matmul_q8_ref;
       std::vector<float> all(static_cast<size_t>(M * ldy));
-      ASSERT_TRUE(fn(x.data(), M, K, ldx, codes.data(), scales.data(), N, B, all.data(), ldy, pool_of(threads)).ok());
+      ASSERT_TRUE(fn(x.data(), M, K, ldx, codes.data(), scales.data(), N, B, all.data(), ldy, pool_of(threads), 0).ok());
       for (int64_t m = 0; m < M; ++m) {
         std::vector<float> one(static_cast<size_t>(N));
-        ASSERT_TRUE(fn(x.data() + m * ldx, 1, K, K, codes.data(), scales.data(), N, B, one.data(), N, pool_of(threads)).ok());
+        ASSERT_TRUE(fn(x.data() + m * ldx, 1, K, K, codes.data(), scales.data(), N, B, one.data(), N, pool_of(threads), 0).ok());
         EXPECT_EQ(std::memcmp(one.data(), all.data() + m * ldy, static_cast<size_t>(N) * 4), 0)
             << "row " << m << (simd ? " simd" : " ref") << ", threads " << threads;
       }
