@@ -92,11 +92,11 @@ struct ModelConfig {
   // The multipliers as the forward pass applies them (bf16-rounded, spec §3).
   float embedding_multiplier_bf16() const;
   float output_multiplier_bf16() const;
-  // The products whose K rows tensor parallelism splits (attention output: K = heads *
-  // key_size; expert down: K = ffn) sum in independent chains of this many rows,
+  // Every weight product over K rows sums in independent chains of this many rows,
   // combined by a pairwise tree: K / nb with nb the largest power of two <= 16 such that
-  // 2 * nb divides K. Ranks then hold whole chains at TP 1-16 and every degree gets the
-  // same bits (kernels/kernels.h).
+  // 2 * nb divides K. Threads then take whole chains (contiguous rows), and where tensor
+  // parallelism splits the rows (attention output, expert down) ranks hold whole chains
+  // at TP 1-16, so every degree gets the same bits (kernels/kernels.h).
   static int64_t split_sum_rows(int64_t K);
 };
 

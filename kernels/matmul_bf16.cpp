@@ -76,6 +76,10 @@ GROKIT_AVX512 void rows_avx512(const uint16_t* xb, int64_t M, int64_t K, const f
   int64_t n = n0;
   for (; n < n1; n += 4) {
     const int rows = static_cast<int>(std::min<int64_t>(4, n1 - n));
+    // Rows of a few KB each: fetch the group after next while this one computes.
+    for (int64_t r = n + 16; r < std::min(n1, n + 20); ++r) {
+      for (int64_t k = 0; k < K; k += 32) _mm_prefetch(reinterpret_cast<const char*>(w + r * K + k), _MM_HINT_T0);
+    }
     for (int64_t m = 0; m < M; ++m) {
       const uint16_t* xr = xb + m * K;
       __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};

@@ -12,6 +12,8 @@ namespace {
 using namespace detail;
 
 constexpr int64_t kRowBlock = 64;  // rows of codes per pass over a task's columns (even)
+constexpr int64_t kPrefetchRows = 8;  // how far ahead the row-by-row walks fetch
+constexpr int64_t kMaxWidth = 1 << 20;  // columns per decode task (narrower parts measured slower)
 
 void check_args(int64_t M, int64_t K, int64_t ldx, int64_t N, int64_t blocks, int64_t ldy) {
   GROKIT_CHECK(M >= 0 && K > 0 && N > 0 && blocks > 0 && K % blocks == 0 && ldx >= K && ldy >= N);
@@ -23,27 +25,24 @@ inline float weight(const int8_t* codes, const uint16_t* scales, int64_t N, int6
 
 // ---------------------------------------------------------------------------------
 // Scalar twins: columns [n0, n1) of every row.
+// One chain: the sums over rows [k0, k1) of columns [c0, c1) into out ([M][ld], column c0
+// at out[0]), in the pair order or with fma in k order.
 template <bool kPairs>
-void columns_ref(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t* codes, const uint16_t* scales,
-                 int64_t N, int64_t rpb, int64_t sr, float* y, int64_t ldy, int64_t n0, int64_t n1) {
-  std::vector<float> sums(static_cast<size_t>(K / sr));
+void chain_columns_ref(const float* x, int64_t M, int64_t ldx, const int8_t* codes, const uint16_t* scales, int64_t N,
+                       int64_t rpb, int64_t k0, int64_t k1, int64_t c0, int64_t c1, float* out, int64_t ld) {
   for (int64_t m = 0; m < M; ++m) {
     const float* xr = x + m * ldx;
-    for (int64_t n = n0; n < n1; ++n) {
-      for (int64_t s = 0; s < K / sr; ++s) {
-        const int64_t a = s * sr, b = a + sr;
-        float acc = 0.0f;
-        if (kPairs) {
-          for (int64_t k = a; k < b; k += 2) {
-            if (k + 1 < b) acc = acc + xr[k + 1] * weight(codes, scales, N, rpb, k + 1, n);
-            acc = acc + xr[k] * weight(codes, scales, N, rpb, k, n);
-          }
-        } else {
-          for (int64_t k = a; k < b; ++k) acc = std::fma(xr[k], weight(codes, scales, N, rpb, k, n), acc);
+    for (int64_t n = c0; n < c1; ++n) {
+      float acc = 0.0f;
+      if (kPairs) {
+        for (int64_t k = k0; k < k1; k += 2) {
+          if (k + 1 < k1) acc = acc + xr[k + 1] * weight(codes, scales, N, rpb, k + 1, n);
+          acc = acc + xr[k] * weight(codes, scales, N, rpb, k, n);
         }
-        sums[static_cast<size_t>(s)] = acc;
+      } else {
+        for (int64_t k = k0; k < k1; ++k) acc = std::fma(xr[k], weight(codes, scales, N, rpb, k, n), acc);
       }
-      y[m * ldy + n] = tree_sum(sums.data(), K / sr);
+      out[m * ld + (n - c0)] = acc;
     }
   }
 }
@@ -105,84 +104,115 @@ GROKIT_AVX512 inline __m512 load_bf16x16(const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
 }
 
-GROKIT_AVX512 void pairs_block_avx512(const uint32_t* xpairs, int64_t M, int64_t kp_stride, int64_t K,
-                                      const int8_t* codes, const uint16_t* scales, int64_t N, int64_t rpb, int64_t k0,
-                                      int64_t k1, int64_t c, float* acc, int64_t acc_ld) {
-  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
-                                              21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-  __m512i wp[kRowBlock / 2][2];
-  const int64_t pairs = (k1 - k0 + 1) / 2;
-  // The scales change only at block boundaries: convert them once per block.
-  int64_t blk = -1;
-  __m512 s_lo = _mm512_setzero_ps(), s_hi = _mm512_setzero_ps();
-  auto scales_of = [&](int64_t k) GROKIT_AVX512_LAMBDA {
-    if (k / rpb != blk) {
-      blk = k / rpb;
-      s_lo = load_bf16x16(scales + blk * N + c);
-      s_hi = load_bf16x16(scales + blk * N + c + 16);
-    }
-  };
-  for (int64_t p = 0; p < pairs; ++p) {
-    int64_t k = k0 + 2 * p;
-    const int8_t* r0 = codes + k * N + c;
-    scales_of(k);
-    __m512 lo0 = dequant16_f32(r0, s_lo), hi0 = dequant16_f32(r0 + 16, s_hi);
-    __m512 lo1 = _mm512_setzero_ps(), hi1 = _mm512_setzero_ps();
-    if (k + 1 < K) {
-      const int8_t* r1 = r0 + N;
-      scales_of(k + 1);
-      lo1 = dequant16_f32(r1, s_lo);
-      hi1 = dequant16_f32(r1 + 16, s_hi);
-    }
-    wp[p][0] = _mm512_permutexvar_epi16(interleave, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(lo1, lo0)));
-    wp[p][1] = _mm512_permutexvar_epi16(interleave, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi1, hi0)));
+// The scales of the blocks that rows [k0, k1) use, columns [c0, c1), as fp32 (converted
+// once per block instead of once per row): row k's are at scales_f32(k0, ...) +
+// (k / rpb - k0 / rpb) * (c1 - c0).
+GROKIT_AVX512 const float* scales_f32(const uint16_t* scales, int64_t N, int64_t rpb, int64_t k0, int64_t k1,
+                                      int64_t c0, int64_t c1) {
+  thread_local std::vector<float> out;
+  const int64_t b0 = k0 / rpb, b1 = (k1 - 1) / rpb + 1, width = c1 - c0;
+  out.resize(static_cast<size_t>((b1 - b0) * width));
+  for (int64_t b = b0; b < b1; ++b) {
+    for (int64_t c = c0; c < c1; c += 16)
+      _mm512_storeu_ps(out.data() + (b - b0) * width + (c - c0), load_bf16x16(scales + b * N + c));
   }
-  for (int64_t m = 0; m < M; ++m) {
-    float* ap = acc + m * acc_ld;
-    __m512 a0 = _mm512_loadu_ps(ap), a1 = _mm512_loadu_ps(ap + 16);
-    const uint32_t* xp = xpairs + m * kp_stride + k0 / 2;
-    for (int64_t p = 0; p < pairs; ++p) {
-      __m512bh xb = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(xp[p])));
-      a0 = _mm512_dpbf16_ps(a0, reinterpret_cast<__m512bh>(wp[p][0]), xb);
-      a1 = _mm512_dpbf16_ps(a1, reinterpret_cast<__m512bh>(wp[p][1]), xb);
-    }
-    _mm512_storeu_ps(ap, a0);
-    _mm512_storeu_ps(ap + 16, a1);
+  return out.data();
+}
+
+// Fetches rows [k, k + n) of columns [c0, c1): the walks read short runs of many rows, so
+// every run would start with a full memory latency without it.
+inline void prefetch_rows(const int8_t* codes, int64_t N, int64_t k, int64_t n, int64_t c0, int64_t c1) {
+  for (int64_t r = k; r < k + n; ++r) {
+    for (int64_t c = c0; c < c1; c += 64) _mm_prefetch(reinterpret_cast<const char*>(codes + r * N + c), _MM_HINT_T1);
   }
 }
 
-// fp32 activations: each code row dequantized to fp32 (bf16-rounded) once per block and
-// tile, then acc = fma(x[k], w[k], acc) in k order for every row of x.
-GROKIT_AVX512 void fma_block_avx512(const float* x, int64_t M, int64_t ldx, const int8_t* codes,
-                                    const uint16_t* scales, int64_t N, int64_t rpb, int64_t k0, int64_t k1, int64_t c,
-                                    float* acc, int64_t acc_ld) {
-  __m512 panel[kRowBlock][2];
-  int64_t blk = -1;
-  __m512 s[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
-  for (int64_t k = k0; k < k1; ++k) {
-    if (k / rpb != blk) {  // the scales change only at block boundaries
-      blk = k / rpb;
-      s[0] = load_bf16x16(scales + blk * N + c);
-      s[1] = load_bf16x16(scales + blk * N + c + 16);
+// Rows [k0, k1) of columns [c0, c1) (a multiple of 32), two row pairs at a time: the rows
+// stream through sequentially, each 32-column tile of a pair is dequantized once (the
+// bf16 rounding done by vcvtne2ps2bf16, the pairs interleaved into dwords) and added to
+// every row of x's fp32 sums in `acc` ([M][acc_ld], column c0 at 0) by vdpbf16ps.
+GROKIT_AVX512 void pairs_rows_avx512(const uint32_t* xpairs, int64_t M, int64_t kp_stride, int64_t K,
+                                     const int8_t* codes, const uint16_t* scales, int64_t N, int64_t rpb, int64_t k0,
+                                     int64_t k1, int64_t c0, int64_t c1, float* acc, int64_t acc_ld) {
+  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
+                                              21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const float* sf = scales_f32(scales, N, rpb, k0, k1, c0, c1);
+  const int64_t width = c1 - c0, b0 = k0 / rpb;
+  // One pair of rows (k, k + 1; a missing k + 1 counts as zero) of tile c: two vectors of
+  // 16 dwords, each (w[k][n] low, w[k+1][n] high).
+  auto pair_tile = [&](int64_t k, int64_t c, __m512bh& lo, __m512bh& hi) GROKIT_AVX512_LAMBDA {
+    const int8_t* r0 = codes + k * N + c;
+    const float* s0 = sf + (k / rpb - b0) * width + (c - c0);
+    __m512 lo0 = dequant16_f32(r0, _mm512_loadu_ps(s0)), hi0 = dequant16_f32(r0 + 16, _mm512_loadu_ps(s0 + 16));
+    __m512 lo1 = _mm512_setzero_ps(), hi1 = _mm512_setzero_ps();
+    if (k + 1 < K) {
+      const float* s1 = sf + ((k + 1) / rpb - b0) * width + (c - c0);
+      lo1 = dequant16_f32(r0 + N, _mm512_loadu_ps(s1));
+      hi1 = dequant16_f32(r0 + N + 16, _mm512_loadu_ps(s1 + 16));
     }
-    const int8_t* row = codes + k * N + c;
-    for (int j = 0; j < 2; ++j) {
-      __m512 f = dequant16_f32(row + 16 * j, s[j]);
-      __m256i b = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(f));
-      panel[k - k0][j] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
+    lo = reinterpret_cast<__m512bh>(_mm512_permutexvar_epi16(interleave, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(lo1, lo0))));
+    hi = reinterpret_cast<__m512bh>(_mm512_permutexvar_epi16(interleave, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi1, hi0))));
+  };
+  for (int64_t k = k0; k < k1; k += 4) {
+    const bool two = k + 2 < k1;  // a second pair in this step
+    if (k + kPrefetchRows < k1) prefetch_rows(codes, N, k + kPrefetchRows, std::min<int64_t>(4, k1 - k - kPrefetchRows), c0, c1);
+    for (int64_t c = c0; c < c1; c += 32) {
+      __m512bh alo, ahi, blo, bhi;
+      pair_tile(k, c, alo, ahi);
+      if (two) pair_tile(k + 2, c, blo, bhi);
+      for (int64_t m = 0; m < M; ++m) {
+        const uint32_t* xp = xpairs + m * kp_stride + k / 2;
+        __m512bh xa = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(xp[0])));
+        float* ap = acc + m * acc_ld + (c - c0);
+        __m512 s0 = _mm512_dpbf16_ps(_mm512_loadu_ps(ap), alo, xa);
+        __m512 s1 = _mm512_dpbf16_ps(_mm512_loadu_ps(ap + 16), ahi, xa);
+        if (two) {
+          __m512bh xb = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(xp[1])));
+          s0 = _mm512_dpbf16_ps(s0, blo, xb);
+          s1 = _mm512_dpbf16_ps(s1, bhi, xb);
+        }
+        _mm512_storeu_ps(ap, s0);
+        _mm512_storeu_ps(ap + 16, s1);
+      }
     }
   }
-  for (int64_t m = 0; m < M; ++m) {
-    const float* xr = x + m * ldx;
-    float* ap = acc + m * acc_ld;
-    __m512 a0 = _mm512_loadu_ps(ap), a1 = _mm512_loadu_ps(ap + 16);
-    for (int64_t k = k0; k < k1; ++k) {
-      __m512 xk = _mm512_set1_ps(xr[k]);
-      a0 = _mm512_fmadd_ps(xk, panel[k - k0][0], a0);
-      a1 = _mm512_fmadd_ps(xk, panel[k - k0][1], a1);
+}
+
+// fp32 activations, two rows at a time: each 32-column tile of a row dequantized to fp32
+// (bf16-rounded) once, then acc = fma(x[k], w[k], acc) in k order for every row of x.
+GROKIT_AVX512 void fma_rows_avx512(const float* x, int64_t M, int64_t ldx, const int8_t* codes, const uint16_t* scales,
+                                   int64_t N, int64_t rpb, int64_t k0, int64_t k1, int64_t c0, int64_t c1, float* acc,
+                                   int64_t acc_ld) {
+  const float* sf = scales_f32(scales, N, rpb, k0, k1, c0, c1);
+  const int64_t width = c1 - c0, b0 = k0 / rpb;
+  auto row_tile = [&](int64_t k, int64_t c, __m512& w0, __m512& w1) GROKIT_AVX512_LAMBDA {
+    const int8_t* row = codes + k * N + c;
+    const float* sp = sf + (k / rpb - b0) * width + (c - c0);
+    __m512 f0 = dequant16_f32(row, _mm512_loadu_ps(sp)), f1 = dequant16_f32(row + 16, _mm512_loadu_ps(sp + 16));
+    w0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(f0))), 16));
+    w1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(f1))), 16));
+  };
+  for (int64_t k = k0; k < k1; k += 2) {
+    const bool two = k + 1 < k1;
+    if (k + kPrefetchRows < k1) prefetch_rows(codes, N, k + kPrefetchRows, std::min<int64_t>(2, k1 - k - kPrefetchRows), c0, c1);
+    for (int64_t c = c0; c < c1; c += 32) {
+      __m512 a0, a1, b0v, b1v;
+      row_tile(k, c, a0, a1);
+      if (two) row_tile(k + 1, c, b0v, b1v);
+      for (int64_t m = 0; m < M; ++m) {
+        const float* xr = x + m * ldx;
+        float* ap = acc + m * acc_ld + (c - c0);
+        __m512 xa = _mm512_set1_ps(xr[k]);
+        __m512 s0 = _mm512_fmadd_ps(xa, a0, _mm512_loadu_ps(ap)), s1 = _mm512_fmadd_ps(xa, a1, _mm512_loadu_ps(ap + 16));
+        if (two) {
+          __m512 xb = _mm512_set1_ps(xr[k + 1]);
+          s0 = _mm512_fmadd_ps(xb, b0v, s0);
+          s1 = _mm512_fmadd_ps(xb, b1v, s1);
+        }
+        _mm512_storeu_ps(ap, s0);
+        _mm512_storeu_ps(ap + 16, s1);
+      }
     }
-    _mm512_storeu_ps(ap, a0);
-    _mm512_storeu_ps(ap + 16, a1);
   }
 }
 
@@ -200,7 +230,10 @@ Status impl(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t* cod
   const int64_t rpb = K / blocks;
   // bf16 pairs of x for vdpbf16ps: x[k] in the low half, x[k + 1] in the high half.
   const int64_t kp = (K + 1) / 2;
-  std::vector<uint32_t> xpairs;
+  // Owned by the calling thread and reused across calls; the tasks reach it through this
+  // reference (a thread_local named inside the lambdas would be each worker's own).
+  static thread_local std::vector<uint32_t> xpairs_storage;
+  std::vector<uint32_t>& xpairs = xpairs_storage;
   if (kLevel == Level::kAvx512 && kPairs) {
     xpairs.resize(static_cast<size_t>(M * kp));
     for (int64_t m = 0; m < M; ++m) {
@@ -211,44 +244,70 @@ Status impl(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t* cod
       }
     }
   }
-  const int64_t chunk = chunk_size(N, task_count(pool), 32);
-  const int64_t tasks = (N + chunk - 1) / chunk;
-  for_each(pool, static_cast<size_t>(tasks), [&](size_t t) {
-    const int64_t n0 = static_cast<int64_t>(t) * chunk, n1 = std::min(N, n0 + chunk);
-    const int64_t vec_end = kLevel == Level::kScalar ? n0 : n0 + (n1 - n0) / 32 * 32;
-    if (vec_end > n0) {
-      // Chains outer, then row blocks, then 32-column tiles: the codes stream through row
-      // by row; each tile's fp32 sums wait in `acc` (one slice per chain) between blocks.
-      const int64_t width = vec_end - n0, slice = M * width;
-      thread_local std::vector<float> acc;
-      acc.assign(static_cast<size_t>(chains * slice), 0.0f);
-      for (int64_t ch = 0; ch < chains; ++ch) {
-        for (int64_t k0 = ch * sr; k0 < (ch + 1) * sr; k0 += kRowBlock) {
-          const int64_t k1 = std::min((ch + 1) * sr, k0 + kRowBlock);
-          for (int64_t c = n0; c < vec_end; c += 32) {
-            float* ap = acc.data() + ch * slice + (c - n0);
-            if constexpr (kLevel == Level::kAvx512) {
-              if (kPairs) pairs_block_avx512(xpairs.data(), M, kp, K, codes, scales, N, rpb, k0, k1, c, ap, width);
-              else fma_block_avx512(x, M, ldx, codes, scales, N, rpb, k0, k1, c, ap, width);
-            } else if constexpr (kLevel == Level::kAvx2) {
-              block_avx2<kPairs>(x, M, ldx, K, codes, scales, N, rpb, k0, k1, c, ap, width);
-            }
-          }
-        }
-      }
-      std::vector<float> v(static_cast<size_t>(chains));
-      for (int64_t m = 0; m < M; ++m) {
-        for (int64_t j = 0; j < width; ++j) {
-          if (chains == 1) {
-            y[m * ldy + n0 + j] = acc[static_cast<size_t>(m * width + j)];
-            continue;
-          }
-          for (int64_t ch = 0; ch < chains; ++ch) v[static_cast<size_t>(ch)] = acc[static_cast<size_t>(ch * slice + m * width + j)];
-          y[m * ldy + n0 + j] = tree_sum(v.data(), chains);
+  // One chain over rows [k0, k1) of columns [c0, c1) into out ([M][ld], c0 at out[0]):
+  // whole 32-column tiles by SIMD, the rest by the scalar twin.
+  auto chain_part = [&](int64_t k0, int64_t k1, int64_t c0, int64_t c1, float* out, int64_t ld) {
+    const int64_t vec_end = kLevel == Level::kScalar ? c0 : c0 + (c1 - c0) / 32 * 32;
+    if (vec_end > c0) {
+      for (int64_t m = 0; m < M; ++m) std::fill(out + m * ld, out + m * ld + (vec_end - c0), 0.0f);
+      if constexpr (kLevel == Level::kAvx512) {
+        // Row by row over the columns: sequential reads, the sums in L1.
+        if (kPairs) pairs_rows_avx512(xpairs.data(), M, kp, K, codes, scales, N, rpb, k0, k1, c0, vec_end, out, ld);
+        else fma_rows_avx512(x, M, ldx, codes, scales, N, rpb, k0, k1, c0, vec_end, out, ld);
+      } else if constexpr (kLevel == Level::kAvx2) {
+        for (int64_t b0 = k0; b0 < k1; b0 += kRowBlock) {
+          const int64_t b1 = std::min(k1, b0 + kRowBlock);
+          for (int64_t c = c0; c < vec_end; c += 32)
+            block_avx2<kPairs>(x, M, ldx, K, codes, scales, N, rpb, b0, b1, c, out + (c - c0), ld);
         }
       }
     }
-    if (vec_end < n1) columns_ref<kPairs>(x, M, K, ldx, codes, scales, N, rpb, sr, y, ldy, vec_end, n1);
+    if (vec_end < c1) chain_columns_ref<kPairs>(x, M, ldx, codes, scales, N, rpb, k0, k1, vec_end, c1, out + (vec_end - c0), ld);
+  };
+  auto combine = [&](const float* parts, int64_t stride, int64_t ld, int64_t c0, int64_t c1) {
+    std::vector<float> v(static_cast<size_t>(chains));
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t n = c0; n < c1; ++n) {
+        for (int64_t ch = 0; ch < chains; ++ch) v[static_cast<size_t>(ch)] = parts[ch * stride + m * ld + (n - c0)];
+        y[m * ldy + n] = tree_sum(v.data(), chains);
+      }
+    }
+  };
+  if (chains > 1 && M * N * chains <= (int64_t{1} << 22)) {
+    // Few rows of x (decode): tasks are (chain, column part) pairs, so each task reads one
+    // contiguous block of rows; the chains meet in the tree afterwards.
+    // Column parts keep a task's sums in L1 (at most kMaxWidth columns).
+    const int64_t parts = std::max<int64_t>({1, (task_count(pool) + chains - 1) / chains, (N + kMaxWidth - 1) / kMaxWidth});
+    const int64_t width = chunk_size(N, parts, 32);
+    // Reused across calls: a fresh buffer of this size would be mapped and faulted in
+    // on every call of a decode step.
+    static thread_local std::vector<float> out_storage;
+    std::vector<float>& out = out_storage;
+    out.resize(static_cast<size_t>(chains * M * N));
+    for_each(pool, static_cast<size_t>(chains * parts), [&](size_t t) {
+      const int64_t ch = static_cast<int64_t>(t) / parts, part = static_cast<int64_t>(t) % parts;
+      const int64_t c0 = std::min(N, part * width), c1 = std::min(N, c0 + width);
+      if (c0 < c1) chain_part(ch * sr, (ch + 1) * sr, c0, c1, out.data() + ch * M * N + c0, N);
+    });
+    const int64_t cw = chunk_size(N, task_count(pool), 64);
+    for_each(pool, static_cast<size_t>((N + cw - 1) / cw), [&](size_t t) {
+      const int64_t c0 = static_cast<int64_t>(t) * cw, c1 = std::min(N, c0 + cw);
+      combine(out.data() + c0, M * N, N, c0, c1);
+    });
+    return {};
+  }
+  // Many rows of x (prefill) or one chain: tasks are column ranges narrow enough that
+  // every chain's sums for them fit in a few MiB.
+  int64_t chunk = chunk_size(N, task_count(pool), 32);
+  chunk = std::max<int64_t>(32, std::min(chunk, (int64_t{1} << 19) / std::max<int64_t>(1, chains * M) / 32 * 32));
+  const int64_t tasks = (N + chunk - 1) / chunk;
+  for_each(pool, static_cast<size_t>(tasks), [&](size_t t) {
+    const int64_t c0 = static_cast<int64_t>(t) * chunk, c1 = std::min(N, c0 + chunk), width = c1 - c0;
+    if (chains == 1) return chain_part(0, K, c0, c1, y + c0, ldy);
+    thread_local std::vector<float> parts;
+    parts.resize(static_cast<size_t>(chains * M * width));
+    for (int64_t ch = 0; ch < chains; ++ch) chain_part(ch * sr, (ch + 1) * sr, c0, c1, parts.data() + ch * M * width, width);
+    combine(parts.data(), M * width, width, c0, c1);
   });
   return {};
 }

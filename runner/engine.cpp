@@ -388,12 +388,15 @@ void Engine::Impl::rank_step(Rank& R, const std::vector<PlanRow>& plan, const Lo
   std::vector<int32_t> experts(static_cast<size_t>(N * top));
   std::vector<float> gates(static_cast<size_t>(N * top));
   std::vector<float> routed(static_cast<size_t>(N * top * D));  // y of each (token, choice)
-  // Chains of the row-split products (see ModelConfig::split_sum_rows); a rank holding
-  // less than a chain sums its rows in one chain.
+  // Every weight product sums in chains (ModelConfig::split_sum_rows of its whole K) that
+  // meet in a tree: the threads of a rank take whole chains (contiguous rows), and the
+  // ranks of a row-split product hold whole chains. A rank holding less than a chain
+  // sums its rows in one chain.
   auto chain = [](int64_t global_rows, int64_t local_rows) {
     int64_t sr = format::ModelConfig::split_sum_rows(global_rows);
     return local_rows % sr == 0 ? sr : 0;
   };
+  const int64_t d_sum_rows = chain(D, D);
   const int64_t out_sum_rows = chain(cfg.num_q_heads * dh, QD), down_sum_rows = chain(cfg.ffn(), F);
   const kernels::AttentionShape ashape{R.q_heads, R.kv_heads, dh, 0, static_cast<float>(cfg.attn_output_multiplier),
                                        static_cast<float>(cfg.attn_logit_cap)};
@@ -401,9 +404,10 @@ void Engine::Impl::rank_step(Rank& R, const std::vector<PlanRow>& plan, const Lo
     const LayerWeights& L = R.layers[static_cast<size_t>(l)];
     // 2. Attention.
     check(K::rmsnorm(x.data(), N, D, L.attn_norm_in, eps, a.data(), pool));
-    check(K::matmul_q8(a.data(), N, D, D, L.query.codes, L.query.scales, QD, L.query.blocks, q.data(), QD, pool));
-    check(K::matmul_q8(a.data(), N, D, D, L.key.codes, L.key.scales, KVD, L.key.blocks, k.data(), KVD, pool));
-    check(K::matmul_q8(a.data(), N, D, D, L.value.codes, L.value.scales, KVD, L.value.blocks, v.data(), KVD, pool));
+    check(K::matmul_q8(a.data(), N, D, D, L.query.codes, L.query.scales, QD, L.query.blocks, q.data(), QD, pool, d_sum_rows));
+    check(K::matmul_q8(a.data(), N, D, D, L.key.codes, L.key.scales, KVD, L.key.blocks, k.data(), KVD, pool, d_sum_rows));
+    check(K::matmul_q8(a.data(), N, D, D, L.value.codes, L.value.scales, KVD, L.value.blocks, v.data(), KVD, pool,
+                       d_sum_rows));
     K::round_to_bf16(q.data(), N * QD, q.data());
     K::round_to_bf16(k.data(), N * KVD, k.data());
     K::round_to_bf16(v.data(), N * KVD, v.data());
@@ -460,8 +464,8 @@ void Engine::Impl::rank_step(Rank& R, const std::vector<PlanRow>& plan, const Lo
         return x8;
       };
       Q8View wg = expert(L.gate), wu = expert(L.up), wd = expert(L.down);
-      check(K::matmul_q8(me.data(), ne, D, D, wg.codes, wg.scales, F, wg.blocks, g.data(), F, pool));
-      check(K::matmul_q8(me.data(), ne, D, D, wu.codes, wu.scales, F, wu.blocks, u.data(), F, pool));
+      check(K::matmul_q8(me.data(), ne, D, D, wg.codes, wg.scales, F, wg.blocks, g.data(), F, pool, d_sum_rows));
+      check(K::matmul_q8(me.data(), ne, D, D, wu.codes, wu.scales, F, wu.blocks, u.data(), F, pool, d_sum_rows));
       K::round_to_bf16(g.data(), ne * F, g.data());
       K::round_to_bf16(u.data(), ne * F, u.data());
       check(K::gelu_mul(g.data(), u.data(), ne * F, g.data(), pool));

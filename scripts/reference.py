@@ -105,8 +105,8 @@ def matmul_fma(x, w):
 
 
 def split_sum_rows(K):
-    """Rows per chain of the products whose rows tensor parallelism splits (attention
-    output, expert down): K / nb, nb the largest power of two <= 16 with 2 * nb dividing K."""
+    """Rows per chain of a weight product over K rows: K / nb, nb the largest power of two
+    <= 16 with 2 * nb dividing K."""
     nb = 16
     while nb > 1 and K % (2 * nb):
         nb //= 2
@@ -123,9 +123,10 @@ def tree_sum(parts):
 
 
 def chained(product, x, w):
-    """product over independent chains of split_sum_rows(K) rows, combined by tree_sum:
-    the order in which tensor-parallel ranks' partial sums meet, so it is the same at
-    every TP degree (a split product needs it; the others are one chain)."""
+    """product over independent chains of split_sum_rows(K) rows, combined by tree_sum.
+    Every weight product sums this way: threads take whole chains (contiguous rows), and
+    where tensor parallelism splits the rows, ranks hold whole chains whose partial sums
+    meet in the same tree, so the result is the same at every TP degree."""
     K = x.shape[1]
     sr = split_sum_rows(K)
     return tree_sum(product(x[:, i:i + sr], w[i:i + sr]) for i in range(0, K, sr))
@@ -367,9 +368,9 @@ def attention(cfg, p, a, tokens, cos, sin, stats=None):
     B, T, D = a.shape
     H, KV, dh = cfg["num_q_heads"], cfg["num_kv_heads"], cfg["key_size"]
     flat = a.reshape(B * T, D)
-    q = rope(bf16(matmul_pairs(flat, p["wq"])).reshape(B, T, H, dh), cos, sin)
-    k = rope(bf16(matmul_pairs(flat, p["wk"])).reshape(B, T, KV, dh), cos, sin)
-    v = bf16(matmul_pairs(flat, p["wv"])).reshape(B, T, KV, dh)
+    q = rope(bf16(chained(matmul_pairs, flat, p["wq"])).reshape(B, T, H, dh), cos, sin)
+    k = rope(bf16(chained(matmul_pairs, flat, p["wk"])).reshape(B, T, KV, dh), cos, sin)
+    v = bf16(chained(matmul_pairs, flat, p["wv"])).reshape(B, T, KV, dh)
     o = np.stack([attend(cfg, q[b], k[b], v[b], tokens[b] > 0, stats) for b in range(B)])
     return bf16(chained(matmul_pairs, o.reshape(B * T, H * dh), p["wo"])).reshape(B, T, D)
 
@@ -395,7 +396,8 @@ def moe(cfg, p, m):
     for e in range(cfg["num_experts"]):
         if not (chosen == e).any():
             continue
-        g, u = bf16(matmul_pairs(x, p["gate"][e])), bf16(matmul_pairs(x, p["up"][e]))  # bf16 products
+        g = bf16(chained(matmul_pairs, x, p["gate"][e]))  # bf16 products
+        u = bf16(chained(matmul_pairs, x, p["up"][e]))
         h = gelu(g) * u  # float32 from here on: the official one-hot selection is float32
         ye = chained(matmul_fma, h, p["down"][e])  # float32 times the bf16 weight: a float32 result
         for slot in range(k):
