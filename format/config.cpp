@@ -1,4 +1,5 @@
 // ModelConfig: the one record that carries a model's sizes.
+#include <algorithm>
 #include <cmath>
 #include <nlohmann/json.hpp>
 
@@ -29,6 +30,13 @@ float ModelConfig::embedding_multiplier_bf16() const {
   return round_bf16(static_cast<float>(embedding_multiplier_scale));
 }
 float ModelConfig::output_multiplier_bf16() const { return round_bf16(static_cast<float>(output_multiplier_scale)); }
+
+int64_t ModelConfig::chunked_sum_rows(int64_t K, int64_t G) {
+  const int64_t unit = std::max<int64_t>(32, G);
+  int64_t nb = 16;
+  while (nb > 1 && K % (nb * unit) != 0) nb /= 2;
+  return K / nb;
+}
 
 int64_t ModelConfig::split_sum_rows(int64_t K) {
   int64_t nb = 16;

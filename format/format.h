@@ -53,6 +53,15 @@ std::optional<uint64_t> payload_size(DType t, std::span<const int64_t> shape, ui
 // Offset of the bf16 scales inside a kQ8RowBlock payload: codes first, then scales at
 // the next 64-byte boundary.
 uint64_t q8_scales_offset(std::span<const int64_t> shape);
+// The k-chunked layouts (SPEC.md §4.1): bytes of one group of G rows of a kQ4Group
+// matrix with N columns (codes, then scales padded to 16 bytes), and of one kF8Column
+// matrix (codes, then scales padded to 16 bytes).
+inline uint64_t q4g_group_bytes(int64_t G, int64_t N) {
+  return static_cast<uint64_t>(16 * (G / 32) * N) + ((static_cast<uint64_t>(2 * N) + 15) / 16 * 16);
+}
+inline uint64_t f8col_matrix_bytes(int64_t K, int64_t N) {
+  return static_cast<uint64_t>(32 * (K / 32) * N) + ((static_cast<uint64_t>(2 * N) + 15) / 16 * 16);
+}
 
 // ---------------------------------------------------------------------------------
 // The configuration record. One of these drives everything; nothing else hard-codes
@@ -98,6 +107,9 @@ struct ModelConfig {
   // parallelism splits the rows (attention output, expert down) ranks hold whole chains
   // at TP 1-16, so every degree gets the same bits (kernels/kernels.h).
   static int64_t split_sum_rows(int64_t K);
+  // The same for the k-chunked weights (q4g with group G, f8col with G = 32): K / nb, nb
+  // the largest power of two <= 16 such that nb * max(32, G) divides K.
+  static int64_t chunked_sum_rows(int64_t K, int64_t G);
 };
 
 // ---------------------------------------------------------------------------------
@@ -198,6 +210,20 @@ struct Q8View {
   uint32_t blocks = 1;
 };
 
+// Any stored weight matrix [E, K, N] (E = 1 for 2-D): its dtype decides the layout.
+// kQ8RowBlock: codes/scales as Q8View; kQ4Group and kF8Column: `data` is the k-chunked
+// payload (SPEC.md §4.1), `matrix_bytes` apart per expert; kBF16: [E, K, N] row-major.
+struct WeightView {
+  DType dtype = DType::kQ8RowBlock;
+  int64_t experts = 1, rows = 0, cols = 0;
+  uint32_t param = 0;               // q8rb: scale blocks; q4g: group size
+  const uint8_t* data = nullptr;    // q4g, f8col, bf16: the payload
+  uint64_t matrix_bytes = 0;        // q4g, f8col, bf16: bytes per expert
+  Q8View q8;                        // q8rb
+  // The same view restricted to expert e (a 2-D matrix).
+  WeightView expert(int64_t e) const;
+};
+
 // A memory-mapped shard file, validated on open.
 class ShardReader {
  public:
@@ -216,6 +242,8 @@ class ShardReader {
   // Checks dtype and shape ("expected / actual"); refuses compressed entries.
   Result<TensorView> view(std::string_view name, DType dtype, std::span<const int64_t> shape) const;
   Result<Q8View> q8(std::string_view name, std::span<const int64_t> shape) const;
+  // A weight matrix of whatever scheme it is stored in; checks the logical shape.
+  Result<WeightView> weight(std::string_view name, std::span<const int64_t> shape) const;
   // Recomputes the entry's checksum; names the tensor on mismatch.
   Status verify(const IndexEntry& e) const;
   // Checks that every byte outside the header, the index and the tensors is zero.

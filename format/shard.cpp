@@ -75,7 +75,15 @@ std::optional<uint64_t> payload_size(DType t, std::span<const int64_t> shape, ui
       return align_up(n, 64) + scales;
     }
     case DType::kQ4Group:
-    case DType::kF8Column: return std::nullopt;  // layouts defined with the quantize schemes
+    case DType::kF8Column: {
+      if (shape.size() < 2) return std::nullopt;
+      int64_t K = shape[shape.size() - 2], N = shape.back();
+      if (K <= 0 || N <= 0 || K % 32 != 0) return std::nullopt;
+      uint64_t lead = n / static_cast<uint64_t>(K) / static_cast<uint64_t>(N);
+      if (t == DType::kF8Column) return param == 0 ? std::optional<uint64_t>(lead * f8col_matrix_bytes(K, N)) : std::nullopt;
+      if ((param != 32 && param != 64 && param != 128) || K % param != 0) return std::nullopt;
+      return lead * static_cast<uint64_t>(K / param) * q4g_group_bytes(param, N);
+    }
   }
   return std::nullopt;
 }
@@ -358,6 +366,48 @@ Result<Q8View> ShardReader::q8(std::string_view name, std::span<const int64_t> s
   q.codes = reinterpret_cast<const int8_t*>(v.data);
   q.scales = reinterpret_cast<const uint16_t*>(v.data + q8_scales_offset(shape));
   return q;
+}
+
+WeightView WeightView::expert(int64_t e) const {
+  GROKIT_CHECK(e >= 0 && e < experts);
+  WeightView w = *this;
+  w.experts = 1;
+  if (dtype == DType::kQ8RowBlock) {
+    w.q8.codes = q8.codes + e * rows * cols;
+    w.q8.scales = q8.scales + e * static_cast<int64_t>(q8.blocks) * cols;
+    w.q8.experts = 1;
+  } else {
+    w.data = data + static_cast<uint64_t>(e) * matrix_bytes;
+  }
+  return w;
+}
+
+Result<WeightView> ShardReader::weight(std::string_view name, std::span<const int64_t> shape) const {
+  const IndexEntry* e = find(name);
+  if (e == nullptr) return make_error(path(), ": tensor '", name, "' not found");
+  if (shape.size() < 2 || shape.size() > 3) return make_error(path(), ": tensor '", name, "': not a weight matrix shape");
+  WeightView w;
+  w.dtype = e->dtype;
+  w.rows = shape[shape.size() - 2];
+  w.cols = shape.back();
+  w.experts = shape.size() == 3 ? shape[0] : 1;
+  w.param = e->param;
+  switch (e->dtype) {
+    case DType::kQ8RowBlock: {
+      GROKIT_ASSIGN_OR_RETURN(w.q8, q8(name, shape));
+      return w;
+    }
+    case DType::kQ4Group:
+    case DType::kF8Column:
+    case DType::kBF16: {
+      GROKIT_ASSIGN_OR_RETURN(TensorView v, view(name, e->dtype, shape));
+      w.data = v.data;
+      w.matrix_bytes = v.size / static_cast<uint64_t>(w.experts);
+      return w;
+    }
+    default:
+      return make_error(path(), ": tensor '", name, "': dtype ", dtype_name(e->dtype), " is not a weight scheme");
+  }
 }
 
 Status ShardReader::verify(const IndexEntry& e) const {

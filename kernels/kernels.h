@@ -63,6 +63,49 @@ Status matmul_q8_f32_ref(const float* x, int64_t M, int64_t K, int64_t ldx, cons
                          const uint16_t* scales, int64_t N, int64_t blocks, float* y, int64_t ldy, Pool pool,
                          int64_t sum_rows = 0);
 
+// ---------------------------------------------------------------------------------
+// The quantized schemes (grokit quantize; SPEC.md §4 and §4.1). Same arguments as
+// matmul_q8 with the weight given by its stored payload.
+//
+// k-chunked weights (q4g: int4 in groups of `group` rows, bf16 scale per group and
+// column; f8col: fp8 E4M3, bf16 scale per column), w[k, n] = bf16(q * scale). Per output
+// column, 16 fp32 lanes; for each 32-row chunk c of a chain:
+//   bf16 x:  lane i adds x[32c+2i+1] w[32c+2i+1], then x[32c+2i] w[32c+2i]
+//   fp32 x:  lane i adds fma(x[32c+i], w[32c+i], .), then fma(x[32c+16+i], w[32c+16+i], .)
+// and at the end of each chain (sum_rows rows, a multiple of 32 and of the group; 0:
+// one chain) the lanes are summed by halving (i += i+8, +4, +2, +1); chains meet in
+// tree_sum. `payload` is one matrix (experts are format::WeightView::matrix_bytes apart).
+Status matmul_q4(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* payload, int64_t group, int64_t N,
+                 float* y, int64_t ldy, Pool pool, int64_t sum_rows = 0);
+Status matmul_q4_ref(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* payload, int64_t group,
+                     int64_t N, float* y, int64_t ldy, Pool pool, int64_t sum_rows = 0);
+Status matmul_q4_f32(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* payload, int64_t group,
+                     int64_t N, float* y, int64_t ldy, Pool pool, int64_t sum_rows = 0);
+Status matmul_q4_f32_ref(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* payload, int64_t group,
+                         int64_t N, float* y, int64_t ldy, Pool pool, int64_t sum_rows = 0);
+Status matmul_f8(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* payload, int64_t N, float* y,
+                 int64_t ldy, Pool pool, int64_t sum_rows = 0);
+Status matmul_f8_ref(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* payload, int64_t N, float* y,
+                     int64_t ldy, Pool pool, int64_t sum_rows = 0);
+Status matmul_f8_f32(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* payload, int64_t N, float* y,
+                     int64_t ldy, Pool pool, int64_t sum_rows = 0);
+Status matmul_f8_f32_ref(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* payload, int64_t N,
+                         float* y, int64_t ldy, Pool pool, int64_t sum_rows = 0);
+
+// bf16 weights [K, N] row-major (the bf16 scheme): the int8 products' orders exactly
+// (column lanes; pairs for bf16 x, fma in k order for fp32 x; chains and tree).
+Status matmul_bf16(const float* x, int64_t M, int64_t K, int64_t ldx, const uint16_t* w, int64_t N, float* y,
+                   int64_t ldy, Pool pool, int64_t sum_rows = 0);
+Status matmul_bf16_ref(const float* x, int64_t M, int64_t K, int64_t ldx, const uint16_t* w, int64_t N, float* y,
+                       int64_t ldy, Pool pool, int64_t sum_rows = 0);
+Status matmul_bf16_f32(const float* x, int64_t M, int64_t K, int64_t ldx, const uint16_t* w, int64_t N, float* y,
+                       int64_t ldy, Pool pool, int64_t sum_rows = 0);
+Status matmul_bf16_f32_ref(const float* x, int64_t M, int64_t K, int64_t ldx, const uint16_t* w, int64_t N, float* y,
+                           int64_t ldy, Pool pool, int64_t sum_rows = 0);
+
+// E4M3 to fp32 (OCP FP8: bias 7, no infinities, S.1111.111 NaN, subnormals m * 2^-9).
+float e4m3_to_f32(uint8_t v);
+
 // bf16 matrix against transposed rows (the embedding as the output projection:
 // logits = x @ E^T): y[m, n] = sum_k x[m, k] w[n, k], x holding bf16 values, w bf16 bits
 // [N, K] row-major. Sixteen fp32 lanes: lane i takes the pairs k = 32j + 2i, 32j + 2i + 1
