@@ -155,77 +155,7 @@ class Journal {
 };
 
 // ---------------------------------------------------------------------------------
-// Writes one entry's payload sequentially at its planned offset, through a staging
-// buffer, hashing as it goes. Large contiguous runs bypass the buffer.
-class SliceWriter {
- public:
-  SliceWriter(const OutputFile* f, uint64_t offset, uint8_t* staging, size_t cap)
-      : f_(f), start_(offset), pos_(offset), buf_(staging), cap_(cap) {}
-
-  Status append(const uint8_t* p, size_t n) {
-    if (used_ == 0 && n >= cap_) return write_out(p, n);
-    while (n > 0) {
-      size_t k = std::min(n, cap_ - used_);
-      std::memcpy(buf_ + used_, p, k);
-      used_ += k;
-      p += k;
-      n -= k;
-      if (used_ == cap_) GROKIT_TRY(flush());
-    }
-    return {};
-  }
-  // fp32 -> bf16 with round-to-nearest-even (the embedding, as the forward pass uses it).
-  Status append_bf16_of_f32(const uint8_t* p, size_t count) {
-    while (count > 0) {
-      size_t room = (cap_ - used_) / 2;
-      if (room == 0) {
-        GROKIT_TRY(flush());
-        continue;
-      }
-      size_t k = std::min(count, room);
-      auto* out = reinterpret_cast<uint16_t*>(buf_ + used_);
-      for (size_t i = 0; i < k; ++i) out[i] = f32_to_bf16_bits(load_le<float>(p + 4 * i));
-      used_ += 2 * k;
-      p += 4 * k;
-      count -= k;
-    }
-    return {};
-  }
-  Status zeros(size_t n) {
-    while (n > 0) {
-      size_t k = std::min(n, cap_ - used_);
-      std::memset(buf_ + used_, 0, k);
-      used_ += k;
-      n -= k;
-      if (used_ == cap_) GROKIT_TRY(flush());
-    }
-    return {};
-  }
-  Status flush() {
-    if (used_ == 0) return {};
-    size_t n = used_;
-    used_ = 0;
-    return write_out(buf_, n);
-  }
-  uint64_t written() const { return pos_ - start_ + used_; }
-  uint64_t digest() const { return hash_.digest(); }
-
- private:
-  Status write_out(const uint8_t* p, size_t n) {
-    hash_.update(p, n);
-    GROKIT_TRY(f_->pwrite_all(pos_, p, n));
-    // Start writeback now so dirty pages do not pile up until the final fsync.
-    sync_file_range(f_->fd(), static_cast<off_t>(pos_), static_cast<off_t>(n), SYNC_FILE_RANGE_WRITE);
-    pos_ += n;
-    return {};
-  }
-  const OutputFile* f_;
-  uint64_t start_, pos_;
-  uint8_t* buf_;
-  size_t cap_;
-  size_t used_ = 0;
-  Xxh3Stream hash_;
-};
+using SliceWriter = format::PayloadWriter;
 
 // Calls fn(element offset, element count) for each contiguous run of the slice
 // [start, start+length) along `axis` of a C-order array (axis -1: the whole array).
@@ -257,7 +187,8 @@ Status copy_slices(const convert::ArrayView& a, const std::vector<RankSlice>& sl
   const int32_t axis = slices[0].axis;
   if (axis < 0) {
     for (auto& w : writers) {
-      GROKIT_TRY(to_bf16 ? w.append_bf16_of_f32(a.data, a.nbytes / 4) : w.append(a.data, a.nbytes));
+      GROKIT_TRY(to_bf16 ? w.append_bf16_of_f32(reinterpret_cast<const float*>(a.data), a.nbytes / 4)
+                         : w.append(a.data, a.nbytes));
     }
     return {};
   }
@@ -270,7 +201,8 @@ Status copy_slices(const convert::ArrayView& a, const std::vector<RankSlice>& sl
       const RankSlice& s = slices[r];
       uint64_t off = (o * dim + static_cast<uint64_t>(s.start)) * inner, count = static_cast<uint64_t>(s.length) * inner;
       const uint8_t* src = a.data + off * es;
-      GROKIT_TRY(to_bf16 ? writers[r].append_bf16_of_f32(src, count) : writers[r].append(src, count * es));
+      GROKIT_TRY(to_bf16 ? writers[r].append_bf16_of_f32(reinterpret_cast<const float*>(src), count)
+                         : writers[r].append(src, count * es));
     }
   }
   return {};
@@ -506,12 +438,7 @@ Status Converter::convert_tensor(size_t i, uint8_t* staging) {
 }
 
 Status Converter::finalize_raw(RankPlan& rp, OutputFile& f) {
-  std::string index = format::serialize_index(rp.entries);
-  rp.header.index_xxh3 = xxh3_64(index.data(), index.size());
-  std::string header = format::serialize_header(rp.header);
-  GROKIT_TRY(f.pwrite_all(rp.header.index_offset, index.data(), index.size()));
-  GROKIT_TRY(f.pwrite_all(0, header.data(), header.size()));
-  GROKIT_TRY(f.sync());
+  GROKIT_TRY(format::write_shard_tail(f, rp.header, rp.entries));
   GROKIT_TRY(f.close());
   return rename_file(rp.partial_path, rp.final_path);
 }
@@ -564,13 +491,8 @@ Status Converter::finalize_compressed(RankPlan& rp) {
   GROKIT_TRY(std::move(status));
   h.data_size = pos;
   h.file_size = h.data_offset + h.data_size;
-  std::string index = format::serialize_index(entries);
-  h.index_xxh3 = xxh3_64(index.data(), index.size());
-  std::string header = format::serialize_header(h);
   GROKIT_TRY(out.truncate(h.file_size));
-  GROKIT_TRY(out.pwrite_all(h.index_offset, index.data(), index.size()));
-  GROKIT_TRY(out.pwrite_all(0, header.data(), header.size()));
-  GROKIT_TRY(out.sync());
+  GROKIT_TRY(format::write_shard_tail(out, h, entries));
   GROKIT_TRY(out.close());
   GROKIT_TRY(rename_file(tmp, rp.final_path));
   rp.header = h;

@@ -194,6 +194,33 @@ void layout_shard(std::vector<IndexEntry>& entries, ShardHeader& h);
 
 std::string shard_file_name(uint32_t rank, uint32_t rank_count);
 
+// Writes one entry's payload sequentially at its planned offset in a shard being built,
+// through a caller's staging buffer (large runs bypass it), hashing as it goes and
+// starting writeback early so dirty pages do not pile up until the final fsync.
+class PayloadWriter {
+ public:
+  PayloadWriter(const OutputFile* file, uint64_t offset, uint8_t* staging, size_t capacity);
+  Status append(const void* data, size_t n);
+  Status append_bf16_of_f32(const float* values, size_t count);  // round to nearest even
+  Status zeros(size_t n);
+  Status flush();
+  uint64_t written() const { return pos_ - start_ + used_; }
+  uint64_t digest() const { return hash_.digest(); }
+
+ private:
+  Status write_out(const uint8_t* p, size_t n);
+  const OutputFile* file_;
+  uint64_t start_, pos_;
+  uint8_t* buf_;
+  size_t cap_;
+  size_t used_ = 0;
+  Xxh3Stream hash_;
+};
+
+// Completes a shard whose payloads are written: the index (entries with their final
+// checksums) and the header (with the index checksum) go in, and the file is fsynced.
+Status write_shard_tail(const OutputFile& file, ShardHeader& header, const std::vector<IndexEntry>& entries);
+
 // A typed, zero-copy view of one stored tensor.
 struct TensorView {
   const IndexEntry* entry = nullptr;

@@ -1,4 +1,5 @@
 // Shard files: header, tensor index, and the validating memory-mapped reader.
+#include <fcntl.h>
 #include <zstd.h>
 
 #include <algorithm>
@@ -314,6 +315,76 @@ void layout_shard(std::vector<IndexEntry>& entries, ShardHeader& h) {
   }
   h.data_size = pos;
   h.file_size = h.data_offset + h.data_size;
+}
+
+// ---------------------------------------------------------------------------------
+PayloadWriter::PayloadWriter(const OutputFile* file, uint64_t offset, uint8_t* staging, size_t capacity)
+    : file_(file), start_(offset), pos_(offset), buf_(staging), cap_(capacity) {}
+
+Status PayloadWriter::append(const void* data, size_t n) {
+  const auto* p = static_cast<const uint8_t*>(data);
+  if (used_ == 0 && n >= cap_) return write_out(p, n);
+  while (n > 0) {
+    size_t k = std::min(n, cap_ - used_);
+    std::memcpy(buf_ + used_, p, k);
+    used_ += k;
+    p += k;
+    n -= k;
+    if (used_ == cap_) GROKIT_TRY(flush());
+  }
+  return {};
+}
+
+Status PayloadWriter::append_bf16_of_f32(const float* values, size_t count) {
+  while (count > 0) {
+    size_t room = (cap_ - used_) / 2;
+    if (room == 0) {
+      GROKIT_TRY(flush());
+      continue;
+    }
+    size_t k = std::min(count, room);
+    auto* out = reinterpret_cast<uint16_t*>(buf_ + used_);
+    for (size_t i = 0; i < k; ++i) out[i] = f32_to_bf16_bits(load_le<float>(values + i));
+    used_ += 2 * k;
+    values += k;
+    count -= k;
+  }
+  return {};
+}
+
+Status PayloadWriter::zeros(size_t n) {
+  while (n > 0) {
+    size_t k = std::min(n, cap_ - used_);
+    std::memset(buf_ + used_, 0, k);
+    used_ += k;
+    n -= k;
+    if (used_ == cap_) GROKIT_TRY(flush());
+  }
+  return {};
+}
+
+Status PayloadWriter::flush() {
+  if (used_ == 0) return {};
+  size_t n = used_;
+  used_ = 0;
+  return write_out(buf_, n);
+}
+
+Status PayloadWriter::write_out(const uint8_t* p, size_t n) {
+  hash_.update(p, n);
+  GROKIT_TRY(file_->pwrite_all(pos_, p, n));
+  sync_file_range(file_->fd(), static_cast<off_t>(pos_), static_cast<off_t>(n), SYNC_FILE_RANGE_WRITE);
+  pos_ += n;
+  return {};
+}
+
+Status write_shard_tail(const OutputFile& file, ShardHeader& header, const std::vector<IndexEntry>& entries) {
+  std::string index = serialize_index(entries);
+  header.index_xxh3 = xxh3_64(index.data(), index.size());
+  std::string bytes = serialize_header(header);
+  GROKIT_TRY(file.pwrite_all(header.index_offset, index.data(), index.size()));
+  GROKIT_TRY(file.pwrite_all(0, bytes.data(), bytes.size()));
+  return file.sync();
 }
 
 // ---------------------------------------------------------------------------------
