@@ -21,6 +21,7 @@
 #include <spawn.h>
 #include <sys/wait.h>
 #include <unistd.h>
+#include <xmmintrin.h>
 
 #include <atomic>
 #include <cfloat>
@@ -192,6 +193,150 @@ KernelCase case_matmul_bf16_nt(int64_t M, int64_t K, int64_t N, int64_t pad) {
               poison(y);
               auto fn = twin == Twin::kRef ? matmul_bf16_nt_ref : matmul_bf16_nt;
               EXPECT_TRUE(fn(x->data(), M, K, w->data(), N, y.data(), ldy, pool).ok());
+              Output out;
+              out.add(y.data(), y.size(), *mask);
+              return out;
+            };
+          }};
+}
+
+// The weight payloads of the quantized schemes, packed here from SPEC.md §4.1 on their
+// own (not with the kernels' code), and the dequantized weights by the definitions.
+// q4g: codes q [K][N] in [-8, 7], bf16 scales [K/G][N]. Per group: codes [G/32][N][16]
+// (byte i of a chunk and column: rows 32c + 2i low nibble, 32c + 2i + 1 high nibble), then
+// the group's scales, zero-padded to 16 bytes.
+std::vector<uint8_t> pack_q4g(const std::vector<int8_t>& q, const std::vector<uint16_t>& scales, int64_t K, int64_t N,
+                              int64_t G) {
+  const int64_t code_bytes = 16 * (G / 32) * N, group_bytes = code_bytes + (2 * N + 15) / 16 * 16;
+  std::vector<uint8_t> out(static_cast<size_t>(K / G * group_bytes), 0);
+  for (int64_t g = 0; g < K / G; ++g) {
+    uint8_t* base = out.data() + g * group_bytes;
+    for (int64_t c = 0; c < G / 32; ++c) {
+      for (int64_t n = 0; n < N; ++n) {
+        for (int64_t i = 0; i < 16; ++i) {
+          const int64_t k = g * G + 32 * c + 2 * i;
+          const auto lo = static_cast<uint8_t>(q[static_cast<size_t>(k * N + n)] & 15);
+          const auto hi = static_cast<uint8_t>(q[static_cast<size_t>((k + 1) * N + n)] & 15);
+          base[(c * N + n) * 16 + i] = static_cast<uint8_t>(lo | hi << 4);
+        }
+      }
+    }
+    for (int64_t n = 0; n < N; ++n) {
+      const uint16_t s = scales[static_cast<size_t>(g * N + n)];
+      base[code_bytes + 2 * n] = static_cast<uint8_t>(s & 0xff);
+      base[code_bytes + 2 * n + 1] = static_cast<uint8_t>(s >> 8);
+    }
+  }
+  return out;
+}
+
+// f8col: E4M3 codes [K][N], bf16 scales [N]: codes [K/32][N][32] (byte i = row 32c + i),
+// then the scales, zero-padded to 16 bytes.
+std::vector<uint8_t> pack_f8col(const std::vector<uint8_t>& codes, const std::vector<uint16_t>& scales, int64_t K,
+                                int64_t N) {
+  std::vector<uint8_t> out(static_cast<size_t>(K * N + (2 * N + 15) / 16 * 16), 0);
+  for (int64_t c = 0; c < K / 32; ++c)
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t i = 0; i < 32; ++i) out[static_cast<size_t>((c * N + n) * 32 + i)] = codes[static_cast<size_t>((32 * c + i) * N + n)];
+  for (int64_t n = 0; n < N; ++n) {
+    out[static_cast<size_t>(K * N + 2 * n)] = static_cast<uint8_t>(scales[static_cast<size_t>(n)] & 0xff);
+    out[static_cast<size_t>(K * N + 2 * n + 1)] = static_cast<uint8_t>(scales[static_cast<size_t>(n)] >> 8);
+  }
+  return out;
+}
+
+// OCP E4M3 by its definition: (-1)^s 2^(e-7) (1 + m/8), subnormals (e = 0) 2^-6 (m/8),
+// S.1111.111 NaN.
+double e4m3_value(uint8_t v) {
+  const int s = v >> 7, e = (v >> 3) & 15, m = v & 7;
+  if (e == 15 && m == 7) return std::nan("");
+  const double mag = e == 0 ? std::ldexp(m / 8.0, -6) : std::ldexp(1.0 + m / 8.0, e - 7);
+  return s != 0 ? -mag : mag;
+}
+
+// bf16(value * scale): the products are exact in double, so rounding the double once to
+// fp32 and then to bf16 is the fp32 product rounded to bf16.
+float q4_weight(int8_t q, uint16_t scale) { return round_bf16(static_cast<float>(q * static_cast<double>(bf16_bits_to_f32(scale)))); }
+float f8_weight(uint8_t code, uint16_t scale) {
+  return round_bf16(static_cast<float>(e4m3_value(code) * static_cast<double>(bf16_bits_to_f32(scale))));
+}
+
+// A random E4M3 code that is not NaN.
+uint8_t f8_code(Rng& rng) {
+  for (;;) {
+    const auto c = static_cast<uint8_t>(rng.range(0, 255));
+    if ((c & 0x7f) != 0x7f) return c;
+  }
+}
+
+// The weight products with a stored payload: matmul_q4 (group G), matmul_f8, matmul_bf16,
+// on bf16 activations, or their _f32 twins on fp32 ones. big_scales: f8 column scales of
+// 2^119 and more (too large to fold into the SIMD decode: the careful one).
+enum class Scheme { kQ4, kF8, kBf16 };
+
+KernelCase case_matmul_w(Scheme scheme, int64_t M, int64_t K, int64_t N, int64_t G, int64_t pad, bool f32,
+                         int64_t sum_rows = 0, bool big_scales = false) {
+  const char* op = scheme == Scheme::kQ4 ? "matmul_q4" : scheme == Scheme::kF8 ? "matmul_f8" : "matmul_bf16";
+  std::string name = std::string(op) + (f32 ? "_f32" : "") + "_M" + std::to_string(M) + "_K" + std::to_string(K) + "_N" +
+                     std::to_string(N) + (scheme == Scheme::kQ4 ? "_G" + std::to_string(G) : "") +
+                     (sum_rows != 0 ? "_chains" + std::to_string(K / sum_rows) : "") + (pad != 0 ? "_strided" : "") +
+                     (big_scales ? "_bigscales" : "");
+  return {name, 0, [=]() -> CaseRunner {
+            Rng rng(static_cast<uint64_t>(M * 1000003 + K * 1009 + N * 7 + G * 3 + static_cast<int>(scheme) * 11 +
+                                          (f32 ? 5 : 0) + sum_rows * 13 + (big_scales ? 17 : 0)));
+            const int64_t ldx = K + pad, ldy = N + 2 * pad;
+            auto x = std::make_shared<std::vector<float>>(static_cast<size_t>(M * ldx));
+            for (int64_t m = 0; m < M; ++m)
+              for (int64_t k = 0; k < ldx; ++k)  // padding holds NaN: reading it would show
+                (*x)[static_cast<size_t>(m * ldx + k)] =
+                    k >= K ? from_bits(0x7fc00001u) : f32 ? rng.f32(-3.0f, 3.0f) * std::ldexp(1.0f, static_cast<int>(rng.range(-6, 4)))
+                                                         : rng.bf16_value(-6, 4);
+            auto payload = std::make_shared<std::vector<uint8_t>>();
+            auto wbf = std::make_shared<std::vector<uint16_t>>();
+            if (scheme == Scheme::kQ4) {
+              std::vector<int8_t> q(static_cast<size_t>(K * N));
+              for (auto& v : q) v = static_cast<int8_t>(rng.range(-8, 7));
+              q[0] = -8;
+              q[q.size() - 1] = 7;
+              std::vector<uint16_t> s(static_cast<size_t>(K / G * N));
+              for (size_t i = 0; i < s.size(); ++i)  // every fifth scale negative
+                s[i] = f32_to_bf16_bits((i % 5 == 4 ? -1.0f : 1.0f) * (std::fabs(rng.bf16_value(-14, 2)) + 0x1p-14f));
+              *payload = pack_q4g(q, s, K, N, G);
+            } else if (scheme == Scheme::kF8) {
+              std::vector<uint8_t> codes(static_cast<size_t>(K * N));
+              for (auto& v : codes) v = f8_code(rng);
+              // Subnormals, zeros and the extremes at fixed places.
+              const uint8_t special[] = {0x00, 0x80, 0x01, 0x81, 0x07, 0x87, 0x08, 0x7e, 0xfe, 0x38};
+              for (size_t i = 0; i < std::size(special) && i < codes.size(); ++i) codes[i * codes.size() / std::size(special)] = special[i];
+              std::vector<uint16_t> s(static_cast<size_t>(N));
+              for (size_t i = 0; i < s.size(); ++i)
+                s[i] = f32_to_bf16_bits((i % 5 == 4 ? -1.0f : 1.0f) * (std::fabs(rng.bf16_value(-12, 2)) + 0x1p-12f));
+              if (big_scales) {  // every third column near 2^119 (codes below 2^-5 keep the sums finite)
+                for (auto& v : codes) v = static_cast<uint8_t>(v & 0x8f);
+                for (size_t i = 0; i < s.size(); i += 3) s[i] = f32_to_bf16_bits(std::ldexp(1.0f + static_cast<float>(i % 7) / 8.0f, 119));
+              }
+              *payload = pack_f8col(codes, s, K, N);
+            } else {
+              wbf->resize(static_cast<size_t>(K * N));
+              for (auto& v : *wbf) v = rng.bf16_bits(-10, 2);
+            }
+            auto mask = std::make_shared<std::vector<uint8_t>>(strided_mask(M, N, ldy));
+            return [=](Twin twin, Pool pool) {
+              std::vector<float> y(static_cast<size_t>(M * ldy));
+              poison(y);
+              const bool ref = twin == Twin::kRef;
+              Status st;
+              if (scheme == Scheme::kQ4) {
+                auto fn = f32 ? (ref ? matmul_q4_f32_ref : matmul_q4_f32) : (ref ? matmul_q4_ref : matmul_q4);
+                st = fn(x->data(), M, K, ldx, payload->data(), G, N, y.data(), ldy, pool, sum_rows);
+              } else if (scheme == Scheme::kF8) {
+                auto fn = f32 ? (ref ? matmul_f8_f32_ref : matmul_f8_f32) : (ref ? matmul_f8_ref : matmul_f8);
+                st = fn(x->data(), M, K, ldx, payload->data(), N, y.data(), ldy, pool, sum_rows);
+              } else {
+                auto fn = f32 ? (ref ? matmul_bf16_f32_ref : matmul_bf16_f32) : (ref ? matmul_bf16_ref : matmul_bf16);
+                st = fn(x->data(), M, K, ldx, wbf->data(), N, y.data(), ldy, pool, sum_rows);
+              }
+              EXPECT_TRUE(st.ok());
               Output out;
               out.add(y.data(), y.size(), *mask);
               return out;
@@ -371,6 +516,52 @@ std::vector<KernelCase> all_cases() {
   for (const auto& p : nt) c.push_back(case_matmul_bf16_nt(p[0], p[1], p[2], 0));
   c.push_back(case_matmul_bf16_nt(7, 23, 37, 3));
   c.push_back(case_matmul_bf16_nt(0, 23, 37, 0));
+  // The quantized schemes. matmul_q4, matmul_f8 and their _f32 twins: {M, K, N, G, sum_rows};
+  // K a multiple of 32 (32 itself too), N off and on multiples of 16 (the AVX-512 column
+  // groups: N % 16 leaves a partial group, N < 16 only one), chains of one chunk and more,
+  // groups of 1..4 chunks, M in every row-block shape (1, 2, 3, 4, then blocks of 4 and a
+  // rest), chains longer than 16 chunks (walked in tiles, over several column blocks).
+  const int64_t qw[][5] = {{1, 32, 1, 32, 0},      {1, 64, 17, 32, 0},     {2, 128, 33, 64, 0},   {3, 256, 47, 128, 0},
+                           {7, 96, 100, 32, 0},    {33, 64, 31, 64, 0},    {1, 1024, 129, 128, 0}, {4, 64, 16, 32, 0},
+                           {5, 128, 250, 64, 0},   {1, 256, 300, 32, 64},  {2, 512, 65, 64, 128}, {3, 384, 40, 128, 128},
+                           {7, 256, 17, 32, 32},   {1, 512, 48, 32, 32},   {33, 128, 70, 32, 64}, {2, 256, 129, 128, 128},
+                           {1, 2048, 37, 128, 0},  {6, 64, 35, 32, 32},    {3, 1024, 50, 64, 0},  {33, 640, 40, 32, 0},
+                           {2, 1024, 300, 32, 0},  {4, 2048, 70, 128, 1024}};
+  for (const auto& p : qw) {
+    for (bool f32 : {false, true}) {
+      c.push_back(case_matmul_w(Scheme::kQ4, p[0], p[1], p[2], p[3], 0, f32, p[4]));
+      c.push_back(case_matmul_w(Scheme::kF8, p[0], p[1], p[2], 32, 0, f32, p[4]));
+    }
+  }
+  for (bool f32 : {false, true}) {
+    c.push_back(case_matmul_w(Scheme::kQ4, 3, 128, 100, 64, 3, f32));
+    c.push_back(case_matmul_w(Scheme::kQ4, 7, 96, 33, 32, 1, f32, 32));
+    c.push_back(case_matmul_w(Scheme::kF8, 3, 128, 100, 32, 3, f32));
+    c.push_back(case_matmul_w(Scheme::kF8, 7, 96, 33, 32, 1, f32, 32));
+    c.push_back(case_matmul_w(Scheme::kF8, 3, 128, 40, 32, 0, f32, 0, true));  // scales >= 2^119
+    c.push_back(case_matmul_w(Scheme::kF8, 1, 64, 20, 32, 0, f32, 32, true));
+    c.push_back(case_matmul_w(Scheme::kQ4, 0, 64, 40, 32, 0, f32));  // M = 0: nothing written
+    c.push_back(case_matmul_w(Scheme::kF8, 0, 64, 40, 32, 0, f32));
+  }
+  // Many rows and many chains: the column tasks with a tree per task (M N chains > 2^22).
+  c.push_back(case_matmul_w(Scheme::kQ4, 65, 512, 4100, 32, 0, false, 32));
+  c.push_back(case_matmul_w(Scheme::kF8, 65, 512, 4100, 32, 0, true, 32));
+  // matmul_bf16 and matmul_bf16_f32 (the int8 products' shapes): {M, K, N, sum_rows}.
+  const int64_t bw[][4] = {{1, 1, 1, 0},    {1, 6, 17, 2},    {2, 30, 33, 0},   {3, 24, 47, 8},  {7, 150, 100, 0},
+                           {33, 40, 16, 0}, {1, 560, 129, 70}, {2, 130, 32, 0}, {7, 9, 300, 0},  {33, 100, 31, 0},
+                           {1, 63, 64, 0},  {3, 127, 33, 0},  {1, 256, 96, 16}, {3, 192, 70, 64}, {5, 96, 33, 12},
+                           {2, 1000, 48, 0}};
+  for (const auto& p : bw) {
+    c.push_back(case_matmul_w(Scheme::kBf16, p[0], p[1], p[2], 0, 0, false, p[3]));
+    c.push_back(case_matmul_w(Scheme::kBf16, p[0], p[1], p[2], 0, 0, true, p[3]));
+  }
+  c.push_back(case_matmul_w(Scheme::kBf16, 3, 150, 100, 0, 3, false));
+  c.push_back(case_matmul_w(Scheme::kBf16, 2, 129, 96, 0, 1, true));
+  c.push_back(case_matmul_w(Scheme::kBf16, 7, 24, 33, 0, 1, false, 8));
+  c.push_back(case_matmul_w(Scheme::kBf16, 0, 64, 40, 0, 0, false));
+  c.push_back(case_matmul_w(Scheme::kBf16, 0, 64, 40, 0, 0, true));
+  c.push_back(case_matmul_w(Scheme::kBf16, 65, 32, 4100, 0, 0, false, 2));
+  c.push_back(case_matmul_w(Scheme::kBf16, 65, 32, 4100, 0, 0, true, 2));
   // rmsnorm: {M, D}.
   const int64_t rn[][2] = {{0, 5}, {1, 1}, {2, 7}, {3, 33}, {7, 129}, {33, 100}, {1, 6144}};
   for (const auto& p : rn) {
@@ -704,6 +895,412 @@ TEST(KernelNumerics, MatmulBf16NtEqualsADoublePrecisionDot) {
   EXPECT_NEAR(got, dot, static_cast<double>(K2) * 0x1p-24 * mag);
   // Hand-made: [1, 2, 3] . [0.5, -1, 2] = 4.5.
   EXPECT_EQ(nt_one({1, 2, 3}, {0.5f, -1.0f, 2.0f}), 4.5f);
+}
+
+// ---- The quantized schemes (SPEC.md §4.1). Payloads are packed by pack_q4g / pack_f8col
+// above, the weights dequantized by q4_weight / f8_weight: both from the spec's words.
+
+TEST(KernelNumerics, E4m3ToF32MatchesTheDefinitionForAll256Codes) {
+  for (int v = 0; v < 256; ++v) {
+    const auto code = static_cast<uint8_t>(v);
+    const double want = e4m3_value(code);
+    const float got = e4m3_to_f32(code);
+    if (std::isnan(want)) {
+      EXPECT_TRUE(std::isnan(got)) << "code 0x" << std::hex << v;
+    } else {
+      EXPECT_EQ(bits_of(got), bits_of(static_cast<float>(want))) << "code 0x" << std::hex << v << ": " << got << " vs " << want;
+    }
+  }
+  // Landmarks: the largest finite value, the smallest subnormal, one, negative zero.
+  EXPECT_EQ(e4m3_to_f32(0x7e), 448.0f);
+  EXPECT_EQ(e4m3_to_f32(0xfe), -448.0f);
+  EXPECT_EQ(e4m3_to_f32(0x01), 0x1p-9f);
+  EXPECT_EQ(e4m3_to_f32(0x07), 7 * 0x1p-9f);
+  EXPECT_EQ(e4m3_to_f32(0x08), 0x1p-6f);
+  EXPECT_EQ(e4m3_to_f32(0x38), 1.0f);
+  EXPECT_EQ(bits_of(e4m3_to_f32(0x80)), 0x80000000u);
+  EXPECT_TRUE(std::isnan(e4m3_to_f32(0x7f)) && std::isnan(e4m3_to_f32(0xff)));
+}
+
+// A quantized matrix in both forms: the packed payload and the dequantized weights [K][N].
+struct QuantMatrix {
+  std::vector<uint8_t> payload;
+  std::vector<float> w;
+};
+QuantMatrix q4_matrix(const std::vector<int8_t>& q, const std::vector<uint16_t>& s, int64_t K, int64_t N, int64_t G) {
+  QuantMatrix m{pack_q4g(q, s, K, N, G), std::vector<float>(static_cast<size_t>(K * N))};
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t n = 0; n < N; ++n)
+      m.w[static_cast<size_t>(k * N + n)] = q4_weight(q[static_cast<size_t>(k * N + n)], s[static_cast<size_t>((k / G) * N + n)]);
+  return m;
+}
+QuantMatrix f8_matrix(const std::vector<uint8_t>& codes, const std::vector<uint16_t>& s, int64_t K, int64_t N) {
+  QuantMatrix m{pack_f8col(codes, s, K, N), std::vector<float>(static_cast<size_t>(K * N))};
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t n = 0; n < N; ++n)
+      m.w[static_cast<size_t>(k * N + n)] = f8_weight(codes[static_cast<size_t>(k * N + n)], s[static_cast<size_t>(n)]);
+  return m;
+}
+QuantMatrix random_q4(Rng& rng, int64_t K, int64_t N, int64_t G) {
+  std::vector<int8_t> q(static_cast<size_t>(K * N));
+  for (auto& v : q) v = static_cast<int8_t>(rng.range(-8, 7));
+  std::vector<uint16_t> s(static_cast<size_t>(K / G * N));
+  for (auto& v : s) v = f32_to_bf16_bits(rng.bf16_value(-9, 1) + 0x1p-12f);
+  return q4_matrix(q, s, K, N, G);
+}
+QuantMatrix random_f8(Rng& rng, int64_t K, int64_t N) {
+  std::vector<uint8_t> codes(static_cast<size_t>(K * N));
+  for (auto& v : codes) v = f8_code(rng);
+  std::vector<uint16_t> s(static_cast<size_t>(N));
+  for (auto& v : s) v = f32_to_bf16_bits(rng.bf16_value(-9, -2) + 0x1p-12f);
+  return f8_matrix(codes, s, K, N);
+}
+
+// One product through a chunked op: scheme kQ4 (group G) or kF8, fp32 x or bf16 x, the
+// scalar twin or the dispatching one.
+Status chunked(Scheme scheme, bool f32, bool simd, const float* x, int64_t M, int64_t K, const QuantMatrix& w, int64_t G,
+               int64_t N, float* y, int64_t sum_rows = 0, Pool pool = nullptr) {
+  if (scheme == Scheme::kQ4) {
+    auto fn = f32 ? (simd ? matmul_q4_f32 : matmul_q4_f32_ref) : (simd ? matmul_q4 : matmul_q4_ref);
+    return fn(x, M, K, K, w.payload.data(), G, N, y, N, pool, sum_rows);
+  }
+  auto fn = f32 ? (simd ? matmul_f8_f32 : matmul_f8_f32_ref) : (simd ? matmul_f8 : matmul_f8_ref);
+  return fn(x, M, K, K, w.payload.data(), N, y, N, pool, sum_rows);
+}
+
+TEST(KernelNumerics, ChunkedOneHotRowsReadTheDequantizedWeights) {
+  // x = identity: y[k, :] = w[k, :], one nonzero product per sum, so exact (a zero weight
+  // of either sign gives +0, equal as a value). Every code of
+  // every nibble position (q4: -8 .. 7 in both nibbles of each byte) and every group's
+  // scale row show up; N = 37 leaves a partial SIMD column group.
+  const int64_t K = 256, N = 37;
+  Rng rng(31);
+  std::vector<float> x(static_cast<size_t>(K * K), 0.0f);
+  for (int64_t k = 0; k < K; ++k) x[static_cast<size_t>(k * K + k)] = 1.0f;
+  for (int64_t G : {32, 64, 128}) {
+    std::vector<int8_t> q(static_cast<size_t>(K * N));
+    for (size_t i = 0; i < q.size(); ++i) q[i] = static_cast<int8_t>(static_cast<int>((i * 7 + i / 37) % 16) - 8);
+    std::vector<uint16_t> s(static_cast<size_t>(K / G * N));
+    for (auto& v : s) v = f32_to_bf16_bits(rng.bf16_value(-6, 3));
+    const QuantMatrix w = q4_matrix(q, s, K, N, G);
+    for (bool f32 : {false, true})
+      for (bool simd : {false, true}) {
+        std::vector<float> y(static_cast<size_t>(K * N));
+        ASSERT_TRUE(chunked(Scheme::kQ4, f32, simd, x.data(), K, K, w, G, N, y.data()).ok());
+        EXPECT_EQ(y, w.w) << "q4 G" << G << (f32 ? " f32" : "") << (simd ? " simd" : " ref");
+      }
+  }
+  std::vector<uint8_t> codes(static_cast<size_t>(K * N));
+  for (size_t i = 0; i < codes.size(); ++i) codes[i] = static_cast<uint8_t>((i * 13 + i / 37) % 256);
+  for (auto& cd : codes)
+    if ((cd & 0x7f) == 0x7f) cd = 0x38;
+  std::vector<uint16_t> s(static_cast<size_t>(N));
+  for (auto& v : s) v = f32_to_bf16_bits(rng.bf16_value(-6, 3));
+  const QuantMatrix w = f8_matrix(codes, s, K, N);
+  for (bool f32 : {false, true})
+    for (bool simd : {false, true}) {
+      std::vector<float> y(static_cast<size_t>(K * N));
+      ASSERT_TRUE(chunked(Scheme::kF8, f32, simd, x.data(), K, K, w, 32, N, y.data()).ok());
+      EXPECT_EQ(y, w.w) << "f8" << (f32 ? " f32" : "") << (simd ? " simd" : " ref");
+    }
+}
+
+TEST(KernelNumerics, ChunkedSingleNonzeroWeightGivesItsExactValue) {
+  // All codes zero but one, at (k0, n0): y[m, n0] = x[m, k0] * w exactly, 0 elsewhere. Hand
+  // values: q4 -8 with scale 0.375 (row 69: group 2 of 4 at G = 32) -> -3; 7 * (1 + 2^-7) =
+  // 7.0546875, between the bf16 neighbours 7.03125 and 7.0625 and above their middle ->
+  // 7.0625; f8 0xd6 = -(1 + 6/8) 2^3 = -14 with scale 0.75 -> -10.5; f8 0x03 = 3 * 2^-9
+  // (subnormal) with scale 3 -> 9 * 2^-9.
+  struct One {
+    Scheme scheme;
+    int64_t G, k0, n0;
+    int code;
+    float scale, want;
+  };
+  const One cases[] = {{Scheme::kQ4, 32, 64 + 5, 3, -8, 0.375f, -3.0f},   {Scheme::kQ4, 64, 64 + 33, 18, 7, 1.0078125f, 7.0625f},
+                       {Scheme::kQ4, 128, 127, 0, -1, 2.0f, -2.0f},       {Scheme::kF8, 32, 40, 17, 0xd6, 0.75f, -10.5f},
+                       {Scheme::kF8, 32, 127, 20, 0x03, 3.0f, 9 * 0x1p-9f}};
+  const int64_t K = 128, N = 21, M = 3;
+  Rng rng(32);
+  std::vector<float> x(static_cast<size_t>(M * K));
+  for (auto& v : x) v = rng.bf16_value(-4, 4);
+  for (const One& c : cases) {
+    QuantMatrix w;
+    if (c.scheme == Scheme::kQ4) {
+      std::vector<int8_t> q(static_cast<size_t>(K * N), 0);
+      q[static_cast<size_t>(c.k0 * N + c.n0)] = static_cast<int8_t>(c.code);
+      std::vector<uint16_t> s(static_cast<size_t>(K / c.G * N), f32_to_bf16_bits(1.0f));
+      s[static_cast<size_t>((c.k0 / c.G) * N + c.n0)] = f32_to_bf16_bits(c.scale);
+      w = q4_matrix(q, s, K, N, c.G);
+    } else {
+      std::vector<uint8_t> codes(static_cast<size_t>(K * N), 0);
+      codes[static_cast<size_t>(c.k0 * N + c.n0)] = static_cast<uint8_t>(c.code);
+      std::vector<uint16_t> s(static_cast<size_t>(N), f32_to_bf16_bits(1.0f));
+      s[static_cast<size_t>(c.n0)] = f32_to_bf16_bits(c.scale);
+      w = f8_matrix(codes, s, K, N);
+    }
+    EXPECT_EQ(w.w[static_cast<size_t>(c.k0 * N + c.n0)], c.want);
+    for (bool f32 : {false, true})
+      for (bool simd : {false, true}) {
+        std::vector<float> y(static_cast<size_t>(M * N));
+        ASSERT_TRUE(chunked(c.scheme, f32, simd, x.data(), M, K, w, c.G, N, y.data(), c.G).ok());
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t n = 0; n < N; ++n)
+            EXPECT_EQ(y[static_cast<size_t>(m * N + n)], n == c.n0 ? x[static_cast<size_t>(m * K + c.k0)] * c.want : 0.0f)
+                << "code " << c.code << " m " << m << " n " << n << (f32 ? " f32" : "") << (simd ? " simd" : " ref");
+      }
+  }
+}
+
+// The chunked order of kernels.h for one column, written out independently: 16 lanes per
+// chain; per 32-row chunk, bf16 x: lane i adds x w at row 2i+1, then at 2i; fp32 x: lane
+// i takes fma at row i, then at 16+i; lanes halved at the chain's end; chains in a tree.
+float chunked_dot(const std::vector<float>& x, const std::vector<float>& w, bool f32, int64_t sum_rows) {
+  const size_t K = x.size(), sr = sum_rows > 0 ? static_cast<size_t>(sum_rows) : K;
+  std::vector<float> sums;
+  for (size_t k0 = 0; k0 < K; k0 += sr) {
+    float lane[16] = {};
+    for (size_t c = k0; c < k0 + sr; c += 32) {
+      for (size_t i = 0; i < 16; ++i) {
+        if (f32) {
+          lane[i] = std::fma(x[c + i], w[c + i], lane[i]);
+          lane[i] = std::fma(x[c + 16 + i], w[c + 16 + i], lane[i]);
+        } else {
+          lane[i] = lane[i] + x[c + 2 * i + 1] * w[c + 2 * i + 1];
+          lane[i] = lane[i] + x[c + 2 * i] * w[c + 2 * i];
+        }
+      }
+    }
+    for (int half = 8; half >= 1; half /= 2)
+      for (int i = 0; i < half; ++i) lane[i] = lane[i] + lane[i + half];
+    sums.push_back(lane[0]);
+  }
+  while (sums.size() > 1) {
+    std::vector<float> next;
+    for (size_t i = 0; i + 1 < sums.size(); i += 2) next.push_back(sums[i] + sums[i + 1]);
+    if (sums.size() % 2 != 0) next.push_back(sums.back());
+    sums = next;
+  }
+  return sums[0];
+}
+
+// x through a column of ones (q4: q = 1, scale 1; f8: 0x38 = 1, scale 1).
+float chunked_ones(Scheme scheme, const std::vector<float>& x, bool f32, bool simd, int64_t sum_rows = 0) {
+  const auto K = static_cast<int64_t>(x.size());
+  const QuantMatrix w = scheme == Scheme::kQ4
+                            ? q4_matrix(std::vector<int8_t>(x.size(), 1), std::vector<uint16_t>(x.size() / 32, kOne), K, 1, 32)
+                            : f8_matrix(std::vector<uint8_t>(x.size(), 0x38), {kOne}, K, 1);
+  float y = from_bits(kPoison);
+  EXPECT_TRUE(chunked(scheme, f32, simd, x.data(), 1, K, w, 32, 1, &y, sum_rows).ok());
+  return y;
+}
+
+TEST(KernelNumerics, ChunkedSumsLanesInTheirOrderThenHalves) {
+  const float big = 134217728.0f;  // 2^27: fp32 spacing 16 there, so + 1 is lost
+  for (Scheme scheme : {Scheme::kQ4, Scheme::kF8})
+    for (bool simd : {false, true}) {
+      const std::string what = std::string(scheme == Scheme::kQ4 ? "q4" : "f8") + (simd ? " simd" : " ref");
+      // bf16 x, K = 32: x[0] -> lane 0, x[8] -> lane 4, x[16] -> lane 8, x[2] -> lane 1.
+      // Lane 0 (2^27) += lane 8 (1): 2^27; += lane 4 (-2^27): 0. Exact: 1.
+      std::vector<float> x(32, 0.0f);
+      x[0] = big;
+      x[8] = -big;
+      x[16] = 1.0f;
+      EXPECT_EQ(chunked_ones(scheme, x, false, simd), 0.0f) << what;
+      // The 1 in lane 1 meets lane 0 only at the last step, after the cancellation: 1.
+      x[16] = 0.0f;
+      x[2] = 1.0f;
+      EXPECT_EQ(chunked_ones(scheme, x, false, simd), 1.0f) << what;
+      // Within a lane, row 2i+1 comes first: rows 1, 0 of chunk 0 then 33, 32 of chunk 1:
+      // ((1 + 2^27) - 2^27) + 1 = 1; in k order (2^27 + 1 + 1 - 2^27) it would be 0.
+      std::vector<float> x2(64, 0.0f);
+      x2[0] = big;
+      x2[1] = 1.0f;
+      x2[32] = 1.0f;
+      x2[33] = -big;
+      EXPECT_EQ(chunked_ones(scheme, x2, false, simd), 1.0f) << what;
+      // fp32 x: lane i takes rows i and 16 + i. x[0] -> lane 0, x[4] -> lane 4, x[8] ->
+      // lane 8: (2^27 + 1) - 2^27 = 0; x[1] in lane 1 instead survives: 1.
+      std::vector<float> x3(32, 0.0f);
+      x3[0] = big;
+      x3[4] = -big;
+      x3[8] = 1.0f;
+      EXPECT_EQ(chunked_ones(scheme, x3, true, simd), 0.0f) << what;
+      x3[8] = 0.0f;
+      x3[1] = 1.0f;
+      EXPECT_EQ(chunked_ones(scheme, x3, true, simd), 1.0f) << what;
+      // Lane 0 takes rows 0, 16, 32, 48 in that order: 2^27, 1, -2^27, 1 give
+      // ((2^27 + 1) - 2^27) + 1 = 1, and 1, 2^27, 1, -2^27 give ((1 + 2^27) + 1) - 2^27 = 0.
+      std::vector<float> x4(64, 0.0f);
+      x4[0] = big;
+      x4[16] = 1.0f;
+      x4[32] = -big;
+      x4[48] = 1.0f;
+      EXPECT_EQ(chunked_ones(scheme, x4, true, simd), 1.0f) << what;
+      std::swap(x4[0], x4[16]);
+      std::swap(x4[32], x4[48]);
+      EXPECT_EQ(chunked_ones(scheme, x4, true, simd), 0.0f) << what;
+      // fma, not a rounded product: rows 0 and 16 hold t and -t, w = 1 + 2^-7 (q4: scale
+      // 0x3f81): the result is the rounding error of t w, -3 * 2^-30 (see the q8 case).
+      if (scheme == Scheme::kQ4) {
+        const float t = 1.0f + 3 * 0x1p-23f;
+        std::vector<float> x5(32, 0.0f);
+        x5[0] = t;
+        x5[16] = -t;
+        const QuantMatrix w = q4_matrix(std::vector<int8_t>(32, 1), {0x3f81}, 32, 1, 32);
+        float y = 0;
+        ASSERT_TRUE(chunked(scheme, true, simd, x5.data(), 1, 32, w, 32, 1, &y).ok());
+        EXPECT_EQ(y, -3 * 0x1p-30f) << what;
+      }
+      // Chains: K = 128 in 4 chains of 32: chain sums 2^27, 1, -2^27, 1 -> tree (2^27 + 1) +
+      // (-2^27 + 1) = 2^27 - 2^27 = 0; one chain would add them lane by lane.
+      std::vector<float> x6(128, 0.0f);
+      x6[0] = big;
+      x6[32] = 1.0f;
+      x6[64] = -big;
+      x6[96] = 1.0f;
+      EXPECT_EQ(chunked_ones(scheme, x6, false, simd, 32), 0.0f) << what;
+      EXPECT_EQ(chunked_ones(scheme, x6, false, simd, 0), 1.0f) << what;  // lane 0: ((2^27 + 1) - 2^27) + 1
+      EXPECT_EQ(chunked_ones(scheme, x6, true, simd, 32), 0.0f) << what;
+      // Random values: bit for bit against the transcription, every chain length.
+      Rng rng(33);
+      for (int64_t sr : {0, 32, 64, 128})
+        for (bool f32 : {false, true}) {
+          std::vector<float> xr(256);
+          for (auto& v : xr) v = f32 ? rng.f32(-8.0f, 8.0f) * std::ldexp(1.0f, static_cast<int>(rng.range(-20, 20))) : rng.bf16_value(-20, 20);
+          EXPECT_EQ(bits_of(chunked_ones(scheme, xr, f32, simd, sr)), bits_of(chunked_dot(xr, std::vector<float>(256, 1.0f), f32, sr)))
+              << what << " chains of " << sr << (f32 ? " f32" : "");
+        }
+    }
+}
+
+TEST(KernelNumerics, ChunkedEqualsADoublePrecisionDot) {
+  // Random matrices (packed by the test) against the double-precision dot with the
+  // dequantized weights: within the fp32 bound of the order (each lane adds 2 K/(32
+  // chains) terms, 4 halving steps, the tree's levels), and bit for bit against the order
+  // written out.
+  Rng rng(34);
+  const int64_t M = 3, K = 512, N = 19;
+  for (Scheme scheme : {Scheme::kQ4, Scheme::kF8})
+    for (int64_t G : {32, 64, 128}) {
+      if (scheme == Scheme::kF8 && G != 32) continue;
+      const QuantMatrix w = scheme == Scheme::kQ4 ? random_q4(rng, K, N, G) : random_f8(rng, K, N);
+      for (bool f32 : {false, true})
+        for (int64_t sr : {int64_t{0}, int64_t{128}, G}) {
+          std::vector<float> x(static_cast<size_t>(M * K));
+          for (auto& v : x) v = f32 ? rng.f32(-2.0f, 2.0f) : rng.bf16_value(-4, 1);
+          std::vector<float> y(static_cast<size_t>(M * N)), ys(y.size());
+          ASSERT_TRUE(chunked(scheme, f32, false, x.data(), M, K, w, G, N, y.data(), sr).ok());
+          ASSERT_TRUE(chunked(scheme, f32, true, x.data(), M, K, w, G, N, ys.data(), sr).ok());
+          EXPECT_EQ(std::memcmp(y.data(), ys.data(), y.size() * 4), 0);
+          const int64_t chains = sr == 0 ? 1 : K / sr, levels = chains == 1 ? 0 : chains <= 2 ? 1 : chains <= 4 ? 2 : 3;
+          for (int64_t m = 0; m < M; ++m)
+            for (int64_t n = 0; n < N; ++n) {
+              double dot = 0, mag = 0;
+              std::vector<float> xc(static_cast<size_t>(K)), wc(static_cast<size_t>(K));
+              for (int64_t k = 0; k < K; ++k) {
+                const double t = static_cast<double>(x[static_cast<size_t>(m * K + k)]) * w.w[static_cast<size_t>(k * N + n)];
+                dot += t;
+                mag += std::fabs(t);
+                xc[static_cast<size_t>(k)] = x[static_cast<size_t>(m * K + k)];
+                wc[static_cast<size_t>(k)] = w.w[static_cast<size_t>(k * N + n)];
+              }
+              const float got = y[static_cast<size_t>(m * N + n)];
+              const double bound = static_cast<double>(2 * (K / chains) / 32 + 4 + levels) * 0x1p-24 * mag;
+              EXPECT_NEAR(got, dot, bound) << (scheme == Scheme::kQ4 ? "q4 G" : "f8 G") << G << " m" << m << " n" << n;
+              EXPECT_EQ(bits_of(got), bits_of(chunked_dot(xc, wc, f32, sr)));
+            }
+        }
+    }
+}
+
+TEST(KernelNumerics, MatmulF8NanCodesGiveNanAndTheCarefulDecodeAgrees) {
+  // A NaN code (0x7f or 0xff) in a column makes that column NaN in every twin; the other
+  // columns, decoded through the careful path in the SIMD twins, keep their bits.
+  const int64_t M = 2, K = 96, N = 35;
+  Rng rng(35);
+  QuantMatrix w = random_f8(rng, K, N);
+  std::vector<float> x(static_cast<size_t>(M * K));
+  for (auto& v : x) v = rng.bf16_value(-4, 2);
+  std::vector<float> clean(static_cast<size_t>(M * N));
+  ASSERT_TRUE(chunked(Scheme::kF8, false, false, x.data(), M, K, w, 32, N, clean.data()).ok());
+  // Column 3 gets 0x7f at row 40, column 33 0xff at row 95 (chunk 2, byte 31).
+  w.payload[static_cast<size_t>((1 * N + 3) * 32 + 8)] = 0x7f;
+  w.payload[static_cast<size_t>((2 * N + 33) * 32 + 31)] = 0xff;
+  for (bool f32 : {false, true})
+    for (bool simd : {false, true}) {
+      std::vector<float> y(static_cast<size_t>(M * N)), yc(y.size());
+      ASSERT_TRUE(chunked(Scheme::kF8, f32, simd, x.data(), M, K, w, 32, N, y.data(), 32).ok());
+      QuantMatrix w0 = w;
+      w0.payload[static_cast<size_t>((1 * N + 3) * 32 + 8)] = 0;
+      w0.payload[static_cast<size_t>((2 * N + 33) * 32 + 31)] = 0;
+      ASSERT_TRUE(chunked(Scheme::kF8, f32, false, x.data(), M, K, w0, 32, N, yc.data(), 32).ok());
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = 0; n < N; ++n) {
+          const float v = y[static_cast<size_t>(m * N + n)];
+          if (n == 3 || n == 33) {
+            EXPECT_TRUE(std::isnan(v)) << m << "," << n << (simd ? " simd" : " ref");
+          } else {
+            EXPECT_EQ(bits_of(v), bits_of(yc[static_cast<size_t>(m * N + n)])) << m << "," << n << (simd ? " simd" : " ref");
+          }
+        }
+    }
+  EXPECT_TRUE(std::isfinite(clean[0]));
+}
+
+TEST(KernelNumerics, MatmulF8SubnormalCodesSurviveDenormalsAreZero) {
+  // The SIMD decode reads e4m3 subnormals through fp32 subnormals: a caller running with
+  // DAZ set must still get the scalar twin's bits, and get its MXCSR back.
+  const int64_t M = 1, K = 64, N = 16;
+  std::vector<uint8_t> codes(static_cast<size_t>(K * N));
+  for (size_t i = 0; i < codes.size(); ++i) codes[i] = static_cast<uint8_t>((i % 8) | (i % 3 == 0 ? 0x80 : 0));  // subnormals
+  const QuantMatrix w = f8_matrix(codes, std::vector<uint16_t>(static_cast<size_t>(N), f32_to_bf16_bits(0.5f)), K, N);
+  std::vector<float> x(static_cast<size_t>(K), 1.0f);
+  for (bool f32 : {false, true}) {
+    std::vector<float> want(static_cast<size_t>(N)), got(static_cast<size_t>(N));
+    ASSERT_TRUE(chunked(Scheme::kF8, f32, false, x.data(), M, K, w, 32, N, want.data()).ok());
+    const unsigned csr = _mm_getcsr();
+    _mm_setcsr(csr | 0x40u);  // DAZ
+    const Status st = chunked(Scheme::kF8, f32, true, x.data(), M, K, w, 32, N, got.data());
+    const unsigned after = _mm_getcsr();
+    _mm_setcsr(csr);
+    ASSERT_TRUE(st.ok());
+    EXPECT_EQ(after, csr | 0x40u);
+    EXPECT_EQ(std::memcmp(want.data(), got.data(), want.size() * 4), 0) << (f32 ? "f32" : "bf16");
+    EXPECT_NE(want[1], 0.0f);
+  }
+}
+
+TEST(KernelNumerics, MatmulBf16EqualsMatmulQ8OnTheDequantizedWeights) {
+  // The bf16 scheme stores the dequantized weight; its products follow the int8 ones'
+  // orders exactly, so on bf16(code * scale) they give matmul_q8's bits, chains included.
+  Rng rng(36);
+  const int64_t M = 3;
+  const int64_t shapes[][4] = {{150, 70, 2, 0}, {256, 33, 8, 16}, {64, 100, 1, 8}, {33, 20, 3, 0}};  // K, N, blocks, sum_rows
+  for (const auto& sh : shapes) {
+    const int64_t K = sh[0], N = sh[1], B = sh[2], sr = sh[3];
+    std::vector<int8_t> codes(static_cast<size_t>(K * N));
+    for (auto& c : codes) c = static_cast<int8_t>(rng.range(-128, 127));
+    std::vector<uint16_t> scales(static_cast<size_t>(B * N));
+    for (auto& s : scales) s = f32_to_bf16_bits(std::fabs(rng.bf16_value(-10, 0)) + 0x1p-12f);
+    std::vector<uint16_t> wb(static_cast<size_t>(K * N));
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t n = 0; n < N; ++n)
+        wb[static_cast<size_t>(k * N + n)] = f32_to_bf16_bits(static_cast<float>(codes[static_cast<size_t>(k * N + n)]) *
+                                                              bf16_bits_to_f32(scales[static_cast<size_t>((k / (K / B)) * N + n)]));
+    for (bool f32 : {false, true}) {
+      std::vector<float> x(static_cast<size_t>(M * K));
+      for (auto& v : x) v = f32 ? rng.f32(-3.0f, 3.0f) : rng.bf16_value(-6, 3);
+      std::vector<float> yq(static_cast<size_t>(M * N));
+      ASSERT_TRUE((f32 ? matmul_q8_f32_ref : matmul_q8_ref)(x.data(), M, K, K, codes.data(), scales.data(), N, B, yq.data(), N, nullptr, sr).ok());
+      for (bool simd : {false, true}) {
+        std::vector<float> yb(static_cast<size_t>(M * N));
+        auto fn = f32 ? (simd ? matmul_bf16_f32 : matmul_bf16_f32_ref) : (simd ? matmul_bf16 : matmul_bf16_ref);
+        ASSERT_TRUE(fn(x.data(), M, K, K, wb.data(), N, yb.data(), N, nullptr, sr).ok());
+        EXPECT_EQ(std::memcmp(yq.data(), yb.data(), yq.size() * 4), 0) << "K" << K << " N" << N << (f32 ? " f32" : "") << (simd ? " simd" : " ref");
+      }
+    }
+  }
 }
 
 TEST(KernelNumerics, RmsnormFollowsTheFormula) {
@@ -1147,6 +1744,46 @@ TEST(KernelBatching, MatmulBf16NtRowEqualsTheRowAlone) {
             << "row " << m << (simd ? " simd" : " ref") << ", threads " << threads;
       }
     }
+}
+
+TEST(KernelBatching, QuantizedSchemesRowEqualsTheRowAlone) {
+  // Every M takes a different register blocking in the AVX-512 walks (1, 2, 3 or 4 rows,
+  // then blocks of 4): a row's bits must not depend on it, nor on the chains or threads.
+  const int64_t M = 7, K = 256, N = 45, ldx = K + 2, ldy = N + 1;
+  Rng rng(14);
+  const QuantMatrix q4 = random_q4(rng, K, N, 64), f8 = random_f8(rng, K, N);
+  std::vector<uint16_t> wb(static_cast<size_t>(K * N));
+  for (auto& v : wb) v = rng.bf16_bits(-8, 2);
+  for (bool f32 : {false, true}) {
+    std::vector<float> x(static_cast<size_t>(M * ldx));
+    for (auto& v : x) v = f32 ? rng.f32(-3.0f, 3.0f) : rng.bf16_value(-5, 3);
+    for (int scheme = 0; scheme < 3; ++scheme)
+      for (bool simd : {false, true})
+        for (unsigned threads : {0u, 3u})
+          for (int64_t sr : {int64_t{0}, int64_t{64}}) {
+            auto run = [&](const float* xs, int64_t rows, int64_t lx, float* y, int64_t ly) {
+              if (scheme == 0) {
+                auto fn = f32 ? (simd ? matmul_q4_f32 : matmul_q4_f32_ref) : (simd ? matmul_q4 : matmul_q4_ref);
+                return fn(xs, rows, K, lx, q4.payload.data(), 64, N, y, ly, pool_of(threads), sr);
+              }
+              if (scheme == 1) {
+                auto fn = f32 ? (simd ? matmul_f8_f32 : matmul_f8_f32_ref) : (simd ? matmul_f8 : matmul_f8_ref);
+                return fn(xs, rows, K, lx, f8.payload.data(), N, y, ly, pool_of(threads), sr);
+              }
+              auto fn = f32 ? (simd ? matmul_bf16_f32 : matmul_bf16_f32_ref) : (simd ? matmul_bf16 : matmul_bf16_ref);
+              return fn(xs, rows, K, lx, wb.data(), N, y, ly, pool_of(threads), sr);
+            };
+            std::vector<float> all(static_cast<size_t>(M * ldy));
+            ASSERT_TRUE(run(x.data(), M, ldx, all.data(), ldy).ok());
+            for (int64_t m = 0; m < M; ++m) {
+              std::vector<float> one(static_cast<size_t>(N));
+              ASSERT_TRUE(run(x.data() + m * ldx, 1, K, one.data(), N).ok());
+              EXPECT_EQ(std::memcmp(one.data(), all.data() + m * ldy, static_cast<size_t>(N) * 4), 0)
+                  << "scheme " << scheme << " row " << m << (f32 ? " f32" : "") << (simd ? " simd" : " ref") << ", threads "
+                  << threads << ", sum_rows " << sr;
+            }
+          }
+  }
 }
 
 TEST(KernelBatching, AttentionRowEqualsTheRowAlone) {

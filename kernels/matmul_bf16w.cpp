@@ -1,0 +1,310 @@
+// y = x @ W for bf16 weights [K, N] row-major (the bf16 scheme): the int8 products' orders
+// exactly (matmul_q8.cpp) with the stored value in place of the dequantized one: per
+// column, the pinned pair order of kernels.h (bf16 activations) or fma in k order (fp32
+// ones), in chains of sum_rows rows that meet in tree_sum.
+#include <vector>
+
+#include "kernels/internal.h"
+
+// GCC 12's avx512fintrin.h trips -Wmaybe-uninitialized on its own _mm512_undefined values.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+namespace grokit::kernels {
+namespace {
+using namespace detail;
+
+constexpr int64_t kRowBlock = 64;     // rows per pass over a task's columns (AVX2; even)
+constexpr int64_t kPrefetchRows = 8;  // how far ahead the row-by-row walks fetch
+
+void check_args(int64_t M, int64_t K, int64_t ldx, int64_t N, int64_t ldy) {
+  GROKIT_CHECK(M >= 0 && K > 0 && N > 0 && ldx >= K && ldy >= N);
+}
+
+// ---------------------------------------------------------------------------------
+// Scalar twins: one chain, the sums over rows [k0, k1) of columns [c0, c1) into out
+// ([M][ld], column c0 at out[0]), in the pair order or with fma in k order. The chain
+// ends at k1 (an odd chain is only ever the whole of K, so k + 1 < k1 is k + 1 < K).
+template <bool kPairs>
+void chain_columns_ref(const float* x, int64_t M, int64_t ldx, const uint16_t* w, int64_t N, int64_t k0, int64_t k1,
+                       int64_t c0, int64_t c1, float* out, int64_t ld) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * ldx;
+    for (int64_t n = c0; n < c1; ++n) {
+      float acc = 0.0f;
+      if (kPairs) {
+        for (int64_t k = k0; k < k1; k += 2) {
+          if (k + 1 < k1) acc = acc + xr[k + 1] * bf16f(w[(k + 1) * N + n]);
+          acc = acc + xr[k] * bf16f(w[k * N + n]);
+        }
+      } else {
+        for (int64_t k = k0; k < k1; ++k) acc = std::fma(xr[k], bf16f(w[k * N + n]), acc);
+      }
+      out[m * ld + (n - c0)] = acc;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------
+// AVX2: 8 columns per vector; a row block of a 32-column tile widened to fp32 once into a
+// small panel, then used by every row of x.
+template <bool kPairs>
+GROKIT_AVX2 void block_avx2(const float* x, int64_t M, int64_t ldx, int64_t K, const uint16_t* w, int64_t N,
+                            int64_t k0, int64_t k1, int64_t c, float* acc, int64_t acc_ld) {
+  alignas(32) float panel[kRowBlock][32];
+  for (int64_t k = k0; k < k1; ++k) {
+    for (int j = 0; j < 4; ++j) _mm256_store_ps(panel[k - k0] + 8 * j, load_bf16x8(w + k * N + c + 8 * j));
+  }
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * ldx;
+    float* ap = acc + m * acc_ld;
+    __m256 a[4];
+    for (int j = 0; j < 4; ++j) a[j] = _mm256_loadu_ps(ap + 8 * j);
+    if (kPairs) {
+      for (int64_t k = k0; k < k1; k += 2) {
+        const int64_t r = k - k0;
+        if (k + 1 < K) {
+          const __m256 x1 = _mm256_broadcast_ss(xr + k + 1);
+          for (int j = 0; j < 4; ++j) a[j] = _mm256_fmadd_ps(x1, _mm256_load_ps(panel[r + 1] + 8 * j), a[j]);
+        }
+        const __m256 x0 = _mm256_broadcast_ss(xr + k);
+        for (int j = 0; j < 4; ++j) a[j] = _mm256_fmadd_ps(x0, _mm256_load_ps(panel[r] + 8 * j), a[j]);
+      }
+    } else {
+      for (int64_t k = k0; k < k1; ++k) {
+        const __m256 xk = _mm256_broadcast_ss(xr + k);
+        for (int j = 0; j < 4; ++j) a[j] = _mm256_fmadd_ps(xk, _mm256_load_ps(panel[k - k0] + 8 * j), a[j]);
+      }
+    }
+    for (int j = 0; j < 4; ++j) _mm256_storeu_ps(ap + 8 * j, a[j]);
+  }
+}
+
+// ---------------------------------------------------------------------------------
+// AVX-512 with bf16 instructions. Pairs: two rows of a 32-column tile interleaved into
+// dwords (w[k][n] low, w[k+1][n] high; vpermt2w), and vdpbf16ps adds x[k+1] w[k+1] then
+// x[k] w[k] to each column's fp32 sum: the pinned order, one instruction per 16 columns
+// and pair of rows.
+GROKIT_AVX512 inline __m512 load_bf16x16(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+
+// Fetches rows [k, k + n) of columns [c0, c1): the walks read short runs of many rows, so
+// every run would start with a full memory latency without it.
+inline void prefetch_rows(const uint16_t* w, int64_t N, int64_t k, int64_t n, int64_t c0, int64_t c1) {
+  for (int64_t r = k; r < k + n; ++r) {
+    for (int64_t c = c0; c < c1; c += 32) _mm_prefetch(reinterpret_cast<const char*>(w + r * N + c), _MM_HINT_T1);
+  }
+}
+
+// Rows [k0, k1) of columns [c0, c1) (a multiple of 32), two row pairs at a time: the rows
+// stream through sequentially, each 32-column tile of a pair is interleaved once and added
+// to every row of x's fp32 sums in `acc` ([M][acc_ld], column c0 at 0) by vdpbf16ps.
+GROKIT_AVX512 void pairs_rows_avx512(const uint32_t* xpairs, int64_t M, int64_t kp_stride, int64_t K, const uint16_t* w,
+                                     int64_t N, int64_t k0, int64_t k1, int64_t c0, int64_t c1, float* acc,
+                                     int64_t acc_ld) {
+  // Word 2i of `lo` is column i of row k, word 2i + 1 column i of row k + 1 (operand
+  // indices 32.. are the second row); `hi` the same for columns 16..31.
+  alignas(64) uint16_t lo_w[32], hi_w[32];
+  for (int i = 0; i < 16; ++i) {
+    lo_w[2 * i] = static_cast<uint16_t>(i);
+    lo_w[2 * i + 1] = static_cast<uint16_t>(32 + i);
+    hi_w[2 * i] = static_cast<uint16_t>(16 + i);
+    hi_w[2 * i + 1] = static_cast<uint16_t>(48 + i);
+  }
+  const __m512i lo_idx = _mm512_load_si512(lo_w), hi_idx = _mm512_load_si512(hi_w);
+  // One pair of rows (k, k + 1; a missing k + 1 counts as zero) of tile c.
+  auto pair_tile = [&](int64_t k, int64_t c, __m512bh& lo, __m512bh& hi) GROKIT_AVX512_LAMBDA {
+    const uint16_t* r0 = w + k * N + c;
+    const __m512i a = _mm512_loadu_si512(r0);
+    const __m512i b = k + 1 < K ? _mm512_loadu_si512(r0 + N) : _mm512_setzero_si512();
+    lo = reinterpret_cast<__m512bh>(_mm512_permutex2var_epi16(a, lo_idx, b));
+    hi = reinterpret_cast<__m512bh>(_mm512_permutex2var_epi16(a, hi_idx, b));
+  };
+  for (int64_t k = k0; k < k1; k += 4) {
+    const bool two = k + 2 < k1;  // a second pair in this step
+    if (k + kPrefetchRows < k1) prefetch_rows(w, N, k + kPrefetchRows, std::min<int64_t>(4, k1 - k - kPrefetchRows), c0, c1);
+    for (int64_t c = c0; c < c1; c += 32) {
+      __m512bh alo, ahi, blo, bhi;
+      pair_tile(k, c, alo, ahi);
+      if (two) pair_tile(k + 2, c, blo, bhi);
+      for (int64_t m = 0; m < M; ++m) {
+        const uint32_t* xp = xpairs + m * kp_stride + k / 2;
+        const __m512bh xa = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(xp[0])));
+        float* ap = acc + m * acc_ld + (c - c0);
+        __m512 s0 = _mm512_dpbf16_ps(_mm512_loadu_ps(ap), alo, xa);
+        __m512 s1 = _mm512_dpbf16_ps(_mm512_loadu_ps(ap + 16), ahi, xa);
+        if (two) {
+          const __m512bh xb = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(xp[1])));
+          s0 = _mm512_dpbf16_ps(s0, blo, xb);
+          s1 = _mm512_dpbf16_ps(s1, bhi, xb);
+        }
+        _mm512_storeu_ps(ap, s0);
+        _mm512_storeu_ps(ap + 16, s1);
+      }
+    }
+  }
+}
+
+// fp32 activations, two rows at a time: each 32-column tile of a row widened to fp32 once,
+// then acc = fma(x[k], w[k], acc) in k order for every row of x.
+GROKIT_AVX512 void fma_rows_avx512(const float* x, int64_t M, int64_t ldx, const uint16_t* w, int64_t N, int64_t k0,
+                                   int64_t k1, int64_t c0, int64_t c1, float* acc, int64_t acc_ld) {
+  for (int64_t k = k0; k < k1; k += 2) {
+    const bool two = k + 1 < k1;
+    if (k + kPrefetchRows < k1) prefetch_rows(w, N, k + kPrefetchRows, std::min<int64_t>(2, k1 - k - kPrefetchRows), c0, c1);
+    for (int64_t c = c0; c < c1; c += 32) {
+      const uint16_t* row = w + k * N + c;
+      const __m512 a0 = load_bf16x16(row), a1 = load_bf16x16(row + 16);
+      __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
+      if (two) {
+        b0 = load_bf16x16(row + N);
+        b1 = load_bf16x16(row + N + 16);
+      }
+      for (int64_t m = 0; m < M; ++m) {
+        const float* xr = x + m * ldx;
+        float* ap = acc + m * acc_ld + (c - c0);
+        const __m512 xa = _mm512_set1_ps(xr[k]);
+        __m512 s0 = _mm512_fmadd_ps(xa, a0, _mm512_loadu_ps(ap)), s1 = _mm512_fmadd_ps(xa, a1, _mm512_loadu_ps(ap + 16));
+        if (two) {
+          const __m512 xb = _mm512_set1_ps(xr[k + 1]);
+          s0 = _mm512_fmadd_ps(xb, b0, s0);
+          s1 = _mm512_fmadd_ps(xb, b1, s1);
+        }
+        _mm512_storeu_ps(ap, s0);
+        _mm512_storeu_ps(ap + 16, s1);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------
+enum class Level { kScalar, kAvx2, kAvx512 };
+
+template <Level kLevel, bool kPairs>
+Status impl(const float* x, int64_t M, int64_t K, int64_t ldx, const uint16_t* w, int64_t N, float* y, int64_t ldy,
+            Pool pool, int64_t sum_rows) {
+  check_args(M, K, ldx, N, ldy);
+  GROKIT_CHECK(sum_rows >= 0);
+  const int64_t sr = sum_rows > 0 ? sum_rows : K;  // rows per independent chain
+  GROKIT_CHECK(K % sr == 0 && (sr == K || sr % 2 == 0));
+  const int64_t chains = K / sr;
+  if (M == 0) return {};
+  // bf16 pairs of x for vdpbf16ps: x[k] in the low half, x[k + 1] in the high half. Owned
+  // by the calling thread and reused across calls; the tasks reach it through this
+  // reference.
+  const int64_t kp = (K + 1) / 2;
+  static thread_local std::vector<uint32_t> xpairs_storage;
+  std::vector<uint32_t>& xpairs = xpairs_storage;
+  if (kLevel == Level::kAvx512 && kPairs) {
+    xpairs.resize(static_cast<size_t>(M * kp));
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t p = 0; p < kp; ++p) {
+        const uint32_t lo = f32_to_bf16_bits(x[m * ldx + 2 * p]);
+        const uint32_t hi = 2 * p + 1 < K ? f32_to_bf16_bits(x[m * ldx + 2 * p + 1]) : 0;
+        xpairs[static_cast<size_t>(m * kp + p)] = lo | hi << 16;
+      }
+    }
+  }
+  // One chain over rows [k0, k1) of columns [c0, c1) into out ([M][ld], c0 at out[0]):
+  // whole 32-column tiles by SIMD, the rest by the scalar twin.
+  auto chain_part = [&](int64_t k0, int64_t k1, int64_t c0, int64_t c1, float* out, int64_t ld) {
+    const int64_t vec_end = kLevel == Level::kScalar ? c0 : c0 + (c1 - c0) / 32 * 32;
+    if (vec_end > c0) {
+      for (int64_t m = 0; m < M; ++m) std::fill(out + m * ld, out + m * ld + (vec_end - c0), 0.0f);
+      if constexpr (kLevel == Level::kAvx512) {
+        if (kPairs) pairs_rows_avx512(xpairs.data(), M, kp, K, w, N, k0, k1, c0, vec_end, out, ld);
+        else fma_rows_avx512(x, M, ldx, w, N, k0, k1, c0, vec_end, out, ld);
+      } else if constexpr (kLevel == Level::kAvx2) {
+        for (int64_t b0 = k0; b0 < k1; b0 += kRowBlock) {
+          const int64_t b1 = std::min(k1, b0 + kRowBlock);
+          for (int64_t c = c0; c < vec_end; c += 32) block_avx2<kPairs>(x, M, ldx, K, w, N, b0, b1, c, out + (c - c0), ld);
+        }
+      }
+    }
+    if (vec_end < c1) chain_columns_ref<kPairs>(x, M, ldx, w, N, k0, k1, vec_end, c1, out + (vec_end - c0), ld);
+  };
+  // The chains' sums (parts: [chains][stride], row m at m * ld, column c0 at 0) meet in
+  // tree_sum's pairwise tree, level by level across whole rows of columns, in place.
+  auto combine = [&](float* parts, int64_t stride, int64_t ld, int64_t c0, int64_t c1) {
+    const int64_t width = c1 - c0;
+    for (int64_t m = 0; m < M; ++m) {
+      float* row = parts + m * ld;
+      for (int64_t n = chains; n > 1;) {
+        const int64_t half = n / 2;
+        for (int64_t i = 0; i < half; ++i) {
+          float* d = row + i * stride;
+          const float* a = row + 2 * i * stride;
+          const float* b = row + (2 * i + 1) * stride;
+#pragma GCC ivdep  // d is a (i = 0) or a row already consumed
+          for (int64_t c = 0; c < width; ++c) d[c] = a[c] + b[c];
+        }
+        if (n % 2 != 0) std::copy(row + (n - 1) * stride, row + (n - 1) * stride + width, row + half * stride);
+        n = half + n % 2;
+      }
+      std::copy(row, row + width, y + m * ldy + c0);
+    }
+  };
+  if (chains > 1 && M * N * chains <= (int64_t{1} << 22)) {
+    // Few rows of x (decode): tasks are (chain, column part) pairs, so each task reads one
+    // contiguous block of rows; the chains meet in the tree afterwards.
+    const int64_t parts = std::max<int64_t>(1, (task_count(pool) + chains - 1) / chains);
+    const int64_t width = chunk_size(N, parts, 32);
+    static thread_local std::vector<float> out_storage;
+    std::vector<float>& out = out_storage;
+    out.resize(static_cast<size_t>(chains * M * N));
+    for_each(pool, static_cast<size_t>(chains * parts), [&](size_t t) {
+      const int64_t ch = static_cast<int64_t>(t) / parts, part = static_cast<int64_t>(t) % parts;
+      const int64_t c0 = std::min(N, part * width), c1 = std::min(N, c0 + width);
+      if (c0 < c1) chain_part(ch * sr, (ch + 1) * sr, c0, c1, out.data() + ch * M * N + c0, N);
+    });
+    const int64_t cw = chunk_size(N, task_count(pool), 64);
+    for_each(pool, static_cast<size_t>((N + cw - 1) / cw), [&](size_t t) {
+      const int64_t c0 = static_cast<int64_t>(t) * cw, c1 = std::min(N, c0 + cw);
+      combine(out.data() + c0, M * N, N, c0, c1);
+    });
+    return {};
+  }
+  // Many rows of x (prefill) or one chain: tasks are column ranges narrow enough that
+  // every chain's sums for them fit in a few MiB.
+  int64_t chunk = chunk_size(N, task_count(pool), 32);
+  chunk = std::max<int64_t>(32, std::min(chunk, (int64_t{1} << 19) / std::max<int64_t>(1, chains * M) / 32 * 32));
+  const int64_t tasks = (N + chunk - 1) / chunk;
+  for_each(pool, static_cast<size_t>(tasks), [&](size_t t) {
+    const int64_t c0 = static_cast<int64_t>(t) * chunk, c1 = std::min(N, c0 + chunk), width = c1 - c0;
+    if (chains == 1) return chain_part(0, K, c0, c1, y + c0, ldy);
+    thread_local std::vector<float> parts;
+    parts.resize(static_cast<size_t>(chains * M * width));
+    for (int64_t ch = 0; ch < chains; ++ch) chain_part(ch * sr, (ch + 1) * sr, c0, c1, parts.data() + ch * M * width, width);
+    combine(parts.data(), M * width, width, c0, c1);
+  });
+  return {};
+}
+
+template <bool kPairs>
+Status dispatch(const float* x, int64_t M, int64_t K, int64_t ldx, const uint16_t* w, int64_t N, float* y, int64_t ldy,
+                Pool pool, int64_t sr) {
+  if (use_avx512()) return impl<Level::kAvx512, kPairs>(x, M, K, ldx, w, N, y, ldy, pool, sr);
+  if (use_avx2()) return impl<Level::kAvx2, kPairs>(x, M, K, ldx, w, N, y, ldy, pool, sr);
+  return impl<Level::kScalar, kPairs>(x, M, K, ldx, w, N, y, ldy, pool, sr);
+}
+
+}  // namespace
+
+Status matmul_bf16(const float* x, int64_t M, int64_t K, int64_t ldx, const uint16_t* w, int64_t N, float* y,
+                   int64_t ldy, Pool pool, int64_t sum_rows) {
+  return dispatch<true>(x, M, K, ldx, w, N, y, ldy, pool, sum_rows);
+}
+Status matmul_bf16_ref(const float* x, int64_t M, int64_t K, int64_t ldx, const uint16_t* w, int64_t N, float* y,
+                       int64_t ldy, Pool pool, int64_t sum_rows) {
+  return impl<Level::kScalar, true>(x, M, K, ldx, w, N, y, ldy, pool, sum_rows);
+}
+Status matmul_bf16_f32(const float* x, int64_t M, int64_t K, int64_t ldx, const uint16_t* w, int64_t N, float* y,
+                       int64_t ldy, Pool pool, int64_t sum_rows) {
+  return dispatch<false>(x, M, K, ldx, w, N, y, ldy, pool, sum_rows);
+}
+Status matmul_bf16_f32_ref(const float* x, int64_t M, int64_t K, int64_t ldx, const uint16_t* w, int64_t N, float* y,
+                           int64_t ldy, Pool pool, int64_t sum_rows) {
+  return impl<Level::kScalar, false>(x, M, K, ldx, w, N, y, ldy, pool, sum_rows);
+}
+
+}  // namespace grokit::kernels

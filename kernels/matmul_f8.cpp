@@ -1,0 +1,537 @@
+// y = x @ dequant(W) for the f8col layout (SPEC.md §4.1): fp8 E4M3 codes in 32-row chunks,
+// a bf16 scale per column, w = bf16(e4m3(code) * scale). Per column, 16 fp32 lanes in the
+// order of kernels.h, halved at the end of each chain; the chains meet in tree_sum's tree.
+#include <limits>
+#include <vector>
+
+#include "kernels/internal.h"
+
+// GCC 12's avx512fintrin.h trips -Wmaybe-uninitialized on its own _mm512_undefined values.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+namespace grokit::kernels {
+namespace {
+using namespace detail;
+
+constexpr int64_t kPrefetchAhead = 12;  // (column group, chunk) steps the AVX-512 walks fetch ahead
+constexpr int64_t kChainChunks = 16;    // longest chain (in chunks) an AVX-512 walk keeps whole in registers
+constexpr int64_t kTileChunks = 8;      // chunks per pass of a longer chain
+constexpr int64_t kParkColumns = 256;   // columns (times rows of x) whose sums a tiled walk parks in L1
+
+// The SIMD decode: a code sign-extended to 16 bits, shifted left by 7, bit 14 cleared, is
+// the fp16 value e4m3(code) * 2^-8 exactly (the e4m3 subnormals as fp16 subnormals,
+// which vcvtph2ps converts exactly: no fp32 subnormal arises), and the column's scale is
+// folded in as scale * 2^8. Scales too large to fold (2^119 and up) and the NaN codes
+// (S.1111.111) take the careful decode: the exact value first, NaN blended in.
+constexpr float kTwo8 = 0x1p8f, kBigScale = 0x1p119f;
+constexpr short kF16Bits = static_cast<short>(0xbfff);
+
+// One f8col matrix: codes [K/32][N][32], then bf16 scales [N] padded to 16 bytes.
+struct F8Layout {
+  const uint8_t* payload;
+  int64_t K, N;
+  const uint8_t* chunk(int64_t c, int64_t n) const { return payload + (c * N + n) * 32; }
+  const uint8_t* scales() const { return payload + K * N; }
+  float scale(int64_t n) const {
+    uint16_t h;
+    std::memcpy(&h, scales() + 2 * n, 2);
+    return bf16f(h);
+  }
+};
+
+void check_args(int64_t M, int64_t K, int64_t ldx, int64_t N, int64_t ldy, int64_t sr) {
+  GROKIT_CHECK(M >= 0 && K > 0 && K % 32 == 0 && N > 0 && ldx >= K && ldy >= N);
+  GROKIT_CHECK(sr > 0 && K % sr == 0 && sr % 32 == 0);
+}
+
+inline float reduce16(float* l) {
+  for (int step = 8; step >= 1; step /= 2) {
+    for (int i = 0; i < step; ++i) l[i] = l[i] + l[i + step];
+  }
+  return l[0];
+}
+
+// A scale the decode cannot fold (2^119 <= |s| < inf).
+inline bool scale_needs_care(float s) { return std::fabs(s) >= kBigScale && std::isfinite(s); }
+
+// ---------------------------------------------------------------------------------
+// Scalar twins (the definition): chain [ch0, ch1) (chunks) of columns [c0, c1) into out
+// ([M][ld], column c0 at out[0]).
+template <bool kPairs>
+void chain_ref(const float* x, int64_t M, int64_t ldx, const F8Layout& L, int64_t ch0, int64_t ch1, int64_t c0,
+               int64_t c1, float* out, int64_t ld) {
+  std::vector<float> lanes(static_cast<size_t>(16 * M));
+  for (int64_t n = c0; n < c1; ++n) {
+    const float s = L.scale(n);
+    std::fill(lanes.begin(), lanes.end(), 0.0f);
+    for (int64_t c = ch0; c < ch1; ++c) {
+      const uint8_t* p = L.chunk(c, n);
+      float w[32];
+      for (int i = 0; i < 32; ++i) w[i] = round_bf16(e4m3_to_f32(p[i]) * s);
+      for (int64_t m = 0; m < M; ++m) {
+        const float* xc = x + m * ldx + 32 * c;
+        float* l = lanes.data() + 16 * m;
+        for (int i = 0; i < 16; ++i) {
+          if (kPairs) {
+            l[i] = l[i] + xc[2 * i + 1] * w[2 * i + 1];
+            l[i] = l[i] + xc[2 * i] * w[2 * i];
+          } else {
+            l[i] = std::fma(xc[i], w[i], l[i]);
+            l[i] = std::fma(xc[16 + i], w[16 + i], l[i]);
+          }
+        }
+      }
+    }
+    for (int64_t m = 0; m < M; ++m) out[m * ld + (n - c0)] = reduce16(lanes.data() + 16 * m);
+  }
+}
+
+// ---------------------------------------------------------------------------------
+// AVX2 (with F16C): one column at a time, up to 4 rows of x. Each chunk gives four vectors
+// of 8 weights: even rows 0..14, odd rows 1..15, even rows 16..30, odd rows 17..31; x comes
+// arranged the same way per chunk. Lanes: pairs: A = lanes 0..7 (rows 2i+1 then 2i), B =
+// lanes 8..15; fp32: A = even lanes 2j (rows 2j then 16+2j), B = odd lanes 2j+1.
+#define GROKIT_AVX2_F16C __attribute__((target("avx2,fma,f16c")))
+
+// The halving sum of the 16 lanes.
+template <bool kPairs>
+GROKIT_AVX2 inline float halve_avx2(__m256 a, __m256 b) {
+  if (!kPairs) {  // to lane order: [a0 b0 a1 b1 ..], [a4 b4 ..]
+    const __m256 lo = _mm256_unpacklo_ps(a, b), hi = _mm256_unpackhi_ps(a, b);
+    a = _mm256_permute2f128_ps(lo, hi, 0x20);
+    b = _mm256_permute2f128_ps(lo, hi, 0x31);
+  }
+  const __m256 v8 = _mm256_add_ps(a, b);
+  const __m128 v4 = _mm_add_ps(_mm256_castps256_ps128(v8), _mm256_extractf128_ps(v8, 1));
+  const __m128 v2 = _mm_add_ps(v4, _mm_movehl_ps(v4, v4));
+  return _mm_cvtss_f32(_mm_add_ss(v2, _mm_shuffle_ps(v2, v2, 1)));
+}
+
+// Eight fp16 values (e4m3 * 2^-8) to bf16-rounded weights in fp32 lanes.
+template <bool kCareful>
+GROKIT_AVX2_F16C inline __m256 decode8_avx2(__m128i h, __m256 s) {
+  __m256 f = _mm256_cvtph_ps(h);
+  if (kCareful) {
+    f = _mm256_mul_ps(f, _mm256_set1_ps(kTwo8));
+    const __m128i nan = _mm_cmpeq_epi16(_mm_and_si128(h, _mm_set1_epi16(0x3fff)), _mm_set1_epi16(0x3f80));
+    f = _mm256_blendv_ps(f, _mm256_set1_ps(std::numeric_limits<float>::quiet_NaN()), _mm256_castsi256_ps(_mm256_cvtepi16_epi32(nan)));
+  }
+  return round_bf16x8(_mm256_mul_ps(f, s));
+}
+
+template <int MB, bool kPairs>
+GROKIT_AVX2_F16C void column_avx2(const float* xa, int64_t K, const F8Layout& L, int64_t ch0, int64_t ch1, int64_t n,
+                                  float* out, int64_t ld) {
+  __m256 A[MB], B[MB];
+  for (int mm = 0; mm < MB; ++mm) A[mm] = B[mm] = _mm256_setzero_ps();
+  const float s = L.scale(n);
+  const bool big = scale_needs_care(s);
+  const __m256 sv = _mm256_set1_ps(s), sf = _mm256_set1_ps(s * kTwo8);
+  const __m256i ones = _mm256_set1_epi8(-1), top = _mm256_set1_epi8(-128), bits = _mm256_set1_epi16(kF16Bits);
+  for (int64_t c = ch0; c < ch1; ++c) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(L.chunk(c, n)));
+    // Words k of v hold rows 2k (low byte) and 2k + 1 (high byte): each sign-extended, as fp16.
+    const __m256i ev = _mm256_and_si256(_mm256_slli_epi16(_mm256_srai_epi16(_mm256_slli_epi16(v, 8), 8), 7), bits);
+    const __m256i od = _mm256_and_si256(_mm256_slli_epi16(_mm256_srai_epi16(v, 8), 7), bits);
+    const __m128i e0 = _mm256_castsi256_si128(ev), e1 = _mm256_extracti128_si256(ev, 1);
+    const __m128i o0 = _mm256_castsi256_si128(od), o1 = _mm256_extracti128_si256(od, 1);
+    __m256 we0, wo0, we1, wo1;
+    if (big || _mm256_movemask_epi8(_mm256_cmpeq_epi8(_mm256_or_si256(v, top), ones)) != 0) {
+      we0 = decode8_avx2<true>(e0, sv);
+      wo0 = decode8_avx2<true>(o0, sv);
+      we1 = decode8_avx2<true>(e1, sv);
+      wo1 = decode8_avx2<true>(o1, sv);
+    } else {
+      we0 = decode8_avx2<false>(e0, sf);
+      wo0 = decode8_avx2<false>(o0, sf);
+      we1 = decode8_avx2<false>(e1, sf);
+      wo1 = decode8_avx2<false>(o1, sf);
+    }
+    for (int mm = 0; mm < MB; ++mm) {
+      const float* xp = xa + mm * K + 32 * c;
+      const __m256 xe0 = _mm256_loadu_ps(xp), xo0 = _mm256_loadu_ps(xp + 8);
+      const __m256 xe1 = _mm256_loadu_ps(xp + 16), xo1 = _mm256_loadu_ps(xp + 24);
+      if (kPairs) {
+        A[mm] = _mm256_fmadd_ps(xe0, we0, _mm256_fmadd_ps(xo0, wo0, A[mm]));
+        B[mm] = _mm256_fmadd_ps(xe1, we1, _mm256_fmadd_ps(xo1, wo1, B[mm]));
+      } else {
+        A[mm] = _mm256_fmadd_ps(xe1, we1, _mm256_fmadd_ps(xe0, we0, A[mm]));
+        B[mm] = _mm256_fmadd_ps(xo1, wo1, _mm256_fmadd_ps(xo0, wo0, B[mm]));
+      }
+    }
+  }
+  for (int mm = 0; mm < MB; ++mm) out[mm * ld] = halve_avx2<kPairs>(A[mm], B[mm]);
+}
+
+// ---------------------------------------------------------------------------------
+// AVX-512 with bf16 instructions. A column group of NC columns and MB rows of x keeps
+// NC * MB <= 16 accumulators (16 lanes each) in registers while the chain's chunks stream
+// by; for chunk c the group's codes are NC * 32 contiguous bytes. Per column and chunk:
+// 32 codes to fp16 (vpmovsxbw, shift, mask), to fp32 (vcvtph2ps), times the folded scale,
+// rounded to bf16 by vcvtne2ps2bf16 (word r = row r), then vdpbf16ps (pairs) or,
+// interleaved to word 2i = row i, word 2i+1 = row 16 + i and split into two fp32 vectors,
+// two fmas (fp32). A tile with a NaN code anywhere is done again with the careful decode.
+
+// The 16 lane sums of 16 accumulators at once, each halved (lane i += lane i+8, +4, +2,
+// +1): sum[t] = halving of a[t]. Each level adds a blend of two vectors to a shuffle of
+// the same two, so that it pairs the right lanes; the columns end up permuted, undone
+// at the end.
+GROKIT_AVX512 inline __m512 halve16(const __m512* a) {
+  __m512 b[8], c[4], d[2];
+  const __m512i quarters = _mm512_setr_epi32(4, 5, 6, 7, 16, 17, 18, 19, 12, 13, 14, 15, 24, 25, 26, 27);
+  for (int i = 0; i < 8; ++i)  // [a.lo, b.hi] + [a.hi, b.lo]
+    b[i] = _mm512_add_ps(_mm512_mask_blend_ps(0xff00, a[2 * i], a[2 * i + 1]), _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x4e));
+  for (int i = 0; i < 4; ++i)
+    c[i] = _mm512_add_ps(_mm512_mask_blend_ps(0xf0f0, b[2 * i], b[2 * i + 1]), _mm512_permutex2var_ps(b[2 * i], quarters, b[2 * i + 1]));
+  for (int i = 0; i < 2; ++i)
+    d[i] = _mm512_add_ps(_mm512_mask_blend_ps(0xcccc, c[2 * i], c[2 * i + 1]), _mm512_shuffle_ps(c[2 * i], c[2 * i + 1], 0x4e));
+  const __m512 e = _mm512_add_ps(_mm512_shuffle_ps(d[0], d[1], 0x88), _mm512_shuffle_ps(d[0], d[1], 0xdd));
+  // e holds the sums of a[0, 4, 8, 12, 2, 6, 10, 14, 1, 5, 9, 13, 3, 7, 11, 15].
+  return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 8, 4, 12, 1, 9, 5, 13, 2, 10, 6, 14, 3, 11, 7, 15), e);
+}
+
+// A column's 32 codes to bf16 weights (word r = row r) with the folded scale (careful: the
+// plain scale).
+template <bool kCareful>
+GROKIT_AVX512 inline __m512i decode32_avx512(const uint8_t* p, __m512 s) {
+  const __m512i h = _mm512_and_si512(_mm512_slli_epi16(_mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 7),
+                                     _mm512_set1_epi16(kF16Bits));
+  __m512 lo = _mm512_cvtph_ps(_mm512_castsi512_si256(h)), hi = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1));
+  if (kCareful) {
+    const __m512 nan = _mm512_set1_ps(std::numeric_limits<float>::quiet_NaN());
+    const __mmask32 is_nan = _mm512_cmpeq_epi16_mask(_mm512_and_si512(h, _mm512_set1_epi16(0x3fff)), _mm512_set1_epi16(0x3f80));
+    lo = _mm512_mask_mov_ps(_mm512_mul_ps(lo, _mm512_set1_ps(kTwo8)), static_cast<__mmask16>(is_nan), nan);
+    hi = _mm512_mask_mov_ps(_mm512_mul_ps(hi, _mm512_set1_ps(kTwo8)), static_cast<__mmask16>(is_nan >> 16), nan);
+  }
+  return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(_mm512_mul_ps(hi, s), _mm512_mul_ps(lo, s)));
+}
+
+// One chunk of a column group: the NC columns' 32 codes each (column j at p + 32 j)
+// decoded with the scales s[j] (folded or not, see kCareful) and added to the sums.
+template <bool kCareful, int NC, int MB, bool kPairs>
+GROKIT_AVX512 __attribute__((always_inline)) inline void chunk_avx512(__m512 (&acc)[MB][NC], const uint8_t* p,
+                                                                     const float* s, const __m512i* xv, const __m512* x0,
+                                                                     const __m512* x1) {
+  // fp32: word 2i = row i, word 2i + 1 = row 16 + i of vcvtne2ps2bf16's row order.
+  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
+                                              21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+#pragma GCC unroll 16  // the accumulators are registers only with constant indices
+  for (int j = 0; j < NC; ++j) {
+    __m512i w = decode32_avx512<kCareful>(p + 32 * j, _mm512_set1_ps(s[j]));
+    if (kPairs) {
+      for (int mm = 0; mm < MB; ++mm)
+        acc[mm][j] = _mm512_dpbf16_ps(acc[mm][j], reinterpret_cast<__m512bh>(w), reinterpret_cast<__m512bh>(xv[mm]));
+    } else {
+      w = _mm512_permutexvar_epi16(interleave, w);
+      const __m512 we = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+      const __m512 wo = _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+      for (int mm = 0; mm < MB; ++mm) acc[mm][j] = _mm512_fmadd_ps(x1[mm], wo, _mm512_fmadd_ps(x0[mm], we, acc[mm][j]));
+    }
+  }
+}
+
+// The walks' prefetch cursor: kPrefetchAhead (column group, chunk) steps ahead of the walk
+// over chunks [t0, t1) of columns [.., b1), in groups of NC.
+template <int NC>
+struct Prefetcher {
+  const F8Layout* L;
+  int64_t pc, pn, t0, t1, b1;
+  Prefetcher(const F8Layout* l, int64_t t0_, int64_t t1_, int64_t b0, int64_t b1_)
+      : L(l), pc(t0_ + kPrefetchAhead % (t1_ - t0_)), pn(b0 + kPrefetchAhead / (t1_ - t0_) * NC), t0(t0_), t1(t1_), b1(b1_) {}
+  void step() {
+    if (pn < b1) {
+      const char* pf = reinterpret_cast<const char*>(L->chunk(pc, pn));
+      for (int b = 0; b < NC * 32; b += 64) _mm_prefetch(pf + b, _MM_HINT_T0);
+    }
+    if (++pc == t1) {
+      pc = t0;
+      pn += NC;
+    }
+  }
+};
+
+// Chunks [t0, t1) of the column group at n0 (nc live columns) added to the sums. The fast
+// decode (folded scales s) also returns the largest doubled code byte (0xfe: a NaN code
+// was among them, and the caller redoes the tile with the careful decode, unfolded s).
+template <bool kCareful, int NC, int MB, bool kPairs>
+GROKIT_AVX512 __attribute__((always_inline)) inline __m512i tile_avx512(
+    __m512 (&acc)[MB][NC], const F8Layout& L, const uint16_t* xb, const float* x, int64_t ldx, int64_t m0, int64_t t0,
+    int64_t t1, int64_t n0, int nc, uint8_t* stage, const float* s, Prefetcher<NC>* prefetch) {
+  __m512i top = _mm512_setzero_si512();
+  for (int64_t c = t0; c < t1; ++c) {
+    // The scales stay in memory (broadcast from there): the accumulators need the registers.
+    // (The empty asm claims to change them.)
+    __asm__ volatile("" : "+m"(*reinterpret_cast<float(*)[16]>(const_cast<float*>(s))));
+    if (prefetch != nullptr) prefetch->step();
+    const uint8_t* p = L.chunk(c, n0);
+    if (nc < NC) {
+      std::memcpy(stage, p, static_cast<size_t>(nc) * 32);
+      p = stage;
+    }
+    if (!kCareful) {  // v + v drops the sign bit: a NaN code (low 7 bits set) becomes 0xfe
+      for (int b = 0; b < NC * 32; b += 64) {
+        const __m512i v = _mm512_loadu_si512(p + b);
+        top = _mm512_max_epu8(top, _mm512_add_epi8(v, v));
+      }
+    }
+    __m512i xv[MB];
+    __m512 x0[MB], x1[MB];
+    for (int mm = 0; mm < MB; ++mm) {
+      if (kPairs) {
+        xv[mm] = _mm512_loadu_si512(xb + (m0 + mm) * L.K + 32 * c);
+      } else {
+        x0[mm] = _mm512_loadu_ps(x + (m0 + mm) * ldx + 32 * c);
+        x1[mm] = _mm512_loadu_ps(x + (m0 + mm) * ldx + 32 * c + 16);
+      }
+    }
+    chunk_avx512<kCareful, NC, MB, kPairs>(acc, p, s, xv, x0, x1);
+  }
+  return top;
+}
+
+// Rows [m0, m0 + MB) of x, columns [c0, c1) in groups of NC, chunks [ch0, ch1) of one chain.
+// xb: x as bf16 bits [M][K] (pairs); x, ldx: fp32 x (fp32). A chain of up to
+// kChainChunks chunks is walked group by group with the whole chain in registers; a
+// longer one in tiles of kTileChunks chunks over blocks of columns, the accumulators
+// parked in L1 between tiles, so that the walk reads a few long runs instead of many
+// short ones.
+template <int NC, int MB, bool kPairs>
+GROKIT_AVX512 void groups_avx512(const uint16_t* xb, const float* x, int64_t ldx, const F8Layout& L, int64_t m0,
+                                 int64_t ch0, int64_t ch1, int64_t c0, int64_t c1, float* out, int64_t ld) {
+  static_assert(NC * MB <= 16 && NC <= 16);
+  alignas(64) uint8_t stage[NC * 32];
+  alignas(64) float sf[16], sv[16];
+  alignas(64) float park[kParkColumns * 16];  // [column group][MB][NC][16 lanes]
+  const __m512i nan2 = _mm512_set1_epi8(static_cast<char>(0xfe));  // a NaN code doubled
+  const int64_t tile = ch1 - ch0 <= kChainChunks ? ch1 - ch0 : kTileChunks;
+  const int64_t block = tile == ch1 - ch0 ? c1 - c0 : kParkColumns / (MB * NC) * NC;
+  for (int64_t b0 = c0; b0 < c1; b0 += block) {
+    const int64_t b1 = std::min(c1, b0 + block);
+    for (int64_t t0 = ch0; t0 < ch1; t0 += tile) {
+      const int64_t t1 = std::min(ch1, t0 + tile);
+      Prefetcher<NC> prefetch(&L, t0, t1, b0, b1);
+      for (int64_t n0 = b0; n0 < b1; n0 += NC) {
+        const int nc = static_cast<int>(std::min<int64_t>(NC, b1 - n0));
+        if (nc < NC) std::memset(stage, 0, sizeof stage);
+        const __mmask16 live = static_cast<__mmask16>((1u << nc) - 1);
+        const __m512 s = _mm512_castsi512_ps(
+            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(live, L.scales() + 2 * n0)), 16));
+        _mm512_store_ps(sv, s);
+        _mm512_store_ps(sf, _mm512_mul_ps(s, _mm512_set1_ps(kTwo8)));
+        const __m512 as = _mm512_abs_ps(s);
+        const bool big = (_mm512_cmp_ps_mask(as, _mm512_set1_ps(kBigScale), _CMP_GE_OQ) &
+                          _mm512_cmp_ps_mask(as, _mm512_set1_ps(std::numeric_limits<float>::infinity()), _CMP_LT_OQ)) != 0;
+        float* parked = park + (n0 - b0) / NC * (MB * NC * 16);
+        __m512 acc[MB][NC];
+        for (int mm = 0; mm < MB; ++mm)
+          for (int j = 0; j < NC; ++j)
+            acc[mm][j] = t0 == ch0 ? _mm512_setzero_ps() : _mm512_load_ps(parked + (mm * NC + j) * 16);
+        bool careful = big;
+        if (!careful) {
+          const __m512i top = tile_avx512<false, NC, MB, kPairs>(acc, L, xb, x, ldx, m0, t0, t1, n0, nc, stage, sf, &prefetch);
+          careful = _mm512_cmpeq_epi8_mask(top, nan2) != 0;
+          if (careful) {  // start the tile again (the prefetches are done)
+            for (int mm = 0; mm < MB; ++mm)
+              for (int j = 0; j < NC; ++j)
+                acc[mm][j] = t0 == ch0 ? _mm512_setzero_ps() : _mm512_load_ps(parked + (mm * NC + j) * 16);
+          }
+        }
+        if (careful)
+          tile_avx512<true, NC, MB, kPairs>(acc, L, xb, x, ldx, m0, t0, t1, n0, nc, stage, sv, big ? &prefetch : nullptr);
+        if (t1 < ch1) {
+          for (int mm = 0; mm < MB; ++mm)
+            for (int j = 0; j < NC; ++j) _mm512_store_ps(parked + (mm * NC + j) * 16, acc[mm][j]);
+          continue;
+        }
+        __m512 all[16];
+        for (int t = 0; t < 16; ++t) all[t] = t < NC * MB ? acc[t / NC][t % NC] : _mm512_setzero_ps();
+        const __m512 sums = halve16(all);
+        if (MB == 1) {
+          _mm512_mask_storeu_ps(out + m0 * ld + (n0 - c0), live, sums);
+        } else {
+          alignas(64) float sm[16];
+          _mm512_store_ps(sm, sums);
+          for (int mm = 0; mm < MB; ++mm)
+            for (int j = 0; j < nc; ++j) out[(m0 + mm) * ld + (n0 - c0) + j] = sm[mm * NC + j];
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------
+enum class Level { kScalar, kAvx2, kAvx512 };
+
+template <Level kLevel, bool kPairs>
+Status impl(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* payload, int64_t N, float* y,
+            int64_t ldy, Pool pool, int64_t sum_rows) {
+  GROKIT_CHECK(sum_rows >= 0);
+  const int64_t sr = sum_rows > 0 ? sum_rows : K;  // rows per independent chain
+  check_args(M, K, ldx, N, ldy, sr);
+  const int64_t chains = K / sr, cpc = sr / 32;  // chunks per chain
+  if (M == 0) return {};
+  const F8Layout L{payload, K, N};
+  // x for the SIMD walks, converted once per call: bf16 bits (AVX-512, pairs) or the
+  // AVX2 arrangement. Owned by the calling thread, reached by the tasks through these
+  // references.
+  static thread_local std::vector<uint16_t> xb_storage;
+  static thread_local std::vector<float> xa_storage;
+  std::vector<uint16_t>& xb = xb_storage;
+  std::vector<float>& xa = xa_storage;
+  if (kLevel == Level::kAvx512 && kPairs) {
+    xb.resize(static_cast<size_t>(M * K));
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < K; ++k) xb[static_cast<size_t>(m * K + k)] = f32_to_bf16_bits(x[m * ldx + k]);
+  }
+  if (kLevel == Level::kAvx2) {
+    xa.resize(static_cast<size_t>(M * K));
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t c = 0; c < K / 32; ++c) {
+        const float* xc = x + m * ldx + 32 * c;
+        float* a = xa.data() + m * K + 32 * c;
+        for (int j = 0; j < 8; ++j) {
+          a[j] = xc[2 * j];
+          a[8 + j] = xc[2 * j + 1];
+          a[16 + j] = xc[16 + 2 * j];
+          a[24 + j] = xc[17 + 2 * j];
+        }
+      }
+    }
+  }
+  // One chain over columns [c0, c1) into out ([M][ld], c0 at out[0]).
+  auto chain_part = [&](int64_t ch, int64_t c0, int64_t c1, float* out, int64_t ld) {
+    const int64_t ch0 = ch * cpc, ch1 = ch0 + cpc;
+    if constexpr (kLevel == Level::kAvx512) {
+      for (int64_t m = 0; m < M;) {
+        const int64_t mb = std::min<int64_t>(4, M - m);
+        const uint16_t* xbp = xb.data();
+        switch (mb) {
+          case 1: groups_avx512<16, 1, kPairs>(xbp, x, ldx, L, m, ch0, ch1, c0, c1, out, ld); break;
+          case 2: groups_avx512<8, 2, kPairs>(xbp, x, ldx, L, m, ch0, ch1, c0, c1, out, ld); break;
+          case 3: groups_avx512<4, 3, kPairs>(xbp, x, ldx, L, m, ch0, ch1, c0, c1, out, ld); break;
+          default: groups_avx512<4, 4, kPairs>(xbp, x, ldx, L, m, ch0, ch1, c0, c1, out, ld); break;
+        }
+        m += mb;
+      }
+    } else if constexpr (kLevel == Level::kAvx2) {
+      for (int64_t n = c0; n < c1; ++n) {
+        for (int64_t m = 0; m < M;) {
+          const int64_t mb = std::min<int64_t>(4, M - m);
+          const float* xp = xa.data() + m * K;
+          float* o = out + m * ld + (n - c0);
+          switch (mb) {
+            case 1: column_avx2<1, kPairs>(xp, K, L, ch0, ch1, n, o, ld); break;
+            case 2: column_avx2<2, kPairs>(xp, K, L, ch0, ch1, n, o, ld); break;
+            case 3: column_avx2<3, kPairs>(xp, K, L, ch0, ch1, n, o, ld); break;
+            default: column_avx2<4, kPairs>(xp, K, L, ch0, ch1, n, o, ld); break;
+          }
+          m += mb;
+        }
+      }
+    } else {
+      chain_ref<kPairs>(x, M, ldx, L, ch0, ch1, c0, c1, out, ld);
+    }
+  };
+  // The chains' sums (parts: [chains][stride], row m at m * ld, column c0 at 0) meet in
+  // tree_sum's pairwise tree, level by level across whole rows of columns, in place.
+  auto combine = [&](float* parts, int64_t stride, int64_t ld, int64_t c0, int64_t c1) {
+    const int64_t width = c1 - c0;
+    for (int64_t m = 0; m < M; ++m) {
+      float* row = parts + m * ld;
+      for (int64_t n = chains; n > 1;) {
+        const int64_t half = n / 2;
+        for (int64_t i = 0; i < half; ++i) {
+          float* d = row + i * stride;
+          const float* a = row + 2 * i * stride;
+          const float* b = row + (2 * i + 1) * stride;
+#pragma GCC ivdep  // d is a (i = 0) or a row already consumed
+          for (int64_t c = 0; c < width; ++c) d[c] = a[c] + b[c];
+        }
+        if (n % 2 != 0) std::copy(row + (n - 1) * stride, row + (n - 1) * stride + width, row + half * stride);
+        n = half + n % 2;
+      }
+      std::copy(row, row + width, y + m * ldy + c0);
+    }
+  };
+  if (chains > 1 && M * N * chains <= (int64_t{1} << 22)) {
+    // Few rows of x (decode): tasks are (chain, column part) pairs, so each task streams
+    // through the contiguous chunks of its chain; the chains meet in the tree afterwards.
+    const int64_t parts = std::max<int64_t>(1, (task_count(pool) + chains - 1) / chains);
+    const int64_t width = chunk_size(N, parts, 16);
+    static thread_local std::vector<float> out_storage;
+    std::vector<float>& out = out_storage;
+    out.resize(static_cast<size_t>(chains * M * N));
+    for_each(pool, static_cast<size_t>(chains * parts), [&](size_t t) {
+      const int64_t ch = static_cast<int64_t>(t) / parts, part = static_cast<int64_t>(t) % parts;
+      const int64_t c0 = std::min(N, part * width), c1 = std::min(N, c0 + width);
+      if (c0 < c1) chain_part(ch, c0, c1, out.data() + ch * M * N + c0, N);
+    });
+    const int64_t cw = chunk_size(N, task_count(pool), 64);
+    for_each(pool, static_cast<size_t>((N + cw - 1) / cw), [&](size_t t) {
+      const int64_t c0 = static_cast<int64_t>(t) * cw, c1 = std::min(N, c0 + cw);
+      combine(out.data() + c0, M * N, N, c0, c1);
+    });
+    return {};
+  }
+  // Many rows of x (prefill) or one chain: tasks are column ranges narrow enough that
+  // every chain's sums for them fit in a few MiB.
+  int64_t chunk = chunk_size(N, task_count(pool), 16);
+  chunk = std::max<int64_t>(16, std::min(chunk, (int64_t{1} << 19) / std::max<int64_t>(1, chains * M) / 16 * 16));
+  const int64_t tasks = (N + chunk - 1) / chunk;
+  for_each(pool, static_cast<size_t>(tasks), [&](size_t t) {
+    const int64_t c0 = static_cast<int64_t>(t) * chunk, c1 = std::min(N, c0 + chunk), width = c1 - c0;
+    if (chains == 1) return chain_part(0, c0, c1, y + c0, ldy);
+    thread_local std::vector<float> parts;
+    parts.resize(static_cast<size_t>(chains * M * width));
+    for (int64_t ch = 0; ch < chains; ++ch) chain_part(ch, c0, c1, parts.data() + ch * M * width, width);
+    combine(parts.data(), M * width, width, c0, c1);
+  });
+  return {};
+}
+
+template <bool kPairs>
+Status dispatch(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* payload, int64_t N, float* y,
+                int64_t ldy, Pool pool, int64_t sr) {
+  if (use_avx512()) return impl<Level::kAvx512, kPairs>(x, M, K, ldx, payload, N, y, ldy, pool, sr);
+  static const bool f16c = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("f16c");
+  }();
+  if (use_avx2() && f16c) return impl<Level::kAvx2, kPairs>(x, M, K, ldx, payload, N, y, ldy, pool, sr);
+  return impl<Level::kScalar, kPairs>(x, M, K, ldx, payload, N, y, ldy, pool, sr);
+}
+
+}  // namespace
+
+float e4m3_to_f32(uint8_t v) {
+  const uint32_t e = (v >> 3) & 15u, m = v & 7u;
+  float mag;
+  if (e == 15 && m == 7) {
+    mag = std::numeric_limits<float>::quiet_NaN();
+  } else if (e == 0) {
+    mag = static_cast<float>(m) * 0x1p-9f;  // subnormal: m * 2^-9
+  } else {
+    const uint32_t bits = (e + 120u) << 23 | m << 20;  // 2^(e-7) * (1 + m/8)
+    std::memcpy(&mag, &bits, 4);
+  }
+  return (v & 0x80u) != 0 ? -mag : mag;
+}
+
+Status matmul_f8(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* payload, int64_t N, float* y,
+                 int64_t ldy, Pool pool, int64_t sum_rows) {
+  return dispatch<true>(x, M, K, ldx, payload, N, y, ldy, pool, sum_rows);
+}
+Status matmul_f8_ref(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* payload, int64_t N, float* y,
+                     int64_t ldy, Pool pool, int64_t sum_rows) {
+  return impl<Level::kScalar, true>(x, M, K, ldx, payload, N, y, ldy, pool, sum_rows);
+}
+Status matmul_f8_f32(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* payload, int64_t N, float* y,
+                     int64_t ldy, Pool pool, int64_t sum_rows) {
+  return dispatch<false>(x, M, K, ldx, payload, N, y, ldy, pool, sum_rows);
+}
+Status matmul_f8_f32_ref(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* payload, int64_t N,
+                         float* y, int64_t ldy, Pool pool, int64_t sum_rows) {
+  return impl<Level::kScalar, false>(x, M, K, ldx, payload, N, y, ldy, pool, sum_rows);
+}
+
+}  // namespace grokit::kernels

@@ -1,0 +1,457 @@
+// y = x @ dequant(W) for the q4g layout (SPEC.md §4.1): int4 codes in 32-row chunks, a
+// bf16 scale per (group, column), w = bf16(q * scale). Per column, 16 fp32 lanes in the
+// order of kernels.h, halved at the end of each chain; the chains meet in tree_sum's tree.
+#include <vector>
+
+#include "kernels/internal.h"
+
+// GCC 12's avx512fintrin.h trips -Wmaybe-uninitialized on its own _mm512_undefined values.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+namespace grokit::kernels {
+namespace {
+using namespace detail;
+
+constexpr int64_t kPrefetchAhead = 12;  // (column group, chunk) steps the AVX-512 walks fetch ahead
+constexpr int64_t kChainChunks = 16;    // longest chain (in chunks) an AVX-512 walk keeps whole in registers
+constexpr int64_t kTileChunks = 8;      // chunks per pass of a longer chain
+constexpr int64_t kParkColumns = 256;   // columns (times rows of x) whose sums a tiled walk parks in L1
+
+// One q4g matrix: for each group of G rows, codes [G/32][N][16] then bf16 scales [N] padded
+// to 16 bytes.
+struct Q4Layout {
+  const uint8_t* payload;
+  int64_t K, N, G, cpg, log2_cpg, group_bytes;  // cpg: chunks per group (1, 2 or 4)
+  Q4Layout(const uint8_t* p, int64_t k, int64_t n, int64_t g)
+      : payload(p), K(k), N(n), G(g), cpg(g / 32), log2_cpg(g == 32 ? 0 : g == 64 ? 1 : 2), group_bytes(g / 2 * n + (2 * n + 15) / 16 * 16) {}
+  // The 16 bytes of chunk c (global, 32 rows each), column n.
+  const uint8_t* chunk(int64_t c, int64_t n) const {
+    return payload + (c >> log2_cpg) * group_bytes + ((c & (cpg - 1)) * N + n) * 16;
+  }
+  // The bf16 scales of group g (column 0 first).
+  const uint8_t* scales(int64_t g) const { return payload + g * group_bytes + cpg * N * 16; }
+  float scale(int64_t g, int64_t n) const {
+    uint16_t h;
+    std::memcpy(&h, scales(g) + 2 * n, 2);
+    return bf16f(h);
+  }
+};
+
+void check_args(int64_t M, int64_t K, int64_t ldx, int64_t G, int64_t N, int64_t ldy, int64_t sr) {
+  GROKIT_CHECK(M >= 0 && K > 0 && K % 32 == 0 && N > 0 && ldx >= K && ldy >= N);
+  GROKIT_CHECK(G == 32 || G == 64 || G == 128);
+  GROKIT_CHECK(K % G == 0);
+  GROKIT_CHECK(sr > 0 && K % sr == 0 && sr % 32 == 0 && sr % G == 0);
+}
+
+inline float reduce16(float* l) {
+  for (int step = 8; step >= 1; step /= 2) {
+    for (int i = 0; i < step; ++i) l[i] = l[i] + l[i + step];
+  }
+  return l[0];
+}
+
+// ---------------------------------------------------------------------------------
+// Scalar twins (the definition): chain [ch0, ch1) (chunks) of columns [c0, c1) into out
+// ([M][ld], column c0 at out[0]).
+template <bool kPairs>
+void chain_ref(const float* x, int64_t M, int64_t ldx, const Q4Layout& L, int64_t ch0, int64_t ch1, int64_t c0,
+               int64_t c1, float* out, int64_t ld) {
+  std::vector<float> lanes(static_cast<size_t>(16 * M));
+  for (int64_t n = c0; n < c1; ++n) {
+    std::fill(lanes.begin(), lanes.end(), 0.0f);
+    for (int64_t c = ch0; c < ch1; ++c) {
+      const uint8_t* p = L.chunk(c, n);
+      const float s = L.scale(c / L.cpg, n);
+      float w[32];
+      for (int i = 0; i < 16; ++i) {
+        w[2 * i] = round_bf16(static_cast<float>(((p[i] & 15) ^ 8) - 8) * s);
+        w[2 * i + 1] = round_bf16(static_cast<float>(((p[i] >> 4) ^ 8) - 8) * s);
+      }
+      for (int64_t m = 0; m < M; ++m) {
+        const float* xc = x + m * ldx + 32 * c;
+        float* l = lanes.data() + 16 * m;
+        for (int i = 0; i < 16; ++i) {
+          if (kPairs) {
+            l[i] = l[i] + xc[2 * i + 1] * w[2 * i + 1];
+            l[i] = l[i] + xc[2 * i] * w[2 * i];
+          } else {
+            l[i] = std::fma(xc[i], w[i], l[i]);
+            l[i] = std::fma(xc[16 + i], w[16 + i], l[i]);
+          }
+        }
+      }
+    }
+    for (int64_t m = 0; m < M; ++m) out[m * ld + (n - c0)] = reduce16(lanes.data() + 16 * m);
+  }
+}
+
+// ---------------------------------------------------------------------------------
+// AVX2: one column at a time, up to 4 rows of x. Each chunk gives four vectors of 8
+// weights: even rows 0..14 (low nibbles of bytes 0..7), odd rows 1..15 (high nibbles),
+// and the same for rows 16..31 (bytes 8..15), looked up in the column's table of 16
+// bf16-rounded values (q = 0..7 in one vector, -8..-1 in the other). x comes arranged the
+// same way per chunk: [x even 0..14, x odd 1..15, x even 16..30, x odd 17..31].
+// Lanes: pairs: A = lanes 0..7 (rows 2i+1 then 2i), B = lanes 8..15; fp32: A = even
+// lanes 2j (rows 2j then 16+2j), B = odd lanes 2j+1.
+
+// The halving sum of the 16 lanes.
+template <bool kPairs>
+GROKIT_AVX2 inline float halve_avx2(__m256 a, __m256 b) {
+  if (!kPairs) {  // to lane order: [a0 b0 a1 b1 ..], [a4 b4 ..]
+    const __m256 lo = _mm256_unpacklo_ps(a, b), hi = _mm256_unpackhi_ps(a, b);
+    a = _mm256_permute2f128_ps(lo, hi, 0x20);
+    b = _mm256_permute2f128_ps(lo, hi, 0x31);
+  }
+  const __m256 v8 = _mm256_add_ps(a, b);
+  const __m128 v4 = _mm_add_ps(_mm256_castps256_ps128(v8), _mm256_extractf128_ps(v8, 1));
+  const __m128 v2 = _mm_add_ps(v4, _mm_movehl_ps(v4, v4));
+  return _mm_cvtss_f32(_mm_add_ss(v2, _mm_shuffle_ps(v2, v2, 1)));
+}
+
+GROKIT_AVX2 inline __m256 lookup_avx2(__m256 tlo, __m256 thi, __m256i idx, __m256i sel) {
+  return _mm256_blendv_ps(_mm256_permutevar8x32_ps(tlo, idx), _mm256_permutevar8x32_ps(thi, idx), _mm256_castsi256_ps(sel));
+}
+
+template <int MB, bool kPairs>
+GROKIT_AVX2 void column_avx2(const float* xa, int64_t K, const Q4Layout& L, int64_t ch0, int64_t ch1, int64_t n,
+                             float* out, int64_t ld) {
+  __m256 A[MB], B[MB];
+  for (int mm = 0; mm < MB; ++mm) A[mm] = B[mm] = _mm256_setzero_ps();
+  const __m256 qlo = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7), qhi = _mm256_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1);
+  __m256 tlo = _mm256_setzero_ps(), thi = _mm256_setzero_ps();
+  for (int64_t c = ch0; c < ch1; ++c) {
+    if (c == ch0 || c % L.cpg == 0) {
+      const __m256 s = _mm256_set1_ps(L.scale(c / L.cpg, n));
+      tlo = round_bf16x8(_mm256_mul_ps(qlo, s));
+      thi = round_bf16x8(_mm256_mul_ps(qhi, s));
+    }
+    const uint8_t* p = L.chunk(c, n);
+    const __m256i d0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    const __m256i d1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8)));
+    const __m256 we0 = lookup_avx2(tlo, thi, d0, _mm256_slli_epi32(d0, 28));
+    const __m256 wo0 = lookup_avx2(tlo, thi, _mm256_srli_epi32(d0, 4), _mm256_slli_epi32(d0, 24));
+    const __m256 we1 = lookup_avx2(tlo, thi, d1, _mm256_slli_epi32(d1, 28));
+    const __m256 wo1 = lookup_avx2(tlo, thi, _mm256_srli_epi32(d1, 4), _mm256_slli_epi32(d1, 24));
+    for (int mm = 0; mm < MB; ++mm) {
+      const float* xp = xa + mm * K + 32 * c;
+      const __m256 xe0 = _mm256_loadu_ps(xp), xo0 = _mm256_loadu_ps(xp + 8);
+      const __m256 xe1 = _mm256_loadu_ps(xp + 16), xo1 = _mm256_loadu_ps(xp + 24);
+      if (kPairs) {
+        A[mm] = _mm256_fmadd_ps(xe0, we0, _mm256_fmadd_ps(xo0, wo0, A[mm]));
+        B[mm] = _mm256_fmadd_ps(xe1, we1, _mm256_fmadd_ps(xo1, wo1, B[mm]));
+      } else {
+        A[mm] = _mm256_fmadd_ps(xe1, we1, _mm256_fmadd_ps(xe0, we0, A[mm]));
+        B[mm] = _mm256_fmadd_ps(xo1, wo1, _mm256_fmadd_ps(xo0, wo0, B[mm]));
+      }
+    }
+  }
+  for (int mm = 0; mm < MB; ++mm) out[mm * ld] = halve_avx2<kPairs>(A[mm], B[mm]);
+}
+
+// ---------------------------------------------------------------------------------
+// AVX-512 with bf16 instructions. A column group of NC columns and MB rows of x keeps
+// NC * MB <= 16 accumulators (16 lanes each) in registers while the chain's chunks stream
+// by; for chunk c the group's codes are NC * 16 contiguous bytes. Per column and chunk:
+// vpermw + vpsrlvw put each row's nibble in the low bits of a word, vpermw looks it up in
+// the column's table of bf16(q * scale) (16 entries, duplicated to 32 so that bit 4 of the
+// index does not matter), and vdpbf16ps adds the 32 products (pairs: word r = row r) or
+// two fmas do (fp32: word 2i = row i, word 2i+1 = row 16 + i, split into two fp32 vectors).
+
+// The 16 lane sums of 16 accumulators at once, each halved (lane i += lane i+8, +4, +2,
+// +1): sum[t] = halving of a[t]. Each level adds a blend of two vectors to a shuffle of
+// the same two, so that it pairs the right lanes; the columns end up permuted, undone
+// at the end.
+GROKIT_AVX512 inline __m512 halve16(const __m512* a) {
+  __m512 b[8], c[4], d[2];
+  const __m512i quarters = _mm512_setr_epi32(4, 5, 6, 7, 16, 17, 18, 19, 12, 13, 14, 15, 24, 25, 26, 27);
+  for (int i = 0; i < 8; ++i)  // [a.lo, b.hi] + [a.hi, b.lo]
+    b[i] = _mm512_add_ps(_mm512_mask_blend_ps(0xff00, a[2 * i], a[2 * i + 1]), _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x4e));
+  for (int i = 0; i < 4; ++i)
+    c[i] = _mm512_add_ps(_mm512_mask_blend_ps(0xf0f0, b[2 * i], b[2 * i + 1]), _mm512_permutex2var_ps(b[2 * i], quarters, b[2 * i + 1]));
+  for (int i = 0; i < 2; ++i)
+    d[i] = _mm512_add_ps(_mm512_mask_blend_ps(0xcccc, c[2 * i], c[2 * i + 1]), _mm512_shuffle_ps(c[2 * i], c[2 * i + 1], 0x4e));
+  const __m512 e = _mm512_add_ps(_mm512_shuffle_ps(d[0], d[1], 0x88), _mm512_shuffle_ps(d[0], d[1], 0xdd));
+  // e holds the sums of a[0, 4, 8, 12, 2, 6, 10, 14, 1, 5, 9, 13, 3, 7, 11, 15].
+  return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 8, 4, 12, 1, 9, 5, 13, 2, 10, 6, 14, 3, 11, 7, 15), e);
+}
+
+// Rows [m0, m0 + MB) of x, columns [c0, c1) in groups of NC, chunks [ch0, ch1) of one chain.
+// xb: x as bf16 bits [M][K] (pairs); x, ldx: fp32 x (fp32). A chain of up to
+// kChainChunks chunks is walked group by group with the whole chain in registers; a
+// longer one in tiles of kTileChunks chunks over blocks of columns, the accumulators
+// parked in L1 between tiles, so that the walk reads a few long runs instead of many
+// short ones.
+template <int NC, int MB, bool kPairs>
+GROKIT_AVX512 void groups_avx512(const uint16_t* xb, const float* x, int64_t ldx, const Q4Layout& L, int64_t m0,
+                                 int64_t ch0, int64_t ch1, int64_t c0, int64_t c1, float* out, int64_t ld) {
+  static_assert(NC * MB <= 16 && NC <= 16);
+  const int64_t K = L.K;
+  alignas(64) uint16_t tab[NC][32];
+  alignas(64) uint8_t stage[NC * 16];
+  alignas(64) float sf[16];
+  alignas(64) float park[kParkColumns * 16];  // [column group][MB][NC][16 lanes]
+  // Word r of the expanded chunk takes word r/4 of the 16 bytes (pairs: row r) shifted by
+  // 4 (r % 4); fp32: word 2i row i (word i/4), word 2i+1 row 16 + i (word 4 + i/4).
+  alignas(64) uint16_t expand_w[32], shift_w[32];
+  for (int r = 0; r < 32; ++r) {
+    if (kPairs) {
+      expand_w[r] = static_cast<uint16_t>(r / 4);
+      shift_w[r] = static_cast<uint16_t>(4 * (r % 4));
+    } else {
+      const int i = r / 2;
+      expand_w[r] = static_cast<uint16_t>((r % 2) * 4 + i / 4);
+      shift_w[r] = static_cast<uint16_t>(4 * (i % 4));
+    }
+  }
+  const __m512i expand = _mm512_load_si512(expand_w), shifts = _mm512_load_si512(shift_w);
+  const __m512 qv = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1);
+  const __m512i hi_mask = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+  const int64_t tile = ch1 - ch0 <= kChainChunks ? ch1 - ch0 : kTileChunks;
+  const int64_t block = tile == ch1 - ch0 ? c1 - c0 : kParkColumns / (MB * NC) * NC;
+  for (int64_t b0 = c0; b0 < c1; b0 += block) {
+    const int64_t b1 = std::min(c1, b0 + block);
+    for (int64_t t0 = ch0; t0 < ch1; t0 += tile) {
+      const int64_t t1 = std::min(ch1, t0 + tile), steps = t1 - t0;
+      // The prefetch cursor: kPrefetchAhead (group, chunk) steps ahead of the walk.
+      int64_t pc = t0 + kPrefetchAhead % steps, pn = b0 + (kPrefetchAhead / steps) * NC;
+      for (int64_t n0 = b0; n0 < b1; n0 += NC) {
+        const int nc = static_cast<int>(std::min<int64_t>(NC, b1 - n0));
+        if (nc < NC) std::memset(stage, 0, sizeof stage);
+        float* parked = park + (n0 - b0) / NC * (MB * NC * 16);
+        __m512 acc[MB][NC];
+        for (int mm = 0; mm < MB; ++mm)
+          for (int j = 0; j < NC; ++j)
+            acc[mm][j] = t0 == ch0 ? _mm512_setzero_ps() : _mm512_load_ps(parked + (mm * NC + j) * 16);
+        for (int64_t c = t0; c < t1; ++c) {
+          // The tables stay in memory (vpermw reads them there): the accumulators need the
+          // registers. (The empty asm claims to change them.)
+          __asm__ volatile("" : "+m"(tab));
+          if (c == t0 || (c & (L.cpg - 1)) == 0) {
+            // The group's tables: bf16(q * scale) for q = 0..7, -8..-1, twice.
+            const __mmask16 live = static_cast<__mmask16>((1u << nc) - 1);
+            const __m256i h = _mm256_maskz_loadu_epi16(live, L.scales(c >> L.log2_cpg) + 2 * n0);
+            _mm512_store_ps(sf, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+            for (int j = 0; j < NC; ++j) {
+              const __m512 p = _mm512_mul_ps(qv, _mm512_set1_ps(sf[j]));
+              _mm512_store_si512(tab[j], reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(p, p)));
+            }
+          }
+          if (pn < b1) {  // the codes, and the scales where a group starts
+            const char* pf = reinterpret_cast<const char*>(L.chunk(pc, pn));
+            for (int b = 0; b < NC * 16; b += 64) _mm_prefetch(pf + b, _MM_HINT_T0);
+            if ((pc & (L.cpg - 1)) == 0 || pc == t0) _mm_prefetch(reinterpret_cast<const char*>(L.scales(pc >> L.log2_cpg) + 2 * pn), _MM_HINT_T0);
+          }
+          if (++pc == t1) {
+            pc = t0;
+            pn += NC;
+          }
+          const uint8_t* p = L.chunk(c, n0);
+          if (nc < NC) {
+            std::memcpy(stage, p, static_cast<size_t>(nc) * 16);
+            p = stage;
+          }
+          __m512i xv[MB];
+          __m512 x0[MB], x1[MB];
+          for (int mm = 0; mm < MB; ++mm) {
+            if (kPairs) {
+              xv[mm] = _mm512_loadu_si512(xb + (m0 + mm) * K + 32 * c);
+            } else {
+              x0[mm] = _mm512_loadu_ps(x + (m0 + mm) * ldx + 32 * c);
+              x1[mm] = _mm512_loadu_ps(x + (m0 + mm) * ldx + 32 * c + 16);
+            }
+          }
+#pragma GCC unroll 16  // the accumulators are registers only with constant indices
+          for (int j = 0; j < NC; ++j) {
+            const __m512i v = _mm512_zextsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * j)));
+            const __m512i t = _mm512_srlv_epi16(_mm512_permutexvar_epi16(expand, v), shifts);
+            const __m512i w = _mm512_permutexvar_epi16(t, _mm512_load_si512(tab[j]));
+            if (kPairs) {
+              for (int mm = 0; mm < MB; ++mm)
+                acc[mm][j] = _mm512_dpbf16_ps(acc[mm][j], reinterpret_cast<__m512bh>(w), reinterpret_cast<__m512bh>(xv[mm]));
+            } else {
+              const __m512 we = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+              const __m512 wo = _mm512_castsi512_ps(_mm512_and_si512(w, hi_mask));
+              for (int mm = 0; mm < MB; ++mm) acc[mm][j] = _mm512_fmadd_ps(x1[mm], wo, _mm512_fmadd_ps(x0[mm], we, acc[mm][j]));
+            }
+          }
+        }
+        if (t1 < ch1) {
+          for (int mm = 0; mm < MB; ++mm)
+            for (int j = 0; j < NC; ++j) _mm512_store_ps(parked + (mm * NC + j) * 16, acc[mm][j]);
+          continue;
+        }
+        __m512 all[16];
+        for (int t = 0; t < 16; ++t) all[t] = t < NC * MB ? acc[t / NC][t % NC] : _mm512_setzero_ps();
+        const __m512 sums = halve16(all);
+        if (MB == 1) {
+          _mm512_mask_storeu_ps(out + m0 * ld + (n0 - c0), static_cast<__mmask16>((1u << nc) - 1), sums);
+        } else {
+          alignas(64) float s[16];
+          _mm512_store_ps(s, sums);
+          for (int mm = 0; mm < MB; ++mm)
+            for (int j = 0; j < nc; ++j) out[(m0 + mm) * ld + (n0 - c0) + j] = s[mm * NC + j];
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------
+enum class Level { kScalar, kAvx2, kAvx512 };
+
+template <Level kLevel, bool kPairs>
+Status impl(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* payload, int64_t G, int64_t N, float* y,
+            int64_t ldy, Pool pool, int64_t sum_rows) {
+  GROKIT_CHECK(sum_rows >= 0);
+  const int64_t sr = sum_rows > 0 ? sum_rows : K;  // rows per independent chain
+  check_args(M, K, ldx, G, N, ldy, sr);
+  const int64_t chains = K / sr, cpc = sr / 32;  // chunks per chain
+  if (M == 0) return {};
+  const Q4Layout L(payload, K, N, G);
+  // x for the SIMD walks, converted once per call: bf16 bits (AVX-512, pairs) or the
+  // AVX2 arrangement. Owned by the calling thread, reached by the tasks through these
+  // references.
+  static thread_local std::vector<uint16_t> xb_storage;
+  static thread_local std::vector<float> xa_storage;
+  std::vector<uint16_t>& xb = xb_storage;
+  std::vector<float>& xa = xa_storage;
+  if (kLevel == Level::kAvx512 && kPairs) {
+    xb.resize(static_cast<size_t>(M * K));
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < K; ++k) xb[static_cast<size_t>(m * K + k)] = f32_to_bf16_bits(x[m * ldx + k]);
+  }
+  if (kLevel == Level::kAvx2) {
+    xa.resize(static_cast<size_t>(M * K));
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t c = 0; c < K / 32; ++c) {
+        const float* xc = x + m * ldx + 32 * c;
+        float* a = xa.data() + m * K + 32 * c;
+        for (int j = 0; j < 8; ++j) {
+          a[j] = xc[2 * j];
+          a[8 + j] = xc[2 * j + 1];
+          a[16 + j] = xc[16 + 2 * j];
+          a[24 + j] = xc[17 + 2 * j];
+        }
+      }
+    }
+  }
+  // One chain over columns [c0, c1) into out ([M][ld], c0 at out[0]).
+  auto chain_part = [&](int64_t ch, int64_t c0, int64_t c1, float* out, int64_t ld) {
+    const int64_t ch0 = ch * cpc, ch1 = ch0 + cpc;
+    if constexpr (kLevel == Level::kAvx512) {
+      for (int64_t m = 0; m < M;) {
+        const int64_t mb = std::min<int64_t>(4, M - m);
+        const uint16_t* xbp = xb.data();
+        switch (mb) {
+          case 1: groups_avx512<16, 1, kPairs>(xbp, x, ldx, L, m, ch0, ch1, c0, c1, out, ld); break;
+          case 2: groups_avx512<8, 2, kPairs>(xbp, x, ldx, L, m, ch0, ch1, c0, c1, out, ld); break;
+          case 3: groups_avx512<4, 3, kPairs>(xbp, x, ldx, L, m, ch0, ch1, c0, c1, out, ld); break;
+          default: groups_avx512<4, 4, kPairs>(xbp, x, ldx, L, m, ch0, ch1, c0, c1, out, ld); break;
+        }
+        m += mb;
+      }
+    } else if constexpr (kLevel == Level::kAvx2) {
+      for (int64_t n = c0; n < c1; ++n) {
+        for (int64_t m = 0; m < M;) {
+          const int64_t mb = std::min<int64_t>(4, M - m);
+          const float* xp = xa.data() + m * K;
+          float* o = out + m * ld + (n - c0);
+          switch (mb) {
+            case 1: column_avx2<1, kPairs>(xp, K, L, ch0, ch1, n, o, ld); break;
+            case 2: column_avx2<2, kPairs>(xp, K, L, ch0, ch1, n, o, ld); break;
+            case 3: column_avx2<3, kPairs>(xp, K, L, ch0, ch1, n, o, ld); break;
+            default: column_avx2<4, kPairs>(xp, K, L, ch0, ch1, n, o, ld); break;
+          }
+          m += mb;
+        }
+      }
+    } else {
+      chain_ref<kPairs>(x, M, ldx, L, ch0, ch1, c0, c1, out, ld);
+    }
+  };
+  // The chains' sums (parts: [chains][stride], row m at m * ld, column c0 at 0) meet in
+  // tree_sum's pairwise tree, level by level across whole rows of columns, in place.
+  auto combine = [&](float* parts, int64_t stride, int64_t ld, int64_t c0, int64_t c1) {
+    const int64_t width = c1 - c0;
+    for (int64_t m = 0; m < M; ++m) {
+      float* row = parts + m * ld;
+      for (int64_t n = chains; n > 1;) {
+        const int64_t half = n / 2;
+        for (int64_t i = 0; i < half; ++i) {
+          float* d = row + i * stride;
+          const float* a = row + 2 * i * stride;
+          const float* b = row + (2 * i + 1) * stride;
+#pragma GCC ivdep  // d is a (i = 0) or a row already consumed
+          for (int64_t c = 0; c < width; ++c) d[c] = a[c] + b[c];
+        }
+        if (n % 2 != 0) std::copy(row + (n - 1) * stride, row + (n - 1) * stride + width, row + half * stride);
+        n = half + n % 2;
+      }
+      std::copy(row, row + width, y + m * ldy + c0);
+    }
+  };
+  if (chains > 1 && M * N * chains <= (int64_t{1} << 22)) {
+    // Few rows of x (decode): tasks are (chain, column part) pairs, so each task streams
+    // through the contiguous chunks of its chain; the chains meet in the tree afterwards.
+    const int64_t parts = std::max<int64_t>(1, (task_count(pool) + chains - 1) / chains);
+    const int64_t width = chunk_size(N, parts, 16);
+    static thread_local std::vector<float> out_storage;
+    std::vector<float>& out = out_storage;
+    out.resize(static_cast<size_t>(chains * M * N));
+    for_each(pool, static_cast<size_t>(chains * parts), [&](size_t t) {
+      const int64_t ch = static_cast<int64_t>(t) / parts, part = static_cast<int64_t>(t) % parts;
+      const int64_t c0 = std::min(N, part * width), c1 = std::min(N, c0 + width);
+      if (c0 < c1) chain_part(ch, c0, c1, out.data() + ch * M * N + c0, N);
+    });
+    const int64_t cw = chunk_size(N, task_count(pool), 64);
+    for_each(pool, static_cast<size_t>((N + cw - 1) / cw), [&](size_t t) {
+      const int64_t c0 = static_cast<int64_t>(t) * cw, c1 = std::min(N, c0 + cw);
+      combine(out.data() + c0, M * N, N, c0, c1);
+    });
+    return {};
+  }
+  // Many rows of x (prefill) or one chain: tasks are column ranges narrow enough that
+  // every chain's sums for them fit in a few MiB.
+  int64_t chunk = chunk_size(N, task_count(pool), 16);
+  chunk = std::max<int64_t>(16, std::min(chunk, (int64_t{1} << 19) / std::max<int64_t>(1, chains * M) / 16 * 16));
+  const int64_t tasks = (N + chunk - 1) / chunk;
+  for_each(pool, static_cast<size_t>(tasks), [&](size_t t) {
+    const int64_t c0 = static_cast<int64_t>(t) * chunk, c1 = std::min(N, c0 + chunk), width = c1 - c0;
+    if (chains == 1) return chain_part(0, c0, c1, y + c0, ldy);
+    thread_local std::vector<float> parts;
+    parts.resize(static_cast<size_t>(chains * M * width));
+    for (int64_t ch = 0; ch < chains; ++ch) chain_part(ch, c0, c1, parts.data() + ch * M * width, width);
+    combine(parts.data(), M * width, width, c0, c1);
+  });
+  return {};
+}
+
+template <bool kPairs>
+Status dispatch(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* payload, int64_t G, int64_t N,
+                float* y, int64_t ldy, Pool pool, int64_t sr) {
+  if (use_avx512()) return impl<Level::kAvx512, kPairs>(x, M, K, ldx, payload, G, N, y, ldy, pool, sr);
+  if (use_avx2()) return impl<Level::kAvx2, kPairs>(x, M, K, ldx, payload, G, N, y, ldy, pool, sr);
+  return impl<Level::kScalar, kPairs>(x, M, K, ldx, payload, G, N, y, ldy, pool, sr);
+}
+
+}  // namespace
+
+Status matmul_q4(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* payload, int64_t group, int64_t N,
+                 float* y, int64_t ldy, Pool pool, int64_t sum_rows) {
+  return dispatch<true>(x, M, K, ldx, payload, group, N, y, ldy, pool, sum_rows);
+}
+Status matmul_q4_ref(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* payload, int64_t group,
+                     int64_t N, float* y, int64_t ldy, Pool pool, int64_t sum_rows) {
+  return impl<Level::kScalar, true>(x, M, K, ldx, payload, group, N, y, ldy, pool, sum_rows);
+}
+Status matmul_q4_f32(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* payload, int64_t group,
+                     int64_t N, float* y, int64_t ldy, Pool pool, int64_t sum_rows) {
+  return dispatch<false>(x, M, K, ldx, payload, group, N, y, ldy, pool, sum_rows);
+}
+Status matmul_q4_f32_ref(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* payload, int64_t group,
+                         int64_t N, float* y, int64_t ldy, Pool pool, int64_t sum_rows) {
+  return impl<Level::kScalar, false>(x, M, K, ldx, payload, group, N, y, ldy, pool, sum_rows);
+}
+
+}  // namespace grokit::kernels
