@@ -22,6 +22,7 @@ int cmd_devices(int argc, char** argv);
 int cmd_run(int argc, char** argv);
 int cmd_logits(int argc, char** argv);
 int cmd_bench(int argc, char** argv);
+int cmd_quantize(int argc, char** argv);
 
 inline constexpr int kExitOk = 0;
 inline constexpr int kExitFailure = 1;

@@ -9,6 +9,7 @@ using namespace grokit::cli;
 
 static const Command kCommands[] = {
     {"convert", "convert the released ckpt-0 pickles into a sharded grokit model", cmd_convert},
+    {"quantize", "requantize a model's weights (int4, fp8, bf16) and report every tensor's error", cmd_quantize},
     {"inspect", "describe a converted model (config, shards, tensors)", cmd_inspect},
     {"verify", "recompute every checksum of a converted model", cmd_verify},
     {"validate", "prove parity: 'validate tensors' against the source checkpoint", cmd_validate},

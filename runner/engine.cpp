@@ -9,6 +9,7 @@
 namespace grokit::runner {
 
 using format::Q8View;
+using format::WeightView;
 using format::TensorKind;
 
 namespace {
@@ -68,7 +69,7 @@ class RankGroup {
 };
 
 struct LayerWeights {
-  Q8View query, key, value, output, gate, up, down;
+  WeightView query, key, value, output, gate, up, down;
   const float *attn_norm_in = nullptr, *attn_norm_out = nullptr, *moe_norm_in = nullptr, *moe_norm_out = nullptr;
   const float* router = nullptr;
 };
@@ -124,13 +125,48 @@ struct Engine::Impl {
 
 namespace {
 
-Result<Q8View> q8_of(const format::ShardReader& shard, const format::TensorSpec& spec, const format::ModelConfig& cfg,
-                     int tp, int rank) {
+Result<WeightView> weight_of(const format::ShardReader& shard, const format::TensorSpec& spec,
+                             const format::ModelConfig& cfg, int tp, int rank) {
   format::ShardSlice s = format::shard_slice(spec, cfg, tp, rank);
-  GROKIT_ASSIGN_OR_RETURN(Q8View v, shard.q8(spec.name, s.shape));
-  if (v.blocks != s.blocks)
-    return make_error(shard.path(), ": tensor '", spec.name, "': expected ", s.blocks, " scale blocks / actual ", v.blocks);
+  GROKIT_ASSIGN_OR_RETURN(WeightView v, shard.weight(spec.name, s.shape));
+  if (v.dtype == format::DType::kQ8RowBlock && v.q8.blocks != s.blocks)
+    return make_error(shard.path(), ": tensor '", spec.name, "': expected ", s.blocks, " scale blocks / actual ", v.q8.blocks);
   return v;
+}
+
+// One weight product, whatever scheme the weight is stored in. k_global: the rows of the
+// whole (unsplit) matrix, which fix the chains (kernels/kernels.h); fp32_x: x holds fp32
+// values (the expert down projection), not bf16 ones.
+Status weight_matmul(const float* x, int64_t M, int64_t K, int64_t ldx, const WeightView& w, float* y, int64_t ldy,
+                     ThreadPool* pool, int64_t k_global, bool fp32_x) {
+  namespace K_ = kernels;
+  GROKIT_CHECK(w.rows == K && w.experts == 1);
+  auto local = [&](int64_t sr) { return K % sr == 0 ? sr : 0; };  // less than a chain: one chain
+  const int64_t N = w.cols;
+  switch (w.dtype) {
+    case format::DType::kQ8RowBlock: {
+      int64_t sr = local(format::ModelConfig::split_sum_rows(k_global));
+      return fp32_x ? K_::matmul_q8_f32(x, M, K, ldx, w.q8.codes, w.q8.scales, N, w.q8.blocks, y, ldy, pool, sr)
+                    : K_::matmul_q8(x, M, K, ldx, w.q8.codes, w.q8.scales, N, w.q8.blocks, y, ldy, pool, sr);
+    }
+    case format::DType::kBF16: {
+      int64_t sr = local(format::ModelConfig::split_sum_rows(k_global));
+      const auto* wb = reinterpret_cast<const uint16_t*>(w.data);
+      return fp32_x ? K_::matmul_bf16_f32(x, M, K, ldx, wb, N, y, ldy, pool, sr)
+                    : K_::matmul_bf16(x, M, K, ldx, wb, N, y, ldy, pool, sr);
+    }
+    case format::DType::kQ4Group: {
+      int64_t sr = local(format::ModelConfig::chunked_sum_rows(k_global, w.param));
+      return fp32_x ? K_::matmul_q4_f32(x, M, K, ldx, w.data, w.param, N, y, ldy, pool, sr)
+                    : K_::matmul_q4(x, M, K, ldx, w.data, w.param, N, y, ldy, pool, sr);
+    }
+    case format::DType::kF8Column: {
+      int64_t sr = local(format::ModelConfig::chunked_sum_rows(k_global, 32));
+      return fp32_x ? K_::matmul_f8_f32(x, M, K, ldx, w.data, N, y, ldy, pool, sr)
+                    : K_::matmul_f8(x, M, K, ldx, w.data, N, y, ldy, pool, sr);
+    }
+    default: return make_error("weight dtype ", format::dtype_name(w.dtype), " has no CPU kernel");
+  }
 }
 
 }  // namespace
@@ -140,8 +176,6 @@ Status Engine::Impl::load(const std::string& dir, LoadReport* report) {
   GROKIT_ASSIGN_OR_RETURN(model, format::Model::open(dir));
   cfg = model.config();
   const int tp = static_cast<int>(model.manifest().tp);
-  if (model.manifest().scheme != "int8")
-    return make_error(dir, ": weight scheme '", model.manifest().scheme, "' is not supported by the CPU runner");
   GROKIT_TRY(format::check_tensor_parallel(cfg, tp));
   unsigned threads = options.threads == 0 ? hardware_threads() : options.threads;
   threads_per_rank = std::max(1u, threads / static_cast<unsigned>(tp));
@@ -186,7 +220,7 @@ Status Engine::Impl::load(const std::string& dir, LoadReport* report) {
         }
         continue;
       }
-      GROKIT_ASSIGN_OR_RETURN(Q8View q, q8_of(R.shard, spec, cfg, tp, r));
+      GROKIT_ASSIGN_OR_RETURN(WeightView q, weight_of(R.shard, spec, cfg, tp, r));
       LayerWeights& L = R.layers[static_cast<size_t>(spec.layer)];
       switch (spec.kind) {
         case TensorKind::kAttnQuery: L.query = q; break;
@@ -388,26 +422,15 @@ void Engine::Impl::rank_step(Rank& R, const std::vector<PlanRow>& plan, const Lo
   std::vector<int32_t> experts(static_cast<size_t>(N * top));
   std::vector<float> gates(static_cast<size_t>(N * top));
   std::vector<float> routed(static_cast<size_t>(N * top * D));  // y of each (token, choice)
-  // Every weight product sums in chains (ModelConfig::split_sum_rows of its whole K) that
-  // meet in a tree: the threads of a rank take whole chains (contiguous rows), and the
-  // ranks of a row-split product hold whole chains. A rank holding less than a chain
-  // sums its rows in one chain.
-  auto chain = [](int64_t global_rows, int64_t local_rows) {
-    int64_t sr = format::ModelConfig::split_sum_rows(global_rows);
-    return local_rows % sr == 0 ? sr : 0;
-  };
-  const int64_t d_sum_rows = chain(D, D);
-  const int64_t out_sum_rows = chain(cfg.num_q_heads * dh, QD), down_sum_rows = chain(cfg.ffn(), F);
   const kernels::AttentionShape ashape{R.q_heads, R.kv_heads, dh, 0, static_cast<float>(cfg.attn_output_multiplier),
                                        static_cast<float>(cfg.attn_logit_cap)};
   for (int64_t l = 0; l < cfg.num_layers; ++l) {
     const LayerWeights& L = R.layers[static_cast<size_t>(l)];
     // 2. Attention.
     check(K::rmsnorm(x.data(), N, D, L.attn_norm_in, eps, a.data(), pool));
-    check(K::matmul_q8(a.data(), N, D, D, L.query.codes, L.query.scales, QD, L.query.blocks, q.data(), QD, pool, d_sum_rows));
-    check(K::matmul_q8(a.data(), N, D, D, L.key.codes, L.key.scales, KVD, L.key.blocks, k.data(), KVD, pool, d_sum_rows));
-    check(K::matmul_q8(a.data(), N, D, D, L.value.codes, L.value.scales, KVD, L.value.blocks, v.data(), KVD, pool,
-                       d_sum_rows));
+    check(weight_matmul(a.data(), N, D, D, L.query, q.data(), QD, pool, D, false));
+    check(weight_matmul(a.data(), N, D, D, L.key, k.data(), KVD, pool, D, false));
+    check(weight_matmul(a.data(), N, D, D, L.value, v.data(), KVD, pool, D, false));
     K::round_to_bf16(q.data(), N * QD, q.data());
     K::round_to_bf16(k.data(), N * KVD, k.data());
     K::round_to_bf16(v.data(), N * KVD, v.data());
@@ -437,8 +460,7 @@ void Engine::Impl::rank_step(Rank& R, const std::vector<PlanRow>& plan, const Lo
                          o.data() + t0 * QD, pool));
       t0 += p.n;
     }
-    check(K::matmul_q8(o.data(), N, QD, QD, L.output.codes, L.output.scales, D, L.output.blocks, tmp.data(), D, pool,
-                       out_sum_rows));
+    check(weight_matmul(o.data(), N, QD, QD, L.output, tmp.data(), D, pool, cfg.num_q_heads * dh, false));
     R.comm->all_reduce_sum(tmp.data(), tmp.size());
     K::round_to_bf16(tmp.data(), N * D, tmp.data());
     check(K::rmsnorm(tmp.data(), N, D, L.attn_norm_out, eps, tmp.data(), pool));
@@ -457,20 +479,13 @@ void Engine::Impl::rank_step(Rank& R, const std::vector<PlanRow>& plan, const Lo
       std::vector<float> me(static_cast<size_t>(ne * D)), g(static_cast<size_t>(ne * F)), u(static_cast<size_t>(ne * F));
       for (int64_t i = 0; i < ne; ++i)
         std::memcpy(me.data() + i * D, a.data() + (picks[static_cast<size_t>(i)] / top) * D, sizeof(float) * static_cast<size_t>(D));
-      auto expert = [&](const Q8View& w) {
-        Q8View x8 = w;
-        x8.codes = w.codes + e * w.rows * w.cols;
-        x8.scales = w.scales + e * static_cast<int64_t>(w.blocks) * w.cols;
-        return x8;
-      };
-      Q8View wg = expert(L.gate), wu = expert(L.up), wd = expert(L.down);
-      check(K::matmul_q8(me.data(), ne, D, D, wg.codes, wg.scales, F, wg.blocks, g.data(), F, pool, d_sum_rows));
-      check(K::matmul_q8(me.data(), ne, D, D, wu.codes, wu.scales, F, wu.blocks, u.data(), F, pool, d_sum_rows));
+      check(weight_matmul(me.data(), ne, D, D, L.gate.expert(e), g.data(), F, pool, D, false));
+      check(weight_matmul(me.data(), ne, D, D, L.up.expert(e), u.data(), F, pool, D, false));
       K::round_to_bf16(g.data(), ne * F, g.data());
       K::round_to_bf16(u.data(), ne * F, u.data());
       check(K::gelu_mul(g.data(), u.data(), ne * F, g.data(), pool));
       std::vector<float> y(static_cast<size_t>(ne * D));
-      check(K::matmul_q8_f32(g.data(), ne, F, F, wd.codes, wd.scales, D, wd.blocks, y.data(), D, pool, down_sum_rows));
+      check(weight_matmul(g.data(), ne, F, F, L.down.expert(e), y.data(), D, pool, cfg.ffn(), true));
       for (int64_t i = 0; i < ne; ++i)
         std::memcpy(routed.data() + picks[static_cast<size_t>(i)] * D, y.data() + i * D, sizeof(float) * static_cast<size_t>(D));
     }

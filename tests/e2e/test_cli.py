@@ -11,7 +11,7 @@ import unittest
 from e2e_util import GROKIT, files_of, run, tiny_config, write_checkpoint
 
 COMMANDS = ["convert", "inspect", "verify", "validate tensors", "devices", "run", "logits",
-            "validate logits", "bench"]
+            "validate logits", "bench", "quantize"]
 
 
 class Binary(unittest.TestCase):

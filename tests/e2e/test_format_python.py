@@ -295,7 +295,11 @@ class FormatPythonTest(unittest.TestCase):
         os.remove(os.path.join(work, gf.MANIFEST))
         with self.assertRaisesRegex(gf.FormatError, "incomplete conversion"):
             gf.read_manifest(work)
-        self.assertRaisesRegex(gf.FormatError, "reserved", gf.payload_size, gf.Q4G, [4, 4], 32)
+        self.assertRaisesRegex(gf.FormatError, "multiple of 32", gf.payload_size, gf.Q4G, [4, 4], 32)
+        self.assertRaisesRegex(gf.FormatError, "group 48", gf.payload_size, gf.Q4G, [96, 4], 48)
+        # SPEC §4.1: per group, G/2 code bytes per column, then bf16 scales padded to 16 bytes
+        self.assertEqual(gf.payload_size(gf.Q4G, [2, 64, 10], 32), 2 * 2 * (16 * 10 + 32))
+        self.assertEqual(gf.payload_size(gf.F8COL, [64, 10], 0), 64 * 10 + 32)
         self.assertRaisesRegex(gf.FormatError, "unknown dtype", gf.payload_size, 99, [4], 0)
 
     def test_checksums_flag(self):

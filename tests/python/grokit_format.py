@@ -44,7 +44,6 @@ STATE_DIR = ".grokit-convert"
 F32, BF16, I8, F8E4M3, Q8RB, Q4G, F8COL = 0, 1, 2, 3, 16, 17, 18
 DTYPE_NAMES = {F32: "f32", BF16: "bf16", I8: "i8", F8E4M3: "f8e4m3", Q8RB: "q8rb",
                Q4G: "q4g", F8COL: "f8col"}
-RESERVED_DTYPES = {Q4G, F8COL}
 
 CONFIG_KEYS = (  # SPEC §7, in canonical order
     "vocab_size", "pad_token", "eos_token", "sequence_len", "embedding_multiplier_scale",
@@ -97,9 +96,20 @@ def payload_size(dtype: int, shape, param: int) -> int:
             raise FormatError(f"q8rb with param {param} does not fit shape {list(shape)}")
         lead = n // (shape[-2] * shape[-1])
         return align_up(n, 64) + 2 * lead * param * shape[-1]
-    if dtype in RESERVED_DTYPES:
-        raise FormatError(f"dtype {DTYPE_NAMES[dtype]} ({dtype}) is reserved in format "
-                          f"version {FORMAT_VERSION}: its layout is not defined")
+    if dtype in (Q4G, F8COL):
+        # k-chunked matrices (SPEC §4.1): 32-row chunks, 16-byte-padded bf16 scale rows
+        if len(shape) < 2 or shape[-2] % 32:
+            raise FormatError(f"{DTYPE_NAMES[dtype]} needs a [.., K, N] shape with K a multiple of 32: {list(shape)}")
+        K, N = int(shape[-2]), int(shape[-1])
+        lead = n // (K * N)
+        scale_row = align_up(2 * N, 16)
+        if dtype == F8COL:
+            if param != 0:
+                raise FormatError(f"f8col with param {param} (must be 0)")
+            return lead * (K * N + scale_row)
+        if param not in (32, 64, 128) or K % param:
+            raise FormatError(f"q4g with group {param} does not fit shape {list(shape)}")
+        return lead * (K // param) * (param // 2 * N + scale_row)
     raise FormatError(f"unknown dtype code {dtype}")
 
 

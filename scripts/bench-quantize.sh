@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Benchmark: int8 -> int4 requantization of a real-width slice of Grok-1 (emb 6144, ffn
+# 32768, 8 experts, 48/8 heads, 1 layer, a small vocabulary: about 4.9 GB of int8 weight
+# matrices), against a single-threaded memcpy of the same shard bytes from the same page
+# cache, in the same run. Prints GB/s of int8 input and the ratio per core used:
+#   (quantize GB/s / threads) / (memcpy GB/s).   Target: >= 0.5.
+# The int4 scale search (the default) and plain RTN (--no-search) are both timed, and
+# fp8 for comparison. Output goes to a scratch directory that is removed afterwards.
+# Usage: scripts/bench-quantize.sh [WORK_DIR] [THREADS]   (default: build/bench-quantize,
+#        every core; needs ~12 GB of disk)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/build.sh >/dev/null
+GROKIT=$PWD/build/bin/grokit
+WORK=${1:-$PWD/build/bench-quantize}
+THREADS=${2:-$(nproc)}
+mkdir -p "$WORK"
+
+if [ ! -f "$WORK/model/manifest.json" ]; then
+  echo "writing and converting the real-width slice in $WORK ..." >&2
+  python3 scripts/make_checkpoint.py "$WORK/checkpoint" --preset bench-slice --vocab 1024 --force >/dev/null
+  rm -rf "$WORK/model"
+  "$GROKIT" convert "$WORK/checkpoint/ckpt-0" "$WORK/model" --tp 1 --no-progress
+  rm -rf "$WORK/checkpoint"
+fi
+SHARD=$(ls "$WORK"/model/shard-*.gkt | head -n 1)
+
+# Warm the page cache with the input, then time memcpy of it (the best of 3).
+MEMCPY=$(python3 - "$SHARD" <<'PY'
+import mmap, sys, time
+import numpy as np
+with open(sys.argv[1], "rb") as f:
+    m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+src = np.frombuffer(m, np.uint8)
+dst = np.empty_like(src)
+best = 0.0
+for _ in range(3):
+    t0 = time.perf_counter()
+    np.copyto(dst, src)
+    best = max(best, src.size / (time.perf_counter() - t0))
+print(f"{best / 1e9:.3f}")
+PY
+)
+
+run() {  # name, flags... -> "GB/s" of int8 input, parsed from the one-line summary
+  local name=$1
+  shift
+  rm -rf "$WORK/out"
+  "$GROKIT" quantize "$WORK/model" "$WORK/out" --threads "$THREADS" --no-progress "$@" > "$WORK/$name.txt" 2> "$WORK/$name.log"
+  sed -n 's/.*(\([0-9.]*\) GB\/s of input).*/\1/p' "$WORK/$name.log"
+}
+SEARCH=$(run int4-search --scheme int4)
+RTN=$(run int4-rtn --scheme int4 --no-search)
+FP8=$(run fp8 --scheme fp8)
+rm -rf "$WORK/out"
+tail -n 1 "$WORK/int4-search.log" >&2
+
+awk -v m="$MEMCPY" -v s="$SEARCH" -v r="$RTN" -v f="$FP8" -v t="$THREADS" 'BEGIN {
+  printf "\nbench-quantize: real-width slice, %d threads\n", t
+  printf "  memcpy (1 thread)      : %7.2f GB/s\n", m
+  printf "  int4 g128, scale search: %7.2f GB/s  ratio per core %.3f (target >= 0.5)\n", s, s / t / m
+  printf "  int4 g128, plain RTN   : %7.2f GB/s  ratio per core %.3f\n", r, r / t / m
+  printf "  fp8                    : %7.2f GB/s  ratio per core %.3f\n", f, f / t / m
+}'
