@@ -1,0 +1,42 @@
+// Shared by the CUDA ops: error reporting in the ops.h convention and the bf16 helpers
+// every kernel needs. Internal to kernels/cuda.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstdio>
+
+#include "kernels/ops.h"
+
+namespace grokit::kernels::cuda {
+
+// The calling thread's last error message (ops.h error_message).
+const char* last_error();
+// Sets the message (printf-style) and returns code.
+int set_error(int code, const char* fmt, ...) __attribute__((format(printf, 2, 3)));
+// GROKIT_OK, or GROKIT_ERR_DEVICE with "<what>: <CUDA error>" when e is an error.
+int check_cuda(cudaError_t e, const char* what);
+// After a kernel launch: the launch error, if any (does not wait for the kernel).
+inline int check_launch(const char* what) { return check_cuda(cudaGetLastError(), what); }
+
+inline cudaStream_t as_stream(GrokitStream s) { return static_cast<cudaStream_t>(s); }
+
+inline unsigned blocks_for(int64_t n, int threads) {
+  int64_t b = (n + threads - 1) / threads;
+  return static_cast<unsigned>(b < 1 ? 1 : (b > 65535LL * 1024 ? 65535LL * 1024 : b));
+}
+
+// bf16 as the CPU kernels do it: round to nearest even, NaN kept a (quiet) NaN.
+__device__ __forceinline__ float round_bf16(float x) {
+  uint32_t u = __float_as_uint(x);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return __uint_as_float((u | 0x00400000u) & 0xffff0000u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return __uint_as_float(u & 0xffff0000u);
+}
+__device__ __forceinline__ uint16_t f32_to_bf16_bits(float x) {
+  return static_cast<uint16_t>(__float_as_uint(round_bf16(x)) >> 16);
+}
+__device__ __forceinline__ float bf16_bits_to_f32(uint16_t h) { return __uint_as_float(static_cast<uint32_t>(h) << 16); }
+
+}  // namespace grokit::kernels::cuda
