@@ -7,7 +7,9 @@
 #include "kernels/internal.h"
 
 // GCC 12's avx512fintrin.h trips -Wmaybe-uninitialized on its own _mm512_undefined values.
+#if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 
 namespace grokit::kernels {
 namespace {
@@ -235,7 +237,7 @@ Status impl(const float* x, int64_t M, int64_t K, int64_t ldx, const uint16_t* w
           float* d = row + i * stride;
           const float* a = row + 2 * i * stride;
           const float* b = row + (2 * i + 1) * stride;
-#pragma GCC ivdep  // d is a (i = 0) or a row already consumed
+GROKIT_IVDEP  // d is a (i = 0) or a row already consumed
           for (int64_t c = 0; c < width; ++c) d[c] = a[c] + b[c];
         }
         if (n % 2 != 0) std::copy(row + (n - 1) * stride, row + (n - 1) * stride + width, row + half * stride);

@@ -4,10 +4,14 @@
 #include <limits>
 #include <vector>
 
+#include <cpuid.h>
+
 #include "kernels/internal.h"
 
 // GCC 12's avx512fintrin.h trips -Wmaybe-uninitialized on its own _mm512_undefined values.
+#if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 
 namespace grokit::kernels {
 namespace {
@@ -215,7 +219,7 @@ GROKIT_AVX512 __attribute__((always_inline)) inline void chunk_avx512(__m512 (&a
   // fp32: word 2i = row i, word 2i + 1 = row 16 + i of vcvtne2ps2bf16's row order.
   const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
                                               21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-#pragma GCC unroll 16  // the accumulators are registers only with constant indices
+GROKIT_UNROLL16  // the accumulators are registers only with constant indices
   for (int j = 0; j < NC; ++j) {
     __m512i w = decode32_avx512<kCareful>(p + 32 * j, _mm512_set1_ps(s[j]));
     if (kPairs) {
@@ -444,7 +448,7 @@ Status impl(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* pa
           float* d = row + i * stride;
           const float* a = row + 2 * i * stride;
           const float* b = row + (2 * i + 1) * stride;
-#pragma GCC ivdep  // d is a (i = 0) or a row already consumed
+GROKIT_IVDEP  // d is a (i = 0) or a row already consumed
           for (int64_t c = 0; c < width; ++c) d[c] = a[c] + b[c];
         }
         if (n % 2 != 0) std::copy(row + (n - 1) * stride, row + (n - 1) * stride + width, row + half * stride);
@@ -493,9 +497,10 @@ template <bool kPairs>
 Status dispatch(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* payload, int64_t N, float* y,
                 int64_t ldy, Pool pool, int64_t sr) {
   if (use_avx512()) return impl<Level::kAvx512, kPairs>(x, M, K, ldx, payload, N, y, ldy, pool, sr);
+  // F16C is CPUID.1:ECX bit 29; asked directly since clang's __builtin_cpu_supports lacks "f16c".
   static const bool f16c = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("f16c");
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    return __get_cpuid(1, &a, &b, &c, &d) != 0 && (c & (1u << 29)) != 0;
   }();
   if (use_avx2() && f16c) return impl<Level::kAvx2, kPairs>(x, M, K, ldx, payload, N, y, ldy, pool, sr);
   return impl<Level::kScalar, kPairs>(x, M, K, ldx, payload, N, y, ldy, pool, sr);

@@ -6,7 +6,9 @@
 #include "kernels/internal.h"
 
 // GCC 12's avx512fintrin.h trips -Wmaybe-uninitialized on its own _mm512_undefined values.
+#if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 
 namespace grokit::kernels {
 namespace {
@@ -261,7 +263,7 @@ GROKIT_AVX512 void groups_avx512(const uint16_t* xb, const float* x, int64_t ldx
               x1[mm] = _mm512_loadu_ps(x + (m0 + mm) * ldx + 32 * c + 16);
             }
           }
-#pragma GCC unroll 16  // the accumulators are registers only with constant indices
+GROKIT_UNROLL16  // the accumulators are registers only with constant indices
           for (int j = 0; j < NC; ++j) {
             const __m512i v = _mm512_zextsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * j)));
             const __m512i t = _mm512_srlv_epi16(_mm512_permutexvar_epi16(expand, v), shifts);
@@ -382,7 +384,7 @@ Status impl(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* pa
           float* d = row + i * stride;
           const float* a = row + 2 * i * stride;
           const float* b = row + (2 * i + 1) * stride;
-#pragma GCC ivdep  // d is a (i = 0) or a row already consumed
+GROKIT_IVDEP  // d is a (i = 0) or a row already consumed
           for (int64_t c = 0; c < width; ++c) d[c] = a[c] + b[c];
         }
         if (n % 2 != 0) std::copy(row + (n - 1) * stride, row + (n - 1) * stride + width, row + half * stride);
