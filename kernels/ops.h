@@ -50,6 +50,9 @@ typedef void* GrokitStream;
 // A weight matrix (or a stack of expert matrices) in device memory.
 // dtype is the format::DType code of its stored payload (format/SPEC.md §4, §4.1):
 // 16 q8rb (param = scale blocks B), 17 q4g (param = group rows G), 18 f8col, 1 bf16.
+// As stored, q4g, f8col and bf16 stacks are `matrix_bytes` apart per expert, while a
+// q8rb payload keeps all codes first ([E, K, N] int8, zero pad to 64 bytes) and then all
+// scales ([E, B, N] bf16), so its matrix_bytes is only K * N (the codes of one matrix).
 // After prepare_weight, `data` holds the backend's layout of the same values
 // (`layout` says which; 0 = as stored); only the backend's own ops read it.
 typedef struct GrokitWeight {
@@ -59,8 +62,8 @@ typedef struct GrokitWeight {
   int32_t reserved;
   int64_t experts;        // matrices in the stack (1 for attention)
   int64_t rows, cols;     // K, N of one matrix
-  uint64_t matrix_bytes;  // payload bytes of one matrix (format::WeightView::matrix_bytes)
-  void* data;             // experts * matrix_bytes bytes
+  uint64_t matrix_bytes;  // see above
+  void* data;             // the whole payload (format::payload_size bytes)
 } GrokitWeight;
 
 // Which expert each output row uses, and which x row it reads (mixture of experts):
