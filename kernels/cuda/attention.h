@@ -1,6 +1,12 @@
 // CUDA attention over the KV cache (ops.h `attention`): grouped-query, 30*tanh logit
-// cap, fp32 softmax; one kernel for decode (few rows, keys split across blocks) and one
-// for prefill (tiles of query rows sharing their sequence's keys).
+// cap, fp32 softmax; decode kernels for M <= 64 (each row over its own cache, keys split
+// across blocks) and prefill kernels otherwise (tiles of query rows sharing their
+// sequence's keys, on tensor cores).
+//
+// Launch sizes depend on M, the shape, max_keys and the device only. The op keeps a
+// scratch buffer per (device, stream) and grows it outside graph capture; if it would
+// have to grow while the stream is being captured, it returns GROKIT_ERR_UNSUPPORTED
+// (call it once with the same M, shape and max_keys before capturing).
 #pragma once
 
 #include "kernels/ops.h"

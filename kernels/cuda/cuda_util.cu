@@ -21,6 +21,7 @@ int set_error(int code, const char* fmt, ...) {
 
 int check_cuda(cudaError_t e, const char* what) {
   if (e == cudaSuccess) return GROKIT_OK;
+  (void)cudaGetLastError();  // clear it, so that the next launch check does not see it again
   return set_error(e == cudaErrorMemoryAllocation ? GROKIT_ERR_MEMORY : GROKIT_ERR_DEVICE, "%s: %s (%s)", what,
                    cudaGetErrorString(e), cudaGetErrorName(e));
 }

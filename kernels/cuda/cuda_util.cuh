@@ -22,6 +22,11 @@ inline int check_launch(const char* what) { return check_cuda(cudaGetLastError()
 
 inline cudaStream_t as_stream(GrokitStream s) { return static_cast<cudaStream_t>(s); }
 
+// True when p is 16-byte aligned (float4 / uint4 access).
+inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// Grid size for a grid-stride loop over n items of `threads` threads each, capped (the
+// loop covers the rest).
 inline unsigned blocks_for(int64_t n, int threads) {
   int64_t b = (n + threads - 1) / threads;
   return static_cast<unsigned>(b < 1 ? 1 : (b > 65535LL * 1024 ? 65535LL * 1024 : b));
@@ -38,5 +43,13 @@ __device__ __forceinline__ uint16_t f32_to_bf16_bits(float x) {
   return static_cast<uint16_t>(__float_as_uint(round_bf16(x)) >> 16);
 }
 __device__ __forceinline__ float bf16_bits_to_f32(uint16_t h) { return __uint_as_float(static_cast<uint32_t>(h) << 16); }
+
+constexpr unsigned kFullWarp = 0xffffffffu;
+
+// Sum over the warp by xor butterfly (every lane gets the total).
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o >= 1; o /= 2) v = __fadd_rn(v, __shfl_xor_sync(kFullWarp, v, o));
+  return v;
+}
 
 }  // namespace grokit::kernels::cuda

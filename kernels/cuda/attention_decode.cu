@@ -1,0 +1,307 @@
+// Attention for few query rows (decode): each row reads its own cache, keys split across
+// blocks (flash-decoding), two passes so that the bf16 weights are rounded after
+// normalisation as on the CPU. Arithmetic mirrors kernels/attention.cpp exactly: dot
+// products in double in the CPU's chain order (lane d % 8, combined pairwise), tanh and
+// exp in double, weighted sums of V in double.
+//
+//   decode_scores  grid (nsplit, M * kv_heads * hsub), 128 threads: scores s of its keys
+//                  for up to 8 query heads of one kv head -> S; per split (max, sum e).
+//   decode_pv      same grid: global (max, sum) from the split partials, w = bf16(e / sum),
+//                  partial sum w * v of its keys (double) -> P, or o when nsplit == 1.
+//   combine_splits o = bf16(sum over splits of P).
+#include <algorithm>
+
+#include "kernels/cuda/attention_impl.cuh"
+
+namespace grokit::kernels::cuda::attn {
+
+namespace {
+constexpr int kThreads = 128;
+constexpr int kHB = 8;           // query heads per block
+constexpr int kMinChunk = 64;    // keys per split, at least
+constexpr int kTK = 128;         // keys per weight tile in decode_pv
+constexpr int kMaxSteps = 32;    // 256 / 8: words of a key row per lane in decode_scores
+constexpr int kBatch = 16;       // V rows in flight per thread in decode_pv
+constexpr size_t kAlign = 256;
+
+size_t align_up(size_t x) { return (x + kAlign - 1) / kAlign * kAlign; }
+
+struct BlockIds {
+  int split, h0, nh, g;
+  int64_t m;
+};
+__device__ __forceinline__ BlockIds block_ids(const Args& a, int hsub) {
+  BlockIds b;
+  b.split = blockIdx.x;
+  int64_t y = blockIdx.y;
+  const int hs = static_cast<int>(y % hsub);
+  y /= hsub;
+  b.g = static_cast<int>(y % a.kv_heads);
+  b.m = y / a.kv_heads;
+  b.h0 = b.g * a.group + hs * kHB;
+  b.nh = min(kHB, a.group - hs * kHB);
+  return b;
+}
+
+// Online (max, sum of exp(s - max)) in double.
+__device__ __forceinline__ void online_add(double& m, double& l, float s) {
+  const double sd = s;
+  if (sd > m) {
+    l = l * ::exp(m - sd) + 1.0;  // m = -inf: exp(-inf) = 0
+    m = sd;
+  } else {
+    l += ::exp(sd - m);
+  }
+}
+__device__ __forceinline__ void online_merge(double& m, double& l, double mo, double lo) {
+  const double mm = fmax(m, mo);
+  if (mm == neg_inf_d()) return;
+  l = (m == neg_inf_d() ? 0.0 : l * ::exp(m - mm)) + (mo == neg_inf_d() ? 0.0 : lo * ::exp(mo - mm));
+  m = mm;
+}
+
+// Invariants: every (row, head, split) gets its (PM, PL) from exactly one block, also
+// when the split has no keys (-inf, 0); S holds the scores of keys [0, n) of each row.
+static __global__ __launch_bounds__(kThreads) void decode_scores(Args a, DecodePlan p, float* __restrict__ S,
+                                                                 float* __restrict__ PM, double* __restrict__ PL) {
+  __shared__ __align__(16) double q_s[kHB * 256];
+  __shared__ double red_m[kThreads / 32][kHB], red_l[kThreads / 32][kHB];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, slot = tid >> 2, l4 = tid & 3;
+  const BlockIds b = block_ids(a, p.hsub);
+  const int dh = a.head_dim;
+  const GrokitAttnRow row = a.rows[b.m];
+  const int64_t n = row_keys(row, a.max_keys), vend = row_visible_end(row, n);
+  const int64_t j0 = b.split * p.chunk, j1 = std::min(j0 + p.chunk, n);
+  const int64_t rh0 = b.m * a.q_heads + b.h0;  // (row, first head) index
+
+  for (int i = tid; i < b.nh * dh; i += kThreads) q_s[i] = static_cast<double>(a.q[rh0 * dh + i]);
+  __syncthreads();
+
+  // Thread (slot, l4): key jb + slot, chains 2*l4 and 2*l4+1 (d = 8i + 2*l4, +1).
+  double mr[2] = {neg_inf_d(), neg_inf_d()}, lr[2] = {0.0, 0.0};  // heads l4, l4 + 4
+  const int steps = (dh - 2 * l4 + 7) / 8;                          // d = 2*l4 + 8*i < dh
+  if (j0 < j1) {
+    const uint16_t* kbase = row.k + static_cast<int64_t>(b.g) * row.cap * dh;
+    for (int64_t jb = j0; jb < j1; jb += kThreads / 4) {
+      const int64_t j = jb + slot;
+      const bool live = j < j1;
+      const uint16_t* kr = kbase + (live ? j : j1 - 1) * dh;
+      // All of this lane's words of the key first (one memory round trip), then the sums.
+      uint32_t kw[kMaxSteps];
+#pragma unroll
+      for (int i = 0; i < kMaxSteps; ++i)
+        kw[i] = i < steps ? *reinterpret_cast<const uint32_t*>(kr + 2 * l4 + 8 * i) : 0u;
+      double acc[kHB][2];
+#pragma unroll
+      for (int hh = 0; hh < kHB; ++hh) acc[hh][0] = acc[hh][1] = 0.0;
+#pragma unroll
+      for (int i = 0; i < kMaxSteps; ++i) {
+        if (i < steps) {
+          const int d = 2 * l4 + 8 * i;
+          const double k0 = static_cast<double>(__uint_as_float(kw[i] << 16));
+          const double k1 = static_cast<double>(__uint_as_float(kw[i] & 0xffff0000u));
+#pragma unroll
+          for (int hh = 0; hh < kHB; ++hh) {
+            if (hh < b.nh) {
+              const double2 qv = *reinterpret_cast<const double2*>(q_s + hh * dh + d);
+              acc[hh][0] = fma(qv.x, k0, acc[hh][0]);  // = acc + q*k: the product is exact
+              acc[hh][1] = fma(qv.y, k1, acc[hh][1]);
+            }
+          }
+        }
+      }
+      const bool vis = live && j < vend && row.valid[j] != 0;
+#pragma unroll
+      for (int hh = 0; hh < kHB; ++hh) {
+        // ((c0 + c1) + (c2 + c3)) + ((c4 + c5) + (c6 + c7)), as combine8 (+ commutes exactly).
+        double t = acc[hh][0] + acc[hh][1];
+        t += __shfl_xor_sync(0xffffffffu, t, 1);
+        t += __shfl_xor_sync(0xffffffffu, t, 2);
+        if (live && hh < b.nh && (hh & 3) == l4) {
+          const float s = vis ? cap_logit(logit_x(static_cast<float>(t), a.multiplier), a.cap) : kMasked;
+          S[(rh0 + hh) * a.max_keys + j] = s;
+          online_add(mr[hh >> 2], lr[hh >> 2], s);
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    for (int off = 4; off < 32; off <<= 1) {
+      const double mo = __shfl_xor_sync(0xffffffffu, mr[i], off);
+      const double lo = __shfl_xor_sync(0xffffffffu, lr[i], off);
+      online_merge(mr[i], lr[i], mo, lo);
+    }
+  }
+  if (lane < 4) {
+    red_m[warp][lane] = mr[0];
+    red_l[warp][lane] = lr[0];
+    red_m[warp][lane + 4] = mr[1];
+    red_l[warp][lane + 4] = lr[1];
+  }
+  __syncthreads();
+  if (tid < b.nh) {
+    double m = red_m[0][tid], l = red_l[0][tid];
+    for (int w = 1; w < kThreads / 32; ++w) online_merge(m, l, red_m[w][tid], red_l[w][tid]);
+    const int64_t idx = (rh0 + tid) * p.nsplit + b.split;
+    PM[idx] = static_cast<float>(m);  // a score (fp32) or -inf
+    PL[idx] = l;
+  }
+}
+
+// kDirect (nsplit == 1): writes o = bf16(sum) itself; else the split's partial to P.
+template <bool kDirect>
+static __global__ __launch_bounds__(kThreads) void decode_pv(Args a, DecodePlan p, const float* __restrict__ S,
+                                                             const float* __restrict__ PM,
+                                                             const double* __restrict__ PL, double* __restrict__ P) {
+  __shared__ float w_s[kHB][kTK];
+  __shared__ __align__(16) double red[2 * kThreads * kHB];  // [streams][kHB][dh], streams * dh <= 256
+  __shared__ float mx_s[kHB], sum_s[kHB];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const BlockIds b = block_ids(a, p.hsub);
+  const int dh = a.head_dim;
+  const GrokitAttnRow row = a.rows[b.m];
+  const int64_t n = row_keys(row, a.max_keys);
+  const int64_t j0 = b.split * p.chunk, j1 = std::min(j0 + p.chunk, n);
+  const int64_t rh0 = b.m * a.q_heads + b.h0;
+
+  auto store = [&](int hh, int d, double t) {
+    if constexpr (kDirect) a.o[(rh0 + hh) * dh + d] = round_bf16(static_cast<float>(t));
+    else P[((rh0 + hh) * p.nsplit + b.split) * dh + d] = t;
+  };
+  if (j0 >= j1) {  // no keys here (n == 0 only when the descriptor is out of contract)
+    for (int i = tid; i < b.nh * dh; i += kThreads) store(i / dh, i % dh, 0.0);
+    return;
+  }
+
+  // Global max and fp32 denominator of each head, from all splits (one warp per head).
+  for (int hh = warp; hh < b.nh; hh += kThreads / 32) {
+    const int64_t base = (rh0 + hh) * p.nsplit;
+    float mx = neg_inf_f();
+    for (int s = lane; s < p.nsplit; s += 32) mx = fmaxf(mx, PM[base + s]);
+    for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+    double sum = 0.0;
+    for (int s = lane; s < p.nsplit; s += 32) {
+      const float ms = PM[base + s];
+      if (ms != neg_inf_f()) sum += PL[base + s] * ::exp(static_cast<double>(ms) - static_cast<double>(mx));
+    }
+    for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+    if (lane == 0) {
+      mx_s[hh] = mx;
+      sum_s[hh] = final_sum(sum, mx);
+    }
+  }
+
+  // Thread (stream, pair): dims 2*pair, 2*pair+1 of keys stream, stream + kp, ...
+  const int dp = dh >> 1, kp = kThreads / dp, pair = tid % dp, stream = tid / dp;
+  const bool worker = stream < kp;
+  const uint16_t* vbase = row.v + static_cast<int64_t>(b.g) * row.cap * dh;
+  double acc[kHB][2];
+#pragma unroll
+  for (int hh = 0; hh < kHB; ++hh) acc[hh][0] = acc[hh][1] = 0.0;
+  for (int64_t tb = j0; tb < j1; tb += kTK) {
+    const int cnt = static_cast<int>(std::min<int64_t>(kTK, j1 - tb));
+    __syncthreads();  // mx_s / sum_s ready; the previous tile's w_s consumed
+    for (int i = tid; i < b.nh * kTK; i += kThreads) {
+      const int hh = i / kTK, jt = i % kTK;
+      float w = 0.0f;
+      if (jt < cnt) w = softmax_weight(softmax_num(S[(rh0 + hh) * a.max_keys + tb + jt], mx_s[hh]), sum_s[hh]);
+      w_s[hh][jt] = w;
+    }
+    __syncthreads();
+    if (worker) {
+      for (int jt0 = stream; jt0 < cnt; jt0 += kBatch * kp) {
+        uint32_t vv[kBatch];  // kBatch rows in flight, then the sums
+#pragma unroll
+        for (int i = 0; i < kBatch; ++i) {
+          const int jt = jt0 + i * kp;
+          vv[i] = jt < cnt ? *reinterpret_cast<const uint32_t*>(vbase + (tb + jt) * dh + 2 * pair) : 0u;
+        }
+#pragma unroll
+        for (int i = 0; i < kBatch; ++i) {
+          const int jt = jt0 + i * kp;
+          if (jt < cnt) {
+            const double v0 = static_cast<double>(__uint_as_float(vv[i] << 16));
+            const double v1 = static_cast<double>(__uint_as_float(vv[i] & 0xffff0000u));
+#pragma unroll
+            for (int hh = 0; hh < kHB; ++hh) {
+              if (hh < b.nh) {
+                const float w = w_s[hh][jt];
+                if (w != 0.0f) {  // the CPU skips zero weights (adds exactly nothing)
+                  acc[hh][0] = fma(static_cast<double>(w), v0, acc[hh][0]);
+                  acc[hh][1] = fma(static_cast<double>(w), v1, acc[hh][1]);
+                }
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+  __syncthreads();
+  if (worker) {
+    for (int hh = 0; hh < b.nh; ++hh) {
+      red[(stream * kHB + hh) * dh + 2 * pair] = acc[hh][0];
+      red[(stream * kHB + hh) * dh + 2 * pair + 1] = acc[hh][1];
+    }
+  }
+  __syncthreads();
+  for (int i = tid; i < b.nh * dh; i += kThreads) {
+    const int hh = i / dh, d = i % dh;
+    double t = 0.0;
+    for (int st = 0; st < kp; ++st) t += red[(st * kHB + hh) * dh + d];
+    store(hh, d, t);
+  }
+}
+
+}  // namespace
+
+int decode_plan(const Args& a, int sms, DecodePlan* p) {
+  p->hsub = (a.group + kHB - 1) / kHB;
+  const int64_t base = a.M * a.kv_heads * p->hsub;
+  if (base > 65535)
+    return set_error(GROKIT_ERR_INVALID, "attention: decode grid too large (M * kv_heads * ceil(group / 8) = %lld)",
+                     static_cast<long long>(base));
+  // About two blocks per SM; splits of at least kMinChunk keys (multiples of 32).
+  const int64_t target = 2 * static_cast<int64_t>(std::max(sms, 1));
+  int64_t ns = (target + base - 1) / base;
+  ns = std::clamp<int64_t>(ns, 1, (a.max_keys + kMinChunk - 1) / kMinChunk);
+  int64_t chunk = (a.max_keys + ns - 1) / ns;
+  chunk = (chunk + 31) / 32 * 32;
+  p->chunk = chunk;
+  p->nsplit = static_cast<int>((a.max_keys + chunk - 1) / chunk);
+  const size_t rh = static_cast<size_t>(a.M) * static_cast<size_t>(a.q_heads);
+  size_t off = 0;
+  p->off_s = off;
+  off = align_up(off + rh * static_cast<size_t>(a.max_keys) * sizeof(float));
+  p->off_pm = off;
+  off = align_up(off + rh * p->nsplit * sizeof(float));
+  p->off_pl = off;
+  off = align_up(off + rh * p->nsplit * sizeof(double));
+  p->off_p = off;
+  if (p->nsplit > 1) off = align_up(off + rh * p->nsplit * static_cast<size_t>(a.head_dim) * sizeof(double));
+  p->bytes = off;
+  return GROKIT_OK;
+}
+
+int decode_run(const Args& a, const DecodePlan& p, void* scratch, cudaStream_t stream) {
+  auto* base = static_cast<unsigned char*>(scratch);
+  float* S = reinterpret_cast<float*>(base + p.off_s);
+  float* PM = reinterpret_cast<float*>(base + p.off_pm);
+  double* PL = reinterpret_cast<double*>(base + p.off_pl);
+  double* P = reinterpret_cast<double*>(base + p.off_p);
+  const dim3 grid(static_cast<unsigned>(p.nsplit), static_cast<unsigned>(a.M * a.kv_heads * p.hsub));
+  decode_scores<<<grid, kThreads, 0, stream>>>(a, p, S, PM, PL);
+  if (int rc = check_launch("attention: decode scores kernel")) return rc;
+  if (p.nsplit == 1) {
+    decode_pv<true><<<grid, kThreads, 0, stream>>>(a, p, S, PM, PL, nullptr);
+    return check_launch("attention: decode weighted-sum kernel");
+  }
+  decode_pv<false><<<grid, kThreads, 0, stream>>>(a, p, S, PM, PL, P);
+  if (int rc = check_launch("attention: decode weighted-sum kernel")) return rc;
+  const int64_t total = a.M * a.q_heads * a.head_dim;
+  combine_splits<double><<<blocks_for(total, 256), 256, 0, stream>>>(P, total, a.head_dim, p.nsplit, a.o);
+  return check_launch("attention: decode combine kernel");
+}
+
+}  // namespace grokit::kernels::cuda::attn

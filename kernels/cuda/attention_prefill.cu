@@ -1,0 +1,441 @@
+// Attention for many query rows (prefill): a block takes 64 query rows x one query head,
+// stages bf16 K/V tiles in shared memory and multiplies on tensor cores (mma.sync
+// m16n8k16 bf16, fp32 accumulation); each warp owns 16 rows. Two passes, so that the
+// bf16 weights are rounded after normalisation as on the CPU:
+//
+//   pass 1 (prefill_kernel<., false>)  per (row, head, split): max visible logit x, and
+//          (m, l) = online max / sum of exp(s - m) in fp32 (tanhf, expf) -> stats.
+//   pass 2 (prefill_kernel<., true>)   mx = cap * tanh(max x / cap) exactly, sum from the
+//          splits' (m, l); recomputes the same fp32 dots, s and e in double as the CPU
+//          twin, w = bf16(e / sum), O += W V -> o (bf16) or per-split fp32 partials.
+//   combine_splits (nsplit > 1)        o = bf16(sum of the partials).
+//
+// Grid (q_heads, ceil(M / 64), nsplit), 128 threads; the heads of a tile are adjacent
+// blocks (they share K/V through L2) and the tiles with the most keys start first.
+// Rows of a tile that use different caches are processed run by run (a run: consecutive
+// rows with the same k, v, valid, cap), each run masking the others' rows.
+#include <algorithm>
+
+#include "kernels/cuda/attention_impl.cuh"
+
+namespace grokit::kernels::cuda::attn {
+
+namespace {
+constexpr int kThreads = 128;
+constexpr int kBM = 64;          // query rows per block (16 per warp)
+constexpr int kMinChunk = 256;   // keys per split, at least
+constexpr size_t kAlign = 256;
+
+size_t align_up(size_t x) { return (x + kAlign - 1) / kAlign * kAlign; }
+
+// DHP: head_dim padded to 64, 128 or 256 (zeros). LD: shared row stride in bf16; the
+// 16-byte pad keeps the eight rows of every ldmatrix on distinct banks.
+template <int DHP>
+struct Cfg {
+  static constexpr int BN = DHP <= 128 ? 64 : 32;  // keys per tile
+  static constexpr int LD = DHP + 8;
+  static constexpr size_t smem(bool pass2) {
+    return static_cast<size_t>(kBM + (pass2 ? 2 : 1) * BN) * LD * sizeof(uint16_t);
+  }
+};
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+}
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+}
+// d += a * b, m16n8k16, bf16 in, fp32 accumulate.
+__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+// Two bf16-exact floats -> bf16x2 (lo in the low half).
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  return (__float_as_uint(lo) >> 16) | (__float_as_uint(hi) & 0xffff0000u);
+}
+__device__ __forceinline__ uint32_t bf16_pair(float lo, float hi) {
+  return static_cast<uint32_t>(f32_to_bf16_bits(lo)) | (static_cast<uint32_t>(f32_to_bf16_bits(hi)) << 16);
+}
+
+// S[16 x BN] of this warp = Q[warp rows] . K^T, the k steps in ascending order (both
+// passes run this same code, so they see the same fp32 dots).
+// Fragments: lane = 4 * gq + tq; s[nt] holds rows gq, gq + 8, keys nt*8 + 2*tq + {0, 1}.
+template <int DHP>
+__device__ __forceinline__ void qk_tile(const uint16_t* Qs, const uint16_t* Ks, int warp, int lane,
+                                        float (&s)[Cfg<DHP>::BN / 8][4]) {
+  constexpr int BN = Cfg<DHP>::BN, LD = Cfg<DHP>::LD;
+#pragma unroll
+  for (int nt = 0; nt < BN / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+  const int mi = lane >> 3, ri = lane & 7;
+  // A (Q, row-major): matrices (rows 0-7 | 8-15) x (k 0-7 | 8-15) -> a0..a3.
+  const uint32_t qa = smem_addr(Qs + (warp * 16 + (mi & 1) * 8 + ri) * LD + (mi >> 1) * 8);
+  // B (K rows = columns of B): (keys 0-7: k 0-7, k 8-15), (keys 8-15: k 0-7, k 8-15).
+  const uint32_t ka = smem_addr(Ks + ((mi >> 1) * 8 + ri) * LD + (mi & 1) * 8);
+#pragma unroll
+  for (int kk = 0; kk < DHP / 16; ++kk) {
+    uint32_t af[4];
+    ldsm_x4(af, qa + kk * 32);
+#pragma unroll
+    for (int np = 0; np < BN / 16; ++np) {
+      uint32_t bf[4];
+      ldsm_x4(bf, ka + np * 16 * LD * 2 + kk * 32);
+      mma_bf16(s[2 * np], af, bf[0], bf[1]);
+      mma_bf16(s[2 * np + 1], af, bf[2], bf[3]);
+    }
+  }
+}
+
+// O[16 x DHP] += W[16 x BN] . V[BN x DHP]; W (bf16-exact floats) in the S layout, which
+// is the A layout of m16n8k16 for keys 16*kk .. 16*kk + 15.
+template <int DHP>
+__device__ __forceinline__ void pv_tile(const float (&w)[Cfg<DHP>::BN / 8][4], const uint16_t* Vs, int lane,
+                                        float (&o)[DHP / 8][4]) {
+  constexpr int BN = Cfg<DHP>::BN, LD = Cfg<DHP>::LD;
+  const int mi = lane >> 3, ri = lane & 7;
+  // B (V row-major = keys x dims), transposed loads: (keys 0-7 | 8-15) x (dims 0-7 | 8-15).
+  const uint32_t va = smem_addr(Vs + ((mi & 1) * 8 + ri) * LD + (mi >> 1) * 8);
+#pragma unroll
+  for (int kk = 0; kk < BN / 16; ++kk) {
+    const uint32_t af[4] = {pack_bf16(w[2 * kk][0], w[2 * kk][1]), pack_bf16(w[2 * kk][2], w[2 * kk][3]),
+                            pack_bf16(w[2 * kk + 1][0], w[2 * kk + 1][1]),
+                            pack_bf16(w[2 * kk + 1][2], w[2 * kk + 1][3])};
+#pragma unroll
+    for (int dp = 0; dp < DHP / 16; ++dp) {
+      uint32_t bf[4];
+      ldsm_x4_trans(bf, va + kk * 16 * LD * 2 + dp * 32);
+      mma_bf16(o[2 * dp], af, bf[0], bf[1]);
+      mma_bf16(o[2 * dp + 1], af, bf[2], bf[3]);
+    }
+  }
+}
+
+// Rows [0, avail) of a K or V tile from the cache (row stride dh), zeros elsewhere and
+// in the padding dims. vec16: dh % 8 == 0 and src 16-byte aligned.
+template <int DHP>
+__device__ __forceinline__ void load_tile(uint16_t* dst, const uint16_t* src, int nrows, int avail, int dh,
+                                          bool vec16) {
+  constexpr int LD = Cfg<DHP>::LD;
+  if (vec16) {
+    constexpr int C = DHP / 8;
+    for (int i = threadIdx.x; i < nrows * C; i += kThreads) {
+      const int r = i / C, d = (i % C) * 8;
+      uint4 v = make_uint4(0, 0, 0, 0);
+      if (r < avail && d < dh) v = *reinterpret_cast<const uint4*>(src + static_cast<int64_t>(r) * dh + d);
+      *reinterpret_cast<uint4*>(dst + r * LD + d) = v;
+    }
+  } else {
+    constexpr int C = DHP / 2;
+    for (int i = threadIdx.x; i < nrows * C; i += kThreads) {
+      const int r = i / C, d = (i % C) * 2;
+      uint32_t v = 0;
+      if (r < avail && d < dh) v = *reinterpret_cast<const uint32_t*>(src + static_cast<int64_t>(r) * dh + d);
+      *reinterpret_cast<uint32_t*>(dst + r * LD + d) = v;
+    }
+  }
+}
+
+// The first j < vmax with valid[j] != 0, or vmax (block-wide; all threads call it).
+__device__ int64_t first_valid(const uint8_t* valid, int64_t vmax, int64_t* red) {
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  for (int64_t base = 0; base < vmax; base += kThreads) {
+    const int64_t j = base + tid;
+    const unsigned bits = __ballot_sync(0xffffffffu, j < vmax && valid[j] != 0);
+    if (lane == 0) red[warp] = bits ? base + warp * 32 + (__ffs(bits) - 1) : vmax;
+    __syncthreads();
+    int64_t best = red[0];
+    for (int w = 1; w < kThreads / 32; ++w) best = std::min(best, red[w]);
+    __syncthreads();
+    if (best < vmax) return best;
+  }
+  return vmax;
+}
+
+__device__ __forceinline__ void online_add_f(float& m, float& l, float s) {
+  if (s > m) {
+    l = l * expf(m - s) + 1.0f;  // m = -inf: expf(-inf) = 0
+    m = s;
+  } else {
+    l += expf(s - m);
+  }
+}
+__device__ __forceinline__ void online_merge_f(float& m, float& l, float mo, float lo) {
+  const float mm = fmaxf(m, mo);
+  if (mm == neg_inf_f()) return;
+  l = (m == neg_inf_f() ? 0.0f : l * expf(m - mm)) + (mo == neg_inf_f() ? 0.0f : lo * expf(mo - mm));
+  m = mm;
+}
+
+// The score rule, per row r and key j (n_r keys, visible end ve_r):
+//   j >= n_r                      excluded (-inf: weight 0 even in a row without
+//                                 visible keys);
+//   j >= ve_r or !valid[j]        masked, -1e30 (weight 0, or 1/n in a row without
+//                                 visible keys, mx = -1e30);
+//   else                          s = cap * tanh(bf16(q . k) * mult / cap).
+// A tile row that is not in the current run has n_r = 0.
+template <int DHP, bool kPass2>
+static __global__ __launch_bounds__(kThreads) void prefill_kernel(Args a, PrefillPlan p, float4* __restrict__ stats,
+                                                                  float* __restrict__ part) {
+  constexpr int BN = Cfg<DHP>::BN, LD = Cfg<DHP>::LD;
+  extern __shared__ __align__(16) unsigned char smem[];
+  uint16_t* Qs = reinterpret_cast<uint16_t*>(smem);
+  uint16_t* Ks = Qs + kBM * LD;
+  uint16_t* Vs = Ks + BN * LD;  // pass 2 only
+  __shared__ const uint16_t* s_k[kBM];
+  __shared__ const uint16_t* s_v[kBM];
+  __shared__ const uint8_t* s_valid[kBM];
+  __shared__ int64_t s_cap[kBM], s_n[kBM], s_ve[kBM];
+  __shared__ float s_mx[kBM], s_sum[kBM];
+  __shared__ int64_t s_red[kThreads / 32];
+  __shared__ uint8_t s_ok[BN];
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, gq = lane >> 2, tq = lane & 3;
+  const int h = blockIdx.x, kvh = h / a.group, dh = a.head_dim, split = blockIdx.z;
+  const int64_t r0 = (static_cast<int64_t>(gridDim.y) - 1 - blockIdx.y) * kBM;
+  const int rows_here = static_cast<int>(std::min<int64_t>(kBM, a.M - r0));
+  const float mult = a.multiplier, cap = a.cap;
+
+  if (tid < kBM) {
+    if (tid < rows_here) {
+      const GrokitAttnRow r = a.rows[r0 + tid];
+      const int64_t n = row_keys(r, a.max_keys);
+      s_k[tid] = r.k;
+      s_v[tid] = r.v;
+      s_valid[tid] = r.valid;
+      s_cap[tid] = r.cap;
+      s_n[tid] = n;
+      s_ve[tid] = row_visible_end(r, n);
+    } else {
+      s_k[tid] = nullptr;
+      s_v[tid] = nullptr;
+      s_valid[tid] = nullptr;
+      s_cap[tid] = 0;
+      s_n[tid] = 0;
+      s_ve[tid] = 0;
+    }
+  }
+  // Q tile as bf16 (exact for bf16 values); rows past M and dims past dh are zero.
+  for (int i = tid; i < kBM * (DHP / 2); i += kThreads) {
+    const int r = i / (DHP / 2), d = (i % (DHP / 2)) * 2;
+    uint32_t v = 0;
+    if (r < rows_here && d < dh) {
+      const float2 x = *reinterpret_cast<const float2*>(a.q + ((r0 + r) * a.q_heads + h) * dh + d);
+      v = bf16_pair(x.x, x.y);
+    }
+    *reinterpret_cast<uint32_t*>(Qs + r * LD + d) = v;
+  }
+  __syncthreads();
+
+  for (int rs = 0; rs < rows_here;) {
+    // The run [rs, re): every thread finds the same one.
+    int re = rs + 1;
+    while (re < rows_here && s_k[re] == s_k[rs] && s_v[re] == s_v[rs] && s_valid[re] == s_valid[rs] &&
+           s_cap[re] == s_cap[rs])
+      ++re;
+    const uint8_t* valid = s_valid[rs];
+    int64_t vmax = 0;
+    for (int r = rs; r < re; ++r) vmax = std::max(vmax, s_ve[r]);
+    // A row has a visible key iff the first valid key is before its visible end; rows
+    // without one need all their n keys (uniform weights), the others only [0, ve).
+    const int64_t fv = first_valid(valid, vmax, s_red);
+    int64_t kend = 0;
+    for (int r = rs; r < re; ++r) kend = std::max(kend, fv < s_ve[r] ? s_ve[r] : s_n[r]);
+    const int64_t ks = split * p.chunk, ke = std::min(ks + p.chunk, kend);
+
+    if constexpr (kPass2) {
+      if (tid >= rs && tid < re) {
+        const float4* st = stats + ((r0 + tid) * a.q_heads + h) * p.nsplit;
+        float mxx = neg_inf_f();
+        for (int s = 0; s < p.nsplit; ++s) mxx = fmaxf(mxx, st[s].x);
+        const float mx = mxx == neg_inf_f() ? kMasked : cap_logit(mxx, cap);
+        double sum = 0.0;
+        for (int s = 0; s < p.nsplit; ++s) {
+          const float4 v = st[s];
+          if (v.y != neg_inf_f()) sum += static_cast<double>(v.z) * ::exp(static_cast<double>(v.y) - mx);
+        }
+        s_mx[tid] = mx;
+        s_sum[tid] = final_sum(sum, mx);
+      }
+    }
+    __syncthreads();
+
+    // This thread's two rows: warp * 16 + gq + 8 * i.
+    int64_t rn[2], rve[2];
+    float rmx[2] = {0.0f, 0.0f}, rsum[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int r = warp * 16 + gq + 8 * i;
+      const bool in = r >= rs && r < re;
+      rn[i] = in ? s_n[r] : 0;
+      rve[i] = in ? s_ve[r] : 0;
+      if constexpr (kPass2) {
+        rmx[i] = in ? s_mx[r] : 0.0f;
+        rsum[i] = in ? s_sum[r] : 0.0f;
+      }
+    }
+    const bool warp_on = warp * 16 < re && warp * 16 + 16 > rs;
+    float mxx[2] = {neg_inf_f(), neg_inf_f()}, m[2] = {neg_inf_f(), neg_inf_f()}, l[2] = {0.0f, 0.0f};
+    float o[DHP / 8][4];
+#pragma unroll
+    for (int i = 0; i < DHP / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+
+    const uint16_t* kbase = s_k[rs] + static_cast<int64_t>(kvh) * s_cap[rs] * dh;
+    const uint16_t* vbase = s_v[rs] + static_cast<int64_t>(kvh) * s_cap[rs] * dh;
+    const bool vec16 = dh % 8 == 0 && (reinterpret_cast<uintptr_t>(kbase) & 15) == 0 &&
+                       (!kPass2 || (reinterpret_cast<uintptr_t>(vbase) & 15) == 0);
+
+    // Tiles lie inside the split (chunk % BN == 0); keys >= kend are zero and masked.
+    for (int64_t kb = ks; kb < ke; kb += BN) {
+      const int avail = static_cast<int>(std::min<int64_t>(BN, kend - kb));
+      __syncthreads();  // the previous tile is consumed
+      load_tile<DHP>(Ks, kbase + kb * dh, BN, avail, dh, vec16);
+      if constexpr (kPass2) load_tile<DHP>(Vs, vbase + kb * dh, BN, avail, dh, vec16);
+      if (tid < BN) s_ok[tid] = tid < avail ? valid[kb + tid] : 0;
+      __syncthreads();
+      if (!warp_on) continue;
+
+      float sc[BN / 8][4];
+      qk_tile<DHP>(Qs, Ks, warp, lane, sc);
+#pragma unroll
+      for (int nt = 0; nt < BN / 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int i = e >> 1, jt = nt * 8 + 2 * tq + (e & 1);
+          const int64_t j = kb + jt;
+          const bool live = j < rn[i];
+          const bool vis = live && j < rve[i] && s_ok[jt] != 0;
+          if constexpr (!kPass2) {
+            if (live) {
+              float s = kMasked;
+              if (vis) {
+                const float x = logit_x(sc[nt][e], mult);
+                mxx[i] = fmaxf(mxx[i], x);
+                s = __fmul_rn(cap, tanhf(__fdiv_rn(x, cap)));  // the sum only: fp32 is enough
+              }
+              online_add_f(m[i], l[i], s);
+            }
+          } else {
+            float w = 0.0f;
+            if (vis) {
+              w = softmax_weight(softmax_num(cap_logit(logit_x(sc[nt][e], mult), cap), rmx[i]), rsum[i]);
+            } else if (live && rmx[i] == kMasked) {
+              w = softmax_weight(1.0f, rsum[i]);  // no visible key: exp(-1e30 - -1e30) = 1
+            }
+            sc[nt][e] = w;
+          }
+        }
+      }
+      if constexpr (kPass2) pv_tile<DHP>(sc, Vs, lane, o);
+    }
+
+    // Results of the run's rows (every row of the run, also without keys in this split).
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int r = warp * 16 + gq + 8 * i;
+      const bool in = r >= rs && r < re;
+      const int64_t rh = (r0 + r) * a.q_heads + h;
+      if constexpr (!kPass2) {
+        for (int off = 1; off < 4; off <<= 1) {
+          mxx[i] = fmaxf(mxx[i], __shfl_xor_sync(0xffffffffu, mxx[i], off));
+          const float mo = __shfl_xor_sync(0xffffffffu, m[i], off);
+          const float lo = __shfl_xor_sync(0xffffffffu, l[i], off);
+          online_merge_f(m[i], l[i], mo, lo);
+        }
+        if (in && tq == 0) stats[rh * p.nsplit + split] = make_float4(mxx[i], m[i], l[i], 0.0f);
+      } else if (in) {
+#pragma unroll
+        for (int nt = 0; nt < DHP / 8; ++nt) {
+          const int d = nt * 8 + 2 * tq;
+          if (d < dh) {
+            const float2 v = make_float2(o[nt][2 * i], o[nt][2 * i + 1]);
+            if (p.nsplit == 1) {
+              *reinterpret_cast<float2*>(a.o + rh * dh + d) = make_float2(round_bf16(v.x), round_bf16(v.y));
+            } else {
+              *reinterpret_cast<float2*>(part + (rh * p.nsplit + split) * dh + d) = v;
+            }
+          }
+        }
+      }
+    }
+    rs = re;
+    __syncthreads();
+  }
+}
+
+template <int DHP>
+int launch(const Args& a, const PrefillPlan& p, float4* stats, float* part, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(a.q_heads), static_cast<unsigned>(p.tiles), static_cast<unsigned>(p.nsplit));
+  const size_t sm1 = Cfg<DHP>::smem(false), sm2 = Cfg<DHP>::smem(true);
+  // Above 48 KiB needs the opt-in (allowed during stream capture).
+  if (sm1 > 48 * 1024) {
+    if (int rc = check_cuda(cudaFuncSetAttribute(prefill_kernel<DHP, false>,
+                                                 cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(sm1)),
+                            "attention: prefill shared memory"))
+      return rc;
+  }
+  if (sm2 > 48 * 1024) {
+    if (int rc = check_cuda(cudaFuncSetAttribute(prefill_kernel<DHP, true>,
+                                                 cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(sm2)),
+                            "attention: prefill shared memory"))
+      return rc;
+  }
+  prefill_kernel<DHP, false><<<grid, kThreads, sm1, stream>>>(a, p, stats, part);
+  if (int rc = check_launch("attention: prefill pass 1 kernel")) return rc;
+  prefill_kernel<DHP, true><<<grid, kThreads, sm2, stream>>>(a, p, stats, part);
+  if (int rc = check_launch("attention: prefill pass 2 kernel")) return rc;
+  if (p.nsplit == 1) return GROKIT_OK;
+  const int64_t total = a.M * a.q_heads * a.head_dim;
+  combine_splits<float><<<blocks_for(total, 256), 256, 0, stream>>>(part, total, a.head_dim, p.nsplit, a.o);
+  return check_launch("attention: prefill combine kernel");
+}
+
+}  // namespace
+
+int prefill_plan(const Args& a, int sms, PrefillPlan* p) {
+  p->dhp = a.head_dim <= 64 ? 64 : a.head_dim <= 128 ? 128 : 256;
+  p->tiles = (a.M + kBM - 1) / kBM;
+  if (p->tiles > 65535 || a.q_heads > 65535)
+    return set_error(GROKIT_ERR_INVALID, "attention: prefill grid too large (M = %lld, q_heads = %d)",
+                     static_cast<long long>(a.M), a.q_heads);
+  // Split the keys only when the tiles do not fill about two blocks per SM.
+  const int64_t base = p->tiles * a.q_heads, target = 2 * static_cast<int64_t>(std::max(sms, 1));
+  int64_t ns = base >= target ? 1 : (target + base - 1) / base;
+  ns = std::clamp<int64_t>(ns, 1, (a.max_keys + kMinChunk - 1) / kMinChunk);
+  int64_t chunk = (a.max_keys + ns - 1) / ns;
+  chunk = (chunk + 63) / 64 * 64;  // a multiple of every BN
+  p->chunk = chunk;
+  p->nsplit = static_cast<int>((a.max_keys + chunk - 1) / chunk);
+  const size_t rh = static_cast<size_t>(a.M) * static_cast<size_t>(a.q_heads);
+  size_t off = 0;
+  p->off_stats = off;
+  off = align_up(off + rh * p->nsplit * sizeof(float4));
+  p->off_part = off;
+  if (p->nsplit > 1) off = align_up(off + rh * p->nsplit * static_cast<size_t>(a.head_dim) * sizeof(float));
+  p->bytes = off;
+  return GROKIT_OK;
+}
+
+int prefill_run(const Args& a, const PrefillPlan& p, void* scratch, cudaStream_t stream) {
+  auto* base = static_cast<unsigned char*>(scratch);
+  float4* stats = reinterpret_cast<float4*>(base + p.off_stats);
+  float* part = reinterpret_cast<float*>(base + p.off_part);
+  switch (p.dhp) {
+    case 64: return launch<64>(a, p, stats, part, stream);
+    case 128: return launch<128>(a, p, stats, part, stream);
+    default: return launch<256>(a, p, stats, part, stream);
+  }
+}
+
+}  // namespace grokit::kernels::cuda::attn

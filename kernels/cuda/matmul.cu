@@ -1,0 +1,254 @@
+// CUDA weight products: argument checks, the per-stream scratch, the decode launch and
+// the choice of path (kernels/cuda/matmul.h). The prefill path is in matmul_prefill.cu.
+#include <algorithm>
+#include <climits>
+
+#include "kernels/cuda/matmul_internal.cuh"
+
+namespace grokit::kernels::cuda {
+namespace mm {
+
+int describe(const char* op, const GrokitWeight* w, WDesc* d) {
+  char msg[512];
+  const int rc = describe_weight(op, w, d, msg, sizeof msg);
+  return rc == GROKIT_OK ? rc : set_error(rc, "%s", msg);
+}
+
+// ---- per-stream scratch ---------------------------------------------------------
+
+namespace {
+
+std::mutex g_ctx_mu;
+std::map<std::pair<int, uintptr_t>, std::unique_ptr<Ctx>> g_ctx;
+
+std::mutex g_sm_mu;
+std::map<int, int> g_sms;
+
+void free_buf(const DevBuf& b, cudaStream_t s) {
+  if (b.p == nullptr) return;
+  if (b.async)
+    cudaFreeAsync(b.p, s);
+  else
+    cudaFree(b.p);
+}
+
+}  // namespace
+
+int context(cudaStream_t stream, Ctx** ctx) {
+  int dev = 0;
+  if (int rc = check_cuda(cudaGetDevice(&dev), "matmul: cudaGetDevice"); rc != GROKIT_OK) return rc;
+  std::lock_guard<std::mutex> lk(g_ctx_mu);
+  auto& p = g_ctx[{dev, reinterpret_cast<uintptr_t>(stream)}];
+  if (!p) {
+    p = std::make_unique<Ctx>();
+    p->device = dev;
+    p->stream = stream;
+  }
+  *ctx = p.get();
+  return GROKIT_OK;
+}
+
+int stream_capturing(cudaStream_t stream, bool* cap) {
+  cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
+  const cudaError_t e = cudaStreamIsCapturing(stream, &st);
+  if (e == cudaErrorStreamCaptureImplicit) {
+    // The legacy stream while another stream captures: behave as capturing.
+    cudaGetLastError();
+    *cap = true;
+    return GROKIT_OK;
+  }
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    return check_cuda(e, "matmul: cudaStreamIsCapturing");
+  }
+  *cap = st != cudaStreamCaptureStatusNone;
+  return GROKIT_OK;
+}
+
+int sm_count(int device) {
+  std::lock_guard<std::mutex> lk(g_sm_mu);
+  auto it = g_sms.find(device);
+  if (it != g_sms.end()) return it->second;
+  int v = 0;
+  if (cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || v < 1) {
+    cudaGetLastError();
+    v = 108;
+  }
+  g_sms[device] = v;
+  return v;
+}
+
+int ensure(Ctx& c, DevBuf& b, size_t bytes, bool capturing, bool zero, bool* ok) {
+  *ok = false;
+  if (b.p != nullptr && b.bytes >= bytes) {
+    if (capturing) b.in_graph = true;
+    *ok = true;
+    return GROKIT_OK;
+  }
+  if (capturing) return GROKIT_OK;
+  size_t n = std::max(bytes, b.bytes + b.bytes / 2);
+  n = (n + (size_t{1} << 16) - 1) >> 16 << 16;
+  void* p = nullptr;
+  bool async = true;
+  // Relaxed: another thread may be capturing in global mode.
+  cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+  cudaThreadExchangeStreamCaptureMode(&mode);
+  cudaError_t e = cudaMallocAsync(&p, n, c.stream);
+  if (e == cudaErrorNotSupported) {
+    cudaGetLastError();
+    async = false;
+    e = cudaMalloc(&p, n);
+  }
+  cudaThreadExchangeStreamCaptureMode(&mode);
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    return set_error(e == cudaErrorMemoryAllocation ? GROKIT_ERR_MEMORY : GROKIT_ERR_DEVICE,
+                     "matmul: %zu bytes of scratch on device %d: %s", n, c.device, cudaGetErrorString(e));
+  }
+  if (zero) {
+    if (int rc = check_cuda(cudaMemsetAsync(p, 0, n, c.stream), "matmul: clearing scratch"); rc != GROKIT_OK) {
+      if (async) cudaFreeAsync(p, c.stream); else cudaFree(p);
+      return rc;
+    }
+  }
+  if (b.p != nullptr) {
+    if (b.in_graph) {
+      c.retired.push_back(b);
+    } else if (b.async) {
+      cudaFreeAsync(b.p, c.stream);
+    } else {
+      // Queued work may still use it.
+      cudaStreamSynchronize(c.stream);
+      cudaFree(b.p);
+    }
+  }
+  b = DevBuf{p, n, false, async};
+  *ok = true;
+  return GROKIT_OK;
+}
+
+// ---- decode ---------------------------------------------------------------------
+
+namespace {
+
+template <int F>
+void launch_decode_fmt(int kmt, dim3 grid, size_t smem, cudaStream_t st, const DecodeParams& p) {
+  switch (kmt) {
+    case 1: decode_kernel<F, 1><<<grid, kThreads, smem, st>>>(p); break;
+    case 2: decode_kernel<F, 2><<<grid, kThreads, smem, st>>>(p); break;
+    case 4: decode_kernel<F, 4><<<grid, kThreads, smem, st>>>(p); break;
+    case 8: decode_kernel<F, 8><<<grid, kThreads, smem, st>>>(p); break;
+    default: decode_kernel<F, 16><<<grid, kThreads, smem, st>>>(p); break;
+  }
+}
+
+int run_decode(Ctx& c, const WDesc& d, const float* x, int64_t M, int64_t ldx, const GrokitRouting* routing, float* y,
+               int64_t ldy, bool capturing) {
+  const bool routed = routing != nullptr;
+  const int64_t div = routed ? std::min<int64_t>(routing->x_row_div, M) : 1;  // m / div is the same for m < M
+  const int64_t per = routed ? (M + div - 1) / div : M;
+  const int64_t active = routed ? std::min<int64_t>(d.E, 2) : 1;
+  const int64_t egrid = routed ? d.E : 1;
+  const int sms = sm_count(c.device);
+  // Split-k workspace: [ks, M, N] floats and a counter per (expert, tile).
+  const uint64_t mn = static_cast<uint64_t>(M) * static_cast<uint64_t>(d.N);
+  constexpr uint64_t kPartialCap = uint64_t{256} << 20;
+  int max_ks = static_cast<int>(std::min<uint64_t>(kMaxSplits, kPartialCap / (mn * 4)));
+  DecodePlan P = plan_decode(d.fmt, d.K, d.N, per, active, sms, max_ks);
+  auto partial_bytes = [&](const DecodePlan& q) { return static_cast<size_t>(q.ks) * mn * 4; };
+  auto counter_bytes = [&](const DecodePlan& q) { return static_cast<size_t>(egrid * q.tiles) * 4; };
+  if (P.ks > 1) {
+    bool ok1 = false, ok2 = false;
+    if (int rc = ensure(c, c.partial, partial_bytes(P), capturing, false, &ok1); rc != GROKIT_OK) return rc;
+    if (int rc = ensure(c, c.counters, counter_bytes(P), capturing, true, &ok2); rc != GROKIT_OK) return rc;
+    if (!ok1 || !ok2) {
+      // Capturing with too small a workspace: fewer splits (the eager call of this shape,
+      // run before capturing, would have sized it).
+      max_ks = static_cast<int>(std::min<uint64_t>(kMaxSplits, c.partial.bytes / std::max<uint64_t>(1, mn * 4)));
+      P = plan_decode(d.fmt, d.K, d.N, per, active, sms, std::max(1, max_ks));
+      if (P.ks > 1 && (c.partial.bytes < partial_bytes(P) || c.counters.bytes < counter_bytes(P)))
+        P = plan_decode(d.fmt, d.K, d.N, per, active, sms, 1);
+      if (P.ks > 1) c.partial.in_graph = c.counters.in_graph = true;
+    }
+  }
+  if (P.tiles > INT_MAX) return set_error(GROKIT_ERR_UNSUPPORTED, "matmul: N = %lld needs too many blocks", (long long)d.N);
+
+  const DecodeParams p =
+      make_decode_params(d, P, x, M, ldx, routed ? routing->expert : nullptr, div, y, ldy,
+                         static_cast<float*>(c.partial.p), static_cast<uint32_t*>(c.counters.p));
+  const dim3 grid(static_cast<unsigned>(P.tiles), static_cast<unsigned>(P.ks), static_cast<unsigned>(egrid));
+  switch (d.fmt) {
+    case kQ8C: launch_decode_fmt<kQ8C>(P.kmt, grid, P.smem, c.stream, p); break;
+    case kQ8R: launch_decode_fmt<kQ8R>(P.kmt, grid, P.smem, c.stream, p); break;
+    case kQ4: launch_decode_fmt<kQ4>(P.kmt, grid, P.smem, c.stream, p); break;
+    case kF8: launch_decode_fmt<kF8>(P.kmt, grid, P.smem, c.stream, p); break;
+    default: launch_decode_fmt<kBF16>(P.kmt, grid, P.smem, c.stream, p); break;
+  }
+  return check_launch("matmul: decode kernel");
+}
+
+}  // namespace
+}  // namespace mm
+
+int matmul(const GrokitWeight* w, const float* x, int64_t M, int64_t ldx, int32_t x_fp32, const GrokitRouting* routing,
+           float* y, int64_t ldy, GrokitStream stream) {
+  using namespace mm;
+  WDesc d;
+  if (int rc = describe("matmul", w, &d); rc != GROKIT_OK) return rc;
+  const char* dt = dtype_label(d.dtype);
+  if (M < 0) return set_error(GROKIT_ERR_INVALID, "matmul: M = %lld (%s weight)", static_cast<long long>(M), dt);
+  if (ldx < d.K)
+    return set_error(GROKIT_ERR_INVALID, "matmul: ldx = %lld < K = %lld (%s weight)", static_cast<long long>(ldx),
+                     static_cast<long long>(d.K), dt);
+  if (ldy < d.N)
+    return set_error(GROKIT_ERR_INVALID, "matmul: ldy = %lld < N = %lld (%s weight)", static_cast<long long>(ldy),
+                     static_cast<long long>(d.N), dt);
+  if (routing == nullptr && d.E != 1)
+    return set_error(GROKIT_ERR_INVALID, "matmul: a stack of %lld experts needs routing", static_cast<long long>(d.E));
+  if (routing != nullptr && routing->x_row_div < 1)
+    return set_error(GROKIT_ERR_INVALID, "matmul: routing x_row_div = %lld < 1", static_cast<long long>(routing->x_row_div));
+  if (M == 0) return GROKIT_OK;
+  if (x == nullptr || y == nullptr) return set_error(GROKIT_ERR_INVALID, "matmul: %s is NULL", x == nullptr ? "x" : "y");
+  if (routing != nullptr && routing->expert == nullptr) return set_error(GROKIT_ERR_INVALID, "matmul: routing expert is NULL");
+  if (M > INT_MAX) return set_error(GROKIT_ERR_UNSUPPORTED, "matmul: M = %lld rows", static_cast<long long>(M));
+  if (routing != nullptr && d.E > 65535)
+    return set_error(GROKIT_ERR_UNSUPPORTED, "matmul: %lld experts (at most 65535)", static_cast<long long>(d.E));
+
+  const cudaStream_t st = as_stream(stream);
+  Ctx* c = nullptr;
+  if (int rc = context(st, &c); rc != GROKIT_OK) return rc;
+  std::lock_guard<std::mutex> lk(c->mu);
+  bool cap = false;
+  if (int rc = stream_capturing(st, &cap); rc != GROKIT_OK) return rc;
+  const bool prefill = routing == nullptr ? M > kDecodeRows : M > kDecodeRoutedRows;
+  if (prefill) {
+    bool done = false;
+    if (int rc = run_prefill(*c, d, x, M, ldx, x_fp32 != 0, routing, y, ldy, cap, &done); rc != GROKIT_OK || done)
+      return rc;
+  }
+  return run_decode(*c, d, x, M, ldx, routing, y, ldy, cap);
+}
+
+int matmul_release_stream(GrokitStream stream) {
+  using namespace mm;
+  const cudaStream_t st = as_stream(stream);
+  int dev = 0;
+  if (int rc = check_cuda(cudaGetDevice(&dev), "matmul_release_stream: cudaGetDevice"); rc != GROKIT_OK) return rc;
+  std::unique_ptr<Ctx> c;
+  {
+    std::lock_guard<std::mutex> lk(g_ctx_mu);
+    auto it = g_ctx.find({dev, reinterpret_cast<uintptr_t>(st)});
+    if (it == g_ctx.end()) return GROKIT_OK;
+    c = std::move(it->second);
+    g_ctx.erase(it);
+  }
+  std::lock_guard<std::mutex> lk(c->mu);
+  int rc = check_cuda(cudaStreamSynchronize(st), "matmul_release_stream: cudaStreamSynchronize");
+  for (DevBuf* b : {&c->partial, &c->counters, &c->wb, &c->xb, &c->yt, &c->rows, &c->ws}) free_buf(*b, st);
+  for (const DevBuf& b : c->retired) free_buf(b, st);
+  if (c->lt != nullptr) cublasLtDestroy(c->lt);
+  if (rc == GROKIT_OK) rc = check_cuda(cudaStreamSynchronize(st), "matmul_release_stream: freeing scratch");
+  return rc;
+}
+
+}  // namespace grokit::kernels::cuda
