@@ -72,6 +72,8 @@ int cmd_bench(int argc, char** argv) {
       ("steps", "decode steps to time", cxxopts::value<int>()->default_value("32"))
       ("prompt-tokens", "prompt length before the timed steps", cxxopts::value<int>()->default_value("16"))
       ("buffer-mb", "bandwidth test buffer, MiB (larger than the caches)", cxxopts::value<unsigned>()->default_value("1024"))
+      ("device", "cpu, cuda or host (see grokit run --help); the bandwidth measured is the host's memory: for "
+       "cuda see scripts/gpu-check.sh", cxxopts::value<std::string>()->default_value("cpu"))
       ("h,help", "show this help")
       ("positional", "", cxxopts::value<std::vector<std::string>>());
   opts.parse_positional({"positional"});
@@ -96,6 +98,7 @@ int cmd_bench(int argc, char** argv) {
   eo.threads = threads;
   eo.verify = false;
   eo.progress = false;
+  eo.device = r["device"].as<std::string>();
   auto engine = runner::Engine::load(pos[0], eo);
   if (!engine.ok()) return std::fprintf(stderr, "%s: error: %s\n", prog, engine.error().message.c_str()), kExitFailure;
   runner::Engine& eng = **engine;

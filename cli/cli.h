@@ -23,6 +23,10 @@ int cmd_run(int argc, char** argv);
 int cmd_logits(int argc, char** argv);
 int cmd_bench(int argc, char** argv);
 int cmd_quantize(int argc, char** argv);
+int cmd_bench_device(int argc, char** argv);
+
+// Host memory read bandwidth in bytes/s: `threads` threads summing a `bytes` buffer.
+double measure_read_bandwidth(unsigned threads, uint64_t bytes);
 
 inline constexpr int kExitOk = 0;
 inline constexpr int kExitFailure = 1;

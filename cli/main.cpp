@@ -17,11 +17,12 @@ static const Command kCommands[] = {
     {"logits", "write the logits of every position for token ids (.npy)", cmd_logits},
     {"devices", "list the CUDA devices the CUDA backend sees", cmd_devices},
     {"bench", "decode speed against the measured memory bandwidth (roofline)", cmd_bench},
+    {"bench-device", "GPU benchmarks: bandwidths, one real-width layer's decode and prefill, loading", cmd_bench_device},
 };
 
 static void usage(FILE* out) {
   std::fprintf(out, "usage: grokit <command> [options]\n\ncommands:\n");
-  for (const auto& c : kCommands) std::fprintf(out, "  %-10s %s\n", c.name, c.summary);
+  for (const auto& c : kCommands) std::fprintf(out, "  %-12s %s\n", c.name, c.summary);
   std::fprintf(out, "\n'grokit <command> --help' lists a command's options and their defaults.\n");
 }
 

@@ -77,7 +77,37 @@ void add_engine_options(cxxopts::Options& opts) {
       ("threads", "threads in all (0: every core)", cxxopts::value<unsigned>()->default_value("0"))
       ("no-verify", "skip recomputing the weights' checksums while loading (default: off)",
        cxxopts::value<bool>()->default_value("false")->implicit_value("true"))
-      ("no-progress", "no progress bar (default: off)", cxxopts::value<bool>()->default_value("false")->implicit_value("true"));
+      ("no-progress", "no progress bar (default: off)", cxxopts::value<bool>()->default_value("false")->implicit_value("true"))
+      ("device", "cpu; cuda (the GPUs, see 'grokit devices'); host (the CUDA path's engine on the CPU twins of its "
+       "ops, for testing)", cxxopts::value<std::string>()->default_value("cpu"))
+      ("gpus", "device indices for this host's ranks, e.g. 0,1,2,3 (default: all; fewer devices than ranks: ranks "
+       "share devices)", cxxopts::value<std::string>()->default_value(""))
+      ("comm", "device collectives: auto (NCCL with one device per rank, else in-process), nccl, local",
+       cxxopts::value<std::string>()->default_value("auto"))
+      ("no-graphs", "run decode steps op by op instead of replaying CUDA graphs (default: off)",
+       cxxopts::value<bool>()->default_value("false")->implicit_value("true"))
+      ("hosts", "several hosts: the leader's address host:port (default: one host)",
+       cxxopts::value<std::string>()->default_value(""))
+      ("host-rank", "this host's index among --host-count hosts; 0 is the leader", cxxopts::value<int>()->default_value("0"))
+      ("host-count", "hosts in all; each drives tensor_parallel / host-count ranks", cxxopts::value<int>()->default_value("1"));
+}
+
+Result<std::vector<int>> parse_gpus(const std::string& list) {
+  std::vector<int> out;
+  if (list.empty()) return out;
+  size_t i = 0;
+  while (i <= list.size()) {
+    size_t j = list.find(',', i);
+    if (j == std::string::npos) j = list.size();
+    std::string item = list.substr(i, j - i);
+    char* end = nullptr;
+    long v = std::strtol(item.c_str(), &end, 10);
+    if (item.empty() || end == nullptr || *end != '\0' || v < 0 || v > 1024)
+      return make_error("--gpus: '", item, "' is not a device index (give e.g. 0,1,2,3)");
+    out.push_back(static_cast<int>(v));
+    i = j + 1;
+  }
+  return out;
 }
 
 Result<std::unique_ptr<runner::Engine>> load_engine(const std::string& dir, const cxxopts::ParseResult& r,
@@ -86,8 +116,16 @@ Result<std::unique_ptr<runner::Engine>> load_engine(const std::string& dir, cons
   eo.threads = r["threads"].as<unsigned>();
   eo.verify = !r["no-verify"].as<bool>();
   eo.progress = !r["no-progress"].as<bool>();
+  eo.device = r["device"].as<std::string>();
+  GROKIT_ASSIGN_OR_RETURN(eo.devices, parse_gpus(r["gpus"].as<std::string>()));
+  eo.comm = r["comm"].as<std::string>();
+  eo.graphs = !r["no-graphs"].as<bool>();
+  eo.hosts = r["hosts"].as<std::string>();
+  eo.host_rank = r["host-rank"].as<int>();
+  eo.host_count = r["host-count"].as<int>();
   runner::LoadReport rep;
   GROKIT_ASSIGN_OR_RETURN(auto engine, runner::Engine::load(dir, eo, &rep));
+  for (const auto& d : rep.details) std::fprintf(stderr, "%s: %s\n", program, d.c_str());
   std::fprintf(stderr, "%s: loaded %s of weights in %.2f s (TP %d, %u threads per rank, %s kernels%s)\n", program,
                human_bytes(static_cast<double>(rep.bytes)).c_str(), rep.seconds, engine->tensor_parallel(),
                engine->threads_per_rank(), rep.kernel_path.c_str(), eo.verify ? ", checksums verified" : "");
@@ -213,7 +251,6 @@ int cmd_run(int argc, char** argv) {
        cxxopts::value<float>()->default_value("1.0"))
       ("top-k", "keep only the k most likely tokens (0: off)", cxxopts::value<int>()->default_value("0"))
       ("seed", "random seed (same seed, same text)", cxxopts::value<uint64_t>()->default_value("0"))
-      ("device", "cpu (cuda: see 'grokit devices')", cxxopts::value<std::string>()->default_value("cpu"))
       ("ignore-eos", "keep generating past the end-of-sequence token (default: off)",
        cxxopts::value<bool>()->default_value("false")->implicit_value("true"))
       ("force", "overwrite --tokens-out (default: off)", cxxopts::value<bool>()->default_value("false")->implicit_value("true"));
@@ -222,9 +259,16 @@ int cmd_run(int argc, char** argv) {
   std::vector<std::string> pos;
   if (auto rc = parse_args(opts, argc, argv, 1, r, pos)) return *rc;
   int sources = static_cast<int>(r.count("prompt") + r.count("prompt-file") + r.count("tokens-in"));
+  if (r["host-rank"].as<int>() > 0) {
+    // A follower host: its ranks run the leader's steps until the leader is done.
+    if (sources != 0) return usage_error(opts, "a follower host (--host-rank > 0) takes no prompts: the leader has them");
+    auto engine = load_engine(pos[0], r, prog);
+    if (!engine.ok()) return fail(prog, engine.error());
+    if (auto s = (*engine)->follow(); !s.ok()) return fail(prog, s.error());
+    std::fprintf(stderr, "%s: host %d: the leader finished\n", prog, r["host-rank"].as<int>());
+    return kExitOk;
+  }
   if (sources != 1) return usage_error(opts, "give exactly one of --prompt, --prompt-file, --tokens-in");
-  if (r["device"].as<std::string>() != "cpu")
-    return usage_error(opts, "--device " + r["device"].as<std::string>() + " is not available; use --device cpu");
   runner::GenerateOptions go;
   go.max_tokens = r["max-tokens"].as<int64_t>();
   go.sampling.temperature = r["temperature"].as<float>();

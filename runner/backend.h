@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "common/common.h"
+#include "kernels/ops.h"
 
 namespace grokit::runner {
 
@@ -24,5 +25,13 @@ struct CudaDeviceInfo {
 // (<bin>/../lib/libgrokit_cuda.so, then <bin>/libgrokit_cuda.so).
 std::string cuda_plugin_path();
 Result<std::vector<CudaDeviceInfo>> list_cuda_devices();
+// The CUDA plugin's device ops and collectives (the plugin stays loaded). The ops fail
+// here, with the reason, when there is no usable device.
+Result<const GrokitOps*> cuda_ops();
+Result<const GrokitCollectives*> cuda_collectives();
+// The device's read bandwidth in GB/s, by a read-only kernel over `bytes` (best of reps).
+Result<double> cuda_read_bandwidth(int device, uint64_t bytes, int reps = 5);
+// The ops of a device engine backend: "cuda" or "host" (kernels/ops.h).
+Result<const GrokitOps*> device_ops(const std::string& backend);
 
 }  // namespace grokit::runner

@@ -4,6 +4,7 @@
 #include <thread>
 
 #include "kernels/kernels.h"
+#include "runner/engine_internal.h"
 #include "runner/runner.h"
 
 namespace grokit::runner {
@@ -13,60 +14,6 @@ using format::WeightView;
 using format::TensorKind;
 
 namespace {
-
-// One thread per rank, so that every rank reaches every collective.
-class RankGroup {
- public:
-  explicit RankGroup(int n) : n_(n) {
-    for (int r = 1; r < n; ++r) threads_.emplace_back([this, r] { loop(r); });
-  }
-  ~RankGroup() {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      stop_ = true;
-    }
-    wake_.notify_all();
-    for (auto& t : threads_) t.join();
-  }
-  // Runs fn(rank) on every rank (rank 0 on the calling thread) and waits for all.
-  void run(const std::function<void(int)>& fn) {
-    if (n_ == 1) return fn(0);
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      fn_ = &fn;
-      pending_ = n_ - 1;
-      ++generation_;
-    }
-    wake_.notify_all();
-    fn(0);
-    std::unique_lock<std::mutex> lock(mu_);
-    done_.wait(lock, [&] { return pending_ == 0; });
-  }
-
- private:
-  void loop(int r) {
-    uint64_t seen = 0;
-    while (true) {
-      std::unique_lock<std::mutex> lock(mu_);
-      wake_.wait(lock, [&] { return stop_ || generation_ != seen; });
-      if (stop_) return;
-      seen = generation_;
-      const auto* fn = fn_;
-      lock.unlock();
-      (*fn)(r);
-      lock.lock();
-      if (--pending_ == 0) done_.notify_one();
-    }
-  }
-  int n_;
-  std::vector<std::thread> threads_;
-  std::mutex mu_;
-  std::condition_variable wake_, done_;
-  const std::function<void(int)>* fn_ = nullptr;
-  int pending_ = 0;
-  uint64_t generation_ = 0;
-  bool stop_ = false;
-};
 
 struct LayerWeights {
   WeightView query, key, value, output, gate, up, down;
@@ -109,7 +56,7 @@ struct PlanRow {
 
 }  // namespace
 
-struct Engine::Impl {
+struct CpuImpl {
   format::Model model;
   format::ModelConfig cfg;
   EngineOptions options;
@@ -171,7 +118,7 @@ Status weight_matmul(const float* x, int64_t M, int64_t K, int64_t ldx, const We
 
 }  // namespace
 
-Status Engine::Impl::load(const std::string& dir, LoadReport* report) {
+Status CpuImpl::load(const std::string& dir, LoadReport* report) {
   auto t0 = std::chrono::steady_clock::now();
   GROKIT_ASSIGN_OR_RETURN(model, format::Model::open(dir));
   cfg = model.config();
@@ -264,32 +211,52 @@ Status Engine::Impl::load(const std::string& dir, LoadReport* report) {
   return {};
 }
 
-Result<std::unique_ptr<Engine>> Engine::load(const std::string& model_dir, const EngineOptions& options,
-                                             LoadReport* report) {
-  auto impl = std::make_unique<Impl>();
+namespace {
+
+class CpuEngine final : public Engine {
+ public:
+  explicit CpuEngine(std::unique_ptr<CpuImpl> impl) : impl_(std::move(impl)) {}
+  const format::ModelConfig& config() const override { return impl_->cfg; }
+  const format::Manifest& manifest() const override { return impl_->model.manifest(); }
+  int tensor_parallel() const override { return static_cast<int>(impl_->ranks.size()); }
+  unsigned threads_per_rank() const override { return impl_->threads_per_rank; }
+  Result<int> open_sequence(int64_t capacity) override;
+  void close_sequence(int slot) override;
+  int64_t sequence_length(int slot) const override;
+  uint64_t kv_bytes_per_rank(int64_t capacity) const override;
+  uint64_t weight_bytes_per_token() const override;
+  Status step(std::span<const StepRow> rows, const LogitsSink& logits, const HiddenSink* hidden) override;
+
+ private:
+  std::unique_ptr<CpuImpl> impl_;
+};
+
+}  // namespace
+
+Result<std::unique_ptr<Engine>> load_cpu_engine(const std::string& model_dir, const EngineOptions& options,
+                                                LoadReport* report) {
+  auto impl = std::make_unique<CpuImpl>();
   impl->options = options;
   GROKIT_TRY(impl->load(model_dir, report));
-  return std::unique_ptr<Engine>(new Engine(std::move(impl)));
+  return std::unique_ptr<Engine>(new CpuEngine(std::move(impl)));
 }
 
-Engine::Engine(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
-Engine::~Engine() = default;
-const format::ModelConfig& Engine::config() const { return impl_->cfg; }
-const format::Manifest& Engine::manifest() const { return impl_->model.manifest(); }
-int Engine::tensor_parallel() const { return static_cast<int>(impl_->ranks.size()); }
-unsigned Engine::threads_per_rank() const { return impl_->threads_per_rank; }
-
-uint64_t Engine::kv_bytes_per_rank(int64_t capacity) const {
+uint64_t CpuEngine::kv_bytes_per_rank(int64_t capacity) const {
   const Rank& R = impl_->ranks[0];
   return 2ull * static_cast<uint64_t>(impl_->cfg.num_layers) * static_cast<uint64_t>(R.kv_heads) *
          static_cast<uint64_t>(capacity) * static_cast<uint64_t>(impl_->cfg.key_size) * sizeof(uint16_t);
 }
 
-uint64_t Engine::weight_bytes_per_token() const {
-  const auto& cfg = impl_->cfg;
+uint64_t CpuEngine::weight_bytes_per_token() const {
+  std::vector<const format::ShardReader*> shards;
+  for (const Rank& R : impl_->ranks) shards.push_back(&R.shard);
+  return weight_bytes_per_token_of(shards, impl_->cfg);
+}
+
+uint64_t weight_bytes_per_token_of(const std::vector<const format::ShardReader*>& shards, const format::ModelConfig& cfg) {
   uint64_t total = 0;
-  for (const Rank& R : impl_->ranks) {
-    for (const auto& e : R.shard.entries()) {
+  for (const format::ShardReader* shard : shards) {
+    for (const auto& e : shard->entries()) {
       bool expert = e.name.find(".moe.gate") != std::string::npos || e.name.find(".moe.up") != std::string::npos ||
                     e.name.find(".moe.down") != std::string::npos;
       if (e.name == "embedding") total += e.size;  // read whole as the output projection
@@ -300,7 +267,40 @@ uint64_t Engine::weight_bytes_per_token() const {
   return total;
 }
 
-Result<int> Engine::open_sequence(int64_t capacity) {
+Status check_step_rows(std::span<const StepRow> rows, const format::ModelConfig& cfg,
+                       const std::function<int64_t(int slot)>& length_of,
+                       const std::function<int64_t(int slot)>& capacity_of) {
+  for (size_t r = 0; r < rows.size(); ++r) {
+    const StepRow& row = rows[r];
+    const int64_t length = length_of(row.slot);
+    if (length < 0) return make_error("row ", r, ": sequence ", row.slot, " is not open");
+    const int64_t capacity = capacity_of(row.slot);
+    if (row.tokens.empty()) return make_error("row ", r, ": no tokens");
+    if (length + static_cast<int64_t>(row.tokens.size()) > capacity)
+      return make_error("row ", r, ": ", length, " + ", row.tokens.size(), " tokens exceed the sequence's capacity of ",
+                        capacity, " positions");
+    for (size_t i = 0; i < row.tokens.size(); ++i) {
+      if (row.tokens[i] < 0 || row.tokens[i] >= cfg.vocab_size)
+        return make_error("row ", r, ", token ", i, ": id ", row.tokens[i], " is outside the vocabulary [0, ", cfg.vocab_size, ")");
+    }
+    for (size_t q = 0; q < r; ++q) {
+      if (rows[q].slot == row.slot) return make_error("rows ", q, " and ", r, " append to the same sequence");
+    }
+  }
+  return {};
+}
+
+Result<std::unique_ptr<Engine>> Engine::load(const std::string& model_dir, const EngineOptions& options,
+                                             LoadReport* report) {
+  if (options.device == "cpu") {
+    if (!options.hosts.empty()) return make_error("several hosts need a device engine (--device cuda)");
+    return load_cpu_engine(model_dir, options, report);
+  }
+  if (options.device == "cuda" || options.device == "host") return load_device_engine(model_dir, options, report);
+  return make_error("unknown device '", options.device, "' (cpu, cuda, host)");
+}
+
+Result<int> CpuEngine::open_sequence(int64_t capacity) {
   const auto& cfg = impl_->cfg;
   if (capacity <= 0) return make_error("a sequence needs a capacity of at least one position");
   if (capacity > cfg.sequence_len)
@@ -323,34 +323,25 @@ Result<int> Engine::open_sequence(int64_t capacity) {
   return static_cast<int>(slot);
 }
 
-void Engine::close_sequence(int slot) {
+void CpuEngine::close_sequence(int slot) {
   GROKIT_CHECK(slot >= 0 && static_cast<size_t>(slot) < impl_->sequences.size());
   impl_->sequences[static_cast<size_t>(slot)] = Sequence{};
   for (Rank& R : impl_->ranks) R.caches[static_cast<size_t>(slot)] = Cache{};
 }
 
-int64_t Engine::sequence_length(int slot) const { return impl_->sequences.at(static_cast<size_t>(slot)).length; }
+int64_t CpuEngine::sequence_length(int slot) const { return impl_->sequences.at(static_cast<size_t>(slot)).length; }
 
-Status Engine::step(std::span<const StepRow> rows, const LogitsSink& logits, const HiddenSink* hidden) {
-  Impl& I = *impl_;
+Status CpuEngine::step(std::span<const StepRow> rows, const LogitsSink& logits, const HiddenSink* hidden) {
+  CpuImpl& I = *impl_;
   const auto& cfg = I.cfg;
-  for (size_t r = 0; r < rows.size(); ++r) {
-    const StepRow& row = rows[r];
-    if (row.slot < 0 || static_cast<size_t>(row.slot) >= I.sequences.size() || !I.sequences[static_cast<size_t>(row.slot)].open)
-      return make_error("row ", r, ": sequence ", row.slot, " is not open");
-    const Sequence& s = I.sequences[static_cast<size_t>(row.slot)];
-    if (row.tokens.empty()) return make_error("row ", r, ": no tokens");
-    if (s.length + static_cast<int64_t>(row.tokens.size()) > s.capacity)
-      return make_error("row ", r, ": ", s.length, " + ", row.tokens.size(), " tokens exceed the sequence's capacity of ",
-                        s.capacity, " positions");
-    for (size_t i = 0; i < row.tokens.size(); ++i) {
-      if (row.tokens[i] < 0 || row.tokens[i] >= cfg.vocab_size)
-        return make_error("row ", r, ", token ", i, ": id ", row.tokens[i], " is outside the vocabulary [0, ", cfg.vocab_size, ")");
-    }
-    for (size_t q = 0; q < r; ++q) {
-      if (rows[q].slot == row.slot) return make_error("rows ", q, " and ", r, " append to the same sequence");
-    }
-  }
+  GROKIT_TRY(check_step_rows(
+      rows, cfg,
+      [&](int slot) -> int64_t {
+        if (slot < 0 || static_cast<size_t>(slot) >= I.sequences.size() || !I.sequences[static_cast<size_t>(slot)].open)
+          return -1;
+        return I.sequences[static_cast<size_t>(slot)].length;
+      },
+      [&](int slot) { return I.sequences[static_cast<size_t>(slot)].capacity; }));
   // Long rows go through in chunks; results do not depend on the chunking.
   std::vector<int64_t> done(rows.size(), 0);
   while (true) {
@@ -379,7 +370,7 @@ Status Engine::step(std::span<const StepRow> rows, const LogitsSink& logits, con
 }
 
 // Every rank runs this with the same plan; only rank 0 talks to the sinks.
-void Engine::Impl::rank_step(Rank& R, const std::vector<PlanRow>& plan, const LogitsSink& logits_sink,
+void CpuImpl::rank_step(Rank& R, const std::vector<PlanRow>& plan, const LogitsSink& logits_sink,
                              const HiddenSink* hidden, Status& sink_status) {
   namespace K = kernels;
   ThreadPool* pool = R.pool.get();

@@ -48,12 +48,27 @@ struct EngineOptions {
   bool verify = true;            // recompute every tensor checksum while loading
   bool progress = true;
   int64_t prefill_chunk = 1024;  // tokens of one sequence per forward step
+
+  // Where the forward pass runs: "cpu" (this file's CPU engine), "cuda" (the device
+  // engine on the CUDA plugin's ops), or "host" (the device engine on the CPU twins of
+  // the device ops: the CUDA path's orchestration, testable without a GPU).
+  std::string device = "cpu";
+  std::vector<int> devices;      // device indices for this process's ranks (empty: all);
+                                 // with fewer devices than ranks, ranks share devices
+  std::string comm = "auto";     // device collectives: auto, nccl, local (in-process)
+  bool graphs = true;            // replay decode steps as CUDA graphs where possible
+  // Several hosts (device engine with NCCL): "leader-host:port", this host's index,
+  // and how many hosts; each host drives tensor_parallel / host_count ranks.
+  std::string hosts;
+  int host_rank = 0;
+  int host_count = 1;
 };
 
 struct LoadReport {
-  uint64_t bytes = 0;            // weight bytes mapped (all ranks)
+  uint64_t bytes = 0;            // weight bytes mapped or loaded (all ranks)
   double seconds = 0;
-  std::string kernel_path;       // "avx2" or "scalar"
+  std::string kernel_path;       // "avx2", "scalar", or the device backend
+  std::vector<std::string> details;  // per rank: where it runs, load GB/s
 };
 
 // What a forward step asks for, per row: the row appends `tokens` to sequence `slot`.
@@ -73,31 +88,29 @@ class Engine {
  public:
   static Result<std::unique_ptr<Engine>> load(const std::string& model_dir, const EngineOptions& options,
                                               LoadReport* report = nullptr);
-  ~Engine();
+  virtual ~Engine() = default;
 
-  const format::ModelConfig& config() const;
-  const format::Manifest& manifest() const;
-  int tensor_parallel() const;
-  unsigned threads_per_rank() const;
+  virtual const format::ModelConfig& config() const = 0;
+  virtual const format::Manifest& manifest() const = 0;
+  virtual int tensor_parallel() const = 0;
+  virtual unsigned threads_per_rank() const = 0;
 
   // A sequence with a KV cache for `capacity` positions (refused beyond sequence_len).
-  Result<int> open_sequence(int64_t capacity);
-  void close_sequence(int slot);
-  int64_t sequence_length(int slot) const;
+  virtual Result<int> open_sequence(int64_t capacity) = 0;
+  virtual void close_sequence(int slot) = 0;
+  virtual int64_t sequence_length(int slot) const = 0;
   // Bytes of KV cache one sequence of `capacity` positions takes on each rank.
-  uint64_t kv_bytes_per_rank(int64_t capacity) const;
+  virtual uint64_t kv_bytes_per_rank(int64_t capacity) const = 0;
   // Weight bytes one decode step of one sequence reads, over all ranks: every attention
   // matrix, the selected experts' matrices, router, norms and the output projection.
-  uint64_t weight_bytes_per_token() const;
+  virtual uint64_t weight_bytes_per_token() const = 0;
 
   // Runs the rows through the model, appending their tokens to their sequences.
-  Status step(std::span<const StepRow> rows, const LogitsSink& logits, const HiddenSink* hidden = nullptr);
-
-  struct Impl;
-
- private:
-  explicit Engine(std::unique_ptr<Impl> impl);
-  std::unique_ptr<Impl> impl_;
+  virtual Status step(std::span<const StepRow> rows, const LogitsSink& logits, const HiddenSink* hidden = nullptr) = 0;
+  // A follower host of a multi-host engine: runs the leader's commands until it shuts
+  // down (the leader's engine sends them from open_sequence, step, close and its
+  // destructor). An error on a single-host engine.
+  virtual Status follow() { return make_error("this engine is not a follower of a multi-host group"); }
 };
 
 // ---------------------------------------------------------------------------------

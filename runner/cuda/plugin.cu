@@ -4,6 +4,8 @@
 #include <cstdio>
 #include <cstring>
 
+#include "kernels/cuda/nccl.h"
+#include "kernels/cuda/ops_cuda.h"
 #include "runner/cuda/plugin_abi.h"
 
 extern "C" {
@@ -33,6 +35,14 @@ __attribute__((visibility("default"))) int grokit_cuda_device_info(int index, Gr
   out->major = p.major;
   out->minor = p.minor;
   return 0;
+}
+
+__attribute__((visibility("default"))) const GrokitOps* grokit_cuda_ops(void) {
+  return grokit::kernels::cuda::grokit_cuda_ops_table();
+}
+
+__attribute__((visibility("default"))) const GrokitCollectives* grokit_cuda_collectives(void) {
+  return grokit::kernels::cuda::grokit_cuda_collectives_table();
 }
 
 }  // extern "C"

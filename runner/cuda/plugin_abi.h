@@ -4,7 +4,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define GROKIT_CUDA_ABI_VERSION 1
+#include "kernels/ops.h"
+
+#define GROKIT_CUDA_ABI_VERSION 2
 
 typedef struct GrokitCudaDevice {
   char name[256];
@@ -19,6 +21,10 @@ int grokit_cuda_abi_version(void);
 // Number of CUDA devices, or -1 with a reason in err (no driver, no device).
 int grokit_cuda_device_count(char* err, size_t err_len);
 int grokit_cuda_device_info(int index, GrokitCudaDevice* out);
+// The device-op table (kernels/ops.h, backend "cuda"); never NULL.
+const GrokitOps* grokit_cuda_ops(void);
+// NCCL collectives, loaded at first use; available() says whether NCCL is there.
+const GrokitCollectives* grokit_cuda_collectives(void);
 #ifdef __cplusplus
 }
 #endif

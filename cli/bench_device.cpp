@@ -1,0 +1,446 @@
+// grokit bench-device: the GPU checks' benchmarks, each against a limit measured in the
+// same run: read bandwidth, host-to-device bandwidth, the decode step and the prefill of
+// one real-width layer as one rank of TP 8 runs it, and shard loading.
+#include <unistd.h>
+
+#include <cxxopts.hpp>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <optional>
+#include <random>
+
+#include "cli/cli.h"
+#include "runner/backend.h"
+#include "runner/device_layer.h"
+#include "runner/device_loader.h"
+
+namespace grokit::cli {
+
+namespace {
+
+using runner::DeviceBuffer;
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+// Fast deterministic bytes.
+void fill_random(uint8_t* p, size_t n, uint64_t seed) {
+  uint64_t s = seed * 0x9E3779B97F4A7C15ull + 1;
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    s ^= s << 13;
+    s ^= s >> 7;
+    s ^= s << 17;
+    std::memcpy(p + i, &s, 8);
+  }
+  for (; i < n; ++i) p[i] = static_cast<uint8_t>(s >> (8 * (i % 8)));
+}
+
+void fill_u16(uint8_t* p, size_t count, uint16_t v) {
+  for (size_t i = 0; i < count; ++i) std::memcpy(p + 2 * i, &v, 2);
+}
+
+// A weight payload (format/SPEC.md §4, §4.1) of random codes with sane scales.
+Result<std::vector<uint8_t>> make_payload(format::DType dt, uint32_t param, int64_t E, int64_t K, int64_t N,
+                                          uint64_t seed) {
+  std::vector<int64_t> shape{E, K, N};
+  const std::optional<uint64_t> bytes = format::payload_size(dt, shape, param);
+  if (!bytes)
+    return make_error("a ", format::dtype_name(dt), " matrix of ", K, " x ", N, " (parameter ", param,
+                      ") does not exist: pick another layer shape");
+  std::vector<uint8_t> p(*bytes);
+  fill_random(p.data(), p.size(), seed);
+  switch (dt) {
+    case format::DType::kQ8RowBlock: {
+      const uint64_t codes = align_up(static_cast<uint64_t>(E * K * N), 64);
+      std::fill(p.begin() + static_cast<ptrdiff_t>(E * K * N), p.begin() + static_cast<ptrdiff_t>(codes), 0);
+      fill_u16(p.data() + codes, static_cast<size_t>(E * param * N), 0x3a80);  // 2^-10 * 1.0
+      break;
+    }
+    case format::DType::kQ4Group: {
+      const int64_t G = param, groups = E * (K / G);
+      const uint64_t gbytes = format::q4g_group_bytes(G, N);
+      for (int64_t g = 0; g < groups; ++g) {
+        uint8_t* s = p.data() + g * gbytes + G / 2 * N;
+        std::memset(s, 0, gbytes - static_cast<uint64_t>(G / 2 * N));
+        fill_u16(s, static_cast<size_t>(N), 0x3c80);  // 2^-6
+      }
+      break;
+    }
+    case format::DType::kBF16:
+      for (size_t i = 0; i + 1 < p.size(); i += 2) p[i + 1] = static_cast<uint8_t>(0x3c + (p[i + 1] & 1)) | (p[i + 1] & 0x80);
+      break;
+    default: break;
+  }
+  return p;
+}
+
+struct Layer {
+  runner::DevLayer w;
+  std::vector<DeviceBuffer> buffers;
+  uint64_t attention_bytes = 0, expert_bytes = 0, small_bytes = 0;
+};
+
+// Rank 0 of TP `tp`'s share of layer 0 of `cfg`, in `scheme` ("int8", "int4", "bf16").
+Result<Layer> make_layer(const GrokitOps* ops, GrokitStream st, const format::ModelConfig& cfg, int tp,
+                         const std::string& scheme) {
+  Layer L;
+  uint64_t seed = 7;
+  auto upload = [&](const void* host, size_t bytes) -> Result<void*> {
+    DeviceBuffer b;
+    GROKIT_TRY(b.allocate(ops, bytes));
+    DEV_TRY(ops, ops->copy(b.get(), host, bytes, GROKIT_COPY_H2D, st));
+    DEV_TRY(ops, ops->stream_sync(st));
+    void* p = b.get();
+    L.buffers.push_back(std::move(b));
+    return p;
+  };
+  uint64_t scratch = 0;
+  for (const auto& spec : format::model_tensors(cfg)) {
+    if (spec.layer != 0) continue;
+    format::ShardSlice s = format::shard_slice(spec, cfg, tp, 0);
+    if (spec.dtype == format::DType::kF32) {
+      int64_t n = 1;
+      for (int64_t d : s.shape) n *= d;
+      std::vector<float> v(static_cast<size_t>(n), 1.0f);
+      if (spec.kind == format::TensorKind::kRouter) {
+        std::mt19937 rng(static_cast<uint32_t>(seed++));
+        std::normal_distribution<float> nd(0.f, 0.02f);
+        for (auto& f : v) f = nd(rng);
+      }
+      GROKIT_ASSIGN_OR_RETURN(void* p, upload(v.data(), v.size() * 4));
+      L.small_bytes += v.size() * 4;
+      const float* f = static_cast<const float*>(p);
+      switch (spec.kind) {
+        case format::TensorKind::kNormAttnIn: L.w.attn_norm_in = f; break;
+        case format::TensorKind::kNormAttnOut: L.w.attn_norm_out = f; break;
+        case format::TensorKind::kNormMoeIn: L.w.moe_norm_in = f; break;
+        case format::TensorKind::kNormMoeOut: L.w.moe_norm_out = f; break;
+        case format::TensorKind::kRouter: L.w.router = f; break;
+        default: break;
+      }
+      continue;
+    }
+    const bool expert = s.shape.size() == 3;
+    const int64_t E = expert ? s.shape[0] : 1, K = s.shape[s.shape.size() - 2], N = s.shape.back();
+    format::DType dt = format::DType::kQ8RowBlock;
+    uint32_t param = s.blocks;
+    if (scheme == "int4") dt = format::DType::kQ4Group, param = 128;
+    if (scheme == "bf16") dt = format::DType::kBF16, param = 0;
+    if (dt == format::DType::kQ4Group && K % 128 != 0) param = K % 64 == 0 ? 64 : 32;
+    GROKIT_ASSIGN_OR_RETURN(std::vector<uint8_t> payload, make_payload(dt, param, E, K, N, seed++));
+    GROKIT_ASSIGN_OR_RETURN(void* p, upload(payload.data(), payload.size()));
+    GrokitWeight w{};
+    w.dtype = static_cast<int32_t>(dt);
+    w.param = static_cast<int32_t>(param);
+    w.experts = E;
+    w.rows = K;
+    w.cols = N;
+    w.matrix_bytes = dt == format::DType::kQ8RowBlock ? static_cast<uint64_t>(K * N) : payload.size() / static_cast<uint64_t>(E);
+    w.data = p;
+    (expert ? L.expert_bytes : L.attention_bytes) += payload.size();
+    scratch = std::max(scratch, ops->prepare_scratch_bytes(&w));
+    switch (spec.kind) {
+      case format::TensorKind::kAttnQuery: L.w.query = w; break;
+      case format::TensorKind::kAttnKey: L.w.key = w; break;
+      case format::TensorKind::kAttnValue: L.w.value = w; break;
+      case format::TensorKind::kAttnOutput: L.w.output = w; break;
+      case format::TensorKind::kMoeGate: L.w.gate = w; break;
+      case format::TensorKind::kMoeUp: L.w.up = w; break;
+      case format::TensorKind::kMoeDown: L.w.down = w; break;
+      default: break;
+    }
+  }
+  DeviceBuffer sb;
+  GROKIT_TRY(sb.allocate(ops, scratch));
+  for (GrokitWeight* w : {&L.w.query, &L.w.key, &L.w.value, &L.w.output, &L.w.gate, &L.w.up, &L.w.down})
+    DEV_TRY(ops, ops->prepare_weight(w, sb.get(), st));
+  DEV_TRY(ops, ops->stream_sync(st));
+  return L;
+}
+
+// Activations and a KV cache for N tokens of one sequence with `cap` positions.
+struct Run {
+  DeviceBuffer x, a, tmp, q, k, v, o, gates, g, u, routed, experts, pos, rows, kv, valid;
+  runner::LayerIO io{};
+};
+
+Result<std::unique_ptr<Run>> make_run(const GrokitOps* ops, GrokitStream st, const runner::LayerDims& d, int64_t N,
+                                      int64_t first_pos, int64_t cap) {
+  auto r = std::make_unique<Run>();
+  const size_t n = static_cast<size_t>(N), f = 4;
+  const size_t QD = static_cast<size_t>(d.q_heads * d.head_dim), KVD = static_cast<size_t>(d.kv_heads * d.head_dim);
+  const size_t D = static_cast<size_t>(d.D), F = static_cast<size_t>(d.ffn), top = static_cast<size_t>(d.top);
+  for (auto [b, bytes] : {std::pair{&r->x, n * D * f}, {&r->a, n * D * f}, {&r->tmp, n * D * f}, {&r->q, n * QD * f},
+                          {&r->o, n * QD * f}, {&r->k, n * KVD * f}, {&r->v, n * KVD * f}, {&r->gates, n * top * f},
+                          {&r->g, n * top * F * f}, {&r->u, n * top * F * f}, {&r->routed, n * top * D * f},
+                          {&r->experts, n * top * 4}, {&r->pos, n * 4}, {&r->rows, n * sizeof(GrokitAttnRow)}})
+    GROKIT_TRY(b->allocate(ops, bytes));
+  const size_t kv_elems = static_cast<size_t>(2 * d.kv_heads * cap * d.head_dim);
+  GROKIT_TRY(r->kv.allocate(ops, kv_elems * 2));
+  GROKIT_TRY(r->valid.allocate(ops, static_cast<size_t>(cap)));
+  // Inputs: x of bf16 values, the cache of random bf16 values, every position valid.
+  std::vector<float> x(n * D);
+  std::mt19937 rng(11);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  for (auto& v : x) v = round_bf16(nd(rng));
+  DEV_TRY(ops, ops->copy(r->x.get(), x.data(), x.size() * 4, GROKIT_COPY_H2D, st));
+  std::vector<uint16_t> kv(kv_elems);
+  for (auto& v : kv) v = f32_to_bf16_bits(nd(rng) * 0.5f);
+  DEV_TRY(ops, ops->copy(r->kv.get(), kv.data(), kv.size() * 2, GROKIT_COPY_H2D, st));
+  DEV_TRY(ops, ops->fill(r->valid.get(), 1, static_cast<size_t>(cap), st));
+  std::vector<int32_t> pos(n);
+  std::vector<GrokitAttnRow> rows(n);
+  for (size_t i = 0; i < n; ++i) {
+    pos[i] = static_cast<int32_t>(first_pos + static_cast<int64_t>(i));
+    GrokitAttnRow& ar = rows[i];
+    ar.k = r->kv.get<uint16_t>();
+    ar.v = r->kv.get<uint16_t>() + kv_elems / 2;
+    ar.valid = r->valid.get<uint8_t>();
+    ar.cap = cap;
+    ar.n_keys = first_pos + N;
+    ar.pos = pos[i];
+    ar.token = 5;
+  }
+  DEV_TRY(ops, ops->copy(r->pos.get(), pos.data(), n * 4, GROKIT_COPY_H2D, st));
+  DEV_TRY(ops, ops->copy(r->rows.get(), rows.data(), n * sizeof(GrokitAttnRow), GROKIT_COPY_H2D, st));
+  DEV_TRY(ops, ops->stream_sync(st));
+  r->io = runner::LayerIO{r->x.get<float>(),      r->a.get<float>(),    r->tmp.get<float>(), r->q.get<float>(),
+                          r->k.get<float>(),      r->v.get<float>(),    r->o.get<float>(),   r->gates.get<float>(),
+                          r->g.get<float>(),      r->u.get<float>(),    r->routed.get<float>(), r->experts.get<int32_t>(),
+                          r->pos.get<int32_t>(),  r->rows.get<GrokitAttnRow>()};
+  return r;
+}
+
+// Median seconds of one decode step of the layer (a replayed graph where the backend has them).
+Result<double> time_decode(const GrokitOps* ops, GrokitStream st, const Layer& L, const runner::LayerDims& d,
+                           Run& r, int64_t max_keys, int reps) {
+  auto once = [&]() { return runner::run_layer(ops, st, L.w, d, r.io, 1, max_keys, nullptr); };
+  GROKIT_TRY(once());  // sizes every op's scratch
+  DEV_TRY(ops, ops->stream_sync(st));
+  void* graph = nullptr;
+  if (ops->graph_begin != nullptr) {
+    DEV_TRY(ops, ops->graph_begin(st));
+    Status s = once();
+    int rc = ops->graph_end(st, &graph);
+    GROKIT_TRY(std::move(s));
+    DEV_TRY(ops, rc);
+  }
+  std::vector<double> t;
+  for (int i = 0; i < reps; ++i) {
+    auto t0 = Clock::now();
+    constexpr int kBatch = 20;  // steps per timing, so launch and sync costs amortize
+    for (int j = 0; j < kBatch; ++j) {
+      if (graph != nullptr) DEV_TRY(ops, ops->graph_launch(graph, st));
+      else GROKIT_TRY(once());
+    }
+    DEV_TRY(ops, ops->stream_sync(st));
+    t.push_back(seconds_since(t0) / kBatch);
+  }
+  if (graph != nullptr) ops->graph_destroy(graph);
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
+
+struct Row {
+  std::string what, value, limit, ratio, target;
+};
+
+std::string fmt(const char* f, double v) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, f, v);
+  return buf;
+}
+
+}  // namespace
+
+int cmd_bench_device(int argc, char** argv) {
+  const char* prog = "grokit bench-device";
+  cxxopts::Options opts(prog,
+                        "Benchmark a device against limits measured in the same run: read bandwidth, host-to-device "
+                        "bandwidth, the decode step (batch 1, int8 and int4) and the prefill of one real-width Grok-1 "
+                        "layer as one rank of TP 8 runs it, and shard loading. Prints a table on stdout.");
+  opts.add_options()
+      ("device", "cuda, or host (the CPU twins; with --small, a smoke test)", cxxopts::value<std::string>()->default_value("cuda"))
+      ("gpu", "device index", cxxopts::value<int>()->default_value("0"))
+      ("small", "a small layer instead of Grok-1's (emb 256, ffn 512, TP 1) (default: off)",
+       cxxopts::value<bool>()->default_value("false")->implicit_value("true"))
+      ("context", "positions already in the KV cache for the decode step", cxxopts::value<int64_t>()->default_value("1024"))
+      ("prefill-tokens", "tokens of the prefill", cxxopts::value<int64_t>()->default_value("4096"))
+      ("load-mb", "MiB of the file the load benchmark writes and loads", cxxopts::value<uint64_t>()->default_value("4096"))
+      ("work", "directory for the load benchmark's file", cxxopts::value<std::string>()->default_value("/tmp"))
+      ("reps", "timed repetitions (the median is kept)", cxxopts::value<int>()->default_value("7"))
+      ("h,help", "show this help");
+  cxxopts::ParseResult r;
+  try {
+    r = opts.parse(argc, argv);
+  } catch (const cxxopts::exceptions::exception& e) {
+    std::fprintf(stderr, "%s: %s\n\n%s", prog, e.what(), opts.help().c_str());
+    return kExitUsage;
+  }
+  if (r.count("help")) return std::printf("%s", opts.help().c_str()), kExitOk;
+  const std::string device = r["device"].as<std::string>();
+  const bool small = r["small"].as<bool>();
+  const int gpu = r["gpu"].as<int>(), reps = std::max(1, r["reps"].as<int>());
+  const int64_t context = r["context"].as<int64_t>(), prefill = r["prefill-tokens"].as<int64_t>();
+  if (context < 0 || prefill < 1) return std::fprintf(stderr, "%s: --context >= 0 and --prefill-tokens >= 1\n", prog), kExitUsage;
+  auto die = [&](const Error& e) {
+    std::fprintf(stderr, "%s: error: %s\n", prog, e.message.c_str());
+    return kExitFailure;
+  };
+  auto ops_r = runner::device_ops(device);
+  if (!ops_r.ok()) return die(ops_r.error());
+  const GrokitOps* ops = *ops_r;
+  if (ops->set_device(gpu) != GROKIT_OK) return die(make_error("device ", gpu, ": ", ops->error_message()));
+  char name[256] = "host";
+  uint64_t mem = 0;
+  ops->device_name(gpu, name, sizeof name, &mem);
+  GrokitStream st = nullptr;
+  if (ops->stream_create(&st) != GROKIT_OK) return die(make_error("stream: ", ops->error_message()));
+  std::fprintf(stderr, "%s: %s device %d: %s\n", prog, ops->backend, gpu, name);
+
+  auto body = [&]() -> Status {
+    std::vector<Row> rows;
+    // 1. Limits.
+    const uint64_t probe = small ? (uint64_t{256} << 20) : (uint64_t{4} << 30);
+    double hbm = 0;
+    if (device == "cuda") {
+      GROKIT_ASSIGN_OR_RETURN(hbm, runner::cuda_read_bandwidth(gpu, probe));
+    } else {
+      hbm = measure_read_bandwidth(hardware_threads(), probe) / 1e9;
+    }
+    rows.push_back({"device read bandwidth", fmt("%.0f GB/s", hbm), "", "", ""});
+    double h2d = 0;
+    {
+      DeviceBuffer host, dev;
+      const size_t bytes = small ? (size_t{64} << 20) : (size_t{1} << 30);
+      GROKIT_TRY(host.allocate(ops, bytes, true));
+      GROKIT_TRY(dev.allocate(ops, bytes));
+      std::memset(host.get(), 1, bytes);
+      for (int i = 0; i < reps; ++i) {
+        auto t0 = Clock::now();
+        DEV_TRY(ops, ops->copy(dev.get(), host.get(), bytes, GROKIT_COPY_H2D, st));
+        DEV_TRY(ops, ops->stream_sync(st));
+        h2d = std::max(h2d, static_cast<double>(bytes) / seconds_since(t0) / 1e9);
+      }
+    }
+    rows.push_back({"host-to-device (pinned)", fmt("%.1f GB/s", h2d), "", "", ""});
+
+    // 2. One layer as rank 0 of TP 8.
+    format::ModelConfig cfg;
+    int tp = 8;
+    if (small) {
+      cfg.emb_size = 256, cfg.num_q_heads = 8, cfg.num_kv_heads = 8, cfg.key_size = 32, cfg.widening_factor = 3;  // ffn 512
+      cfg.num_layers = 1, cfg.vocab_size = 1024;
+      tp = 1;
+    }
+    const int64_t dh = cfg.key_size;
+    const runner::LayerDims d{cfg.emb_size, dh, cfg.num_q_heads / tp, cfg.num_kv_heads >= tp ? cfg.num_kv_heads / tp : 1,
+                              cfg.ffn() / tp, cfg.num_experts, cfg.num_selected_experts,
+                              static_cast<float>(cfg.rms_norm_eps), static_cast<float>(cfg.attn_output_multiplier),
+                              static_cast<float>(cfg.attn_logit_cap), cfg.rope_base};
+    const int64_t cap = std::max(context + 1, prefill);
+    for (const char* scheme : {"int8", "int4"}) {
+      GROKIT_ASSIGN_OR_RETURN(Layer L, make_layer(ops, st, cfg, tp, scheme));
+      GROKIT_ASSIGN_OR_RETURN(auto run, make_run(ops, st, d, 1, context, cap));
+      GROKIT_ASSIGN_OR_RETURN(double t, time_decode(ops, st, L, d, *run, cap, reps));
+      const uint64_t kv = static_cast<uint64_t>(2 * d.kv_heads * (context + 1) * dh * 2);
+      const uint64_t bytes = L.attention_bytes + L.expert_bytes / static_cast<uint64_t>(d.experts) *
+                                                     static_cast<uint64_t>(d.top) + L.small_bytes + kv;
+      const double gbps = static_cast<double>(bytes) / t / 1e9;
+      rows.push_back({std::string("decode step, ") + scheme + ", batch 1",
+                      fmt("%.1f us", t * 1e6) + fmt(", %.1f MB", static_cast<double>(bytes) / 1e6) + fmt(" -> %.0f GB/s", gbps),
+                      "read bandwidth", fmt("%.2f", gbps / hbm), ">= 0.7"});
+    }
+
+    // 3. Prefill against the bf16 matrix peak (a large bf16 product through the same op).
+    double peak = 0;
+    {
+      const int64_t n = small ? 256 : 8192;
+      GROKIT_ASSIGN_OR_RETURN(std::vector<uint8_t> w, make_payload(format::DType::kBF16, 0, 1, n, n, 3));
+      DeviceBuffer wb, x, y;
+      GROKIT_TRY(wb.allocate(ops, w.size()));
+      GROKIT_TRY(x.allocate(ops, static_cast<size_t>(n * n) * 4));
+      GROKIT_TRY(y.allocate(ops, static_cast<size_t>(n * n) * 4));
+      DEV_TRY(ops, ops->copy(wb.get(), w.data(), w.size(), GROKIT_COPY_H2D, st));
+      {
+        std::vector<float> xs(static_cast<size_t>(n * n));
+        std::mt19937 rng(2);
+        std::normal_distribution<float> nd(0.f, 1.f);
+        for (auto& v : xs) v = round_bf16(nd(rng));
+        DEV_TRY(ops, ops->copy(x.get(), xs.data(), xs.size() * 4, GROKIT_COPY_H2D, st));
+      }
+      GrokitWeight gw{};
+      gw.dtype = static_cast<int32_t>(format::DType::kBF16);
+      gw.experts = 1, gw.rows = n, gw.cols = n, gw.matrix_bytes = w.size(), gw.data = wb.get();
+      for (int i = 0; i < reps + 1; ++i) {
+        auto t0 = Clock::now();
+        DEV_TRY(ops, ops->matmul(&gw, x.get<float>(), n, n, 0, nullptr, y.get<float>(), n, st));
+        DEV_TRY(ops, ops->stream_sync(st));
+        if (i > 0) peak = std::max(peak, 2.0 * n * n * n / seconds_since(t0));
+      }
+    }
+    rows.push_back({"bf16 matrix product (peak)", fmt("%.1f TFLOP/s", peak / 1e12), "", "", ""});
+    {
+      GROKIT_ASSIGN_OR_RETURN(Layer L, make_layer(ops, st, cfg, tp, "int8"));
+      GROKIT_ASSIGN_OR_RETURN(auto run, make_run(ops, st, d, prefill, 0, cap));
+      double best = 1e30;
+      for (int i = 0; i < std::min(reps, 3) + 1; ++i) {
+        auto t0 = Clock::now();
+        GROKIT_TRY(runner::run_layer(ops, st, L.w, d, run->io, prefill, prefill, nullptr));
+        DEV_TRY(ops, ops->stream_sync(st));
+        if (i > 0) best = std::min(best, seconds_since(t0));
+      }
+      const double D = static_cast<double>(d.D), QD = static_cast<double>(d.q_heads * dh),
+                   KVD = static_cast<double>(d.kv_heads * dh), F = static_cast<double>(d.ffn), P = static_cast<double>(prefill);
+      const double macs = P * (D * QD + 2 * D * KVD + QD * D + static_cast<double>(d.top) * 3 * D * F) +
+                          static_cast<double>(d.q_heads) * static_cast<double>(dh) * 2 * P * (P + 1) / 2;
+      const double flops = 2 * macs / best;
+      rows.push_back({fmt("prefill %.0f tokens, int8", P), fmt("%.2f ms", best * 1e3) + fmt(" -> %.1f TFLOP/s", flops / 1e12),
+                      "bf16 peak", fmt("%.2f", flops / peak), ">= 0.5"});
+    }
+
+    // 4. Loading a shard-sized file (page cache warm: it was just written).
+    {
+      const uint64_t bytes = (small ? std::min<uint64_t>(r["load-mb"].as<uint64_t>(), 256) : r["load-mb"].as<uint64_t>()) << 20;
+      const std::string path = path_join(r["work"].as<std::string>(), str_cat("grokit-bench-load-", getpid(), ".bin"));
+      {
+        GROKIT_ASSIGN_OR_RETURN(OutputFile f, OutputFile::open(path, OutputFile::Mode::kCreateOrTruncate));
+        std::vector<uint8_t> buf(size_t{64} << 20);
+        fill_random(buf.data(), buf.size(), 5);
+        for (uint64_t done = 0; done < bytes; done += buf.size())
+          GROKIT_TRY(f.pwrite_all(done, buf.data(), static_cast<size_t>(std::min<uint64_t>(buf.size(), bytes - done))));
+        GROKIT_TRY(f.close());
+      }
+      DeviceBuffer dev;
+      GROKIT_TRY(dev.allocate(ops, bytes));
+      double best = 0;
+      for (int i = 0; i < std::min(reps, 3); ++i) {
+        runner::LoadStats ls;
+        Status s = runner::load_file_to_device(ops, st, path, 0, bytes, dev.get(), {}, nullptr, &ls);
+        if (!s.ok()) {
+          ::unlink(path.c_str());
+          return s;
+        }
+        best = std::max(best, static_cast<double>(bytes) / ls.seconds / 1e9);
+      }
+      ::unlink(path.c_str());
+      rows.push_back({"shard load (page cache)", fmt("%.1f GB/s", best), "host-to-device", fmt("%.2f", best / h2d), ">= 0.8"});
+    }
+
+    std::printf("%-30s %-44s %-16s %-6s %s\n", "benchmark", "result", "against", "ratio", "target");
+    for (const Row& row : rows)
+      std::printf("%-30s %-44s %-16s %-6s %s\n", row.what.c_str(), row.value.c_str(), row.limit.c_str(),
+                  row.ratio.c_str(), row.target.c_str());
+    return {};
+  };
+  Status s = body();
+  if (st != nullptr) ops->stream_destroy(st);
+  if (!s.ok()) return die(s.error());
+  return kExitOk;
+}
+
+}  // namespace grokit::cli

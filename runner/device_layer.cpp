@@ -1,0 +1,172 @@
+#include "runner/device_layer.h"
+
+namespace grokit::runner {
+
+namespace {
+
+class SoloComm final : public DeviceComm {
+ public:
+  SoloComm(const GrokitOps* ops, GrokitStream stream) : ops_(ops), stream_(stream) {}
+  Status all_reduce_sum(float*, size_t) override { return {}; }
+  Status all_gather(const void* send, void* recv, size_t bytes) override {
+    if (send != recv) DEV_TRY(ops_, ops_->copy(recv, send, bytes, GROKIT_COPY_D2D, stream_));
+    return {};
+  }
+  bool graph_safe() const override { return true; }
+  const char* name() const override { return "none (one rank)"; }
+
+ private:
+  const GrokitOps* ops_;
+  GrokitStream stream_;
+};
+
+class NcclComm final : public DeviceComm {
+ public:
+  NcclComm(const GrokitOps* ops, const GrokitCollectives* c, void* comm, GrokitStream stream)
+      : ops_(ops), c_(c), comm_(comm), stream_(stream) {}
+  ~NcclComm() override {
+    if (comm_ != nullptr) c_->comm_destroy(comm_);
+  }
+  Status all_reduce_sum(float* data, size_t n) override {
+    if (c_->all_reduce_sum(data, data, n, comm_, stream_) != GROKIT_OK)
+      return make_error("NCCL all-reduce failed: ", ops_->error_message());
+    return {};
+  }
+  Status all_gather(const void* send, void* recv, size_t bytes) override {
+    if (c_->all_gather(send, recv, bytes, comm_, stream_) != GROKIT_OK)
+      return make_error("NCCL all-gather failed: ", ops_->error_message());
+    return {};
+  }
+  bool graph_safe() const override { return true; }
+  const char* name() const override { return "NCCL"; }
+
+ private:
+  const GrokitOps* ops_;
+  const GrokitCollectives* c_;
+  void* comm_;
+  GrokitStream stream_;
+};
+
+// Ranks that are threads of this process. When they share one device (or the host
+// backend), peers' buffers are read in place and summed by the device (sum_arrays, the
+// pairwise tree in rank order); otherwise the data goes through pinned host memory.
+// Host barriers make it unfit for graph capture.
+class LocalDeviceComm final : public DeviceComm {
+ public:
+  LocalDeviceComm(const GrokitOps* ops, GrokitStream stream, std::unique_ptr<Communicator> host, bool same_device)
+      : ops_(ops), stream_(stream), host_(std::move(host)), same_device_(same_device) {}
+
+  Status all_reduce_sum(float* data, size_t n) override {
+    const int N = host_->size();
+    const size_t bytes = n * sizeof(float);
+    DEV_TRY(ops_, ops_->stream_sync(stream_));
+    if (same_device_) {
+      std::vector<const float*> parts(static_cast<size_t>(N));
+      const float* mine = data;
+      host_->all_gather(&mine, parts.data(), sizeof mine);  // also the barrier: all data ready
+      GROKIT_TRY(scratch_.reserve(ops_, bytes));
+      DEV_TRY(ops_, ops_->sum_arrays(parts.data(), N, static_cast<int64_t>(n), scratch_.get<float>(), stream_));
+      DEV_TRY(ops_, ops_->stream_sync(stream_));
+      host_->barrier();  // every rank has read every part
+      DEV_TRY(ops_, ops_->copy(data, scratch_.get(), bytes, GROKIT_COPY_D2D, stream_));
+      return {};
+    }
+    GROKIT_TRY(pinned_.reserve(ops_, bytes, true));
+    DEV_TRY(ops_, ops_->copy(pinned_.get(), data, bytes, GROKIT_COPY_D2H, stream_));
+    DEV_TRY(ops_, ops_->stream_sync(stream_));
+    host_->all_reduce_sum(pinned_.get<float>(), n);
+    DEV_TRY(ops_, ops_->copy(data, pinned_.get(), bytes, GROKIT_COPY_H2D, stream_));
+    DEV_TRY(ops_, ops_->stream_sync(stream_));  // the pinned buffer is reused next call
+    return {};
+  }
+
+  Status all_gather(const void* send, void* recv, size_t bytes) override {
+    const int N = host_->size();
+    DEV_TRY(ops_, ops_->stream_sync(stream_));
+    if (same_device_) {
+      std::vector<const void*> parts(static_cast<size_t>(N));
+      host_->all_gather(&send, parts.data(), sizeof send);
+      for (int q = 0; q < N; ++q)
+        DEV_TRY(ops_, ops_->copy(static_cast<uint8_t*>(recv) + static_cast<size_t>(q) * bytes, parts[static_cast<size_t>(q)],
+                                 bytes, GROKIT_COPY_D2D, stream_));
+      DEV_TRY(ops_, ops_->stream_sync(stream_));
+      host_->barrier();
+      return {};
+    }
+    GROKIT_TRY(pinned_.reserve(ops_, bytes * static_cast<size_t>(N + 1), true));
+    uint8_t* mine = pinned_.get<uint8_t>() + bytes * static_cast<size_t>(N);
+    DEV_TRY(ops_, ops_->copy(mine, send, bytes, GROKIT_COPY_D2H, stream_));
+    DEV_TRY(ops_, ops_->stream_sync(stream_));
+    host_->all_gather(mine, pinned_.get(), bytes);
+    DEV_TRY(ops_, ops_->copy(recv, pinned_.get(), bytes * static_cast<size_t>(N), GROKIT_COPY_H2D, stream_));
+    DEV_TRY(ops_, ops_->stream_sync(stream_));
+    return {};
+  }
+
+  bool graph_safe() const override { return false; }
+  const char* name() const override { return same_device_ ? "in-process (shared device)" : "in-process (via host)"; }
+
+ private:
+  const GrokitOps* ops_;
+  GrokitStream stream_;
+  std::unique_ptr<Communicator> host_;
+  bool same_device_;
+  DeviceBuffer scratch_, pinned_;
+};
+
+}  // namespace
+
+std::unique_ptr<DeviceComm> make_solo_comm(const GrokitOps* ops, GrokitStream stream) {
+  return std::make_unique<SoloComm>(ops, stream);
+}
+std::unique_ptr<DeviceComm> make_nccl_comm(const GrokitOps* ops, const GrokitCollectives* c, void* comm,
+                                           GrokitStream stream) {
+  return std::make_unique<NcclComm>(ops, c, comm, stream);
+}
+std::unique_ptr<DeviceComm> make_local_device_comm(const GrokitOps* ops, GrokitStream stream,
+                                                   std::unique_ptr<Communicator> host, bool same_device) {
+  return std::make_unique<LocalDeviceComm>(ops, stream, std::move(host), same_device);
+}
+
+Status run_layer(const GrokitOps* ops, GrokitStream st, const DevLayer& Ly, const LayerDims& d, const LayerIO& io,
+                 int64_t N, int64_t max_keys, DeviceComm* comm) {
+  const int64_t D = d.D, QD = d.q_heads * d.head_dim, KVD = d.kv_heads * d.head_dim, F = d.ffn, top = d.top;
+  const GrokitAttnShape shape{d.q_heads, d.kv_heads, d.head_dim, d.attn_multiplier, d.attn_cap};
+  auto all_reduce = [&](float* p, int64_t n) -> Status {
+    return comm != nullptr ? comm->all_reduce_sum(p, static_cast<size_t>(n)) : Status{};
+  };
+  // Attention.
+  DEV_TRY(ops, ops->rmsnorm(io.x, N, D, Ly.attn_norm_in, d.eps, io.a, st));
+  DEV_TRY(ops, ops->matmul(&Ly.query, io.a, N, D, 0, nullptr, io.q, QD, st));
+  DEV_TRY(ops, ops->matmul(&Ly.key, io.a, N, D, 0, nullptr, io.k, KVD, st));
+  DEV_TRY(ops, ops->matmul(&Ly.value, io.a, N, D, 0, nullptr, io.v, KVD, st));
+  DEV_TRY(ops, ops->round_bf16(io.q, N * QD, io.q, st));
+  DEV_TRY(ops, ops->round_bf16(io.k, N * KVD, io.k, st));
+  DEV_TRY(ops, ops->round_bf16(io.v, N * KVD, io.v, st));
+  DEV_TRY(ops, ops->rope(io.q, N, d.q_heads, d.head_dim, io.pos, d.rope_base, st));
+  DEV_TRY(ops, ops->rope(io.k, N, d.kv_heads, d.head_dim, io.pos, d.rope_base, st));
+  DEV_TRY(ops, ops->kv_store(io.k, io.v, N, io.rows, &shape, st));
+  DEV_TRY(ops, ops->attention(io.q, N, io.rows, max_keys, &shape, io.o, st));
+  DEV_TRY(ops, ops->matmul(&Ly.output, io.o, N, QD, 0, nullptr, io.tmp, D, st));
+  GROKIT_TRY(all_reduce(io.tmp, N * D));
+  DEV_TRY(ops, ops->round_bf16(io.tmp, N * D, io.tmp, st));
+  DEV_TRY(ops, ops->rmsnorm(io.tmp, N, D, Ly.attn_norm_out, d.eps, io.tmp, st));
+  DEV_TRY(ops, ops->add_bf16(io.x, io.tmp, N * D, io.x, st));
+  // Mixture of experts: routing on the device; each rank its ffn columns.
+  const GrokitRouting up_route{io.experts, top}, down_route{io.experts, 1};
+  DEV_TRY(ops, ops->rmsnorm(io.x, N, D, Ly.moe_norm_in, d.eps, io.a, st));
+  DEV_TRY(ops, ops->router_topk(io.a, N, D, Ly.router, d.experts, top, io.experts, io.gates, st));
+  DEV_TRY(ops, ops->matmul(&Ly.gate, io.a, N * top, D, 0, &up_route, io.g, F, st));
+  DEV_TRY(ops, ops->matmul(&Ly.up, io.a, N * top, D, 0, &up_route, io.u, F, st));
+  DEV_TRY(ops, ops->round_bf16(io.g, N * top * F, io.g, st));
+  DEV_TRY(ops, ops->round_bf16(io.u, N * top * F, io.u, st));
+  DEV_TRY(ops, ops->gelu_mul(io.g, io.u, N * top * F, io.g, st));
+  DEV_TRY(ops, ops->matmul(&Ly.down, io.g, N * top, F, 1, &down_route, io.routed, D, st));
+  GROKIT_TRY(all_reduce(io.routed, N * top * D));
+  DEV_TRY(ops, ops->moe_combine(io.routed, io.gates, N, top, D, io.tmp, st));
+  DEV_TRY(ops, ops->rmsnorm(io.tmp, N, D, Ly.moe_norm_out, d.eps, io.tmp, st));
+  DEV_TRY(ops, ops->add_bf16(io.x, io.tmp, N * D, io.x, st));
+  return {};
+}
+
+}  // namespace grokit::runner

@@ -1,0 +1,82 @@
+// Internal to runner/: what the CPU engine and the device engine share.
+#pragma once
+
+#include <condition_variable>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "runner/runner.h"
+
+namespace grokit::runner {
+
+// One thread per rank, so that every rank reaches every collective.
+class RankGroup {
+ public:
+  explicit RankGroup(int n) : n_(n) {
+    for (int r = 1; r < n; ++r) threads_.emplace_back([this, r] { loop(r); });
+  }
+  ~RankGroup() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+    }
+    wake_.notify_all();
+    for (auto& t : threads_) t.join();
+  }
+  // Runs fn(rank) on every rank (rank 0 on the calling thread) and waits for all.
+  void run(const std::function<void(int)>& fn) {
+    if (n_ == 1) return fn(0);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      fn_ = &fn;
+      pending_ = n_ - 1;
+      ++generation_;
+    }
+    wake_.notify_all();
+    fn(0);
+    std::unique_lock<std::mutex> lock(mu_);
+    done_.wait(lock, [&] { return pending_ == 0; });
+  }
+
+ private:
+  void loop(int r) {
+    uint64_t seen = 0;
+    while (true) {
+      std::unique_lock<std::mutex> lock(mu_);
+      wake_.wait(lock, [&] { return stop_ || generation_ != seen; });
+      if (stop_) return;
+      seen = generation_;
+      const auto* fn = fn_;
+      lock.unlock();
+      (*fn)(r);
+      lock.lock();
+      if (--pending_ == 0) done_.notify_one();
+    }
+  }
+  int n_;
+  std::vector<std::thread> threads_;
+  std::mutex mu_;
+  std::condition_variable wake_, done_;
+  const std::function<void(int)>* fn_ = nullptr;
+  int pending_ = 0;
+  uint64_t generation_ = 0;
+  bool stop_ = false;
+};
+
+// Weight bytes one decode step of one sequence reads (Engine::weight_bytes_per_token).
+uint64_t weight_bytes_per_token_of(const std::vector<const format::ShardReader*>& shards, const format::ModelConfig& cfg);
+
+// Checks the rows of a step against the open sequences (open, capacity, token range,
+// one row per sequence). length_of(slot) < 0: the slot is not open.
+Status check_step_rows(std::span<const StepRow> rows, const format::ModelConfig& cfg,
+                       const std::function<int64_t(int slot)>& length_of,
+                       const std::function<int64_t(int slot)>& capacity_of);
+
+Result<std::unique_ptr<Engine>> load_cpu_engine(const std::string& model_dir, const EngineOptions& options,
+                                                LoadReport* report);
+Result<std::unique_ptr<Engine>> load_device_engine(const std::string& model_dir, const EngineOptions& options,
+                                                   LoadReport* report);
+
+}  // namespace grokit::runner

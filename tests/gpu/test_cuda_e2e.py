@@ -1,0 +1,25 @@
+"""The device engine on CUDA (device_cases.py): every TP degree on one GPU, ranks sharing
+it through the in-process device communicator; graphs against op-by-op decoding.
+Exits 77 (CTest: skipped) with the reason when no CUDA device is usable."""
+import os
+import sys
+import unittest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "e2e"))
+from device_cases import DeviceCases  # noqa: E402
+from e2e_util import run  # noqa: E402
+
+
+class CudaDevice(DeviceCases, unittest.TestCase):
+    DEVICE = "cuda"
+    BATCH_INVARIANT = False
+    # The budget for CUDA against the reference: mean KL <= 1e-3, p99 <= 1e-2.
+    THRESHOLDS = ("--max-kl", "1", "--max-mean-kl", "1e-3", "--max-p99-kl", "1e-2", "--min-top1", "0.97")
+
+
+if __name__ == "__main__":
+    p = run("devices")
+    if p.returncode != 0:
+        print(f"skipped: no usable CUDA device: {p.stderr.strip()}")
+        sys.exit(77)
+    unittest.main()
