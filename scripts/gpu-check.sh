@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# The GPU checks in one call, on a bare machine with an NVIDIA GPU, the CUDA driver and
+# python3 with numpy and ml_dtypes, but none of grokit's build dependencies.
+#
+#   scripts/gpu-check.sh --prepare    on a development machine (our Debian packages,
+#                                     nvcc): builds the CUDA build (sm_80, sm_90) into
+#                                     build-gpu/ and gathers what the GPU machine needs into
+#                                     .gpu-check/ (binaries, the CUDA plugin, and the
+#                                     shared libraries they use that a bare machine lacks)
+#   scripts/gpu-check.sh              on the GPU machine, with .gpu-check/ carried along:
+#                                     the GPU unit tests (the op parity harness), the CUDA
+#                                     end-to-end tests (TP 1/2/4/8 on one GPU against
+#                                     scripts/reference.py), then the benchmarks; a short
+#                                     table last. Full logs under $OUT (else ./gpu-check-out).
+# Runs in well under 5 minutes on an H100/H200. Exit status: non-zero if a check failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+CARRY=$ROOT/.gpu-check
+
+if [ "${1:-}" = "--prepare" ]; then
+  set -e
+  scripts/install-deps.sh >/dev/null
+  cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DGROKIT_CUDA=ON \
+    -DCMAKE_CUDA_ARCHITECTURES="80;90" >/dev/null
+  cmake --build build-gpu -j "$(nproc)" --target grokit grokit_cuda test_gpu_parity test_host_ops
+  rm -rf "$CARRY"
+  mkdir -p "$CARRY/bin" "$CARRY/lib" "$CARRY/deps"
+  cp build-gpu/bin/grokit build-gpu/bin/test_gpu_parity build-gpu/bin/test_host_ops "$CARRY/bin/"
+  cp build-gpu/lib/libgrokit_cuda.so "$CARRY/lib/"
+  strip --strip-debug "$CARRY"/bin/* "$CARRY"/lib/*
+  # The shared libraries a bare machine lacks: everything but the C/C++ runtime and the
+  # CUDA driver/toolkit (those are there).
+  for f in "$CARRY"/bin/* "$CARRY"/lib/*; do
+    ldd "$f" | awk '/=> \// {print $3}'
+  done | sort -u | while read -r lib; do
+    case "$(basename "$lib")" in
+      libc.so*|libm.so*|libdl.so*|librt.so*|libpthread.so*|ld-linux*|libstdc++.so*|libgcc_s.so*) ;;
+      libcuda.so*|libcudart.so*|libcublas*|libnccl*|libcufile*) ;;
+      *) cp -L "$lib" "$CARRY/deps/" ;;
+    esac
+  done
+  grep -qxF '/.gpu-check/' .git/info/exclude 2>/dev/null || echo '/.gpu-check/' >> .git/info/exclude
+  du -sh "$CARRY" | awk '{print "gpu-check: prepared " $2 " (" $1 "); carry .gpu-check and run scripts/gpu-check.sh"}'
+  exit 0
+fi
+
+OUT=${OUT:-$ROOT/gpu-check-out}
+mkdir -p "$OUT"
+if [ ! -x "$CARRY/bin/grokit" ]; then
+  echo "gpu-check: $CARRY is missing: run 'scripts/gpu-check.sh --prepare' on a development machine and carry" \
+       "the .gpu-check folder along" | tee "$OUT/summary.txt" >&2
+  exit 2
+fi
+export LD_LIBRARY_PATH="$CARRY/deps${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export GROKIT_CUDA_PLUGIN="$CARRY/lib/libgrokit_cuda.so"
+export GROKIT_BIN="$CARRY/bin/grokit"
+export GROKIT_SOURCE_DIR="$ROOT"
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+# cuBLASLt and NCCL from the toolkit or from Python's nvidia-* wheels, where present.
+for d in /usr/local/cuda/lib64 /usr/local/cuda/lib $(python3 -c '
+import importlib, os
+for m in ("nvidia.cublas", "nvidia.nccl", "nvidia.cu13"):
+    try:
+        print(os.path.join(importlib.import_module(m).__path__[0], "lib"))
+    except Exception:
+        pass' 2>/dev/null); do
+  [ -d "$d" ] && export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$d"
+done
+
+declare -A RESULT
+step() {  # name, log, command...
+  local name=$1 log=$2
+  shift 2
+  local t0=$SECONDS
+  echo "== $name" >&2
+  "$@" > "$OUT/$log" 2>&1
+  local rc=$?
+  RESULT[$name]="rc $rc, $((SECONDS - t0)) s, log $log"
+  tail -n 5 "$OUT/$log" >&2
+  return $rc
+}
+
+FAILED=0
+{ nvidia-smi; echo; uname -a; git -C "$ROOT" log -1 --format='commit %H %cs' 2>/dev/null; } > "$OUT/machine.txt" 2>&1
+step devices devices.log "$GROKIT_BIN" devices || FAILED=1
+step parity parity.log "$CARRY/bin/test_gpu_parity" --gtest_brief=0 || FAILED=1
+step host-ops host_ops.log "$CARRY/bin/test_host_ops" --gtest_brief=1 || FAILED=1
+step e2e e2e.log python3 tests/gpu/test_cuda_e2e.py -v || FAILED=1
+step bench bench.txt "$GROKIT_BIN" bench-device --device cuda --work "${TMPDIR:-/tmp}" || FAILED=1
+
+{
+  echo "gpu-check $(date -u +%Y-%m-%dT%H:%MZ) on $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)"
+  git -C "$ROOT" log -1 --format='commit %h' 2>/dev/null
+  for k in devices parity host-ops e2e bench; do printf '  %-9s %s\n' "$k" "${RESULT[$k]:-not run}"; done
+  grep -E '^\[  (PASSED|FAILED|SKIPPED) ' "$OUT/parity.log" || true
+  grep -E '^(OK|FAILED)' "$OUT/e2e.log" || true
+  echo
+  cat "$OUT/bench.txt"
+} | tee "$OUT/summary.txt"
+exit $FAILED
