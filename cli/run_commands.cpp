@@ -86,6 +86,8 @@ void add_engine_options(cxxopts::Options& opts) {
        cxxopts::value<std::string>()->default_value("auto"))
       ("no-graphs", "run decode steps op by op instead of replaying CUDA graphs (default: off)",
        cxxopts::value<bool>()->default_value("false")->implicit_value("true"))
+      ("loader", "how shards reach the GPUs: staged (pinned double-buffered reads), cufile (GPUDirect Storage, where "
+       "installed)", cxxopts::value<std::string>()->default_value("staged"))
       ("hosts", "several hosts: the leader's address host:port (default: one host)",
        cxxopts::value<std::string>()->default_value(""))
       ("host-rank", "this host's index among --host-count hosts; 0 is the leader", cxxopts::value<int>()->default_value("0"))
@@ -120,6 +122,7 @@ Result<std::unique_ptr<runner::Engine>> load_engine(const std::string& dir, cons
   GROKIT_ASSIGN_OR_RETURN(eo.devices, parse_gpus(r["gpus"].as<std::string>()));
   eo.comm = r["comm"].as<std::string>();
   eo.graphs = !r["no-graphs"].as<bool>();
+  eo.loader = r["loader"].as<std::string>();
   eo.hosts = r["hosts"].as<std::string>();
   eo.host_rank = r["host-rank"].as<int>();
   eo.host_count = r["host-count"].as<int>();

@@ -37,6 +37,7 @@ struct Plugin {
   const GrokitOps* (*ops)() = nullptr;
   const GrokitCollectives* (*collectives)() = nullptr;
   int (*read_bandwidth)(int, unsigned long long, int, double*, char*, size_t) = nullptr;
+  int (*file_read)(int, const char*, unsigned long long, unsigned long long, void*, double*, char*, size_t) = nullptr;
 };
 
 // Opened once; never closed (its code may run until exit).
@@ -60,6 +61,8 @@ Result<Plugin> open_plugin() {
     p.collectives = reinterpret_cast<const GrokitCollectives* (*)()>(dlsym(h, "grokit_cuda_collectives"));
     p.read_bandwidth = reinterpret_cast<int (*)(int, unsigned long long, int, double*, char*, size_t)>(
         dlsym(h, "grokit_cuda_read_bandwidth"));
+    p.file_read = reinterpret_cast<int (*)(int, const char*, unsigned long long, unsigned long long, void*, double*,
+                                           char*, size_t)>(dlsym(h, "grokit_cuda_file_read"));
     if (abi == nullptr || p.count == nullptr || p.info == nullptr || abi() != GROKIT_CUDA_ABI_VERSION)
       return make_error(path, ": not a compatible grokit CUDA backend (ABI ", abi == nullptr ? -1 : abi(), ", expected ",
                         GROKIT_CUDA_ABI_VERSION, ")");
@@ -113,6 +116,21 @@ Result<double> cuda_read_bandwidth(int device, uint64_t bytes, int reps) {
   if (p.read_bandwidth(device, bytes, reps, &gbps, err, sizeof err) != 0)
     return make_error("measuring the read bandwidth of CUDA device ", device, ": ", err);
   return gbps;
+}
+
+Result<bool> cuda_file_read(int device, const std::string& path, uint64_t offset, uint64_t bytes, void* dst,
+                            double* seconds, std::string* why_not) {
+  GROKIT_ASSIGN_OR_RETURN(Plugin p, open_plugin());
+  char err[512] = {0};
+  double s = 0;
+  const int rc = p.file_read == nullptr ? 1 : p.file_read(device, path.c_str(), offset, bytes, dst, &s, err, sizeof err);
+  if (rc < 0) return make_error("GPUDirect Storage read: ", err);
+  if (rc > 0) {
+    if (why_not != nullptr) *why_not = p.file_read == nullptr ? "the CUDA backend has no cuFile reader" : err;
+    return false;
+  }
+  if (seconds != nullptr) *seconds = s;
+  return true;
 }
 
 Result<const GrokitOps*> device_ops(const std::string& backend) {

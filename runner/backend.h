@@ -31,6 +31,12 @@ Result<const GrokitOps*> cuda_ops();
 Result<const GrokitCollectives*> cuda_collectives();
 // The device's read bandwidth in GB/s, by a read-only kernel over `bytes` (best of reps).
 Result<double> cuda_read_bandwidth(int device, uint64_t bytes, int reps = 5);
+// GPUDirect Storage: bytes [offset, offset + bytes) of `path` read with cuFile straight
+// into dst (memory of CUDA device `device`). false (and *why_not) when cuFile cannot serve
+// the file on this machine (not installed, no driver, a file system it refuses); an
+// error when a read fails.
+Result<bool> cuda_file_read(int device, const std::string& path, uint64_t offset, uint64_t bytes, void* dst,
+                            double* seconds, std::string* why_not);
 // The ops of a device engine backend: "cuda" or "host" (kernels/ops.h).
 Result<const GrokitOps*> device_ops(const std::string& backend);
 

@@ -79,9 +79,11 @@ struct DevPlanRow {
   int64_t user_offset;
 };
 
-// Loading: a rank's shard into its device's memory (runner/device_loader.h), every
-// tensor's checksum computed from the staged bytes.
-Status load_shard(DevRank& R, bool verify, Progress& progress) {
+// Loading: a rank's shard into its device's memory. "staged" (runner/device_loader.h):
+// every tensor's checksum computed from the staged bytes. "cufile": GPUDirect Storage
+// straight to the device, then the checksums from the file on the host (the bytes never
+// pass through host memory on the way in).
+Status load_shard(DevRank& R, const EngineOptions& options, Progress& progress) {
   const format::ShardHeader& h = R.shard.header();
   const std::string& path = R.shard.path();
   for (const auto& e : R.shard.entries()) {
@@ -90,8 +92,20 @@ Status load_shard(DevRank& R, bool verify, Progress& progress) {
                         "without --compress)");
   }
   GROKIT_TRY(R.weights.allocate(R.ops, h.data_size));
+  if (options.loader == "cufile") {
+    std::string why_not;
+    double seconds = 0;
+    GROKIT_ASSIGN_OR_RETURN(bool done, cuda_file_read(R.device, path, h.data_offset, h.data_size, R.weights.get(),
+                                                      &seconds, &why_not));
+    if (!done) return make_error(path, ": --loader cufile: ", why_not, " (--loader staged works everywhere)");
+    R.load_seconds = seconds;
+    progress.add(h.data_size);
+    if (options.verify)
+      for (const auto& e : R.shard.entries()) GROKIT_TRY(R.shard.verify(e));
+    return {};
+  }
   std::vector<HashedRange> ranges;
-  if (verify) {
+  if (options.verify) {
     for (const auto& e : R.shard.entries()) ranges.push_back({e.name, e.offset, e.stored_size, e.xxh3});
   }
   LoadStats stats;
@@ -205,6 +219,10 @@ Status DeviceEngine::load(const std::string& dir, const EngineOptions& options, 
   const auto t0 = std::chrono::steady_clock::now();
   options_ = options;
   GROKIT_ASSIGN_OR_RETURN(ops_, device_ops(options.device));
+  if (options.loader != "staged" && options.loader != "cufile")
+    return make_error("unknown loader '", options.loader, "' (staged, cufile)");
+  if (options.loader == "cufile" && std::string(ops_->backend) != "cuda")
+    return make_error("--loader cufile reads into CUDA device memory: it needs --device cuda");
   GROKIT_ASSIGN_OR_RETURN(model_, format::Model::open(dir));
   cfg_ = model_.config();
   tp_ = static_cast<int>(model_.manifest().tp);
@@ -310,7 +328,7 @@ Status DeviceEngine::load(const std::string& dir, const EngineOptions& options, 
     } else {
       DEV_TRY(ops_, ops_->stream_create(&R.stream));
     }
-    return load_shard(R, options.verify, progress);
+    return load_shard(R, options, progress);
   }));
   progress.finish();
 
@@ -433,7 +451,7 @@ Status DeviceEngine::load(const std::string& dir, const EngineOptions& options, 
       report->details.push_back(str_cat("rank ", R.rank, ": ", ops_->backend, " device ", R.device,
                                         R.device_name.empty() ? "" : " (" + R.device_name + ")", ", ",
                                         human_bytes(bytes), " in ", fixed(R.load_seconds, 2), " s (",
-                                        fixed(gbps, 2), " GB/s), collectives: ", R.comm->name()));
+                                        fixed(gbps, 2), " GB/s, ", options.loader, "), collectives: ", R.comm->name()));
     }
     report->details.push_back(str_cat("all ranks: ", human_bytes(static_cast<double>(total)), " at ",
                                       fixed(slowest > 0 ? static_cast<double>(total) / slowest / 1e9 : 0, 2),

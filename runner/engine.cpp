@@ -294,6 +294,8 @@ Result<std::unique_ptr<Engine>> Engine::load(const std::string& model_dir, const
                                              LoadReport* report) {
   if (options.device == "cpu") {
     if (!options.hosts.empty()) return make_error("several hosts need a device engine (--device cuda)");
+    if (options.loader != "staged")
+      return make_error("--loader ", options.loader, " loads onto GPUs; the CPU engine memory-maps its shards");
     return load_cpu_engine(model_dir, options, report);
   }
   if (options.device == "cuda" || options.device == "host") return load_device_engine(model_dir, options, report);

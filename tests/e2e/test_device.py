@@ -19,6 +19,9 @@ class HostDevice(DeviceCases, unittest.TestCase):
             (["--device", "host", "--host-count", "2"], "--host-count 2 needs --hosts leader:port"),
             (["--device", "gpu"], "unknown device 'gpu'"),
             (["--hosts", "127.0.0.1:1", "--host-count", "2"], "several hosts need a device engine"),
+            (["--device", "host", "--loader", "cufile"], "--loader cufile reads into CUDA device memory"),
+            (["--device", "host", "--loader", "mmap"], "unknown loader 'mmap'"),
+            (["--loader", "cufile"], "the CPU engine memory-maps its shards"),
         ]
         for flags, message in cases:
             with self.subTest(flags=flags):

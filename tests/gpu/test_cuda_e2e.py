@@ -5,6 +5,8 @@ import os
 import sys
 import unittest
 
+import numpy as np
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "e2e"))
 from device_cases import DeviceCases  # noqa: E402
 from e2e_util import run  # noqa: E402
@@ -15,6 +17,16 @@ class CudaDevice(DeviceCases, unittest.TestCase):
     BATCH_INVARIANT = False
     # The budget for CUDA against the reference: mean KL <= 1e-3, p99 <= 1e-2.
     THRESHOLDS = ("--max-kl", "1", "--max-mean-kl", "1e-3", "--max-p99-kl", "1e-2", "--min-top1", "0.97")
+
+    def test_cufile_loader_gives_the_same_logits(self):
+        staged = np.load(self.logits(2, "staged.npy"))
+        out = self.path("cufile.npy")
+        p = run("logits", self.model[2], "--tokens", self.tokens_path, "--out", out, "--force", "--no-progress",
+                "--device", "cuda", "--loader", "cufile")
+        if p.returncode != 0 and "--loader cufile: " in p.stderr:
+            self.skipTest("GPUDirect Storage is not usable here: " + p.stderr.strip().splitlines()[-1])
+        self.assertEqual(p.returncode, 0, p.stderr)
+        np.testing.assert_array_equal(np.load(out), staged)
 
 
 if __name__ == "__main__":
