@@ -317,6 +317,13 @@ Status DeviceEngine::load(const std::string& dir, const EngineOptions& options, 
   }
   group_ = std::make_unique<RankGroup>(local);
 
+  // Every rank's tensors checked against the config before a byte is loaded.
+  std::vector<RankWeights> host_views;
+  for (const DevRank& R : ranks_) {
+    GROKIT_ASSIGN_OR_RETURN(RankWeights w, rank_weights(R.shard, cfg_, tp_, R.rank));
+    host_views.push_back(std::move(w));
+  }
+
   // Streams, then every rank's shard in parallel.
   uint64_t total = 0;
   for (const auto& R : ranks_) total += R.shard.header().data_size;
@@ -332,61 +339,44 @@ Status DeviceEngine::load(const std::string& dir, const EngineOptions& options, 
   }));
   progress.finish();
 
-  // Tensor views (checked against the config) and the backends' weight layouts.
-  const auto specs = format::model_tensors(cfg_);
-  for (DevRank& R : ranks_) {
-    R.layers.resize(static_cast<size_t>(cfg_.num_layers));
+  // The backends' weight layouts: the views checked before loading, relocated from the
+  // shard's mapping to the rank's device copy of its data section.
+  for (size_t i = 0; i < ranks_.size(); ++i) {
+    DevRank& R = ranks_[i];
+    const RankWeights& w = host_views[i];
+    const uint8_t* mapped = R.shard.file().data() + R.shard.header().data_offset;
     uint8_t* base = R.weights.get<uint8_t>();
-    for (const auto& spec : specs) {
-      format::ShardSlice s = format::shard_slice(spec, cfg_, tp_, R.rank);
-      const format::IndexEntry* e = R.shard.find(spec.name);
-      if (e == nullptr) return make_error(R.shard.path(), ": no tensor '", spec.name, "'");
-      if (spec.kind == TensorKind::kEmbedding) {
-        GROKIT_TRY(R.shard.view(spec.name, format::DType::kBF16, s.shape));
-        R.embedding = reinterpret_cast<const uint16_t*>(base + e->offset);
-        continue;
-      }
-      if (spec.dtype == format::DType::kF32) {
-        GROKIT_TRY(R.shard.view(spec.name, format::DType::kF32, s.shape));
-        const float* p = reinterpret_cast<const float*>(base + e->offset);
-        if (spec.kind == TensorKind::kFinalNorm) {
-          R.final_norm = p;
-          continue;
-        }
-        DevLayer& L = R.layers[static_cast<size_t>(spec.layer)];
-        switch (spec.kind) {
-          case TensorKind::kNormAttnIn: L.attn_norm_in = p; break;
-          case TensorKind::kNormAttnOut: L.attn_norm_out = p; break;
-          case TensorKind::kNormMoeIn: L.moe_norm_in = p; break;
-          case TensorKind::kNormMoeOut: L.moe_norm_out = p; break;
-          case TensorKind::kRouter: L.router = p; break;
-          default: GROKIT_CHECK_MSG(false, spec.name);
-        }
-        continue;
-      }
-      GROKIT_ASSIGN_OR_RETURN(format::WeightView v, R.shard.weight(spec.name, s.shape));
-      if (v.dtype == format::DType::kQ8RowBlock && v.q8.blocks != s.blocks)
-        return make_error(R.shard.path(), ": tensor '", spec.name, "': expected ", s.blocks, " scale blocks / actual ",
-                          v.q8.blocks);
-      GrokitWeight w{};
-      w.dtype = static_cast<int32_t>(v.dtype);
-      w.param = static_cast<int32_t>(v.param);
-      w.experts = v.experts;
-      w.rows = v.rows;
-      w.cols = v.cols;
-      w.matrix_bytes = v.dtype == format::DType::kQ8RowBlock ? static_cast<uint64_t>(v.rows * v.cols) : v.matrix_bytes;
-      w.data = base + e->offset;
-      DevLayer& L = R.layers[static_cast<size_t>(spec.layer)];
-      switch (spec.kind) {
-        case TensorKind::kAttnQuery: L.query = w; break;
-        case TensorKind::kAttnKey: L.key = w; break;
-        case TensorKind::kAttnValue: L.value = w; break;
-        case TensorKind::kAttnOutput: L.output = w; break;
-        case TensorKind::kMoeGate: L.gate = w; break;
-        case TensorKind::kMoeUp: L.up = w; break;
-        case TensorKind::kMoeDown: L.down = w; break;
-        default: GROKIT_CHECK_MSG(false, spec.name);
-      }
+    auto at = [&](const void* p) { return base + (static_cast<const uint8_t*>(p) - mapped); };
+    R.embedding = reinterpret_cast<const uint16_t*>(at(w.embedding));
+    R.final_norm = reinterpret_cast<const float*>(at(w.final_norm));
+    R.layers.resize(w.layers.size());
+    for (size_t l = 0; l < w.layers.size(); ++l) {
+      const LayerWeights& H = w.layers[l];
+      DevLayer& L = R.layers[l];
+      L.attn_norm_in = reinterpret_cast<const float*>(at(H.attn_norm_in));
+      L.attn_norm_out = reinterpret_cast<const float*>(at(H.attn_norm_out));
+      L.moe_norm_in = reinterpret_cast<const float*>(at(H.moe_norm_in));
+      L.moe_norm_out = reinterpret_cast<const float*>(at(H.moe_norm_out));
+      L.router = reinterpret_cast<const float*>(at(H.router));
+      auto weight = [&](const format::WeightView& v) {
+        GrokitWeight g{};
+        g.dtype = static_cast<int32_t>(v.dtype);
+        g.param = static_cast<int32_t>(v.param);
+        g.experts = v.experts;
+        g.rows = v.rows;
+        g.cols = v.cols;
+        const bool q8 = v.dtype == format::DType::kQ8RowBlock;
+        g.matrix_bytes = q8 ? static_cast<uint64_t>(v.rows * v.cols) : v.matrix_bytes;
+        g.data = at(q8 ? static_cast<const void*>(v.q8.codes) : v.data);
+        return g;
+      };
+      L.query = weight(H.query);
+      L.key = weight(H.key);
+      L.value = weight(H.value);
+      L.output = weight(H.output);
+      L.gate = weight(H.gate);
+      L.up = weight(H.up);
+      L.down = weight(H.down);
     }
   }
   GROKIT_TRY(run_on_ranks([&](DevRank& R) -> Status {

@@ -15,12 +15,6 @@ using format::TensorKind;
 
 namespace {
 
-struct LayerWeights {
-  WeightView query, key, value, output, gate, up, down;
-  const float *attn_norm_in = nullptr, *attn_norm_out = nullptr, *moe_norm_in = nullptr, *moe_norm_out = nullptr;
-  const float* router = nullptr;
-};
-
 struct Cache {
   std::vector<std::vector<uint16_t>> k, v;  // per layer: [kv_heads, capacity, head_dim] bf16
 };
@@ -72,15 +66,6 @@ struct CpuImpl {
 
 namespace {
 
-Result<WeightView> weight_of(const format::ShardReader& shard, const format::TensorSpec& spec,
-                             const format::ModelConfig& cfg, int tp, int rank) {
-  format::ShardSlice s = format::shard_slice(spec, cfg, tp, rank);
-  GROKIT_ASSIGN_OR_RETURN(WeightView v, shard.weight(spec.name, s.shape));
-  if (v.dtype == format::DType::kQ8RowBlock && v.q8.blocks != s.blocks)
-    return make_error(shard.path(), ": tensor '", spec.name, "': expected ", s.blocks, " scale blocks / actual ", v.q8.blocks);
-  return v;
-}
-
 // One weight product, whatever scheme the weight is stored in. k_global: the rows of the
 // whole (unsplit) matrix, which fix the chains (kernels/kernels.h); fp32_x: x holds fp32
 // values (the expert down projection), not bf16 ones.
@@ -118,6 +103,53 @@ Status weight_matmul(const float* x, int64_t M, int64_t K, int64_t ldx, const We
 
 }  // namespace
 
+Result<RankWeights> rank_weights(const format::ShardReader& shard, const format::ModelConfig& cfg, int tp, int rank) {
+  RankWeights out;
+  out.layers.resize(static_cast<size_t>(cfg.num_layers));
+  for (const auto& spec : format::model_tensors(cfg)) {
+    const format::ShardSlice s = format::shard_slice(spec, cfg, tp, rank);
+    if (spec.kind == TensorKind::kEmbedding) {
+      GROKIT_ASSIGN_OR_RETURN(auto v, shard.view(spec.name, format::DType::kBF16, s.shape));
+      out.embedding = v.as<uint16_t>();
+      continue;
+    }
+    if (spec.dtype == format::DType::kF32) {
+      GROKIT_ASSIGN_OR_RETURN(auto v, shard.view(spec.name, format::DType::kF32, s.shape));
+      const float* p = v.as<float>();
+      if (spec.kind == TensorKind::kFinalNorm) {
+        out.final_norm = p;
+        continue;
+      }
+      LayerWeights& L = out.layers[static_cast<size_t>(spec.layer)];
+      switch (spec.kind) {
+        case TensorKind::kNormAttnIn: L.attn_norm_in = p; break;
+        case TensorKind::kNormAttnOut: L.attn_norm_out = p; break;
+        case TensorKind::kNormMoeIn: L.moe_norm_in = p; break;
+        case TensorKind::kNormMoeOut: L.moe_norm_out = p; break;
+        case TensorKind::kRouter: L.router = p; break;
+        default: GROKIT_CHECK_MSG(false, spec.name);
+      }
+      continue;
+    }
+    GROKIT_ASSIGN_OR_RETURN(WeightView q, shard.weight(spec.name, s.shape));
+    if (q.dtype == format::DType::kQ8RowBlock && q.q8.blocks != s.blocks)
+      return make_error(shard.path(), ": tensor '", spec.name, "': expected ", s.blocks, " scale blocks / actual ",
+                        q.q8.blocks);
+    LayerWeights& L = out.layers[static_cast<size_t>(spec.layer)];
+    switch (spec.kind) {
+      case TensorKind::kAttnQuery: L.query = q; break;
+      case TensorKind::kAttnKey: L.key = q; break;
+      case TensorKind::kAttnValue: L.value = q; break;
+      case TensorKind::kAttnOutput: L.output = q; break;
+      case TensorKind::kMoeGate: L.gate = q; break;
+      case TensorKind::kMoeUp: L.up = q; break;
+      case TensorKind::kMoeDown: L.down = q; break;
+      default: GROKIT_CHECK_MSG(false, spec.name);
+    }
+  }
+  return out;
+}
+
 Status CpuImpl::load(const std::string& dir, LoadReport* report) {
   auto t0 = std::chrono::steady_clock::now();
   GROKIT_ASSIGN_OR_RETURN(model, format::Model::open(dir));
@@ -128,7 +160,6 @@ Status CpuImpl::load(const std::string& dir, LoadReport* report) {
   threads_per_rank = std::max(1u, threads / static_cast<unsigned>(tp));
   auto comms = make_local_communicators(tp);
   ranks.resize(static_cast<size_t>(tp));
-  const auto specs = format::model_tensors(cfg);
   uint64_t bytes = 0;
   for (int r = 0; r < tp; ++r) {
     Rank& R = ranks[static_cast<size_t>(r)];
@@ -141,45 +172,10 @@ Status CpuImpl::load(const std::string& dir, LoadReport* report) {
     R.ffn = cfg.ffn() / tp;
     R.vocab_rows = cfg.vocab_size / tp;
     R.vocab_start = r * R.vocab_rows;
-    R.layers.resize(static_cast<size_t>(cfg.num_layers));
-    for (const auto& spec : specs) {
-      format::ShardSlice s = format::shard_slice(spec, cfg, tp, r);
-      if (spec.kind == TensorKind::kEmbedding) {
-        GROKIT_ASSIGN_OR_RETURN(auto v, R.shard.view(spec.name, format::DType::kBF16, s.shape));
-        R.embedding = v.as<uint16_t>();
-        continue;
-      }
-      if (spec.dtype == format::DType::kF32) {
-        GROKIT_ASSIGN_OR_RETURN(auto v, R.shard.view(spec.name, format::DType::kF32, s.shape));
-        const float* p = v.as<float>();
-        if (spec.kind == TensorKind::kFinalNorm) {
-          R.final_norm = p;
-          continue;
-        }
-        LayerWeights& L = R.layers[static_cast<size_t>(spec.layer)];
-        switch (spec.kind) {
-          case TensorKind::kNormAttnIn: L.attn_norm_in = p; break;
-          case TensorKind::kNormAttnOut: L.attn_norm_out = p; break;
-          case TensorKind::kNormMoeIn: L.moe_norm_in = p; break;
-          case TensorKind::kNormMoeOut: L.moe_norm_out = p; break;
-          case TensorKind::kRouter: L.router = p; break;
-          default: GROKIT_CHECK_MSG(false, spec.name);
-        }
-        continue;
-      }
-      GROKIT_ASSIGN_OR_RETURN(WeightView q, weight_of(R.shard, spec, cfg, tp, r));
-      LayerWeights& L = R.layers[static_cast<size_t>(spec.layer)];
-      switch (spec.kind) {
-        case TensorKind::kAttnQuery: L.query = q; break;
-        case TensorKind::kAttnKey: L.key = q; break;
-        case TensorKind::kAttnValue: L.value = q; break;
-        case TensorKind::kAttnOutput: L.output = q; break;
-        case TensorKind::kMoeGate: L.gate = q; break;
-        case TensorKind::kMoeUp: L.up = q; break;
-        case TensorKind::kMoeDown: L.down = q; break;
-        default: GROKIT_CHECK_MSG(false, spec.name);
-      }
-    }
+    GROKIT_ASSIGN_OR_RETURN(RankWeights w, rank_weights(R.shard, cfg, tp, r));
+    R.embedding = w.embedding;
+    R.final_norm = w.final_norm;
+    R.layers = std::move(w.layers);
     for (const auto& e : R.shard.entries()) bytes += e.stored_size;
   }
   if (options.verify) {

@@ -65,6 +65,21 @@ class RankGroup {
   bool stop_ = false;
 };
 
+// One layer's tensors as views into a memory-mapped shard.
+struct LayerWeights {
+  format::WeightView query, key, value, output, gate, up, down;
+  const float *attn_norm_in = nullptr, *attn_norm_out = nullptr, *moe_norm_in = nullptr, *moe_norm_out = nullptr;
+  const float* router = nullptr;
+};
+// A rank's tensors, each checked against the config (dtype, shape, scale blocks): what
+// both engines bind their layers from (the device engine relocates them to its copy).
+struct RankWeights {
+  const uint16_t* embedding = nullptr;
+  const float* final_norm = nullptr;
+  std::vector<LayerWeights> layers;
+};
+Result<RankWeights> rank_weights(const format::ShardReader& shard, const format::ModelConfig& cfg, int tp, int rank);
+
 // Weight bytes one decode step of one sequence reads (Engine::weight_bytes_per_token).
 uint64_t weight_bytes_per_token_of(const std::vector<const format::ShardReader*>& shards, const format::ModelConfig& cfg);
 
