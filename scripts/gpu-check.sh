@@ -35,7 +35,7 @@ if [ "${1:-}" = "--prepare" ]; then
     ldd "$f" | awk '/=> \// {print $3}'
   done | sort -u | while read -r lib; do
     case "$(basename "$lib")" in
-      libc.so*|libm.so*|libdl.so*|librt.so*|libpthread.so*|ld-linux*|libstdc++.so*|libgcc_s.so*) ;;
+      libc.so*|libm.so*|libdl.so*|librt.so*|libpthread.so*|libresolv.so*|ld-linux*|libstdc++.so*|libgcc_s.so*) ;;
       libcuda.so*|libcudart.so*|libcublas*|libnccl*|libcufile*) ;;
       *) cp -L "$lib" "$CARRY/deps/" ;;
     esac
@@ -93,7 +93,8 @@ step bench bench.txt "$GROKIT_BIN" bench-device --device cuda --work "${TMPDIR:-
   echo "gpu-check $(date -u +%Y-%m-%dT%H:%MZ) on $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)"
   git -C "$ROOT" log -1 --format='commit %h' 2>/dev/null
   for k in devices parity host-ops e2e bench; do printf '  %-9s %s\n' "$k" "${RESULT[$k]:-not run}"; done
-  grep -E '^\[  (PASSED|FAILED|SKIPPED) ' "$OUT/parity.log" || true
+  grep -E '^\[  (PASSED|FAILED|SKIPPED) +\] [0-9]+ test' "$OUT/parity.log" || true
+  grep -E '^\[  FAILED  \] [A-Za-z]' "$OUT/parity.log" | sort -u | head -n 20 || true
   grep -E '^(OK|FAILED)' "$OUT/e2e.log" || true
   echo
   cat "$OUT/bench.txt"
