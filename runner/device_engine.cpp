@@ -71,14 +71,6 @@ struct DevSequence {
   int64_t capacity = 0, length = 0;
 };
 
-struct DevPlanRow {
-  int slot;
-  const int32_t* tokens;
-  int64_t n, start, first_logit;
-  size_t user_row;
-  int64_t user_offset;
-};
-
 // Loading: a rank's shard into its device's memory. "staged" (runner/device_loader.h):
 // every tensor's checksum computed from the staged bytes. "cufile": GPUDirect Storage
 // straight to the device, then the checksums from the file on the host (the bytes never
@@ -147,12 +139,12 @@ class DeviceEngine final : public Engine {
 
  private:
   Status open_slot(int slot, int64_t capacity);
-  Status run_plan(const std::vector<DevPlanRow>& plan, const LogitsSink* logits, const HiddenSink* hidden);
-  Status rank_step(DevRank& R, const std::vector<DevPlanRow>& plan, const LogitsSink* logits, const HiddenSink* hidden);
+  Status run_plan(const std::vector<PlanRow>& plan, const LogitsSink* logits, const HiddenSink* hidden);
+  Status rank_step(DevRank& R, const std::vector<PlanRow>& plan, const LogitsSink* logits, const HiddenSink* hidden);
   Status forward(DevRank& R, int64_t N, int64_t max_keys, const HiddenSink* hidden,
-                 const std::vector<DevPlanRow>& plan);
+                 const std::vector<PlanRow>& plan);
   Status logits_chunk(DevRank& R, const float* x_rows, int64_t n);
-  Status emit_logits(DevRank& R, const std::vector<DevPlanRow>& plan, const std::vector<std::pair<size_t, int64_t>>& want,
+  Status emit_logits(DevRank& R, const std::vector<PlanRow>& plan, const std::vector<std::pair<size_t, int64_t>>& want,
                      size_t c0, int64_t n, const LogitsSink* sink);
   Status reserve(DevRank& R, int64_t N);
   Status run_on_ranks(const std::function<Status(DevRank&)>& fn);
@@ -509,21 +501,13 @@ Status DeviceEngine::step(std::span<const StepRow> rows, const LogitsSink& logit
   std::vector<int64_t> done(rows.size(), 0);
   Status sink_error;
   while (true) {
-    std::vector<DevPlanRow> plan;
-    for (size_t r = 0; r < rows.size(); ++r) {
-      const int64_t total = static_cast<int64_t>(rows[r].tokens.size());
-      if (done[r] >= total) continue;
-      const int64_t n = std::min(options_.prefill_chunk, total - done[r]);
-      const DevSequence& s = sequences_[static_cast<size_t>(rows[r].slot)];
-      DevPlanRow p{rows[r].slot, rows[r].tokens.data() + done[r], n, s.length, n, r, done[r]};
-      if (rows[r].logits == StepRow::Logits::kAll) p.first_logit = 0;
-      if (rows[r].logits == StepRow::Logits::kLast && done[r] + n == total) p.first_logit = n - 1;
-      plan.push_back(p);
-    }
+    const std::vector<PlanRow> plan = next_chunk(rows, done, options_.prefill_chunk, [&](int slot) {
+      return sequences_[static_cast<size_t>(slot)].length;
+    });
     if (plan.empty()) break;
     sink_status_ = {};
     GROKIT_TRY(run_plan(plan, leader_ ? &logits : nullptr, leader_ ? hidden : nullptr));
-    for (const DevPlanRow& p : plan) {
+    for (const PlanRow& p : plan) {
       sequences_[static_cast<size_t>(p.slot)].length += p.n;
       done[p.user_row] += p.n;
     }
@@ -618,13 +602,13 @@ Status DeviceEngine::reserve(DevRank& R, int64_t N) {
   return {};
 }
 
-Status DeviceEngine::run_plan(const std::vector<DevPlanRow>& plan, const LogitsSink* logits, const HiddenSink* hidden) {
+Status DeviceEngine::run_plan(const std::vector<PlanRow>& plan, const LogitsSink* logits, const HiddenSink* hidden) {
   return run_on_ranks([&](DevRank& R) { return rank_step(R, plan, logits, hidden); });
 }
 
 // The layers, on R's stream, for the N tokens whose inputs are in R.act (tok, pos, rows).
 Status DeviceEngine::forward(DevRank& R, int64_t N, int64_t max_keys, const HiddenSink* hidden,
-                             const std::vector<DevPlanRow>& plan) {
+                             const std::vector<PlanRow>& plan) {
   const GrokitOps* ops = R.ops;
   GrokitStream st = R.stream;
   Activations& A = R.act;
@@ -675,7 +659,7 @@ Status DeviceEngine::logits_chunk(DevRank& R, const float* x_rows, int64_t n) {
   return R.comm->all_gather(A.part.get(), A.all.get(), static_cast<size_t>(kLogitsChunk * Vr) * sizeof(float));
 }
 
-Status DeviceEngine::rank_step(DevRank& R, const std::vector<DevPlanRow>& plan, const LogitsSink* logits_sink,
+Status DeviceEngine::rank_step(DevRank& R, const std::vector<PlanRow>& plan, const LogitsSink* logits_sink,
                                const HiddenSink* hidden) {
   const GrokitOps* ops = R.ops;
   GrokitStream st = R.stream;
@@ -688,16 +672,7 @@ Status DeviceEngine::rank_step(DevRank& R, const std::vector<DevPlanRow>& plan, 
   // Which positions want logits.
   std::vector<std::pair<size_t, int64_t>> want;  // (plan row, index within it)
   std::vector<int64_t> token_index;
-  {
-    int64_t t = 0;
-    for (size_t r = 0; r < plan.size(); ++r) {
-      for (int64_t i = plan[r].first_logit; i < plan[r].n; ++i) {
-        want.emplace_back(r, i);
-        token_index.push_back(t + i);
-      }
-      t += plan[r].n;
-    }
-  }
+  wanted_logits(plan, &want, &token_index);
   // A decode step (one token per row, every row's logits) can replay a graph.
   bool decode = hidden == nullptr && N <= kLogitsChunk && static_cast<int64_t>(want.size()) == N;
   for (const auto& p : plan) decode = decode && p.n == 1;
@@ -790,7 +765,7 @@ Status DeviceEngine::rank_step(DevRank& R, const std::vector<DevPlanRow>& plan, 
 
 // Rank 0 hands the gathered logits to the sink. A sink error is kept, not returned, so
 // that every rank (and host) still runs the same collectives; step() returns it.
-Status DeviceEngine::emit_logits(DevRank& R, const std::vector<DevPlanRow>& plan,
+Status DeviceEngine::emit_logits(DevRank& R, const std::vector<PlanRow>& plan,
                                  const std::vector<std::pair<size_t, int64_t>>& want, size_t c0, int64_t n,
                                  const LogitsSink* sink) {
   if (R.rank != 0 || sink == nullptr || !*sink) return {};

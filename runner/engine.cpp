@@ -38,15 +38,6 @@ struct Sequence {
   std::vector<uint8_t> valid;  // per position: the token is real (not padding)
 };
 
-// One forward step's work, the same on every rank.
-struct PlanRow {
-  int slot;
-  const int32_t* tokens;
-  int64_t n, start;          // tokens and the position of the first
-  int64_t first_logit;       // index within this chunk of the first position that wants logits (n: none)
-  size_t user_row;           // the caller's row number
-  int64_t user_offset;       // index of tokens[0] within the caller's row
-};
 
 }  // namespace
 
@@ -102,6 +93,33 @@ Status weight_matmul(const float* x, int64_t M, int64_t K, int64_t ldx, const We
 }
 
 }  // namespace
+
+std::vector<PlanRow> next_chunk(std::span<const StepRow> rows, const std::vector<int64_t>& done, int64_t chunk,
+                                const std::function<int64_t(int slot)>& length_of) {
+  std::vector<PlanRow> plan;
+  for (size_t r = 0; r < rows.size(); ++r) {
+    const int64_t total = static_cast<int64_t>(rows[r].tokens.size());
+    if (done[r] >= total) continue;
+    const int64_t n = std::min(chunk, total - done[r]);
+    PlanRow p{rows[r].slot, rows[r].tokens.data() + done[r], n, length_of(rows[r].slot), n, r, done[r]};
+    if (rows[r].logits == StepRow::Logits::kAll) p.first_logit = 0;
+    if (rows[r].logits == StepRow::Logits::kLast && done[r] + n == total) p.first_logit = n - 1;
+    plan.push_back(p);
+  }
+  return plan;
+}
+
+void wanted_logits(const std::vector<PlanRow>& plan, std::vector<std::pair<size_t, int64_t>>* want,
+                   std::vector<int64_t>* token_index) {
+  int64_t t = 0;
+  for (size_t r = 0; r < plan.size(); ++r) {
+    for (int64_t i = plan[r].first_logit; i < plan[r].n; ++i) {
+      want->emplace_back(r, i);
+      token_index->push_back(t + i);
+    }
+    t += plan[r].n;
+  }
+}
 
 Result<RankWeights> rank_weights(const format::ShardReader& shard, const format::ModelConfig& cfg, int tp, int rank) {
   RankWeights out;
@@ -343,19 +361,14 @@ Status CpuEngine::step(std::span<const StepRow> rows, const LogitsSink& logits, 
   // Long rows go through in chunks; results do not depend on the chunking.
   std::vector<int64_t> done(rows.size(), 0);
   while (true) {
-    std::vector<PlanRow> plan;
-    for (size_t r = 0; r < rows.size(); ++r) {
-      int64_t total = static_cast<int64_t>(rows[r].tokens.size());
-      if (done[r] >= total) continue;
-      int64_t n = std::min(I.options.prefill_chunk, total - done[r]);
-      Sequence& s = I.sequences[static_cast<size_t>(rows[r].slot)];
-      PlanRow p{rows[r].slot, rows[r].tokens.data() + done[r], n, s.length, n, r, done[r]};
-      if (rows[r].logits == StepRow::Logits::kAll) p.first_logit = 0;
-      if (rows[r].logits == StepRow::Logits::kLast && done[r] + n == total) p.first_logit = n - 1;
-      for (int64_t i = 0; i < n; ++i) s.valid[static_cast<size_t>(s.length + i)] = p.tokens[i] > 0;
-      plan.push_back(p);
-    }
+    const std::vector<PlanRow> plan = next_chunk(rows, done, I.options.prefill_chunk, [&](int slot) {
+      return I.sequences[static_cast<size_t>(slot)].length;
+    });
     if (plan.empty()) break;
+    for (const PlanRow& p : plan) {
+      Sequence& s = I.sequences[static_cast<size_t>(p.slot)];
+      for (int64_t i = 0; i < p.n; ++i) s.valid[static_cast<size_t>(s.length + i)] = p.tokens[i] > 0;
+    }
     std::vector<Status> sink_status(I.ranks.size());
     I.group->run([&](int r) { I.rank_step(I.ranks[static_cast<size_t>(r)], plan, logits, hidden, sink_status[static_cast<size_t>(r)]); });
     for (const PlanRow& p : plan) {
@@ -500,16 +513,7 @@ void CpuImpl::rank_step(Rank& R, const std::vector<PlanRow>& plan, const LogitsS
   // rows, gathered on rank 0.
   std::vector<std::pair<size_t, int64_t>> want;  // (plan row, index within the chunk)
   std::vector<int64_t> token_index;
-  {
-    int64_t t = 0;
-    for (size_t r = 0; r < plan.size(); ++r) {
-      for (int64_t i = plan[r].first_logit; i < plan[r].n; ++i) {
-        want.emplace_back(r, i);
-        token_index.push_back(t + i);
-      }
-      t += plan[r].n;
-    }
-  }
+  wanted_logits(plan, &want, &token_index);
   const int64_t V = cfg.vocab_size, Vr = R.vocab_rows;
   const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(32, static_cast<int64_t>(want.size())));
   // Reused across steps: a decode step must not allocate (and fault in) [32, V] buffers.

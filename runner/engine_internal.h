@@ -80,6 +80,24 @@ struct RankWeights {
 };
 Result<RankWeights> rank_weights(const format::ShardReader& shard, const format::ModelConfig& cfg, int tp, int rank);
 
+// One row of a forward step's chunk, the same on every rank.
+struct PlanRow {
+  int slot;
+  const int32_t* tokens;
+  int64_t n, start;     // tokens and the position of the first
+  int64_t first_logit;  // index within this chunk of the first position that wants logits (n: none)
+  size_t user_row;      // the caller's row number
+  int64_t user_offset;  // index of tokens[0] within the caller's row
+};
+// The next chunk of a step: up to `chunk` tokens of each row not yet done (done[r]
+// tokens of row r are), starting at the row's sequence length. Empty when all are done.
+std::vector<PlanRow> next_chunk(std::span<const StepRow> rows, const std::vector<int64_t>& done, int64_t chunk,
+                                const std::function<int64_t(int slot)>& length_of);
+// The positions of a chunk that want logits: (plan row, index within it), and each one's
+// index among the chunk's tokens.
+void wanted_logits(const std::vector<PlanRow>& plan, std::vector<std::pair<size_t, int64_t>>* want,
+                   std::vector<int64_t>* token_index);
+
 // Weight bytes one decode step of one sequence reads (Engine::weight_bytes_per_token).
 uint64_t weight_bytes_per_token_of(const std::vector<const format::ShardReader*>& shards, const format::ModelConfig& cfg);
 
