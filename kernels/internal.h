@@ -42,6 +42,13 @@ inline int64_t task_count(Pool pool) { return pool == nullptr ? 1 : 4 * static_c
 // the order of the terms beyond double rounding. Where the SIMD form runs across k, the
 // order is still fixed, so the twins agree to the bit: eight partial sums (lane j takes
 // k = j mod 8) combined as ((0+1)+(2+3))+((4+5)+(6+7)).
+// The chains' partial sums of a product (parts: [chains][stride], row m at m * ld,
+// `width` columns) meet in tree_sum's pairwise tree, level by level across whole rows
+// of columns (vectorized, the same adds per column), in place; the sums go to y rows
+// (ldy apart). Defined in matmul_q8.cpp beside tree_sum.
+void combine_chains(float* parts, int64_t chains, int64_t stride, int64_t ld, int64_t M, int64_t width, float* y,
+                    int64_t ldy);
+
 inline double combine8(const double* a) { return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7])); }
 
 // Transcendentals in double, rounded once to fp32: the same value in every twin.

@@ -439,24 +439,9 @@ Status impl(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* pa
   // The chains' sums (parts: [chains][stride], row m at m * ld, column c0 at 0) meet in
   // tree_sum's pairwise tree, level by level across whole rows of columns, in place.
   auto combine = [&](float* parts, int64_t stride, int64_t ld, int64_t c0, int64_t c1) {
-    const int64_t width = c1 - c0;
-    for (int64_t m = 0; m < M; ++m) {
-      float* row = parts + m * ld;
-      for (int64_t n = chains; n > 1;) {
-        const int64_t half = n / 2;
-        for (int64_t i = 0; i < half; ++i) {
-          float* d = row + i * stride;
-          const float* a = row + 2 * i * stride;
-          const float* b = row + (2 * i + 1) * stride;
-GROKIT_IVDEP  // d is a (i = 0) or a row already consumed
-          for (int64_t c = 0; c < width; ++c) d[c] = a[c] + b[c];
-        }
-        if (n % 2 != 0) std::copy(row + (n - 1) * stride, row + (n - 1) * stride + width, row + half * stride);
-        n = half + n % 2;
-      }
-      std::copy(row, row + width, y + m * ldy + c0);
-    }
+    combine_chains(parts, chains, stride, ld, M, c1 - c0, y + c0, ldy);
   };
+
   if (chains > 1 && M * N * chains <= (int64_t{1} << 22)) {
     // Few rows of x (decode): tasks are (chain, column part) pairs, so each task streams
     // through the contiguous chunks of its chain; the chains meet in the tree afterwards.

@@ -266,14 +266,8 @@ Status impl(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t* cod
     }
     if (vec_end < c1) chain_columns_ref<kPairs>(x, M, ldx, codes, scales, N, rpb, k0, k1, vec_end, c1, out + (vec_end - c0), ld);
   };
-  auto combine = [&](const float* parts, int64_t stride, int64_t ld, int64_t c0, int64_t c1) {
-    std::vector<float> v(static_cast<size_t>(chains));
-    for (int64_t m = 0; m < M; ++m) {
-      for (int64_t n = c0; n < c1; ++n) {
-        for (int64_t ch = 0; ch < chains; ++ch) v[static_cast<size_t>(ch)] = parts[ch * stride + m * ld + (n - c0)];
-        y[m * ldy + n] = tree_sum(v.data(), chains);
-      }
-    }
+  auto combine = [&](float* parts, int64_t stride, int64_t ld, int64_t c0, int64_t c1) {
+    combine_chains(parts, chains, stride, ld, M, c1 - c0, y + c0, ldy);
   };
   if (chains > 1 && M * N * chains <= (int64_t{1} << 22)) {
     // Few rows of x (decode): tasks are (chain, column part) pairs, so each task reads one
@@ -323,6 +317,28 @@ Status dispatch(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t*
 }
 
 }  // namespace
+
+namespace detail {
+void combine_chains(float* parts, int64_t chains, int64_t stride, int64_t ld, int64_t M, int64_t width, float* y,
+                    int64_t ldy) {
+  for (int64_t m = 0; m < M; ++m) {
+    float* row = parts + m * ld;
+    for (int64_t n = chains; n > 1;) {
+      const int64_t half = n / 2;
+      for (int64_t i = 0; i < half; ++i) {
+        float* d = row + i * stride;
+        const float* a = row + 2 * i * stride;
+        const float* b = row + (2 * i + 1) * stride;
+GROKIT_IVDEP  // d is a (i = 0) or a row already consumed
+        for (int64_t c = 0; c < width; ++c) d[c] = a[c] + b[c];
+      }
+      if (n % 2 != 0) std::copy(row + (n - 1) * stride, row + (n - 1) * stride + width, row + half * stride);
+      n = half + n % 2;
+    }
+    std::copy(row, row + width, y + m * ldy);
+  }
+}
+}  // namespace detail
 
 float tree_sum(float* v, int64_t n) {
   GROKIT_CHECK(n >= 1);
