@@ -856,7 +856,8 @@ inline int describe_weight(const char* op, const GrokitWeight* w, WDesc* d, char
                      E, K, N);
   if (w->data == nullptr) return GK_FAIL(GROKIT_ERR_INVALID, "%s: %s weight data is NULL", op, dt);
   const uint64_t KN = static_cast<uint64_t>(K) * static_cast<uint64_t>(N);
-  if (KN * static_cast<uint64_t>(E) > (uint64_t{1} << 56))
+  // Divided, not multiplied: K * N * E can wrap 64 bits for K, N, E near 2^31.
+  if (KN > (uint64_t{1} << 56) / static_cast<uint64_t>(E))
     return GK_FAIL(GROKIT_ERR_INVALID, "%s: %s weight of %lld x %lld x %lld (experts x K x N) is too large", op, dt, E,
                      K, N);
   uint64_t expect = 0;
@@ -920,6 +921,9 @@ inline int describe_weight(const char* op, const GrokitWeight* w, WDesc* d, char
   // The k-chunked kernels load 16 bytes at a time.
   if ((r.fmt == kQ8C || r.fmt == kQ4 || r.fmt == kF8) && (reinterpret_cast<uintptr_t>(r.data) & 15) != 0)
     return GK_FAIL(GROKIT_ERR_INVALID, "%s: %s weight data %p is not 16-byte aligned", op, dt, w->data);
+  // bf16 weights and q8rb scales are read as 2-byte values (an odd address faults).
+  if ((reinterpret_cast<uintptr_t>(r.data) & 1) != 0)
+    return GK_FAIL(GROKIT_ERR_INVALID, "%s: %s weight data %p is not 2-byte aligned", op, dt, w->data);
   *d = r;
   return GROKIT_OK;
 }
