@@ -241,7 +241,13 @@ Status DeviceEngine::load(const std::string& dir, const EngineOptions& options, 
       return make_error("device ", d, " does not exist (", ops_->backend, " has ", device_count, " devices)");
   }
   if (devices.empty()) return make_error("no ", ops_->backend, " device to run on");
-  const bool shared = static_cast<int>(devices.size()) < local;
+  // The devices the ranks use (rank i on devices[i % size]), counted without repeats:
+  // "--gpus 0,0" puts two ranks on one GPU, which NCCL refuses (duplicate GPU).
+  std::vector<int> used;
+  for (int i = 0; i < local; ++i) used.push_back(devices[static_cast<size_t>(i) % devices.size()]);
+  std::sort(used.begin(), used.end());
+  used.erase(std::unique(used.begin(), used.end()), used.end());
+  const bool shared = static_cast<int>(used.size()) < local;
 
   // Collectives.
   std::string comm = options.comm;
@@ -254,7 +260,7 @@ Status DeviceEngine::load(const std::string& dir, const EngineOptions& options, 
       return make_error("NCCL is not usable: ", c.ok() ? std::string(why) : c.error().message);
   }
   if (comm == "nccl" && tp_ > 1 && nccl == nullptr)
-    return make_error("--comm nccl needs one CUDA device per rank (", local, " ranks on ", devices.size(), " devices)");
+    return make_error("--comm nccl needs one CUDA device per rank (", local, " ranks on ", used.size(), " devices)");
   if (comm != "auto" && comm != "nccl" && comm != "local") return make_error("unknown --comm '", comm, "' (auto, nccl, local)");
   if (hosts > 1 && nccl == nullptr) return make_error("several hosts need NCCL and one CUDA device per rank");
 
@@ -408,10 +414,8 @@ Status DeviceEngine::load(const std::string& dir, const EngineOptions& options, 
     for (auto& s : st) GROKIT_TRY(std::move(s));
     for (size_t i = 0; i < ranks_.size(); ++i) ranks_[i].comm = make_nccl_comm(ops_, nccl, comms[i], ranks_[i].stream);
   } else {
-    std::vector<int> distinct(devices.begin(), devices.end());
-    std::sort(distinct.begin(), distinct.end());
-    const bool same_device = std::string(ops_->backend) == "host" ||
-                             std::unique(distinct.begin(), distinct.end()) - distinct.begin() == 1;
+    // One device among the ranks' (not the listed ones, some of which may be unused).
+    const bool same_device = std::string(ops_->backend) == "host" || used.size() == 1;
     for (size_t i = 0; i < ranks_.size(); ++i) {
       DevRank& R = ranks_[i];
       if (tp_ == 1) R.comm = make_solo_comm(ops_, R.stream);
@@ -620,14 +624,20 @@ Status DeviceEngine::forward(DevRank& R, int64_t N, int64_t max_keys, const Hidd
   float *g = A.g.get<float>(), *u = A.u.get<float>(), *routed = A.routed.get<float>(), *gates = A.gates.get<float>();
   int32_t* experts = A.experts.get<int32_t>();
   std::vector<float> hidden_host;
+  // A sink error is kept (as emit_logits does), not returned: rank 0 leaving the layer
+  // loop early would leave the other ranks waiting in the next collective for ever.
   auto emit_hidden = [&](int index) -> Status {
-    if (hidden == nullptr || R.rank != 0) return {};
+    if (hidden == nullptr || R.rank != 0 || !sink_status_.ok()) return {};
     hidden_host.resize(static_cast<size_t>(N * D));
     DEV_TRY(ops, ops->copy(hidden_host.data(), x, hidden_host.size() * 4, GROKIT_COPY_D2H, st));
     DEV_TRY(ops, ops->stream_sync(st));
     int64_t t = 0;
     for (const auto& p : plan) {
-      GROKIT_TRY((*hidden)(index, p.user_row, p.user_offset, p.n, hidden_host.data() + t * D));
+      Status s = (*hidden)(index, p.user_row, p.user_offset, p.n, hidden_host.data() + t * D);
+      if (!s.ok()) {
+        sink_status_ = std::move(s);
+        return {};
+      }
       t += p.n;
     }
     return {};
@@ -677,7 +687,9 @@ Status DeviceEngine::rank_step(DevRank& R, const std::vector<PlanRow>& plan, con
   bool decode = hidden == nullptr && N <= kLogitsChunk && static_cast<int64_t>(want.size()) == N;
   for (const auto& p : plan) decode = decode && p.n == 1;
   const bool graphable = decode && options_.graphs && ops->graph_begin != nullptr && R.comm->graph_safe();
-  const int64_t max_keys = graphable ? cfg_.sequence_len : [&] {
+  // Every decode step sizes attention for the whole sequence, replayed or not: the
+  // split of the keys follows max_keys, so graphs and op-by-op steps give the same bits.
+  const int64_t max_keys = decode ? cfg_.sequence_len : [&] {
     int64_t m = 1;
     for (const auto& p : plan) m = std::max(m, p.start + p.n);
     return m;
@@ -729,6 +741,7 @@ Status DeviceEngine::rank_step(DevRank& R, const std::vector<PlanRow>& plan, con
         Status s = forward(R, N, max_keys, nullptr, plan);
         if (s.ok()) s = logits_chunk(R, A.x.get<float>(), N);
         int rc = ops->graph_end(st, &graph);
+        if (!s.ok() && rc == GROKIT_OK) ops->graph_destroy(graph);  // a partial capture: not kept
         GROKIT_TRY(std::move(s));
         DEV_TRY(ops, rc);
         R.graphs[N] = graph;

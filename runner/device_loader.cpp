@@ -18,12 +18,16 @@ Status op_status(const GrokitOps* ops, int rc, const char* what) {
   return make_error(what, " failed on ", ops->backend, ": ", ops->error_message());
 }
 
-// Pinned buffers and events that give themselves back.
+// Pinned buffers and events that give themselves back. On an early return (a failed
+// read, a checksum mismatch) copies out of the buffers may still be queued on the
+// stream: wait for them before the buffers are freed.
 struct Staging {
   const GrokitOps* ops;
+  GrokitStream stream;
   void* buf[2] = {nullptr, nullptr};
   void* ev[2] = {nullptr, nullptr};
   ~Staging() {
+    if (buf[0] != nullptr || buf[1] != nullptr) (void)ops->stream_sync(stream);
     for (int b = 0; b < 2; ++b) {
       if (ev[b] != nullptr) ops->event_destroy(ev[b]);
       if (buf[b] != nullptr) ops->free_pinned(buf[b]);
@@ -46,7 +50,7 @@ Status load_file_to_device(const GrokitOps* ops, GrokitStream stream, const std:
   (void)posix_fadvise(fd, static_cast<off_t>(file_offset), static_cast<off_t>(bytes), POSIX_FADV_SEQUENTIAL);
 
   const size_t chunk = static_cast<size_t>(std::min<uint64_t>(staging_bytes, std::max<uint64_t>(bytes, 1)));
-  Staging st{ops};
+  Staging st{ops, stream};
   for (int b = 0; b < 2; ++b) {
     if (ops->alloc_pinned(&st.buf[b], chunk) != GROKIT_OK)
       return make_error("cannot allocate ", human_bytes(static_cast<double>(chunk)), " of pinned staging memory: ",

@@ -120,7 +120,12 @@ int stream_create(GrokitStream* stream) {
 
 int stream_destroy(GrokitStream stream) {
   if (stream == nullptr) return GROKIT_OK;  // the default stream is not ours to destroy
-  return call(cudaStreamDestroy(as_stream(stream)), "cudaStreamDestroy");
+  // The scratch matmul keeps per (device, stream) would otherwise outlive the stream
+  // (and be inherited by the next stream given the same handle). Callers destroy the
+  // graphs captured on the stream first (matmul.h).
+  const int rc = matmul_release_stream(stream);
+  const int rc2 = call(cudaStreamDestroy(as_stream(stream)), "cudaStreamDestroy");
+  return rc != GROKIT_OK ? rc : rc2;
 }
 
 int stream_sync(GrokitStream stream) {
