@@ -31,7 +31,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define GROKIT_OPS_ABI_VERSION 1
+#define GROKIT_OPS_ABI_VERSION 2
 
 #ifdef __cplusplus
 extern "C" {
@@ -202,6 +202,9 @@ typedef struct GrokitCollectives {
   int (*all_reduce_sum)(const float* send, float* recv, size_t n, void* comm, GrokitStream stream);
   int (*all_gather)(const void* send, void* recv, size_t bytes, void* comm, GrokitStream stream);
   int (*broadcast)(void* data, size_t bytes, int root, void* comm, GrokitStream stream);
+  // Abandons the communicator's pending and future operations (any thread; a rank
+  // blocked in a collective returns). Destroys it: do not call comm_destroy after.
+  int (*comm_abort)(void* comm);
 } GrokitCollectives;
 
 #ifdef __cplusplus

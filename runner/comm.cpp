@@ -9,10 +9,12 @@ namespace {
 
 // A barrier that spins briefly before it sleeps: collectives come every few hundred
 // microseconds during a forward pass, and a futex wake-up costs as much.
+// abort() releases every waiter, present and future, for good.
 class SpinBarrier {
  public:
   explicit SpinBarrier(int n) : n_(n) {}
   void arrive_and_wait() {
+    if (aborted()) return;
     uint32_t phase = phase_.load(std::memory_order_acquire);
     if (count_.fetch_add(1, std::memory_order_acq_rel) + 1 == n_) {
       count_.store(0, std::memory_order_relaxed);
@@ -21,16 +23,23 @@ class SpinBarrier {
       return;
     }
     for (int i = 0; i < 2000; ++i) {  // some tens of microseconds, then sleep
-      if (phase_.load(std::memory_order_acquire) != phase) return;
+      if (phase_.load(std::memory_order_acquire) != phase || aborted()) return;
       __builtin_ia32_pause();
     }
-    while (phase_.load(std::memory_order_acquire) == phase) phase_.wait(phase, std::memory_order_acquire);
+    while (phase_.load(std::memory_order_acquire) == phase && !aborted()) phase_.wait(phase, std::memory_order_acquire);
   }
+  void abort() {
+    aborted_.store(true, std::memory_order_release);
+    phase_.fetch_add(1, std::memory_order_release);
+    phase_.notify_all();
+  }
+  bool aborted() const { return aborted_.load(std::memory_order_acquire); }
 
  private:
   const int n_;
   std::atomic<int> count_{0};
   std::atomic<uint32_t> phase_{0};
+  std::atomic<bool> aborted_{false};
 };
 
 struct Hub {
@@ -51,6 +60,7 @@ class LocalCommunicator final : public Communicator {
     if (N == 1) return;
     hub_->ptrs[static_cast<size_t>(rank_)] = data;
     hub_->sync.arrive_and_wait();
+    if (hub_->sync.aborted()) return;  // a peer's pointer may be stale
     // Each rank reduces its own slice of every buffer, in rank order, and writes the
     // sum back to all of them: no element is touched by two ranks.
     size_t per = (n + static_cast<size_t>(N) - 1) / static_cast<size_t>(N);
@@ -68,6 +78,7 @@ class LocalCommunicator final : public Communicator {
     const int N = hub_->ranks;
     hub_->ptrs[static_cast<size_t>(rank_)] = send;
     hub_->sync.arrive_and_wait();
+    if (hub_->sync.aborted()) return;
     for (int q = 0; q < N; ++q)
       std::memcpy(static_cast<uint8_t*>(recv) + static_cast<size_t>(q) * bytes, hub_->ptrs[static_cast<size_t>(q)], bytes);
     hub_->sync.arrive_and_wait();
@@ -77,11 +88,14 @@ class LocalCommunicator final : public Communicator {
     if (hub_->ranks == 1) return;
     if (rank_ == root) hub_->ptrs[static_cast<size_t>(root)] = data;
     hub_->sync.arrive_and_wait();
+    if (hub_->sync.aborted()) return;
     if (rank_ != root) std::memcpy(data, hub_->ptrs[static_cast<size_t>(root)], bytes);
     hub_->sync.arrive_and_wait();
   }
 
   void barrier() override { hub_->sync.arrive_and_wait(); }
+  void abort() override { hub_->sync.abort(); }
+  bool aborted() const override { return hub_->sync.aborted(); }
 
  private:
   std::shared_ptr<Hub> hub_;

@@ -147,7 +147,13 @@ class DeviceEngine final : public Engine {
   Status emit_logits(DevRank& R, const std::vector<PlanRow>& plan, const std::vector<std::pair<size_t, int64_t>>& want,
                      size_t c0, int64_t n, const LogitsSink* sink);
   Status reserve(DevRank& R, int64_t N);
+  // Runs fn on every rank; when one fails, the others' collectives are abandoned and the
+  // engine stops (check_running fails from then on with the first rank's error).
   Status run_on_ranks(const std::function<Status(DevRank&)>& fn);
+  Status check_running() const {
+    if (stopped_.ok()) return {};
+    return make_error("the device engine stopped after an earlier failure: ", stopped_.error().message);
+  }
 
   format::Model model_;
   format::ModelConfig cfg_;
@@ -162,6 +168,7 @@ class DeviceEngine final : public Engine {
   bool leader_ = true;
   std::vector<float> full_logits_;
   Status sink_status_;
+  Status stopped_;  // an error that abandoned collectives: every later call fails with it
 };
 
 Result<std::unique_ptr<Engine>> load_device_engine(const std::string& model_dir, const EngineOptions& options,
@@ -195,16 +202,26 @@ DeviceEngine::~DeviceEngine() {
 
 Status DeviceEngine::run_on_ranks(const std::function<Status(DevRank&)>& fn) {
   std::vector<Status> st(ranks_.size());
+  std::atomic<int> first_failed{-1};
   group_->run([&](int r) {
     DevRank& R = ranks_[static_cast<size_t>(r)];
-    if (R.ops->set_device(R.device) != GROKIT_OK) {
-      st[static_cast<size_t>(r)] = make_error("rank ", R.rank, ": cannot select device ", R.device, ": ", R.ops->error_message());
-      return;
+    Status s = R.ops->set_device(R.device) == GROKIT_OK
+                   ? fn(R)
+                   : make_error("rank ", R.rank, ": cannot select device ", R.device, ": ", R.ops->error_message());
+    int none = -1;
+    if (!s.ok() && first_failed.compare_exchange_strong(none, r)) {
+      // The others may be waiting for this rank in a collective: release them.
+      for (DevRank& P : ranks_)
+        if (P.comm) P.comm->abort();
     }
-    st[static_cast<size_t>(r)] = fn(R);
+    st[static_cast<size_t>(r)] = std::move(s);
   });
-  for (auto& s : st) GROKIT_TRY(std::move(s));
-  return {};
+  const int f = first_failed.load();
+  if (f < 0) return {};
+  Status origin = std::move(st[static_cast<size_t>(f)]);
+  // Collectives were abandoned: the ranks' state no longer agrees.
+  if (ranks_[static_cast<size_t>(f)].comm) stopped_ = Status(origin.error());
+  return origin;
 }
 
 Status DeviceEngine::load(const std::string& dir, const EngineOptions& options, LoadReport* report) {
@@ -449,6 +466,7 @@ Status DeviceEngine::load(const std::string& dir, const EngineOptions& options, 
 // ---------------------------------------------------------------------------------
 // Sequences.
 Status DeviceEngine::open_slot(int slot, int64_t capacity) {
+  GROKIT_TRY(check_running());
   const int64_t L = cfg_.num_layers, dh = cfg_.key_size;
   return run_on_ranks([&](DevRank& R) -> Status {
     if (R.caches.size() <= static_cast<size_t>(slot)) R.caches.resize(static_cast<size_t>(slot) + 1);
@@ -489,6 +507,7 @@ void DeviceEngine::close_sequence(int slot) {
 // ---------------------------------------------------------------------------------
 // Steps.
 Status DeviceEngine::step(std::span<const StepRow> rows, const LogitsSink& logits, const HiddenSink* hidden) {
+  GROKIT_TRY(check_running());
   GROKIT_TRY(check_step_rows(
       rows, cfg_,
       [&](int slot) -> int64_t {

@@ -1,5 +1,7 @@
 #include "runner/device_layer.h"
 
+#include <atomic>
+
 namespace grokit::runner {
 
 namespace {
@@ -25,7 +27,12 @@ class NcclComm final : public DeviceComm {
   NcclComm(const GrokitOps* ops, const GrokitCollectives* c, void* comm, GrokitStream stream)
       : ops_(ops), c_(c), comm_(comm), stream_(stream) {}
   ~NcclComm() override {
-    if (comm_ != nullptr) c_->comm_destroy(comm_);
+    if (comm_ != nullptr && !aborted_.load()) c_->comm_destroy(comm_);
+  }
+  // From another thread while this rank may be blocked in a collective: its stream's
+  // NCCL kernels are abandoned, so its wait returns (with an error).
+  void abort() override {
+    if (comm_ != nullptr && c_->comm_abort != nullptr && !aborted_.exchange(true)) c_->comm_abort(comm_);
   }
   Status all_reduce_sum(float* data, size_t n) override {
     if (c_->all_reduce_sum(data, data, n, comm_, stream_) != GROKIT_OK)
@@ -45,6 +52,7 @@ class NcclComm final : public DeviceComm {
   const GrokitCollectives* c_;
   void* comm_;
   GrokitStream stream_;
+  std::atomic<bool> aborted_{false};
 };
 
 // Ranks that are threads of this process. When they share one device (or the host
@@ -64,10 +72,12 @@ class LocalDeviceComm final : public DeviceComm {
       std::vector<const float*> parts(static_cast<size_t>(N));
       const float* mine = data;
       host_->all_gather(&mine, parts.data(), sizeof mine);  // also the barrier: all data ready
+      GROKIT_TRY(check_peers());
       GROKIT_TRY(scratch_.reserve(ops_, bytes));
       DEV_TRY(ops_, ops_->sum_arrays(parts.data(), N, static_cast<int64_t>(n), scratch_.get<float>(), stream_));
       DEV_TRY(ops_, ops_->stream_sync(stream_));
       host_->barrier();  // every rank has read every part
+      GROKIT_TRY(check_peers());
       DEV_TRY(ops_, ops_->copy(data, scratch_.get(), bytes, GROKIT_COPY_D2D, stream_));
       return {};
     }
@@ -75,6 +85,7 @@ class LocalDeviceComm final : public DeviceComm {
     DEV_TRY(ops_, ops_->copy(pinned_.get(), data, bytes, GROKIT_COPY_D2H, stream_));
     DEV_TRY(ops_, ops_->stream_sync(stream_));
     host_->all_reduce_sum(pinned_.get<float>(), n);
+    GROKIT_TRY(check_peers());
     DEV_TRY(ops_, ops_->copy(data, pinned_.get(), bytes, GROKIT_COPY_H2D, stream_));
     DEV_TRY(ops_, ops_->stream_sync(stream_));  // the pinned buffer is reused next call
     return {};
@@ -86,6 +97,7 @@ class LocalDeviceComm final : public DeviceComm {
     if (same_device_) {
       std::vector<const void*> parts(static_cast<size_t>(N));
       host_->all_gather(&send, parts.data(), sizeof send);
+      GROKIT_TRY(check_peers());
       for (int q = 0; q < N; ++q)
         DEV_TRY(ops_, ops_->copy(static_cast<uint8_t*>(recv) + static_cast<size_t>(q) * bytes, parts[static_cast<size_t>(q)],
                                  bytes, GROKIT_COPY_D2D, stream_));
@@ -98,6 +110,7 @@ class LocalDeviceComm final : public DeviceComm {
     DEV_TRY(ops_, ops_->copy(mine, send, bytes, GROKIT_COPY_D2H, stream_));
     DEV_TRY(ops_, ops_->stream_sync(stream_));
     host_->all_gather(mine, pinned_.get(), bytes);
+    GROKIT_TRY(check_peers());
     DEV_TRY(ops_, ops_->copy(recv, pinned_.get(), bytes * static_cast<size_t>(N), GROKIT_COPY_H2D, stream_));
     DEV_TRY(ops_, ops_->stream_sync(stream_));
     return {};
@@ -105,8 +118,14 @@ class LocalDeviceComm final : public DeviceComm {
 
   bool graph_safe() const override { return false; }
   const char* name() const override { return same_device_ ? "in-process (shared device)" : "in-process (via host)"; }
+  void abort() override { host_->abort(); }
 
  private:
+  Status check_peers() const {
+    if (host_->aborted()) return make_error("a collective was abandoned: another rank failed");
+    return {};
+  }
+
   const GrokitOps* ops_;
   GrokitStream stream_;
   std::unique_ptr<Communicator> host_;

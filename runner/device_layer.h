@@ -88,6 +88,9 @@ class DeviceComm {
   // Whether these collectives can be captured in a graph.
   virtual bool graph_safe() const = 0;
   virtual const char* name() const = 0;
+  // Called (from any thread) when a rank of the group failed: ranks waiting in, or later
+  // entering, a collective return an error instead of waiting for it for ever.
+  virtual void abort() {}
 };
 
 // One rank alone: collectives are copies at most.

@@ -38,6 +38,11 @@ class Communicator {
   virtual void all_gather(const void* send, void* recv, size_t bytes) = 0;
   virtual void broadcast(void* data, size_t bytes, int root) = 0;
   virtual void barrier() = 0;
+  // Wakes every rank waiting in a collective of this group, now and later, when a rank
+  // fails and will not arrive: their collectives return at once and aborted() is true
+  // (the data is then garbage; the group is done).
+  virtual void abort() {}
+  virtual bool aborted() const { return false; }
 };
 // N communicators for N ranks that are threads of this process.
 std::vector<std::unique_ptr<Communicator>> make_local_communicators(int ranks);

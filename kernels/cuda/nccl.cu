@@ -66,6 +66,7 @@ static_assert(sizeof(ncclComm_t) == sizeof(abi::Comm), "ncclComm_t is a pointer"
 static_assert(std::is_same_v<decltype(&ncclGetUniqueId), ncclResult_t (*)(ncclUniqueId*)>);
 static_assert(std::is_same_v<decltype(&ncclCommInitRank), ncclResult_t (*)(ncclComm_t*, int, ncclUniqueId, int)>);
 static_assert(std::is_same_v<decltype(&ncclCommDestroy), ncclResult_t (*)(ncclComm_t)>);
+static_assert(std::is_same_v<decltype(&ncclCommAbort), ncclResult_t (*)(ncclComm_t)>);
 static_assert(std::is_same_v<decltype(&ncclGroupStart), ncclResult_t (*)()>);
 static_assert(std::is_same_v<decltype(&ncclGroupEnd), ncclResult_t (*)()>);
 static_assert(std::is_same_v<decltype(&ncclAllReduce), ncclResult_t (*)(const void*, void*, size_t, ncclDataType_t,
@@ -83,6 +84,7 @@ struct Api {
   abi::GetUniqueId get_unique_id = nullptr;
   abi::CommInitRank comm_init_rank = nullptr;
   abi::CommDestroy comm_destroy = nullptr;
+  abi::CommDestroy comm_abort = nullptr;  // same prototype
   abi::GroupStart group_start = nullptr;
   abi::GroupEnd group_end = nullptr;
   abi::AllReduce all_reduce = nullptr;
@@ -139,6 +141,7 @@ Api open_nccl() {
   if (!resolve(lib, "ncclGetUniqueId", &api.get_unique_id, api) ||
       !resolve(lib, "ncclCommInitRank", &api.comm_init_rank, api) ||
       !resolve(lib, "ncclCommDestroy", &api.comm_destroy, api) ||
+      !resolve(lib, "ncclCommAbort", &api.comm_abort, api) ||
       !resolve(lib, "ncclGroupStart", &api.group_start, api) || !resolve(lib, "ncclGroupEnd", &api.group_end, api) ||
       !resolve(lib, "ncclAllReduce", &api.all_reduce, api) || !resolve(lib, "ncclAllGather", &api.all_gather, api) ||
       !resolve(lib, "ncclBroadcast", &api.broadcast, api) ||
@@ -218,6 +221,13 @@ int comm_destroy(void* comm) {
   return check(*api, api->comm_destroy(static_cast<abi::Comm>(comm)), "ncclCommDestroy");
 }
 
+int comm_abort(void* comm) {
+  if (comm == nullptr) return GROKIT_OK;
+  const Api* api = loaded("nccl comm_abort");
+  if (api == nullptr) return GROKIT_ERR_UNSUPPORTED;
+  return check(*api, api->comm_abort(static_cast<abi::Comm>(comm)), "ncclCommAbort");
+}
+
 int group_start() {
   const Api* api = loaded("nccl group_start");
   if (api == nullptr) return GROKIT_ERR_UNSUPPORTED;
@@ -272,6 +282,7 @@ GrokitCollectives make_table() {
   t.unique_id = unique_id;
   t.comm_init = comm_init;
   t.comm_destroy = comm_destroy;
+  t.comm_abort = comm_abort;
   t.group_start = group_start;
   t.group_end = group_end;
   t.all_reduce_sum = all_reduce_sum;

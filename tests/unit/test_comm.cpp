@@ -298,5 +298,33 @@ TEST(LocalCommunicator, BarrierOrdersWritesAcrossRanks) {
   }
 }
 
+// A rank that fails never arrives: abort() must release the ranks already waiting in a
+// collective (asleep, past the spin) and every collective after it.
+TEST(LocalCommunicator, AbortReleasesRanksWaitingForAFailedOne) {
+  auto comms = make_local_communicators(3);
+  std::atomic<int> returned{0};
+  std::vector<std::thread> waiting;
+  for (int r = 0; r < 2; ++r) {
+    waiting.emplace_back([&, r] {
+      std::vector<float> data(64, 1.0f);
+      comms[static_cast<size_t>(r)]->all_reduce_sum(data.data(), data.size());
+      comms[static_cast<size_t>(r)]->barrier();
+      returned.fetch_add(1);
+    });
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));  // both asleep in the barrier
+  EXPECT_EQ(returned.load(), 0) << "ranks went on without the third";
+  EXPECT_FALSE(comms[0]->aborted());
+  comms[2]->abort();  // rank 2 failed
+  for (auto& t : waiting) t.join();
+  EXPECT_EQ(returned.load(), 2);
+  EXPECT_TRUE(comms[0]->aborted());
+  EXPECT_TRUE(comms[1]->aborted());
+  std::vector<uint8_t> out(3);
+  uint8_t mine = 7;
+  comms[0]->all_gather(&mine, out.data(), 1);  // returns at once
+  comms[1]->broadcast(&mine, 1, 0);
+}
+
 }  // namespace
 }  // namespace grokit::runner
