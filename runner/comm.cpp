@@ -1,7 +1,7 @@
 // The in-process communicator: ranks are threads; collectives meet at a barrier.
 #include <atomic>
+#include <cstring>
 
-#include "kernels/kernels.h"
 #include "runner/runner.h"
 
 namespace grokit::runner {
@@ -65,11 +65,29 @@ class LocalCommunicator final : public Communicator {
     // sum back to all of them: no element is touched by two ranks.
     size_t per = (n + static_cast<size_t>(N) - 1) / static_cast<size_t>(N);
     size_t a = std::min(n, per * static_cast<size_t>(rank_)), b = std::min(n, a + per);
-    std::vector<float> v(static_cast<size_t>(N));
-    for (size_t i = a; i < b; ++i) {
-      for (int q = 0; q < N; ++q) v[static_cast<size_t>(q)] = static_cast<const float*>(hub_->ptrs[static_cast<size_t>(q)])[i];
-      float s = kernels::tree_sum(v.data(), N);
-      for (int q = 0; q < N; ++q) const_cast<float*>(static_cast<const float*>(hub_->ptrs[static_cast<size_t>(q)]))[i] = s;
+    // Blocks of the slice gathered per rank, then kernels::tree_sum's tree level by level
+    // across the block (the same adds per element, vectorized).
+    constexpr size_t kBlock = 2048;
+    thread_local std::vector<float> t;
+    t.resize(static_cast<size_t>(N) * kBlock);
+    auto peer = [&](int q) { return const_cast<float*>(static_cast<const float*>(hub_->ptrs[static_cast<size_t>(q)])); };
+    for (size_t i0 = a; i0 < b; i0 += kBlock) {
+      const size_t len = std::min(kBlock, b - i0);
+      for (int q = 0; q < N; ++q) std::memcpy(t.data() + static_cast<size_t>(q) * kBlock, peer(q) + i0, len * 4);
+      for (int m = N; m > 1;) {
+        const int half = m / 2;
+        for (int i = 0; i < half; ++i) {
+          float* d = t.data() + static_cast<size_t>(i) * kBlock;
+          const float* x = t.data() + static_cast<size_t>(2 * i) * kBlock;
+          const float* y = x + kBlock;
+          for (size_t c = 0; c < len; ++c) d[c] = x[c] + y[c];
+        }
+        if (m % 2 != 0)
+          std::memcpy(t.data() + static_cast<size_t>(half) * kBlock, t.data() + static_cast<size_t>(m - 1) * kBlock,
+                      len * 4);
+        m = half + m % 2;
+      }
+      for (int q = 0; q < N; ++q) std::memcpy(peer(q) + i0, t.data(), len * 4);
     }
     hub_->sync.arrive_and_wait();
   }
