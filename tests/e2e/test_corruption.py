@@ -8,6 +8,8 @@ import sys
 import tempfile
 import unittest
 
+import numpy as np
+
 from e2e_util import GROKIT, SOURCE_DIR, run, tiny_config, write_checkpoint
 
 sys.path.insert(0, os.path.join(SOURCE_DIR, "tests", "python"))
@@ -69,6 +71,28 @@ class Corruption(unittest.TestCase):
             self.assertIn("checksum mismatch", r["verify"].stdout)
             self.assertEqual(r["validate"].returncode, 1)
             self.assertIn(f"rank {rank}  {e['name']}: ", r["validate"].stdout)
+
+    def test_the_device_loader_names_a_flipped_tensor(self):
+        # The device engine hashes the staged bytes on their way to the device (here the
+        # host backend): a flip fails the load with the tensor's name, before any output.
+        tokens = os.path.join(self.tmp, "tokens.npy")
+        np.save(tokens, np.array([[5, 6, 7, 8]], dtype=np.int32))
+        for _ in range(3):
+            model = self.fresh_copy()
+            rank, path, shard = self.pick_shard(model)
+            e = self.rng.choice(shard.entries)
+            self.flip(path, shard.header["data_offset"] + e["offset"] + self.rng.randrange(e["stored_size"]))
+            out = os.path.join(self.tmp, "never.npy")
+            if os.path.exists(out):
+                os.remove(out)
+            p = run("logits", model, "--tokens", tokens, "--out", out, "--force", "--no-progress", "--device", "host")
+            self.assertEqual(p.returncode, 1, p.stderr)
+            self.assertIn(e["name"], p.stderr)
+            self.assertIn("checksum", p.stderr)
+            self.assertFalse(os.path.exists(out), "a failed run left an output file")
+            p = run("logits", model, "--tokens", tokens, "--out", out, "--force", "--no-progress", "--device", "host",
+                    "--no-verify")
+            self.assertEqual(p.returncode, 0, p.stderr)  # unchecked: the flip goes through
 
     def test_flips_in_the_index_are_caught(self):
         for _ in range(TRIALS):
