@@ -74,20 +74,11 @@ int cmd_bench(int argc, char** argv) {
       ("buffer-mb", "bandwidth test buffer, MiB (larger than the caches)", cxxopts::value<unsigned>()->default_value("1024"))
       ("device", "cpu, cuda or host (see grokit run --help); the bandwidth measured is the host's memory: for "
        "cuda see scripts/gpu-check.sh", cxxopts::value<std::string>()->default_value("cpu"))
-      ("h,help", "show this help")
-      ("positional", "", cxxopts::value<std::vector<std::string>>());
-  opts.parse_positional({"positional"});
-  cxxopts::ParseResult r;
-  try {
-    r = opts.parse(argc, argv);
-  } catch (const cxxopts::exceptions::exception& e) {
-    std::fprintf(stderr, "%s: %s\n\n%s", prog, e.what(), opts.help().c_str());
-    return kExitUsage;
-  }
-  if (r.count("help")) return std::printf("%s", opts.help().c_str()), kExitOk;
-  std::vector<std::string> pos;
-  if (r.count("positional")) pos = r["positional"].as<std::vector<std::string>>();
-  if (pos.size() != 1) return std::fprintf(stderr, "%s: expected <model dir>\n\n%s", prog, opts.help().c_str()), kExitUsage;
+;
+  ParsedArgs parsed;
+  if (auto rc = parse_args(opts, argc, argv, 1, 1, parsed)) return *rc;
+  const cxxopts::ParseResult& r = parsed.result;
+  const std::string model_dir = parsed.positional[0], device = r["device"].as<std::string>();
   unsigned threads = r["threads"].as<unsigned>();
   if (threads == 0) threads = hardware_threads();
   int steps = r["steps"].as<int>(), prompt = r["prompt-tokens"].as<int>();
@@ -98,8 +89,8 @@ int cmd_bench(int argc, char** argv) {
   eo.threads = threads;
   eo.verify = false;
   eo.progress = false;
-  eo.device = r["device"].as<std::string>();
-  auto engine = runner::Engine::load(pos[0], eo);
+  eo.device = device;
+  auto engine = runner::Engine::load(model_dir, eo);
   if (!engine.ok()) return std::fprintf(stderr, "%s: error: %s\n", prog, engine.error().message.c_str()), kExitFailure;
   runner::Engine& eng = **engine;
   auto slot = eng.open_sequence(prompt + steps + 1);

@@ -272,16 +272,10 @@ int cmd_bench_device(int argc, char** argv) {
       ("prefill-tokens", "tokens of the prefill", cxxopts::value<int64_t>()->default_value("4096"))
       ("load-mb", "MiB of the file the load benchmark writes and loads", cxxopts::value<uint64_t>()->default_value("4096"))
       ("work", "directory for the load benchmark's file", cxxopts::value<std::string>()->default_value("/tmp"))
-      ("reps", "timed repetitions (the median is kept)", cxxopts::value<int>()->default_value("7"))
-      ("h,help", "show this help");
-  cxxopts::ParseResult r;
-  try {
-    r = opts.parse(argc, argv);
-  } catch (const cxxopts::exceptions::exception& e) {
-    std::fprintf(stderr, "%s: %s\n\n%s", prog, e.what(), opts.help().c_str());
-    return kExitUsage;
-  }
-  if (r.count("help")) return std::printf("%s", opts.help().c_str()), kExitOk;
+      ("reps", "timed repetitions (the median is kept)", cxxopts::value<int>()->default_value("7"));
+  ParsedArgs parsed;
+  if (auto rc = parse_args(opts, argc, argv, 0, 0, parsed)) return *rc;
+  const cxxopts::ParseResult& r = parsed.result;
   const std::string device = r["device"].as<std::string>();
   const bool small = r["small"].as<bool>();
   const int gpu = r["gpu"].as<int>(), reps = std::max(1, r["reps"].as<int>());

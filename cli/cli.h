@@ -3,6 +3,9 @@
 // one-line summary on stderr. Exit codes: 0 success, 1 failure, 2 bad usage.
 #pragma once
 
+#include <cxxopts.hpp>
+
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -24,6 +27,17 @@ int cmd_logits(int argc, char** argv);
 int cmd_bench(int argc, char** argv);
 int cmd_quantize(int argc, char** argv);
 int cmd_bench_device(int argc, char** argv);
+
+// Every command's parsing: adds --help and the positional arguments, parses; a bad flag
+// or a count of positionals outside [min_pos, max_pos] prints the message and the help on
+// stderr, --help prints the help on stdout. Returns the exit code to end with, or nullopt
+// to go on.
+struct ParsedArgs {
+  cxxopts::ParseResult result;
+  std::vector<std::string> positional;
+};
+std::optional<int> parse_args(cxxopts::Options& opts, int argc, char** argv, size_t min_pos, size_t max_pos,
+                              ParsedArgs& out);
 
 // Host memory read bandwidth in bytes/s: `threads` threads summing a `bytes` buffer.
 double measure_read_bandwidth(unsigned threads, uint64_t bytes);

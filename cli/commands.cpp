@@ -18,15 +18,23 @@ namespace {
 
 using json = nlohmann::ordered_json;
 
-// Parses flags; on a bad flag or a missing positional prints the message and the help
-// on stderr. Returns the exit code to use, or nullopt to go on.
-struct Parsed {
-  cxxopts::ParseResult result;
-  std::vector<std::string> positional;
-};
+int fail(const std::string& program, const Error& e) {
+  std::fprintf(stderr, "%s: error: %s\n", program.c_str(), e.message.c_str());
+  return kExitFailure;
+}
 
-std::optional<int> parse(cxxopts::Options& opts, int argc, char** argv, size_t min_pos, size_t max_pos,
-                         Parsed& out) {
+std::string shape_text(const std::vector<int64_t>& s) {
+  std::string r = "[";
+  for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
+  return r + "]";
+}
+
+unsigned default_threads() { return std::max(2u, std::min(8u, hardware_threads())); }
+
+}  // namespace
+
+std::optional<int> parse_args(cxxopts::Options& opts, int argc, char** argv, size_t min_pos, size_t max_pos,
+                              ParsedArgs& out) {
   opts.add_options()("h,help", "show this help");
   opts.add_options()("positional", "", cxxopts::value<std::vector<std::string>>());
   opts.parse_positional({"positional"});
@@ -43,26 +51,12 @@ std::optional<int> parse(cxxopts::Options& opts, int argc, char** argv, size_t m
   if (out.result.count("positional")) out.positional = out.result["positional"].as<std::vector<std::string>>();
   if (out.positional.size() < min_pos || out.positional.size() > max_pos) {
     std::fprintf(stderr, "%s: expected %zu%s argument%s, got %zu\n\n%s", opts.program().c_str(), min_pos,
-                 max_pos > min_pos ? " or more" : "", min_pos == 1 ? "" : "s", out.positional.size(), opts.help().c_str());
+                 max_pos > min_pos ? " or more" : "", min_pos == 1 ? "" : "s", out.positional.size(),
+                 opts.help().c_str());
     return kExitUsage;
   }
   return std::nullopt;
 }
-
-int fail(const std::string& program, const Error& e) {
-  std::fprintf(stderr, "%s: error: %s\n", program.c_str(), e.message.c_str());
-  return kExitFailure;
-}
-
-std::string shape_text(const std::vector<int64_t>& s) {
-  std::string r = "[";
-  for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
-  return r + "]";
-}
-
-unsigned default_threads() { return std::max(2u, std::min(8u, hardware_threads())); }
-
-}  // namespace
 
 // ---------------------------------------------------------------------------------
 int cmd_convert(int argc, char** argv) {
@@ -88,8 +82,8 @@ int cmd_convert(int argc, char** argv) {
       ("staging-mb", "staging buffer per thread, MiB (bounds anonymous memory)", cxxopts::value<unsigned>()->default_value("32"))
       ("dry-run", "check the checkpoint and print the plan; write nothing (default: off)", cxxopts::value<bool>()->default_value("false")->implicit_value("true"))
       ("no-progress", "no progress bar (default: off)", cxxopts::value<bool>()->default_value("false")->implicit_value("true"));
-  Parsed p;
-  if (auto rc = parse(opts, argc, argv, 2, 2, p)) return *rc;
+  ParsedArgs p;
+  if (auto rc = parse_args(opts, argc, argv, 2, 2, p)) return *rc;
   const auto& r = p.result;
   convert::ConvertOptions o;
   o.ckpt_dir = p.positional[0];
@@ -144,8 +138,8 @@ int cmd_inspect(int argc, char** argv) {
   opts.add_options()
       ("json", "print JSON instead of text (default: off)", cxxopts::value<bool>()->default_value("false")->implicit_value("true"))
       ("tensors", "list every tensor of every rank (text mode lists rank 0) (default: off)", cxxopts::value<bool>()->default_value("false")->implicit_value("true"));
-  Parsed p;
-  if (auto rc = parse(opts, argc, argv, 1, 1, p)) return *rc;
+  ParsedArgs p;
+  if (auto rc = parse_args(opts, argc, argv, 1, 1, p)) return *rc;
   bool as_json = p.result["json"].as<bool>();
   bool tensors = p.result["tensors"].as<bool>();
   auto model = format::Model::open(p.positional[0]);
@@ -215,8 +209,8 @@ int cmd_verify(int argc, char** argv) {
       ("threads", "threads", cxxopts::value<unsigned>()->default_value(std::to_string(default_threads())))
       ("json", "print the report as JSON on stdout (default: off)", cxxopts::value<bool>()->default_value("false")->implicit_value("true"))
       ("no-progress", "no progress bar (default: off)", cxxopts::value<bool>()->default_value("false")->implicit_value("true"));
-  Parsed p;
-  if (auto rc = parse(opts, argc, argv, 1, 1, p)) return *rc;
+  ParsedArgs p;
+  if (auto rc = parse_args(opts, argc, argv, 1, 1, p)) return *rc;
   unsigned threads = p.result["threads"].as<unsigned>();
   if (threads == 0) return std::fprintf(stderr, "grokit verify: --threads must be at least 1\n"), kExitUsage;
   auto rep = validate::verify_model(p.positional[0], threads, !p.result["no-progress"].as<bool>());
@@ -269,10 +263,10 @@ int cmd_validate(int argc, char** argv) {
       ("threads", "threads", cxxopts::value<unsigned>()->default_value(std::to_string(default_threads())))
       ("json", "print the report as JSON on stdout (default: off)", cxxopts::value<bool>()->default_value("false")->implicit_value("true"))
       ("no-progress", "no progress bar (default: off)", cxxopts::value<bool>()->default_value("false")->implicit_value("true"));
-  Parsed p;
+  ParsedArgs p;
   std::string prog = "grokit validate tensors";
   argv[1] = prog.data();
-  if (auto rc = parse(opts, argc - 1, argv + 1, 2, 2, p)) return *rc;
+  if (auto rc = parse_args(opts, argc - 1, argv + 1, 2, 2, p)) return *rc;
   unsigned threads = p.result["threads"].as<unsigned>();
   if (threads == 0) return std::fprintf(stderr, "%s: --threads must be at least 1\n", prog.c_str()), kExitUsage;
   auto rep = validate::validate_tensors(p.positional[0], p.positional[1], threads, !p.result["no-progress"].as<bool>());
@@ -337,8 +331,8 @@ int cmd_validate_logits(int argc, char** argv) {
        cxxopts::value<unsigned>()->default_value(std::to_string(std::min(8u, hardware_threads()))))
       ("json", "print the report as JSON on stdout (default: off)", cxxopts::value<bool>()->default_value("false")->implicit_value("true"))
       ("no-progress", "no progress bar (default: off)", cxxopts::value<bool>()->default_value("false")->implicit_value("true"));
-  Parsed p;
-  if (auto rc = parse(opts, argc, argv, 0, 0, p)) return *rc;
+  ParsedArgs p;
+  if (auto rc = parse_args(opts, argc, argv, 0, 0, p)) return *rc;
   const auto& r = p.result;
   auto usage = [&](const std::string& msg) {
     std::fprintf(stderr, "%s: %s\n\n%s", prog.c_str(), msg.c_str(), opts.help().c_str());
@@ -460,8 +454,8 @@ int cmd_validate_logits(int argc, char** argv) {
 // ---------------------------------------------------------------------------------
 int cmd_devices(int argc, char** argv) {
   cxxopts::Options opts("grokit devices", "List the CUDA devices, loading the CUDA backend plugin at run time.");
-  Parsed p;
-  if (auto rc = parse(opts, argc, argv, 0, 0, p)) return *rc;
+  ParsedArgs p;
+  if (auto rc = parse_args(opts, argc, argv, 0, 0, p)) return *rc;
   auto devs = runner::list_cuda_devices();
   if (!devs.ok()) return fail("grokit devices", devs.error());
   for (const auto& d : *devs)

@@ -32,24 +32,15 @@ int cmd_quantize(int argc, char** argv) {
       ("dry-run", "check and plan; write nothing (default: off)",
        cxxopts::value<bool>()->default_value("false")->implicit_value("true"))
       ("no-progress", "no progress bar (default: off)", cxxopts::value<bool>()->default_value("false")->implicit_value("true"))
-      ("h,help", "show this help")
-      ("positional", "", cxxopts::value<std::vector<std::string>>());
-  opts.parse_positional({"positional"});
-  cxxopts::ParseResult r;
-  try {
-    r = opts.parse(argc, argv);
-  } catch (const cxxopts::exceptions::exception& e) {
-    std::fprintf(stderr, "%s: %s\n\n%s", prog, e.what(), opts.help().c_str());
-    return kExitUsage;
-  }
-  if (r.count("help")) return std::printf("%s", opts.help().c_str()), kExitOk;
+;
+  ParsedArgs parsed;
+  if (auto rc = parse_args(opts, argc, argv, 2, 2, parsed)) return *rc;
+  const cxxopts::ParseResult& r = parsed.result;
+  const std::vector<std::string>& pos = parsed.positional;
   auto usage = [&](const std::string& msg) {
     std::fprintf(stderr, "%s: %s\n\n%s", prog, msg.c_str(), opts.help().c_str());
     return kExitUsage;
   };
-  std::vector<std::string> pos;
-  if (r.count("positional")) pos = r["positional"].as<std::vector<std::string>>();
-  if (pos.size() != 2) return usage(str_cat("expected 2 arguments, got ", pos.size()));
   quantize::QuantizeOptions o;
   o.in_dir = pos[0];
   o.out_dir = pos[1];

@@ -14,30 +14,6 @@ namespace grokit::cli {
 
 namespace {
 
-std::optional<int> parse_args(cxxopts::Options& opts, int argc, char** argv, size_t positional,
-                              cxxopts::ParseResult& out, std::vector<std::string>& pos) {
-  opts.add_options()("h,help", "show this help");
-  opts.add_options()("positional", "", cxxopts::value<std::vector<std::string>>());
-  opts.parse_positional({"positional"});
-  try {
-    out = opts.parse(argc, argv);
-  } catch (const cxxopts::exceptions::exception& e) {
-    std::fprintf(stderr, "%s: %s\n\n%s", opts.program().c_str(), e.what(), opts.help().c_str());
-    return kExitUsage;
-  }
-  if (out.count("help")) {
-    std::printf("%s", opts.help().c_str());
-    return kExitOk;
-  }
-  if (out.count("positional")) pos = out["positional"].as<std::vector<std::string>>();
-  if (pos.size() != positional) {
-    std::fprintf(stderr, "%s: expected %zu argument%s, got %zu\n\n%s", opts.program().c_str(), positional,
-                 positional == 1 ? "" : "s", pos.size(), opts.help().c_str());
-    return kExitUsage;
-  }
-  return std::nullopt;
-}
-
 // One continuation per line: control characters, backslashes and line breaks escaped,
 // every other byte (UTF-8 included) as it is.
 std::string escape_line(const std::string& s) {
@@ -173,9 +149,10 @@ int cmd_logits(int argc, char** argv) {
        cxxopts::value<std::string>()->default_value(""))
       ("force", "overwrite existing outputs (default: off)", cxxopts::value<bool>()->default_value("false")->implicit_value("true"));
   add_engine_options(opts);
-  cxxopts::ParseResult r;
-  std::vector<std::string> pos;
-  if (auto rc = parse_args(opts, argc, argv, 1, r, pos)) return *rc;
+  ParsedArgs parsed;
+  if (auto rc = parse_args(opts, argc, argv, 1, 1, parsed)) return *rc;
+  const cxxopts::ParseResult& r = parsed.result;
+  const std::vector<std::string>& pos = parsed.positional;
   if (!r.count("tokens") || !r.count("out")) return usage_error(opts, "--tokens and --out are required");
   const bool force = r["force"].as<bool>();
   auto rows = read_token_rows(r["tokens"].as<std::string>(), false);
@@ -258,9 +235,10 @@ int cmd_run(int argc, char** argv) {
        cxxopts::value<bool>()->default_value("false")->implicit_value("true"))
       ("force", "overwrite --tokens-out (default: off)", cxxopts::value<bool>()->default_value("false")->implicit_value("true"));
   add_engine_options(opts);
-  cxxopts::ParseResult r;
-  std::vector<std::string> pos;
-  if (auto rc = parse_args(opts, argc, argv, 1, r, pos)) return *rc;
+  ParsedArgs parsed;
+  if (auto rc = parse_args(opts, argc, argv, 1, 1, parsed)) return *rc;
+  const cxxopts::ParseResult& r = parsed.result;
+  const std::vector<std::string>& pos = parsed.positional;
   int sources = static_cast<int>(r.count("prompt") + r.count("prompt-file") + r.count("tokens-in"));
   if (r["host-rank"].as<int>() > 0) {
     // A follower host: its ranks run the leader's steps until the leader is done.
