@@ -5,7 +5,7 @@
 // Two backends fill a GrokitOps table:
 //   - "host": the CPU twins (kernels/ops_cpu.cpp, in grokit_kernels), built from the CPU
 //     kernels of kernels/kernels.h; "device memory" is host memory. It is the ground
-//     truth of the parity harness (tests/gpu/parity.cpp) and lets the device engine run,
+//     truth of the parity harness (tests/gpu/test_gpu_parity.cpp) and lets the device engine run,
 //     and be tested, on a machine without a GPU.
 //   - "cuda": one CUDA kernel per op (kernels/cuda/<op>.cu, each with a small header
 //     and a host launcher of exactly the signature below), assembled by
@@ -31,6 +31,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+// The tables' layout version (GrokitOps, GrokitCollectives): the engine refuses a plugin
+// built against another. 1: the first; 2: GrokitCollectives.comm_abort.
 #define GROKIT_OPS_ABI_VERSION 2
 
 #ifdef __cplusplus

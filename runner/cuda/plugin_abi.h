@@ -6,6 +6,9 @@
 
 #include "kernels/ops.h"
 
+// The plugin's exports, versioned apart from the op tables (kernels/ops.h). 1: device
+// count and info; 2: grokit_cuda_ops, grokit_cuda_collectives (grokit_cuda_read_bandwidth
+// and grokit_cuda_file_read are optional exports, looked up by name).
 #define GROKIT_CUDA_ABI_VERSION 2
 
 typedef struct GrokitCudaDevice {
