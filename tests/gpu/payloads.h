@@ -30,20 +30,23 @@ class Rng {
     return lo + static_cast<int64_t>(next() % static_cast<uint64_t>(hi - lo + 1));
   }
   float f32(float lo, float hi) { return lo + static_cast<float>(uniform()) * (hi - lo); }
-  // +-(1 + m/128) * 2^e, e in [min_exp, max_exp] (a bf16 value); zero one time in 32.
+  // A bf16 value +-(1 + m/128) * 2^e, e in [min_exp, max_exp]; zero one time in 32.
   float bf16_value(int min_exp, int max_exp) {
     if (range(0, 31) == 0) return 0.0f;
-    float v = std::ldexp(1.0f + static_cast<float>(range(0, 127)) / 128.0f, static_cast<int>(range(min_exp, max_exp)));
+    const float v = magnitude(min_exp, max_exp);
     return range(0, 1) != 0 ? -v : v;
   }
   uint16_t bf16_bits(int min_exp, int max_exp) { return f32_to_bf16_bits(bf16_value(min_exp, max_exp)); }
   // A positive bf16 scale in [2^min_exp, 2^(max_exp+1)).
-  uint16_t scale_bits(int min_exp, int max_exp) {
-    return f32_to_bf16_bits(
-        std::ldexp(1.0f + static_cast<float>(range(0, 127)) / 128.0f, static_cast<int>(range(min_exp, max_exp))));
-  }
+  uint16_t scale_bits(int min_exp, int max_exp) { return f32_to_bf16_bits(magnitude(min_exp, max_exp)); }
 
  private:
+  // (1 + m/128) * 2^e: mantissa drawn first, then the exponent (sequenced, so every
+  // compiler draws the same stream).
+  float magnitude(int min_exp, int max_exp) {
+    const float mant = 1.0f + static_cast<float>(range(0, 127)) / 128.0f;
+    return std::ldexp(mant, static_cast<int>(range(min_exp, max_exp)));
+  }
   uint64_t s_;
 };
 

@@ -39,6 +39,7 @@
 
 #include "common/common.h"
 #include "kernels/kernels.h"
+#include "tests/gpu/payloads.h"
 
 extern char** environ;
 
@@ -48,33 +49,7 @@ namespace {
 // ---------------------------------------------------------------------------------
 // Helpers.
 
-// splitmix64: the same stream on every platform and standard library.
-class Rng {
- public:
-  explicit Rng(uint64_t seed) : s_(seed) {}
-  uint64_t next() {
-    uint64_t z = (s_ += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-  }
-  double uniform() { return static_cast<double>(next() >> 11) * 0x1.0p-53; }  // [0, 1)
-  int64_t range(int64_t lo, int64_t hi) {                                     // [lo, hi]
-    return lo + static_cast<int64_t>(next() % static_cast<uint64_t>(hi - lo + 1));
-  }
-  float f32(float lo, float hi) { return lo + static_cast<float>(uniform()) * (hi - lo); }
-  // A bf16 value +-(1 + m/128) * 2^e, e in [min_exp, max_exp]; zero one time in 32.
-  float bf16_value(int min_exp, int max_exp) {
-    if (range(0, 31) == 0) return 0.0f;
-    float mant = 1.0f + static_cast<float>(range(0, 127)) / 128.0f;
-    float v = std::ldexp(mant, static_cast<int>(range(min_exp, max_exp)));
-    return range(0, 1) != 0 ? -v : v;
-  }
-  uint16_t bf16_bits(int min_exp, int max_exp) { return f32_to_bf16_bits(bf16_value(min_exp, max_exp)); }
-
- private:
-  uint64_t s_;
-};
+using grokit::payloads::Rng;  // splitmix64: the same stream on every platform
 
 constexpr uint32_t kPoison = 0x7fbadbadu;  // a NaN no kernel produces
 
