@@ -3,9 +3,11 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "kernels/kernels.h"
 
@@ -48,6 +50,51 @@ inline int64_t task_count(Pool pool) { return pool == nullptr ? 1 : 4 * static_c
 // (ldy apart). Defined in matmul_q8.cpp beside tree_sum.
 void combine_chains(float* parts, int64_t chains, int64_t stride, int64_t ld, int64_t M, int64_t width, float* y,
                     int64_t ldy);
+
+// The task plan every weight product shares. chain_part(ch, c0, c1, out, ld) writes the
+// sums of chain ch (its rows of W) for columns [c0, c1) of every row of x into out
+// ([M][ld], column c0 at out[0]); the chains then meet in combine_chains, into y.
+//   Few rows of x (decode): tasks are (chain, column part) pairs, so each task streams
+//   one contiguous block of rows; parts of at most max_width columns.
+//   Many rows (prefill) or one chain: tasks are column ranges narrow enough that every
+//   chain's sums for them fit in a few MiB.
+// align: the columns of a task start at multiples of it (the kernels' tile width).
+template <class ChainPart>
+void run_chains(Pool pool, int64_t M, int64_t N, int64_t chains, int64_t align, int64_t max_width, float* y,
+                int64_t ldy, const ChainPart& chain_part) {
+  if (chains > 1 && M * N * chains <= (int64_t{1} << 22)) {
+    const int64_t parts =
+        std::max<int64_t>({1, (task_count(pool) + chains - 1) / chains, (N + max_width - 1) / max_width});
+    const int64_t width = chunk_size(N, parts, align);
+    // Reused across calls: a fresh buffer of this size would be mapped and faulted in on
+    // every call of a decode step.
+    static thread_local std::vector<float> out_storage;
+    std::vector<float>& out = out_storage;
+    out.resize(static_cast<size_t>(chains * M * N));
+    for_each(pool, static_cast<size_t>(chains * parts), [&](size_t t) {
+      const int64_t ch = static_cast<int64_t>(t) / parts, part = static_cast<int64_t>(t) % parts;
+      const int64_t c0 = std::min(N, part * width), c1 = std::min(N, c0 + width);
+      if (c0 < c1) chain_part(ch, c0, c1, out.data() + ch * M * N + c0, N);
+    });
+    const int64_t cw = chunk_size(N, task_count(pool), 64);
+    for_each(pool, static_cast<size_t>((N + cw - 1) / cw), [&](size_t t) {
+      const int64_t c0 = static_cast<int64_t>(t) * cw, c1 = std::min(N, c0 + cw);
+      combine_chains(out.data() + c0, chains, M * N, N, M, c1 - c0, y + c0, ldy);
+    });
+    return;
+  }
+  int64_t chunk = chunk_size(N, task_count(pool), align);
+  chunk = std::max<int64_t>(align, std::min(chunk, (int64_t{1} << 19) / std::max<int64_t>(1, chains * M) / align * align));
+  const int64_t tasks = (N + chunk - 1) / chunk;
+  for_each(pool, static_cast<size_t>(tasks), [&](size_t t) {
+    const int64_t c0 = static_cast<int64_t>(t) * chunk, c1 = std::min(N, c0 + chunk), width = c1 - c0;
+    if (chains == 1) return chain_part(0, c0, c1, y + c0, ldy);
+    thread_local std::vector<float> parts;
+    parts.resize(static_cast<size_t>(chains * M * width));
+    for (int64_t ch = 0; ch < chains; ++ch) chain_part(ch, c0, c1, parts.data() + ch * M * width, width);
+    combine_chains(parts.data(), chains, M * width, width, M, width, y + c0, ldy);
+  });
+}
 
 inline double combine8(const double* a) { return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7])); }
 

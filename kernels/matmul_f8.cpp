@@ -436,45 +436,7 @@ Status impl(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* pa
       chain_ref<kPairs>(x, M, ldx, L, ch0, ch1, c0, c1, out, ld);
     }
   };
-  // The chains' sums (parts: [chains][stride], row m at m * ld, column c0 at 0) meet in
-  // tree_sum's pairwise tree, level by level across whole rows of columns, in place.
-  auto combine = [&](float* parts, int64_t stride, int64_t ld, int64_t c0, int64_t c1) {
-    combine_chains(parts, chains, stride, ld, M, c1 - c0, y + c0, ldy);
-  };
-
-  if (chains > 1 && M * N * chains <= (int64_t{1} << 22)) {
-    // Few rows of x (decode): tasks are (chain, column part) pairs, so each task streams
-    // through the contiguous chunks of its chain; the chains meet in the tree afterwards.
-    const int64_t parts = std::max<int64_t>(1, (task_count(pool) + chains - 1) / chains);
-    const int64_t width = chunk_size(N, parts, 16);
-    static thread_local std::vector<float> out_storage;
-    std::vector<float>& out = out_storage;
-    out.resize(static_cast<size_t>(chains * M * N));
-    for_each(pool, static_cast<size_t>(chains * parts), [&](size_t t) {
-      const int64_t ch = static_cast<int64_t>(t) / parts, part = static_cast<int64_t>(t) % parts;
-      const int64_t c0 = std::min(N, part * width), c1 = std::min(N, c0 + width);
-      if (c0 < c1) chain_part(ch, c0, c1, out.data() + ch * M * N + c0, N);
-    });
-    const int64_t cw = chunk_size(N, task_count(pool), 64);
-    for_each(pool, static_cast<size_t>((N + cw - 1) / cw), [&](size_t t) {
-      const int64_t c0 = static_cast<int64_t>(t) * cw, c1 = std::min(N, c0 + cw);
-      combine(out.data() + c0, M * N, N, c0, c1);
-    });
-    return {};
-  }
-  // Many rows of x (prefill) or one chain: tasks are column ranges narrow enough that
-  // every chain's sums for them fit in a few MiB.
-  int64_t chunk = chunk_size(N, task_count(pool), 16);
-  chunk = std::max<int64_t>(16, std::min(chunk, (int64_t{1} << 19) / std::max<int64_t>(1, chains * M) / 16 * 16));
-  const int64_t tasks = (N + chunk - 1) / chunk;
-  for_each(pool, static_cast<size_t>(tasks), [&](size_t t) {
-    const int64_t c0 = static_cast<int64_t>(t) * chunk, c1 = std::min(N, c0 + chunk), width = c1 - c0;
-    if (chains == 1) return chain_part(0, c0, c1, y + c0, ldy);
-    thread_local std::vector<float> parts;
-    parts.resize(static_cast<size_t>(chains * M * width));
-    for (int64_t ch = 0; ch < chains; ++ch) chain_part(ch, c0, c1, parts.data() + ch * M * width, width);
-    combine(parts.data(), M * width, width, c0, c1);
-  });
+  run_chains(pool, M, N, chains, 16, N, y, ldy, chain_part);
   return {};
 }
 

@@ -266,44 +266,8 @@ Status impl(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t* cod
     }
     if (vec_end < c1) chain_columns_ref<kPairs>(x, M, ldx, codes, scales, N, rpb, k0, k1, vec_end, c1, out + (vec_end - c0), ld);
   };
-  auto combine = [&](float* parts, int64_t stride, int64_t ld, int64_t c0, int64_t c1) {
-    combine_chains(parts, chains, stride, ld, M, c1 - c0, y + c0, ldy);
-  };
-  if (chains > 1 && M * N * chains <= (int64_t{1} << 22)) {
-    // Few rows of x (decode): tasks are (chain, column part) pairs, so each task reads one
-    // contiguous block of rows; the chains meet in the tree afterwards.
-    // Column parts keep a task's sums in L1 (at most kMaxWidth columns).
-    const int64_t parts = std::max<int64_t>({1, (task_count(pool) + chains - 1) / chains, (N + kMaxWidth - 1) / kMaxWidth});
-    const int64_t width = chunk_size(N, parts, 32);
-    // Reused across calls: a fresh buffer of this size would be mapped and faulted in
-    // on every call of a decode step.
-    static thread_local std::vector<float> out_storage;
-    std::vector<float>& out = out_storage;
-    out.resize(static_cast<size_t>(chains * M * N));
-    for_each(pool, static_cast<size_t>(chains * parts), [&](size_t t) {
-      const int64_t ch = static_cast<int64_t>(t) / parts, part = static_cast<int64_t>(t) % parts;
-      const int64_t c0 = std::min(N, part * width), c1 = std::min(N, c0 + width);
-      if (c0 < c1) chain_part(ch * sr, (ch + 1) * sr, c0, c1, out.data() + ch * M * N + c0, N);
-    });
-    const int64_t cw = chunk_size(N, task_count(pool), 64);
-    for_each(pool, static_cast<size_t>((N + cw - 1) / cw), [&](size_t t) {
-      const int64_t c0 = static_cast<int64_t>(t) * cw, c1 = std::min(N, c0 + cw);
-      combine(out.data() + c0, M * N, N, c0, c1);
-    });
-    return {};
-  }
-  // Many rows of x (prefill) or one chain: tasks are column ranges narrow enough that
-  // every chain's sums for them fit in a few MiB.
-  int64_t chunk = chunk_size(N, task_count(pool), 32);
-  chunk = std::max<int64_t>(32, std::min(chunk, (int64_t{1} << 19) / std::max<int64_t>(1, chains * M) / 32 * 32));
-  const int64_t tasks = (N + chunk - 1) / chunk;
-  for_each(pool, static_cast<size_t>(tasks), [&](size_t t) {
-    const int64_t c0 = static_cast<int64_t>(t) * chunk, c1 = std::min(N, c0 + chunk), width = c1 - c0;
-    if (chains == 1) return chain_part(0, K, c0, c1, y + c0, ldy);
-    thread_local std::vector<float> parts;
-    parts.resize(static_cast<size_t>(chains * M * width));
-    for (int64_t ch = 0; ch < chains; ++ch) chain_part(ch * sr, (ch + 1) * sr, c0, c1, parts.data() + ch * M * width, width);
-    combine(parts.data(), M * width, width, c0, c1);
+  run_chains(pool, M, N, chains, 32, kMaxWidth, y, ldy, [&](int64_t ch, int64_t c0, int64_t c1, float* out, int64_t ld) {
+    chain_part(ch * sr, (ch + 1) * sr, c0, c1, out, ld);
   });
   return {};
 }
