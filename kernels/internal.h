@@ -51,6 +51,30 @@ inline int64_t task_count(Pool pool) { return pool == nullptr ? 1 : 4 * static_c
 void combine_chains(float* parts, int64_t chains, int64_t stride, int64_t ld, int64_t M, int64_t width, float* y,
                     int64_t ldy);
 
+// x staged once per call for the k-chunked products (q4g, f8col): bf16 bits [M][K] for
+// the AVX-512 pair kernels; for AVX2, each 32-row chunk's values in lane order (the even
+// then the odd rows of its first 16, then of its second 16), [M][K].
+inline void stage_x_bf16(const float* x, int64_t M, int64_t K, int64_t ldx, std::vector<uint16_t>& xb) {
+  xb.resize(static_cast<size_t>(M * K));
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) xb[static_cast<size_t>(m * K + k)] = f32_to_bf16_bits(x[m * ldx + k]);
+}
+inline void stage_x_chunk_lanes(const float* x, int64_t M, int64_t K, int64_t ldx, std::vector<float>& xa) {
+  xa.resize(static_cast<size_t>(M * K));
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t c = 0; c < K / 32; ++c) {
+      const float* xc = x + m * ldx + 32 * c;
+      float* a = xa.data() + m * K + 32 * c;
+      for (int j = 0; j < 8; ++j) {
+        a[j] = xc[2 * j];
+        a[8 + j] = xc[2 * j + 1];
+        a[16 + j] = xc[16 + 2 * j];
+        a[24 + j] = xc[17 + 2 * j];
+      }
+    }
+  }
+}
+
 // The task plan every weight product shares. chain_part(ch, c0, c1, out, ld) writes the
 // sums of chain ch (its rows of W) for columns [c0, c1) of every row of x into out
 // ([M][ld], column c0 at out[0]); the chains then meet in combine_chains, into y.

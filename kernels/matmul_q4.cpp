@@ -318,26 +318,8 @@ Status impl(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* pa
   static thread_local std::vector<float> xa_storage;
   std::vector<uint16_t>& xb = xb_storage;
   std::vector<float>& xa = xa_storage;
-  if (kLevel == Level::kAvx512 && kPairs) {
-    xb.resize(static_cast<size_t>(M * K));
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t k = 0; k < K; ++k) xb[static_cast<size_t>(m * K + k)] = f32_to_bf16_bits(x[m * ldx + k]);
-  }
-  if (kLevel == Level::kAvx2) {
-    xa.resize(static_cast<size_t>(M * K));
-    for (int64_t m = 0; m < M; ++m) {
-      for (int64_t c = 0; c < K / 32; ++c) {
-        const float* xc = x + m * ldx + 32 * c;
-        float* a = xa.data() + m * K + 32 * c;
-        for (int j = 0; j < 8; ++j) {
-          a[j] = xc[2 * j];
-          a[8 + j] = xc[2 * j + 1];
-          a[16 + j] = xc[16 + 2 * j];
-          a[24 + j] = xc[17 + 2 * j];
-        }
-      }
-    }
-  }
+  if (kLevel == Level::kAvx512 && kPairs) stage_x_bf16(x, M, K, ldx, xb);
+  if (kLevel == Level::kAvx2) stage_x_chunk_lanes(x, M, K, ldx, xa);
   // One chain over columns [c0, c1) into out ([M][ld], c0 at out[0]).
   auto chain_part = [&](int64_t ch, int64_t c0, int64_t c1, float* out, int64_t ld) {
     const int64_t ch0 = ch * cpc, ch1 = ch0 + cpc;
