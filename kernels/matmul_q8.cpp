@@ -1,5 +1,6 @@
 // y = x @ dequant(W) for int8 codes with row-block bf16 scales, fp32 accumulation in the
 // pinned pair order of kernels.h (bf16 activations) or in k order with fma (fp32 ones).
+#include <type_traits>
 #include <vector>
 
 #include "kernels/internal.h"
@@ -7,6 +8,7 @@
 // GCC 12's avx512fintrin.h trips -Wmaybe-uninitialized on its own _mm512_undefined values.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
 
 namespace grokit::kernels {
@@ -14,7 +16,6 @@ namespace {
 using namespace detail;
 
 constexpr int64_t kRowBlock = 64;  // rows of codes per pass over a task's columns (even)
-constexpr int64_t kPrefetchRows = 8;  // how far ahead the row-by-row walks fetch
 constexpr int64_t kMaxWidth = 1 << 20;  // columns per decode task (narrower parts measured slower)
 
 void check_args(int64_t M, int64_t K, int64_t ldx, int64_t N, int64_t blocks, int64_t ldy) {
@@ -99,11 +100,44 @@ GROKIT_AVX2 void block_avx2(const float* x, int64_t M, int64_t ldx, int64_t K, c
 // dword of two bf16 (row k low, row k + 1 high; vcvtne2ps2bf16 does the dequantization's
 // bf16 rounding), and vdpbf16ps adds x[k+1] w[k+1] then x[k] w[k] to each column's fp32
 // sum: the pinned order, in one instruction per 16 columns and pair of rows.
-GROKIT_AVX512 inline __m512 dequant16_f32(const int8_t* p, __m512 s) {
-  return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))), s);
+//
+// A task's last tile may be narrower than 32 columns: the loads and stores below take
+// the tile's column mask (16 columns each) and `full` (a compile-time all-ones), masked
+// loads reading nothing past the last column.
+using Full = std::true_type;
+using Partial = std::false_type;
+template <class F>
+GROKIT_AVX512 inline __m512 load_f32(const float* p, F full, __mmask16 m) {
+  if constexpr (F::value) return (void)full, (void)m, _mm512_loadu_ps(p);
+  else return _mm512_maskz_loadu_ps(m, p);
 }
-GROKIT_AVX512 inline __m512 load_bf16x16(const uint16_t* p) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+template <class F>
+GROKIT_AVX512 inline void store_f32(float* p, __m512 v, F full, __mmask16 m) {
+  if constexpr (F::value) (void)full, (void)m, _mm512_storeu_ps(p, v);
+  else _mm512_mask_storeu_ps(p, m, v);
+}
+template <class F>
+GROKIT_AVX512 inline __m512 dequant16_f32(const int8_t* p, __m512 s, F full, __mmask16 m) {
+  __m128i q;
+  if constexpr (F::value) (void)full, (void)m, q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  else q = _mm_maskz_loadu_epi8(m, p);
+  return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), s);
+}
+GROKIT_AVX512 inline __m512 load_bf16x16(const uint16_t* p, __mmask16 m) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+// The masks of the tile at column c of [.., c1): columns [c, c + 16) and [c + 16, c + 32).
+inline __mmask16 mask_lo(int64_t c, int64_t c1) {
+  return c1 - c >= 16 ? __mmask16{0xffff} : static_cast<__mmask16>((1u << (c1 - c)) - 1);
+}
+inline __mmask16 mask_hi(int64_t c, int64_t c1) { return mask_lo(c + 16, std::max(c + 16, c1)); }
+// Runs tile(Full, c, ..) for the whole 32-column tiles of [c0, c1), then
+// tile(Partial, c, masks) for the rest.
+template <class Tile>
+GROKIT_AVX512 __attribute__((always_inline)) inline void for_each_tile(int64_t c0, int64_t c1, const Tile& tile) {
+  int64_t c = c0;
+  for (; c + 32 <= c1; c += 32) tile(Full{}, c, __mmask16{0xffff}, __mmask16{0xffff});
+  if (c < c1) tile(Partial{}, c, mask_lo(c, c1), mask_hi(c, c1));
 }
 
 // The scales of the blocks that rows [k0, k1) use, columns [c0, c1), as fp32 (converted
@@ -115,21 +149,31 @@ GROKIT_AVX512 const float* scales_f32(const uint16_t* scales, int64_t N, int64_t
   const int64_t b0 = k0 / rpb, b1 = (k1 - 1) / rpb + 1, width = c1 - c0;
   out.resize(static_cast<size_t>((b1 - b0) * width));
   for (int64_t b = b0; b < b1; ++b) {
-    for (int64_t c = c0; c < c1; c += 16)
-      _mm512_storeu_ps(out.data() + (b - b0) * width + (c - c0), load_bf16x16(scales + b * N + c));
+    for (int64_t c = c0; c < c1; c += 16) {
+      const __mmask16 m = mask_lo(c, c1);
+      _mm512_mask_storeu_ps(out.data() + (b - b0) * width + (c - c0), m, load_bf16x16(scales + b * N + c, m));
+    }
   }
   return out.data();
 }
 
-// Fetches rows [k, k + n) of columns [c0, c1): the walks read short runs of many rows, so
-// every run would start with a full memory latency without it.
-inline void prefetch_rows(const int8_t* codes, int64_t N, int64_t k, int64_t n, int64_t c0, int64_t c1) {
-  for (int64_t r = k; r < k + n; ++r) {
-    for (int64_t c = c0; c < c1; c += 64) _mm_prefetch(reinterpret_cast<const char*>(codes + r * N + c), _MM_HINT_T1);
-  }
+// The walks below read a few rows at a time, streams N bytes apart, and spend enough
+// work on each line that the hardware prefetchers fall behind: each 64-column step
+// fetches the same columns of the rows one step further on, or about 4 KiB on for short
+// rows (measured on two Zen 5 cores: 22 -> 40-45 GB/s, about the plain read bandwidth).
+inline int64_t rows_ahead(int64_t N, int64_t step) { return step * std::max<int64_t>(1, 4096 / (step * N)); }
+// Column c of `rows` (<= 4) rows from `row` on. __builtin_prefetch, not _mm_prefetch:
+// GCC 12 dropped the latter here once inlined into the AVX-512 loop bodies (no prefetch
+// left in the object code).
+inline void prefetch_rows(const int8_t* row, int64_t N, int64_t rows, int64_t c) {
+  const char* p = reinterpret_cast<const char*>(row + c);
+  if (rows > 0) __builtin_prefetch(p, 0, 3);
+  if (rows > 1) __builtin_prefetch(p + N, 0, 3);
+  if (rows > 2) __builtin_prefetch(p + 2 * N, 0, 3);
+  if (rows > 3) __builtin_prefetch(p + 3 * N, 0, 3);
 }
 
-// Rows [k0, k1) of columns [c0, c1) (a multiple of 32), two row pairs at a time: the rows
+// Rows [k0, k1) of columns [c0, c1) (the last tile masked), two row pairs at a time: the rows
 // stream through sequentially, each 32-column tile of a pair is dequantized once (the
 // bf16 rounding done by vcvtne2ps2bf16, the pairs interleaved into dwords) and added to
 // every row of x's fp32 sums in `acc` ([M][acc_ld], column c0 at 0) by vdpbf16ps.
@@ -139,44 +183,58 @@ GROKIT_AVX512 void pairs_rows_avx512(const uint32_t* xpairs, int64_t M, int64_t 
   const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
                                               21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
   const float* sf = scales_f32(scales, N, rpb, k0, k1, c0, c1);
-  const int64_t width = c1 - c0, b0 = k0 / rpb;
-  // One pair of rows (k, k + 1; a missing k + 1 counts as zero) of tile c: two vectors of
-  // 16 dwords, each (w[k][n] low, w[k+1][n] high).
-  auto pair_tile = [&](int64_t k, int64_t c, __m512bh& lo, __m512bh& hi) GROKIT_AVX512_LAMBDA {
-    const int8_t* r0 = codes + k * N + c;
-    const float* s0 = sf + (k / rpb - b0) * width + (c - c0);
-    __m512 lo0 = dequant16_f32(r0, _mm512_loadu_ps(s0)), hi0 = dequant16_f32(r0 + 16, _mm512_loadu_ps(s0 + 16));
+  const int64_t width = c1 - c0, b0 = k0 / rpb, ahead = rows_ahead(N, 4);
+  // The scales of row k, column c0 at [0] (computed once per row, not per tile).
+  auto row_scales = [&](int64_t k) { return sf + (k / rpb - b0) * width; };
+  // One pair of rows (k, k + 1; a missing k + 1 counts as zero: s1 null) of tile c: two
+  // vectors of 16 dwords, each (w[k][n] low, w[k+1][n] high).
+  auto pair_tile = [&](auto full, const int8_t* r0, const float* s0, const float* s1, int64_t c, __mmask16 ml,
+                       __mmask16 mh, __m512bh& lo, __m512bh& hi) GROKIT_AVX512_INLINE_LAMBDA {
+    r0 += c;
+    s0 += c - c0;
+    __m512 lo0 = dequant16_f32(r0, load_f32(s0, full, ml), full, ml);
+    __m512 hi0 = dequant16_f32(r0 + 16, load_f32(s0 + 16, full, mh), full, mh);
     __m512 lo1 = _mm512_setzero_ps(), hi1 = _mm512_setzero_ps();
-    if (k + 1 < K) {
-      const float* s1 = sf + ((k + 1) / rpb - b0) * width + (c - c0);
-      lo1 = dequant16_f32(r0 + N, _mm512_loadu_ps(s1));
-      hi1 = dequant16_f32(r0 + N + 16, _mm512_loadu_ps(s1 + 16));
+    if (s1 != nullptr) {
+      s1 += c - c0;
+      lo1 = dequant16_f32(r0 + N, load_f32(s1, full, ml), full, ml);
+      hi1 = dequant16_f32(r0 + N + 16, load_f32(s1 + 16, full, mh), full, mh);
     }
     lo = reinterpret_cast<__m512bh>(_mm512_permutexvar_epi16(interleave, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(lo1, lo0))));
     hi = reinterpret_cast<__m512bh>(_mm512_permutexvar_epi16(interleave, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi1, hi0))));
   };
   for (int64_t k = k0; k < k1; k += 4) {
     const bool two = k + 2 < k1;  // a second pair in this step
-    if (k + kPrefetchRows < k1) prefetch_rows(codes, N, k + kPrefetchRows, std::min<int64_t>(4, k1 - k - kPrefetchRows), c0, c1);
-    for (int64_t c = c0; c < c1; c += 32) {
+    const int64_t fetch = std::min<int64_t>(4, std::max<int64_t>(0, k1 - (k + ahead)));
+    const int8_t* next = codes + (k + ahead) * N;
+    // x's pairs for one row of x, hoisted out of the column loop.
+    const __m512bh xa1 = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(xpairs[k / 2])));
+    const __m512bh xb1 = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(two ? xpairs[k / 2 + 1] : 0)));
+    const int8_t* ra = codes + k * N;
+    const float* sa0 = row_scales(k);
+    const float* sa1 = k + 1 < K ? row_scales(k + 1) : nullptr;
+    const float* sb0 = two ? row_scales(k + 2) : nullptr;
+    const float* sb1 = two && k + 3 < K ? row_scales(k + 3) : nullptr;
+    for_each_tile(c0, c1, [&](auto full, int64_t c, __mmask16 ml, __mmask16 mh) GROKIT_AVX512_INLINE_LAMBDA {
+      if (((c - c0) & 63) == 0) prefetch_rows(next, N, fetch, c);
       __m512bh alo, ahi, blo, bhi;
-      pair_tile(k, c, alo, ahi);
-      if (two) pair_tile(k + 2, c, blo, bhi);
+      pair_tile(full, ra, sa0, sa1, c, ml, mh, alo, ahi);
+      if (two) pair_tile(full, ra + 2 * N, sb0, sb1, c, ml, mh, blo, bhi);
       for (int64_t m = 0; m < M; ++m) {
         const uint32_t* xp = xpairs + m * kp_stride + k / 2;
-        __m512bh xa = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(xp[0])));
+        __m512bh xa = M == 1 ? xa1 : reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(xp[0])));
         float* ap = acc + m * acc_ld + (c - c0);
-        __m512 s0 = _mm512_dpbf16_ps(_mm512_loadu_ps(ap), alo, xa);
-        __m512 s1 = _mm512_dpbf16_ps(_mm512_loadu_ps(ap + 16), ahi, xa);
+        __m512 s0 = _mm512_dpbf16_ps(load_f32(ap, full, ml), alo, xa);
+        __m512 s1 = _mm512_dpbf16_ps(load_f32(ap + 16, full, mh), ahi, xa);
         if (two) {
-          __m512bh xb = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(xp[1])));
+          __m512bh xb = M == 1 ? xb1 : reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(xp[1])));
           s0 = _mm512_dpbf16_ps(s0, blo, xb);
           s1 = _mm512_dpbf16_ps(s1, bhi, xb);
         }
-        _mm512_storeu_ps(ap, s0);
-        _mm512_storeu_ps(ap + 16, s1);
+        store_f32(ap, s0, full, ml);
+        store_f32(ap + 16, s1, full, mh);
       }
-    }
+    });
   }
 }
 
@@ -186,35 +244,45 @@ GROKIT_AVX512 void fma_rows_avx512(const float* x, int64_t M, int64_t ldx, const
                                    int64_t N, int64_t rpb, int64_t k0, int64_t k1, int64_t c0, int64_t c1, float* acc,
                                    int64_t acc_ld) {
   const float* sf = scales_f32(scales, N, rpb, k0, k1, c0, c1);
-  const int64_t width = c1 - c0, b0 = k0 / rpb;
-  auto row_tile = [&](int64_t k, int64_t c, __m512& w0, __m512& w1) GROKIT_AVX512_LAMBDA {
-    const int8_t* row = codes + k * N + c;
-    const float* sp = sf + (k / rpb - b0) * width + (c - c0);
-    __m512 f0 = dequant16_f32(row, _mm512_loadu_ps(sp)), f1 = dequant16_f32(row + 16, _mm512_loadu_ps(sp + 16));
+  const int64_t width = c1 - c0, b0 = k0 / rpb, ahead = rows_ahead(N, 2);
+  // Tile c of one row (its codes and its fp32 scales, column c0 at [0]), bf16-rounded.
+  auto row_tile = [&](auto full, const int8_t* row, const float* sp, int64_t c, __mmask16 ml, __mmask16 mh, __m512& w0,
+                      __m512& w1) GROKIT_AVX512_INLINE_LAMBDA {
+    row += c;
+    sp += c - c0;
+    __m512 f0 = dequant16_f32(row, load_f32(sp, full, ml), full, ml);
+    __m512 f1 = dequant16_f32(row + 16, load_f32(sp + 16, full, mh), full, mh);
     w0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(f0))), 16));
     w1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(f1))), 16));
   };
   for (int64_t k = k0; k < k1; k += 2) {
     const bool two = k + 1 < k1;
-    if (k + kPrefetchRows < k1) prefetch_rows(codes, N, k + kPrefetchRows, std::min<int64_t>(2, k1 - k - kPrefetchRows), c0, c1);
-    for (int64_t c = c0; c < c1; c += 32) {
+    const int64_t fetch = std::min<int64_t>(2, std::max<int64_t>(0, k1 - (k + ahead)));
+    const int8_t* next = codes + (k + ahead) * N;
+    const int8_t* ra = codes + k * N;
+    const float* sa = sf + (k / rpb - b0) * width;
+    const float* sb = sf + ((k + 1) / rpb - b0) * width;
+    // x for one row of x, hoisted out of the column loop (the stores to acc could alias it).
+    const __m512 xa1 = _mm512_set1_ps(x[k]), xb1 = _mm512_set1_ps(two ? x[k + 1] : 0.0f);
+    for_each_tile(c0, c1, [&](auto full, int64_t c, __mmask16 ml, __mmask16 mh) GROKIT_AVX512_INLINE_LAMBDA {
+      if (((c - c0) & 63) == 0) prefetch_rows(next, N, fetch, c);
       __m512 a0, a1, b0v, b1v;
-      row_tile(k, c, a0, a1);
-      if (two) row_tile(k + 1, c, b0v, b1v);
+      row_tile(full, ra, sa, c, ml, mh, a0, a1);
+      if (two) row_tile(full, ra + N, sb, c, ml, mh, b0v, b1v);
       for (int64_t m = 0; m < M; ++m) {
         const float* xr = x + m * ldx;
         float* ap = acc + m * acc_ld + (c - c0);
-        __m512 xa = _mm512_set1_ps(xr[k]);
-        __m512 s0 = _mm512_fmadd_ps(xa, a0, _mm512_loadu_ps(ap)), s1 = _mm512_fmadd_ps(xa, a1, _mm512_loadu_ps(ap + 16));
+        __m512 xa = M == 1 ? xa1 : _mm512_set1_ps(xr[k]);
+        __m512 s0 = _mm512_fmadd_ps(xa, a0, load_f32(ap, full, ml)), s1 = _mm512_fmadd_ps(xa, a1, load_f32(ap + 16, full, mh));
         if (two) {
-          __m512 xb = _mm512_set1_ps(xr[k + 1]);
+          __m512 xb = M == 1 ? xb1 : _mm512_set1_ps(xr[k + 1]);
           s0 = _mm512_fmadd_ps(xb, b0v, s0);
           s1 = _mm512_fmadd_ps(xb, b1v, s1);
         }
-        _mm512_storeu_ps(ap, s0);
-        _mm512_storeu_ps(ap + 16, s1);
+        store_f32(ap, s0, full, ml);
+        store_f32(ap + 16, s1, full, mh);
       }
-    }
+    });
   }
 }
 
@@ -249,7 +317,8 @@ Status impl(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t* cod
   // One chain over rows [k0, k1) of columns [c0, c1) into out ([M][ld], c0 at out[0]):
   // whole 32-column tiles by SIMD, the rest by the scalar twin.
   auto chain_part = [&](int64_t k0, int64_t k1, int64_t c0, int64_t c1, float* out, int64_t ld) {
-    const int64_t vec_end = kLevel == Level::kScalar ? c0 : c0 + (c1 - c0) / 32 * 32;
+    // AVX-512 takes every column (its last tile masked), AVX2 the whole 32-column tiles.
+    const int64_t vec_end = kLevel == Level::kScalar ? c0 : kLevel == Level::kAvx512 ? c1 : c0 + (c1 - c0) / 32 * 32;
     if (vec_end > c0) {
       for (int64_t m = 0; m < M; ++m) std::fill(out + m * ld, out + m * ld + (vec_end - c0), 0.0f);
       if constexpr (kLevel == Level::kAvx512) {
