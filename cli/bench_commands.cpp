@@ -3,10 +3,12 @@
 
 #include <cxxopts.hpp>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <vector>
 
 #include "cli/cli.h"
 #include "runner/runner.h"
@@ -30,36 +32,58 @@ __attribute__((target("avx2"))) double sum_avx2(const float* p, size_t n) {
   return s;
 }
 
+// A buffer larger than the caches, first touched by the threads that read it; measure()
+// returns the best read bandwidth (bytes/s) of `reps` passes.
+class ReadProbe {
+ public:
+  ReadProbe(unsigned threads, uint64_t bytes)
+      : threads_(threads), n_(bytes / sizeof(float) / 32 * 32), pool_(threads) {
+    buf_ = static_cast<float*>(std::aligned_alloc(64, n_ * sizeof(float)));
+    GROKIT_CHECK(buf_ != nullptr);
+    parallel_for(threads, threads, [&](size_t t) {
+      size_t a = n_ / threads * t, b = t + 1 == threads ? n_ : n_ / threads * (t + 1);
+      for (size_t i = a; i < b; ++i) buf_[i] = 1.0f;
+    });
+  }
+  ~ReadProbe() { std::free(buf_); }
+  ReadProbe(const ReadProbe&) = delete;
+  ReadProbe& operator=(const ReadProbe&) = delete;
+
+  double measure(int reps) {
+    double best = 0;
+    for (int rep = 0; rep < reps; ++rep) {
+      std::atomic<double> sink{0};
+      auto t0 = std::chrono::steady_clock::now();
+      size_t per = n_ / threads_ / 32 * 32;
+      pool_.run(threads_, [&](size_t t) {
+        size_t a = per * t, len = t + 1 == threads_ ? n_ - a : per;
+        double s = sum_avx2(buf_ + a, len);
+        double expected = sink.load();
+        while (!sink.compare_exchange_weak(expected, expected + s)) {
+        }
+      });
+      double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      if (sink.load() != static_cast<double>(n_)) std::fprintf(stderr, "bench: bandwidth check sum is off\n");
+      best = std::max(best, static_cast<double>(n_ * sizeof(float)) / secs);
+    }
+    return best;
+  }
+
+ private:
+  unsigned threads_;
+  size_t n_;
+  ThreadPool pool_;
+  float* buf_ = nullptr;
+};
+
+double median_of(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
 }  // namespace
 
-double measure_read_bandwidth(unsigned threads, uint64_t bytes) {
-  size_t n = bytes / sizeof(float) / 32 * 32;
-  auto* buf = static_cast<float*>(std::aligned_alloc(64, n * sizeof(float)));
-  GROKIT_CHECK(buf != nullptr);
-  parallel_for(threads, threads, [&](size_t t) {  // first touch by the threads that read
-    size_t a = n / threads * t, b = t + 1 == threads ? n : n / threads * (t + 1);
-    for (size_t i = a; i < b; ++i) buf[i] = 1.0f;
-  });
-  double best = 0;
-  ThreadPool pool(threads);
-  for (int rep = 0; rep < 5; ++rep) {
-    std::atomic<double> sink{0};
-    auto t0 = std::chrono::steady_clock::now();
-    size_t per = n / threads / 32 * 32;
-    pool.run(threads, [&](size_t t) {
-      size_t a = per * t, len = t + 1 == threads ? n - a : per;
-      double s = sum_avx2(buf + a, len);
-      double expected = sink.load();
-      while (!sink.compare_exchange_weak(expected, expected + s)) {
-      }
-    });
-    double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    if (sink.load() != static_cast<double>(n)) std::fprintf(stderr, "bench: bandwidth check sum is off\n");
-    best = std::max(best, static_cast<double>(n * sizeof(float)) / secs);
-  }
-  std::free(buf);
-  return best;
-}
+double measure_read_bandwidth(unsigned threads, uint64_t bytes) { return ReadProbe(threads, bytes).measure(5); }
 
 int cmd_bench(int argc, char** argv) {
   const char* prog = "grokit bench";
@@ -69,7 +93,9 @@ int cmd_bench(int argc, char** argv) {
   opts.positional_help("<model dir>");
   opts.add_options()
       ("threads", "threads (0: every core)", cxxopts::value<unsigned>()->default_value("0"))
-      ("steps", "decode steps to time", cxxopts::value<int>()->default_value("32"))
+      ("steps", "decode steps to time in each round", cxxopts::value<int>()->default_value("32"))
+      ("rounds", "rounds of (bandwidth probe, decode steps): the limit is measured next to the steps it bounds, "
+       "since a shared host's bandwidth drifts", cxxopts::value<int>()->default_value("5"))
       ("prompt-tokens", "prompt length before the timed steps", cxxopts::value<int>()->default_value("16"))
       ("buffer-mb", "bandwidth test buffer, MiB (larger than the caches)", cxxopts::value<unsigned>()->default_value("1024"))
       ("device", "cpu, cuda or host (see grokit run --help); the bandwidth measured is the host's memory: for "
@@ -81,10 +107,11 @@ int cmd_bench(int argc, char** argv) {
   const std::string model_dir = parsed.positional[0], device = r["device"].as<std::string>();
   unsigned threads = r["threads"].as<unsigned>();
   if (threads == 0) threads = hardware_threads();
-  int steps = r["steps"].as<int>(), prompt = r["prompt-tokens"].as<int>();
-  if (steps < 1 || prompt < 1) return std::fprintf(stderr, "%s: --steps and --prompt-tokens must be >= 1\n", prog), kExitUsage;
+  int steps = r["steps"].as<int>(), prompt = r["prompt-tokens"].as<int>(), rounds = r["rounds"].as<int>();
+  if (steps < 1 || prompt < 1 || rounds < 1)
+    return std::fprintf(stderr, "%s: --steps, --rounds and --prompt-tokens must be >= 1\n", prog), kExitUsage;
 
-  double bw = measure_read_bandwidth(threads, uint64_t{r["buffer-mb"].as<unsigned>()} << 20);
+  ReadProbe probe(threads, uint64_t{r["buffer-mb"].as<unsigned>()} << 20);
   runner::EngineOptions eo;
   eo.threads = threads;
   eo.verify = false;
@@ -93,7 +120,7 @@ int cmd_bench(int argc, char** argv) {
   auto engine = runner::Engine::load(model_dir, eo);
   if (!engine.ok()) return std::fprintf(stderr, "%s: error: %s\n", prog, engine.error().message.c_str()), kExitFailure;
   runner::Engine& eng = **engine;
-  auto slot = eng.open_sequence(prompt + steps + 1);
+  auto slot = eng.open_sequence(prompt + steps * rounds + 1);
   if (!slot.ok()) return std::fprintf(stderr, "%s: error: %s\n", prog, slot.error().message.c_str()), kExitFailure;
   std::vector<int32_t> tokens(static_cast<size_t>(prompt));
   for (int i = 0; i < prompt; ++i) tokens[static_cast<size_t>(i)] = 3 + (i * 7919) % static_cast<int>(eng.config().vocab_size - 3);
@@ -106,32 +133,41 @@ int cmd_bench(int argc, char** argv) {
   runner::StepRow row{*slot, tokens, runner::StepRow::Logits::kLast};
   if (auto s = eng.step(std::span<const runner::StepRow>(&row, 1), take); !s.ok())
     return std::fprintf(stderr, "%s: error: %s\n", prog, s.error().message.c_str()), kExitFailure;
-  std::vector<double> times;
-  for (int i = 0; i < steps; ++i) {
-    int32_t t = next;
-    row = {*slot, std::span<const int32_t>(&t, 1), runner::StepRow::Logits::kLast};
-    auto t0 = std::chrono::steady_clock::now();
-    if (auto s = eng.step(std::span<const runner::StepRow>(&row, 1), take); !s.ok())
-      return std::fprintf(stderr, "%s: error: %s\n", prog, s.error().message.c_str()), kExitFailure;
-    times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-  }
-  std::sort(times.begin(), times.end());
-  double median = times[times.size() / 2];
-  // The machine's limit is the best bandwidth seen: measure again after decoding (memory
-  // bandwidth on a shared host varies) and keep the larger.
-  double bw_after = measure_read_bandwidth(threads, uint64_t{r["buffer-mb"].as<unsigned>()} << 20);
-  bw = std::max(bw, bw_after);
-  uint64_t bytes = eng.weight_bytes_per_token();
-  double ideal = static_cast<double>(bytes) / bw;
-  std::printf("memory read bandwidth : %8.2f GB/s (%u threads; the best of before and after decoding)\n", bw / 1e9,
-              threads);
+  const uint64_t bytes = eng.weight_bytes_per_token();
   std::printf("weights read per token: %8.1f MiB (attention, %ld of %ld experts, output projection)\n",
               static_cast<double>(bytes) / (1 << 20), static_cast<long>(eng.config().num_selected_experts),
               static_cast<long>(eng.config().num_experts));
+  // Each round: the read bandwidth (best of 3 passes), then `steps` decode steps; the
+  // round's ratio = (bytes / that bandwidth) / the median step of the round.
+  std::vector<double> all_times, ratios, bws;
+  for (int round = 0; round < rounds; ++round) {
+    const double bw = probe.measure(3);
+    std::vector<double> times;
+    for (int i = 0; i < steps; ++i) {
+      int32_t t = next;
+      row = {*slot, std::span<const int32_t>(&t, 1), runner::StepRow::Logits::kLast};
+      auto t0 = std::chrono::steady_clock::now();
+      if (auto s = eng.step(std::span<const runner::StepRow>(&row, 1), take); !s.ok())
+        return std::fprintf(stderr, "%s: error: %s\n", prog, s.error().message.c_str()), kExitFailure;
+      times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    }
+    const double med = median_of(times);
+    all_times.insert(all_times.end(), times.begin(), times.end());
+    bws.push_back(bw);
+    ratios.push_back(static_cast<double>(bytes) / bw / med);
+    std::printf("round %d: read bandwidth %7.2f GB/s (%u threads), decode step %7.2f ms, ratio %.2f\n", round + 1,
+                bw / 1e9, threads, med * 1e3, ratios.back());
+  }
+  const double median = median_of(all_times), ratio = median_of(ratios);
+  const double best_bw = *std::max_element(bws.begin(), bws.end());
   std::printf("decode step (median)  : %8.2f ms  -> %6.2f tok/s\n", median * 1e3, 1.0 / median);
-  std::printf("bandwidth-bound step  : %8.2f ms\n", ideal * 1e3);
-  std::printf("roofline ratio        : %8.2f (target >= 0.7)\n", ideal / median);
-  std::fprintf(stderr, "%s: %.2f tok/s, roofline %.2f, kernels %s\n", prog, 1.0 / median, ideal / median,
+  std::printf("read bandwidth        : %8.2f - %.2f GB/s over the rounds\n",
+              *std::min_element(bws.begin(), bws.end()) / 1e9, best_bw / 1e9);
+  std::printf("roofline ratio        : %8.2f (median of the rounds, %.2f - %.2f; target >= 0.7)\n", ratio,
+              *std::min_element(ratios.begin(), ratios.end()), *std::max_element(ratios.begin(), ratios.end()));
+  std::printf("  against the best bandwidth of all rounds and the median step: %.2f\n",
+              static_cast<double>(bytes) / best_bw / median);
+  std::fprintf(stderr, "%s: %.2f tok/s, roofline %.2f, kernels %s\n", prog, 1.0 / median, ratio,
                std::getenv("GROKIT_KERNELS") ? std::getenv("GROKIT_KERNELS") : "auto");
   return kExitOk;
 }

@@ -85,7 +85,7 @@ GROKIT_AVX512 void rows_avx512(const uint16_t* xb, int64_t M, int64_t K, const f
       const uint16_t* xr = xb + m * K;
       __m512 a = _mm512_setzero_ps();
       for (int64_t k = 0; k < K32; k += 32) {
-        if (m == 0) __builtin_prefetch(wr + k + kAhead, 0, 3);
+        if (m == 0) prefetch_line(reinterpret_cast<const char*>(wr + k + kAhead));
         a = _mm512_dpbf16_ps(a, reinterpret_cast<__m512bh>(_mm512_loadu_si512(wr + k)), reinterpret_cast<__m512bh>(_mm512_loadu_si512(xr + k)));
       }
       alignas(64) float l[16];

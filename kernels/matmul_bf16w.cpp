@@ -16,7 +16,6 @@ namespace {
 using namespace detail;
 
 constexpr int64_t kRowBlock = 64;     // rows per pass over a task's columns (AVX2; even)
-constexpr int64_t kPrefetchRows = 8;  // how far ahead the row-by-row walks fetch
 
 void check_args(int64_t M, int64_t K, int64_t ldx, int64_t N, int64_t ldy) {
   GROKIT_CHECK(M >= 0 && K > 0 && N > 0 && ldx >= K && ldy >= N);
@@ -90,14 +89,6 @@ GROKIT_AVX512 inline __m512 load_bf16x16(const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
 }
 
-// Fetches rows [k, k + n) of columns [c0, c1): the walks read short runs of many rows, so
-// every run would start with a full memory latency without it.
-inline void prefetch_rows(const uint16_t* w, int64_t N, int64_t k, int64_t n, int64_t c0, int64_t c1) {
-  for (int64_t r = k; r < k + n; ++r) {
-    for (int64_t c = c0; c < c1; c += 32) _mm_prefetch(reinterpret_cast<const char*>(w + r * N + c), _MM_HINT_T1);
-  }
-}
-
 // Rows [k0, k1) of columns [c0, c1) (a multiple of 32), two row pairs at a time: the rows
 // stream through sequentially, each 32-column tile of a pair is interleaved once and added
 // to every row of x's fp32 sums in `acc` ([M][acc_ld], column c0 at 0) by vdpbf16ps.
@@ -122,21 +113,27 @@ GROKIT_AVX512 void pairs_rows_avx512(const uint32_t* xpairs, int64_t M, int64_t 
     lo = reinterpret_cast<__m512bh>(_mm512_permutex2var_epi16(a, lo_idx, b));
     hi = reinterpret_cast<__m512bh>(_mm512_permutex2var_epi16(a, hi_idx, b));
   };
+  const int64_t ahead = rows_ahead(2 * N, 4);  // prefetch (internal.h)
   for (int64_t k = k0; k < k1; k += 4) {
     const bool two = k + 2 < k1;  // a second pair in this step
-    if (k + kPrefetchRows < k1) prefetch_rows(w, N, k + kPrefetchRows, std::min<int64_t>(4, k1 - k - kPrefetchRows), c0, c1);
+    const int64_t fetch = rows_to_fetch(k, ahead, k1, 4);
+    const uint16_t* next = fetch > 0 ? w + (k + ahead) * N : w;
+    // x's pairs for one row of x, hoisted out of the column loop.
+    const __m512bh xa1 = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(xpairs[k / 2])));
+    const __m512bh xb1 = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(two ? xpairs[k / 2 + 1] : 0)));
     for (int64_t c = c0; c < c1; c += 32) {
+      prefetch_rows(next + c, 2 * N, fetch);
       __m512bh alo, ahi, blo, bhi;
       pair_tile(k, c, alo, ahi);
       if (two) pair_tile(k + 2, c, blo, bhi);
       for (int64_t m = 0; m < M; ++m) {
         const uint32_t* xp = xpairs + m * kp_stride + k / 2;
-        const __m512bh xa = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(xp[0])));
+        const __m512bh xa = M == 1 ? xa1 : reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(xp[0])));
         float* ap = acc + m * acc_ld + (c - c0);
         __m512 s0 = _mm512_dpbf16_ps(_mm512_loadu_ps(ap), alo, xa);
         __m512 s1 = _mm512_dpbf16_ps(_mm512_loadu_ps(ap + 16), ahi, xa);
         if (two) {
-          const __m512bh xb = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(xp[1])));
+          const __m512bh xb = M == 1 ? xb1 : reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(xp[1])));
           s0 = _mm512_dpbf16_ps(s0, blo, xb);
           s1 = _mm512_dpbf16_ps(s1, bhi, xb);
         }
@@ -151,10 +148,15 @@ GROKIT_AVX512 void pairs_rows_avx512(const uint32_t* xpairs, int64_t M, int64_t 
 // then acc = fma(x[k], w[k], acc) in k order for every row of x.
 GROKIT_AVX512 void fma_rows_avx512(const float* x, int64_t M, int64_t ldx, const uint16_t* w, int64_t N, int64_t k0,
                                    int64_t k1, int64_t c0, int64_t c1, float* acc, int64_t acc_ld) {
+  const int64_t ahead = rows_ahead(2 * N, 2);  // prefetch (internal.h)
   for (int64_t k = k0; k < k1; k += 2) {
     const bool two = k + 1 < k1;
-    if (k + kPrefetchRows < k1) prefetch_rows(w, N, k + kPrefetchRows, std::min<int64_t>(2, k1 - k - kPrefetchRows), c0, c1);
+    const int64_t fetch = rows_to_fetch(k, ahead, k1, 2);
+    const uint16_t* next = fetch > 0 ? w + (k + ahead) * N : w;
+    // x for one row of x, hoisted out of the column loop (the stores to acc could alias it).
+    const __m512 xa1 = _mm512_set1_ps(x[k]), xb1 = _mm512_set1_ps(two ? x[k + 1] : 0.0f);
     for (int64_t c = c0; c < c1; c += 32) {
+      prefetch_rows(next + c, 2 * N, fetch);
       const uint16_t* row = w + k * N + c;
       const __m512 a0 = load_bf16x16(row), a1 = load_bf16x16(row + 16);
       __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
@@ -165,10 +167,10 @@ GROKIT_AVX512 void fma_rows_avx512(const float* x, int64_t M, int64_t ldx, const
       for (int64_t m = 0; m < M; ++m) {
         const float* xr = x + m * ldx;
         float* ap = acc + m * acc_ld + (c - c0);
-        const __m512 xa = _mm512_set1_ps(xr[k]);
+        const __m512 xa = M == 1 ? xa1 : _mm512_set1_ps(xr[k]);
         __m512 s0 = _mm512_fmadd_ps(xa, a0, _mm512_loadu_ps(ap)), s1 = _mm512_fmadd_ps(xa, a1, _mm512_loadu_ps(ap + 16));
         if (two) {
-          const __m512 xb = _mm512_set1_ps(xr[k + 1]);
+          const __m512 xb = M == 1 ? xb1 : _mm512_set1_ps(xr[k + 1]);
           s0 = _mm512_fmadd_ps(xb, b0, s0);
           s1 = _mm512_fmadd_ps(xb, b1, s1);
         }

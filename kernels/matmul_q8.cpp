@@ -157,22 +157,6 @@ GROKIT_AVX512 const float* scales_f32(const uint16_t* scales, int64_t N, int64_t
   return out.data();
 }
 
-// The walks below read a few rows at a time, streams N bytes apart, and spend enough
-// work on each line that the hardware prefetchers fall behind: each 64-column step
-// fetches the same columns of the rows one step further on, or about 4 KiB on for short
-// rows (measured on two Zen 5 cores: 22 -> 40-45 GB/s, about the plain read bandwidth).
-inline int64_t rows_ahead(int64_t N, int64_t step) { return step * std::max<int64_t>(1, 4096 / (step * N)); }
-// Column c of `rows` (<= 4) rows from `row` on. __builtin_prefetch, not _mm_prefetch:
-// GCC 12 dropped the latter here once inlined into the AVX-512 loop bodies (no prefetch
-// left in the object code).
-inline void prefetch_rows(const int8_t* row, int64_t N, int64_t rows, int64_t c) {
-  const char* p = reinterpret_cast<const char*>(row + c);
-  if (rows > 0) __builtin_prefetch(p, 0, 3);
-  if (rows > 1) __builtin_prefetch(p + N, 0, 3);
-  if (rows > 2) __builtin_prefetch(p + 2 * N, 0, 3);
-  if (rows > 3) __builtin_prefetch(p + 3 * N, 0, 3);
-}
-
 // Rows [k0, k1) of columns [c0, c1) (the last tile masked), two row pairs at a time: the rows
 // stream through sequentially, each 32-column tile of a pair is dequantized once (the
 // bf16 rounding done by vcvtne2ps2bf16, the pairs interleaved into dwords) and added to
@@ -183,92 +167,114 @@ GROKIT_AVX512 void pairs_rows_avx512(const uint32_t* xpairs, int64_t M, int64_t 
   const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
                                               21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
   const float* sf = scales_f32(scales, N, rpb, k0, k1, c0, c1);
-  const int64_t width = c1 - c0, b0 = k0 / rpb, ahead = rows_ahead(N, 4);
+  const int64_t width = c1 - c0, b0 = k0 / rpb, ahead = rows_ahead(N, 4);  // prefetch (internal.h)
   // The scales of row k, column c0 at [0] (computed once per row, not per tile).
   auto row_scales = [&](int64_t k) { return sf + (k / rpb - b0) * width; };
-  // One pair of rows (k, k + 1; a missing k + 1 counts as zero: s1 null) of tile c: two
-  // vectors of 16 dwords, each (w[k][n] low, w[k+1][n] high).
-  auto pair_tile = [&](auto full, const int8_t* r0, const float* s0, const float* s1, int64_t c, __mmask16 ml,
-                       __mmask16 mh, __m512bh& lo, __m512bh& hi) GROKIT_AVX512_INLINE_LAMBDA {
+  // One pair of rows (k, k + 1; a missing k + 1 counts as zero: `second` false) of tile c,
+  // with the scales of each row's 32 columns (lo: the first 16): two vectors of 16
+  // dwords, each (w[k][n] low, w[k+1][n] high).
+  struct RowScales {
+    __m512 lo, hi;
+  };
+  auto pair_tile = [&](auto full, const int8_t* r0, int64_t c, __mmask16 ml, __mmask16 mh, RowScales s0, RowScales s1,
+                       bool second, __m512bh& lo, __m512bh& hi) GROKIT_AVX512_INLINE_LAMBDA {
     r0 += c;
-    s0 += c - c0;
-    __m512 lo0 = dequant16_f32(r0, load_f32(s0, full, ml), full, ml);
-    __m512 hi0 = dequant16_f32(r0 + 16, load_f32(s0 + 16, full, mh), full, mh);
+    __m512 lo0 = dequant16_f32(r0, s0.lo, full, ml), hi0 = dequant16_f32(r0 + 16, s0.hi, full, mh);
     __m512 lo1 = _mm512_setzero_ps(), hi1 = _mm512_setzero_ps();
-    if (s1 != nullptr) {
-      s1 += c - c0;
-      lo1 = dequant16_f32(r0 + N, load_f32(s1, full, ml), full, ml);
-      hi1 = dequant16_f32(r0 + N + 16, load_f32(s1 + 16, full, mh), full, mh);
+    if (second) {
+      lo1 = dequant16_f32(r0 + N, s1.lo, full, ml);
+      hi1 = dequant16_f32(r0 + N + 16, s1.hi, full, mh);
     }
     lo = reinterpret_cast<__m512bh>(_mm512_permutexvar_epi16(interleave, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(lo1, lo0))));
     hi = reinterpret_cast<__m512bh>(_mm512_permutexvar_epi16(interleave, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi1, hi0))));
   };
   for (int64_t k = k0; k < k1; k += 4) {
     const bool two = k + 2 < k1;  // a second pair in this step
-    const int64_t fetch = std::min<int64_t>(4, std::max<int64_t>(0, k1 - (k + ahead)));
-    const int8_t* next = codes + (k + ahead) * N;
+    const int64_t fetch = rows_to_fetch(k, ahead, k1, 4);
+    const int8_t* next = fetch > 0 ? codes + (k + ahead) * N : codes;
     // x's pairs for one row of x, hoisted out of the column loop.
     const __m512bh xa1 = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(xpairs[k / 2])));
     const __m512bh xb1 = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(two ? xpairs[k / 2 + 1] : 0)));
     const int8_t* ra = codes + k * N;
+    const bool a1 = k + 1 < K, b1 = two && k + 3 < K;
     const float* sa0 = row_scales(k);
-    const float* sa1 = k + 1 < K ? row_scales(k + 1) : nullptr;
-    const float* sb0 = two ? row_scales(k + 2) : nullptr;
-    const float* sb1 = two && k + 3 < K ? row_scales(k + 3) : nullptr;
-    for_each_tile(c0, c1, [&](auto full, int64_t c, __mmask16 ml, __mmask16 mh) GROKIT_AVX512_INLINE_LAMBDA {
-      if (((c - c0) & 63) == 0) prefetch_rows(next, N, fetch, c);
-      __m512bh alo, ahi, blo, bhi;
-      pair_tile(full, ra, sa0, sa1, c, ml, mh, alo, ahi);
-      if (two) pair_tile(full, ra + 2 * N, sb0, sb1, c, ml, mh, blo, bhi);
-      for (int64_t m = 0; m < M; ++m) {
-        const uint32_t* xp = xpairs + m * kp_stride + k / 2;
-        __m512bh xa = M == 1 ? xa1 : reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(xp[0])));
-        float* ap = acc + m * acc_ld + (c - c0);
-        __m512 s0 = _mm512_dpbf16_ps(load_f32(ap, full, ml), alo, xa);
-        __m512 s1 = _mm512_dpbf16_ps(load_f32(ap + 16, full, mh), ahi, xa);
-        if (two) {
-          __m512bh xb = M == 1 ? xb1 : reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(xp[1])));
-          s0 = _mm512_dpbf16_ps(s0, blo, xb);
-          s1 = _mm512_dpbf16_ps(s1, bhi, xb);
+    const float* sa1 = a1 ? row_scales(k + 1) : sa0;
+    const float* sb0 = two ? row_scales(k + 2) : sa0;
+    const float* sb1 = b1 ? row_scales(k + 3) : sa0;
+    // The usual step: four rows of one scale block, whose scales are loaded once per tile
+    // (the loads, not the arithmetic, bound this loop on data in cache).
+    const bool one_block = b1 && sa0 == sb1;
+    auto step = [&](auto uniform) GROKIT_AVX512_INLINE_LAMBDA {
+      for_each_tile(c0, c1, [&](auto full, int64_t c, __mmask16 ml, __mmask16 mh) GROKIT_AVX512_INLINE_LAMBDA {
+        if (((c - c0) & 63) == 0) prefetch_rows(next + c, N, fetch);
+        auto scales_of = [&](const float* row) GROKIT_AVX512_INLINE_LAMBDA {
+          return RowScales{load_f32(row + (c - c0), full, ml), load_f32(row + (c - c0) + 16, full, mh)};
+        };
+        __m512bh alo, ahi, blo, bhi;
+        if constexpr (decltype(uniform)::value) {
+          const RowScales sc = scales_of(sa0);
+          pair_tile(full, ra, c, ml, mh, sc, sc, true, alo, ahi);
+          pair_tile(full, ra + 2 * N, c, ml, mh, sc, sc, true, blo, bhi);
+        } else {
+          pair_tile(full, ra, c, ml, mh, scales_of(sa0), scales_of(sa1), a1, alo, ahi);
+          if (two) pair_tile(full, ra + 2 * N, c, ml, mh, scales_of(sb0), scales_of(sb1), b1, blo, bhi);
         }
-        store_f32(ap, s0, full, ml);
-        store_f32(ap + 16, s1, full, mh);
-      }
-    });
+        for (int64_t m = 0; m < M; ++m) {
+          const uint32_t* xp = xpairs + m * kp_stride + k / 2;
+          __m512bh xa = M == 1 ? xa1 : reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(xp[0])));
+          float* ap = acc + m * acc_ld + (c - c0);
+          __m512 s0 = _mm512_dpbf16_ps(load_f32(ap, full, ml), alo, xa);
+          __m512 s1 = _mm512_dpbf16_ps(load_f32(ap + 16, full, mh), ahi, xa);
+          if (decltype(uniform)::value || two) {
+            __m512bh xb = M == 1 ? xb1 : reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(xp[1])));
+            s0 = _mm512_dpbf16_ps(s0, blo, xb);
+            s1 = _mm512_dpbf16_ps(s1, bhi, xb);
+          }
+          store_f32(ap, s0, full, ml);
+          store_f32(ap + 16, s1, full, mh);
+        }
+      });
+    };
+    if (one_block) step(std::true_type{});
+    else step(std::false_type{});
   }
 }
 
 // fp32 activations, two rows at a time: each 32-column tile of a row dequantized to fp32
 // (bf16-rounded) once, then acc = fma(x[k], w[k], acc) in k order for every row of x.
+// (Four rows at a time, split from one vcvtne2ps2bf16 per pair, measured no faster.)
 GROKIT_AVX512 void fma_rows_avx512(const float* x, int64_t M, int64_t ldx, const int8_t* codes, const uint16_t* scales,
                                    int64_t N, int64_t rpb, int64_t k0, int64_t k1, int64_t c0, int64_t c1, float* acc,
                                    int64_t acc_ld) {
   const float* sf = scales_f32(scales, N, rpb, k0, k1, c0, c1);
-  const int64_t width = c1 - c0, b0 = k0 / rpb, ahead = rows_ahead(N, 2);
-  // Tile c of one row (its codes and its fp32 scales, column c0 at [0]), bf16-rounded.
-  auto row_tile = [&](auto full, const int8_t* row, const float* sp, int64_t c, __mmask16 ml, __mmask16 mh, __m512& w0,
-                      __m512& w1) GROKIT_AVX512_INLINE_LAMBDA {
+  const int64_t width = c1 - c0, b0 = k0 / rpb, ahead = rows_ahead(N, 2);  // prefetch (internal.h)
+  // Tile c of one row (its codes, the scales of its 32 columns), bf16-rounded.
+  auto row_tile = [&](auto full, const int8_t* row, int64_t c, __mmask16 ml, __mmask16 mh, __m512 s_lo, __m512 s_hi,
+                      __m512& w0, __m512& w1) GROKIT_AVX512_INLINE_LAMBDA {
     row += c;
-    sp += c - c0;
-    __m512 f0 = dequant16_f32(row, load_f32(sp, full, ml), full, ml);
-    __m512 f1 = dequant16_f32(row + 16, load_f32(sp + 16, full, mh), full, mh);
+    __m512 f0 = dequant16_f32(row, s_lo, full, ml), f1 = dequant16_f32(row + 16, s_hi, full, mh);
     w0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(f0))), 16));
     w1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(f1))), 16));
   };
   for (int64_t k = k0; k < k1; k += 2) {
     const bool two = k + 1 < k1;
-    const int64_t fetch = std::min<int64_t>(2, std::max<int64_t>(0, k1 - (k + ahead)));
-    const int8_t* next = codes + (k + ahead) * N;
+    const int64_t fetch = rows_to_fetch(k, ahead, k1, 2);
+    const int8_t* next = fetch > 0 ? codes + (k + ahead) * N : codes;
     const int8_t* ra = codes + k * N;
     const float* sa = sf + (k / rpb - b0) * width;
     const float* sb = sf + ((k + 1) / rpb - b0) * width;
     // x for one row of x, hoisted out of the column loop (the stores to acc could alias it).
     const __m512 xa1 = _mm512_set1_ps(x[k]), xb1 = _mm512_set1_ps(two ? x[k + 1] : 0.0f);
     for_each_tile(c0, c1, [&](auto full, int64_t c, __mmask16 ml, __mmask16 mh) GROKIT_AVX512_INLINE_LAMBDA {
-      if (((c - c0) & 63) == 0) prefetch_rows(next, N, fetch, c);
+      if (((c - c0) & 63) == 0) prefetch_rows(next + c, N, fetch);
+      // Both rows' scales are one load when they share a block (the usual case).
+      const __m512 sa_lo = load_f32(sa + (c - c0), full, ml), sa_hi = load_f32(sa + (c - c0) + 16, full, mh);
       __m512 a0, a1, b0v, b1v;
-      row_tile(full, ra, sa, c, ml, mh, a0, a1);
-      if (two) row_tile(full, ra + N, sb, c, ml, mh, b0v, b1v);
+      row_tile(full, ra, c, ml, mh, sa_lo, sa_hi, a0, a1);
+      if (two) {
+        if (sb == sa) row_tile(full, ra + N, c, ml, mh, sa_lo, sa_hi, b0v, b1v);
+        else row_tile(full, ra + N, c, ml, mh, load_f32(sb + (c - c0), full, ml), load_f32(sb + (c - c0) + 16, full, mh), b0v, b1v);
+      }
       for (int64_t m = 0; m < M; ++m) {
         const float* xr = x + m * ldx;
         float* ap = acc + m * acc_ld + (c - c0);

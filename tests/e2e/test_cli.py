@@ -136,6 +136,22 @@ class Convert(unittest.TestCase):
             self.assertEqual(p.returncode, 1, args)
             self.assertIn("incomplete conversion", p.stderr)
 
+    def test_bench_reports_each_round_against_its_own_bandwidth(self):
+        out = self.out("bench")
+        run("convert", self.ckpt, out, "--tp", 2, "--no-progress", check=0)
+        p = run("bench", out, "--steps", 3, "--rounds", 2, "--buffer-mb", 16, "--threads", 2, check=0)
+        rounds = re.findall(r"^round (\d): read bandwidth +([0-9.]+) GB/s .* decode step +([0-9.]+) ms, "
+                            r"ratio ([0-9.]+)$", p.stdout, re.M)
+        self.assertEqual([r[0] for r in rounds], ["1", "2"], p.stdout)
+        per_token = re.search(r"weights read per token: +([0-9.]+) MiB", p.stdout)
+        self.assertIsNotNone(per_token, p.stdout)
+        for _, bw, ms, ratio in rounds:  # each ratio is its own round's (bytes / bandwidth) / step
+            expect = float(per_token.group(1)) * 2**20 / (float(bw) * 1e9) / (float(ms) * 1e-3)
+            self.assertAlmostEqual(float(ratio), expect, delta=0.01 + 0.02 * expect)
+        self.assertRegex(p.stdout, r"roofline ratio +: +[0-9.]+ \(median of the rounds")
+        self.assertRegex(p.stderr, r"grokit bench: [0-9.]+ tok/s, roofline [0-9.]+")
+        self.assertEqual(run("bench", out, "--rounds", 0).returncode, 2)
+
 
 class Options(unittest.TestCase):
     """--compress, --tokenizer and inspect --json, end to end."""
