@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <random>
 #include <vector>
 
@@ -208,6 +209,34 @@ TEST(Argmax, TiesGoToTheLowerId) {
   EXPECT_EQ(argmax(std::vector<float>{5.0f, 5.0f}), 0);
   EXPECT_EQ(argmax(std::vector<float>{-1e10f, -3.0f, -1e10f}), 1);
   EXPECT_EQ(argmax(std::vector<float>{4.0f}), 0);
+}
+
+// The lane-parallel argmax against one scan keeping the first strict maximum, on long
+// arrays with ties, NaNs (never the answer, except in front) and signed zeros.
+TEST(Argmax, EqualsASingleScanOnLongArrays) {
+  auto scan = [](const std::vector<float>& v) {
+    int32_t best = 0;
+    for (size_t i = 1; i < v.size(); ++i)
+      if (v[i] > v[static_cast<size_t>(best)]) best = static_cast<int32_t>(i);
+    return best;
+  };
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  std::mt19937 rng(7);
+  for (size_t n : {size_t{1}, size_t{15}, size_t{16}, size_t{17}, size_t{1000}, size_t{131072}}) {
+    for (int variant = 0; variant < 5; ++variant) {
+      std::vector<float> v(n);
+      for (auto& x : v) x = static_cast<float>(static_cast<int>(rng() % 50)) - 25.0f;  // many ties
+      if (variant == 1) v[rng() % n] = nan;
+      if (variant == 2) v[0] = nan;
+      if (variant == 3) {
+        std::fill(v.begin(), v.end(), -1.0f);
+        v[n - 1] = 0.0f;
+        v[(n - 1) / 2] = -0.0f;
+      }
+      if (variant == 4) v[n - 1] = 1e30f;
+      EXPECT_EQ(argmax(v), scan(v)) << "n " << n << " variant " << variant;
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------
