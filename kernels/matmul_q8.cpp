@@ -240,50 +240,82 @@ GROKIT_AVX512 void pairs_rows_avx512(const uint32_t* xpairs, int64_t M, int64_t 
   }
 }
 
-// fp32 activations, two rows at a time: each 32-column tile of a row dequantized to fp32
-// (bf16-rounded) once, then acc = fma(x[k], w[k], acc) in k order for every row of x.
-// (Four rows at a time, split from one vcvtne2ps2bf16 per pair, measured no faster.)
+// fp32 activations, four rows at a time: each 32-column tile of a pair of rows is
+// dequantized and bf16-rounded once (one vcvtne2ps2bf16, the pair interleaved into dwords
+// as above, then split into fp32 by a shift and a mask), then acc = fma(x[k], w[k], acc)
+// in k order for every row of x: one load and store of the sums per four rows (prefill
+// is bound by them).
 GROKIT_AVX512 void fma_rows_avx512(const float* x, int64_t M, int64_t ldx, const int8_t* codes, const uint16_t* scales,
                                    int64_t N, int64_t rpb, int64_t k0, int64_t k1, int64_t c0, int64_t c1, float* acc,
                                    int64_t acc_ld) {
+  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
+                                              21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i high_half = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
   const float* sf = scales_f32(scales, N, rpb, k0, k1, c0, c1);
-  const int64_t width = c1 - c0, b0 = k0 / rpb, ahead = rows_ahead(N, 2);  // prefetch (internal.h)
-  // Tile c of one row (its codes, the scales of its 32 columns), bf16-rounded.
-  auto row_tile = [&](auto full, const int8_t* row, int64_t c, __mmask16 ml, __mmask16 mh, __m512 s_lo, __m512 s_hi,
-                      __m512& w0, __m512& w1) GROKIT_AVX512_INLINE_LAMBDA {
-    row += c;
-    __m512 f0 = dequant16_f32(row, s_lo, full, ml), f1 = dequant16_f32(row + 16, s_hi, full, mh);
-    w0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(f0))), 16));
-    w1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(f1))), 16));
+  const int64_t width = c1 - c0, b0 = k0 / rpb, ahead = rows_ahead(N, 4);  // prefetch (internal.h)
+  auto row_scales = [&](int64_t k) { return sf + (k / rpb - b0) * width; };
+  // Rows k and k + 1 (zero when absent) of tile c as fp32: w[0..1] row k (columns 0-15,
+  // 16-31), w[2..3] row k + 1.
+  auto pair_tile = [&](auto full, const int8_t* r0, int64_t c, __mmask16 ml, __mmask16 mh, const float* s0,
+                       const float* s1, bool second, __m512* w) GROKIT_AVX512_INLINE_LAMBDA {
+    r0 += c;
+    const int64_t o = c - c0;
+    const __m512 s0l = load_f32(s0 + o, full, ml), s0h = load_f32(s0 + o + 16, full, mh);
+    __m512 lo0 = dequant16_f32(r0, s0l, full, ml), hi0 = dequant16_f32(r0 + 16, s0h, full, mh);
+    __m512 lo1 = _mm512_setzero_ps(), hi1 = _mm512_setzero_ps();
+    if (second) {
+      const bool same = s1 == s0;
+      lo1 = dequant16_f32(r0 + N, same ? s0l : load_f32(s1 + o, full, ml), full, ml);
+      hi1 = dequant16_f32(r0 + N + 16, same ? s0h : load_f32(s1 + o + 16, full, mh), full, mh);
+    }
+    const __m512i lo = _mm512_permutexvar_epi16(interleave, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(lo1, lo0)));
+    const __m512i hi = _mm512_permutexvar_epi16(interleave, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi1, hi0)));
+    w[0] = _mm512_castsi512_ps(_mm512_slli_epi32(lo, 16));
+    w[1] = _mm512_castsi512_ps(_mm512_slli_epi32(hi, 16));
+    w[2] = _mm512_castsi512_ps(_mm512_and_si512(lo, high_half));
+    w[3] = _mm512_castsi512_ps(_mm512_and_si512(hi, high_half));
   };
-  for (int64_t k = k0; k < k1; k += 2) {
-    const bool two = k + 1 < k1;
-    const int64_t fetch = rows_to_fetch(k, ahead, k1, 2);
+  for (int64_t k = k0; k < k1; k += 4) {
+    const int64_t rows = std::min<int64_t>(4, k1 - k);
+    const int64_t fetch = rows_to_fetch(k, ahead, k1, 4);
     const int8_t* next = fetch > 0 ? codes + (k + ahead) * N : codes;
     const int8_t* ra = codes + k * N;
-    const float* sa = sf + (k / rpb - b0) * width;
-    const float* sb = sf + ((k + 1) / rpb - b0) * width;
+    const float* s[4];
+    for (int64_t r = 0; r < 4; ++r) s[r] = row_scales(k + std::min(r, rows - 1));
     // x for one row of x, hoisted out of the column loop (the stores to acc could alias it).
-    const __m512 xa1 = _mm512_set1_ps(x[k]), xb1 = _mm512_set1_ps(two ? x[k + 1] : 0.0f);
+    __m512 x1[4];
+    for (int64_t r = 0; r < 4; ++r) x1[r] = _mm512_set1_ps(r < rows ? x[k + r] : 0.0f);
     for_each_tile(c0, c1, [&](auto full, int64_t c, __mmask16 ml, __mmask16 mh) GROKIT_AVX512_INLINE_LAMBDA {
       if (((c - c0) & 63) == 0) prefetch_rows(next + c, N, fetch);
-      // Both rows' scales are one load when they share a block (the usual case).
-      const __m512 sa_lo = load_f32(sa + (c - c0), full, ml), sa_hi = load_f32(sa + (c - c0) + 16, full, mh);
-      __m512 a0, a1, b0v, b1v;
-      row_tile(full, ra, c, ml, mh, sa_lo, sa_hi, a0, a1);
-      if (two) {
-        if (sb == sa) row_tile(full, ra + N, c, ml, mh, sa_lo, sa_hi, b0v, b1v);
-        else row_tile(full, ra + N, c, ml, mh, load_f32(sb + (c - c0), full, ml), load_f32(sb + (c - c0) + 16, full, mh), b0v, b1v);
+      __m512 w[8];  // row k + r, columns 0-15 / 16-31: w[2r], w[2r + 1]
+      pair_tile(full, ra, c, ml, mh, s[0], s[1], rows > 1, w);
+      if (rows > 2) pair_tile(full, ra + 2 * N, c, ml, mh, s[2], s[3], rows > 3, w + 4);
+      if (M == 1 && rows == 4) {  // decode
+        __m512 s0 = load_f32(acc + (c - c0), full, ml), s1 = load_f32(acc + (c - c0) + 16, full, mh);
+        for (int r = 0; r < 4; ++r) {
+          s0 = _mm512_fmadd_ps(x1[r], w[2 * r], s0);
+          s1 = _mm512_fmadd_ps(x1[r], w[2 * r + 1], s1);
+        }
+        store_f32(acc + (c - c0), s0, full, ml);
+        store_f32(acc + (c - c0) + 16, s1, full, mh);
+        return;
       }
       for (int64_t m = 0; m < M; ++m) {
-        const float* xr = x + m * ldx;
+        const float* xr = x + m * ldx + k;
         float* ap = acc + m * acc_ld + (c - c0);
-        __m512 xa = M == 1 ? xa1 : _mm512_set1_ps(xr[k]);
-        __m512 s0 = _mm512_fmadd_ps(xa, a0, load_f32(ap, full, ml)), s1 = _mm512_fmadd_ps(xa, a1, load_f32(ap + 16, full, mh));
-        if (two) {
-          __m512 xb = M == 1 ? xb1 : _mm512_set1_ps(xr[k + 1]);
-          s0 = _mm512_fmadd_ps(xb, b0v, s0);
-          s1 = _mm512_fmadd_ps(xb, b1v, s1);
+        __m512 s0 = load_f32(ap, full, ml), s1 = load_f32(ap + 16, full, mh);
+        if (rows == 4) {
+          for (int r = 0; r < 4; ++r) {
+            const __m512 xk = _mm512_set1_ps(xr[r]);
+            s0 = _mm512_fmadd_ps(xk, w[2 * r], s0);
+            s1 = _mm512_fmadd_ps(xk, w[2 * r + 1], s1);
+          }
+        } else {
+          for (int64_t r = 0; r < rows; ++r) {
+            const __m512 xk = _mm512_set1_ps(xr[r]);
+            s0 = _mm512_fmadd_ps(xk, w[2 * r], s0);
+            s1 = _mm512_fmadd_ps(xk, w[2 * r + 1], s1);
+          }
         }
         store_f32(ap, s0, full, ml);
         store_f32(ap + 16, s1, full, mh);
