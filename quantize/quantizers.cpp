@@ -21,6 +21,10 @@
 #if defined(__x86_64__)
 #include <immintrin.h>
 #define GROKIT_Q_X86 1
+// GCC 12's avx512fintrin.h trips -Wmaybe-uninitialized on its own _mm512_undefined values.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 #endif
 
 namespace grokit::quantize {
@@ -573,23 +577,14 @@ QI void bf16_body(const Int8Source& s, uint16_t* __restrict out, ErrorStats& st)
 namespace avx2 {
 
 #define QA inline __attribute__((always_inline, target("avx2")))
+#define QT __attribute__((target("avx2")))
 constexpr int L = 8;
 constexpr int kW = 64;
 typedef float vf __attribute__((vector_size(32)));
 typedef int32_t vi __attribute__((vector_size(32)));
 typedef uint32_t vu __attribute__((vector_size(32)));
 
-QA vf splat(float x) { return vf{} + x; }
-QA vu splatu(uint32_t x) { return vu{} + x; }
-QA vf load(const float* p) {
-  vf v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-QA void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 QA vi load_i8(const int8_t* p) { return (vi)_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))); }
-QA vf to_f32(vi v) { return __builtin_convertvector(v, vf); }
-QA vi to_i32(vf v) { return __builtin_convertvector(v, vi); }
 // bf16 bits of columns [0, nv) to fp32; zero beyond.
 QA vf load_bf16(const uint16_t* p, int nv) {
   alignas(16) uint16_t t[L] = {};
@@ -599,7 +594,7 @@ QA vf load_bf16(const uint16_t* p, int nv) {
   }
   return (vf)_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16);
 }
-// Lanes in [-128, 127] (store_i8) or [0, 255] (store_u8) to 8 bytes.
+// Lanes in [-128, 127] (store_i8) or [0, 255] (store_u8) to L bytes.
 QA void store_i8(int8_t* p, vi v) {
   __m128i w = _mm_packs_epi32(_mm256_castsi256_si128((__m256i)v), _mm256_extracti128_si256((__m256i)v, 1));
   _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm_packs_epi16(w, w));
@@ -608,386 +603,63 @@ QA void store_u8(uint8_t* p, vi v) {
   __m128i w = _mm_packs_epi32(_mm256_castsi256_si128((__m256i)v), _mm256_extracti128_si256((__m256i)v, 1));
   _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm_packus_epi16(w, w));
 }
-QA vf bf16_finite(vf x) {
-  vu u = (vu)x;
-  return (vf)((u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u);
-}
-QA vf bf16_any(vf x) {
-  vu u = (vu)x;
-  vu r = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
-  vu n = (u & 0xffff0000u) | 0x00400000u;
-  return (vf)((u & 0x7fffffffu) > 0x7f800000u ? n : r);
-}
-QA vf vabs(vf x) { return (vf)((vu)x & 0x7fffffffu); }
-QA vi vfinite(vf x) { return ((vu)x & 0x7f800000u) != 0x7f800000u; }  // -1 / 0
 QA vf vmax(vf a, vf b) { return (vf)_mm256_max_ps((__m256)a, (__m256)b); }
-QA vf vrne(vf t) { return (t + kMagic) - kMagic; }
 QA vf vclamp7(vf t) {
-  return (vf)_mm256_min_ps(_mm256_max_ps((__m256)t, (__m256)splat(-7.0f)), (__m256)splat(7.0f));
+  return (vf)_mm256_min_ps(_mm256_max_ps((__m256)t, _mm256_set1_ps(-7.0f)), _mm256_set1_ps(7.0f));
 }
-QA vf vsel(vi m, vf a, vf b) { return m ? a : b; }
 QA bool any(vi m) { return _mm256_movemask_ps((__m256)m) != 0; }
+QA vi vabs_i(vi v) { return (vi)_mm256_abs_epi32((__m256i)v); }
+QA vi vmax_i(vi a, vi b) { return (vi)_mm256_max_epi32((__m256i)a, (__m256i)b); }
+QA vi vmin_i(vi a, vi b) { return (vi)_mm256_min_epi32((__m256i)a, (__m256i)b); }
 
-QA vi e4m3(vf x, vf* value) {
-  vu u = (vu)x;
-  vu sign = u & 0x80000000u;
-  vu a = u & 0x7fffffffu;
-  a = a > 0x7f800000u ? splatu(0) : a;
-  a = a > 0x43e00000u ? splatu(0x43e00000u) : a;
-  vu r = (a + 0x7ffffu + ((a >> 20) & 1u)) & 0xfff00000u;
-  vf m = vrne((vf)a * 512.0f);
-  vi sub = a < 0x3c800000u;
-  *value = (vf)((vu)(sub ? m * 0.001953125f : (vf)r) | sign);
-  return (vi)((sub ? (vu)to_i32(m) : (r >> 20) - 960u) | (sign >> 24));
-}
-
-// Rows [k0, k0 + rows) x columns [p0, p0 + np) of the codes into code[rows][kW].
-QA void copy_codes(const Int8Source& s, int64_t k0, int64_t rows, int64_t p0, int np, int8_t (*code)[kW]) {
-  for (int64_t k = 0; k < rows; ++k) {
-    const int8_t* src = s.codes + (k0 + k) * s.ld + p0;
-    if (np == kW) {
-      std::memcpy(code[k], src, kW);
-    } else {
-      std::memcpy(code[k], src, static_cast<size_t>(np));
-      std::memset(code[k] + np, 0, static_cast<size_t>(kW - np));
-    }
-  }
-}
-
-// -------------------------------------------------------------------------------
-// q4g.
-struct Q4Scratch {
-  alignas(64) int8_t code[128][kW];
-  alignas(64) float w[128][L];
-  alignas(64) int8_t q[128][L];
-  alignas(64) uint8_t tile[4][16][kW];  // [chunk][byte][column of the panel]
-};
-
-QA vf q4_error(const Q4Scratch& S, int64_t G, vf sj, vf inv) {
-  vf e{};
-  for (int64_t k = 0; k < G; ++k) {
-    vf w = load(S.w[k]);
-    vf d = bf16_finite(vrne(vclamp7(w * inv)) * sj) - w;
-    e += d * d;
-  }
-  return e;
-}
-
-// Group g, columns [n0, n0 + nv) (nv <= 8), the panel's columns [t, t + nv).
-QA void q4g_lanes(const Int8Source& s, Q4Scratch& S, int64_t g, int64_t G, bool search, int64_t n0, int nv, int t,
-                  uint8_t* gout, ErrorStats& st) {
-  const int64_t N = s.cols, ld = s.ld, rpb = s.total_rows / s.blocks;
-  const int64_t r0 = s.row0 + g * G;
-  // Pass 1: the weights, their absmax, the codes' absmax, non-finite lanes.
-  int64_t b = r0 / rpb, next = (b + 1) * rpb;
-  const int64_t b_first = b;
-  vf s8 = load_bf16(s.scales + b * ld + n0, nv);
-  const vf s8_first = s8;
-  vf amax{}, r2{};
-  vi camax{}, cmin = vi{} + 255, s8_bad = ~vfinite(s8);
-  for (int64_t k = 0; k < G; ++k) {
-    if (r0 + k == next) {
-      ++b;
-      next += rpb;
-      s8 = load_bf16(s.scales + b * ld + n0, nv);
-      s8_bad |= ~vfinite(s8);
-    }
-    vi ci = load_i8(&S.code[k][t]);
-    vf w = bf16_any(to_f32(ci) * s8);
-    store(S.w[k], w);
-    amax = vmax(vabs(w), amax);
-    r2 += w * w;
-    ci = (vi)_mm256_abs_epi32((__m256i)ci);
-    camax = (vi)_mm256_max_epi32((__m256i)ci, (__m256i)camax);
-    cmin = (vi)_mm256_min_epi32((__m256i)(ci == 0 ? vi{} + 255 : ci), (__m256i)cmin);
-  }
-  const int64_t b_last = b;
-  // On a grid of step m >= ceil(camax / 7) every non-zero |code| is at least m.
-  const vi grid_possible = camax <= cmin * 7;
-  // A weight is NaN or infinite exactly when its scale is, or it rounds to infinity.
-  const vi nonfin = s8_bad | ~vfinite(amax);
-
-  // Pass 2: RTN, q by division; its q are kept.
-  const vf a7 = amax / 7.0f, s0 = bf16_any(a7);
-  const vf ss = vsel(s0 == 0.0f, splat(1.0f), s0);
-  vf re{}, rc{}, ro{}, rn{}, rd{};
-  for (int64_t k = 0; k < G; ++k) {
-    vf w = load(S.w[k]);
-    vf q = vrne(vclamp7(w / ss));
-    store_i8(S.q[k], to_i32(q));
-    vf p = bf16_finite(q * s0);
-    vf d = p - w;
-    re += d * d;
-    rc += w * p;
-    ro += p * p;
-    rn += w * q;
-    rd += q * q;
-  }
-
-  const vi zero = amax == 0.0f;
-  vi exact{}, searching{};
-  vf exact_scale{};
-  vf best_e = re, best_s = s0, best_inv{};
-  vi from_buf = ~vi{};  // q from S.q (RTN, exact grid)
-  if (search) {
-    for (int l = 0; l < nv; ++l) {
-      if (zero[l] || nonfin[l] || !grid_possible[l]) continue;
-      bool uniform = true;
-      for (int64_t bb = b_first + 1; bb <= b_last && uniform; ++bb)
-        uniform = s.scales[bb * ld + n0 + l] == s.scales[b_first * ld + n0 + l];
-      int m = 0;
-      if (!uniform || !exact_grid(&S.code[0][t + l], kW, G, camax[l], s8_first[l], &m)) continue;
-      exact[l] = -1;
-      exact_scale[l] = s8_first[l] * static_cast<float>(m);
-      for (int64_t k = 0; k < G; ++k) S.q[k][l] = static_cast<int8_t>(S.code[k][t + l] / m);
-    }
-    searching = ~zero & ~nonfin & ~exact;
-  }
-  if (any(searching)) {
-    for (int c = 0; c < kCandidates; ++c) {
-      vf sj = bf16_any(a7 * kFactors[c]);
-      vi bad = (sj == 0.0f) | ~vfinite(sj);
-      vf inv = 1.0f / vsel(bad, splat(1.0f), sj);
-      vf e = q4_error(S, G, sj, inv);
-      vi better = (e < best_e) & ~bad;
-      best_e = vsel(better, e, best_e);
-      best_s = vsel(better, sj, best_s);
-      best_inv = vsel(better, inv, best_inv);
-      from_buf &= ~better;
-    }
-    // Least-squares refinement of the best scale's q.
-    vf num = rn, den = rd;
-    if (any(~from_buf & searching)) {
-      vf n2{}, d2{};
-      for (int64_t k = 0; k < G; ++k) {
-        vf w = load(S.w[k]);
-        vf q = vrne(vclamp7(w * best_inv));
-        n2 += w * q;
-        d2 += q * q;
-      }
-      num = vsel(from_buf, num, n2);
-      den = vsel(from_buf, den, d2);
-    }
-    vi okd = den > 0.0f;
-    vf sl = bf16_any(num / vsel(okd, den, splat(1.0f)));
-    vi bad = ~okd | ~(sl > 0.0f) | ~vfinite(sl) | (sl == best_s);
-    vf inv = 1.0f / vsel(bad, splat(1.0f), sl);
-    vf e = q4_error(S, G, sl, inv);
-    vi better = (e < best_e) & ~bad;
-    best_s = vsel(better, sl, best_s);
-    best_inv = vsel(better, inv, best_inv);
-    from_buf &= ~better;
-    from_buf |= ~searching;
-  }
-
-  // Emission: q, nibbles, stats.
-  const vf scale = vsel(nonfin, splat(f32_of_bits(0x7fc00000u)), vsel(exact, exact_scale, best_s));
-  const vf lim = vabs(scale * 7.5f);
-  vf ref2{}, err2{}, cross{}, out2{}, maxd{};
-  vi clipped{}, nonfinite{};
-  // Every stored value finite (all weights finite and |q * scale| far from overflow):
-  // the sums need no masks, and w^2 was summed in pass 1.
-  const bool finite = !any(nonfin) && !any(amax > 1e37f);
-  const bool all_buf = !any(~from_buf);
-  if (finite) {
-    ref2 = r2;
-    for (int64_t c = 0; c < G / 32; ++c) {
-      for (int i = 0; i < 16; ++i) {
-        vi qi[2];
-        for (int h = 0; h < 2; ++h) {
-          const int64_t k = 32 * c + 2 * i + h;
-          vf w = load(S.w[k]);
-          vf q = to_f32(load_i8(S.q[k]));
-          if (!all_buf) q = vsel(from_buf, q, vrne(vclamp7(w * best_inv)));
-          vf p = bf16_finite(q * scale);
-          vf d = p - w;
-          err2 += d * d;
-          cross += w * p;
-          out2 += p * p;
-          maxd = vmax(vabs(d), maxd);
-          clipped -= vabs(w) > lim;
-          qi[h] = to_i32(q);
-        }
-        store_u8(&S.tile[c][i][t], (qi[0] & 15) | ((qi[1] & 15) << 4));
-      }
-    }
-  } else {
-    for (int64_t c = 0; c < G / 32; ++c) {
-      for (int i = 0; i < 16; ++i) {
-        vi qi[2];
-        for (int h = 0; h < 2; ++h) {
-          const int64_t k = 32 * c + 2 * i + h;
-          vf w = load(S.w[k]);
-          vf q = vsel(from_buf, to_f32(load_i8(S.q[k])), vrne(vclamp7(w * best_inv)));
-          q = vsel(nonfin, vf{}, q);
-          vf p = bf16_any(q * scale);
-          vi fin = vfinite(p) & vfinite(w);
-          vf d = vsel(fin, p - w, vf{}), wf = vsel(fin, w, vf{}), pf = vsel(fin, p, vf{});
-          err2 += d * d;
-          ref2 += wf * wf;
-          cross += wf * pf;
-          out2 += pf * pf;
-          maxd = vmax(vabs(d), maxd);
-          clipped -= (vabs(wf) > lim) & fin;
-          nonfinite -= ~vfinite(p);
-          qi[h] = to_i32(q);
-        }
-        store_u8(&S.tile[c][i][t], (qi[0] & 15) | ((qi[1] & 15) << 4));
-      }
-    }
-  }
-  uint8_t* sout = gout + (G / 32) * N * 16 + 2 * n0;
-  for (int l = 0; l < nv; ++l) {
-    store_le<uint16_t>(sout + 2 * l, static_cast<uint16_t>(bits_of_f32(scale[l]) >> 16));
-    st.count += G;
-    st.sum_ref2 += ref2[l];
-    st.sum_err2 += err2[l];
-    st.sum_cross += cross[l];
-    st.sum_out2 += out2[l];
-    if (maxd[l] > 0) st.max_steps = std::max(st.max_steps, static_cast<double>(maxd[l]) / std::fabs(scale[l]));
-    st.clipped_count += clipped[l];
-    st.nonfinite_count += nonfinite[l];
-    if (!nonfin[l]) {
-      st.rtn_err2 += re[l];
-      st.rtn_cross += rc[l];
-      st.rtn_out2 += ro[l];
-    }
-    st.groups += 1;
-    st.exact_groups += exact[l] ? 1 : 0;
-    st.improved_groups += searching[l] && !from_buf[l] ? 1 : 0;
-  }
-}
-
-__attribute__((target("avx2"))) void q4g(const Int8Source& s, int64_t G, bool search, uint8_t* out, ErrorStats& st) {
-  Q4Scratch S;
-  const int64_t N = s.cols, gbytes = static_cast<int64_t>(format::q4g_group_bytes(G, N));
-  for (int64_t g = 0; g < s.rows / G; ++g) {
-    uint8_t* gout = out + g * gbytes;
-    for (int64_t p0 = 0; p0 < N; p0 += kW) {
-      const int np = static_cast<int>(std::min<int64_t>(kW, N - p0));
-      copy_codes(s, g * G, G, p0, np, S.code);
-      for (int t = 0; t < np; t += L) q4g_lanes(s, S, g, G, search, p0 + t, std::min(L, np - t), t, gout, st);
-      for (int64_t c = 0; c < G / 32; ++c)
-        for (int t = 0; t < np; t += 16)
-          transpose16(&S.tile[c][0][t], kW, gout + (c * N + p0 + t) * 16, 16, std::min(16, np - t));
-    }
-    const int64_t pad_at = (G / 32) * N * 16 + 2 * N;
-    std::memset(gout + pad_at, 0, static_cast<size_t>(gbytes - pad_at));
-  }
-}
-
-// -------------------------------------------------------------------------------
-// f8col.
-struct F8Scratch {
-  alignas(64) int8_t code[32][kW];
-  alignas(64) uint8_t tile[32][kW];
-};
-
-// kFinite: every weight and stored value is finite (checked on the scales), so the sums
-// need no masks.
-template <bool kFinite>
-QA void f8_lanes_t(const Int8Source& s, F8Scratch& S, const vf sc, int64_t c, int64_t n0, int nv, int t,
-                   ErrorStats& st) {
-  const int64_t ld = s.ld, rpb = s.total_rows / s.blocks, r0 = s.row0 + 32 * c;
-  const vi zero = ((vu)sc & 0x7fffffffu) == 0u;
-  const vf ss = vsel(zero, splat(1.0f), sc);
-  int64_t b = r0 / rpb, next = (b + 1) * rpb;
-  vf s8 = load_bf16(s.scales + b * ld + n0, nv);
-  vf ref2{}, err2{}, cross{}, out2{}, maxr{};
-  vi clipped{}, nonfinite{};
-  for (int64_t i = 0; i < 32; ++i) {
-    if (r0 + i == next) {
-      ++b;
-      next += rpb;
-      s8 = load_bf16(s.scales + b * ld + n0, nv);
-    }
-    const vf wr = to_f32(load_i8(&S.code[i][t])) * s8;
-    const vf w = kFinite ? bf16_finite(wr) : bf16_any(wr);
-    const vf x = w / ss;
-    vf xr;
-    vi code = e4m3(x, &xr);
-    code = zero ? vi{} : code;
-    xr = vsel(zero, vf{}, xr);
-    vf d, wf, pf;
-    if constexpr (kFinite) {
-      pf = bf16_finite(xr * sc);
-      wf = w;
-      d = pf - w;
-      clipped -= (vabs(x) > 448.0f) & ~zero;
-    } else {
-      const vf p = bf16_any(xr * sc);
-      const vi fin = vfinite(p) & vfinite(w);
-      d = vsel(fin, p - w, vf{});
-      wf = vsel(fin, w, vf{});
-      pf = vsel(fin, p, vf{});
-      clipped -= (vabs(x) > 448.0f) & fin & ~zero;
-      nonfinite -= ~vfinite(p);
-    }
-    err2 += d * d;
-    ref2 += wf * wf;
-    cross += wf * pf;
-    out2 += pf * pf;
-    // The E4M3 spacing at |x| (capped at 448) is 2^(E - 130) for an exponent field
-    // E >= 121, else 2^-9; its inverse is the float with exponent field 257 - E.
-    vu ex = ((vu)x >> 23) & 0xffu;
-    ex = ex < 121u ? splatu(121u) : ex;
-    ex = ex > 135u ? splatu(135u) : ex;
-    maxr = vmax(vabs(d) * (vf)((257u - ex) << 23), maxr);
-    store_u8(&S.tile[i][t], code);
-  }
-  for (int l = 0; l < nv; ++l) {
-    st.count += 32;
-    st.sum_ref2 += ref2[l];
-    st.sum_err2 += err2[l];
-    st.sum_cross += cross[l];
-    st.sum_out2 += out2[l];
-    if (maxr[l] > 0) st.max_steps = std::max(st.max_steps, static_cast<double>(maxr[l]) / std::fabs(sc[l]));
-    st.clipped_count += clipped[l];
-    st.nonfinite_count += nonfinite[l];
-  }
-}
-
-QA void f8_lanes(const Int8Source& s, F8Scratch& S, const uint16_t* scales, int64_t c, int64_t n0, int nv, int t,
-                 ErrorStats& st) {
-  // Finite when every scale of the chunk is below 1e35: |w| <= 128 * 1e35 and
-  // |stored| <= 448 * 1e35 stay below the bf16 maximum (NaN fails the comparison).
-  const int64_t rpb = s.total_rows / s.blocks, r0 = s.row0 + 32 * c;
-  const vf sc = load_bf16(scales + n0, nv);
-  bool finite = !any(~(vabs(sc) < 1e35f));
-  for (int64_t b = r0 / rpb; b <= (r0 + 31) / rpb && finite; ++b)
-    finite = !any(~(vabs(load_bf16(s.scales + b * s.ld + n0, nv)) < 1e35f));
-  if (finite) f8_lanes_t<true>(s, S, sc, c, n0, nv, t, st);
-  else f8_lanes_t<false>(s, S, sc, c, n0, nv, t, st);
-}
-
-__attribute__((target("avx2"))) void f8(const Int8Source& s, const uint16_t* scales, uint8_t* out, ErrorStats& st) {
-  F8Scratch S;
-  const int64_t N = s.cols;
-  for (int64_t c = 0; c < s.rows / 32; ++c) {
-    for (int64_t p0 = 0; p0 < N; p0 += kW) {
-      const int np = static_cast<int>(std::min<int64_t>(kW, N - p0));
-      copy_codes(s, 32 * c, 32, p0, np, S.code);
-      for (int t = 0; t < np; t += L) f8_lanes(s, S, scales, c, p0 + t, std::min(L, np - t), t, st);
-      for (int t = 0; t < np; t += 16) {
-        uint8_t* o = out + (c * N + p0 + t) * 32;
-        transpose16(&S.tile[0][t], kW, o, 32, std::min(16, np - t));
-        transpose16(&S.tile[16][t], kW, o + 16, 32, std::min(16, np - t));
-      }
-    }
-  }
-  uint8_t* sout = out + s.rows * N;
-  std::memcpy(sout, scales, 2 * static_cast<size_t>(N));
-  const int64_t total = static_cast<int64_t>(format::f8col_matrix_bytes(s.rows, N));
-  std::memset(sout + 2 * N, 0, static_cast<size_t>(total - s.rows * N - 2 * N));
-}
+#include "quantize/quantize_lanes.inc"
 
 #undef QA
+#undef QT
 }  // namespace avx2
+
+// The same kernels in 16 lanes (AVX-512 F/BW/DQ/VL).
+namespace avx512 {
+
+#define QA inline __attribute__((always_inline, target("avx512f,avx512bw,avx512dq,avx512vl,avx2")))
+#define QT __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2")))
+constexpr int L = 16;
+constexpr int kW = 64;
+typedef float vf __attribute__((vector_size(64)));
+typedef int32_t vi __attribute__((vector_size(64)));
+typedef uint32_t vu __attribute__((vector_size(64)));
+
+QA vi load_i8(const int8_t* p) { return (vi)_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+QA vf load_bf16(const uint16_t* p, int nv) {
+  const __mmask16 m = nv >= L ? __mmask16{0xffff} : static_cast<__mmask16>((1u << nv) - 1);
+  return (vf)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16);
+}
+QA void store_i8(int8_t* p, vi v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtsepi32_epi8((__m512i)v));
+}
+QA void store_u8(uint8_t* p, vi v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtusepi32_epi8((__m512i)v));
+}
+QA vf vmax(vf a, vf b) { return (vf)_mm512_max_ps((__m512)a, (__m512)b); }
+QA vf vclamp7(vf t) {
+  return (vf)_mm512_min_ps(_mm512_max_ps((__m512)t, _mm512_set1_ps(-7.0f)), _mm512_set1_ps(7.0f));
+}
+QA bool any(vi m) { return _mm512_movepi32_mask((__m512i)m) != 0; }
+QA vi vabs_i(vi v) { return (vi)_mm512_abs_epi32((__m512i)v); }
+QA vi vmax_i(vi a, vi b) { return (vi)_mm512_max_epi32((__m512i)a, (__m512i)b); }
+QA vi vmin_i(vi a, vi b) { return (vi)_mm512_min_epi32((__m512i)a, (__m512i)b); }
+
+#include "quantize/quantize_lanes.inc"
+
+#undef QA
+#undef QT
+}  // namespace avx512
 #endif
 
 // ---------------------------------------------------------------------------------
-// Dispatch: the AVX2 kernels where the CPU has AVX2 (column_absmax and bf16 are the
-// generic loops compiled for AVX2), else the generic kernels.
+// Dispatch: the AVX-512 kernels where the CPU has AVX-512 F/BW/DQ/VL, the AVX2 kernels
+// where it has AVX2 (column_absmax and bf16 are the generic loops compiled for AVX2),
+// else the generic kernels.
 void q4g_base(const Int8Source& s, int64_t G, bool search, uint8_t* out, ErrorStats& st) {
   q4g_body(s, G, search, out, st);
 }
@@ -1003,11 +675,21 @@ __attribute__((target("avx2"))) void absmax_avx2(const Int8Source& s, float* a) 
 __attribute__((target("avx2"))) void bf16_avx2(const Int8Source& s, uint16_t* out, ErrorStats& st) {
   bf16_body(s, out, st);
 }
+// 16 lanes for the two quantizers; column_absmax and bf16 stay on their AVX2 loops.
+void q4g_avx512(const Int8Source& s, int64_t G, bool search, uint8_t* out, ErrorStats& st) {
+  avx512::q4g(s, G, search, out, st);
+}
+void f8_avx512(const Int8Source& s, const uint16_t* sc, uint8_t* out, ErrorStats& st) { avx512::f8(s, sc, out, st); }
+void absmax_avx512(const Int8Source& s, float* a) { absmax_avx2(s, a); }
+void bf16_avx512(const Int8Source& s, uint16_t* out, ErrorStats& st) { bf16_avx2(s, out, st); }
 #endif
 
 int detect_level() {
 #if defined(GROKIT_Q_X86)
   __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("avx512vl"))
+    return 2;
   if (__builtin_cpu_supports("avx2")) return 1;
 #endif
   return 0;
@@ -1023,8 +705,9 @@ int level() {
 }
 
 #if defined(GROKIT_Q_X86)
-#define GROKIT_Q_DISPATCH(NAME, ...)           \
-  if (level() >= 1) NAME##_avx2(__VA_ARGS__); \
+#define GROKIT_Q_DISPATCH(NAME, ...)             \
+  if (level() >= 2) NAME##_avx512(__VA_ARGS__);   \
+  else if (level() >= 1) NAME##_avx2(__VA_ARGS__); \
   else NAME##_base(__VA_ARGS__)
 #else
 #define GROKIT_Q_DISPATCH(NAME, ...) NAME##_base(__VA_ARGS__)

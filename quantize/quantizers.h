@@ -131,8 +131,8 @@ uint8_t f32_to_e4m3(float v);
 // bf16 weights: out[k * s.cols + j] = bits of w[k][j].
 void dequantize_bf16(const Int8Source& s, uint16_t* out, ErrorStats* stats);
 
-// For tests and benchmarks: use at most this SIMD level (0 the generic kernels, 1 AVX2;
-// -1 the best the CPU has). Returns the level now in use. Every level gives the same
+// For tests and benchmarks: use at most this SIMD level (0 the generic kernels, 1 AVX2,
+// 2 AVX-512; -1 the best the CPU has). Returns the level now in use. Every level gives the same
 // bytes, so switching while other threads quantize is harmless.
 int set_simd_level(int max_level);
 
