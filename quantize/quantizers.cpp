@@ -504,13 +504,27 @@ QI void f8_body(const Int8Source& s, const uint16_t* scales, uint8_t* out, Error
 
 // -------------------------------------------------------------------------------
 // column_absmax and bf16: row by row.
+// |bf16(code * s)| grows with |code| for a fixed s (the fp32 product is exact and the
+// rounding is monotonic and symmetric), so a block's column maximum is that of its
+// largest |code|: one byte-wise max over the rows, then one product per column and
+// block. NaN results (a NaN scale, or 0 * inf) are skipped, as element by element.
 QI void absmax_body(const Int8Source& s, float* __restrict absmax) {
-  const int64_t rpb = s.total_rows / s.blocks;
-  for (int64_t k = 0; k < s.rows; ++k) {
-    const int8_t* __restrict code = s.codes + k * s.ld;
-    const uint16_t* __restrict sc = s.scales + ((s.row0 + k) / rpb) * s.ld;
-    for (int64_t j = 0; j < s.cols; ++j) {
-      const float a = abs_bits(bf16_any(static_cast<float>(static_cast<int32_t>(code[j])) * bf16_value(sc[j])));
+  const int64_t rpb = s.total_rows / s.blocks, N = s.cols;
+  std::vector<uint8_t> top(static_cast<size_t>(N));
+  uint8_t* __restrict m = top.data();
+  for (int64_t k = 0; k < s.rows;) {
+    const int64_t b = (s.row0 + k) / rpb, k_end = std::min(s.rows, (b + 1) * rpb - s.row0);
+    std::fill(top.begin(), top.end(), uint8_t{0});
+    for (; k < k_end; ++k) {
+      const int8_t* __restrict code = s.codes + k * s.ld;
+      for (int64_t j = 0; j < N; ++j) {
+        const uint8_t a = static_cast<uint8_t>(code[j] < 0 ? -code[j] : code[j]);  // |-128| = 128
+        m[j] = a > m[j] ? a : m[j];
+      }
+    }
+    const uint16_t* __restrict sc = s.scales + b * s.ld;
+    for (int64_t j = 0; j < N; ++j) {
+      const float a = abs_bits(bf16_any(static_cast<float>(m[j]) * bf16_value(sc[j])));
       absmax[j] = a > absmax[j] ? a : absmax[j];
     }
   }

@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <bit>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -473,6 +474,38 @@ TEST(QuantizeSlices, RowSliceOfRowSplitMatrixUsesItsBlocks) {
   column_absmax(r.view(0, row0), a2.data());
   column_absmax(r.view(row0, K - row0), a2.data());
   EXPECT_EQ(a1, a2);
+}
+
+// column_absmax against its definition, element by element: max |w| over the rows with
+// NaN weights skipped and infinities kept, on scales that are negative, subnormal, huge
+// (products overflow), infinite or NaN, codes -128 and 0, blocks of odd length, and row
+// windows that start inside a block.
+TEST(QuantizeAbsmax, EqualsTheElementwiseMaximum) {
+  const int64_t K = 150, N = 37, B = 3;  // blocks of 50 rows
+  Release r = make_release(K, N, B, 77);
+  const uint16_t special[] = {0xbc00 /* -0.0078 */, 0x0001 /* subnormal */, 0x7f00 /* 1.7e38 */,
+                              0x7f80 /* inf */,     0xff80 /* -inf */,      0x7fc0 /* NaN */, 0x0000, 0x8000};
+  for (int64_t n = 0; n < 8; ++n) r.scales[(n % B) * N + n] = special[n];
+  for (int64_t n = 8; n < 12; ++n) {  // columns of zero codes under an infinite scale: 0 * inf is NaN
+    for (int64_t k = 0; k < K; ++k) r.codes[k * N + n] = n % 2 == 0 ? 0 : r.codes[k * N + n];
+    r.scales[n] = 0x7f80;
+  }
+  r.codes[3 * N + 5] = -128;
+  for (int64_t row0 : {int64_t{0}, int64_t{17}, int64_t{50}, int64_t{99}}) {
+    for (int64_t rows : {int64_t{1}, int64_t{33}, K - row0}) {
+      if (row0 + rows > K) continue;
+      std::vector<float> got(N, 0.0f), want(N, 0.0f);
+      column_absmax(r.view(row0, rows), got.data());
+      for (int64_t k = row0; k < row0 + rows; ++k)
+        for (int64_t n = 0; n < N; ++n) {
+          const float a = std::fabs(r.w(k, n));
+          if (a > want[n]) want[n] = a;  // NaN fails the comparison: skipped
+        }
+      for (int64_t n = 0; n < N; ++n)
+        ASSERT_EQ(std::bit_cast<uint32_t>(got[n]), std::bit_cast<uint32_t>(want[n]))
+            << "row0 " << row0 << " rows " << rows << " column " << n << ": " << got[n] << " vs " << want[n];
+    }
+  }
 }
 
 TEST(QuantizeSlices, ColumnHalvesGiveTheWholeBytes) {
