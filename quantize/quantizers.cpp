@@ -1,6 +1,7 @@
-// The quantizers (quantizers.h), three times over: the scalar reference of q4g, the
+// The quantizers (quantizers.h), several times over: the scalar reference of q4g, the
 // generic kernels (plain loops over panels of columns, which the compiler vectorizes on
-// any CPU) and the AVX2 kernels (8 columns in the lanes of ymm-wide GCC vectors). Each
+// any CPU) and the lane kernels of quantize_lanes.inc built for AVX2 (8 columns in
+// ymm-wide GCC vectors) and AVX-512 (16 columns in zmm-wide ones). Each
 // computes, per column, the same fp32 operations in the same order (no FMA contraction:
 // -ffp-contract=off), so every path writes the same bytes.
 #include "quantize/quantizers.h"
@@ -582,8 +583,8 @@ QI void bf16_body(const Int8Source& s, uint16_t* __restrict out, ErrorStats& st)
 
 #if defined(GROKIT_Q_X86)
 // ---------------------------------------------------------------------------------
-// The AVX2 path (taken on AVX-512 CPUs too): 8 columns in the lanes of ymm-wide GCC
-// vectors, with the widening and narrowing of int8 and int16 lanes done by intrinsics
+// The SIMD paths: L columns in the lanes of GCC vectors (8 for AVX2, 16 for AVX-512),
+// with the widening and narrowing of int8 and int16 lanes done by intrinsics
 // (GCC 12 expands those conversions of generic vectors element by element). Each lane
 // computes the scalar operations above, in the same order, with the accumulators in
 // registers; codes are copied into panels of kW columns first, so the passes over a
