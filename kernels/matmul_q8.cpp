@@ -123,9 +123,6 @@ GROKIT_AVX512 inline __m512 dequant16_f32(const int8_t* p, __m512 s, F full, __m
   else q = _mm_maskz_loadu_epi8(m, p);
   return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), s);
 }
-GROKIT_AVX512 inline __m512 load_bf16x16(const uint16_t* p, __mmask16 m) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
-}
 // The masks of the tile at column c of [.., c1): columns [c, c + 16) and [c + 16, c + 32).
 inline __mmask16 mask_lo(int64_t c, int64_t c1) {
   return c1 - c >= 16 ? __mmask16{0xffff} : static_cast<__mmask16>((1u << (c1 - c)) - 1);
@@ -140,36 +137,18 @@ GROKIT_AVX512 __attribute__((always_inline)) inline void for_each_tile(int64_t c
   if (c < c1) tile(Partial{}, c, mask_lo(c, c1), mask_hi(c, c1));
 }
 
-// The scales of the blocks that rows [k0, k1) use, columns [c0, c1), as fp32 (converted
-// once per block instead of once per row): row k's are at scales_f32(k0, ...) +
-// (k / rpb - k0 / rpb) * (c1 - c0).
-GROKIT_AVX512 const float* scales_f32(const uint16_t* scales, int64_t N, int64_t rpb, int64_t k0, int64_t k1,
-                                      int64_t c0, int64_t c1) {
-  thread_local std::vector<float> out;
-  const int64_t b0 = k0 / rpb, b1 = (k1 - 1) / rpb + 1, width = c1 - c0;
-  out.resize(static_cast<size_t>((b1 - b0) * width));
-  for (int64_t b = b0; b < b1; ++b) {
-    for (int64_t c = c0; c < c1; c += 16) {
-      const __mmask16 m = mask_lo(c, c1);
-      _mm512_mask_storeu_ps(out.data() + (b - b0) * width + (c - c0), m, load_bf16x16(scales + b * N + c, m));
-    }
-  }
-  return out.data();
-}
-
 // Rows [k0, k1) of columns [c0, c1) (the last tile masked), two row pairs at a time: the rows
 // stream through sequentially, each 32-column tile of a pair is dequantized once (the
 // bf16 rounding done by vcvtne2ps2bf16, the pairs interleaved into dwords) and added to
 // every row of x's fp32 sums in `acc` ([M][acc_ld], column c0 at 0) by vdpbf16ps.
 GROKIT_AVX512 void pairs_rows_avx512(const uint32_t* xpairs, int64_t M, int64_t kp_stride, int64_t K,
-                                     const int8_t* codes, const uint16_t* scales, int64_t N, int64_t rpb, int64_t k0,
+                                     const int8_t* codes, const float* scale_table, int64_t N, int64_t rpb, int64_t k0,
                                      int64_t k1, int64_t c0, int64_t c1, float* acc, int64_t acc_ld) {
   const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
                                               21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-  const float* sf = scales_f32(scales, N, rpb, k0, k1, c0, c1);
-  const int64_t width = c1 - c0, b0 = k0 / rpb, ahead = rows_ahead(N, 4);  // prefetch (internal.h)
-  // The scales of row k, column c0 at [0] (computed once per row, not per tile).
-  auto row_scales = [&](int64_t k) { return sf + (k / rpb - b0) * width; };
+  const int64_t ahead = rows_ahead(N, 4);  // prefetch (internal.h)
+  // The scales of row k, column c0 at [0] (found once per row, not per tile).
+  auto row_scales = [&](int64_t k) { return scale_table + (k / rpb) * N + c0; };
   // One pair of rows (k, k + 1; a missing k + 1 counts as zero: `second` false) of tile c,
   // with the scales of each row's 32 columns (lo: the first 16): two vectors of 16
   // dwords, each (w[k][n] low, w[k+1][n] high).
@@ -245,15 +224,14 @@ GROKIT_AVX512 void pairs_rows_avx512(const uint32_t* xpairs, int64_t M, int64_t 
 // as above, then split into fp32 by a shift and a mask), then acc = fma(x[k], w[k], acc)
 // in k order for every row of x: one load and store of the sums per four rows (prefill
 // is bound by them).
-GROKIT_AVX512 void fma_rows_avx512(const float* x, int64_t M, int64_t ldx, const int8_t* codes, const uint16_t* scales,
-                                   int64_t N, int64_t rpb, int64_t k0, int64_t k1, int64_t c0, int64_t c1, float* acc,
-                                   int64_t acc_ld) {
+GROKIT_AVX512 void fma_rows_avx512(const float* x, int64_t M, int64_t ldx, const int8_t* codes,
+                                   const float* scale_table, int64_t N, int64_t rpb, int64_t k0, int64_t k1, int64_t c0,
+                                   int64_t c1, float* acc, int64_t acc_ld) {
   const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
                                               21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
   const __m512i high_half = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
-  const float* sf = scales_f32(scales, N, rpb, k0, k1, c0, c1);
-  const int64_t width = c1 - c0, b0 = k0 / rpb, ahead = rows_ahead(N, 4);  // prefetch (internal.h)
-  auto row_scales = [&](int64_t k) { return sf + (k / rpb - b0) * width; };
+  const int64_t ahead = rows_ahead(N, 4);  // prefetch (internal.h)
+  auto row_scales = [&](int64_t k) { return scale_table + (k / rpb) * N + c0; };
   // Rows k and k + 1 (zero when absent) of tile c as fp32: w[0..1] row k (columns 0-15,
   // 16-31), w[2..3] row k + 1.
   auto pair_tile = [&](auto full, const int8_t* r0, int64_t c, __mmask16 ml, __mmask16 mh, const float* s0,
@@ -342,6 +320,13 @@ Status impl(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t* cod
   // reference (a thread_local named inside the lambdas would be each worker's own).
   static thread_local std::vector<uint32_t> xpairs_storage;
   std::vector<uint32_t>& xpairs = xpairs_storage;
+  // The scales as fp32 [blocks][N], converted once per call for every task.
+  static thread_local std::vector<float> scale_table_storage;
+  std::vector<float>& scale_table = scale_table_storage;
+  if (kLevel == Level::kAvx512) {
+    scale_table.resize(static_cast<size_t>(blocks * N));
+    for (int64_t i = 0; i < blocks * N; ++i) scale_table[static_cast<size_t>(i)] = bf16f(scales[i]);
+  }
   if (kLevel == Level::kAvx512 && kPairs) {
     xpairs.resize(static_cast<size_t>(M * kp));
     for (int64_t m = 0; m < M; ++m) {
@@ -361,8 +346,8 @@ Status impl(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t* cod
       for (int64_t m = 0; m < M; ++m) std::fill(out + m * ld, out + m * ld + (vec_end - c0), 0.0f);
       if constexpr (kLevel == Level::kAvx512) {
         // Row by row over the columns: sequential reads, the sums in L1.
-        if (kPairs) pairs_rows_avx512(xpairs.data(), M, kp, K, codes, scales, N, rpb, k0, k1, c0, vec_end, out, ld);
-        else fma_rows_avx512(x, M, ldx, codes, scales, N, rpb, k0, k1, c0, vec_end, out, ld);
+        if (kPairs) pairs_rows_avx512(xpairs.data(), M, kp, K, codes, scale_table.data(), N, rpb, k0, k1, c0, vec_end, out, ld);
+        else fma_rows_avx512(x, M, ldx, codes, scale_table.data(), N, rpb, k0, k1, c0, vec_end, out, ld);
       } else if constexpr (kLevel == Level::kAvx2) {
         for (int64_t b0 = k0; b0 < k1; b0 += kRowBlock) {
           const int64_t b1 = std::min(k1, b0 + kRowBlock);
