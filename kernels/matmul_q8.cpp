@@ -137,6 +137,32 @@ GROKIT_AVX512 __attribute__((always_inline)) inline void for_each_tile(int64_t c
   if (c < c1) tile(Partial{}, c, mask_lo(c, c1), mask_hi(c, c1));
 }
 
+// The fp32 scales of one row's 32-column tile (lo: its first 16 columns).
+struct RowScales {
+  __m512 lo, hi;
+};
+template <class F>
+GROKIT_AVX512 inline RowScales row_scales_at(const float* p, F full, __mmask16 ml, __mmask16 mh) {
+  return RowScales{load_f32(p, full, ml), load_f32(p + 16, full, mh)};
+}
+// One pair of rows (k at r0, k + 1 at r0 + N; zero when `second` is false) of a 32-column
+// tile, dequantized: two vectors of 16 dwords, each (w[k][n] low, w[k+1][n] high) with
+// w = bf16(code * scale).
+template <class F>
+GROKIT_AVX512 inline void pair_tile(const int8_t* r0, int64_t N, F full, __mmask16 ml, __mmask16 mh, RowScales s0,
+                                    RowScales s1, bool second, __m512i& lo, __m512i& hi) {
+  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
+                                              21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  __m512 lo0 = dequant16_f32(r0, s0.lo, full, ml), hi0 = dequant16_f32(r0 + 16, s0.hi, full, mh);
+  __m512 lo1 = _mm512_setzero_ps(), hi1 = _mm512_setzero_ps();
+  if (second) {
+    lo1 = dequant16_f32(r0 + N, s1.lo, full, ml);
+    hi1 = dequant16_f32(r0 + N + 16, s1.hi, full, mh);
+  }
+  lo = _mm512_permutexvar_epi16(interleave, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(lo1, lo0)));
+  hi = _mm512_permutexvar_epi16(interleave, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi1, hi0)));
+}
+
 // Rows [k0, k1) of columns [c0, c1) (the last tile masked), two row pairs at a time: the rows
 // stream through sequentially, each 32-column tile of a pair is dequantized once (the
 // bf16 rounding done by vcvtne2ps2bf16, the pairs interleaved into dwords) and added to
@@ -144,29 +170,9 @@ GROKIT_AVX512 __attribute__((always_inline)) inline void for_each_tile(int64_t c
 GROKIT_AVX512 void pairs_rows_avx512(const uint32_t* xpairs, int64_t M, int64_t kp_stride, int64_t K,
                                      const int8_t* codes, const float* scale_table, int64_t N, int64_t rpb, int64_t k0,
                                      int64_t k1, int64_t c0, int64_t c1, float* acc, int64_t acc_ld) {
-  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
-                                              21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
   const int64_t ahead = rows_ahead(N, 4);  // prefetch (internal.h)
   // The scales of row k, column c0 at [0] (found once per row, not per tile).
   auto row_scales = [&](int64_t k) { return scale_table + (k / rpb) * N + c0; };
-  // One pair of rows (k, k + 1; a missing k + 1 counts as zero: `second` false) of tile c,
-  // with the scales of each row's 32 columns (lo: the first 16): two vectors of 16
-  // dwords, each (w[k][n] low, w[k+1][n] high).
-  struct RowScales {
-    __m512 lo, hi;
-  };
-  auto pair_tile = [&](auto full, const int8_t* r0, int64_t c, __mmask16 ml, __mmask16 mh, RowScales s0, RowScales s1,
-                       bool second, __m512bh& lo, __m512bh& hi) GROKIT_AVX512_INLINE_LAMBDA {
-    r0 += c;
-    __m512 lo0 = dequant16_f32(r0, s0.lo, full, ml), hi0 = dequant16_f32(r0 + 16, s0.hi, full, mh);
-    __m512 lo1 = _mm512_setzero_ps(), hi1 = _mm512_setzero_ps();
-    if (second) {
-      lo1 = dequant16_f32(r0 + N, s1.lo, full, ml);
-      hi1 = dequant16_f32(r0 + N + 16, s1.hi, full, mh);
-    }
-    lo = reinterpret_cast<__m512bh>(_mm512_permutexvar_epi16(interleave, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(lo1, lo0))));
-    hi = reinterpret_cast<__m512bh>(_mm512_permutexvar_epi16(interleave, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi1, hi0))));
-  };
   for (int64_t k = k0; k < k1; k += 4) {
     const bool two = k + 2 < k1;  // a second pair in this step
     const int64_t fetch = rows_to_fetch(k, ahead, k1, 4);
@@ -187,17 +193,19 @@ GROKIT_AVX512 void pairs_rows_avx512(const uint32_t* xpairs, int64_t M, int64_t 
       for_each_tile(c0, c1, [&](auto full, int64_t c, __mmask16 ml, __mmask16 mh) GROKIT_AVX512_INLINE_LAMBDA {
         if (((c - c0) & 63) == 0) prefetch_rows(next + c, N, fetch);
         auto scales_of = [&](const float* row) GROKIT_AVX512_INLINE_LAMBDA {
-          return RowScales{load_f32(row + (c - c0), full, ml), load_f32(row + (c - c0) + 16, full, mh)};
+          return row_scales_at(row + (c - c0), full, ml, mh);
         };
-        __m512bh alo, ahi, blo, bhi;
+        __m512i ai_lo, ai_hi, bi_lo, bi_hi;
         if constexpr (decltype(uniform)::value) {
           const RowScales sc = scales_of(sa0);
-          pair_tile(full, ra, c, ml, mh, sc, sc, true, alo, ahi);
-          pair_tile(full, ra + 2 * N, c, ml, mh, sc, sc, true, blo, bhi);
+          pair_tile(ra + c, N, full, ml, mh, sc, sc, true, ai_lo, ai_hi);
+          pair_tile(ra + 2 * N + c, N, full, ml, mh, sc, sc, true, bi_lo, bi_hi);
         } else {
-          pair_tile(full, ra, c, ml, mh, scales_of(sa0), scales_of(sa1), a1, alo, ahi);
-          if (two) pair_tile(full, ra + 2 * N, c, ml, mh, scales_of(sb0), scales_of(sb1), b1, blo, bhi);
+          pair_tile(ra + c, N, full, ml, mh, scales_of(sa0), scales_of(sa1), a1, ai_lo, ai_hi);
+          if (two) pair_tile(ra + 2 * N + c, N, full, ml, mh, scales_of(sb0), scales_of(sb1), b1, bi_lo, bi_hi);
         }
+        const __m512bh alo = reinterpret_cast<__m512bh>(ai_lo), ahi = reinterpret_cast<__m512bh>(ai_hi);
+        const __m512bh blo = reinterpret_cast<__m512bh>(bi_lo), bhi = reinterpret_cast<__m512bh>(bi_hi);
         for (int64_t m = 0; m < M; ++m) {
           const uint32_t* xp = xpairs + m * kp_stride + k / 2;
           __m512bh xa = M == 1 ? xa1 : reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(xp[0])));
@@ -227,27 +235,17 @@ GROKIT_AVX512 void pairs_rows_avx512(const uint32_t* xpairs, int64_t M, int64_t 
 GROKIT_AVX512 void fma_rows_avx512(const float* x, int64_t M, int64_t ldx, const int8_t* codes,
                                    const float* scale_table, int64_t N, int64_t rpb, int64_t k0, int64_t k1, int64_t c0,
                                    int64_t c1, float* acc, int64_t acc_ld) {
-  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
-                                              21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
   const __m512i high_half = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
   const int64_t ahead = rows_ahead(N, 4);  // prefetch (internal.h)
   auto row_scales = [&](int64_t k) { return scale_table + (k / rpb) * N + c0; };
-  // Rows k and k + 1 (zero when absent) of tile c as fp32: w[0..1] row k (columns 0-15,
-  // 16-31), w[2..3] row k + 1.
-  auto pair_tile = [&](auto full, const int8_t* r0, int64_t c, __mmask16 ml, __mmask16 mh, const float* s0,
-                       const float* s1, bool second, __m512* w) GROKIT_AVX512_INLINE_LAMBDA {
-    r0 += c;
-    const int64_t o = c - c0;
-    const __m512 s0l = load_f32(s0 + o, full, ml), s0h = load_f32(s0 + o + 16, full, mh);
-    __m512 lo0 = dequant16_f32(r0, s0l, full, ml), hi0 = dequant16_f32(r0 + 16, s0h, full, mh);
-    __m512 lo1 = _mm512_setzero_ps(), hi1 = _mm512_setzero_ps();
-    if (second) {
-      const bool same = s1 == s0;
-      lo1 = dequant16_f32(r0 + N, same ? s0l : load_f32(s1 + o, full, ml), full, ml);
-      hi1 = dequant16_f32(r0 + N + 16, same ? s0h : load_f32(s1 + o + 16, full, mh), full, mh);
-    }
-    const __m512i lo = _mm512_permutexvar_epi16(interleave, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(lo1, lo0)));
-    const __m512i hi = _mm512_permutexvar_epi16(interleave, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi1, hi0)));
+  // Rows k and k + 1 (zero when absent; s1 == s0 when they share a block) of tile c as
+  // fp32: w[0..1] row k (columns 0-15, 16-31), w[2..3] row k + 1.
+  auto pair_f32 = [&](auto full, const int8_t* r0, int64_t c, __mmask16 ml, __mmask16 mh, const float* s0,
+                      const float* s1, bool second, __m512* w) GROKIT_AVX512_INLINE_LAMBDA {
+    const RowScales sc0 = row_scales_at(s0 + (c - c0), full, ml, mh);
+    const RowScales sc1 = s1 == s0 ? sc0 : row_scales_at(s1 + (c - c0), full, ml, mh);
+    __m512i lo, hi;
+    pair_tile(r0 + c, N, full, ml, mh, sc0, sc1, second, lo, hi);
     w[0] = _mm512_castsi512_ps(_mm512_slli_epi32(lo, 16));
     w[1] = _mm512_castsi512_ps(_mm512_slli_epi32(hi, 16));
     w[2] = _mm512_castsi512_ps(_mm512_and_si512(lo, high_half));
@@ -266,8 +264,8 @@ GROKIT_AVX512 void fma_rows_avx512(const float* x, int64_t M, int64_t ldx, const
     for_each_tile(c0, c1, [&](auto full, int64_t c, __mmask16 ml, __mmask16 mh) GROKIT_AVX512_INLINE_LAMBDA {
       if (((c - c0) & 63) == 0) prefetch_rows(next + c, N, fetch);
       __m512 w[8];  // row k + r, columns 0-15 / 16-31: w[2r], w[2r + 1]
-      pair_tile(full, ra, c, ml, mh, s[0], s[1], rows > 1, w);
-      if (rows > 2) pair_tile(full, ra + 2 * N, c, ml, mh, s[2], s[3], rows > 3, w + 4);
+      pair_f32(full, ra, c, ml, mh, s[0], s[1], rows > 1, w);
+      if (rows > 2) pair_f32(full, ra + 2 * N, c, ml, mh, s[2], s[3], rows > 3, w + 4);
       if (M == 1 && rows == 4) {  // decode
         __m512 s0 = load_f32(acc + (c - c0), full, ml), s1 = load_f32(acc + (c - c0) + 16, full, mh);
         for (int r = 0; r < 4; ++r) {
