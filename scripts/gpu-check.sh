@@ -12,11 +12,16 @@
 #                                     end-to-end tests (TP 1/2/4/8 on one GPU against
 #                                     scripts/reference.py), then the benchmarks; a short
 #                                     table last. Full logs under $OUT (else ./gpu-check-out).
-# Runs in well under 5 minutes on an H100/H200. Exit status: non-zero if a check failed.
+# Runs in well under 5 minutes on an H100/H200; each step has a time limit, and the summary
+# is written however the script ends. Exit status: non-zero if a check failed, 2 if the
+# carried binaries were built from other sources than this tree.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 CARRY=$ROOT/.gpu-check
+# The sources the carried binaries are built from (checked against the tree at run time).
+BUILT_FROM=(CMakeLists.txt cli common convert format kernels quantize runner validate tests/CMakeLists.txt tests/gpu
+            tests/unit)
 
 if [ "${1:-}" = "--prepare" ]; then
   set -e
@@ -40,6 +45,9 @@ if [ "${1:-}" = "--prepare" ]; then
       *) cp -L "$lib" "$CARRY/deps/" ;;
     esac
   done
+  # What the binaries were built from: the run refuses a bundle older than the sources.
+  git ls-files -z -- "${BUILT_FROM[@]}" | xargs -0 sha256sum > "$CARRY/SOURCES.sha256"
+  git log -1 --format='%H' > "$CARRY/COMMIT"
   grep -qxF '/.gpu-check/' .git/info/exclude 2>/dev/null || echo '/.gpu-check/' >> .git/info/exclude
   du -sh "$CARRY" | awk '{print "gpu-check: prepared " $2 " (" $1 "); carry .gpu-check and run scripts/gpu-check.sh"}'
   exit 0
@@ -52,11 +60,20 @@ if [ ! -x "$CARRY/bin/grokit" ]; then
        "the .gpu-check folder along" | tee "$OUT/summary.txt" >&2
   exit 2
 fi
+if [ ! -f "$CARRY/SOURCES.sha256" ] || ! sha256sum --check --quiet "$CARRY/SOURCES.sha256" > "$OUT/stale.txt" 2>&1; then
+  echo "gpu-check: $CARRY was built from other sources than this tree (built at commit $(cat "$CARRY/COMMIT" 2>/dev/null));" \
+       "run 'scripts/gpu-check.sh --prepare' again. $(grep -c ": FAILED" "$OUT/stale.txt") files differ (listed in $OUT/stale.txt)" \
+       | tee "$OUT/summary.txt" >&2
+  exit 2
+fi
 export LD_LIBRARY_PATH="$CARRY/deps${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export GROKIT_CUDA_PLUGIN="$CARRY/lib/libgrokit_cuda.so"
 export GROKIT_BIN="$CARRY/bin/grokit"
 export GROKIT_SOURCE_DIR="$ROOT"
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+# Here a CUDA test that cannot run fails instead of skipping, and no grokit call in the
+# end-to-end tests may hang the run.
+export GROKIT_REQUIRE_CUDA=1 GROKIT_TEST_TIMEOUT=120
 # cuBLASLt and NCCL from the toolkit or from Python's nvidia-* wheels, where present.
 for d in /usr/local/cuda/lib64 /usr/local/cuda/lib $(python3 -c '
 import importlib, os
@@ -69,34 +86,45 @@ for m in ("nvidia.cublas", "nvidia.nccl", "nvidia.cu13"):
 done
 
 declare -A RESULT
-step() {  # name, log, command...
-  local name=$1 log=$2
-  shift 2
+STEPS=(devices parity host-ops e2e bench)
+step() {  # name, log, time limit (s), command...: a step that hangs is killed, the rest still run
+  local name=$1 log=$2 limit=$3
+  shift 3
   local t0=$SECONDS
   echo "== $name" >&2
-  "$@" > "$OUT/$log" 2>&1
+  timeout -k 10 "$limit" "$@" > "$OUT/$log" 2>&1
   local rc=$?
-  RESULT[$name]="rc $rc, $((SECONDS - t0)) s, log $log"
+  if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+    RESULT[$name]="TIMEOUT after $limit s, log $log"
+  else
+    RESULT[$name]="rc $rc, $((SECONDS - t0)) s, log $log"
+  fi
   tail -n 5 "$OUT/$log" >&2
   return $rc
 }
 
 FAILED=0
 { nvidia-smi; echo; uname -a; git -C "$ROOT" log -1 --format='commit %H %cs' 2>/dev/null; } > "$OUT/machine.txt" 2>&1
-step devices devices.log "$GROKIT_BIN" devices || FAILED=1
-step parity parity.log "$CARRY/bin/test_gpu_parity" --gtest_brief=0 || FAILED=1
-step host-ops host_ops.log "$CARRY/bin/test_host_ops" --gtest_brief=1 || FAILED=1
-step e2e e2e.log python3 tests/gpu/test_cuda_e2e.py -v || FAILED=1
-step bench bench.txt "$GROKIT_BIN" bench-device --device cuda --work "${TMPDIR:-/tmp}" || FAILED=1
+# The summary is written however the script ends (a step killed, the caller's time limit).
+summary() {
+  {
+    echo "gpu-check $(date -u +%Y-%m-%dT%H:%MZ) on $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)"
+    echo "built from commit $(cat "$CARRY/COMMIT" 2>/dev/null || echo '?')"
+    for k in "${STEPS[@]}"; do printf '  %-9s %s\n' "$k" "${RESULT[$k]:-not run}"; done
+    grep -E '^\[  (PASSED|FAILED|SKIPPED) +\] [0-9]+ test' "$OUT/parity.log" 2>/dev/null
+    grep -E '^\[  FAILED  \] [A-Za-z]' "$OUT/parity.log" 2>/dev/null | sort -u | head -n 20
+    grep -E '^(OK|FAILED)' "$OUT/e2e.log" 2>/dev/null
+    echo
+    cat "$OUT/bench.txt" 2>/dev/null
+  } > "$OUT/summary.txt"
+  cat "$OUT/summary.txt"
+}
+trap summary EXIT
+trap 'exit 143' TERM INT
 
-{
-  echo "gpu-check $(date -u +%Y-%m-%dT%H:%MZ) on $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)"
-  git -C "$ROOT" log -1 --format='commit %h' 2>/dev/null
-  for k in devices parity host-ops e2e bench; do printf '  %-9s %s\n' "$k" "${RESULT[$k]:-not run}"; done
-  grep -E '^\[  (PASSED|FAILED|SKIPPED) +\] [0-9]+ test' "$OUT/parity.log" || true
-  grep -E '^\[  FAILED  \] [A-Za-z]' "$OUT/parity.log" | sort -u | head -n 20 || true
-  grep -E '^(OK|FAILED)' "$OUT/e2e.log" || true
-  echo
-  cat "$OUT/bench.txt"
-} | tee "$OUT/summary.txt"
+step devices devices.log 30 "$GROKIT_BIN" devices || FAILED=1
+step parity parity.log 120 "$CARRY/bin/test_gpu_parity" --gtest_brief=0 || FAILED=1
+step host-ops host_ops.log 30 "$CARRY/bin/test_host_ops" --gtest_brief=1 || FAILED=1
+step e2e e2e.log 240 python3 tests/gpu/test_cuda_e2e.py -v || FAILED=1
+step bench bench.txt 120 "$GROKIT_BIN" bench-device --device cuda --work "${TMPDIR:-/tmp}" || FAILED=1
 exit $FAILED

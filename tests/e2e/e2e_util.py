@@ -12,8 +12,14 @@ sys.path.insert(0, os.path.join(SOURCE_DIR, "scripts"))
 import make_checkpoint  # noqa: E402
 
 
+# A grokit call that hangs fails its test instead of holding the whole run (seconds;
+# GROKIT_TEST_TIMEOUT overrides).
+TIMEOUT = float(os.environ.get("GROKIT_TEST_TIMEOUT", "600"))
+
+
 def run(*args, check=None, **kw):
     """Runs grokit with args; returns the CompletedProcess (text). check=0 asserts rc 0."""
+    kw.setdefault("timeout", TIMEOUT)
     p = subprocess.run([GROKIT, *map(str, args)], capture_output=True, text=True, **kw)
     if check is not None and p.returncode != check:
         raise AssertionError(f"grokit {' '.join(map(str, args))}: rc {p.returncode} != {check}\n"

@@ -84,8 +84,17 @@ const Backend& host_backend() {
   return b;
 }
 
+// GROKIT_REQUIRE_CUDA=1 (scripts/gpu-check.sh): a CUDA backend that cannot run is a
+// failure, not a skip, on the machine that is there to run it.
+Backend require_if_asked(Backend c) {
+  const char* env = std::getenv("GROKIT_REQUIRE_CUDA");
+  if (c.ops == nullptr && c.error.empty() && env != nullptr && std::string(env) == "1")
+    c.error = "GROKIT_REQUIRE_CUDA=1: " + c.skip;
+  return c;
+}
+
 const Backend& cuda_backend() {
-  static const Backend b = [] {
+  static const Backend b = require_if_asked([] {
     Backend c;
     c.name = "cuda";
     std::string path, tried;
@@ -130,7 +139,7 @@ const Backend& cuda_backend() {
     if (ops->device_name(0, name, sizeof name, &mem) == GROKIT_OK)
       std::printf("[ parity ] cuda device 0: %s, %.1f GiB\n", name, static_cast<double>(mem) / (1ull << 30));
     return c;
-  }();
+  }());
   return b;
 }
 
