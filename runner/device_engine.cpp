@@ -219,8 +219,16 @@ Status DeviceEngine::run_on_ranks(const std::function<Status(DevRank&)>& fn) {
   const int f = first_failed.load();
   if (f < 0) return {};
   Status origin = std::move(st[static_cast<size_t>(f)]);
-  // Collectives were abandoned: the ranks' state no longer agrees.
-  if (ranks_[static_cast<size_t>(f)].comm) stopped_ = Status(origin.error());
+  // Collectives were abandoned: the ranks' state no longer agrees. The graphs that
+  // captured them go now (an NCCL abort waits for that).
+  if (ranks_[static_cast<size_t>(f)].comm) {
+    stopped_ = Status(origin.error());
+    for (DevRank& R : ranks_) {
+      if (R.graphs.empty() || R.ops->set_device(R.device) != GROKIT_OK) continue;
+      for (auto& [b, g] : R.graphs) R.ops->graph_destroy(g);
+      R.graphs.clear();
+    }
+  }
   return origin;
 }
 
@@ -650,6 +658,7 @@ Status DeviceEngine::forward(DevRank& R, int64_t N, int64_t max_keys, const Hidd
     hidden_host.resize(static_cast<size_t>(N * D));
     DEV_TRY(ops, ops->copy(hidden_host.data(), x, hidden_host.size() * 4, GROKIT_COPY_D2H, st));
     DEV_TRY(ops, ops->stream_sync(st));
+    if (R.comm->aborted()) return make_error("rank 0: the hidden state's collectives were aborted");
     int64_t t = 0;
     for (const auto& p : plan) {
       Status s = (*hidden)(index, p.user_row, p.user_offset, p.n, hidden_host.data() + t * D);
@@ -806,6 +815,7 @@ Status DeviceEngine::emit_logits(DevRank& R, const std::vector<PlanRow>& plan,
   float* host = R.host_logits.get<float>();
   DEV_TRY(ops, ops->copy(host, R.act.all.get(), static_cast<size_t>(tp_ * kLogitsChunk * Vr) * 4, GROKIT_COPY_D2H, R.stream));
   DEV_TRY(ops, ops->stream_sync(R.stream));
+  if (R.comm && R.comm->aborted()) return make_error("rank 0: the logits' collectives were aborted");
   if (!sink_status_.ok()) return {};
   full_logits_.resize(static_cast<size_t>(V));
   for (int64_t i = 0; i < n; ++i) {

@@ -1,6 +1,7 @@
 #include "runner/device_layer.h"
 
 #include <atomic>
+#include <thread>
 
 namespace grokit::runner {
 
@@ -27,19 +28,26 @@ class NcclComm final : public DeviceComm {
   NcclComm(const GrokitOps* ops, const GrokitCollectives* c, void* comm, GrokitStream stream)
       : ops_(ops), c_(c), comm_(comm), stream_(stream) {}
   ~NcclComm() override {
-    if (comm_ != nullptr && !aborted_.load()) c_->comm_destroy(comm_);
+    if (aborter_.joinable()) aborter_.join();
+    else if (comm_ != nullptr) c_->comm_destroy(comm_);
   }
-  // From another thread while this rank may be blocked in a collective: its stream's
-  // NCCL kernels are abandoned, so its wait returns (with an error).
+  // ncclCommAbort runs on a thread of its own: it sets NCCL's abort flag at once (this
+  // rank's waiting kernels end), then waits until every graph that captured this
+  // communicator is destroyed (DeviceEngine::run_on_ranks does that once the ranks have
+  // returned), which it could not do on a rank's thread.
   void abort() override {
-    if (comm_ != nullptr && c_->comm_abort != nullptr && !aborted_.exchange(true)) c_->comm_abort(comm_);
+    if (comm_ == nullptr || c_->comm_abort == nullptr || aborted_.exchange(true)) return;
+    aborter_ = std::thread([c = c_, comm = comm_] { c->comm_abort(comm); });
   }
+  bool aborted() const override { return aborted_.load(); }
   Status all_reduce_sum(float* data, size_t n) override {
+    GROKIT_TRY(check_not_aborted());
     if (c_->all_reduce_sum(data, data, n, comm_, stream_) != GROKIT_OK)
       return make_error("NCCL all-reduce failed: ", ops_->error_message());
     return {};
   }
   Status all_gather(const void* send, void* recv, size_t bytes) override {
+    GROKIT_TRY(check_not_aborted());
     if (c_->all_gather(send, recv, bytes, comm_, stream_) != GROKIT_OK)
       return make_error("NCCL all-gather failed: ", ops_->error_message());
     return {};
@@ -48,11 +56,16 @@ class NcclComm final : public DeviceComm {
   const char* name() const override { return "NCCL"; }
 
  private:
+  Status check_not_aborted() const {
+    if (aborted_.load()) return make_error("NCCL communicator aborted: another rank failed");
+    return {};
+  }
   const GrokitOps* ops_;
   const GrokitCollectives* c_;
   void* comm_;
   GrokitStream stream_;
   std::atomic<bool> aborted_{false};
+  std::thread aborter_;
 };
 
 // Ranks that are threads of this process. When they share one device (or the host

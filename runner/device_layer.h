@@ -91,6 +91,9 @@ class DeviceComm {
   // Called (from any thread) when a rank of the group failed: ranks waiting in, or later
   // entering, a collective return an error instead of waiting for it for ever.
   virtual void abort() {}
+  // Whether abort() was called: a wait that returned after it may have abandoned a
+  // collective, so its results must not be used (an aborted NCCL kernel ends without error).
+  virtual bool aborted() const { return false; }
 };
 
 // One rank alone: collectives are copies at most.
