@@ -32,12 +32,14 @@ struct Scratch {
   bool pooled = false;    // from cudaMallocAsync
 };
 
+using ScratchMap = std::map<std::pair<int, cudaStream_t>, std::unique_ptr<Scratch>>;
+std::mutex g_scratch_mu;
+// Never destroyed: the device memory outlives static destruction order.
+ScratchMap* const g_scratch = new ScratchMap();
+
 Scratch& scratch_for(int device, cudaStream_t stream) {
-  static std::mutex mu;
-  // Never destroyed: the device memory outlives static destruction order.
-  static auto* map = new std::map<std::pair<int, cudaStream_t>, std::unique_ptr<Scratch>>();
-  std::lock_guard<std::mutex> lock(mu);
-  auto& s = (*map)[{device, stream}];
+  std::lock_guard<std::mutex> lock(g_scratch_mu);
+  auto& s = (*g_scratch)[{device, stream}];
   if (!s) s = std::make_unique<Scratch>();
   return *s;
 }
@@ -149,6 +151,26 @@ int attention(const float* q, int64_t M, const GrokitAttnRow* rows, int64_t max_
   std::lock_guard<std::mutex> lock(sc.mu);
   if (int rc = reserve(sc, decode ? dp.bytes : pp.bytes, st)) return rc;
   return decode ? attn::decode_run(a, dp, sc.ptr, st) : attn::prefill_run(a, pp, sc.ptr, st);
+}
+
+int attention_release_stream(GrokitStream stream) {
+  const cudaStream_t st = as_stream(stream);
+  int dev = 0;
+  if (int rc = check_cuda(cudaGetDevice(&dev), "attention_release_stream: cudaGetDevice"); rc != GROKIT_OK) return rc;
+  std::unique_ptr<Scratch> sc;
+  {
+    std::lock_guard<std::mutex> lock(g_scratch_mu);
+    auto it = g_scratch->find({dev, st});
+    if (it == g_scratch->end()) return GROKIT_OK;
+    sc = std::move(it->second);
+    g_scratch->erase(it);
+  }
+  std::lock_guard<std::mutex> lock(sc->mu);
+  int rc = check_cuda(cudaStreamSynchronize(st), "attention_release_stream: cudaStreamSynchronize");
+  if (sc->ptr != nullptr && rc == GROKIT_OK)
+    rc = check_cuda(sc->pooled ? cudaFreeAsync(sc->ptr, st) : cudaFree(sc->ptr), "attention_release_stream: free");
+  if (rc == GROKIT_OK && sc->pooled) rc = check_cuda(cudaStreamSynchronize(st), "attention_release_stream: freeing");
+  return rc;
 }
 
 }  // namespace grokit::kernels::cuda

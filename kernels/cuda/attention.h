@@ -15,5 +15,8 @@ namespace grokit::kernels::cuda {
 
 int attention(const float* q, int64_t M, const GrokitAttnRow* rows, int64_t max_keys, const GrokitAttnShape* shape,
               float* o, GrokitStream stream);
+// Frees the scratch kept for `stream` on the current device (stream_destroy calls it;
+// destroy the graphs captured on the stream first).
+int attention_release_stream(GrokitStream stream);
 
 }  // namespace grokit::kernels::cuda

@@ -120,12 +120,13 @@ int stream_create(GrokitStream* stream) {
 
 int stream_destroy(GrokitStream stream) {
   if (stream == nullptr) return GROKIT_OK;  // the default stream is not ours to destroy
-  // The scratch matmul keeps per (device, stream) would otherwise outlive the stream
+  // The scratch matmul and attention keep per (device, stream) would otherwise outlive the stream
   // (and be inherited by the next stream given the same handle). Callers destroy the
   // graphs captured on the stream first (matmul.h).
   const int rc = matmul_release_stream(stream);
+  const int rc1 = attention_release_stream(stream);
   const int rc2 = call(cudaStreamDestroy(as_stream(stream)), "cudaStreamDestroy");
-  return rc != GROKIT_OK ? rc : rc2;
+  return rc != GROKIT_OK ? rc : rc1 != GROKIT_OK ? rc1 : rc2;
 }
 
 int stream_sync(GrokitStream stream) {
