@@ -428,6 +428,17 @@ Status DeviceEngine::load(const std::string& dir, const EngineOptions& options, 
   if (nccl != nullptr) {
     std::vector<void*> comms(ranks_.size(), nullptr);
     std::vector<Status> st(ranks_.size());
+    // Every device selectable before the group starts: a rank missing from the group's
+    // initialisation would leave the others waiting for it.
+    for (const DevRank& R : ranks_)
+      if (ops_->set_device(R.device) != GROKIT_OK)
+        return make_error("rank ", R.rank, ": cannot select device ", R.device, ": ", ops_->error_message());
+    // Communicators made before a failure are released, not leaked.
+    auto fail = [&](Status s) {
+      for (void* c : comms)
+        if (c != nullptr) (nccl->comm_abort != nullptr ? nccl->comm_abort : nccl->comm_destroy)(c);
+      return s;
+    };
     // One process, several devices: the ranks initialise together.
     if (nccl->group_start() != GROKIT_OK) return make_error("NCCL group start failed: ", ops_->error_message());
     for (size_t i = 0; i < ranks_.size(); ++i) {
@@ -435,8 +446,9 @@ Status DeviceEngine::load(const std::string& dir, const EngineOptions& options, 
       if (ops_->set_device(R.device) != GROKIT_OK || nccl->comm_init(&comms[i], tp_, &nccl_id, R.rank) != GROKIT_OK)
         st[i] = make_error("rank ", R.rank, ": NCCL init failed: ", ops_->error_message());
     }
-    if (nccl->group_end() != GROKIT_OK) return make_error("NCCL init failed: ", ops_->error_message());
-    for (auto& s : st) GROKIT_TRY(std::move(s));
+    if (nccl->group_end() != GROKIT_OK) return fail(make_error("NCCL init failed: ", ops_->error_message()));
+    for (auto& s : st)
+      if (!s.ok()) return fail(std::move(s));
     for (size_t i = 0; i < ranks_.size(); ++i) ranks_[i].comm = make_nccl_comm(ops_, nccl, comms[i], ranks_[i].stream);
   } else {
     // One device among the ranks' (not the listed ones, some of which may be unused).
