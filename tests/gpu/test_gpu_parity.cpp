@@ -53,6 +53,7 @@ namespace K = kernels;
 struct Backend {
   std::string name;
   const GrokitOps* ops = nullptr;
+  const GrokitCollectives* collectives = nullptr;  // the CUDA plugin's NCCL table
   std::string skip;   // why the backend cannot run here (a skip, not a failure)
   std::string error;  // a broken backend (a failure)
 };
@@ -118,6 +119,8 @@ const Backend& cuda_backend() {
       return c;
     }
     const GrokitOps* ops = get();
+    if (auto coll = reinterpret_cast<const GrokitCollectives* (*)()>(dlsym(h, "grokit_cuda_collectives")))
+      c.collectives = coll();
     if (ops == nullptr || ops->abi_version != GROKIT_OPS_ABI_VERSION) {
       c.error = path + ": device ops ABI " + std::to_string(ops == nullptr ? -1 : ops->abi_version) + ", expected " +
                 std::to_string(GROKIT_OPS_ABI_VERSION);
@@ -1238,6 +1241,66 @@ TEST(ParityHarness, CompareCatchesPoisonBudgetsAndPadding) {
     compare(host, "probe", kMatmul, e, a, 0, nullptr, &s);
   }
   EXPECT_EQ(results.size(), 1) << "the host twin passed with a 2^-18 difference";
+}
+
+// NCCL through the plugin's table on one rank (the one GPU a check machine has): loading
+// libnccl, the ABI mirror, init, each collective, the collectives captured in a graph and
+// replayed, destroy and abort. One rank sums and gathers only itself, so the results are
+// the inputs; what this proves is that every call goes through and lands.
+TEST(ParityHarness, CudaNcclOneRank) {
+  const Backend& b = cuda_backend();
+  if (!b.error.empty()) FAIL() << b.error;
+  if (b.ops == nullptr) GTEST_SKIP() << b.skip;
+  const GrokitCollectives* nc = b.collectives;
+  ASSERT_NE(nc, nullptr) << "the CUDA plugin exports no grokit_cuda_collectives";
+  ASSERT_EQ(nc->abi_version, GROKIT_OPS_ABI_VERSION);
+  char why[512] = {0};
+  if (nc->available(why, sizeof why) == 0) GTEST_SKIP() << "NCCL cannot be loaded here: " << why;
+  const GrokitOps* ops = b.ops;
+  auto ok = [&](int rc, const char* what) {
+    if (rc != GROKIT_OK) throw Failure(std::string(what) + " returned " + std::to_string(rc) + ": " + ops->error_message());
+  };
+  try {
+    ok(ops->set_device(0), "set_device");
+    GrokitNcclId id{};
+    ok(nc->unique_id(&id), "unique_id");
+    void* comm = nullptr;
+    ok(nc->comm_init(&comm, 1, &id, 0), "comm_init");
+    {
+      Dev dev(ops, "cuda");
+      Rng rng(7);
+      const size_t n = 1001;
+      std::vector<float> data(n);
+      for (float& v : data) v = rng.f32(-4.0f, 4.0f);
+      float* buf = dev.upload(data);
+      float* gathered = dev.poisoned<float>(n);
+      ok(nc->all_reduce_sum(buf, buf, n, comm, dev.stream), "all_reduce_sum");
+      ok(nc->all_gather(buf, gathered, n * sizeof(float), comm, dev.stream), "all_gather");
+      ok(nc->broadcast(buf, n * sizeof(float), 0, comm, dev.stream), "broadcast");
+      EXPECT_EQ(dev.download(buf, n), data);
+      EXPECT_EQ(dev.download(gathered, n), data);
+      if (ops->graph_begin != nullptr) {
+        float* replayed = dev.poisoned<float>(n);
+        void* graph = nullptr;
+        ok(ops->graph_begin(dev.stream), "graph_begin");
+        const int rc1 = nc->all_reduce_sum(buf, buf, n, comm, dev.stream);
+        const int rc2 = nc->all_gather(buf, replayed, n * sizeof(float), comm, dev.stream);
+        ok(ops->graph_end(dev.stream, &graph), "graph_end");
+        ok(rc1, "all_reduce_sum (captured)");
+        ok(rc2, "all_gather (captured)");
+        EXPECT_TRUE(std::isnan(dev.download(replayed, n)[0])) << "captured work ran before the launch";
+        ok(ops->graph_launch(graph, dev.stream), "graph_launch");
+        EXPECT_EQ(dev.download(replayed, n), data);
+        ok(ops->graph_destroy(graph), "graph_destroy");  // before the communicator goes
+      }
+    }
+    ok(nc->comm_destroy(comm), "comm_destroy");
+    void* doomed = nullptr;
+    ok(nc->comm_init(&doomed, 1, &id, 0), "comm_init (second)");
+    ok(nc->comm_abort(doomed), "comm_abort");
+  } catch (const Failure& f) {
+    FAIL() << f.what();
+  }
 }
 
 TEST(ParityHarness, CudaBackendStatus) {
