@@ -843,8 +843,7 @@ inline const char* dtype_label(int32_t dtype) {
 inline int describe_weight(const char* op, const GrokitWeight* w, WDesc* d, char* msg, size_t len) {
   if (w == nullptr) return GK_FAIL(GROKIT_ERR_INVALID, "%s: w is NULL", op);
   if (w->dtype != kDtQ8 && w->dtype != kDtQ4 && w->dtype != kDtF8 && w->dtype != kDtBF16)
-    return GK_FAIL(GROKIT_ERR_UNSUPPORTED,
-                     "%s: weight dtype %d is not supported by the CUDA backend (16 q8rb, 17 q4g, 18 f8col, 1 bf16)", op,
+    return GK_FAIL(GROKIT_ERR_INVALID, "%s: weight dtype %d is not a weight scheme (16 q8rb, 17 q4g, 18 f8col, 1 bf16)", op,
                      static_cast<int>(w->dtype));
   const char* dt = dtype_label(w->dtype);
   const long long E = w->experts, K = w->rows, N = w->cols;
