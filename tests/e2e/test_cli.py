@@ -140,14 +140,19 @@ class Convert(unittest.TestCase):
         out = self.out("bench")
         run("convert", self.ckpt, out, "--tp", 2, "--no-progress", check=0)
         p = run("bench", out, "--steps", 3, "--rounds", 2, "--buffer-mb", 16, "--threads", 2, check=0)
-        rounds = re.findall(r"^round (\d): read bandwidth +([0-9.]+) GB/s .* decode step +([0-9.]+) ms, "
-                            r"ratio ([0-9.]+)$", p.stdout, re.M)
+        # Each round: the weights' own pages (the headline) and a fresh buffer.
+        rounds = re.findall(r"^round (\d): read bandwidth +([0-9.]+) GB/s \(the weights' pages; a fresh buffer "
+                            r"([0-9.]+)\), 2 threads, decode step +([0-9.]+) ms, ratio ([0-9.]+) "
+                            r"\(against the buffer ([0-9.]+)\)$", p.stdout, re.M)
         self.assertEqual([r[0] for r in rounds], ["1", "2"], p.stdout)
         per_token = re.search(r"weights read per token: +([0-9.]+) MiB", p.stdout)
         self.assertIsNotNone(per_token, p.stdout)
-        for _, bw, ms, ratio in rounds:  # each ratio is its own round's (bytes / bandwidth) / step
-            expect = float(per_token.group(1)) * 2**20 / (float(bw) * 1e9) / (float(ms) * 1e-3)
-            self.assertAlmostEqual(float(ratio), expect, delta=0.01 + 0.02 * expect)
+        for _, bw, buffer_bw, ms, ratio, buffer_ratio in rounds:
+            # each ratio is its own round's (bytes / bandwidth) / step
+            for b, r in ((bw, ratio), (buffer_bw, buffer_ratio)):
+                expect = float(per_token.group(1)) * 2**20 / (float(b) * 1e9) / (float(ms) * 1e-3)
+                self.assertAlmostEqual(float(r), expect, delta=0.01 + 0.02 * expect)
+        self.assertRegex(p.stdout, r"against a fresh buffer \([0-9.]+ - [0-9.]+ GB/s\): median [0-9.]+")
         self.assertRegex(p.stdout, r"roofline ratio +: +[0-9.]+ \(median of the rounds")
         self.assertRegex(p.stderr, r"grokit bench: [0-9.]+ tok/s, roofline [0-9.]+")
         self.assertEqual(run("bench", out, "--rounds", 0).returncode, 2)
