@@ -154,9 +154,9 @@ int cmd_bench(int argc, char** argv) {
               static_cast<long>(eng.config().num_experts));
   // On the CPU the weights are the shard files' page-cache pages, memory-mapped: the limit
   // for reading them is measured on those very pages (mapped again here; all of each
-  // file, every expert included). A fresh buffer can stream faster than they do (on a
-  // virtual machine, by up to 1.6x, depending on where the host placed the memory), and
-  // the weights cannot move there without copying them, so that ratio is shown beside.
+  // file, every expert included), like `cp` of the same bytes. A fresh anonymous buffer
+  // is measured too and its ratio shown beside: the two differ by the host's placement
+  // of the memory (a few percent here, in either direction).
   std::vector<MappedFile> shards;
   std::vector<std::pair<const float*, size_t>> shard_pages;
   if (device == "cpu") {
