@@ -112,7 +112,8 @@ int cmd_bench(int argc, char** argv) {
       ("rounds", "rounds of (bandwidth probe, decode steps): the limit is measured next to the steps it bounds, "
        "since a shared host's bandwidth drifts", cxxopts::value<int>()->default_value("5"))
       ("prompt-tokens", "prompt length before the timed steps", cxxopts::value<int>()->default_value("16"))
-      ("buffer-mb", "bandwidth test buffer, MiB (larger than the caches)", cxxopts::value<unsigned>()->default_value("1024"))
+      ("buffer-mb", "bandwidth test buffer, MiB (larger than the caches); also the most of the weights' pages read "
+       "for their bandwidth", cxxopts::value<unsigned>()->default_value("1024"))
       ("device", "cpu, cuda or host (see grokit run --help); the bandwidth measured is the host's memory: for "
        "cuda see scripts/gpu-check.sh", cxxopts::value<std::string>()->default_value("cpu"))
 ;
@@ -126,7 +127,8 @@ int cmd_bench(int argc, char** argv) {
   if (steps < 1 || prompt < 1 || rounds < 1)
     return std::fprintf(stderr, "%s: --steps, --rounds and --prompt-tokens must be >= 1\n", prog), kExitUsage;
 
-  ReadProbe probe(threads, uint64_t{r["buffer-mb"].as<unsigned>()} << 20);
+  const uint64_t probe_bytes = uint64_t{r["buffer-mb"].as<unsigned>()} << 20;
+  ReadProbe probe(threads, probe_bytes);
   runner::EngineOptions eo;
   eo.threads = threads;
   eo.verify = false;
@@ -153,8 +155,8 @@ int cmd_bench(int argc, char** argv) {
               static_cast<double>(bytes) / (1 << 20), static_cast<long>(eng.config().num_selected_experts),
               static_cast<long>(eng.config().num_experts));
   // On the CPU the weights are the shard files' page-cache pages, memory-mapped: the limit
-  // for reading them is measured on those very pages (mapped again here; all of each
-  // file, every expert included), like `cp` of the same bytes. A fresh anonymous buffer
+  // for reading them is measured on those very pages (mapped again here; each file whole,
+  // or 64 MiB pieces spread evenly over it, --buffer-mb in all), like `cp` of the same bytes. A fresh anonymous buffer
   // is measured too and its ratio shown beside: the two differ by the host's placement
   // of the memory (a few percent here, in either direction).
   std::vector<MappedFile> shards;
@@ -166,7 +168,18 @@ int cmd_bench(int argc, char** argv) {
       auto m = MappedFile::open(path);
       if (!m.ok()) return std::fprintf(stderr, "%s: error: %s\n", prog, m.error().message.c_str()), kExitFailure;
       shards.push_back(std::move(*m));
-      shard_pages.emplace_back(reinterpret_cast<const float*>(shards.back().data()), shards.back().size() / 128 * 32);
+      const uint8_t* base = shards.back().data();
+      const uint64_t size = shards.back().size() / 128 * 128, budget = probe_bytes / static_cast<uint64_t>(tp);
+      constexpr uint64_t kPiece = uint64_t{64} << 20;
+      if (size <= budget) {
+        shard_pages.emplace_back(reinterpret_cast<const float*>(base), size / 4);
+        continue;
+      }
+      const uint64_t pieces = std::max<uint64_t>(1, budget / kPiece);
+      for (uint64_t i = 0; i < pieces; ++i) {
+        const uint64_t at = size / pieces * i / 4096 * 4096;
+        shard_pages.emplace_back(reinterpret_cast<const float*>(base + at), std::min(kPiece, size - at) / 128 * 32);
+      }
     }
   }
   const bool same_pages = !shard_pages.empty();
