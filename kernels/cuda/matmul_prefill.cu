@@ -86,9 +86,13 @@ int gemm(Ctx& c, const uint16_t* W, const uint16_t* X, float* D, int64_t ldd, in
     c.algos.emplace(key, algo);
   }
   const float alpha = 1.0f;
-  return check_lt(cublasLtMatmul(c.lt, t.op, &alpha, W, t.a, X, t.b, &beta, D, t.c, D, t.c, &algo, c.ws.p, c.ws.bytes,
-                                 c.stream),
-                  "matmul");
+  const cublasStatus_t ms =
+      cublasLtMatmul(c.lt, t.op, &alpha, W, t.a, X, t.b, &beta, D, t.c, D, t.c, &algo, c.ws.p, c.ws.bytes, c.stream);
+  if (ms == CUBLAS_STATUS_NOT_SUPPORTED) {  // the algorithm the heuristic gave refuses the call: as if none
+    c.algos.erase(key);
+    return kNoAlgo;
+  }
+  return check_lt(ms, "matmul");
 }
 
 template <int F>
