@@ -151,7 +151,7 @@ int cmd_bench(int argc, char** argv) {
   if (auto s = eng.step(std::span<const runner::StepRow>(&row, 1), take); !s.ok())
     return std::fprintf(stderr, "%s: error: %s\n", prog, s.error().message.c_str()), kExitFailure;
   const uint64_t bytes = eng.weight_bytes_per_token();
-  std::printf("weights read per token: %8.1f MiB (attention, %ld of %ld experts, output projection)\n",
+  std::printf("weights read per token: %10.3f MiB (attention, %ld of %ld experts, output projection)\n",
               static_cast<double>(bytes) / (1 << 20), static_cast<long>(eng.config().num_selected_experts),
               static_cast<long>(eng.config().num_experts));
   // On the CPU the weights are the shard files' page-cache pages, memory-mapped: the limit
@@ -206,10 +206,10 @@ int cmd_bench(int argc, char** argv) {
     buffer_ratios.push_back(static_cast<double>(bytes) / buffer_bw / med);
     if (same_pages)
       std::printf("round %d: read bandwidth %7.2f GB/s (the weights' pages; a fresh buffer %.2f), %u threads, decode step "
-                  "%7.2f ms, ratio %.2f (against the buffer %.2f)\n",
+                  "%7.3f ms, ratio %.2f (against the buffer %.2f)\n",
                   round + 1, bw / 1e9, buffer_bw / 1e9, threads, med * 1e3, ratios.back(), buffer_ratios.back());
     else
-      std::printf("round %d: read bandwidth %7.2f GB/s (%u threads), decode step %7.2f ms, ratio %.2f\n", round + 1,
+      std::printf("round %d: read bandwidth %7.2f GB/s (%u threads), decode step %7.3f ms, ratio %.2f\n", round + 1,
                   bw / 1e9, threads, med * 1e3, ratios.back());
   }
   const double median = median_of(all_times), ratio = median_of(ratios);
