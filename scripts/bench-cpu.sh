@@ -3,9 +3,11 @@
 # 8 experts (2 active), 4 layers, vocab 131072: about 400 MiB of weights read per token,
 # the output projection included). Prints tokens/s and the roofline ratio =
 # (weight bytes read per token / memory read bandwidth measured in the same run) / step
-# time. The run alternates a bandwidth probe and 32 decode steps, 5 rounds, and each
-# round's ratio uses its own probe (a shared host's bandwidth drifts by 2x within
-# seconds); the headline is the median of the rounds. Target: >= 0.7.
+# time. The bandwidth is measured on the weights' own pages (the memory-mapped shard file,
+# like `cp` of the same bytes); a fresh buffer's is printed beside. The run alternates
+# the probes and 32 decode steps, 5 rounds, and each round's ratio uses its own probe
+# (a shared host's bandwidth drifts by 1.6x within seconds); the headline is the median
+# of the rounds. Target: >= 0.7.
 # Usage: scripts/bench-cpu.sh [WORK_DIR] [grokit bench flags...]   (default: build/bench-cpu)
 set -euo pipefail
 cd "$(dirname "$0")/.."
