@@ -19,6 +19,8 @@
 #include <thread>
 #include <vector>
 
+#include "kernels/ops.h"
+#include "runner/device_layer.h"
 #include "runner/runner.h"
 
 namespace grokit::runner {
@@ -324,6 +326,67 @@ TEST(LocalCommunicator, AbortReleasesRanksWaitingForAFailedOne) {
   uint8_t mine = 7;
   comms[0]->all_gather(&mine, out.data(), 1);  // returns at once
   comms[1]->broadcast(&mine, 1, 0);
+}
+
+// ---------------------------------------------------------------------------------
+// The NCCL device communicator's abort, over a fake collectives table (no GPU): the
+// abort must not hold the calling rank thread while NCCL waits (for the graphs that
+// captured the communicator to go), and nothing may use the communicator after it.
+namespace fake_nccl {
+std::atomic<int> reduces{0}, gathers{0}, destroys{0}, aborts{0};
+std::atomic<bool> graphs_gone{false};
+int all_reduce_sum(const float*, float*, size_t, void*, GrokitStream) { return reduces.fetch_add(1), GROKIT_OK; }
+int all_gather(const void*, void*, size_t, void*, GrokitStream) { return gathers.fetch_add(1), GROKIT_OK; }
+int comm_destroy(void*) { return destroys.fetch_add(1), GROKIT_OK; }
+int comm_abort(void*) {
+  // As NCCL >= 2.26 does: returns once the graphs are gone (here also after 2 s, so that
+  // an abort made on the rank's own thread fails the test instead of hanging it).
+  const auto t0 = std::chrono::steady_clock::now();
+  while (!graphs_gone.load() && std::chrono::steady_clock::now() - t0 < std::chrono::seconds(2))
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  return aborts.fetch_add(1), GROKIT_OK;
+}
+GrokitCollectives table() {
+  GrokitCollectives c{};
+  c.abi_version = GROKIT_OPS_ABI_VERSION;
+  c.all_reduce_sum = all_reduce_sum;
+  c.all_gather = all_gather;
+  c.comm_destroy = comm_destroy;
+  c.comm_abort = comm_abort;
+  return c;
+}
+}  // namespace fake_nccl
+
+TEST(NcclDeviceComm, AbortDoesNotHoldTheRankAndStopsEveryLaterCollective) {
+  namespace f = fake_nccl;
+  const GrokitCollectives table = f::table();
+  int token = 0;  // stands for the ncclComm_t
+  {
+    auto comm = make_nccl_comm(grokit_host_ops(), &table, &token, nullptr);
+    std::vector<float> data(16, 1.0f);
+    ASSERT_TRUE(comm->all_reduce_sum(data.data(), data.size()).ok());
+    ASSERT_TRUE(comm->all_gather(data.data(), data.data(), 4).ok());
+    EXPECT_EQ(f::reduces.load(), 1);
+    EXPECT_EQ(f::gathers.load(), 1);
+    EXPECT_FALSE(comm->aborted());
+    const auto t0 = std::chrono::steady_clock::now();
+    comm->abort();  // NCCL's abort is still waiting: this returns anyway
+    comm->abort();  // once is enough
+    EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(1));
+    EXPECT_TRUE(comm->aborted());
+    Status s = comm->all_reduce_sum(data.data(), data.size());
+    ASSERT_FALSE(s.ok());
+    EXPECT_NE(s.error().message.find("aborted"), std::string::npos) << s.error().message;
+    EXPECT_FALSE(comm->all_gather(data.data(), data.data(), 4).ok());
+    EXPECT_EQ(f::reduces.load(), 1) << "a collective reached NCCL after the abort";
+    EXPECT_EQ(f::gathers.load(), 1);
+    EXPECT_EQ(f::aborts.load(), 0);
+    f::graphs_gone = true;  // the engine destroyed the graphs
+  }  // the communicator's end waits for the abort: no destroy after it
+  EXPECT_EQ(f::aborts.load(), 1);
+  EXPECT_EQ(f::destroys.load(), 0);
+  { auto comm = make_nccl_comm(grokit_host_ops(), &table, &token, nullptr); }
+  EXPECT_EQ(f::destroys.load(), 1) << "a communicator that was not aborted is destroyed";
 }
 
 }  // namespace
