@@ -825,7 +825,17 @@ Status DeviceEngine::emit_logits(DevRank& R, const std::vector<PlanRow>& plan,
   const GrokitOps* ops = R.ops;
   const int64_t Vr = R.vocab_rows, V = cfg_.vocab_size;
   float* host = R.host_logits.get<float>();
-  DEV_TRY(ops, ops->copy(host, R.act.all.get(), static_cast<size_t>(tp_ * kLogitsChunk * Vr) * 4, GROKIT_COPY_D2H, R.stream));
+  const float* all = R.act.all.get<float>();
+  // Only the chunk's n rows of each rank's part (a decode step of one row would otherwise
+  // copy kLogitsChunk rows: 16 MiB at Grok-1's vocabulary and TP 8).
+  if (n == kLogitsChunk) {
+    DEV_TRY(ops, ops->copy(host, all, static_cast<size_t>(tp_ * kLogitsChunk * Vr) * 4, GROKIT_COPY_D2H, R.stream));
+  } else {
+    for (int rk = 0; rk < tp_; ++rk) {
+      const int64_t at = static_cast<int64_t>(rk) * kLogitsChunk * Vr;
+      DEV_TRY(ops, ops->copy(host + at, all + at, static_cast<size_t>(n * Vr) * 4, GROKIT_COPY_D2H, R.stream));
+    }
+  }
   DEV_TRY(ops, ops->stream_sync(R.stream));
   if (R.comm && R.comm->aborted()) return make_error("rank 0: the logits' collectives were aborted");
   if (!sink_status_.ok()) return {};
