@@ -78,6 +78,25 @@ int sm_count(int device) {
   return v;
 }
 
+int ensure_host(HostBuf& b, size_t count) {
+  if (b.p != nullptr && b.count >= count) return GROKIT_OK;
+  const size_t n = std::max<size_t>({count, b.count * 2, 4096});
+  void* p = nullptr;
+  if (int rc = check_cuda(cudaHostAlloc(&p, n * sizeof(int32_t), cudaHostAllocDefault), "matmul: pinned host scratch");
+      rc != GROKIT_OK)
+    return rc;
+  free_host(b);
+  b.p = static_cast<int32_t*>(p);
+  b.count = n;
+  return GROKIT_OK;
+}
+
+void free_host(HostBuf& b) {
+  if (b.p != nullptr) cudaFreeHost(b.p);
+  b.p = nullptr;
+  b.count = 0;
+}
+
 int ensure(Ctx& c, DevBuf& b, size_t bytes, bool capturing, bool zero, bool* ok) {
   *ok = false;
   if (b.p != nullptr && b.bytes >= bytes) {
@@ -246,6 +265,8 @@ int matmul_release_stream(GrokitStream stream) {
   int rc = check_cuda(cudaStreamSynchronize(st), "matmul_release_stream: cudaStreamSynchronize");
   for (DevBuf* b : {&c->partial, &c->counters, &c->wb, &c->xb, &c->yt, &c->rows, &c->ws}) free_buf(*b, st);
   for (const DevBuf& b : c->retired) free_buf(b, st);
+  free_host(c->host_ids);
+  free_host(c->host_rows);
   if (c->lt != nullptr) cublasLtDestroy(c->lt);
   if (rc == GROKIT_OK) rc = check_cuda(cudaStreamSynchronize(st), "matmul_release_stream: freeing scratch");
   return rc;

@@ -33,6 +33,16 @@ struct DevBuf {
   bool async = false;     // from cudaMallocAsync
 };
 
+// Pinned host memory kept per (device, stream): int32 elements.
+struct HostBuf {
+  int32_t* p = nullptr;
+  size_t count = 0;
+};
+// Makes b hold at least `count` elements. Only between uses: the stream has finished
+// every copy from or to b (its caller waited for the stream since).
+int ensure_host(HostBuf& b, size_t count);
+void free_host(HostBuf& b);
+
 struct Ctx {
   std::mutex mu;  // held for a whole call
   int device = 0;
@@ -42,7 +52,9 @@ struct Ctx {
   std::vector<DevBuf> retired;         // replaced while a graph may still use them
   cublasLtHandle_t lt = nullptr;
   std::map<std::array<int64_t, 8>, cublasLtMatmulAlgo_t> algos;
-  std::vector<int32_t> host_ids, host_rows;
+  // Pinned, so that the copies of routed prefill never hold the driver in a pageable
+  // copy while other ranks' collectives wait (one process driving several GPUs).
+  HostBuf host_ids, host_rows;
 };
 
 // The context of (current device, stream); created on first use.

@@ -188,34 +188,37 @@ int run_prefill(Ctx& c, const WDesc& d, const float* x, int64_t M, int64_t ldx, 
   // Routed: the expert ids to the host (waits for the stream), rows grouped per expert
   // in row order.
   const int64_t E = d.E;
-  c.host_ids.resize(static_cast<size_t>(M));
-  if (int rc = check_cuda(cudaMemcpyAsync(c.host_ids.data(), routing->expert, static_cast<size_t>(M) * 4,
+  // host_ids: the previous call waited for its copy. host_rows: replaced only after the
+  // wait below, which also covers the previous call's copy from it (same stream).
+  if (int rc = ensure_host(c.host_ids, static_cast<size_t>(M)); rc != GROKIT_OK) return rc;
+  if (int rc = check_cuda(cudaMemcpyAsync(c.host_ids.p, routing->expert, static_cast<size_t>(M) * 4,
                                           cudaMemcpyDeviceToHost, c.stream),
                           "matmul: copying expert ids to the host");
       rc != GROKIT_OK)
     return rc;
   if (int rc = check_cuda(cudaStreamSynchronize(c.stream), "matmul: waiting for expert ids"); rc != GROKIT_OK) return rc;
+  if (int rc = ensure_host(c.host_rows, static_cast<size_t>(M)); rc != GROKIT_OK) return rc;
   std::vector<int64_t> start(static_cast<size_t>(E) + 1, 0);
   int64_t unrouted = 0;
   for (int64_t m = 0; m < M; ++m) {
-    const int32_t e = c.host_ids[static_cast<size_t>(m)];
+    const int32_t e = c.host_ids.p[m];
     if (e < 0 || e >= E)
       ++unrouted;
     else
       ++start[static_cast<size_t>(e) + 1];
   }
   for (int64_t e = 0; e < E; ++e) start[static_cast<size_t>(e) + 1] += start[static_cast<size_t>(e)];
-  c.host_rows.assign(static_cast<size_t>(M - unrouted), 0);
   {
     std::vector<int64_t> at(start.begin(), start.end() - 1);
     for (int64_t m = 0; m < M; ++m) {
-      const int32_t e = c.host_ids[static_cast<size_t>(m)];
-      if (e >= 0 && e < E) c.host_rows[static_cast<size_t>(at[static_cast<size_t>(e)]++)] = static_cast<int32_t>(m);
+      const int32_t e = c.host_ids.p[m];
+      if (e >= 0 && e < E) c.host_rows.p[at[static_cast<size_t>(e)]++] = static_cast<int32_t>(m);
     }
   }
   if (M - unrouted > 0) {
-    // Pageable source: staged before the call returns, so host_rows may change after.
-    if (int rc = check_cuda(cudaMemcpyAsync(c.rows.p, c.host_rows.data(), static_cast<size_t>(M - unrouted) * 4,
+    // From pinned memory: the copy runs later in the stream; host_rows is not written
+    // again before the next call has waited for this stream.
+    if (int rc = check_cuda(cudaMemcpyAsync(c.rows.p, c.host_rows.p, static_cast<size_t>(M - unrouted) * 4,
                                             cudaMemcpyHostToDevice, c.stream),
                             "matmul: copying row lists to the device");
         rc != GROKIT_OK)
