@@ -25,6 +25,7 @@
 
 #include <atomic>
 #include <cfloat>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -1599,6 +1600,36 @@ TEST(KernelNumerics, GeluMulFollowsTheTanhFormula) {
   EXPECT_NEAR(h[2], -0.158808, 1e-6);  // gelu_tanh(-1)
   EXPECT_EQ(h[6], 10.0f);
   EXPECT_EQ(h[7], -0.0f);
+}
+
+// gelu_mul's SIMD path takes tanh in double lanes of its own (not std::tanh): a sweep over
+// fp32 inputs of every magnitude in [-12, 12] (beyond, tanh is +-1) plus the specials, each
+// compared bit for bit with the scalar twin.
+TEST(KernelNumerics, GeluMulSimdTanhAgreesWithTheScalarTwinOnASweep) {
+  std::vector<float> g;
+  for (uint32_t b = 0; b < 0x41400000u; b += 211) {  // 0x41400000 = 12.0f
+    const float f = std::bit_cast<float>(b);
+    g.push_back(f);
+    g.push_back(-f);
+  }
+  for (float f : {0.0f, -0.0f, 12.0f, -12.0f, 19.9f, -25.0f, 1e30f, -1e30f, std::numeric_limits<float>::infinity(),
+                  -std::numeric_limits<float>::infinity(), std::numeric_limits<float>::quiet_NaN(),
+                  std::numeric_limits<float>::denorm_min(), 1e-20f, -3e-8f})
+    g.push_back(f);
+  const int64_t n = static_cast<int64_t>(g.size());
+  std::vector<float> u(g.size(), 1.0f), want(g.size()), got(g.size());
+  ASSERT_TRUE(gelu_mul_ref(g.data(), u.data(), n, want.data(), nullptr).ok());
+  ASSERT_TRUE(gelu_mul(g.data(), u.data(), n, got.data(), pool_of(2)).ok());
+  int64_t differ = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const bool same = std::bit_cast<uint32_t>(want[static_cast<size_t>(i)]) == std::bit_cast<uint32_t>(got[static_cast<size_t>(i)]) ||
+                      (std::isnan(want[static_cast<size_t>(i)]) && std::isnan(got[static_cast<size_t>(i)]));
+    if (!same && differ++ < 5)
+      ADD_FAILURE() << "g = " << g[static_cast<size_t>(i)] << ": scalar " << want[static_cast<size_t>(i)] << ", "
+                    << cpu_kernel_path() << " " << got[static_cast<size_t>(i)];
+  }
+  EXPECT_EQ(differ, 0) << "of " << n;
+  EXPECT_GT(n, 10'000'000 / 2);
 }
 
 TEST(KernelNumerics, EmbedZerosOutsideItsRows) {
