@@ -2,6 +2,7 @@
 #include <vector>
 
 #include "kernels/internal.h"
+#include "kernels/vmath.h"
 
 namespace grokit::kernels {
 namespace {
@@ -41,6 +42,55 @@ GROKIT_AVX2 void accumulate_avx2(float w, const uint16_t* v, int64_t dh, double*
   for (int64_t d = d8; d < dh; ++d) acc[d] += static_cast<double>(w) * static_cast<double>(bf16f(v[d]));
 }
 
+// The logit cap and the softmax's exp over a row of scores, as one_head's scalar loops
+// compute them (s = cap * tanh_f(s / cap) for every unmasked s; e = exp_f(s - mx)), in
+// double lanes (vmath.h). A masked score is exactly kMasked, which no capped score is.
+void cap_scores_ref(float* s, int64_t a, int64_t n, float cap) {
+  for (int64_t j = a; j < n; ++j)
+    if (s[j] != kMasked) s[j] = cap * tanh_f(s[j] / cap);
+}
+void exp_scores_ref(float* s, int64_t a, int64_t n, float mx) {
+  for (int64_t j = a; j < n; ++j) s[j] = exp_f(s[j] - mx);
+}
+template <class F, class D, class U, int kLanes>
+GROKIT_VMATH void cap_exp_lanes(float* s, int64_t n, float cap, float mx, bool do_exp) {
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    F v;
+    std::memcpy(&v, s + j, sizeof v);
+    F out;
+    if (do_exp) {
+      out = __builtin_convertvector(exp_lanes<D, U>(__builtin_convertvector(v - mx, D)), F);
+    } else {
+      const F t = __builtin_convertvector(tanh_lanes<D, U>(__builtin_convertvector(v / cap, D)), F);
+      out = v == kMasked ? v : cap * t;
+    }
+    std::memcpy(s + j, &out, sizeof out);
+  }
+  if (do_exp) exp_scores_ref(s, j, n, mx);
+  else cap_scores_ref(s, j, n, cap);
+}
+GROKIT_AVX512 void cap_exp_avx512(float* s, int64_t n, float cap, float mx, bool do_exp) {
+  cap_exp_lanes<f32x8, f64x8, u64x8, 8>(s, n, cap, mx, do_exp);
+}
+GROKIT_AVX2 void cap_exp_avx2(float* s, int64_t n, float cap, float mx, bool do_exp) {
+  cap_exp_lanes<f32x4, f64x4, u64x4, 4>(s, n, cap, mx, do_exp);
+}
+}  // namespace
+
+void detail::attention_cap_scores(float* s, int64_t n, float cap, bool simd) {
+  if (simd && use_avx512()) return cap_exp_avx512(s, n, cap, 0.0f, false);
+  if (simd && use_avx2()) return cap_exp_avx2(s, n, cap, 0.0f, false);
+  cap_scores_ref(s, 0, n, cap);
+}
+void detail::attention_exp_scores(float* s, int64_t n, float mx, bool simd) {
+  if (simd && use_avx512()) return cap_exp_avx512(s, n, 0.0f, mx, true);
+  if (simd && use_avx2()) return cap_exp_avx2(s, n, 0.0f, mx, true);
+  exp_scores_ref(s, 0, n, mx);
+}
+
+namespace {
+
 template <bool kSimd>
 void one_head(const float* q, int32_t pos, const uint16_t* k, const uint16_t* v, const uint8_t* valid, int64_t n_keys,
               const AttentionShape& sh, float* o, std::vector<float>& scores, std::vector<double>& acc) {
@@ -52,23 +102,20 @@ void one_head(const float* q, int32_t pos, const uint16_t* k, const uint16_t* v,
   for (int64_t j = 0; j < visible_end && !any; ++j) any = valid[j] != 0;
   int64_t end = any ? visible_end : n_keys;
   scores.resize(static_cast<size_t>(end));
-  float mx = kMasked;
   for (int64_t j = 0; j < end; ++j) {
     float s = kMasked;
     if (any && valid[j] != 0) {
       float dot = kSimd ? dot_bf16_avx2(q, k + j * dh, dh) : dot_bf16_ref(q, k + j * dh, dh);
       s = round_bf16(dot) * sh.multiplier;
-      s = sh.logit_cap * tanh_f(s / sh.logit_cap);
     }
     scores[static_cast<size_t>(j)] = s;
-    mx = std::max(mx, s);
   }
+  attention_cap_scores(scores.data(), end, sh.logit_cap, kSimd);
+  float mx = kMasked;
+  for (int64_t j = 0; j < end; ++j) mx = std::max(mx, scores[static_cast<size_t>(j)]);
+  attention_exp_scores(scores.data(), end, mx, kSimd);
   float sum = 0.0f;
-  for (int64_t j = 0; j < end; ++j) {
-    float e = exp_f(scores[static_cast<size_t>(j)] - mx);
-    scores[static_cast<size_t>(j)] = e;
-    sum += e;
-  }
+  for (int64_t j = 0; j < end; ++j) sum += scores[static_cast<size_t>(j)];
   acc.assign(static_cast<size_t>(dh), 0.0);
   for (int64_t j = 0; j < end; ++j) {
     float w = round_bf16(scores[static_cast<size_t>(j)] / sum);

@@ -2,6 +2,7 @@
 #include <cstdlib>
 
 #include "kernels/internal.h"
+#include "kernels/vmath.h"
 
 namespace grokit::kernels {
 
@@ -44,49 +45,7 @@ void gelu_mul_range(const float* g, const float* u, int64_t a, int64_t b, float*
 }
 
 // The SIMD GELU: the same fp32 operations as gelu() (this file is built without FMA
-// contraction), with tanh in double lanes: expm1(2|x|) by a reduction to r = 2|x| - k ln2,
-// |r| <= ln2 / 2, and Taylor to r^13 (truncation below 2^-57 relative), then
-// e / (e + 2). A few ulps of double, like std::tanh, so the fp32 rounding agrees with
-// tanh_f except where tanh lies within about 2^-50 of an fp32 rounding midpoint (never
-// met in the tests' sweeps). GCC vector types: the same code in 4 (AVX2) or 8 (AVX-512)
-// lanes, inlined into each target's loop.
-template <class D, class U>
-inline __attribute__((always_inline)) D tanh_lanes(D x) {
-  const U sign = ((U)x) & 0x8000000000000000ull;
-  U abits = ((U)x) & 0x7fffffffffffffffull;
-  D a = ((D)abits);
-  // tanh(20) is 1 - 8e-18: 1 in fp32 and in double; also keeps inf finite here.
-  const D kCap = D{} + 20.0;
-  a = a < kCap ? a : kCap;
-  const D y = a + a;
-  const double kMagic = 6755399441055744.0;  // 1.5 * 2^52: t + kMagic rounds t to an integer
-  D kd = y * 1.4426950408889634 + kMagic;
-  const U kbits = ((U)kd);  // low bits: k in [0, 58]
-  kd = kd - kMagic;
-  // ln2 in two parts, the first with 32 trailing zero bits: k * hi is exact.
-  const D r = (y - kd * 6.93147180369123816490e-01) - kd * 1.90821492927058770002e-10;
-  D p = D{} + 1.0 / 6227020800.0;  // 1/13!
-  p = p * r + 1.0 / 479001600.0;
-  p = p * r + 1.0 / 39916800.0;
-  p = p * r + 1.0 / 3628800.0;
-  p = p * r + 1.0 / 362880.0;
-  p = p * r + 1.0 / 40320.0;
-  p = p * r + 1.0 / 5040.0;
-  p = p * r + 1.0 / 720.0;
-  p = p * r + 1.0 / 120.0;
-  p = p * r + 1.0 / 24.0;
-  p = p * r + 1.0 / 6.0;
-  p = p * r + 0.5;
-  p = (p * r) * r + r;  // expm1(r)
-  const U two_bits = (kbits + 1023) << 52;
-  const D two_k = ((D)two_bits);
-  const D e = two_k * p + (two_k - 1.0);  // expm1(2a) = 2^k (1 + p) - 1
-  D t = e / (e + 2.0);
-  U tbits = ((U)t) | sign;
-  t = ((D)tbits);
-  return x == x ? t : x;  // NaN stays NaN
-}
-
+// contraction), with tanh in double lanes (vmath.h).
 template <class F, class D, class U, int kLanes>
 inline __attribute__((always_inline)) void gelu_mul_lanes(const float* g, const float* u, int64_t a, int64_t b,
                                                           float* h) {
@@ -100,8 +59,8 @@ inline __attribute__((always_inline)) void gelu_mul_lanes(const float* g, const 
     std::memcpy(&u1, u + i + kLanes, sizeof u1);
     const F in0 = 0.7978845608028654f * (x0 + 0.044715f * (x0 * x0 * x0));
     const F in1 = 0.7978845608028654f * (x1 + 0.044715f * (x1 * x1 * x1));
-    const F t0 = __builtin_convertvector(tanh_lanes<D, U>(__builtin_convertvector(in0, D)), F);
-    const F t1 = __builtin_convertvector(tanh_lanes<D, U>(__builtin_convertvector(in1, D)), F);
+    const F t0 = __builtin_convertvector(detail::tanh_lanes<D, U>(__builtin_convertvector(in0, D)), F);
+    const F t1 = __builtin_convertvector(detail::tanh_lanes<D, U>(__builtin_convertvector(in1, D)), F);
     const F o0 = x0 * (0.5f * (1.0f + t0)) * u0;
     const F o1 = x1 * (0.5f * (1.0f + t1)) * u1;
     std::memcpy(h + i, &o0, sizeof o0);
@@ -112,25 +71,19 @@ inline __attribute__((always_inline)) void gelu_mul_lanes(const float* g, const 
     std::memcpy(&x, g + i, sizeof x);
     std::memcpy(&uv, u + i, sizeof uv);
     const F inner = 0.7978845608028654f * (x + 0.044715f * (x * x * x));
-    const F t = __builtin_convertvector(tanh_lanes<D, U>(__builtin_convertvector(inner, D)), F);
+    const F t = __builtin_convertvector(detail::tanh_lanes<D, U>(__builtin_convertvector(inner, D)), F);
     const F out = x * (0.5f * (1.0f + t)) * uv;
     std::memcpy(h + i, &out, sizeof out);
   }
   gelu_mul_range(g, u, i, b, h);
 }
 
-typedef float f8v __attribute__((vector_size(32)));
-typedef double d8v __attribute__((vector_size(64)));
-typedef uint64_t u8v __attribute__((vector_size(64)));
-typedef float f4v __attribute__((vector_size(16)));
-typedef double d4v __attribute__((vector_size(32)));
-typedef uint64_t u4v __attribute__((vector_size(32)));
 
 GROKIT_AVX512 void gelu_mul_avx512(const float* g, const float* u, int64_t a, int64_t b, float* h) {
-  gelu_mul_lanes<f8v, d8v, u8v, 8>(g, u, a, b, h);
+  gelu_mul_lanes<detail::f32x8, detail::f64x8, detail::u64x8, 8>(g, u, a, b, h);
 }
 GROKIT_AVX2 void gelu_mul_avx2(const float* g, const float* u, int64_t a, int64_t b, float* h) {
-  gelu_mul_lanes<f4v, d4v, u4v, 4>(g, u, a, b, h);
+  gelu_mul_lanes<detail::f32x4, detail::f64x4, detail::u64x4, 4>(g, u, a, b, h);
 }
 void gelu_mul_best(const float* g, const float* u, int64_t a, int64_t b, float* h) {
   if (detail::use_avx512()) return gelu_mul_avx512(g, u, a, b, h);

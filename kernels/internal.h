@@ -162,6 +162,13 @@ inline double combine8(const double* a) { return ((a[0] + a[1]) + (a[2] + a[3]))
 inline float exp_f(float x) { return static_cast<float>(std::exp(static_cast<double>(x))); }
 inline float tanh_f(float x) { return static_cast<float>(std::tanh(static_cast<double>(x))); }
 
+// The attention's score transforms over s[0, n) (attention.cpp), public here for the
+// tests: cap: s = cap * tanh_f(s / cap) for every s but the mask value -1e30; exp:
+// s = exp_f(s - mx). simd: in double lanes (vmath.h) where the CPU has AVX2, with the same
+// results as the scalar loops (simd = false).
+void attention_cap_scores(float* s, int64_t n, float cap, bool simd);
+void attention_exp_scores(float* s, int64_t n, float mx, bool simd);
+
 // Loop hints: "no loop-carried dependence" and "fully unroll", spelled per compiler
 // (clang vectorizes these loops unaided and warns when a forced vectorization fails).
 #if defined(__clang__)

@@ -39,6 +39,7 @@
 #include <vector>
 
 #include "common/common.h"
+#include "kernels/internal.h"
 #include "kernels/kernels.h"
 #include "tests/gpu/payloads.h"
 
@@ -1630,6 +1631,49 @@ TEST(KernelNumerics, GeluMulSimdTanhAgreesWithTheScalarTwinOnASweep) {
   }
   EXPECT_EQ(differ, 0) << "of " << n;
   EXPECT_GT(n, 10'000'000 / 2);
+}
+
+// The attention's logit cap and exp in double lanes against their scalar loops, bit for bit,
+// on sweeps over fp32 inputs (every magnitude up to 2^12 for the cap, [-130, 0] and a
+// little above for exp, where fp32 results reach their subnormals and 0) and the specials.
+TEST(KernelNumerics, AttentionCapAndExpLanesAgreeWithTheScalarLoops) {
+  auto same = [](float a, float b) { return std::bit_cast<uint32_t>(a) == std::bit_cast<uint32_t>(b) || (std::isnan(a) && std::isnan(b)); };
+  const float inf = std::numeric_limits<float>::infinity(), nan = std::numeric_limits<float>::quiet_NaN();
+  std::vector<float> cap_in;
+  for (uint32_t b = 0; b < 0x45800000u; b += 331) {  // 0x45800000 = 4096.0f
+    cap_in.push_back(std::bit_cast<float>(b));
+    cap_in.push_back(-std::bit_cast<float>(b));
+  }
+  for (float f : {-1e30f, 1e30f, inf, -inf, nan, 0.0f, -0.0f}) cap_in.push_back(f);
+  for (float cap : {30.0f, 1.0f, 50.0f}) {
+    std::vector<float> want = cap_in, got = cap_in;
+    detail::attention_cap_scores(want.data(), static_cast<int64_t>(want.size()), cap, false);
+    detail::attention_cap_scores(got.data(), static_cast<int64_t>(got.size()), cap, true);
+    int64_t differ = 0;
+    for (size_t i = 0; i < want.size(); ++i)
+      if (!same(want[i], got[i]) && differ++ < 5)
+        ADD_FAILURE() << "cap " << cap << ", s = " << cap_in[i] << ": scalar " << want[i] << ", lanes " << got[i];
+    EXPECT_EQ(differ, 0) << "cap " << cap << " of " << want.size();
+  }
+  EXPECT_EQ(cap_in[cap_in.size() - 7], -1e30f);  // the mask value passes through
+  std::vector<float> exp_in;
+  for (float x = -130.0f; x < 2.0f; x += 1.3e-5f) exp_in.push_back(x);
+  for (float f : {-1e30f, -inf, inf, nan, 0.0f, -0.0f, 88.0f, 89.0f, -103.5f, -104.0f}) exp_in.push_back(f);
+  for (float mx : {0.0f, 1.5f, -1e30f}) {
+    std::vector<float> want = exp_in, got = exp_in;
+    detail::attention_exp_scores(want.data(), static_cast<int64_t>(want.size()), mx, false);
+    detail::attention_exp_scores(got.data(), static_cast<int64_t>(got.size()), mx, true);
+    int64_t differ = 0, subnormal = 0;
+    for (size_t i = 0; i < want.size(); ++i) {
+      subnormal += std::fpclassify(want[i]) == FP_SUBNORMAL ? 1 : 0;
+      if (!same(want[i], got[i]) && differ++ < 5)
+        ADD_FAILURE() << "mx " << mx << ", s = " << exp_in[i] << ": scalar " << want[i] << ", lanes " << got[i];
+    }
+    EXPECT_EQ(differ, 0) << "mx " << mx << " of " << want.size();
+    if (mx == 0.0f) {
+      EXPECT_GT(subnormal, 1000);
+    }
+  }
 }
 
 TEST(KernelNumerics, EmbedZerosOutsideItsRows) {
