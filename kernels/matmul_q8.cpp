@@ -375,6 +375,33 @@ Status dispatch(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t*
 namespace detail {
 void combine_chains(float* parts, int64_t chains, int64_t stride, int64_t ld, int64_t M, int64_t width, float* y,
                     int64_t ldy) {
+  // Up to 32 chains: a block of columns at a time in a local array (L1), each chain's sums
+  // read once and y written once; the adds per column are the tree's below.
+  constexpr int64_t kMaxLocal = 32, kCols = 64;
+  if (chains <= kMaxLocal) {
+    alignas(64) float t[kMaxLocal][kCols];
+    for (int64_t m = 0; m < M; ++m) {
+      const float* row = parts + m * ld;
+      for (int64_t c0 = 0; c0 < width; c0 += kCols) {
+        const int64_t w = std::min(kCols, width - c0);
+        for (int64_t n = chains; n > 1;) {
+          const int64_t half = n / 2;
+          for (int64_t i = 0; i < half; ++i) {
+            // The first level reads the chains' sums, the others the local array.
+            const float* a = n == chains ? row + 2 * i * stride + c0 : t[2 * i];
+            const float* b = n == chains ? row + (2 * i + 1) * stride + c0 : t[2 * i + 1];
+            float* d = t[i];
+GROKIT_IVDEP  // d is a (i = 0) or a row already consumed
+            for (int64_t c = 0; c < w; ++c) d[c] = a[c] + b[c];
+          }
+          if (n % 2 != 0) std::copy_n(n == chains ? row + (n - 1) * stride + c0 : t[n - 1], w, t[half]);
+          n = half + n % 2;
+        }
+        std::copy_n(chains == 1 ? row + c0 : t[0], w, y + m * ldy + c0);
+      }
+    }
+    return;
+  }
   for (int64_t m = 0; m < M; ++m) {
     float* row = parts + m * ld;
     for (int64_t n = chains; n > 1;) {

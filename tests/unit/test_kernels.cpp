@@ -1676,6 +1676,34 @@ TEST(KernelNumerics, AttentionCapAndExpLanesAgreeWithTheScalarLoops) {
   }
 }
 
+// combine_chains (every chained product's last step) against tree_sum column by column:
+// chains 1-40 (odd counts carry an element up; above 32 the in-place path), widths around
+// its 64-column blocks, several rows of x, values whose sums depend on the order.
+TEST(KernelNumerics, CombineChainsIsTheTreeOfEachColumn) {
+  Rng rng(77);
+  for (int64_t chains = 1; chains <= 40; ++chains) {
+    for (int64_t width : {1, 63, 64, 65, 200}) {
+      const int64_t M = chains % 3 + 1, ld = width + 5, stride = M * ld + 3;
+      std::vector<float> parts(static_cast<size_t>(chains * stride));
+      for (auto& v : parts) v = rng.f32(-1.0f, 1.0f) * std::ldexp(1.0f, static_cast<int>(rng.range(0, 40)) - 20);
+      const std::vector<float> original = parts;
+      const int64_t ldy = width + 2;
+      std::vector<float> y(static_cast<size_t>(M * ldy), -7.0f);
+      detail::combine_chains(parts.data(), chains, stride, ld, M, width, y.data(), ldy);
+      for (int64_t m = 0; m < M; ++m) {
+        for (int64_t c = 0; c < width; ++c) {
+          std::vector<float> col(static_cast<size_t>(chains));
+          for (int64_t ch = 0; ch < chains; ++ch) col[static_cast<size_t>(ch)] = original[static_cast<size_t>(ch * stride + m * ld + c)];
+          const float want = tree_sum(col.data(), chains);
+          ASSERT_EQ(std::bit_cast<uint32_t>(y[static_cast<size_t>(m * ldy + c)]), std::bit_cast<uint32_t>(want))
+              << chains << " chains, width " << width << ", row " << m << ", column " << c;
+        }
+        for (int64_t c = width; c < ldy; ++c) ASSERT_EQ(y[static_cast<size_t>(m * ldy + c)], -7.0f);
+      }
+    }
+  }
+}
+
 TEST(KernelNumerics, EmbedZerosOutsideItsRows) {
   // This part holds rows [10, 13) of a D = 3 table.
   const int64_t D = 3;
