@@ -106,6 +106,34 @@ Status gelu_mul(const float* g, const float* u, int64_t n, float* h, Pool pool) 
   return {};
 }
 
+namespace {
+inline __attribute__((always_inline)) void scale_bf16_range(const float* x, int64_t a, int64_t b, float m,
+                                                              float* out) {
+  for (int64_t i = a; i < b; ++i) out[i] = grokit::round_bf16(grokit::round_bf16(x[i]) * m);
+}
+GROKIT_AVX512 void scale_bf16_avx512(const float* x, int64_t a, int64_t b, float m, float* out) {
+  scale_bf16_range(x, a, b, m, out);
+}
+GROKIT_AVX2 void scale_bf16_avx2(const float* x, int64_t a, int64_t b, float m, float* out) {
+  scale_bf16_range(x, a, b, m, out);
+}
+}  // namespace
+
+Status scale_bf16_ref(const float* x, int64_t n, float multiplier, float* out, Pool) {
+  scale_bf16_range(x, 0, n, multiplier, out);
+  return {};
+}
+Status scale_bf16(const float* x, int64_t n, float multiplier, float* out, Pool pool) {
+  const int64_t chunk = detail::chunk_size(n, detail::thread_count(pool), 4096);
+  detail::for_each(pool, static_cast<size_t>((n + chunk - 1) / chunk), [&](size_t t) {
+    const int64_t a = static_cast<int64_t>(t) * chunk, b = std::min(n, a + chunk);
+    if (detail::use_avx512()) scale_bf16_avx512(x, a, b, multiplier, out);
+    else if (detail::use_avx2()) scale_bf16_avx2(x, a, b, multiplier, out);
+    else scale_bf16_range(x, a, b, multiplier, out);
+  });
+  return {};
+}
+
 void round_to_bf16(const float* x, int64_t n, float* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = grokit::round_bf16(x[i]);
 }

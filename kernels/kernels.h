@@ -167,6 +167,10 @@ Status gelu_mul_ref(const float* g, const float* u, int64_t n, float* h, Pool po
 // its own reference).
 // out = bf16(x) elementwise (round to nearest even).
 void round_to_bf16(const float* x, int64_t n, float* out);
+// out = bf16(bf16(x) * multiplier) elementwise (the logits' output multiplier), SIMD and
+// on the pool; out may alias x.
+Status scale_bf16(const float* x, int64_t n, float multiplier, float* out, Pool pool);
+Status scale_bf16_ref(const float* x, int64_t n, float multiplier, float* out, Pool pool);
 // out = bf16(a + b) (the residual add of two bf16 arrays).
 void add_bf16(const float* a, const float* b, int64_t n, float* out);
 // Embedding rows [row_start, row_start + rows) of a vocabulary-split bf16 table:

@@ -532,7 +532,7 @@ void CpuImpl::rank_step(Rank& R, const std::vector<PlanRow>& plan, const LogitsS
       std::memcpy(xf.data() + i * D, x.data() + token_index[c0 + static_cast<size_t>(i)] * D, sizeof(float) * static_cast<size_t>(D));
     check(K::rmsnorm(xf.data(), n, D, R.final_norm, eps, xf.data(), pool));
     check(K::matmul_bf16_nt(xf.data(), n, D, R.embedding, Vr, part.data(), Vr, pool));
-    for (int64_t i = 0; i < n * Vr; ++i) part[static_cast<size_t>(i)] = round_bf16(round_bf16(part[static_cast<size_t>(i)]) * out_mult);
+    check(K::scale_bf16(part.data(), n * Vr, out_mult, part.data(), pool));
     // all_gather of equal-sized parts: [rank][n][Vr]
     R.comm->all_gather(part.data(), all.data(), sizeof(float) * static_cast<size_t>(chunk * Vr));
     if (!talk || !sink_status.ok()) continue;

@@ -458,6 +458,32 @@ KernelCase case_gelu_mul(int64_t n, int alias) {
           }};
 }
 
+// The logits' output multiplier: bf16(bf16(x) * m), in place or not; x spans many
+// magnitudes, with bf16 halfway cases and values that overflow to inf after rounding.
+KernelCase case_scale_bf16(int64_t n, bool in_place) {
+  std::string name = "scale_bf16_n" + std::to_string(n) + (in_place ? "_in_place" : "");
+  return {name, 0, [=]() -> CaseRunner {
+            Rng rng(static_cast<uint64_t>(n * 5 + (in_place ? 1 : 0)));
+            auto x = std::make_shared<std::vector<float>>(static_cast<size_t>(n));
+            // (The harness wants finite outputs; KernelNumerics.ScaleBf16KeepsTheSpecials has the rest.)
+            const float specials[] = {0.0f, -0.0f, 3.0e38f, -3.0e38f, 1.00390625f, 1.01171875f, -1.00390625f};
+            for (auto& v : *x) {
+              const int64_t pick = rng.range(0, 40);
+              v = pick < 7 ? specials[pick] : rng.f32(-1.0f, 1.0f) * std::ldexp(1.0f, static_cast<int>(rng.range(0, 60)) - 30);
+            }
+            return [=](Twin twin, Pool pool) {
+              std::vector<float> xx = *x, out(static_cast<size_t>(n));
+              poison(out);
+              float* dst = in_place ? xx.data() : out.data();
+              auto fn = twin == Twin::kRef ? scale_bf16_ref : scale_bf16;
+              EXPECT_TRUE(fn(xx.data(), n, 0.5773502691896257f, dst, pool).ok());
+              Output o;
+              o.add_all(dst, static_cast<size_t>(n));
+              return o;
+            };
+          }};
+}
+
 std::vector<KernelCase> all_cases() {
   std::vector<KernelCase> c;
   // matmul_q8 and matmul_q8_f32: {M, K, N, blocks}; K % blocks == 0. K = 150 / B2 and
@@ -566,6 +592,9 @@ std::vector<KernelCase> all_cases() {
   for (int64_t n : {0, 1, 7, 255, 256, 257, 1000, 5003}) c.push_back(case_gelu_mul(n, 0));
   c.push_back(case_gelu_mul(1001, 1));
   c.push_back(case_gelu_mul(777, 2));
+  // scale_bf16: chunks of 4096 per task.
+  for (int64_t n : {0, 1, 17, 4095, 4096, 4097, 131073}) c.push_back(case_scale_bf16(n, false));
+  c.push_back(case_scale_bf16(9000, true));
   return c;
 }
 
@@ -1702,6 +1731,24 @@ TEST(KernelNumerics, CombineChainsIsTheTreeOfEachColumn) {
       }
     }
   }
+}
+
+TEST(KernelNumerics, ScaleBf16KeepsTheSpecials) {
+  const float inf = std::numeric_limits<float>::infinity();
+  std::vector<float> x = {std::numeric_limits<float>::quiet_NaN(), inf, -inf, 0.0f, -0.0f, 3.3e38f, 1.00390625f,
+                          1.01171875f, std::bit_cast<float>(0x7f800001u), -2.5f};
+  x.resize(100, 1.5f);  // past one SIMD vector
+  std::vector<float> want(x.size()), got(x.size());
+  ASSERT_TRUE(scale_bf16_ref(x.data(), static_cast<int64_t>(x.size()), 2.0f, want.data(), nullptr).ok());
+  ASSERT_TRUE(scale_bf16(x.data(), static_cast<int64_t>(x.size()), 2.0f, got.data(), pool_of(2)).ok());
+  for (size_t i = 0; i < x.size(); ++i) EXPECT_EQ(std::bit_cast<uint32_t>(want[i]), std::bit_cast<uint32_t>(got[i])) << i;
+  EXPECT_TRUE(std::isnan(got[0]) && std::isnan(got[8]));
+  EXPECT_EQ(got[1], inf);
+  EXPECT_EQ(got[2], -inf);
+  EXPECT_EQ(got[5], inf);          // bf16(3.3e38) * 2 overflows
+  EXPECT_EQ(got[6], 2.0f);         // 1 + 2^-8 is a bf16 halfway case: to even, 1
+  EXPECT_EQ(got[7], 2.03125f);     // 1 + 3 * 2^-8: halfway, to even 1 + 2^-6
+  EXPECT_EQ(got[9], -5.0f);
 }
 
 TEST(KernelNumerics, EmbedZerosOutsideItsRows) {
