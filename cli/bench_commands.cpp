@@ -116,6 +116,8 @@ int cmd_bench(int argc, char** argv) {
        "for their bandwidth", cxxopts::value<unsigned>()->default_value("1024"))
       ("device", "cpu, cuda or host (see grokit run --help); the bandwidth measured is the host's memory: for "
        "cuda see scripts/gpu-check.sh", cxxopts::value<std::string>()->default_value("cpu"))
+      ("profile", "also print where the timed steps went, op by op (rank 0; --device cpu), with the weight "
+       "products' GB/s", cxxopts::value<bool>()->default_value("false"))
 ;
   ParsedArgs parsed;
   if (auto rc = parse_args(opts, argc, argv, 1, 1, parsed)) return *rc;
@@ -134,6 +136,11 @@ int cmd_bench(int argc, char** argv) {
   eo.verify = false;
   eo.progress = false;
   eo.device = device;
+  eo.profile = r["profile"].as<bool>();
+  if (eo.profile && device != "cpu")
+    return std::fprintf(stderr, "%s: --profile times the CPU engine's ops; --device %s runs them asynchronously\n", prog,
+                        device.c_str()),
+           kExitUsage;
   auto engine = runner::Engine::load(model_dir, eo);
   if (!engine.ok()) return std::fprintf(stderr, "%s: error: %s\n", prog, engine.error().message.c_str()), kExitFailure;
   runner::Engine& eng = **engine;
@@ -150,6 +157,7 @@ int cmd_bench(int argc, char** argv) {
   runner::StepRow row{*slot, tokens, runner::StepRow::Logits::kLast};
   if (auto s = eng.step(std::span<const runner::StepRow>(&row, 1), take); !s.ok())
     return std::fprintf(stderr, "%s: error: %s\n", prog, s.error().message.c_str()), kExitFailure;
+  eng.reset_profile();  // the timed decode steps only, not the prompt
   const uint64_t bytes = eng.weight_bytes_per_token();
   std::printf("weights read per token: %10.3f MiB (attention, %ld of %ld experts, output projection)\n",
               static_cast<double>(bytes) / (1 << 20), static_cast<long>(eng.config().num_selected_experts),
@@ -226,6 +234,25 @@ int cmd_bench(int argc, char** argv) {
                 *std::min_element(buffer_bws.begin(), buffer_bws.end()) / 1e9,
                 *std::max_element(buffer_bws.begin(), buffer_bws.end()) / 1e9, median_of(buffer_ratios),
                 static_cast<double>(bytes) / *std::max_element(buffer_bws.begin(), buffer_bws.end()) / median);
+  if (eo.profile) {
+    // Per decode step: the op's time, its share of the steps' time, and for the weight
+    // products the GB/s they read at (rank 0's bytes / rank 0's time).
+    const std::vector<runner::OpProfile> prof = eng.profile();
+    const double n = static_cast<double>(all_times.size());
+    double total = 0, steps_total = 0;
+    for (const auto& p : prof) total += p.seconds;
+    for (double t : all_times) steps_total += t;
+    std::printf("profile (rank 0, mean per decode step over %zu steps; the products' GB/s on their weights):\n",
+                all_times.size());
+    for (const auto& p : prof) {
+      std::printf("  %-16s %8.3f ms  %5.1f %%", p.op.c_str(), p.seconds / n * 1e3, 100.0 * p.seconds / total);
+      if (p.weight_bytes > 0 && p.seconds > 0)
+        std::printf("  %7.2f GB/s  (%.3f MiB per step)", static_cast<double>(p.weight_bytes) / p.seconds / 1e9,
+                    static_cast<double>(p.weight_bytes) / n / (1 << 20));
+      std::printf("\n");
+    }
+    std::printf("  %-16s %8.3f ms  (the steps as timed: %.3f ms)\n", "all ops", total / n * 1e3, steps_total / n * 1e3);
+  }
   std::fprintf(stderr, "%s: %.2f tok/s, roofline %.2f, kernels %s\n", prog, 1.0 / median, ratio,
                std::getenv("GROKIT_KERNELS") ? std::getenv("GROKIT_KERNELS") : "auto");
   return kExitOk;

@@ -1,4 +1,6 @@
 // The forward pass over tensor-parallel ranks (one thread each), with KV caches.
+#include <algorithm>
+#include <chrono>
 #include <condition_variable>
 #include <mutex>
 #include <thread>
@@ -32,6 +34,35 @@ struct Rank {
   std::vector<float> logits_x, logits_part, logits_all, logits_full;  // scratch
 };
 
+// Laps of rank 0's ops into a profile (a no-op without one).
+class OpClock {
+ public:
+  explicit OpClock(std::vector<OpProfile>* out) : out_(out) {
+    if (out_ != nullptr) t_ = std::chrono::steady_clock::now();
+  }
+  // The time since the last lap goes to `op`.
+  void lap(const char* op, uint64_t weight_bytes = 0) {
+    if (out_ == nullptr) return;
+    const auto t = std::chrono::steady_clock::now();
+    auto it = std::find_if(out_->begin(), out_->end(), [&](const OpProfile& p) { return p.op == op; });
+    if (it == out_->end()) it = out_->insert(out_->end(), OpProfile{op});
+    it->seconds += std::chrono::duration<double>(t - t_).count();
+    it->calls += 1;
+    it->weight_bytes += weight_bytes;
+    t_ = t;
+  }
+
+ private:
+  std::vector<OpProfile>* out_;
+  std::chrono::steady_clock::time_point t_;
+};
+
+uint64_t matrix_bytes_of(const WeightView& w) {
+  if (w.dtype == format::DType::kQ8RowBlock)
+    return static_cast<uint64_t>(w.rows * w.cols + w.q8.blocks * w.cols * 2) * static_cast<uint64_t>(w.experts);
+  return w.matrix_bytes * static_cast<uint64_t>(w.experts);
+}
+
 struct Sequence {
   bool open = false;
   int64_t capacity = 0, length = 0;
@@ -49,6 +80,7 @@ struct CpuImpl {
   std::vector<Rank> ranks;
   std::vector<Sequence> sequences;
   std::unique_ptr<RankGroup> group;
+  std::vector<OpProfile> profile;  // rank 0's, when options.profile
 
   Status load(const std::string& dir, LoadReport* report);
   void rank_step(Rank& R, const std::vector<PlanRow>& plan, const LogitsSink& logits, const HiddenSink* hidden,
@@ -240,6 +272,8 @@ class CpuEngine final : public Engine {
   uint64_t kv_bytes_per_rank(int64_t capacity) const override;
   uint64_t weight_bytes_per_token() const override;
   Status step(std::span<const StepRow> rows, const LogitsSink& logits, const HiddenSink* hidden) override;
+  std::vector<OpProfile> profile() const override { return impl_->profile; }
+  void reset_profile() override { impl_->profile.clear(); }
 
  private:
   std::unique_ptr<CpuImpl> impl_;
@@ -411,6 +445,7 @@ void CpuImpl::rank_step(Rank& R, const std::vector<PlanRow>& plan, const LogitsS
     }
   };
   auto check = [](Status s) { GROKIT_CHECK_MSG(s.ok(), s.error().message); };
+  OpClock clock(talk && options.profile ? &profile : nullptr);
 
   std::vector<float> x(static_cast<size_t>(N * D)), a(static_cast<size_t>(N * D)), tmp(static_cast<size_t>(N * D));
   std::vector<float> q(static_cast<size_t>(N * QD)), k(static_cast<size_t>(N * KVD)), v(static_cast<size_t>(N * KVD));
@@ -418,7 +453,9 @@ void CpuImpl::rank_step(Rank& R, const std::vector<PlanRow>& plan, const LogitsS
 
   // 1. Embedding: each rank fills the tokens of its vocabulary rows; the sum is exact.
   K::embed(tokens.data(), N, R.embedding, R.vocab_start, R.vocab_rows, D, cfg.embedding_multiplier_bf16(), x.data());
+  clock.lap("embedding");
   R.comm->all_reduce_sum(x.data(), x.size());
+  clock.lap("all-reduce");
   emit_hidden(0, x.data());
 
   std::vector<int32_t> experts(static_cast<size_t>(N * top));
@@ -430,14 +467,17 @@ void CpuImpl::rank_step(Rank& R, const std::vector<PlanRow>& plan, const LogitsS
     const LayerWeights& L = R.layers[static_cast<size_t>(l)];
     // 2. Attention.
     check(K::rmsnorm(x.data(), N, D, L.attn_norm_in, eps, a.data(), pool));
+    clock.lap("norms");
     check(weight_matmul(a.data(), N, D, D, L.query, q.data(), QD, pool, D, false));
     check(weight_matmul(a.data(), N, D, D, L.key, k.data(), KVD, pool, D, false));
     check(weight_matmul(a.data(), N, D, D, L.value, v.data(), KVD, pool, D, false));
+    clock.lap("attn.qkv", matrix_bytes_of(L.query) + matrix_bytes_of(L.key) + matrix_bytes_of(L.value));
     K::round_to_bf16(q.data(), N * QD, q.data());
     K::round_to_bf16(k.data(), N * KVD, k.data());
     K::round_to_bf16(v.data(), N * KVD, v.data());
     check(K::rope(q.data(), N, R.q_heads, dh, positions.data(), cfg.rope_base, pool));
     check(K::rope(k.data(), N, R.kv_heads, dh, positions.data(), cfg.rope_base, pool));
+    clock.lap("rope");
     int64_t t0 = 0;
     for (const auto& p : plan) {
       Sequence& seq = sequences[static_cast<size_t>(p.slot)];
@@ -462,15 +502,20 @@ void CpuImpl::rank_step(Rank& R, const std::vector<PlanRow>& plan, const LogitsS
                          o.data() + t0 * QD, pool));
       t0 += p.n;
     }
+    clock.lap("attention");
     check(weight_matmul(o.data(), N, QD, QD, L.output, tmp.data(), D, pool, cfg.num_q_heads * dh, false));
+    clock.lap("attn.output", matrix_bytes_of(L.output));
     R.comm->all_reduce_sum(tmp.data(), tmp.size());
+    clock.lap("all-reduce");
     K::round_to_bf16(tmp.data(), N * D, tmp.data());
     check(K::rmsnorm(tmp.data(), N, D, L.attn_norm_out, eps, tmp.data(), pool));
     K::add_bf16(x.data(), tmp.data(), N * D, x.data());
 
     // 3. Mixture of experts: every rank routes alike; each computes its ffn columns.
     check(K::rmsnorm(x.data(), N, D, L.moe_norm_in, eps, a.data(), pool));
+    clock.lap("norms");
     check(K::router_topk(a.data(), N, D, L.router, E, top, experts.data(), gates.data(), pool));
+    clock.lap("router", static_cast<uint64_t>(D * E) * sizeof(float));
     for (int64_t e = 0; e < E; ++e) {
       std::vector<int64_t> picks;  // (token * top + choice) routed to e, in token order
       for (int64_t i = 0; i < N * top; ++i) {
@@ -481,18 +526,24 @@ void CpuImpl::rank_step(Rank& R, const std::vector<PlanRow>& plan, const LogitsS
       std::vector<float> me(static_cast<size_t>(ne * D)), g(static_cast<size_t>(ne * F)), u(static_cast<size_t>(ne * F));
       for (int64_t i = 0; i < ne; ++i)
         std::memcpy(me.data() + i * D, a.data() + (picks[static_cast<size_t>(i)] / top) * D, sizeof(float) * static_cast<size_t>(D));
+      clock.lap("moe.dispatch");
       check(weight_matmul(me.data(), ne, D, D, L.gate.expert(e), g.data(), F, pool, D, false));
       check(weight_matmul(me.data(), ne, D, D, L.up.expert(e), u.data(), F, pool, D, false));
+      clock.lap("moe.gate+up", matrix_bytes_of(L.gate.expert(e)) + matrix_bytes_of(L.up.expert(e)));
       K::round_to_bf16(g.data(), ne * F, g.data());
       K::round_to_bf16(u.data(), ne * F, u.data());
       check(K::gelu_mul(g.data(), u.data(), ne * F, g.data(), pool));
+      clock.lap("moe.gelu");
       std::vector<float> y(static_cast<size_t>(ne * D));
       check(weight_matmul(g.data(), ne, F, F, L.down.expert(e), y.data(), D, pool, cfg.ffn(), true));
+      clock.lap("moe.down", matrix_bytes_of(L.down.expert(e)));
       for (int64_t i = 0; i < ne; ++i)
         std::memcpy(routed.data() + picks[static_cast<size_t>(i)] * D, y.data() + i * D, sizeof(float) * static_cast<size_t>(D));
     }
+    clock.lap("moe.dispatch");
     // Each choice's y is all-reduced before gating, so the gated sum is the TP-1 one.
     R.comm->all_reduce_sum(routed.data(), routed.size());
+    clock.lap("all-reduce");
     // moe = sum over the choices, in choice order, of fp32(bf16(gate)) * y.
     for (int64_t t = 0; t < N; ++t) {
       float* acc = tmp.data() + t * D;
@@ -506,6 +557,7 @@ void CpuImpl::rank_step(Rank& R, const std::vector<PlanRow>& plan, const LogitsS
     K::round_to_bf16(tmp.data(), N * D, tmp.data());
     check(K::rmsnorm(tmp.data(), N, D, L.moe_norm_out, eps, tmp.data(), pool));
     K::add_bf16(x.data(), tmp.data(), N * D, x.data());
+    clock.lap("moe.combine");
     emit_hidden(static_cast<int>(l + 1), x.data());
   }
 
@@ -531,10 +583,14 @@ void CpuImpl::rank_step(Rank& R, const std::vector<PlanRow>& plan, const LogitsS
     for (int64_t i = 0; i < n; ++i)
       std::memcpy(xf.data() + i * D, x.data() + token_index[c0 + static_cast<size_t>(i)] * D, sizeof(float) * static_cast<size_t>(D));
     check(K::rmsnorm(xf.data(), n, D, R.final_norm, eps, xf.data(), pool));
+    clock.lap("norms");
     check(K::matmul_bf16_nt(xf.data(), n, D, R.embedding, Vr, part.data(), Vr, pool));
+    clock.lap("logits.product", static_cast<uint64_t>(Vr * D) * sizeof(uint16_t));
     check(K::scale_bf16(part.data(), n * Vr, out_mult, part.data(), pool));
+    clock.lap("logits.scale");
     // all_gather of equal-sized parts: [rank][n][Vr]
     R.comm->all_gather(part.data(), all.data(), sizeof(float) * static_cast<size_t>(chunk * Vr));
+    clock.lap("all-gather");
     if (!talk || !sink_status.ok()) continue;
     for (int64_t i = 0; i < n; ++i) {
       for (size_t rk = 0; rk < ranks.size(); ++rk)
@@ -547,6 +603,7 @@ void CpuImpl::rank_step(Rank& R, const std::vector<PlanRow>& plan, const LogitsS
         break;
       }
     }
+    clock.lap("logits.sink");
   }
 }
 

@@ -160,6 +160,33 @@ class Convert(unittest.TestCase):
         self.assertRegex(p.stderr, r"grokit bench: [0-9.]+ tok/s, roofline [0-9.]+")
         self.assertEqual(run("bench", out, "--rounds", 0).returncode, 2)
 
+    def test_bench_profile_accounts_for_the_steps_and_their_weights(self):
+        out = self.out("bench-profile")
+        run("convert", self.ckpt, out, "--tp", 2, "--no-progress", check=0)
+        p = run("bench", out, "--steps", 4, "--rounds", 2, "--buffer-mb", 16, "--threads", 2, "--profile", check=0)
+        self.assertIn("over 8 steps", p.stdout)
+        ops = dict((m[0], (float(m[1]), float(m[2]) if m[2] else 0.0))
+                   for m in re.findall(r"^  (\S+) +([0-9.]+) ms +[0-9.]+ %(?: +[0-9.]+ GB/s +\(([0-9.]+) MiB per step\))?$",
+                                       p.stdout, re.M))
+        for op in ("attn.qkv", "attention", "attn.output", "all-reduce", "router", "moe.gate+up", "moe.gelu", "moe.down",
+                   "logits.product", "all-gather"):
+            self.assertIn(op, ops, p.stdout)
+        # The products read, per step, rank 0's share of the bytes a token reads: the
+        # output projection whole (rank 0's vocabulary rows), two experts, every attention
+        # matrix; the norms (fp32 vectors) are all that is left out.
+        per_token = float(re.search(r"weights read per token: +([0-9.]+) MiB", p.stdout).group(1))
+        products = sum(mib for _, mib in ops.values())
+        self.assertGreater(products, 0.0)
+        self.assertAlmostEqual(products * 2, per_token, delta=0.02 * per_token + 0.004)
+        # The ops' times add up to the steps' (the clock laps cover the whole step).
+        total = re.search(r"^  all ops +([0-9.]+) ms +\(the steps as timed: ([0-9.]+) ms\)$", p.stdout, re.M)
+        self.assertIsNotNone(total, p.stdout)
+        self.assertLessEqual(float(total.group(1)), float(total.group(2)) * 1.001 + 0.002)
+        self.assertGreater(float(total.group(1)), float(total.group(2)) * 0.8)
+        self.assertAlmostEqual(sum(ms for ms, _ in ops.values() if True) - float(total.group(1)), 0.0,
+                               delta=0.001 * len(ops) + 0.001)
+        self.assertEqual(run("bench", out, "--device", "host", "--profile").returncode, 2)
+
 
 class Options(unittest.TestCase):
     """--compress, --tokenizer and inspect --json, end to end."""
