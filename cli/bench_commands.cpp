@@ -117,7 +117,7 @@ int cmd_bench(int argc, char** argv) {
       ("device", "cpu, cuda or host (see grokit run --help); the bandwidth measured is the host's memory: for "
        "cuda see scripts/gpu-check.sh", cxxopts::value<std::string>()->default_value("cpu"))
       ("profile", "also print where the timed steps went, op by op (rank 0; --device cpu), with the weight "
-       "products' GB/s", cxxopts::value<bool>()->default_value("false"))
+       "products' GB/s (default: off)", cxxopts::value<bool>()->default_value("false")->implicit_value("true"))
 ;
   ParsedArgs parsed;
   if (auto rc = parse_args(opts, argc, argv, 1, 1, parsed)) return *rc;
