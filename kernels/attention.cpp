@@ -4,6 +4,12 @@
 #include "kernels/internal.h"
 #include "kernels/vmath.h"
 
+// GCC 12's avx512fintrin.h trips -Wmaybe-uninitialized on its own _mm512_undefined values.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#endif
+
 namespace grokit::kernels {
 namespace {
 using namespace detail;
@@ -24,6 +30,42 @@ GROKIT_AVX2 float dot_bf16_avx2(const float* q, const uint16_t* k, int64_t dh) {
   store8_pd(lo, hi, lanes);
   for (int64_t d = d8; d < dh; ++d) lanes[d % 8] += static_cast<double>(q[d]) * static_cast<double>(bf16f(k[d]));
   return static_cast<float>(combine8(lanes));
+}
+
+// The same eight lanes in one AVX-512 register, q converted to double once per head.
+GROKIT_AVX512 float dot_bf16_avx512(const double* qd, const uint16_t* k, int64_t dh) {
+  __m512d acc = _mm512_setzero_pd();
+  const int64_t d8 = dh / 8 * 8;
+  for (int64_t d = 0; d < d8; d += 8) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(k + d));
+    const __m256 kf = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    acc = _mm512_fmadd_pd(_mm512_loadu_pd(qd + d), _mm512_cvtps_pd(kf), acc);
+  }
+  double lanes[8];
+  _mm512_storeu_pd(lanes, acc);
+  for (int64_t d = d8; d < dh; ++d) lanes[d % 8] += qd[d] * static_cast<double>(bf16f(k[d]));
+  return static_cast<float>(combine8(lanes));
+}
+
+// Four keys at once (k, k + dh, ...; four independent chains in flight), each key's sum
+// exactly dot_bf16_avx512's.
+GROKIT_AVX512 void dot4_bf16_avx512(const double* qd, const uint16_t* k, int64_t dh, float* out) {
+  __m512d acc[4] = {_mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_setzero_pd()};
+  const int64_t d8 = dh / 8 * 8;
+  for (int64_t d = 0; d < d8; d += 8) {
+    const __m512d qv = _mm512_loadu_pd(qd + d);
+    for (int r = 0; r < 4; ++r) {
+      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(k + r * dh + d));
+      const __m256 kf = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+      acc[r] = _mm512_fmadd_pd(qv, _mm512_cvtps_pd(kf), acc[r]);
+    }
+  }
+  for (int r = 0; r < 4; ++r) {
+    double lanes[8];
+    _mm512_storeu_pd(lanes, acc[r]);
+    for (int64_t d = d8; d < dh; ++d) lanes[d % 8] += qd[d] * static_cast<double>(bf16f(k[r * dh + d]));
+    out[r] = static_cast<float>(combine8(lanes));
+  }
 }
 
 // acc[d] += w * v[d] in double, key after key.
@@ -91,10 +133,25 @@ void detail::attention_exp_scores(float* s, int64_t n, float mx, bool simd) {
 
 namespace {
 
-template <bool kSimd>
+GROKIT_AVX512 void accumulate_avx512(float w, const uint16_t* v, int64_t dh, double* acc) {
+  const __m512d wv = _mm512_set1_pd(static_cast<double>(w));
+  const int64_t d8 = dh / 8 * 8;
+  for (int64_t d = 0; d < d8; d += 8) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(v + d));
+    const __m256 vf = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    _mm512_storeu_pd(acc + d, _mm512_fmadd_pd(wv, _mm512_cvtps_pd(vf), _mm512_loadu_pd(acc + d)));
+  }
+  for (int64_t d = d8; d < dh; ++d) acc[d] += static_cast<double>(w) * static_cast<double>(bf16f(v[d]));
+}
+
+// kSimd: 0 the scalar twin, 1 AVX2, 2 AVX-512 (the same sums in the same lanes).
+template <int kSimd>
 void one_head(const float* q, int32_t pos, const uint16_t* k, const uint16_t* v, const uint8_t* valid, int64_t n_keys,
               const AttentionShape& sh, float* o, std::vector<float>& scores, std::vector<double>& acc) {
   const int64_t dh = sh.head_dim;
+  double qd[kSimd == 2 ? 512 : 1];  // q in double (AVX-512, head_dim <= 512; see impl)
+  if constexpr (kSimd == 2)
+    for (int64_t d = 0; d < dh; ++d) qd[d] = static_cast<double>(q[d]);
   // Keys after the query's position are masked: exp(-1e30 - max) is exactly 0, so they
   // are skipped unless no key is visible at all (then every key counts, uniformly).
   int64_t visible_end = std::min<int64_t>(n_keys, static_cast<int64_t>(pos) + 1);
@@ -103,30 +160,42 @@ void one_head(const float* q, int32_t pos, const uint16_t* k, const uint16_t* v,
   int64_t end = any ? visible_end : n_keys;
   scores.resize(static_cast<size_t>(end));
   for (int64_t j = 0; j < end; ++j) {
+    if constexpr (kSimd == 2) {  // four valid keys at once
+      if (any && j + 4 <= end && (valid[j] & valid[j + 1] & valid[j + 2] & valid[j + 3]) != 0) {
+        float dots[4];
+        dot4_bf16_avx512(qd, k + j * dh, dh, dots);
+        for (int r = 0; r < 4; ++r) scores[static_cast<size_t>(j + r)] = round_bf16(dots[r]) * sh.multiplier;
+        j += 3;
+        continue;
+      }
+    }
     float s = kMasked;
     if (any && valid[j] != 0) {
-      float dot = kSimd ? dot_bf16_avx2(q, k + j * dh, dh) : dot_bf16_ref(q, k + j * dh, dh);
+      float dot = kSimd == 2   ? dot_bf16_avx512(qd, k + j * dh, dh)
+                  : kSimd == 1 ? dot_bf16_avx2(q, k + j * dh, dh)
+                               : dot_bf16_ref(q, k + j * dh, dh);
       s = round_bf16(dot) * sh.multiplier;
     }
     scores[static_cast<size_t>(j)] = s;
   }
-  attention_cap_scores(scores.data(), end, sh.logit_cap, kSimd);
+  attention_cap_scores(scores.data(), end, sh.logit_cap, kSimd > 0);
   float mx = kMasked;
   for (int64_t j = 0; j < end; ++j) mx = std::max(mx, scores[static_cast<size_t>(j)]);
-  attention_exp_scores(scores.data(), end, mx, kSimd);
+  attention_exp_scores(scores.data(), end, mx, kSimd > 0);
   float sum = 0.0f;
   for (int64_t j = 0; j < end; ++j) sum += scores[static_cast<size_t>(j)];
   acc.assign(static_cast<size_t>(dh), 0.0);
   for (int64_t j = 0; j < end; ++j) {
     float w = round_bf16(scores[static_cast<size_t>(j)] / sum);
     if (w == 0.0f) continue;  // adds exactly nothing
-    if (kSimd) accumulate_avx2(w, v + j * dh, dh, acc.data());
+    if (kSimd == 2) accumulate_avx512(w, v + j * dh, dh, acc.data());
+    else if (kSimd == 1) accumulate_avx2(w, v + j * dh, dh, acc.data());
     else accumulate_ref(w, v + j * dh, dh, acc.data());
   }
   for (int64_t d = 0; d < dh; ++d) o[d] = round_bf16(static_cast<float>(acc[static_cast<size_t>(d)]));
 }
 
-template <bool kSimd>
+template <int kSimd>
 Status impl(const float* q, int64_t M, const int32_t* q_pos, const uint16_t* k_cache, const uint16_t* v_cache,
             const uint8_t* key_valid, int64_t n_keys, const AttentionShape& sh, float* o, Pool pool) {
   GROKIT_CHECK(M >= 0 && sh.q_heads > 0 && sh.kv_heads > 0 && sh.q_heads % sh.kv_heads == 0 && sh.head_dim > 0);
@@ -147,13 +216,15 @@ Status impl(const float* q, int64_t M, const int32_t* q_pos, const uint16_t* k_c
 
 Status attention(const float* q, int64_t M, const int32_t* q_pos, const uint16_t* k_cache, const uint16_t* v_cache,
                  const uint8_t* key_valid, int64_t n_keys, const AttentionShape& shape, float* o, Pool pool) {
-  if (detail::use_avx2()) return impl<true>(q, M, q_pos, k_cache, v_cache, key_valid, n_keys, shape, o, pool);
-  return impl<false>(q, M, q_pos, k_cache, v_cache, key_valid, n_keys, shape, o, pool);
+  if (detail::use_avx512() && shape.head_dim <= 512)
+    return impl<2>(q, M, q_pos, k_cache, v_cache, key_valid, n_keys, shape, o, pool);
+  if (detail::use_avx2()) return impl<1>(q, M, q_pos, k_cache, v_cache, key_valid, n_keys, shape, o, pool);
+  return impl<0>(q, M, q_pos, k_cache, v_cache, key_valid, n_keys, shape, o, pool);
 }
 Status attention_ref(const float* q, int64_t M, const int32_t* q_pos, const uint16_t* k_cache,
                      const uint16_t* v_cache, const uint8_t* key_valid, int64_t n_keys, const AttentionShape& shape,
                      float* o, Pool pool) {
-  return impl<false>(q, M, q_pos, k_cache, v_cache, key_valid, n_keys, shape, o, pool);
+  return impl<0>(q, M, q_pos, k_cache, v_cache, key_valid, n_keys, shape, o, pool);
 }
 
 }  // namespace grokit::kernels
