@@ -85,33 +85,85 @@ inline void stage_x_chunk_lanes(const float* x, int64_t M, int64_t K, int64_t ld
 //   Many rows (prefill) or one chain: tasks are column ranges narrow enough that every
 //   chain's sums for them fit in a few MiB.
 // align: the columns of a task start at multiples of it (the kernels' tile width).
+// The decode plan takes products with few rows of x and several chains.
+inline bool decode_plan_fits(int64_t M, int64_t N, int64_t chains) {
+  return chains > 1 && M * N * chains <= (int64_t{1} << 22);
+}
+// One product of a decode plan: N columns into y (rows ldy apart).
+struct ChainProduct {
+  int64_t N = 0;
+  float* y = nullptr;
+  int64_t ldy = 0;
+};
+// The decode plan over several products of the same x (each decode_plan_fits):
+// chain_part(p, ch, c0, c1, out, ld) as run_chains' for product p. Tasks are (product,
+// chain, column part) triples, then column ranges of the combines: the threads meet
+// twice for all the products together.
+template <class ChainPart>
+void run_chains_decode(Pool pool, int64_t M, const ChainProduct* prods, int64_t count, int64_t chains, int64_t align,
+                       int64_t max_width, const ChainPart& chain_part) {
+  // A task's sums (M x width floats) stay within L2: they are read and written once per
+  // step of rows (measured: M = 256, N = 1024 ran at a sixth of the speed with 1 MiB).
+  constexpr int64_t kTaskSums = int64_t{1} << 16;
+  struct Plan {
+    int64_t parts, width, ld, at;  // column parts and their width; sums' row length; offset in out
+    int64_t first_task, first_combine, cw;
+  };
+  // Reused across calls (a fresh buffer of this size would be mapped and faulted in on
+  // every call of a decode step), as are the plans.
+  static thread_local std::vector<float> out_storage;
+  static thread_local std::vector<Plan> plan_storage;
+  std::vector<float>& out = out_storage;
+  std::vector<Plan>& plans = plan_storage;
+  plans.resize(static_cast<size_t>(count));
+  int64_t tasks = 0, combines = 0, floats = 0;
+  for (int64_t p = 0; p < count; ++p) {
+    const int64_t N = prods[p].N;
+    Plan& P = plans[static_cast<size_t>(p)];
+    P.parts = std::max<int64_t>({1, (thread_count(pool) + chains - 1) / chains, (N + max_width - 1) / max_width,
+                                 (M * N + kTaskSums - 1) / kTaskSums});
+    P.width = chunk_size(N, P.parts, align);
+    P.ld = N + 16;  // rows one cache line longer than N (see the padding below)
+    P.at = floats;
+    floats += chains * M * P.ld;
+    P.first_task = tasks;
+    tasks += chains * P.parts;
+    P.cw = chunk_size(N, task_count(pool), 64);
+    P.first_combine = combines;
+    combines += (N + P.cw - 1) / P.cw;
+  }
+  out.resize(static_cast<size_t>(floats));
+  auto product_of = [&](int64_t t, int64_t Plan::*first) {
+    int64_t p = 0;
+    while (p + 1 < count && plans[static_cast<size_t>(p + 1)].*first <= t) ++p;
+    return p;
+  };
+  for_each(pool, static_cast<size_t>(tasks), [&](size_t task) {
+    const int64_t p = product_of(static_cast<int64_t>(task), &Plan::first_task);
+    const Plan& P = plans[static_cast<size_t>(p)];
+    const int64_t t = static_cast<int64_t>(task) - P.first_task, N = prods[p].N;
+    const int64_t ch = t / P.parts, part = t % P.parts;
+    const int64_t c0 = std::min(N, part * P.width), c1 = std::min(N, c0 + P.width);
+    if (c0 < c1) chain_part(p, ch, c0, c1, out.data() + P.at + ch * M * P.ld + c0, P.ld);
+  });
+  for_each(pool, static_cast<size_t>(combines), [&](size_t task) {
+    const int64_t p = product_of(static_cast<int64_t>(task), &Plan::first_combine);
+    const Plan& P = plans[static_cast<size_t>(p)];
+    const int64_t t = static_cast<int64_t>(task) - P.first_combine, N = prods[p].N;
+    const int64_t c0 = t * P.cw, c1 = std::min(N, c0 + P.cw);
+    combine_chains(out.data() + P.at + c0, chains, M * P.ld, P.ld, M, c1 - c0, prods[p].y + c0, prods[p].ldy);
+  });
+}
+
 template <class ChainPart>
 void run_chains(Pool pool, int64_t M, int64_t N, int64_t chains, int64_t align, int64_t max_width, float* y,
                 int64_t ldy, const ChainPart& chain_part) {
-  if (chains > 1 && M * N * chains <= (int64_t{1} << 22)) {
-    // A task's sums (M x width floats) stay within L2: they are read and written once per
-    // step of rows (measured: M = 256, N = 1024 ran at a sixth of the speed with 1 MiB).
-    constexpr int64_t kTaskSums = int64_t{1} << 16;
-    const int64_t parts = std::max<int64_t>({1, (thread_count(pool) + chains - 1) / chains,
-                                             (N + max_width - 1) / max_width, (M * N + kTaskSums - 1) / kTaskSums});
-    const int64_t width = chunk_size(N, parts, align);
-    // Reused across calls: a fresh buffer of this size would be mapped and faulted in on
-    // every call of a decode step.
-    // Rows one cache line longer than N (see the padding below).
-    const int64_t ld = N + 16;
-    static thread_local std::vector<float> out_storage;
-    std::vector<float>& out = out_storage;
-    out.resize(static_cast<size_t>(chains * M * ld));
-    for_each(pool, static_cast<size_t>(chains * parts), [&](size_t t) {
-      const int64_t ch = static_cast<int64_t>(t) / parts, part = static_cast<int64_t>(t) % parts;
-      const int64_t c0 = std::min(N, part * width), c1 = std::min(N, c0 + width);
-      if (c0 < c1) chain_part(ch, c0, c1, out.data() + ch * M * ld + c0, ld);
-    });
-    const int64_t cw = chunk_size(N, task_count(pool), 64);
-    for_each(pool, static_cast<size_t>((N + cw - 1) / cw), [&](size_t t) {
-      const int64_t c0 = static_cast<int64_t>(t) * cw, c1 = std::min(N, c0 + cw);
-      combine_chains(out.data() + c0, chains, M * ld, ld, M, c1 - c0, y + c0, ldy);
-    });
+  if (decode_plan_fits(M, N, chains)) {
+    const ChainProduct one{N, y, ldy};
+    run_chains_decode(pool, M, &one, 1, chains, align, max_width,
+                      [&](int64_t, int64_t ch, int64_t c0, int64_t c1, float* out, int64_t ld) {
+                        chain_part(ch, c0, c1, out, ld);
+                      });
     return;
   }
   int64_t chunk = chunk_size(N, task_count(pool), align);

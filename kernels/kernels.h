@@ -51,6 +51,19 @@ Status matmul_q8(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t
 Status matmul_q8_ref(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t* codes, const uint16_t* scales,
                      int64_t N, int64_t blocks, float* y, int64_t ldy, Pool pool, int64_t sum_rows = 0);
 
+// Several products of one x (the attention's query, key and value; an expert's gate and
+// up): each y exactly matmul_q8's, the decode-sized ones on one task plan, so that the
+// threads meet once for all of them rather than once per product.
+struct Q8Operand {
+  const int8_t* codes = nullptr;
+  const uint16_t* scales = nullptr;
+  int64_t N = 0, blocks = 1;
+  float* y = nullptr;
+  int64_t ldy = 0;
+};
+Status matmul_q8_multi(const float* x, int64_t M, int64_t K, int64_t ldx, const Q8Operand* ops, int64_t count,
+                       Pool pool, int64_t sum_rows = 0);
+
 // The pairwise tree of sum_rows: v[0..n) reduced in place, level by level (v[i] =
 // v[2i] + v[2i+1], an odd last element carried up); returns the total.
 float tree_sum(float* v, int64_t n);

@@ -304,26 +304,29 @@ GROKIT_AVX512 void fma_rows_avx512(const float* x, int64_t M, int64_t ldx, const
 enum class Level { kScalar, kAvx2, kAvx512 };
 
 template <Level kLevel, bool kPairs>
-Status impl(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t* codes, const uint16_t* scales, int64_t N,
-            int64_t blocks, float* y, int64_t ldy, Pool pool, int64_t sum_rows) {
-  check_args(M, K, ldx, N, blocks, ldy);
+Status impl(const float* x, int64_t M, int64_t K, int64_t ldx, const Q8Operand* ops, int64_t count, Pool pool,
+            int64_t sum_rows) {
+  for (int64_t p = 0; p < count; ++p) check_args(M, K, ldx, ops[p].N, ops[p].blocks, ops[p].ldy);
   const int64_t sr = sum_rows > 0 ? sum_rows : K;  // rows per independent chain
   GROKIT_CHECK(K % sr == 0 && (sr == K || sr % 2 == 0));
   const int64_t chains = K / sr;
   if (M == 0) return {};
-  const int64_t rpb = K / blocks;
   // bf16 pairs of x for vdpbf16ps: x[k] in the low half, x[k + 1] in the high half.
   const int64_t kp = (K + 1) / 2;
   // Owned by the calling thread and reused across calls; the tasks reach it through this
   // reference (a thread_local named inside the lambdas would be each worker's own).
   static thread_local std::vector<uint32_t> xpairs_storage;
   std::vector<uint32_t>& xpairs = xpairs_storage;
-  // The scales as fp32 [blocks][N], converted once per call for every task.
-  static thread_local std::vector<float> scale_table_storage;
-  std::vector<float>& scale_table = scale_table_storage;
+  // Each operand's scales as fp32 [blocks][N], converted once per call for every task.
+  static thread_local std::vector<std::vector<float>> scale_tables_storage;
+  std::vector<std::vector<float>>& scale_tables = scale_tables_storage;
   if (kLevel == Level::kAvx512) {
-    scale_table.resize(static_cast<size_t>(blocks * N));
-    for (int64_t i = 0; i < blocks * N; ++i) scale_table[static_cast<size_t>(i)] = bf16f(scales[i]);
+    if (static_cast<int64_t>(scale_tables.size()) < count) scale_tables.resize(static_cast<size_t>(count));
+    for (int64_t p = 0; p < count; ++p) {
+      std::vector<float>& table = scale_tables[static_cast<size_t>(p)];
+      table.resize(static_cast<size_t>(ops[p].blocks * ops[p].N));
+      for (int64_t i = 0; i < ops[p].blocks * ops[p].N; ++i) table[static_cast<size_t>(i)] = bf16f(ops[p].scales[i]);
+    }
   }
   if (kLevel == Level::kAvx512 && kPairs) {
     xpairs.resize(static_cast<size_t>(M * kp));
@@ -335,17 +338,21 @@ Status impl(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t* cod
       }
     }
   }
-  // One chain over rows [k0, k1) of columns [c0, c1) into out ([M][ld], c0 at out[0]):
-  // whole 32-column tiles by SIMD, the rest by the scalar twin.
-  auto chain_part = [&](int64_t k0, int64_t k1, int64_t c0, int64_t c1, float* out, int64_t ld) {
+  // One chain of operand p over rows [k0, k1) of columns [c0, c1) into out ([M][ld], c0
+  // at out[0]): whole 32-column tiles by SIMD, the rest by the scalar twin.
+  auto chain_part = [&](int64_t p, int64_t k0, int64_t k1, int64_t c0, int64_t c1, float* out, int64_t ld) {
+    const int8_t* codes = ops[p].codes;
+    const uint16_t* scales = ops[p].scales;
+    const int64_t N = ops[p].N, rpb = K / ops[p].blocks;
     // AVX-512 takes every column (its last tile masked), AVX2 the whole 32-column tiles.
     const int64_t vec_end = kLevel == Level::kScalar ? c0 : kLevel == Level::kAvx512 ? c1 : c0 + (c1 - c0) / 32 * 32;
     if (vec_end > c0) {
       for (int64_t m = 0; m < M; ++m) std::fill(out + m * ld, out + m * ld + (vec_end - c0), 0.0f);
       if constexpr (kLevel == Level::kAvx512) {
         // Row by row over the columns: sequential reads, the sums in L1.
-        if (kPairs) pairs_rows_avx512(xpairs.data(), M, kp, K, codes, scale_table.data(), N, rpb, k0, k1, c0, vec_end, out, ld);
-        else fma_rows_avx512(x, M, ldx, codes, scale_table.data(), N, rpb, k0, k1, c0, vec_end, out, ld);
+        const float* table = scale_tables[static_cast<size_t>(p)].data();
+        if (kPairs) pairs_rows_avx512(xpairs.data(), M, kp, K, codes, table, N, rpb, k0, k1, c0, vec_end, out, ld);
+        else fma_rows_avx512(x, M, ldx, codes, table, N, rpb, k0, k1, c0, vec_end, out, ld);
       } else if constexpr (kLevel == Level::kAvx2) {
         for (int64_t b0 = k0; b0 < k1; b0 += kRowBlock) {
           const int64_t b1 = std::min(k1, b0 + kRowBlock);
@@ -356,18 +363,35 @@ Status impl(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t* cod
     }
     if (vec_end < c1) chain_columns_ref<kPairs>(x, M, ldx, codes, scales, N, rpb, k0, k1, vec_end, c1, out + (vec_end - c0), ld);
   };
-  run_chains(pool, M, N, chains, 32, kMaxWidth, y, ldy, [&](int64_t ch, int64_t c0, int64_t c1, float* out, int64_t ld) {
-    chain_part(ch * sr, (ch + 1) * sr, c0, c1, out, ld);
-  });
+  // Several operands that each take the decode plan share one (the threads meet once for
+  // all of them); otherwise each has its own.
+  bool together = count > 1;
+  for (int64_t p = 0; p < count; ++p) together = together && decode_plan_fits(M, ops[p].N, chains);
+  if (together) {
+    static thread_local std::vector<ChainProduct> prods_storage;
+    std::vector<ChainProduct>& prods = prods_storage;
+    prods.resize(static_cast<size_t>(count));
+    for (int64_t p = 0; p < count; ++p) prods[static_cast<size_t>(p)] = {ops[p].N, ops[p].y, ops[p].ldy};
+    run_chains_decode(pool, M, prods.data(), count, chains, 32, kMaxWidth,
+                      [&](int64_t p, int64_t ch, int64_t c0, int64_t c1, float* out, int64_t ld) {
+                        chain_part(p, ch * sr, (ch + 1) * sr, c0, c1, out, ld);
+                      });
+    return {};
+  }
+  for (int64_t p = 0; p < count; ++p)
+    run_chains(pool, M, ops[p].N, chains, 32, kMaxWidth, ops[p].y, ops[p].ldy,
+               [&](int64_t ch, int64_t c0, int64_t c1, float* out, int64_t ld) {
+                 chain_part(p, ch * sr, (ch + 1) * sr, c0, c1, out, ld);
+               });
   return {};
 }
 
 template <bool kPairs>
-Status dispatch(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t* codes, const uint16_t* scales,
-                int64_t N, int64_t blocks, float* y, int64_t ldy, Pool pool, int64_t sr) {
-  if (use_avx512()) return impl<Level::kAvx512, kPairs>(x, M, K, ldx, codes, scales, N, blocks, y, ldy, pool, sr);
-  if (use_avx2()) return impl<Level::kAvx2, kPairs>(x, M, K, ldx, codes, scales, N, blocks, y, ldy, pool, sr);
-  return impl<Level::kScalar, kPairs>(x, M, K, ldx, codes, scales, N, blocks, y, ldy, pool, sr);
+Status dispatch(const float* x, int64_t M, int64_t K, int64_t ldx, const Q8Operand* ops, int64_t count, Pool pool,
+                int64_t sr) {
+  if (use_avx512()) return impl<Level::kAvx512, kPairs>(x, M, K, ldx, ops, count, pool, sr);
+  if (use_avx2()) return impl<Level::kAvx2, kPairs>(x, M, K, ldx, ops, count, pool, sr);
+  return impl<Level::kScalar, kPairs>(x, M, K, ldx, ops, count, pool, sr);
 }
 
 }  // namespace
@@ -438,20 +462,29 @@ float tree_sum(float* v, int64_t n) {
 
 Status matmul_q8(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t* codes, const uint16_t* scales,
                  int64_t N, int64_t blocks, float* y, int64_t ldy, Pool pool, int64_t sum_rows) {
-  return dispatch<true>(x, M, K, ldx, codes, scales, N, blocks, y, ldy, pool, sum_rows);
+  const Q8Operand op{codes, scales, N, blocks, y, ldy};
+  return dispatch<true>(x, M, K, ldx, &op, 1, pool, sum_rows);
+}
+Status matmul_q8_multi(const float* x, int64_t M, int64_t K, int64_t ldx, const Q8Operand* ops, int64_t count,
+                       Pool pool, int64_t sum_rows) {
+  GROKIT_CHECK(count >= 0 && (count == 0 || ops != nullptr));
+  return dispatch<true>(x, M, K, ldx, ops, count, pool, sum_rows);
 }
 Status matmul_q8_ref(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t* codes, const uint16_t* scales,
                      int64_t N, int64_t blocks, float* y, int64_t ldy, Pool pool, int64_t sum_rows) {
-  return impl<Level::kScalar, true>(x, M, K, ldx, codes, scales, N, blocks, y, ldy, pool, sum_rows);
+  const Q8Operand op{codes, scales, N, blocks, y, ldy};
+  return impl<Level::kScalar, true>(x, M, K, ldx, &op, 1, pool, sum_rows);
 }
 Status matmul_q8_f32(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t* codes, const uint16_t* scales,
                      int64_t N, int64_t blocks, float* y, int64_t ldy, Pool pool, int64_t sum_rows) {
-  return dispatch<false>(x, M, K, ldx, codes, scales, N, blocks, y, ldy, pool, sum_rows);
+  const Q8Operand op{codes, scales, N, blocks, y, ldy};
+  return dispatch<false>(x, M, K, ldx, &op, 1, pool, sum_rows);
 }
 Status matmul_q8_f32_ref(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t* codes,
                          const uint16_t* scales, int64_t N, int64_t blocks, float* y, int64_t ldy, Pool pool,
                          int64_t sum_rows) {
-  return impl<Level::kScalar, false>(x, M, K, ldx, codes, scales, N, blocks, y, ldy, pool, sum_rows);
+  const Q8Operand op{codes, scales, N, blocks, y, ldy};
+  return impl<Level::kScalar, false>(x, M, K, ldx, &op, 1, pool, sum_rows);
 }
 
 }  // namespace grokit::kernels

@@ -124,6 +124,31 @@ Status weight_matmul(const float* x, int64_t M, int64_t K, int64_t ldx, const We
   }
 }
 
+// Products of the same bf16 x (the attention's query, key, value; an expert's gate and up):
+// int8 ones on one task plan (kernels::matmul_q8_multi), the others one by one.
+struct WeightOut {
+  const WeightView* w;
+  float* y;
+  int64_t ldy;
+};
+Status weight_matmuls(const float* x, int64_t M, int64_t K, int64_t ldx, std::initializer_list<WeightOut> outs,
+                      ThreadPool* pool, int64_t k_global) {
+  bool all_q8 = true;
+  for (const WeightOut& o : outs) all_q8 = all_q8 && o.w->dtype == format::DType::kQ8RowBlock;
+  if (!all_q8) {
+    for (const WeightOut& o : outs) GROKIT_TRY(weight_matmul(x, M, K, ldx, *o.w, o.y, o.ldy, pool, k_global, false));
+    return {};
+  }
+  kernels::Q8Operand ops[4];
+  int64_t n = 0;
+  for (const WeightOut& o : outs) {
+    GROKIT_CHECK(n < 4 && o.w->rows == K && o.w->experts == 1);
+    ops[n++] = {o.w->q8.codes, o.w->q8.scales, o.w->cols, o.w->q8.blocks, o.y, o.ldy};
+  }
+  const int64_t sr = format::ModelConfig::split_sum_rows(k_global);
+  return kernels::matmul_q8_multi(x, M, K, ldx, ops, n, pool, K % sr == 0 ? sr : 0);
+}
+
 }  // namespace
 
 std::vector<PlanRow> next_chunk(std::span<const StepRow> rows, const std::vector<int64_t>& done, int64_t chunk,
@@ -468,9 +493,8 @@ void CpuImpl::rank_step(Rank& R, const std::vector<PlanRow>& plan, const LogitsS
     // 2. Attention.
     check(K::rmsnorm(x.data(), N, D, L.attn_norm_in, eps, a.data(), pool));
     clock.lap("norms");
-    check(weight_matmul(a.data(), N, D, D, L.query, q.data(), QD, pool, D, false));
-    check(weight_matmul(a.data(), N, D, D, L.key, k.data(), KVD, pool, D, false));
-    check(weight_matmul(a.data(), N, D, D, L.value, v.data(), KVD, pool, D, false));
+    check(weight_matmuls(a.data(), N, D, D, {{&L.query, q.data(), QD}, {&L.key, k.data(), KVD}, {&L.value, v.data(), KVD}},
+                         pool, D));
     clock.lap("attn.qkv", matrix_bytes_of(L.query) + matrix_bytes_of(L.key) + matrix_bytes_of(L.value));
     K::round_to_bf16(q.data(), N * QD, q.data());
     K::round_to_bf16(k.data(), N * KVD, k.data());
@@ -527,9 +551,9 @@ void CpuImpl::rank_step(Rank& R, const std::vector<PlanRow>& plan, const LogitsS
       for (int64_t i = 0; i < ne; ++i)
         std::memcpy(me.data() + i * D, a.data() + (picks[static_cast<size_t>(i)] / top) * D, sizeof(float) * static_cast<size_t>(D));
       clock.lap("moe.dispatch");
-      check(weight_matmul(me.data(), ne, D, D, L.gate.expert(e), g.data(), F, pool, D, false));
-      check(weight_matmul(me.data(), ne, D, D, L.up.expert(e), u.data(), F, pool, D, false));
-      clock.lap("moe.gate+up", matrix_bytes_of(L.gate.expert(e)) + matrix_bytes_of(L.up.expert(e)));
+      const WeightView gate = L.gate.expert(e), up = L.up.expert(e);
+      check(weight_matmuls(me.data(), ne, D, D, {{&gate, g.data(), F}, {&up, u.data(), F}}, pool, D));
+      clock.lap("moe.gate+up", matrix_bytes_of(gate) + matrix_bytes_of(up));
       K::round_to_bf16(g.data(), ne * F, g.data());
       K::round_to_bf16(u.data(), ne * F, u.data());
       check(K::gelu_mul(g.data(), u.data(), ne * F, g.data(), pool));

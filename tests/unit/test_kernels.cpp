@@ -154,6 +154,64 @@ KernelCase case_matmul_q8(int64_t M, int64_t K, int64_t N, int64_t blocks, int64
           }};
 }
 
+// matmul_q8_multi against one matmul_q8_ref per operand: operands of several widths and
+// scale blocks, strided y; decode-sized (one task plan for all) or not (one plan each).
+KernelCase case_matmul_q8_multi(int64_t M, int64_t K, std::vector<int64_t> Ns, int64_t sum_rows) {
+  std::string name = "matmul_q8_multi_M" + std::to_string(M) + "_K" + std::to_string(K) + "_N";
+  for (int64_t N : Ns) name += std::to_string(N) + "x";
+  name += "_chains" + std::to_string(sum_rows == 0 ? 1 : K / sum_rows);
+  return {name, 0, [=]() -> CaseRunner {
+            Rng rng(static_cast<uint64_t>(M * 31 + K * 7 + static_cast<int64_t>(Ns.size()) * 1009 + sum_rows));
+            const int64_t ldx = K + 3, count = static_cast<int64_t>(Ns.size());
+            auto x = std::make_shared<std::vector<float>>(static_cast<size_t>(M * ldx));
+            for (int64_t m = 0; m < M; ++m)
+              for (int64_t k = 0; k < ldx; ++k)
+                (*x)[static_cast<size_t>(m * ldx + k)] = k >= K ? from_bits(0x7fc00001u) : rng.bf16_value(-6, 4);
+            struct Operand {
+              std::vector<int8_t> codes;
+              std::vector<uint16_t> scales;
+              int64_t N, blocks, ldy;
+            };
+            auto operands = std::make_shared<std::vector<Operand>>();
+            for (int64_t i = 0; i < count; ++i) {
+              Operand o;
+              o.N = Ns[static_cast<size_t>(i)];
+              o.blocks = i % 2 == 0 ? 1 : 4;
+              o.ldy = o.N + i;
+              o.codes.resize(static_cast<size_t>(K * o.N));
+              for (auto& c : o.codes) c = static_cast<int8_t>(rng.range(-128, 127));
+              o.scales.resize(static_cast<size_t>(o.blocks * o.N));
+              for (auto& v : o.scales) v = f32_to_bf16_bits(std::fabs(rng.bf16_value(-14, 2)) + 0x1p-20f);
+              operands->push_back(std::move(o));
+            }
+            return [=](Twin twin, Pool pool) {
+              std::vector<std::vector<float>> ys;
+              std::vector<Q8Operand> ops;
+              for (const auto& o : *operands) {
+                ys.emplace_back(static_cast<size_t>(M * o.ldy));
+                poison(ys.back());
+              }
+              for (int64_t i = 0; i < count; ++i) {
+                const Operand& o = (*operands)[static_cast<size_t>(i)];
+                ops.push_back({o.codes.data(), o.scales.data(), o.N, o.blocks, ys[static_cast<size_t>(i)].data(), o.ldy});
+              }
+              if (twin == Twin::kRef) {
+                for (const auto& op : ops)
+                  EXPECT_TRUE(matmul_q8_ref(x->data(), M, K, ldx, op.codes, op.scales, op.N, op.blocks, op.y, op.ldy, pool,
+                                            sum_rows).ok());
+              } else {
+                EXPECT_TRUE(matmul_q8_multi(x->data(), M, K, ldx, ops.data(), count, pool, sum_rows).ok());
+              }
+              Output out;
+              for (int64_t i = 0; i < count; ++i) {
+                const Operand& o = (*operands)[static_cast<size_t>(i)];
+                out.add(ys[static_cast<size_t>(i)].data(), ys[static_cast<size_t>(i)].size(), strided_mask(M, o.N, o.ldy));
+              }
+              return out;
+            };
+          }};
+}
+
 KernelCase case_matmul_bf16_nt(int64_t M, int64_t K, int64_t N, int64_t pad) {
   std::string name = "matmul_bf16_nt_M" + std::to_string(M) + "_K" + std::to_string(K) + "_N" + std::to_string(N) +
                      (pad != 0 ? "_strided" : "");
@@ -512,6 +570,14 @@ std::vector<KernelCase> all_cases() {
   c.push_back(case_matmul_q8(1, 24, 40, 3, 0, false, 8));
   c.push_back(case_matmul_q8(0, 64, 40, 2, 0));  // M = 0: nothing to write, nothing written
   c.push_back(case_matmul_q8(0, 64, 40, 2, 0, true));
+  // Several products of one x: the decode plan shared (M = 1, 2; chains), one operand,
+  // one chain (each its own plan), prefill-sized (each its own plan), M = 0.
+  c.push_back(case_matmul_q8_multi(1, 256, {96, 33, 64}, 16));
+  c.push_back(case_matmul_q8_multi(2, 128, {100, 7}, 32));
+  c.push_back(case_matmul_q8_multi(1, 64, {40}, 8));
+  c.push_back(case_matmul_q8_multi(1, 64, {40, 50}, 0));
+  c.push_back(case_matmul_q8_multi(600, 512, {120, 33}, 8));
+  c.push_back(case_matmul_q8_multi(0, 64, {10, 20}, 16));
   // matmul_bf16_nt: {M, K, N}; K off and on multiples of 32 (the lanes' block), N off
   // multiples of 4 (the AVX-512 rows in flight).
   const int64_t nt[][3] = {{1, 1, 1},   {1, 7, 9},     {2, 9, 31},  {3, 15, 33},  {5, 17, 100}, {7, 100, 7},
