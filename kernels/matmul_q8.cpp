@@ -173,6 +173,9 @@ GROKIT_AVX512 void pairs_rows_avx512(const uint32_t* xpairs, int64_t M, int64_t 
   const int64_t ahead = rows_ahead(N, 4);  // prefetch (internal.h)
   // The scales of row k, column c0 at [0] (found once per row, not per tile).
   auto row_scales = [&](int64_t k) { return scale_table + (k / rpb) * N + c0; };
+  // The rows before the first prefetch distance, requested all at once up front.
+  for (int64_t k = k0; k < std::min(k1, k0 + ahead); ++k)
+    for (int64_t c = c0; c < c1; c += 64) prefetch_line(reinterpret_cast<const char*>(codes + k * N + c));
   for (int64_t k = k0; k < k1; k += 4) {
     const bool two = k + 2 < k1;  // a second pair in this step
     const int64_t fetch = rows_to_fetch(k, ahead, k1, 4);
@@ -238,6 +241,8 @@ GROKIT_AVX512 void fma_rows_avx512(const float* x, int64_t M, int64_t ldx, const
   const __m512i high_half = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
   const int64_t ahead = rows_ahead(N, 4);  // prefetch (internal.h)
   auto row_scales = [&](int64_t k) { return scale_table + (k / rpb) * N + c0; };
+  for (int64_t k = k0; k < std::min(k1, k0 + ahead); ++k)  // as pairs_rows_avx512
+    for (int64_t c = c0; c < c1; c += 64) prefetch_line(reinterpret_cast<const char*>(codes + k * N + c));
   // Rows k and k + 1 (zero when absent; s1 == s0 when they share a block) of tile c as
   // fp32: w[0..1] row k (columns 0-15, 16-31), w[2..3] row k + 1.
   auto pair_f32 = [&](auto full, const int8_t* r0, int64_t c, __mmask16 ml, __mmask16 mh, const float* s0,
