@@ -176,10 +176,13 @@ void run_chains(Pool pool, int64_t M, int64_t N, int64_t chains, int64_t align, 
     // would map every row's tile to the same few L1 sets (measured: M = 64, width 512
     // ran at a third of the speed).
     const int64_t ld = width + 16;
+    // The chains' blocks one cache line apart beyond their size: M * ld floats is often a
+    // multiple of 4 KiB, which would put row m of every chain in one L1 set.
+    const int64_t cs = M * ld + 16;
     thread_local std::vector<float> parts;
-    parts.resize(static_cast<size_t>(chains * M * ld));
-    for (int64_t ch = 0; ch < chains; ++ch) chain_part(ch, c0, c1, parts.data() + ch * M * ld, ld);
-    combine_chains(parts.data(), chains, M * ld, ld, M, width, y + c0, ldy);
+    parts.resize(static_cast<size_t>(chains * cs));
+    for (int64_t ch = 0; ch < chains; ++ch) chain_part(ch, c0, c1, parts.data() + ch * cs, ld);
+    combine_chains(parts.data(), chains, cs, ld, M, width, y + c0, ldy);
   });
 }
 

@@ -230,6 +230,75 @@ GROKIT_AVX512 void pairs_rows_avx512(const uint32_t* xpairs, int64_t M, int64_t 
   }
 }
 
+// Many rows of x (prefill): each 32-column tile's rows are dequantized a panel of 64 rows
+// (32 pairs) at a time into L1, as pairs_rows_avx512 dequantizes them, then every block
+// of up to 8 rows of x runs down the panel with its sums in registers: per (row of x,
+// column) the same vdpbf16ps sequence in k order, so the same bits, with the sums loaded
+// and stored once per panel instead of once per four rows (the first panel of the chain
+// starts them from zero: acc need not be cleared).
+constexpr int64_t kPanelPairs = 32;
+// From 3 rows of x on, the panels win (measured, K 1024, N 5464, from memory: 3 rows
+// 17.8 against 16.5 GB/s, 8 rows 13.5 against 8.8; 2 rows 18 against 25).
+constexpr int64_t kPanelMinRows = 3;
+template <int R, class F>
+GROKIT_AVX512 inline void pairs_panel_block(const uint32_t* xp, int64_t kp_stride, const __m512i (*panel)[2],
+                                            int64_t npairs, F full, __mmask16 ml, __mmask16 mh, float* ap,
+                                            int64_t acc_ld, bool first) {
+  __m512 s[R][2];
+  for (int r = 0; r < R; ++r) {
+    s[r][0] = first ? _mm512_setzero_ps() : load_f32(ap + r * acc_ld, full, ml);
+    s[r][1] = first ? _mm512_setzero_ps() : load_f32(ap + r * acc_ld + 16, full, mh);
+  }
+  for (int64_t i = 0; i < npairs; ++i) {
+    const __m512bh lo = reinterpret_cast<__m512bh>(panel[i][0]), hi = reinterpret_cast<__m512bh>(panel[i][1]);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh xb = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(xp[r * kp_stride + i])));
+      s[r][0] = _mm512_dpbf16_ps(s[r][0], lo, xb);
+      s[r][1] = _mm512_dpbf16_ps(s[r][1], hi, xb);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    store_f32(ap + r * acc_ld, s[r][0], full, ml);
+    store_f32(ap + r * acc_ld + 16, s[r][1], full, mh);
+  }
+}
+GROKIT_AVX512 void pairs_panels_avx512(const uint32_t* xpairs, int64_t M, int64_t kp_stride, int64_t K,
+                                       const int8_t* codes, const float* scale_table, int64_t N, int64_t rpb,
+                                       int64_t k0, int64_t k1, int64_t c0, int64_t c1, float* acc, int64_t acc_ld) {
+  alignas(64) __m512i panel[kPanelPairs][2];
+  for_each_tile(c0, c1, [&](auto full, int64_t c, __mmask16 ml, __mmask16 mh) GROKIT_AVX512_INLINE_LAMBDA {
+    for (int64_t kb = k0; kb < k1; kb += 2 * kPanelPairs) {
+      const int64_t ke = std::min(k1, kb + 2 * kPanelPairs), npairs = (ke - kb + 1) / 2;
+      // The panel walks down a column strip: the next strip's lines are requested a line
+      // ahead (two tiles share a line).
+      if (((c - c0) & 63) == 0 && c + 64 < c1)
+        for (int64_t k = kb; k < ke; ++k) prefetch_line(reinterpret_cast<const char*>(codes + k * N + c + 64));
+      for (int64_t i = 0; i < npairs; ++i) {
+        const int64_t k = kb + 2 * i;
+        const bool second = k + 1 < ke;
+        const RowScales s0 = row_scales_at(scale_table + (k / rpb) * N + c, full, ml, mh);
+        const RowScales s1 = second ? row_scales_at(scale_table + ((k + 1) / rpb) * N + c, full, ml, mh) : s0;
+        pair_tile(codes + k * N + c, N, full, ml, mh, s0, s1, second, panel[i][0], panel[i][1]);
+      }
+      const uint32_t* xp = xpairs + kb / 2;
+      float* ap = acc + (c - c0);
+      int64_t m = 0;
+      for (; m + 8 <= M; m += 8)
+        pairs_panel_block<8>(xp + m * kp_stride, kp_stride, panel, npairs, full, ml, mh, ap + m * acc_ld, acc_ld, kb == k0);
+      switch (M - m) {
+        case 7: pairs_panel_block<7>(xp + m * kp_stride, kp_stride, panel, npairs, full, ml, mh, ap + m * acc_ld, acc_ld, kb == k0); break;
+        case 6: pairs_panel_block<6>(xp + m * kp_stride, kp_stride, panel, npairs, full, ml, mh, ap + m * acc_ld, acc_ld, kb == k0); break;
+        case 5: pairs_panel_block<5>(xp + m * kp_stride, kp_stride, panel, npairs, full, ml, mh, ap + m * acc_ld, acc_ld, kb == k0); break;
+        case 4: pairs_panel_block<4>(xp + m * kp_stride, kp_stride, panel, npairs, full, ml, mh, ap + m * acc_ld, acc_ld, kb == k0); break;
+        case 3: pairs_panel_block<3>(xp + m * kp_stride, kp_stride, panel, npairs, full, ml, mh, ap + m * acc_ld, acc_ld, kb == k0); break;
+        case 2: pairs_panel_block<2>(xp + m * kp_stride, kp_stride, panel, npairs, full, ml, mh, ap + m * acc_ld, acc_ld, kb == k0); break;
+        case 1: pairs_panel_block<1>(xp + m * kp_stride, kp_stride, panel, npairs, full, ml, mh, ap + m * acc_ld, acc_ld, kb == k0); break;
+        default: break;
+      }
+    }
+  });
+}
+
 // fp32 activations, four rows at a time: each 32-column tile of a pair of rows is
 // dequantized and bf16-rounded once (one vcvtne2ps2bf16, the pair interleaved into dwords
 // as above, then split into fp32 by a shift and a mask), then acc = fma(x[k], w[k], acc)
@@ -305,6 +374,70 @@ GROKIT_AVX512 void fma_rows_avx512(const float* x, int64_t M, int64_t ldx, const
   }
 }
 
+// The fp32-x twin of pairs_panels_avx512 (prefill's down projection): panels of 64 rows of
+// fp32 weights (each pair dequantized and bf16-rounded as fma_rows_avx512 does), then
+// blocks of up to 8 rows of x with acc = fma(x[k], w[k], acc) in k order in registers.
+template <int R, class F>
+GROKIT_AVX512 inline void fma_panel_block(const float* x, int64_t ldx, const __m512 (*panel)[2], int64_t rows, F full,
+                                          __mmask16 ml, __mmask16 mh, float* ap, int64_t acc_ld, bool first) {
+  __m512 s[R][2];
+  for (int r = 0; r < R; ++r) {
+    s[r][0] = first ? _mm512_setzero_ps() : load_f32(ap + r * acc_ld, full, ml);
+    s[r][1] = first ? _mm512_setzero_ps() : load_f32(ap + r * acc_ld + 16, full, mh);
+  }
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int r = 0; r < R; ++r) {
+      const __m512 xk = _mm512_set1_ps(x[r * ldx + i]);
+      s[r][0] = _mm512_fmadd_ps(xk, panel[i][0], s[r][0]);
+      s[r][1] = _mm512_fmadd_ps(xk, panel[i][1], s[r][1]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    store_f32(ap + r * acc_ld, s[r][0], full, ml);
+    store_f32(ap + r * acc_ld + 16, s[r][1], full, mh);
+  }
+}
+GROKIT_AVX512 void fma_panels_avx512(const float* x, int64_t M, int64_t ldx, const int8_t* codes,
+                                     const float* scale_table, int64_t N, int64_t rpb, int64_t k0, int64_t k1,
+                                     int64_t c0, int64_t c1, float* acc, int64_t acc_ld) {
+  const __m512i high_half = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+  alignas(64) __m512 panel[2 * kPanelPairs][2];
+  for_each_tile(c0, c1, [&](auto full, int64_t c, __mmask16 ml, __mmask16 mh) GROKIT_AVX512_INLINE_LAMBDA {
+    for (int64_t kb = k0; kb < k1; kb += 2 * kPanelPairs) {
+      const int64_t ke = std::min(k1, kb + 2 * kPanelPairs);
+      if (((c - c0) & 63) == 0 && c + 64 < c1)  // as pairs_panels_avx512
+        for (int64_t k = kb; k < ke; ++k) prefetch_line(reinterpret_cast<const char*>(codes + k * N + c + 64));
+      for (int64_t k = kb; k < ke; k += 2) {
+        const bool second = k + 1 < ke;
+        const RowScales s0 = row_scales_at(scale_table + (k / rpb) * N + c, full, ml, mh);
+        const RowScales s1 = second ? row_scales_at(scale_table + ((k + 1) / rpb) * N + c, full, ml, mh) : s0;
+        __m512i lo, hi;
+        pair_tile(codes + k * N + c, N, full, ml, mh, s0, s1, second, lo, hi);
+        const int64_t i = k - kb;
+        panel[i][0] = _mm512_castsi512_ps(_mm512_slli_epi32(lo, 16));
+        panel[i][1] = _mm512_castsi512_ps(_mm512_slli_epi32(hi, 16));
+        panel[i + 1][0] = _mm512_castsi512_ps(_mm512_and_si512(lo, high_half));
+        panel[i + 1][1] = _mm512_castsi512_ps(_mm512_and_si512(hi, high_half));
+      }
+      const int64_t rows = ke - kb;
+      const float* xk = x + kb;
+      float* ap = acc + (c - c0);
+      int64_t m = 0;
+      for (; m + 8 <= M; m += 8) fma_panel_block<8>(xk + m * ldx, ldx, panel, rows, full, ml, mh, ap + m * acc_ld, acc_ld, kb == k0);
+      switch (M - m) {
+        case 7: fma_panel_block<7>(xk + m * ldx, ldx, panel, rows, full, ml, mh, ap + m * acc_ld, acc_ld, kb == k0); break;
+        case 6: fma_panel_block<6>(xk + m * ldx, ldx, panel, rows, full, ml, mh, ap + m * acc_ld, acc_ld, kb == k0); break;
+        case 5: fma_panel_block<5>(xk + m * ldx, ldx, panel, rows, full, ml, mh, ap + m * acc_ld, acc_ld, kb == k0); break;
+        case 4: fma_panel_block<4>(xk + m * ldx, ldx, panel, rows, full, ml, mh, ap + m * acc_ld, acc_ld, kb == k0); break;
+        case 3: fma_panel_block<3>(xk + m * ldx, ldx, panel, rows, full, ml, mh, ap + m * acc_ld, acc_ld, kb == k0); break;
+        case 2: fma_panel_block<2>(xk + m * ldx, ldx, panel, rows, full, ml, mh, ap + m * acc_ld, acc_ld, kb == k0); break;
+        case 1: fma_panel_block<1>(xk + m * ldx, ldx, panel, rows, full, ml, mh, ap + m * acc_ld, acc_ld, kb == k0); break;
+        default: break;
+      }
+    }
+  });
+}
+
 // ---------------------------------------------------------------------------------
 enum class Level { kScalar, kAvx2, kAvx512 };
 
@@ -352,11 +485,16 @@ Status impl(const float* x, int64_t M, int64_t K, int64_t ldx, const Q8Operand* 
     // AVX-512 takes every column (its last tile masked), AVX2 the whole 32-column tiles.
     const int64_t vec_end = kLevel == Level::kScalar ? c0 : kLevel == Level::kAvx512 ? c1 : c0 + (c1 - c0) / 32 * 32;
     if (vec_end > c0) {
-      for (int64_t m = 0; m < M; ++m) std::fill(out + m * ld, out + m * ld + (vec_end - c0), 0.0f);
+      // The panels start the sums from zero themselves.
+      if (kLevel != Level::kAvx512 || M < kPanelMinRows)
+        for (int64_t m = 0; m < M; ++m) std::fill(out + m * ld, out + m * ld + (vec_end - c0), 0.0f);
       if constexpr (kLevel == Level::kAvx512) {
         // Row by row over the columns: sequential reads, the sums in L1.
         const float* table = scale_tables[static_cast<size_t>(p)].data();
-        if (kPairs) pairs_rows_avx512(xpairs.data(), M, kp, K, codes, table, N, rpb, k0, k1, c0, vec_end, out, ld);
+        if (kPairs && M >= kPanelMinRows)
+          pairs_panels_avx512(xpairs.data(), M, kp, K, codes, table, N, rpb, k0, k1, c0, vec_end, out, ld);
+        else if (kPairs) pairs_rows_avx512(xpairs.data(), M, kp, K, codes, table, N, rpb, k0, k1, c0, vec_end, out, ld);
+        else if (M >= kPanelMinRows) fma_panels_avx512(x, M, ldx, codes, table, N, rpb, k0, k1, c0, vec_end, out, ld);
         else fma_rows_avx512(x, M, ldx, codes, table, N, rpb, k0, k1, c0, vec_end, out, ld);
       } else if constexpr (kLevel == Level::kAvx2) {
         for (int64_t b0 = k0; b0 < k1; b0 += kRowBlock) {
