@@ -100,6 +100,20 @@ double median_of(std::vector<double> v) {
 
 double measure_read_bandwidth(unsigned threads, uint64_t bytes) { return ReadProbe(threads, bytes).measure(5); }
 
+void print_profile(std::FILE* f, const std::vector<runner::OpProfile>& prof, double per, const char* unit) {
+  double total = 0;
+  for (const auto& p : prof) total += p.seconds;
+  for (const auto& p : prof) {
+    std::fprintf(f, "  %-16s %10.3f %s  %5.1f %%", p.op.c_str(), p.seconds / per * 1e3, unit,
+                 total > 0 ? 100.0 * p.seconds / total : 0.0);
+    if (p.weight_bytes > 0 && p.seconds > 0)
+      std::fprintf(f, "  %7.2f GB/s  (%.3f MiB per %s)", static_cast<double>(p.weight_bytes) / p.seconds / 1e9,
+                   static_cast<double>(p.weight_bytes) / per / (1 << 20), per == 1 ? "run" : "step");
+    std::fprintf(f, "\n");
+  }
+  std::fprintf(f, "  %-16s %10.3f %s\n", "all ops", total / per * 1e3, unit);
+}
+
 int cmd_bench(int argc, char** argv) {
   const char* prog = "grokit bench";
   cxxopts::Options opts(prog,
@@ -235,23 +249,11 @@ int cmd_bench(int argc, char** argv) {
                 *std::max_element(buffer_bws.begin(), buffer_bws.end()) / 1e9, median_of(buffer_ratios),
                 static_cast<double>(bytes) / *std::max_element(buffer_bws.begin(), buffer_bws.end()) / median);
   if (eo.profile) {
-    // Per decode step: the op's time, its share of the steps' time, and for the weight
-    // products the GB/s they read at (rank 0's bytes / rank 0's time).
-    const std::vector<runner::OpProfile> prof = eng.profile();
-    const double n = static_cast<double>(all_times.size());
-    double total = 0, steps_total = 0;
-    for (const auto& p : prof) total += p.seconds;
+    double steps_total = 0;
     for (double t : all_times) steps_total += t;
-    std::printf("profile (rank 0, mean per decode step over %zu steps; the products' GB/s on their weights):\n",
-                all_times.size());
-    for (const auto& p : prof) {
-      std::printf("  %-16s %8.3f ms  %5.1f %%", p.op.c_str(), p.seconds / n * 1e3, 100.0 * p.seconds / total);
-      if (p.weight_bytes > 0 && p.seconds > 0)
-        std::printf("  %7.2f GB/s  (%.3f MiB per step)", static_cast<double>(p.weight_bytes) / p.seconds / 1e9,
-                    static_cast<double>(p.weight_bytes) / n / (1 << 20));
-      std::printf("\n");
-    }
-    std::printf("  %-16s %8.3f ms  (the steps as timed: %.3f ms)\n", "all ops", total / n * 1e3, steps_total / n * 1e3);
+    std::printf("profile (rank 0, mean per decode step over %zu steps, the steps as timed %.3f ms):\n",
+                all_times.size(), steps_total / static_cast<double>(all_times.size()) * 1e3);
+    print_profile(stdout, eng.profile(), static_cast<double>(all_times.size()), "ms");
   }
   std::fprintf(stderr, "%s: %.2f tok/s, roofline %.2f, kernels %s\n", prog, 1.0 / median, ratio,
                std::getenv("GROKIT_KERNELS") ? std::getenv("GROKIT_KERNELS") : "auto");

@@ -5,9 +5,13 @@
 
 #include <cxxopts.hpp>
 
+#include <cstdio>
+
 #include <optional>
 #include <string>
 #include <vector>
+
+#include "runner/runner.h"
 
 namespace grokit::cli {
 
@@ -38,6 +42,10 @@ struct ParsedArgs {
 };
 std::optional<int> parse_args(cxxopts::Options& opts, int argc, char** argv, size_t min_pos, size_t max_pos,
                               ParsedArgs& out);
+
+// The ops' times of Engine::profile as a table: each op's time divided by `per` (1: the
+// totals; the step count: a mean step), its share, and for the weight products the GB/s.
+void print_profile(std::FILE* f, const std::vector<runner::OpProfile>& prof, double per, const char* unit);
 
 // Host memory read bandwidth in bytes/s: `threads` threads summing a `bytes` buffer.
 double measure_read_bandwidth(unsigned threads, uint64_t bytes);

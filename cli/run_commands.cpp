@@ -67,7 +67,22 @@ void add_engine_options(cxxopts::Options& opts) {
       ("hosts", "several hosts: the leader's address host:port (default: one host)",
        cxxopts::value<std::string>()->default_value(""))
       ("host-rank", "this host's index among --host-count hosts; 0 is the leader", cxxopts::value<int>()->default_value("0"))
-      ("host-count", "hosts in all; each drives tensor_parallel / host-count ranks", cxxopts::value<int>()->default_value("1"));
+      ("host-count", "hosts in all; each drives tensor_parallel / host-count ranks", cxxopts::value<int>()->default_value("1"))
+      ("profile", "at the end, print on stderr where the forward steps went, op by op, with the weight products' "
+       "GB/s (rank 0; --device cpu) (default: off)", cxxopts::value<bool>()->default_value("false")->implicit_value("true"));
+}
+
+// --profile: the table on stderr (the engine gives none for the device engine).
+void report_profile(const runner::Engine& engine, const cxxopts::ParseResult& r, const char* program) {
+  if (!r["profile"].as<bool>()) return;
+  const std::vector<runner::OpProfile> prof = engine.profile();
+  if (prof.empty()) {
+    std::fprintf(stderr, "%s: --profile: no op times (the CPU engine keeps them; --device %s runs its ops "
+                 "asynchronously)\n", program, r["device"].as<std::string>().c_str());
+    return;
+  }
+  std::fprintf(stderr, "%s: profile (rank 0, totals of the run):\n", program);
+  print_profile(stderr, prof, 1.0, "ms");
 }
 
 Result<std::vector<int>> parse_gpus(const std::string& list) {
@@ -102,6 +117,7 @@ Result<std::unique_ptr<runner::Engine>> load_engine(const std::string& dir, cons
   eo.hosts = r["hosts"].as<std::string>();
   eo.host_rank = r["host-rank"].as<int>();
   eo.host_count = r["host-count"].as<int>();
+  eo.profile = r["profile"].as<bool>();
   runner::LoadReport rep;
   GROKIT_ASSIGN_OR_RETURN(auto engine, runner::Engine::load(dir, eo, &rep));
   for (const auto& d : rep.details) std::fprintf(stderr, "%s: %s\n", program, d.c_str());
@@ -206,6 +222,7 @@ int cmd_logits(int argc, char** argv) {
   double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   std::fprintf(stderr, "%s: %ld x %ld positions in %.2f s (%.1f tok/s) -> %s\n", prog, static_cast<long>(B),
                static_cast<long>(T), secs, static_cast<double>(B * T) / std::max(secs, 1e-9), r["out"].as<std::string>().c_str());
+  report_profile(eng, r, prog);
   return kExitOk;
 }
 
@@ -351,6 +368,7 @@ int cmd_run(int argc, char** argv) {
                static_cast<long>(generated), static_cast<long>(st.generated_tokens),
                static_cast<double>(st.generated_tokens) / std::max(st.decode_seconds, 1e-9), st.first_token_seconds * 1000,
                human_bytes(static_cast<double>(st.kv_bytes)).c_str());
+  report_profile(**engine, r, prog);
   return kExitOk;
 }
 

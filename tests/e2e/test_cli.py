@@ -8,10 +8,19 @@ import subprocess
 import tempfile
 import unittest
 
+import numpy as np
+
 from e2e_util import GROKIT, files_of, run, tiny_config, write_checkpoint
 
 COMMANDS = ["convert", "inspect", "verify", "validate tensors", "devices", "run", "logits",
             "validate logits", "bench", "quantize"]
+
+
+def parse_profile(text, per):
+    """The table of --profile: {op: (ms, MiB read per `per`, 0 for ops that read no weights)}."""
+    rows = re.findall(r"^  (\S+) +([0-9.]+) ms +[0-9.]+ %(?: +[0-9.]+ GB/s +\(([0-9.]+) MiB per " + per + r"\))?$",
+                      text, re.M)
+    return {op: (float(ms), float(mib) if mib else 0.0) for op, ms, mib in rows}
 
 
 class Binary(unittest.TestCase):
@@ -164,10 +173,10 @@ class Convert(unittest.TestCase):
         out = self.out("bench-profile")
         run("convert", self.ckpt, out, "--tp", 2, "--no-progress", check=0)
         p = run("bench", out, "--steps", 4, "--rounds", 2, "--buffer-mb", 16, "--threads", 2, "--profile", check=0)
-        self.assertIn("over 8 steps", p.stdout)
-        ops = dict((m[0], (float(m[1]), float(m[2]) if m[2] else 0.0))
-                   for m in re.findall(r"^  (\S+) +([0-9.]+) ms +[0-9.]+ %(?: +[0-9.]+ GB/s +\(([0-9.]+) MiB per step\))?$",
-                                       p.stdout, re.M))
+        head = re.search(r"^profile \(rank 0, mean per decode step over 8 steps, the steps as timed ([0-9.]+) ms\):$",
+                         p.stdout, re.M)
+        self.assertIsNotNone(head, p.stdout)
+        ops = parse_profile(p.stdout, "step")
         for op in ("attn.qkv", "attention", "attn.output", "all-reduce", "router", "moe.gate+up", "moe.gelu", "moe.down",
                    "logits.product", "all-gather"):
             self.assertIn(op, ops, p.stdout)
@@ -179,13 +188,33 @@ class Convert(unittest.TestCase):
         self.assertGreater(products, 0.0)
         self.assertAlmostEqual(products * 2, per_token, delta=0.02 * per_token + 0.004)
         # The ops' times add up to the steps' (the clock laps cover the whole step).
-        total = re.search(r"^  all ops +([0-9.]+) ms +\(the steps as timed: ([0-9.]+) ms\)$", p.stdout, re.M)
+        total = re.search(r"^  all ops +([0-9.]+) ms$", p.stdout, re.M)
         self.assertIsNotNone(total, p.stdout)
-        self.assertLessEqual(float(total.group(1)), float(total.group(2)) * 1.001 + 0.002)
-        self.assertGreater(float(total.group(1)), float(total.group(2)) * 0.8)
-        self.assertAlmostEqual(sum(ms for ms, _ in ops.values() if True) - float(total.group(1)), 0.0,
+        self.assertLessEqual(float(total.group(1)), float(head.group(1)) * 1.001 + 0.002)
+        self.assertGreater(float(total.group(1)), float(head.group(1)) * 0.8)
+        self.assertAlmostEqual(sum(ms for ms, _ in ops.values()) - float(total.group(1)), 0.0,
                                delta=0.001 * len(ops) + 0.001)
         self.assertEqual(run("bench", out, "--device", "host", "--profile").returncode, 2)
+
+    def test_run_and_logits_profile_on_stderr(self):
+        out = self.out("run-profile")
+        run("convert", self.ckpt, out, "--tp", 2, "--no-progress", check=0)
+        toks = os.path.join(self.tmp, "profile-tokens.npy")
+        np.save(toks, np.array([[5, 6, 7, 8, 9], [10, 11, 12, 0, 0]], dtype=np.int32))
+        p = run("run", out, "--tokens-in", toks, "--max-tokens", 3, "--ignore-eos", "--temperature", 0, "--profile",
+                "--no-progress", check=0)
+        self.assertIn("grokit run: profile (rank 0, totals of the run):", p.stderr)
+        ops = parse_profile(p.stderr, "run")
+        self.assertIn("moe.gate+up", ops, p.stderr)
+        self.assertGreater(ops["logits.product"][1], 0.0)
+        self.assertNotIn("profile", p.stdout)  # the payload stays clean
+        lg = run("logits", out, "--tokens", toks, "--out", os.path.join(self.tmp, "profile-logits.npy"), "--force",
+                 "--profile", "--no-progress", check=0)
+        self.assertIn("grokit logits: profile (rank 0, totals of the run):", lg.stderr)
+        self.assertRegex(lg.stderr, r"(?m)^  all ops +[0-9.]+ ms$")
+        # Without --profile, no table.
+        self.assertNotIn("profile", run("logits", out, "--tokens", toks, "--out", os.path.join(self.tmp, "p2.npy"),
+                                        "--force", "--no-progress", check=0).stderr)
 
 
 class Options(unittest.TestCase):
