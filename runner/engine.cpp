@@ -32,7 +32,22 @@ struct Rank {
   std::vector<LayerWeights> layers;
   std::vector<Cache> caches;  // by sequence slot
   std::vector<float> logits_x, logits_part, logits_all, logits_full;  // scratch
+  // A step's activations, kept from step to step (every element is written before it is
+  // read): a fresh 4 MiB vector per activation and expert was mapped, faulted in and
+  // cleared on every prefill chunk.
+  struct Scratch {
+    std::vector<float> x, a, tmp, q, k, v, o, gates, routed, me, g, u, y;
+    std::vector<int32_t> experts;
+    std::vector<int64_t> picks;
+  } scratch;
 };
+
+// v holds n elements (grown when short, never shrunk: what it held stays until written).
+template <class T>
+std::vector<T>& sized(std::vector<T>& v, int64_t n) {
+  if (static_cast<int64_t>(v.size()) < n) v.resize(static_cast<size_t>(n));
+  return v;
+}
 
 // Laps of rank 0's ops into a profile (a no-op without one).
 class OpClock {
@@ -472,20 +487,21 @@ void CpuImpl::rank_step(Rank& R, const std::vector<PlanRow>& plan, const LogitsS
   auto check = [](Status s) { GROKIT_CHECK_MSG(s.ok(), s.error().message); };
   OpClock clock(talk && options.profile ? &profile : nullptr);
 
-  std::vector<float> x(static_cast<size_t>(N * D)), a(static_cast<size_t>(N * D)), tmp(static_cast<size_t>(N * D));
-  std::vector<float> q(static_cast<size_t>(N * QD)), k(static_cast<size_t>(N * KVD)), v(static_cast<size_t>(N * KVD));
-  std::vector<float> o(static_cast<size_t>(N * QD));
+  auto& S = R.scratch;
+  std::vector<float>&x = sized(S.x, N * D), &a = sized(S.a, N * D), &tmp = sized(S.tmp, N * D);
+  std::vector<float>&q = sized(S.q, N * QD), &k = sized(S.k, N * KVD), &v = sized(S.v, N * KVD);
+  std::vector<float>& o = sized(S.o, N * QD);
 
   // 1. Embedding: each rank fills the tokens of its vocabulary rows; the sum is exact.
   K::embed(tokens.data(), N, R.embedding, R.vocab_start, R.vocab_rows, D, cfg.embedding_multiplier_bf16(), x.data());
   clock.lap("embedding");
-  R.comm->all_reduce_sum(x.data(), x.size());
+  R.comm->all_reduce_sum(x.data(), static_cast<size_t>(N * D));
   clock.lap("all-reduce");
   emit_hidden(0, x.data());
 
-  std::vector<int32_t> experts(static_cast<size_t>(N * top));
-  std::vector<float> gates(static_cast<size_t>(N * top));
-  std::vector<float> routed(static_cast<size_t>(N * top * D));  // y of each (token, choice)
+  std::vector<int32_t>& experts = sized(S.experts, N * top);
+  std::vector<float>& gates = sized(S.gates, N * top);
+  std::vector<float>& routed = sized(S.routed, N * top * D);  // y of each (token, choice)
   const kernels::AttentionShape ashape{R.q_heads, R.kv_heads, dh, 0, static_cast<float>(cfg.attn_output_multiplier),
                                        static_cast<float>(cfg.attn_logit_cap)};
   for (int64_t l = 0; l < cfg.num_layers; ++l) {
@@ -529,7 +545,7 @@ void CpuImpl::rank_step(Rank& R, const std::vector<PlanRow>& plan, const LogitsS
     clock.lap("attention");
     check(weight_matmul(o.data(), N, QD, QD, L.output, tmp.data(), D, pool, cfg.num_q_heads * dh, false));
     clock.lap("attn.output", matrix_bytes_of(L.output));
-    R.comm->all_reduce_sum(tmp.data(), tmp.size());
+    R.comm->all_reduce_sum(tmp.data(), static_cast<size_t>(N * D));
     clock.lap("all-reduce");
     K::round_to_bf16(tmp.data(), N * D, tmp.data());
     check(K::rmsnorm(tmp.data(), N, D, L.attn_norm_out, eps, tmp.data(), pool));
@@ -541,13 +557,14 @@ void CpuImpl::rank_step(Rank& R, const std::vector<PlanRow>& plan, const LogitsS
     check(K::router_topk(a.data(), N, D, L.router, E, top, experts.data(), gates.data(), pool));
     clock.lap("router", static_cast<uint64_t>(D * E) * sizeof(float));
     for (int64_t e = 0; e < E; ++e) {
-      std::vector<int64_t> picks;  // (token * top + choice) routed to e, in token order
+      std::vector<int64_t>& picks = S.picks;  // (token * top + choice) routed to e, in token order
+      picks.clear();
       for (int64_t i = 0; i < N * top; ++i) {
         if (experts[static_cast<size_t>(i)] == e) picks.push_back(i);
       }
       if (picks.empty()) continue;
       const int64_t ne = static_cast<int64_t>(picks.size());
-      std::vector<float> me(static_cast<size_t>(ne * D)), g(static_cast<size_t>(ne * F)), u(static_cast<size_t>(ne * F));
+      std::vector<float>&me = sized(S.me, ne * D), &g = sized(S.g, ne * F), &u = sized(S.u, ne * F);
       for (int64_t i = 0; i < ne; ++i)
         std::memcpy(me.data() + i * D, a.data() + (picks[static_cast<size_t>(i)] / top) * D, sizeof(float) * static_cast<size_t>(D));
       clock.lap("moe.dispatch");
@@ -558,7 +575,7 @@ void CpuImpl::rank_step(Rank& R, const std::vector<PlanRow>& plan, const LogitsS
       K::round_to_bf16(u.data(), ne * F, u.data());
       check(K::gelu_mul(g.data(), u.data(), ne * F, g.data(), pool));
       clock.lap("moe.gelu");
-      std::vector<float> y(static_cast<size_t>(ne * D));
+      std::vector<float>& y = sized(S.y, ne * D);
       check(weight_matmul(g.data(), ne, F, F, L.down.expert(e), y.data(), D, pool, cfg.ffn(), true));
       clock.lap("moe.down", matrix_bytes_of(L.down.expert(e)));
       for (int64_t i = 0; i < ne; ++i)
@@ -566,7 +583,7 @@ void CpuImpl::rank_step(Rank& R, const std::vector<PlanRow>& plan, const LogitsS
     }
     clock.lap("moe.dispatch");
     // Each choice's y is all-reduced before gating, so the gated sum is the TP-1 one.
-    R.comm->all_reduce_sum(routed.data(), routed.size());
+    R.comm->all_reduce_sum(routed.data(), static_cast<size_t>(N * top * D));
     clock.lap("all-reduce");
     // moe = sum over the choices, in choice order, of fp32(bf16(gate)) * y.
     for (int64_t t = 0; t < N; ++t) {
