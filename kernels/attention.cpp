@@ -144,6 +144,28 @@ GROKIT_AVX512 void accumulate_avx512(float w, const uint16_t* v, int64_t dh, dou
   for (int64_t d = d8; d < dh; ++d) acc[d] += static_cast<double>(w) * static_cast<double>(bf16f(v[d]));
 }
 
+// The whole weighted sum of one head with head_dim 128 (Grok-1's): the 16 double vectors of
+// acc stay in registers over the keys (acc[d] += w_j v_j[d], key after key, as
+// accumulate_avx512 does with acc in memory). w[j] as one_head computes them; a zero w adds
+// nothing and is skipped, as there.
+GROKIT_AVX512 void weighted_sum128_avx512(const float* scores, float sum, const uint16_t* v, int64_t end, double* acc) {
+  constexpr int kVecs = 16;
+  __m512d a[kVecs];
+  for (int i = 0; i < kVecs; ++i) a[i] = _mm512_setzero_pd();
+  for (int64_t j = 0; j < end; ++j) {
+    const float w = round_bf16(scores[j] / sum);
+    if (w == 0.0f) continue;
+    const __m512d wv = _mm512_set1_pd(static_cast<double>(w));
+    const uint16_t* vr = v + j * 128;
+    for (int i = 0; i < kVecs; ++i) {
+      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(vr + 8 * i));
+      const __m256 vf = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+      a[i] = _mm512_fmadd_pd(wv, _mm512_cvtps_pd(vf), a[i]);
+    }
+  }
+  for (int i = 0; i < kVecs; ++i) _mm512_storeu_pd(acc + 8 * i, a[i]);
+}
+
 // kSimd: 0 the scalar twin, 1 AVX2, 2 AVX-512 (the same sums in the same lanes).
 template <int kSimd>
 void one_head(const float* q, int32_t pos, const uint16_t* k, const uint16_t* v, const uint8_t* valid, int64_t n_keys,
@@ -185,6 +207,11 @@ void one_head(const float* q, int32_t pos, const uint16_t* k, const uint16_t* v,
   float sum = 0.0f;
   for (int64_t j = 0; j < end; ++j) sum += scores[static_cast<size_t>(j)];
   acc.assign(static_cast<size_t>(dh), 0.0);
+  if (kSimd == 2 && dh == 128) {
+    weighted_sum128_avx512(scores.data(), sum, v, end, acc.data());
+    for (int64_t d = 0; d < dh; ++d) o[d] = round_bf16(static_cast<float>(acc[static_cast<size_t>(d)]));
+    return;
+  }
   for (int64_t j = 0; j < end; ++j) {
     float w = round_bf16(scores[static_cast<size_t>(j)] / sum);
     if (w == 0.0f) continue;  // adds exactly nothing
