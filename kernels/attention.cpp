@@ -68,6 +68,35 @@ GROKIT_AVX512 void dot4_bf16_avx512(const double* qd, const uint16_t* k, int64_t
   }
 }
 
+// Four queries (qd, qd + qstride, ...) against four keys (k, k + dh, ...): each key is
+// converted once for the four queries; every (query, key) sum exactly dot_bf16_avx512's.
+GROKIT_AVX512 void dot4x4_bf16_avx512(const double* qd, int64_t qstride, const uint16_t* k, int64_t dh,
+                                      float out[4][4]) {
+  __m512d acc[4][4];
+  for (int a = 0; a < 4; ++a)
+    for (int r = 0; r < 4; ++r) acc[a][r] = _mm512_setzero_pd();
+  const int64_t d8 = dh / 8 * 8;
+  for (int64_t d = 0; d < d8; d += 8) {
+    __m512d kv[4];
+    for (int r = 0; r < 4; ++r) {
+      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(k + r * dh + d));
+      kv[r] = _mm512_cvtps_pd(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)));
+    }
+    for (int a = 0; a < 4; ++a) {
+      const __m512d qv = _mm512_loadu_pd(qd + a * qstride + d);
+      for (int r = 0; r < 4; ++r) acc[a][r] = _mm512_fmadd_pd(qv, kv[r], acc[a][r]);
+    }
+  }
+  for (int a = 0; a < 4; ++a) {
+    for (int r = 0; r < 4; ++r) {
+      double lanes[8];
+      _mm512_storeu_pd(lanes, acc[a][r]);
+      for (int64_t d = d8; d < dh; ++d) lanes[d % 8] += qd[a * qstride + d] * static_cast<double>(bf16f(k[r * dh + d]));
+      out[a][r] = static_cast<float>(combine8(lanes));
+    }
+  }
+}
+
 // acc[d] += w * v[d] in double, key after key.
 void accumulate_ref(float w, const uint16_t* v, int64_t dh, double* acc) {
   for (int64_t d = 0; d < dh; ++d) acc[d] += static_cast<double>(w) * static_cast<double>(bf16f(v[d]));
@@ -167,21 +196,36 @@ GROKIT_AVX512 void weighted_sum128_avx512(const float* scores, float sum, const 
 }
 
 // kSimd: 0 the scalar twin, 1 AVX2, 2 AVX-512 (the same sums in the same lanes).
+// The query's visible keys: [0, end), and whether any of them is valid (else every key
+// counts, uniformly). Keys after the query's position are masked: exp(-1e30 - max) is
+// exactly 0, so they are skipped.
+struct KeyRange {
+  int64_t end;
+  bool any;
+};
+KeyRange key_range(int32_t pos, const uint8_t* valid, int64_t n_keys) {
+  const int64_t visible_end = std::min<int64_t>(n_keys, static_cast<int64_t>(pos) + 1);
+  bool any = false;
+  for (int64_t j = 0; j < visible_end && !any; ++j) any = valid[j] != 0;
+  return {any ? visible_end : n_keys, any};
+}
+
+// pre: the query's dots with keys [0, pre_end) where the key is valid, computed already
+// (attention_block's shared walk); the others are computed here.
 template <int kSimd>
 void one_head(const float* q, int32_t pos, const uint16_t* k, const uint16_t* v, const uint8_t* valid, int64_t n_keys,
-              const AttentionShape& sh, float* o, std::vector<float>& scores, std::vector<double>& acc) {
+              const AttentionShape& sh, float* o, std::vector<float>& scores, std::vector<double>& acc,
+              const float* pre = nullptr, int64_t pre_end = 0) {
   const int64_t dh = sh.head_dim;
   double qd[kSimd == 2 ? 512 : 1];  // q in double (AVX-512, head_dim <= 512; see impl)
   if constexpr (kSimd == 2)
     for (int64_t d = 0; d < dh; ++d) qd[d] = static_cast<double>(q[d]);
-  // Keys after the query's position are masked: exp(-1e30 - max) is exactly 0, so they
-  // are skipped unless no key is visible at all (then every key counts, uniformly).
-  int64_t visible_end = std::min<int64_t>(n_keys, static_cast<int64_t>(pos) + 1);
-  bool any = false;
-  for (int64_t j = 0; j < visible_end && !any; ++j) any = valid[j] != 0;
-  int64_t end = any ? visible_end : n_keys;
+  const auto [end, any] = key_range(pos, valid, n_keys);
   scores.resize(static_cast<size_t>(end));
-  for (int64_t j = 0; j < end; ++j) {
+  const int64_t given = any ? std::min(pre_end, end) : 0;
+  for (int64_t j = 0; j < given; ++j)
+    scores[static_cast<size_t>(j)] = valid[j] != 0 ? round_bf16(pre[j]) * sh.multiplier : kMasked;
+  for (int64_t j = given; j < end; ++j) {
     if constexpr (kSimd == 2) {  // four valid keys at once
       if (any && j + 4 <= end && (valid[j] & valid[j + 1] & valid[j + 2] & valid[j + 3]) != 0) {
         float dots[4];
@@ -222,12 +266,63 @@ void one_head(const float* q, int32_t pos, const uint16_t* k, const uint16_t* v,
   for (int64_t d = 0; d < dh; ++d) o[d] = round_bf16(static_cast<float>(acc[static_cast<size_t>(d)]));
 }
 
+// Rows m0 .. m0 + nq - 1 (nq <= 4) of head h (prefill): the dots of every query with the
+// keys all of them see are taken four keys by four queries (each key converted once for
+// the four), then each query finishes in one_head.
+GROKIT_AVX512 void attention_block(const float* q, int64_t m0, int64_t nq, int64_t h, const int32_t* q_pos,
+                                            const uint16_t* k, const uint16_t* v, const uint8_t* valid, int64_t n_keys,
+                                            const AttentionShape& sh, float* o, std::vector<float>& scores,
+                                            std::vector<double>& acc, std::vector<float>& pre,
+                                            std::vector<double>& qd) {
+  const int64_t dh = sh.head_dim, qrow = sh.q_heads * dh;
+  int64_t common = n_keys;
+  for (int64_t a = 0; a < nq; ++a) {
+    const KeyRange kr = key_range(q_pos[m0 + a], valid, n_keys);
+    common = kr.any ? std::min(common, kr.end) : 0;
+  }
+  pre.resize(static_cast<size_t>(4 * std::max<int64_t>(common, 1)));
+  qd.resize(static_cast<size_t>(4 * dh));
+  for (int64_t a = 0; a < 4; ++a)
+    for (int64_t d = 0; d < dh; ++d)
+      qd[static_cast<size_t>(a * dh + d)] = a < nq ? static_cast<double>(q[(m0 + a) * qrow + h * dh + d]) : 0.0;
+  for (int64_t j = 0; j < common; ++j) {
+    if (nq == 4 && j + 4 <= common && (valid[j] & valid[j + 1] & valid[j + 2] & valid[j + 3]) != 0) {
+      float dots[4][4];
+      dot4x4_bf16_avx512(qd.data(), dh, k + j * dh, dh, dots);
+      for (int64_t a = 0; a < 4; ++a)
+        for (int r = 0; r < 4; ++r) pre[static_cast<size_t>(a * common + j + r)] = dots[a][r];
+      j += 3;
+      continue;
+    }
+    if (valid[j] == 0) continue;
+    for (int64_t a = 0; a < nq; ++a)
+      pre[static_cast<size_t>(a * common + j)] = dot_bf16_avx512(qd.data() + a * dh, k + j * dh, dh);
+  }
+  for (int64_t a = 0; a < nq; ++a) {
+    const int64_t m = m0 + a;
+    one_head<2>(q + m * qrow + h * dh, q_pos[m], k, v, valid, n_keys, sh, o + m * qrow + h * dh, scores, acc,
+                pre.data() + a * common, common);
+  }
+}
+
 template <int kSimd>
 Status impl(const float* q, int64_t M, const int32_t* q_pos, const uint16_t* k_cache, const uint16_t* v_cache,
             const uint8_t* key_valid, int64_t n_keys, const AttentionShape& sh, float* o, Pool pool) {
   GROKIT_CHECK(M >= 0 && sh.q_heads > 0 && sh.kv_heads > 0 && sh.q_heads % sh.kv_heads == 0 && sh.head_dim > 0);
   GROKIT_CHECK(n_keys > 0 && n_keys <= sh.cap);
   const int64_t group = sh.q_heads / sh.kv_heads, dh = sh.head_dim;
+  if (kSimd == 2 && M >= 4) {  // several rows of x: blocks of four queries of one head
+    const int64_t blocks = (M + 3) / 4;
+    for_each(pool, static_cast<size_t>(blocks * sh.q_heads), [&](size_t i) {
+      thread_local std::vector<float> scores, pre;
+      thread_local std::vector<double> acc, qd;
+      const int64_t b = static_cast<int64_t>(i) / sh.q_heads, h = static_cast<int64_t>(i) % sh.q_heads;
+      const int64_t kv = h / group, m0 = 4 * b;
+      attention_block(q, m0, std::min<int64_t>(4, M - m0), h, q_pos, k_cache + kv * sh.cap * dh,
+                      v_cache + kv * sh.cap * dh, key_valid, n_keys, sh, o, scores, acc, pre, qd);
+    });
+    return {};
+  }
   for_each(pool, static_cast<size_t>(M * sh.q_heads), [&](size_t i) {
     thread_local std::vector<float> scores;
     thread_local std::vector<double> acc;

@@ -650,6 +650,11 @@ std::vector<KernelCase> all_cases() {
   c.push_back(case_attention(3, 4, 1, 128, 64, QueryPos::kPrefill, 4.0f, false));
   c.push_back(case_attention(2, 2, 1, 17, 8192, QueryPos::kRandom, 0.0883883476f, false));
   c.push_back(case_attention(3, 2, 2, 12, 20, QueryPos::kRandom, 0.25f, true));
+  // Blocks of four queries (AVX-512, 4+ rows): a head of 128, a partial last block, a
+  // block holding a query with no visible key.
+  c.push_back(case_attention(6, 4, 2, 128, 70, QueryPos::kPrefill, 0.0883883476f, false));
+  c.push_back(case_attention(9, 2, 1, 24, 50, QueryPos::kRandom, 0.25f, false));
+  c.push_back(case_attention(5, 2, 2, 12, 20, QueryPos::kRandom, 0.25f, true));
   c.push_back(case_attention(1, 4, 2, 8, 6, QueryPos::kPrefill, 0.25f, true));
   // router_topk: {M, D, E, k}.
   const int64_t rt[][4] = {{1, 1, 1, 1}, {3, 7, 3, 2}, {7, 33, 8, 2}, {33, 100, 9, 3}, {2, 6144 / 64, 5, 5}, {7, 13, 16, 4}};
