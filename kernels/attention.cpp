@@ -212,10 +212,13 @@ KeyRange key_range(int32_t pos, const uint8_t* valid, int64_t n_keys) {
 
 // pre: the query's dots with keys [0, pre_end) where the key is valid, computed already
 // (attention_block's shared walk); the others are computed here.
+// weights: when given, the softmax weights w[j] = bf16(e_j / sum) of keys [0, *weights_end)
+// go there and the weighted sum is left to the caller (attention_block).
 template <int kSimd>
 void one_head(const float* q, int32_t pos, const uint16_t* k, const uint16_t* v, const uint8_t* valid, int64_t n_keys,
               const AttentionShape& sh, float* o, std::vector<float>& scores, std::vector<double>& acc,
-              const float* pre = nullptr, int64_t pre_end = 0) {
+              const float* pre = nullptr, int64_t pre_end = 0, float* weights = nullptr,
+              int64_t* weights_end = nullptr) {
   const int64_t dh = sh.head_dim;
   double qd[kSimd == 2 ? 512 : 1];  // q in double (AVX-512, head_dim <= 512; see impl)
   if constexpr (kSimd == 2)
@@ -250,6 +253,11 @@ void one_head(const float* q, int32_t pos, const uint16_t* k, const uint16_t* v,
   attention_exp_scores(scores.data(), end, mx, kSimd > 0);
   float sum = 0.0f;
   for (int64_t j = 0; j < end; ++j) sum += scores[static_cast<size_t>(j)];
+  if (weights != nullptr) {
+    for (int64_t j = 0; j < end; ++j) weights[j] = round_bf16(scores[static_cast<size_t>(j)] / sum);
+    *weights_end = end;
+    return;
+  }
   acc.assign(static_cast<size_t>(dh), 0.0);
   if (kSimd == 2 && dh == 128) {
     weighted_sum128_avx512(scores.data(), sum, v, end, acc.data());
@@ -266,6 +274,44 @@ void one_head(const float* q, int32_t pos, const uint16_t* k, const uint16_t* v,
   for (int64_t d = 0; d < dh; ++d) o[d] = round_bf16(static_cast<float>(acc[static_cast<size_t>(d)]));
 }
 
+// The weighted sums of up to four queries of a 128-wide head over the same values, a
+// quarter of the head (32 dims, four double vectors per query) at a time with every sum in
+// registers: each value vector is converted once for the four. Per (query, dim) the adds
+// are weighted_sum128_avx512's: key after key, a zero weight (or a key past the query's
+// end) skipped. w: [4][ld] weights, ends[a]: query a's keys.
+GROKIT_AVX512 void weighted_sum128x4_avx512(const float* w, int64_t ld, const int64_t* ends, int64_t nq,
+                                            const uint16_t* v, float* const* out) {
+  int64_t max_end = 0;
+  for (int64_t a = 0; a < nq; ++a) max_end = std::max(max_end, ends[a]);
+  for (int quarter = 0; quarter < 4; ++quarter) {
+    __m512d acc[4][4];
+    for (int a = 0; a < 4; ++a)
+      for (int i = 0; i < 4; ++i) acc[a][i] = _mm512_setzero_pd();
+    for (int64_t j = 0; j < max_end; ++j) {
+      const uint16_t* vr = v + j * 128 + 32 * quarter;
+      __m512d vd[4];
+      for (int i = 0; i < 4; ++i) {
+        const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(vr + 8 * i));
+        vd[i] = _mm512_cvtps_pd(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)));
+      }
+      for (int a = 0; a < 4; ++a) {
+        if (a >= nq || j >= ends[a]) continue;
+        const float wj = w[a * ld + j];
+        if (wj == 0.0f) continue;
+        const __m512d wv = _mm512_set1_pd(static_cast<double>(wj));
+        for (int i = 0; i < 4; ++i) acc[a][i] = _mm512_fmadd_pd(wv, vd[i], acc[a][i]);
+      }
+    }
+    for (int64_t a = 0; a < nq; ++a) {
+      for (int i = 0; i < 4; ++i) {
+        alignas(64) double t[8];
+        _mm512_store_pd(t, acc[a][i]);
+        for (int l = 0; l < 8; ++l) out[a][32 * quarter + 8 * i + l] = round_bf16(static_cast<float>(t[l]));
+      }
+    }
+  }
+}
+
 // Rows m0 .. m0 + nq - 1 (nq <= 4) of head h (prefill): the dots of every query with the
 // keys all of them see are taken four keys by four queries (each key converted once for
 // the four), then each query finishes in one_head.
@@ -273,7 +319,7 @@ GROKIT_AVX512 void attention_block(const float* q, int64_t m0, int64_t nq, int64
                                             const uint16_t* k, const uint16_t* v, const uint8_t* valid, int64_t n_keys,
                                             const AttentionShape& sh, float* o, std::vector<float>& scores,
                                             std::vector<double>& acc, std::vector<float>& pre,
-                                            std::vector<double>& qd) {
+                                            std::vector<double>& qd, std::vector<float>& weights) {
   const int64_t dh = sh.head_dim, qrow = sh.q_heads * dh;
   int64_t common = n_keys;
   for (int64_t a = 0; a < nq; ++a) {
@@ -298,11 +344,25 @@ GROKIT_AVX512 void attention_block(const float* q, int64_t m0, int64_t nq, int64
     for (int64_t a = 0; a < nq; ++a)
       pre[static_cast<size_t>(a * common + j)] = dot_bf16_avx512(qd.data() + a * dh, k + j * dh, dh);
   }
+  if (dh != 128) {
+    for (int64_t a = 0; a < nq; ++a) {
+      const int64_t m = m0 + a;
+      one_head<2>(q + m * qrow + h * dh, q_pos[m], k, v, valid, n_keys, sh, o + m * qrow + h * dh, scores, acc,
+                  pre.data() + a * common, common);
+    }
+    return;
+  }
+  // A 128-wide head: the softmax weights of each query, then the four weighted sums at once.
+  weights.resize(static_cast<size_t>(4 * n_keys));
+  int64_t ends[4] = {0, 0, 0, 0};
+  float* outs[4] = {nullptr, nullptr, nullptr, nullptr};
   for (int64_t a = 0; a < nq; ++a) {
     const int64_t m = m0 + a;
-    one_head<2>(q + m * qrow + h * dh, q_pos[m], k, v, valid, n_keys, sh, o + m * qrow + h * dh, scores, acc,
-                pre.data() + a * common, common);
+    outs[a] = o + m * qrow + h * dh;
+    one_head<2>(q + m * qrow + h * dh, q_pos[m], k, v, valid, n_keys, sh, outs[a], scores, acc,
+                pre.data() + a * common, common, weights.data() + a * n_keys, &ends[a]);
   }
+  weighted_sum128x4_avx512(weights.data(), n_keys, ends, nq, v, outs);
 }
 
 template <int kSimd>
@@ -314,12 +374,12 @@ Status impl(const float* q, int64_t M, const int32_t* q_pos, const uint16_t* k_c
   if (kSimd == 2 && M >= 4) {  // several rows of x: blocks of four queries of one head
     const int64_t blocks = (M + 3) / 4;
     for_each(pool, static_cast<size_t>(blocks * sh.q_heads), [&](size_t i) {
-      thread_local std::vector<float> scores, pre;
+      thread_local std::vector<float> scores, pre, weights;
       thread_local std::vector<double> acc, qd;
       const int64_t b = static_cast<int64_t>(i) / sh.q_heads, h = static_cast<int64_t>(i) % sh.q_heads;
       const int64_t kv = h / group, m0 = 4 * b;
       attention_block(q, m0, std::min<int64_t>(4, M - m0), h, q_pos, k_cache + kv * sh.cap * dh,
-                      v_cache + kv * sh.cap * dh, key_valid, n_keys, sh, o, scores, acc, pre, qd);
+                      v_cache + kv * sh.cap * dh, key_valid, n_keys, sh, o, scores, acc, pre, qd, weights);
     });
     return {};
   }

@@ -653,6 +653,7 @@ std::vector<KernelCase> all_cases() {
   // Blocks of four queries (AVX-512, 4+ rows): a head of 128, a partial last block, a
   // block holding a query with no visible key.
   c.push_back(case_attention(6, 4, 2, 128, 70, QueryPos::kPrefill, 0.0883883476f, false));
+  c.push_back(case_attention(8, 2, 2, 128, 300, QueryPos::kRandom, 0.0883883476f, false));
   c.push_back(case_attention(9, 2, 1, 24, 50, QueryPos::kRandom, 0.25f, false));
   c.push_back(case_attention(5, 2, 2, 12, 20, QueryPos::kRandom, 0.25f, true));
   c.push_back(case_attention(1, 4, 2, 8, 6, QueryPos::kPrefill, 0.25f, true));
