@@ -240,6 +240,9 @@ constexpr int64_t kPanelPairs = 32;
 // From 3 rows of x on, the panels win (measured, K 1024, N 5464, from memory: 3 rows
 // 17.8 against 16.5 GB/s, 8 rows 13.5 against 8.8; 2 rows 18 against 25).
 constexpr int64_t kPanelMinRows = 3;
+// tile_chains_avx512 keeps a tile's whole column of rows dequantized (64 bytes a row):
+// up to 1 MiB.
+constexpr int64_t kTileChainsMaxRows = 16384;
 template <int R, class F>
 GROKIT_AVX512 inline void pairs_panel_block(const uint32_t* xp, int64_t kp_stride, const __m512i (*panel)[2],
                                             int64_t npairs, F full, __mmask16 ml, __mmask16 mh, float* ap,
@@ -438,6 +441,99 @@ GROKIT_AVX512 void fma_panels_avx512(const float* x, int64_t M, int64_t ldx, con
   });
 }
 
+// Prefill with chains (3+ rows of x, more chains' sums than the decode plan keeps): one
+// 32-column tile per call. Its rows [0, K) are dequantized once into a panel (bf16 pairs,
+// as pair_tile makes them), then each block of up to 8 rows of x walks the chains with
+// its sums in registers and adds each finished chain into the chains' tree at once: two
+// subtrees of the same size are added (the earlier one on the left), and what is left at
+// the end is added from the last one back. Those are the adds of tree_sum's
+// level-by-level tree, so y gets the bits of the chains' sums combined by combine_chains,
+// without the chains' sums ever being stored (at M = 1024 they were twice the L2).
+// Every chain has an even number of rows here (K = chains * sum_rows, sum_rows even).
+constexpr int kTreeDepth = 8;  // chains < 2^7
+template <bool kPairs, class F>
+GROKIT_AVX512 inline void tile_chains_body(const uint32_t* xpairs, int64_t kp, const float* x, int64_t ldx, int64_t M,
+                                           int64_t K, const int8_t* codes, const float* scale_table, int64_t N,
+                                           int64_t rpb, int64_t sr, int64_t c, F full, __mmask16 ml, __mmask16 mh,
+                                           __m512i (*panel)[2], float* y, int64_t ldy) {
+  const __m512i high_half = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+  for (int64_t k = 0; k < K; k += 2) {
+    const RowScales s0 = row_scales_at(scale_table + (k / rpb) * N + c, full, ml, mh);
+    const RowScales s1 = row_scales_at(scale_table + ((k + 1) / rpb) * N + c, full, ml, mh);
+    pair_tile(codes + k * N + c, N, full, ml, mh, s0, s1, true, panel[k / 2][0], panel[k / 2][1]);
+  }
+  const int64_t chains = K / sr, pairs_per_chain = sr / 2;
+  alignas(64) float tree[kTreeDepth][8][32];
+  int64_t size[kTreeDepth];
+  for (int64_t m0 = 0; m0 < M; m0 += 8) {
+    const int R = static_cast<int>(std::min<int64_t>(8, M - m0));
+    int depth = 0;
+    for (int64_t ch = 0; ch < chains; ++ch) {
+      __m512 acc[8][2];
+      for (int r = 0; r < 8; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+      for (int64_t i = ch * pairs_per_chain; i < (ch + 1) * pairs_per_chain; ++i) {
+        if constexpr (kPairs) {
+          const __m512bh lo = reinterpret_cast<__m512bh>(panel[i][0]), hi = reinterpret_cast<__m512bh>(panel[i][1]);
+          for (int r = 0; r < 8; ++r) {
+            if (r >= R) break;
+            const __m512bh xb = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(xpairs[(m0 + r) * kp + i])));
+            acc[r][0] = _mm512_dpbf16_ps(acc[r][0], lo, xb);
+            acc[r][1] = _mm512_dpbf16_ps(acc[r][1], hi, xb);
+          }
+        } else {
+          const __m512 w0l = _mm512_castsi512_ps(_mm512_slli_epi32(panel[i][0], 16));
+          const __m512 w0h = _mm512_castsi512_ps(_mm512_slli_epi32(panel[i][1], 16));
+          const __m512 w1l = _mm512_castsi512_ps(_mm512_and_si512(panel[i][0], high_half));
+          const __m512 w1h = _mm512_castsi512_ps(_mm512_and_si512(panel[i][1], high_half));
+          for (int r = 0; r < 8; ++r) {
+            if (r >= R) break;
+            const float* xr = x + (m0 + r) * ldx + 2 * i;
+            const __m512 xa = _mm512_set1_ps(xr[0]), xb = _mm512_set1_ps(xr[1]);
+            acc[r][0] = _mm512_fmadd_ps(xb, w1l, _mm512_fmadd_ps(xa, w0l, acc[r][0]));
+            acc[r][1] = _mm512_fmadd_ps(xb, w1h, _mm512_fmadd_ps(xa, w0h, acc[r][1]));
+          }
+        }
+      }
+      // Into the tree: while the last subtree has this one's size, add it on the left.
+      int64_t sz = 1;
+      while (depth > 0 && size[depth - 1] == sz) {
+        --depth;
+        for (int r = 0; r < R; ++r) {
+          acc[r][0] = _mm512_add_ps(_mm512_load_ps(tree[depth][r]), acc[r][0]);
+          acc[r][1] = _mm512_add_ps(_mm512_load_ps(tree[depth][r] + 16), acc[r][1]);
+        }
+        sz *= 2;
+      }
+      GROKIT_CHECK(depth < kTreeDepth);
+      for (int r = 0; r < R; ++r) {
+        _mm512_store_ps(tree[depth][r], acc[r][0]);
+        _mm512_store_ps(tree[depth][r] + 16, acc[r][1]);
+      }
+      size[depth++] = sz;
+    }
+    for (; depth > 1; --depth)
+      for (int r = 0; r < R; ++r)
+        for (int h = 0; h < 2; ++h)
+          _mm512_store_ps(tree[depth - 2][r] + 16 * h, _mm512_add_ps(_mm512_load_ps(tree[depth - 2][r] + 16 * h),
+                                                                     _mm512_load_ps(tree[depth - 1][r] + 16 * h)));
+    for (int r = 0; r < R; ++r) {
+      store_f32(y + (m0 + r) * ldy + c, _mm512_load_ps(tree[0][r]), full, ml);
+      store_f32(y + (m0 + r) * ldy + c + 16, _mm512_load_ps(tree[0][r] + 16), full, mh);
+    }
+  }
+}
+template <bool kPairs>
+GROKIT_AVX512 void tile_chains_avx512(const uint32_t* xpairs, int64_t kp, const float* x, int64_t ldx, int64_t M,
+                                      int64_t K, const int8_t* codes, const float* scale_table, int64_t N, int64_t rpb,
+                                      int64_t sr, int64_t c, float* y, int64_t ldy, std::vector<float>& panel) {
+  panel.resize(static_cast<size_t>(16 * K + 16));  // K / 2 pairs of (lo, hi), 64-byte aligned below
+  const uintptr_t at = (reinterpret_cast<uintptr_t>(panel.data()) + 63) & ~uintptr_t{63};
+  auto* pp = reinterpret_cast<__m512i(*)[2]>(at);
+  for_each_tile(c, std::min(N, c + 32), [&](auto full, int64_t cc, __mmask16 ml, __mmask16 mh) GROKIT_AVX512_INLINE_LAMBDA {
+    tile_chains_body<kPairs>(xpairs, kp, x, ldx, M, K, codes, scale_table, N, rpb, sr, cc, full, ml, mh, pp, y, ldy);
+  });
+}
+
 // ---------------------------------------------------------------------------------
 enum class Level { kScalar, kAvx2, kAvx512 };
 
@@ -506,6 +602,23 @@ Status impl(const float* x, int64_t M, int64_t K, int64_t ldx, const Q8Operand* 
     }
     if (vec_end < c1) chain_columns_ref<kPairs>(x, M, ldx, codes, scales, N, rpb, k0, k1, vec_end, c1, out + (vec_end - c0), ld);
   };
+  // Prefill with chains: tiles that walk the chains and their tree themselves.
+  auto by_tiles = [&](int64_t p) {
+    return kLevel == Level::kAvx512 && M >= kPanelMinRows && chains > 1 && K <= kTileChainsMaxRows &&
+           !decode_plan_fits(M, ops[p].N, chains);
+  };
+  if constexpr (kLevel == Level::kAvx512) {
+    for (int64_t p = 0; p < count; ++p) {
+      if (!by_tiles(p)) continue;
+      const Q8Operand& op = ops[p];
+      const float* table = scale_tables[static_cast<size_t>(p)].data();
+      for_each(pool, static_cast<size_t>((op.N + 31) / 32), [&](size_t t) {
+        thread_local std::vector<float> panel;
+        tile_chains_avx512<kPairs>(xpairs.data(), kp, x, ldx, M, K, op.codes, table, op.N, K / op.blocks, sr,
+                                   static_cast<int64_t>(t) * 32, op.y, op.ldy, panel);
+      });
+    }
+  }
   // Several operands that each take the decode plan share one (the threads meet once for
   // all of them); otherwise each has its own.
   bool together = count > 1;
@@ -522,7 +635,8 @@ Status impl(const float* x, int64_t M, int64_t K, int64_t ldx, const Q8Operand* 
     return {};
   }
   for (int64_t p = 0; p < count; ++p)
-    run_chains(pool, M, ops[p].N, chains, 32, kMaxWidth, ops[p].y, ops[p].ldy,
+    if (!by_tiles(p))
+      run_chains(pool, M, ops[p].N, chains, 32, kMaxWidth, ops[p].y, ops[p].ldy,
                [&](int64_t ch, int64_t c0, int64_t c1, float* out, int64_t ld) {
                  chain_part(p, ch * sr, (ch + 1) * sr, c0, c1, out, ld);
                });

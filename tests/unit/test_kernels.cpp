@@ -568,6 +568,11 @@ std::vector<KernelCase> all_cases() {
   c.push_back(case_matmul_q8(2, 256, 64, 8, 0, true, 128));
   c.push_back(case_matmul_q8(5, 96, 33, 1, 0, true, 12));
   c.push_back(case_matmul_q8(1, 24, 40, 3, 0, false, 8));
+  // Prefill-sized with chains (M N chains > 2^22): the AVX-512 tiles that walk the chains'
+  // tree themselves; 12 and 24 chains (not powers of two), a partial last tile.
+  c.push_back(case_matmul_q8(600, 384, 600, 2, 0, false, 32));
+  c.push_back(case_matmul_q8(500, 384, 360, 3, 0, true, 16));
+  c.push_back(case_matmul_q8(600, 224, 500, 1, 0, false, 16));  // 14 chains: three subtrees left at the end
   c.push_back(case_matmul_q8(0, 64, 40, 2, 0));  // M = 0: nothing to write, nothing written
   c.push_back(case_matmul_q8(0, 64, 40, 2, 0, true));
   // Several products of one x: the decode plan shared (M = 1, 2; chains), one operand,
