@@ -6,12 +6,7 @@
 
 #include <cpuid.h>
 
-#include "kernels/internal.h"
-
-// GCC 12's avx512fintrin.h trips -Wmaybe-uninitialized on its own _mm512_undefined values.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
+#include "kernels/chunk_panels.h"
 
 namespace grokit::kernels {
 namespace {
@@ -176,23 +171,6 @@ GROKIT_AVX2_F16C void column_avx2(const float* xa, int64_t K, const F8Layout& L,
 // interleaved to word 2i = row i, word 2i+1 = row 16 + i and split into two fp32 vectors,
 // two fmas (fp32). A tile with a NaN code anywhere is done again with the careful decode.
 
-// The 16 lane sums of 16 accumulators at once, each halved (lane i += lane i+8, +4, +2,
-// +1): sum[t] = halving of a[t]. Each level adds a blend of two vectors to a shuffle of
-// the same two, so that it pairs the right lanes; the columns end up permuted, undone
-// at the end.
-GROKIT_AVX512 inline __m512 halve16(const __m512* a) {
-  __m512 b[8], c[4], d[2];
-  const __m512i quarters = _mm512_setr_epi32(4, 5, 6, 7, 16, 17, 18, 19, 12, 13, 14, 15, 24, 25, 26, 27);
-  for (int i = 0; i < 8; ++i)  // [a.lo, b.hi] + [a.hi, b.lo]
-    b[i] = _mm512_add_ps(_mm512_mask_blend_ps(0xff00, a[2 * i], a[2 * i + 1]), _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x4e));
-  for (int i = 0; i < 4; ++i)
-    c[i] = _mm512_add_ps(_mm512_mask_blend_ps(0xf0f0, b[2 * i], b[2 * i + 1]), _mm512_permutex2var_ps(b[2 * i], quarters, b[2 * i + 1]));
-  for (int i = 0; i < 2; ++i)
-    d[i] = _mm512_add_ps(_mm512_mask_blend_ps(0xcccc, c[2 * i], c[2 * i + 1]), _mm512_shuffle_ps(c[2 * i], c[2 * i + 1], 0x4e));
-  const __m512 e = _mm512_add_ps(_mm512_shuffle_ps(d[0], d[1], 0x88), _mm512_shuffle_ps(d[0], d[1], 0xdd));
-  // e holds the sums of a[0, 4, 8, 12, 2, 6, 10, 14, 1, 5, 9, 13, 3, 7, 11, 15].
-  return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 8, 4, 12, 1, 9, 5, 13, 2, 10, 6, 14, 3, 11, 7, 15), e);
-}
 
 // A column's 32 codes to bf16 weights (word r = row r) with the folded scale (careful: the
 // plain scale).
@@ -363,6 +341,29 @@ GROKIT_AVX512 void groups_avx512(const uint16_t* xb, const float* x, int64_t ldx
   }
 }
 
+// The panels' decode (chunk_panels.h): word r of chunk t of column n = row r, the fast
+// decode where it is exact, the careful one for a chunk with a NaN code or a column whose
+// scale cannot be folded (the same bits as the walks' decode).
+struct F8Columns {
+  const F8Layout& L;
+  void prefetch(int64_t t, int64_t n, int64_t nc) const {
+    const char* p = reinterpret_cast<const char*>(L.chunk(t, n));
+    for (int64_t b = 0; b < 32 * nc; b += 64) prefetch_line(p + b);
+  }
+  GROKIT_AVX512 void column(int64_t n, int64_t t0, int64_t t1, __m512i* dst, int64_t stride) const {
+    const float s = L.scale(n);
+    const bool big = scale_needs_care(s);
+    const __m512 sv = _mm512_set1_ps(s), sf = _mm512_set1_ps(s * kTwo8);
+    const __m256i top = _mm256_set1_epi8(static_cast<char>(0x80)), ones = _mm256_set1_epi8(-1);
+    for (int64_t t = t0; t < t1; ++t) {
+      const uint8_t* p = L.chunk(t, n);
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+      const bool nan = _mm256_cmpeq_epi8_mask(_mm256_or_si256(v, top), ones) != 0;  // S.1111.111
+      dst[(t - t0) * stride] = big || nan ? decode32_avx512<true>(p, sv) : decode32_avx512<false>(p, sf);
+    }
+  }
+};
+
 // ---------------------------------------------------------------------------------
 enum class Level { kScalar, kAvx2, kAvx512 };
 
@@ -388,6 +389,8 @@ Status impl(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* pa
   auto chain_part = [&](int64_t ch, int64_t c0, int64_t c1, float* out, int64_t ld) {
     const int64_t ch0 = ch * cpc, ch1 = ch0 + cpc;
     if constexpr (kLevel == Level::kAvx512) {
+      if (M >= chunk_panels_min_rows(kPairs))
+        return chunk_panels_avx512<kPairs>(F8Columns{L}, xb.data(), K, x, ldx, M, ch0, ch1, c0, c1, out, ld);
       for (int64_t m = 0; m < M;) {
         const int64_t mb = std::min<int64_t>(4, M - m);
         const uint16_t* xbp = xb.data();

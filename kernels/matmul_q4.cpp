@@ -3,12 +3,7 @@
 // order of kernels.h, halved at the end of each chain; the chains meet in tree_sum's tree.
 #include <vector>
 
-#include "kernels/internal.h"
-
-// GCC 12's avx512fintrin.h trips -Wmaybe-uninitialized on its own _mm512_undefined values.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
+#include "kernels/chunk_panels.h"
 
 namespace grokit::kernels {
 namespace {
@@ -160,23 +155,6 @@ GROKIT_AVX2 void column_avx2(const float* xa, int64_t K, const Q4Layout& L, int6
 // index does not matter), and vdpbf16ps adds the 32 products (pairs: word r = row r) or
 // two fmas do (fp32: word 2i = row i, word 2i+1 = row 16 + i, split into two fp32 vectors).
 
-// The 16 lane sums of 16 accumulators at once, each halved (lane i += lane i+8, +4, +2,
-// +1): sum[t] = halving of a[t]. Each level adds a blend of two vectors to a shuffle of
-// the same two, so that it pairs the right lanes; the columns end up permuted, undone
-// at the end.
-GROKIT_AVX512 inline __m512 halve16(const __m512* a) {
-  __m512 b[8], c[4], d[2];
-  const __m512i quarters = _mm512_setr_epi32(4, 5, 6, 7, 16, 17, 18, 19, 12, 13, 14, 15, 24, 25, 26, 27);
-  for (int i = 0; i < 8; ++i)  // [a.lo, b.hi] + [a.hi, b.lo]
-    b[i] = _mm512_add_ps(_mm512_mask_blend_ps(0xff00, a[2 * i], a[2 * i + 1]), _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x4e));
-  for (int i = 0; i < 4; ++i)
-    c[i] = _mm512_add_ps(_mm512_mask_blend_ps(0xf0f0, b[2 * i], b[2 * i + 1]), _mm512_permutex2var_ps(b[2 * i], quarters, b[2 * i + 1]));
-  for (int i = 0; i < 2; ++i)
-    d[i] = _mm512_add_ps(_mm512_mask_blend_ps(0xcccc, c[2 * i], c[2 * i + 1]), _mm512_shuffle_ps(c[2 * i], c[2 * i + 1], 0x4e));
-  const __m512 e = _mm512_add_ps(_mm512_shuffle_ps(d[0], d[1], 0x88), _mm512_shuffle_ps(d[0], d[1], 0xdd));
-  // e holds the sums of a[0, 4, 8, 12, 2, 6, 10, 14, 1, 5, 9, 13, 3, 7, 11, 15].
-  return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 8, 4, 12, 1, 9, 5, 13, 2, 10, 6, 14, 3, 11, 7, 15), e);
-}
 
 // Rows [m0, m0 + MB) of x, columns [c0, c1) in groups of NC, chunks [ch0, ch1) of one chain.
 // xb: x as bf16 bits [M][K] (pairs); x, ldx: fp32 x (fp32). A chain of up to
@@ -299,6 +277,36 @@ GROKIT_UNROLL16  // the accumulators are registers only with constant indices
   }
 }
 
+// The panels' decode (chunk_panels.h): word r of chunk t of column n = row r, through
+// the same lookup as groups_avx512's pairs.
+struct Q4Columns {
+  const Q4Layout& L;
+  void prefetch(int64_t t, int64_t n, int64_t nc) const {
+    const char* p = reinterpret_cast<const char*>(L.chunk(t, n));
+    for (int64_t b = 0; b < 16 * nc; b += 64) prefetch_line(p + b);
+    if ((t & (L.cpg - 1)) == 0) prefetch_line(reinterpret_cast<const char*>(L.scales(t >> L.log2_cpg) + 2 * n));
+  }
+  GROKIT_AVX512 void column(int64_t n, int64_t t0, int64_t t1, __m512i* dst, int64_t stride) const {
+    alignas(64) uint16_t expand_w[32], shift_w[32];
+    for (int r = 0; r < 32; ++r) {
+      expand_w[r] = static_cast<uint16_t>(r / 4);
+      shift_w[r] = static_cast<uint16_t>(4 * (r % 4));
+    }
+    const __m512i expand = _mm512_load_si512(expand_w), shifts = _mm512_load_si512(shift_w);
+    const __m512 qv = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1);
+    __m512i tab = _mm512_setzero_si512();
+    for (int64_t t = t0; t < t1; ++t) {
+      if (t == t0 || (t & (L.cpg - 1)) == 0) {  // bf16(q * scale) for q = 0..7, -8..-1, twice
+        const __m512 p = _mm512_mul_ps(qv, _mm512_set1_ps(L.scale(t >> L.log2_cpg, n)));
+        tab = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(p, p));
+      }
+      const __m512i v = _mm512_zextsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(L.chunk(t, n))));
+      const __m512i idx = _mm512_srlv_epi16(_mm512_permutexvar_epi16(expand, v), shifts);
+      dst[(t - t0) * stride] = _mm512_permutexvar_epi16(idx, tab);
+    }
+  }
+};
+
 // ---------------------------------------------------------------------------------
 enum class Level { kScalar, kAvx2, kAvx512 };
 
@@ -324,6 +332,8 @@ Status impl(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* pa
   auto chain_part = [&](int64_t ch, int64_t c0, int64_t c1, float* out, int64_t ld) {
     const int64_t ch0 = ch * cpc, ch1 = ch0 + cpc;
     if constexpr (kLevel == Level::kAvx512) {
+      if (M >= chunk_panels_min_rows(kPairs))
+        return chunk_panels_avx512<kPairs>(Q4Columns{L}, xb.data(), K, x, ldx, M, ch0, ch1, c0, c1, out, ld);
       for (int64_t m = 0; m < M;) {
         const int64_t mb = std::min<int64_t>(4, M - m);
         const uint16_t* xbp = xb.data();

@@ -600,7 +600,12 @@ std::vector<KernelCase> all_cases() {
                            {5, 128, 250, 64, 0},   {1, 256, 300, 32, 64},  {2, 512, 65, 64, 128}, {3, 384, 40, 128, 128},
                            {7, 256, 17, 32, 32},   {1, 512, 48, 32, 32},   {33, 128, 70, 32, 64}, {2, 256, 129, 128, 128},
                            {1, 2048, 37, 128, 0},  {6, 64, 35, 32, 32},    {3, 1024, 50, 64, 0},  {33, 640, 40, 32, 0},
-                           {2, 1024, 300, 32, 0},  {4, 2048, 70, 128, 1024}};
+                           {2, 1024, 300, 32, 0},  {4, 2048, 70, 128, 1024},
+                           // From 8 rows of x on, the panels (chunk_panels.h): 8 columns, two rows of x at
+                           // a time and a last one alone, chains longer than a panel (32 chunks for bf16
+                           // x, 16 for fp32), blocks of 64 rows of x and a rest.
+                           {8, 64, 9, 32, 0},      {9, 2048, 37, 64, 0},   {70, 1088, 21, 64, 0}, {17, 1024, 50, 128, 256},
+                           {11, 96, 8, 32, 32}};
   for (const auto& p : qw) {
     for (bool f32 : {false, true}) {
       c.push_back(case_matmul_w(Scheme::kQ4, p[0], p[1], p[2], p[3], 0, f32, p[4]));
@@ -614,6 +619,7 @@ std::vector<KernelCase> all_cases() {
     c.push_back(case_matmul_w(Scheme::kF8, 7, 96, 33, 32, 1, f32, 32));
     c.push_back(case_matmul_w(Scheme::kF8, 3, 128, 40, 32, 0, f32, 0, true));  // scales >= 2^119
     c.push_back(case_matmul_w(Scheme::kF8, 1, 64, 20, 32, 0, f32, 32, true));
+    c.push_back(case_matmul_w(Scheme::kF8, 9, 1088, 20, 32, 0, f32, 0, true));
     c.push_back(case_matmul_w(Scheme::kQ4, 0, 64, 40, 32, 0, f32));  // M = 0: nothing written
     c.push_back(case_matmul_w(Scheme::kF8, 0, 64, 40, 32, 0, f32));
   }
@@ -1299,36 +1305,40 @@ TEST(KernelNumerics, ChunkedEqualsADoublePrecisionDot) {
 
 TEST(KernelNumerics, MatmulF8NanCodesGiveNanAndTheCarefulDecodeAgrees) {
   // A NaN code (0x7f or 0xff) in a column makes that column NaN in every twin; the other
-  // columns, decoded through the careful path in the SIMD twins, keep their bits.
-  const int64_t M = 2, K = 96, N = 35;
-  Rng rng(35);
-  QuantMatrix w = random_f8(rng, K, N);
-  std::vector<float> x(static_cast<size_t>(M * K));
-  for (auto& v : x) v = rng.bf16_value(-4, 2);
-  std::vector<float> clean(static_cast<size_t>(M * N));
-  ASSERT_TRUE(chunked(Scheme::kF8, false, false, x.data(), M, K, w, 32, N, clean.data()).ok());
-  // Column 3 gets 0x7f at row 40, column 33 0xff at row 95 (chunk 2, byte 31).
-  w.payload[static_cast<size_t>((1 * N + 3) * 32 + 8)] = 0x7f;
-  w.payload[static_cast<size_t>((2 * N + 33) * 32 + 31)] = 0xff;
-  for (bool f32 : {false, true})
-    for (bool simd : {false, true}) {
-      std::vector<float> y(static_cast<size_t>(M * N)), yc(y.size());
-      ASSERT_TRUE(chunked(Scheme::kF8, f32, simd, x.data(), M, K, w, 32, N, y.data(), 32).ok());
-      QuantMatrix w0 = w;
-      w0.payload[static_cast<size_t>((1 * N + 3) * 32 + 8)] = 0;
-      w0.payload[static_cast<size_t>((2 * N + 33) * 32 + 31)] = 0;
-      ASSERT_TRUE(chunked(Scheme::kF8, f32, false, x.data(), M, K, w0, 32, N, yc.data(), 32).ok());
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t n = 0; n < N; ++n) {
-          const float v = y[static_cast<size_t>(m * N + n)];
-          if (n == 3 || n == 33) {
-            EXPECT_TRUE(std::isnan(v)) << m << "," << n << (simd ? " simd" : " ref");
-          } else {
-            EXPECT_EQ(bits_of(v), bits_of(yc[static_cast<size_t>(m * N + n)])) << m << "," << n << (simd ? " simd" : " ref");
+  // columns, decoded through the careful path in the SIMD twins, keep their bits. M = 2
+  // takes the decode walks, M = 9 the panels.
+  for (const int64_t M : {2, 9}) {
+    const int64_t K = 96, N = 35;
+    Rng rng(35);
+    QuantMatrix w = random_f8(rng, K, N);
+    std::vector<float> x(static_cast<size_t>(M * K));
+    for (auto& v : x) v = rng.bf16_value(-4, 2);
+    std::vector<float> clean(static_cast<size_t>(M * N));
+    ASSERT_TRUE(chunked(Scheme::kF8, false, false, x.data(), M, K, w, 32, N, clean.data()).ok());
+    // Column 3 gets 0x7f at row 40, column 33 0xff at row 95 (chunk 2, byte 31).
+    w.payload[static_cast<size_t>((1 * N + 3) * 32 + 8)] = 0x7f;
+    w.payload[static_cast<size_t>((2 * N + 33) * 32 + 31)] = 0xff;
+    for (bool f32 : {false, true})
+      for (bool simd : {false, true}) {
+        std::vector<float> y(static_cast<size_t>(M * N)), yc(y.size());
+        ASSERT_TRUE(chunked(Scheme::kF8, f32, simd, x.data(), M, K, w, 32, N, y.data(), 32).ok());
+        QuantMatrix w0 = w;
+        w0.payload[static_cast<size_t>((1 * N + 3) * 32 + 8)] = 0;
+        w0.payload[static_cast<size_t>((2 * N + 33) * 32 + 31)] = 0;
+        ASSERT_TRUE(chunked(Scheme::kF8, f32, false, x.data(), M, K, w0, 32, N, yc.data(), 32).ok());
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t n = 0; n < N; ++n) {
+            const float v = y[static_cast<size_t>(m * N + n)];
+            if (n == 3 || n == 33) {
+              EXPECT_TRUE(std::isnan(v)) << m << "," << n << (simd ? " simd" : " ref");
+            } else {
+              EXPECT_EQ(bits_of(v), bits_of(yc[static_cast<size_t>(m * N + n)]))
+                  << m << "," << n << (simd ? " simd" : " ref");
+            }
           }
-        }
-    }
-  EXPECT_TRUE(std::isfinite(clean[0]));
+      }
+    EXPECT_TRUE(std::isfinite(clean[0]));
+  }
 }
 
 TEST(KernelNumerics, MatmulF8SubnormalCodesSurviveDenormalsAreZero) {

@@ -1,0 +1,146 @@
+// Prefill for the chunked layouts (q4g, f8col; SPEC.md §4.1), shared by matmul_q4.cpp
+// and matmul_f8.cpp. In those layouts a column's 32-row chunk decodes to one vector of 32
+// bf16 weights and each (row of x, column) keeps 16 fp32 lanes, halved at the end of a
+// chain. The decode walks (groups_avx512) decode every chunk again for each block of at
+// most 4 rows of x. Here a panel of 8 columns by up to 32 chunks is decoded once into L1
+// for a block of 64 rows of x, which then run down it two at a time with their 16 sums
+// in registers: per (row of x, column) the same instruction sequence in chunk order as
+// the walks, so the same bits.
+#pragma once
+
+#include "kernels/internal.h"
+
+// GCC 12's avx512fintrin.h trips -Wmaybe-uninitialized on its own _mm512_undefined values.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+namespace grokit::kernels::detail {
+
+// The 16 lane sums of 16 accumulators at once, each halved (lane i += lane i+8, +4, +2,
+// +1): sum[t] = halving of a[t]. Each level adds a blend of two vectors to a shuffle of
+// the same two, so that it pairs the right lanes; the columns end up permuted, undone
+// at the end.
+GROKIT_AVX512 inline __m512 halve16(const __m512* a) {
+  __m512 b[8], c[4], d[2];
+  const __m512i quarters = _mm512_setr_epi32(4, 5, 6, 7, 16, 17, 18, 19, 12, 13, 14, 15, 24, 25, 26, 27);
+  for (int i = 0; i < 8; ++i)  // [a.lo, b.hi] + [a.hi, b.lo]
+    b[i] = _mm512_add_ps(_mm512_mask_blend_ps(0xff00, a[2 * i], a[2 * i + 1]), _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x4e));
+  for (int i = 0; i < 4; ++i)
+    c[i] = _mm512_add_ps(_mm512_mask_blend_ps(0xf0f0, b[2 * i], b[2 * i + 1]), _mm512_permutex2var_ps(b[2 * i], quarters, b[2 * i + 1]));
+  for (int i = 0; i < 2; ++i)
+    d[i] = _mm512_add_ps(_mm512_mask_blend_ps(0xcccc, c[2 * i], c[2 * i + 1]), _mm512_shuffle_ps(c[2 * i], c[2 * i + 1], 0x4e));
+  const __m512 e = _mm512_add_ps(_mm512_shuffle_ps(d[0], d[1], 0x88), _mm512_shuffle_ps(d[0], d[1], 0xdd));
+  // e holds the sums of a[0, 4, 8, 12, 2, 6, 10, 14, 1, 5, 9, 13, 3, 7, 11, 15].
+  return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 8, 4, 12, 1, 9, 5, 13, 2, 10, 6, 14, 3, 11, 7, 15), e);
+}
+
+// From this many rows of x on, products take the panels (measured against the decode
+// walks, K 1024 and 6144, two threads: bf16 x gains from 8 rows on, fp32 x from 12).
+inline int64_t chunk_panels_min_rows(bool pairs) { return pairs ? 8 : 12; }
+// A panel's 8 columns times the 2 rows of x run down it at a time: 16 sums in registers
+// (4 x 4 for fp32 x, sharing each panel load among more rows, measured no faster).
+constexpr int kChunkPanelColumns = 8;
+constexpr int64_t kChunkPanelRows = 64;   // rows of x per panel decode
+constexpr int64_t kChunkPanelBytes = 16384;  // a panel's decoded weights (L1)
+
+// Rows [m, m + R) of x down panel rows [0, steps) (chunk t0 first), the sums started from
+// zero (first) or from park, and left in park (more chunks follow) or halved into out.
+template <int R, bool kPairs, int64_t V>
+GROKIT_AVX512 __attribute__((always_inline)) inline void chunk_panel_block(
+    const __m512i (*panel)[kChunkPanelColumns][V], int64_t steps, const uint16_t* xb, int64_t K, const float* x,
+    int64_t ldx, int64_t m, int64_t t0, __m512* park, bool first, bool last, int nc, float* out, int64_t ld) {
+  constexpr int NC = kChunkPanelColumns;
+  static_assert(R * NC <= 16 && NC == 8);
+  __m512 acc[R][NC];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NC; ++j) acc[r][j] = first ? _mm512_setzero_ps() : park[r * NC + j];
+  for (int64_t t = 0; t < steps; ++t) {
+    if constexpr (kPairs) {
+      __m512bh xv[R];
+      for (int r = 0; r < R; ++r) xv[r] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(xb + (m + r) * K + 32 * (t0 + t)));
+      for (int j = 0; j < NC; ++j)
+        for (int r = 0; r < R; ++r) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], reinterpret_cast<__m512bh>(panel[t][j][0]), xv[r]);
+    } else {
+      __m512 x0[R], x1[R];
+      for (int r = 0; r < R; ++r) {
+        x0[r] = _mm512_loadu_ps(x + (m + r) * ldx + 32 * (t0 + t));
+        x1[r] = _mm512_loadu_ps(x + (m + r) * ldx + 32 * (t0 + t) + 16);
+      }
+      for (int j = 0; j < NC; ++j)
+        for (int r = 0; r < R; ++r)
+          acc[r][j] = _mm512_fmadd_ps(x1[r], _mm512_castsi512_ps(panel[t][j][1]),
+                                      _mm512_fmadd_ps(x0[r], _mm512_castsi512_ps(panel[t][j][0]), acc[r][j]));
+    }
+  }
+  if (!last) {
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < NC; ++j) park[r * NC + j] = acc[r][j];
+    return;
+  }
+  __m512 all[16];
+  for (int i = 0; i < 16; ++i) all[i] = i < R * NC ? acc[i / NC][i % NC] : _mm512_setzero_ps();
+  const __m512 sums = halve16(all);  // row m + r, column j in lane 8 r + j
+  const __mmask8 live = static_cast<__mmask8>((1u << nc) - 1);
+  _mm256_mask_storeu_ps(out + m * ld, live, _mm512_castps512_ps256(sums));
+  if constexpr (R == 2) _mm256_mask_storeu_ps(out + (m + 1) * ld, live, _mm512_extractf32x8_ps(sums, 1));
+}
+
+// Chunks [ch0, ch1) (one chain) of columns [c0, c1) for every row of x into out ([M][ld],
+// column c0 at out[0]). xb: x as bf16 bits [M][K] (pairs); x, ldx: fp32 x (fp32).
+// dec, the layout's decode:
+//   dec.column(n, t0, t1, dst, stride): dst[(t - t0) * stride] = the bf16 weights of chunk
+//     t of column n, word r = row r;
+//   dec.prefetch(t, n, nc): requests chunk t of columns [n, n + nc) (and its scales).
+template <bool kPairs, class Decoder>
+GROKIT_AVX512 void chunk_panels_avx512(const Decoder& dec, const uint16_t* xb, int64_t K, const float* x, int64_t ldx,
+                                       int64_t M, int64_t ch0, int64_t ch1, int64_t c0, int64_t c1, float* out,
+                                       int64_t ld) {
+  constexpr int NC = kChunkPanelColumns, R = 2;
+  constexpr int64_t V = kPairs ? 1 : 2;  // vectors per column and chunk: the pairs, or the rows i and 16 + i as fp32
+  constexpr int64_t T = kChunkPanelBytes / (NC * 64 * V);
+  alignas(64) __m512i panel[T][NC][V];
+  alignas(64) __m512 park[kChunkPanelRows * NC];
+  // fp32: word 2i = row i, word 2i + 1 = row 16 + i, then split into two fp32 vectors.
+  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
+                                              21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i high_half = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+  for (int64_t t = ch0; t < std::min(ch1, ch0 + T); ++t) dec.prefetch(t, c0, std::min<int64_t>(NC, c1 - c0));
+  for (int64_t m0 = 0; m0 < M; m0 += kChunkPanelRows) {
+    const int64_t m1 = std::min(M, m0 + kChunkPanelRows);
+    for (int64_t n0 = c0; n0 < c1; n0 += NC) {
+      const int nc = static_cast<int>(std::min<int64_t>(NC, c1 - n0));
+      for (int64_t t0 = ch0; t0 < ch1; t0 += T) {
+        const int64_t t1 = std::min(ch1, t0 + T), steps = t1 - t0;
+        for (int j = 0; j < NC; ++j) {
+          if (j >= nc) {
+            for (int64_t t = 0; t < steps; ++t)
+              for (int64_t v = 0; v < V; ++v) panel[t][j][v] = _mm512_setzero_si512();
+            continue;
+          }
+          dec.column(n0 + j, t0, t1, &panel[0][j][0], NC * V);
+          if constexpr (!kPairs) {
+            for (int64_t t = 0; t < steps; ++t) {
+              const __m512i w = _mm512_permutexvar_epi16(interleave, panel[t][j][0]);
+              panel[t][j][0] = _mm512_slli_epi32(w, 16);
+              panel[t][j][1] = _mm512_and_si512(w, high_half);
+            }
+          }
+        }
+        // The next panel's codes, requested while this one is used.
+        const int64_t nt0 = t1 < ch1 ? t1 : ch0, nn0 = t1 < ch1 ? n0 : n0 + NC;
+        if (nn0 < c1)
+          for (int64_t t = nt0; t < std::min(ch1, nt0 + T); ++t) dec.prefetch(t, nn0, std::min<int64_t>(NC, c1 - nn0));
+        const bool first = t0 == ch0, last = t1 == ch1;
+        float* o = out + (n0 - c0);
+        int64_t m = m0;
+        for (; m + R <= m1; m += R)
+          chunk_panel_block<R, kPairs, V>(panel, steps, xb, K, x, ldx, m, t0, park + (m - m0) * NC, first, last, nc, o, ld);
+        if (m < m1)
+          chunk_panel_block<1, kPairs, V>(panel, steps, xb, K, x, ldx, m, t0, park + (m - m0) * NC, first, last, nc, o, ld);
+      }
+    }
+  }
+}
+
+}  // namespace grokit::kernels::detail
