@@ -45,11 +45,12 @@ constexpr int64_t kChunkPanelRows = 64;   // rows of x per panel decode
 constexpr int64_t kChunkPanelBytes = 16384;  // a panel's decoded weights (L1)
 
 // Rows [m, m + R) of x down panel rows [0, steps) (chunk t0 first), the sums started from
-// zero (first) or from park, and left in park (more chunks follow) or halved into out.
+// zero (first) or from park; left in park (more chunks of the chain follow: returns zero)
+// or returned halved (row m + r, column j in lane 8 r + j).
 template <int R, bool kPairs, int64_t V>
-GROKIT_AVX512 __attribute__((always_inline)) inline void chunk_panel_block(
+GROKIT_AVX512 __attribute__((always_inline)) inline __m512 chunk_panel_block(
     const __m512i (*panel)[kChunkPanelColumns][V], int64_t steps, const uint16_t* xb, int64_t K, const float* x,
-    int64_t ldx, int64_t m, int64_t t0, __m512* park, bool first, bool last, int nc, float* out, int64_t ld) {
+    int64_t ldx, int64_t m, int64_t t0, __m512* park, bool first, bool last) {
   constexpr int NC = kChunkPanelColumns;
   static_assert(R * NC <= 16 && NC == 8);
   __m512 acc[R][NC];
@@ -76,71 +77,127 @@ GROKIT_AVX512 __attribute__((always_inline)) inline void chunk_panel_block(
   if (!last) {
     for (int r = 0; r < R; ++r)
       for (int j = 0; j < NC; ++j) park[r * NC + j] = acc[r][j];
-    return;
+    return _mm512_setzero_ps();
   }
   __m512 all[16];
   for (int i = 0; i < 16; ++i) all[i] = i < R * NC ? acc[i / NC][i % NC] : _mm512_setzero_ps();
-  const __m512 sums = halve16(all);  // row m + r, column j in lane 8 r + j
-  const __mmask8 live = static_cast<__mmask8>((1u << nc) - 1);
-  _mm256_mask_storeu_ps(out + m * ld, live, _mm512_castps512_ps256(sums));
-  if constexpr (R == 2) _mm256_mask_storeu_ps(out + (m + 1) * ld, live, _mm512_extractf32x8_ps(sums, 1));
+  return halve16(all);
 }
 
-// Chunks [ch0, ch1) (one chain) of columns [c0, c1) for every row of x into out ([M][ld],
-// column c0 at out[0]). xb: x as bf16 bits [M][K] (pairs); x, ldx: fp32 x (fp32).
+// The chains' tree (below) holds up to kChunkTreeDepth subtrees: fewer than 2^7 chains.
+constexpr int kChunkTreeDepth = 8;
+inline bool chunk_panels_take(bool pairs, int64_t M, int64_t chains) {
+  return M >= chunk_panels_min_rows(pairs) && chains < (int64_t{1} << (kChunkTreeDepth - 1));
+}
+
+// Chains [0, chains) of cpc chunks each (K = 32 chains cpc) of columns [c0, c1), every
+// row of x, into y ([M][ldy], column c0 at y[0]). xb: x as bf16 bits [M][K] (pairs); x,
+// ldx: fp32 x (fp32). Each chain's sums are halved as it ends and added into the chains'
+// tree at once, as matmul_q8.cpp's tile_chains does (two subtrees of the same size added,
+// the earlier on the left; what is left at the end added from the last one back): the
+// adds of tree_sum's level-by-level tree, so y gets the bits of run_chains with
+// combine_chains, without the chains' sums ever being stored.
 // dec, the layout's decode:
 //   dec.column(n, t0, t1, dst, stride): dst[(t - t0) * stride] = the bf16 weights of chunk
 //     t of column n, word r = row r;
 //   dec.prefetch(t, n, nc): requests chunk t of columns [n, n + nc) (and its scales).
 template <bool kPairs, class Decoder>
 GROKIT_AVX512 void chunk_panels_avx512(const Decoder& dec, const uint16_t* xb, int64_t K, const float* x, int64_t ldx,
-                                       int64_t M, int64_t ch0, int64_t ch1, int64_t c0, int64_t c1, float* out,
-                                       int64_t ld) {
+                                       int64_t M, int64_t chains, int64_t cpc, int64_t c0, int64_t c1, float* y,
+                                       int64_t ldy) {
   constexpr int NC = kChunkPanelColumns, R = 2;
   constexpr int64_t V = kPairs ? 1 : 2;  // vectors per column and chunk: the pairs, or the rows i and 16 + i as fp32
   constexpr int64_t T = kChunkPanelBytes / (NC * 64 * V);
+  constexpr int64_t kBlocks = kChunkPanelRows / R;
+  GROKIT_CHECK(chains < (int64_t{1} << (kChunkTreeDepth - 1)));
   alignas(64) __m512i panel[T][NC][V];
   alignas(64) __m512 park[kChunkPanelRows * NC];
+  alignas(64) __m512 tree[kChunkTreeDepth][kBlocks];  // per block of rows of x, as chunk_panel_block returns them
+  int64_t size[kChunkTreeDepth];
   // fp32: word 2i = row i, word 2i + 1 = row 16 + i, then split into two fp32 vectors.
   const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
                                               21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
   const __m512i high_half = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
-  for (int64_t t = ch0; t < std::min(ch1, ch0 + T); ++t) dec.prefetch(t, c0, std::min<int64_t>(NC, c1 - c0));
+  auto prefetch_panel = [&](int64_t t0, int64_t t1, int64_t n0) {
+    for (int64_t t = t0; t < t1; ++t) dec.prefetch(t, n0, std::min<int64_t>(NC, c1 - n0));
+  };
+  prefetch_panel(0, std::min(cpc, T), c0);
   for (int64_t m0 = 0; m0 < M; m0 += kChunkPanelRows) {
     const int64_t m1 = std::min(M, m0 + kChunkPanelRows);
     for (int64_t n0 = c0; n0 < c1; n0 += NC) {
       const int nc = static_cast<int>(std::min<int64_t>(NC, c1 - n0));
-      for (int64_t t0 = ch0; t0 < ch1; t0 += T) {
-        const int64_t t1 = std::min(ch1, t0 + T), steps = t1 - t0;
-        for (int j = 0; j < NC; ++j) {
-          if (j >= nc) {
-            for (int64_t t = 0; t < steps; ++t)
-              for (int64_t v = 0; v < V; ++v) panel[t][j][v] = _mm512_setzero_si512();
-            continue;
-          }
-          dec.column(n0 + j, t0, t1, &panel[0][j][0], NC * V);
-          if constexpr (!kPairs) {
-            for (int64_t t = 0; t < steps; ++t) {
-              const __m512i w = _mm512_permutexvar_epi16(interleave, panel[t][j][0]);
-              panel[t][j][0] = _mm512_slli_epi32(w, 16);
-              panel[t][j][1] = _mm512_and_si512(w, high_half);
+      int depth = 0;
+      for (int64_t ch = 0; ch < chains; ++ch) {
+        const int64_t ch0 = ch * cpc, ch1 = ch0 + cpc;
+        // This chain's place in the tree: the subtrees of its size it adds to on its way.
+        int merges = 0;
+        int64_t sz = 1;
+        while (depth - merges > 0 && size[depth - merges - 1] == sz) {
+          ++merges;
+          sz *= 2;
+        }
+        for (int64_t t0 = ch0; t0 < ch1; t0 += T) {
+          const int64_t t1 = std::min(ch1, t0 + T), steps = t1 - t0;
+          for (int j = 0; j < NC; ++j) {
+            if (j >= nc) {
+              for (int64_t t = 0; t < steps; ++t)
+                for (int64_t v = 0; v < V; ++v) panel[t][j][v] = _mm512_setzero_si512();
+              continue;
+            }
+            dec.column(n0 + j, t0, t1, &panel[0][j][0], NC * V);
+            if constexpr (!kPairs) {
+              for (int64_t t = 0; t < steps; ++t) {
+                const __m512i w = _mm512_permutexvar_epi16(interleave, panel[t][j][0]);
+                panel[t][j][0] = _mm512_slli_epi32(w, 16);
+                panel[t][j][1] = _mm512_and_si512(w, high_half);
+              }
             }
           }
+          // The next panel's codes, requested while this one is used.
+          if (t1 < ch1) prefetch_panel(t1, std::min(ch1, t1 + T), n0);
+          else if (ch + 1 < chains) prefetch_panel(ch1, std::min(ch1 + cpc, ch1 + T), n0);
+          else if (n0 + NC < c1) prefetch_panel(0, std::min(cpc, T), n0 + NC);
+          const bool first = t0 == ch0, last = t1 == ch1;
+          auto add = [&](int64_t b, __m512 s) GROKIT_AVX512_INLINE_LAMBDA {
+            if (!last) return;
+            for (int i = 0; i < merges; ++i) s = _mm512_add_ps(tree[depth - 1 - i][b], s);
+            tree[depth - merges][b] = s;
+          };
+          int64_t m = m0;
+          for (; m + R <= m1; m += R)
+            add((m - m0) / R, chunk_panel_block<R, kPairs, V>(panel, steps, xb, K, x, ldx, m, t0, park + (m - m0) * NC,
+                                                              first, last));
+          if (m < m1)
+            add((m - m0) / R, chunk_panel_block<1, kPairs, V>(panel, steps, xb, K, x, ldx, m, t0, park + (m - m0) * NC,
+                                                              first, last));
         }
-        // The next panel's codes, requested while this one is used.
-        const int64_t nt0 = t1 < ch1 ? t1 : ch0, nn0 = t1 < ch1 ? n0 : n0 + NC;
-        if (nn0 < c1)
-          for (int64_t t = nt0; t < std::min(ch1, nt0 + T); ++t) dec.prefetch(t, nn0, std::min<int64_t>(NC, c1 - nn0));
-        const bool first = t0 == ch0, last = t1 == ch1;
-        float* o = out + (n0 - c0);
-        int64_t m = m0;
-        for (; m + R <= m1; m += R)
-          chunk_panel_block<R, kPairs, V>(panel, steps, xb, K, x, ldx, m, t0, park + (m - m0) * NC, first, last, nc, o, ld);
-        if (m < m1)
-          chunk_panel_block<1, kPairs, V>(panel, steps, xb, K, x, ldx, m, t0, park + (m - m0) * NC, first, last, nc, o, ld);
+        depth -= merges;
+        size[depth++] = sz;
+      }
+      const int64_t blocks = (m1 - m0 + R - 1) / R;
+      for (; depth > 1; --depth)
+        for (int64_t b = 0; b < blocks; ++b) tree[depth - 2][b] = _mm512_add_ps(tree[depth - 2][b], tree[depth - 1][b]);
+      const __mmask8 live = static_cast<__mmask8>((1u << nc) - 1);
+      for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t m = m0 + R * b;
+        float* o = y + m * ldy + (n0 - c0);
+        _mm256_mask_storeu_ps(o, live, _mm512_castps512_ps256(tree[0][b]));
+        if (m + 1 < m1) _mm256_mask_storeu_ps(o + ldy, live, _mm512_extractf32x8_ps(tree[0][b], 1));
       }
     }
   }
+}
+
+// The whole product (chunk_panels_take): tasks over columns, each taking every chain.
+template <bool kPairs, class Decoder>
+void run_chunk_panels(Pool pool, const Decoder& dec, const uint16_t* xb, int64_t K, const float* x, int64_t ldx,
+                      int64_t M, int64_t N, int64_t chains, int64_t cpc, float* y, int64_t ldy) {
+  const int64_t chunk = chunk_size(N, task_count(pool), kChunkPanelColumns);
+  const int64_t tasks = (N + chunk - 1) / chunk;
+  for_each(pool, static_cast<size_t>(tasks), [&](size_t t) {
+    const int64_t c0 = static_cast<int64_t>(t) * chunk, c1 = std::min(N, c0 + chunk);
+    chunk_panels_avx512<kPairs>(dec, xb, K, x, ldx, M, chains, cpc, c0, c1, y + c0, ldy);
+  });
 }
 
 }  // namespace grokit::kernels::detail

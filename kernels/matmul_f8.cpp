@@ -389,8 +389,6 @@ Status impl(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* pa
   auto chain_part = [&](int64_t ch, int64_t c0, int64_t c1, float* out, int64_t ld) {
     const int64_t ch0 = ch * cpc, ch1 = ch0 + cpc;
     if constexpr (kLevel == Level::kAvx512) {
-      if (M >= chunk_panels_min_rows(kPairs))
-        return chunk_panels_avx512<kPairs>(F8Columns{L}, xb.data(), K, x, ldx, M, ch0, ch1, c0, c1, out, ld);
       for (int64_t m = 0; m < M;) {
         const int64_t mb = std::min<int64_t>(4, M - m);
         const uint16_t* xbp = xb.data();
@@ -421,6 +419,10 @@ Status impl(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* pa
       chain_ref<kPairs>(x, M, ldx, L, ch0, ch1, c0, c1, out, ld);
     }
   };
+  if (kLevel == Level::kAvx512 && chunk_panels_take(kPairs, M, chains)) {
+    run_chunk_panels<kPairs>(pool, F8Columns{L}, xb.data(), K, x, ldx, M, N, chains, cpc, y, ldy);
+    return {};
+  }
   run_chains(pool, M, N, chains, 16, N, y, ldy, chain_part);
   return {};
 }

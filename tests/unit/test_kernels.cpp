@@ -601,11 +601,13 @@ std::vector<KernelCase> all_cases() {
                            {7, 256, 17, 32, 32},   {1, 512, 48, 32, 32},   {33, 128, 70, 32, 64}, {2, 256, 129, 128, 128},
                            {1, 2048, 37, 128, 0},  {6, 64, 35, 32, 32},    {3, 1024, 50, 64, 0},  {33, 640, 40, 32, 0},
                            {2, 1024, 300, 32, 0},  {4, 2048, 70, 128, 1024},
-                           // From 8 rows of x on, the panels (chunk_panels.h): 8 columns, two rows of x at
-                           // a time and a last one alone, chains longer than a panel (32 chunks for bf16
-                           // x, 16 for fp32), blocks of 64 rows of x and a rest.
+                           // From 8 (bf16 x) or 12 (fp32 x) rows of x on, the panels (chunk_panels.h): 8
+                           // columns, two rows of x at a time and a last one alone, chains longer than a
+                           // panel (32 chunks for bf16 x, 16 for fp32), blocks of 64 rows of x and a rest,
+                           // the chains' tree in the panels with 3, 12, 14 and 24 chains.
                            {8, 64, 9, 32, 0},      {9, 2048, 37, 64, 0},   {70, 1088, 21, 64, 0}, {17, 1024, 50, 128, 256},
-                           {11, 96, 8, 32, 32}};
+                           {11, 96, 8, 32, 32},    {13, 384, 20, 32, 32},  {12, 448, 17, 32, 32}, {15, 768, 9, 32, 32},
+                           {13, 4096, 17, 64, 2048}, {66, 256, 40, 32, 64}};
   for (const auto& p : qw) {
     for (bool f32 : {false, true}) {
       c.push_back(case_matmul_w(Scheme::kQ4, p[0], p[1], p[2], p[3], 0, f32, p[4]));
