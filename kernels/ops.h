@@ -32,8 +32,9 @@
 #include <stdint.h>
 
 // The tables' layout version (GrokitOps, GrokitCollectives): the engine refuses a plugin
-// built against another. 1: the first; 2: GrokitCollectives.comm_abort.
-#define GROKIT_OPS_ABI_VERSION 2
+// built against another. 1: the first; 2: GrokitCollectives.comm_abort;
+// 3: GrokitOps.take_device_errors.
+#define GROKIT_OPS_ABI_VERSION 3
 
 #ifdef __cplusplus
 extern "C" {
@@ -94,6 +95,13 @@ typedef struct GrokitAttnShape {
 } GrokitAttnShape;
 
 enum { GROKIT_COPY_H2D = 1, GROKIT_COPY_D2H = 2, GROKIT_COPY_D2D = 3 };
+
+// What an op found wrong in values that only the device reads (take_device_errors).
+enum {
+  GROKIT_DEVERR_KV_ROW = 1u << 0,    // kv_store: a position outside [0, cap) or a NULL cache
+  GROKIT_DEVERR_ATTN_ROW = 1u << 1,  // attention: n_keys outside [1, cap], a position < 0 or a NULL cache
+  GROKIT_DEVERR_EXPERT = 1u << 2,    // matmul: a row routed to an expert past the stack
+};
 
 typedef struct GrokitOps {
   int32_t abi_version;  // GROKIT_OPS_ABI_VERSION
@@ -179,6 +187,15 @@ typedef struct GrokitOps {
   // parts: host array of device pointers (the in-process communicator's reduction; out
   // may be one of the parts).
   int (*sum_arrays)(const float* const* parts, int count, int64_t n, float* out, GrokitStream stream);
+
+  // ---- checks of device-side values ------------------------------------------
+  // Positions, key counts and expert ids reach some ops in device memory (written by
+  // the engine or by an earlier op, and read again by a replayed graph), where a check
+  // would mean waiting for the device. The CUDA ops skip a bad row, raise its
+  // GROKIT_DEVERR_* bit and go on; this waits for `stream`, returns in *flags the bits
+  // raised on the calling thread's device since the last call, and clears them. The host
+  // ops see every value when called and reject a bad one there: their flags stay 0.
+  int (*take_device_errors)(GrokitStream stream, uint32_t* flags);
 } GrokitOps;
 
 // The host backend (grokit_kernels). Its streams are grokit::ThreadPool pointers (NULL:

@@ -146,6 +146,7 @@ class DeviceEngine final : public Engine {
   Status logits_chunk(DevRank& R, const float* x_rows, int64_t n);
   Status emit_logits(DevRank& R, const std::vector<PlanRow>& plan, const std::vector<std::pair<size_t, int64_t>>& want,
                      size_t c0, int64_t n, const LogitsSink* sink);
+  Status end_of_step(DevRank& R);
   Status reserve(DevRank& R, int64_t N);
   // Runs fn on every rank; when one fails, the others' collectives are abandoned and the
   // engine stops (check_running fails from then on with the first rank's error).
@@ -791,8 +792,7 @@ Status DeviceEngine::rank_step(DevRank& R, const std::vector<PlanRow>& plan, con
       DEV_TRY(ops, ops->graph_launch(it->second, st));
     }
     GROKIT_TRY(emit_logits(R, plan, want, 0, N, logits_sink));
-    DEV_TRY(ops, ops->stream_sync(st));
-    return {};
+    return end_of_step(R);
   }
 
   GROKIT_TRY(forward(R, N, max_keys, hidden, plan));
@@ -812,7 +812,20 @@ Status DeviceEngine::rank_step(DevRank& R, const std::vector<PlanRow>& plan, con
     GROKIT_TRY(emit_logits(R, plan, want, c0, n, logits_sink));
   }
   (void)Vr;
-  DEV_TRY(ops, ops->stream_sync(st));  // the pinned inputs are rewritten next step
+  return end_of_step(R);
+}
+
+// Waits for the step (the pinned inputs are rewritten next step) and for the device's
+// word on the values only it read (ops.h take_device_errors). Those are the engine's own
+// (positions, key counts, the router's expert ids): a bit raised is a broken invariant.
+Status DeviceEngine::end_of_step(DevRank& R) {
+  uint32_t flags = 0;
+  DEV_TRY(R.ops, R.ops->take_device_errors(R.stream, &flags));
+  GROKIT_CHECK_MSG(flags == 0,
+                   str_cat("rank ", R.rank, ": the device met values the engine wrote out of range:",
+                           (flags & GROKIT_DEVERR_KV_ROW) != 0 ? " a KV-cache store row (position or cache)" : "",
+                           (flags & GROKIT_DEVERR_ATTN_ROW) != 0 ? " an attention row (key count, position or cache)" : "",
+                           (flags & GROKIT_DEVERR_EXPERT) != 0 ? " an expert id past the stack" : ""));
   return {};
 }
 

@@ -70,6 +70,8 @@ static __global__ __launch_bounds__(kThreads) void decode_scores(Args a, DecodeP
   const BlockIds b = block_ids(a, p.hsub);
   const int dh = a.head_dim;
   const GrokitAttnRow row = a.rows[b.m];
+  if (b.split == 0 && b.h0 == 0 && tid == 0 && row_out_of_contract(row, a.max_keys))
+    raise_device_error(a.errors, GROKIT_DEVERR_ATTN_ROW);
   const int64_t n = row_keys(row, a.max_keys), vend = row_visible_end(row, n);
   const int64_t j0 = b.split * p.chunk, j1 = std::min(j0 + p.chunk, n);
   const int64_t rh0 = b.m * a.q_heads + b.h0;  // (row, first head) index

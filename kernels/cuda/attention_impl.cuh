@@ -16,6 +16,7 @@ struct Args {
   int64_t M, max_keys;
   int q_heads, kv_heads, group, head_dim;  // group = q_heads / kv_heads
   float multiplier, cap;
+  unsigned int* errors;  // device_errors_word()
 };
 
 // Decode: grid (nsplit, M * kv_heads * hsub); split s takes keys [s * chunk, (s+1) * chunk).
@@ -40,9 +41,16 @@ int prefill_run(const Args& a, const PrefillPlan& p, void* scratch, cudaStream_t
 __device__ __forceinline__ float neg_inf_f() { return __int_as_float(0xff800000); }
 __device__ __forceinline__ double neg_inf_d() { return __longlong_as_double(static_cast<long long>(0xfff0000000000000ULL)); }
 
+// A descriptor the CPU twin refuses: the kernels read nothing outside its cache (none
+// with a NULL pointer) and its first block raises GROKIT_DEVERR_ATTN_ROW.
+__device__ __forceinline__ bool row_out_of_contract(const GrokitAttnRow& r, int64_t max_keys) {
+  return r.k == nullptr || r.v == nullptr || r.valid == nullptr || r.n_keys < 1 || r.n_keys > r.cap ||
+         r.n_keys > max_keys || r.pos < 0;
+}
 // Keys [0, n) of a row, clamped to its cache and to max_keys (the CPU twin requires
 // 0 < n_keys <= cap; out-of-range descriptors read nothing outside the cache).
 __device__ __forceinline__ int64_t row_keys(const GrokitAttnRow& r, int64_t max_keys) {
+  if (r.k == nullptr || r.v == nullptr || r.valid == nullptr) return 0;
   int64_t n = r.n_keys;
   if (n > r.cap) n = r.cap;
   if (n > max_keys) n = max_keys;

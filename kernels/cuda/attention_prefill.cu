@@ -210,6 +210,7 @@ static __global__ __launch_bounds__(kThreads) void prefill_kernel(Args a, Prefil
   if (tid < kBM) {
     if (tid < rows_here) {
       const GrokitAttnRow r = a.rows[r0 + tid];
+      if (h == 0 && split == 0 && row_out_of_contract(r, a.max_keys)) raise_device_error(a.errors, GROKIT_DEVERR_ATTN_ROW);
       const int64_t n = row_keys(r, a.max_keys);
       s_k[tid] = r.k;
       s_v[tid] = r.v;

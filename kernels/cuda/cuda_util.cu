@@ -1,3 +1,4 @@
+#include <atomic>
 #include <cstdarg>
 #include <cstdio>
 
@@ -7,6 +8,52 @@ namespace grokit::kernels::cuda {
 
 namespace {
 thread_local char g_error[1024] = "no error";
+
+// [0]: the bits raised; [1]: where take_device_errors swaps them out.
+__device__ unsigned int g_device_errors[2];
+constexpr int kMaxDevices = 256;
+std::atomic<unsigned int*> g_words[kMaxDevices];
+
+__global__ void take_errors_kernel(unsigned int* word) { word[1] = atomicExch(&word[0], 0u); }
+}  // namespace
+
+unsigned int* device_errors_word() {
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kMaxDevices) {
+    (void)cudaGetLastError();
+    return nullptr;
+  }
+  unsigned int* w = g_words[dev].load(std::memory_order_acquire);
+  if (w == nullptr) {
+    void* p = nullptr;
+    if (cudaGetSymbolAddress(&p, g_device_errors) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return nullptr;
+    }
+    w = static_cast<unsigned int*>(p);
+    g_words[dev].store(w, std::memory_order_release);
+  }
+  return w;
+}
+
+int take_device_errors(GrokitStream stream, uint32_t* flags) {
+  if (flags == nullptr) return set_error(GROKIT_ERR_INVALID, "take_device_errors: null flags");
+  *flags = 0;
+  unsigned int* w = device_errors_word();
+  if (w == nullptr) return set_error(GROKIT_ERR_DEVICE, "take_device_errors: no error word on this device");
+  const cudaStream_t st = as_stream(stream);
+  // Swapped out on the device (atomically: a kernel on another stream may be raising a
+  // bit meanwhile), then read.
+  take_errors_kernel<<<1, 1, 0, st>>>(w);
+  if (int rc = check_launch("take_device_errors: swap kernel"); rc != GROKIT_OK) return rc;
+  unsigned int h = 0;
+  if (int rc = check_cuda(cudaMemcpyAsync(&h, w + 1, sizeof h, cudaMemcpyDeviceToHost, st), "take_device_errors: copy");
+      rc != GROKIT_OK)
+    return rc;
+  if (int rc = check_cuda(cudaStreamSynchronize(st), "take_device_errors: cudaStreamSynchronize"); rc != GROKIT_OK)
+    return rc;
+  *flags = h;
+  return GROKIT_OK;
 }
 
 const char* last_error() { return g_error; }

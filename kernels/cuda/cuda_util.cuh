@@ -22,6 +22,16 @@ inline int check_launch(const char* what) { return check_cuda(cudaGetLastError()
 
 inline cudaStream_t as_stream(GrokitStream s) { return static_cast<cudaStream_t>(s); }
 
+// The current device's GROKIT_DEVERR_* bits (ops.h take_device_errors): a word the
+// kernels raise bits in, or NULL when it cannot be had (nothing is recorded then).
+// Found once per device (set_device does it, outside any graph capture).
+unsigned int* device_errors_word();
+// ops.h take_device_errors.
+int take_device_errors(GrokitStream stream, uint32_t* flags);
+__device__ __forceinline__ void raise_device_error(unsigned int* word, unsigned int bit) {
+  if (word != nullptr) atomicOr(word, bit);
+}
+
 // True when p is 16-byte aligned (float4 / uint4 access).
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 

@@ -342,6 +342,7 @@ struct DecodeParams {
   int32_t vec;              // row-major: vector loads allowed (alignment)
   float* partial;           // [ks, M, N] when ks > 1
   uint32_t* counters;       // [E or 1, gridDim.x] when ks > 1; zero between launches
+  unsigned int* errors;     // device_errors_word(): a row routed past the stack raises GROKIT_DEVERR_EXPERT
 };
 
 // The loads of one unit, by format.
@@ -693,7 +694,8 @@ GK_KERNEL(KMT == 1 ? 3 : 2) decode_kernel(const DecodeParams p) {
   const int tn = 1 << tn_log2;
   const int64_t tile_col0 = static_cast<int64_t>(blockIdx.x) * tn;
 
-  // Rows routed to no expert (< 0, or past the stack) get zeros, once per column.
+  // Rows routed to no expert (< 0, or past the stack: an error, raised) get zeros, once
+  // per column.
   if (p.expert != nullptr && blockIdx.y == 0 && blockIdx.z == 0) {
     for (int t = tid; t < tn; t += kThreads) {
       const int64_t n = tile_col0 + t;
@@ -701,6 +703,7 @@ GK_KERNEL(KMT == 1 ? 3 : 2) decode_kernel(const DecodeParams p) {
       for (int m = 0; m < p.M; ++m) {
         const int32_t ex = p.expert[m];
         if (ex < 0 || ex >= p.E) p.y[static_cast<int64_t>(m) * p.ldy + n] = 0.0f;
+        if (ex >= p.E && n == tile_col0) raise_device_error(p.errors, GROKIT_DEVERR_EXPERT);
       }
     }
   }
@@ -943,6 +946,7 @@ inline DecodeParams make_decode_params(const WDesc& d, const DecodePlan& P, cons
   p.y = y;
   p.ldy = ldy;
   p.expert = expert;
+  p.errors = device_errors_word();
   p.x_div = static_cast<int32_t>(x_div);
   p.M = static_cast<int32_t>(M);
   p.E = static_cast<int32_t>(d.E);

@@ -202,7 +202,10 @@ int run_prefill(Ctx& c, const WDesc& d, const float* x, int64_t M, int64_t ldx, 
   int64_t unrouted = 0;
   for (int64_t m = 0; m < M; ++m) {
     const int32_t e = c.host_ids.p[m];
-    if (e < 0 || e >= E)
+    if (e >= E)  // seen here on the host: refused as the CPU twin does
+      return set_error(GROKIT_ERR_INVALID, "matmul: row %lld routes to expert %d of %lld", static_cast<long long>(m),
+                       e, static_cast<long long>(E));
+    if (e < 0)
       ++unrouted;
     else
       ++start[static_cast<size_t>(e) + 1];

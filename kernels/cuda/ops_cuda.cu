@@ -42,7 +42,11 @@ int device_count(int* count) {
 
 int set_device(int device) {
   if (device < 0) return set_error(GROKIT_ERR_INVALID, "set_device: device = %d", device);
-  return call(cudaSetDevice(device), "cudaSetDevice");
+  if (int rc = call(cudaSetDevice(device), "cudaSetDevice"); rc != GROKIT_OK) return rc;
+  // Found here, before any capture: the ops look it up while a graph may be captured.
+  if (device_errors_word() == nullptr)
+    return set_error(GROKIT_ERR_DEVICE, "set_device: device %d: its error word cannot be found", device);
+  return GROKIT_OK;
 }
 
 int device_name(int device, char* name, size_t len, uint64_t* memory_bytes) {
@@ -259,6 +263,7 @@ GrokitOps make_table() {
   t.moe_combine = moe_combine;
   t.logits = logits;
   t.sum_arrays = sum_arrays;
+  t.take_device_errors = take_device_errors;
   return t;
 }
 

@@ -919,6 +919,73 @@ void add_error(const std::string& what, std::function<int(Dev&)> call) {
   });
 }
 
+// Values only the device reads (ops.h take_device_errors): the host ops refuse them
+// when called; the CUDA ops skip them, raise their bit, and the next take_device_errors
+// returns it once. Each op is given one bad row (decode sizes: the graph-captured paths).
+void add_device_values() {
+  add("device_values", [](Dev& dev, Rng& rng) {
+    const bool host = dev.backend == "host";
+    auto take = [&](const char* what) {
+      uint32_t flags = 0xdeadu;
+      dev.check(dev.ops->take_device_errors(dev.stream, &flags), std::string("take_device_errors after ") + what);
+      return flags;
+    };
+    auto expect_reported = [&](int rc, uint32_t bit, const char* what) {
+      const std::string msg = dev.ops->error_message();
+      const uint32_t flags = take(what);
+      if (host) {
+        EXPECT_EQ(rc, GROKIT_ERR_INVALID) << what;
+        EXPECT_EQ(flags, 0u) << what;
+      } else {
+        EXPECT_EQ(rc, GROKIT_OK) << what << ": " << msg;
+        EXPECT_EQ(flags, bit) << what;
+        EXPECT_EQ(take(what), 0u) << what << ": the bits were not cleared";
+      }
+    };
+    EXPECT_EQ(take("the start"), 0u) << "bits left by earlier work";
+    const int64_t KV = 2, dh = 16, cap = 8;
+    const GrokitAttnShape sh{4, KV, dh, 1.0f, 30.0f};
+    auto* kc = static_cast<uint16_t*>(dev.alloc(static_cast<size_t>(KV * cap * dh * 2)));
+    auto* vc = static_cast<uint16_t*>(dev.alloc(static_cast<size_t>(KV * cap * dh * 2)));
+    auto* valid = static_cast<uint8_t*>(dev.alloc(static_cast<size_t>(cap)));
+    dev.check(dev.ops->fill(kc, 0, static_cast<size_t>(KV * cap * dh * 2), dev.stream), "fill");
+    dev.check(dev.ops->fill(vc, 0, static_cast<size_t>(KV * cap * dh * 2), dev.stream), "fill");
+    dev.check(dev.ops->fill(valid, 1, static_cast<size_t>(cap), dev.stream), "fill");
+    const std::vector<float> kv = bf16_values(rng, static_cast<size_t>(KV * dh), -2, 1);
+    GrokitAttnRow row{kc, vc, valid, cap, 1, static_cast<int32_t>(cap), 5};  // position == cap
+    expect_reported(dev.ops->kv_store(dev.upload(kv), dev.upload(kv), 1, dev.upload(std::vector<GrokitAttnRow>{row}),
+                                      &sh, dev.stream),
+                    GROKIT_DEVERR_KV_ROW, "kv_store at position cap");
+    row.pos = 0;
+    row.n_keys = cap + 1;  // more keys than the cache holds
+    const std::vector<float> q = bf16_values(rng, static_cast<size_t>(4 * dh), -2, 1);
+    expect_reported(dev.ops->attention(dev.upload(q), 1, dev.upload(std::vector<GrokitAttnRow>{row}), cap + 1, &sh,
+                                       dev.poisoned<float>(static_cast<size_t>(4 * dh)), dev.stream),
+                    GROKIT_DEVERR_ATTN_ROW, "attention with n_keys above cap");
+    const WeightPayload w = payloads::random_weight(payloads::kBF16, 2, 64, 40, 0, rng);
+    GrokitWeight wd = w.desc(dev.upload(w.bytes));
+    const uint64_t scratch_bytes = dev.ops->prepare_scratch_bytes(&wd);
+    void* scratch = scratch_bytes > 0 ? dev.alloc(scratch_bytes) : nullptr;
+    dev.check(dev.ops->prepare_weight(&wd, scratch, dev.stream), "prepare_weight");
+    const GrokitRouting routing{dev.upload(std::vector<int32_t>{0, 2}), 1};  // row 1: expert 2 of 2
+    const std::vector<float> x = bf16_values(rng, static_cast<size_t>(2 * 64), -2, 1);
+    expect_reported(dev.ops->matmul(&wd, dev.upload(x), 2, 64, 0, &routing, dev.poisoned<float>(80), 40, dev.stream),
+                    GROKIT_DEVERR_EXPERT, "matmul with an expert past the stack");
+    // Prefill sizes: the CUDA op groups the rows by expert on the host, and refuses there.
+    std::vector<int32_t> many(40, 1);
+    many[17] = 2;
+    const GrokitRouting routing40{dev.upload(many), 1};
+    const std::vector<float> x40 = bf16_values(rng, static_cast<size_t>(40 * 64), -2, 1);
+    EXPECT_EQ(dev.ops->matmul(&wd, dev.upload(x40), 40, 64, 0, &routing40, dev.poisoned<float>(40 * 40), 40, dev.stream),
+              GROKIT_ERR_INVALID)
+        << "matmul of 40 rows with an expert past the stack";
+    EXPECT_EQ(take("matmul of 40 rows"), 0u);
+    uint32_t flags = 0;
+    EXPECT_EQ(dev.ops->take_device_errors(dev.stream, nullptr), GROKIT_ERR_INVALID);
+    dev.check(dev.ops->take_device_errors(dev.stream, &flags), "take_device_errors");
+  });
+}
+
 GrokitWeight small_weight(Dev& dev, int32_t dtype, int32_t param, int64_t E, int64_t Kd, int64_t N) {
   GrokitWeight w{};
   w.dtype = dtype;
@@ -1023,6 +1090,7 @@ void build_cases() {
   add_rope(1, 8, 128);
   add_rope(17, 3, 128);
   add_rope(5, 8, 16);
+  add_device_values();
   add_kv_store(2, 128);
   add_kv_store(8, 16);
 
