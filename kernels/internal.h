@@ -206,6 +206,33 @@ inline void prefetch_rows(const void* p, int64_t row_bytes, int64_t rows) {
   if (rows > 2) prefetch_line(b + 2 * row_bytes);
   if (rows > 3) prefetch_line(b + 3 * row_bytes);
 }
+// The lines of a block of `rows` rows (row_bytes apart, `width` bytes from base in each)
+// requested in memory order, a few per call: the walks read their rows side by side, and
+// requests made in that order (a line of each row in turn) reached DRAM as that many
+// interleaved streams, slower than one stream (measured: four rows side by side read
+// 43 GB/s where a sequential read gets 69-73).
+struct BlockPrefetch {
+  const char* row = nullptr;
+  int64_t row_bytes = 0, width = 0, rows = 0, at = 0;  // at: offset in the current row
+  void reset(const void* base, int64_t row_bytes_, int64_t width_, int64_t rows_) {
+    row = static_cast<const char*>(base);
+    row_bytes = row_bytes_;
+    width = width_;
+    rows = rows_;
+    at = 0;
+  }
+  void next(int64_t lines) {
+    for (; lines > 0 && rows > 0; --lines) {
+      prefetch_line(row + at);
+      at += 64;
+      if (at >= width) {
+        at = 0;
+        row += row_bytes;
+        --rows;
+      }
+    }
+  }
+};
 // How many of the `step` rows from k + ahead lie before k1.
 inline int64_t rows_to_fetch(int64_t k, int64_t ahead, int64_t k1, int64_t step) {
   return std::min<int64_t>(step, std::max<int64_t>(0, k1 - (k + ahead)));

@@ -180,6 +180,8 @@ GROKIT_AVX512 void pairs_rows_avx512(const uint32_t* xpairs, int64_t M, int64_t 
     const bool two = k + 2 < k1;  // a second pair in this step
     const int64_t fetch = rows_to_fetch(k, ahead, k1, 4);
     const int8_t* next = fetch > 0 ? codes + (k + ahead) * N : codes;
+    BlockPrefetch prefetch;
+    prefetch.reset(next + c0, N, c1 - c0, fetch);
     // x's pairs for one row of x, hoisted out of the column loop.
     const __m512bh xa1 = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(xpairs[k / 2])));
     const __m512bh xb1 = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(two ? xpairs[k / 2 + 1] : 0)));
@@ -194,7 +196,7 @@ GROKIT_AVX512 void pairs_rows_avx512(const uint32_t* xpairs, int64_t M, int64_t 
     const bool one_block = b1 && sa0 == sb1;
     auto step = [&](auto uniform) GROKIT_AVX512_INLINE_LAMBDA {
       for_each_tile(c0, c1, [&](auto full, int64_t c, __mmask16 ml, __mmask16 mh) GROKIT_AVX512_INLINE_LAMBDA {
-        if (((c - c0) & 63) == 0) prefetch_rows(next + c, N, fetch);
+        if (((c - c0) & 63) == 0) prefetch.next(fetch);
         auto scales_of = [&](const float* row) GROKIT_AVX512_INLINE_LAMBDA {
           return row_scales_at(row + (c - c0), full, ml, mh);
         };
@@ -340,6 +342,8 @@ GROKIT_AVX512 void fma_rows_avx512(const float* x, int64_t M, int64_t ldx, const
     const int64_t rows = std::min<int64_t>(4, k1 - k);
     const int64_t fetch = rows_to_fetch(k, ahead, k1, 4);
     const int8_t* next = fetch > 0 ? codes + (k + ahead) * N : codes;
+    BlockPrefetch prefetch;
+    prefetch.reset(next + c0, N, c1 - c0, fetch);
     const int8_t* ra = codes + k * N;
     const float* s[4];
     for (int64_t r = 0; r < 4; ++r) s[r] = row_scales(k + std::min(r, rows - 1));
@@ -347,7 +351,7 @@ GROKIT_AVX512 void fma_rows_avx512(const float* x, int64_t M, int64_t ldx, const
     __m512 x1[4];
     for (int64_t r = 0; r < 4; ++r) x1[r] = _mm512_set1_ps(r < rows ? x[k + r] : 0.0f);
     for_each_tile(c0, c1, [&](auto full, int64_t c, __mmask16 ml, __mmask16 mh) GROKIT_AVX512_INLINE_LAMBDA {
-      if (((c - c0) & 63) == 0) prefetch_rows(next + c, N, fetch);
+      if (((c - c0) & 63) == 0) prefetch.next(fetch);
       __m512 w[8];  // row k + r, columns 0-15 / 16-31: w[2r], w[2r + 1]
       pair_f32(full, ra, c, ml, mh, s[0], s[1], rows > 1, w);
       if (rows > 2) pair_f32(full, ra + 2 * N, c, ml, mh, s[2], s[3], rows > 3, w + 4);
