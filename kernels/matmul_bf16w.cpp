@@ -118,11 +118,13 @@ GROKIT_AVX512 void pairs_rows_avx512(const uint32_t* xpairs, int64_t M, int64_t 
     const bool two = k + 2 < k1;  // a second pair in this step
     const int64_t fetch = rows_to_fetch(k, ahead, k1, 4);
     const uint16_t* next = fetch > 0 ? w + (k + ahead) * N : w;
+    BlockPrefetch prefetch;  // as matmul_q8's walks
+    prefetch.reset(next + c0, 2 * N, 2 * (c1 - c0), fetch);
     // x's pairs for one row of x, hoisted out of the column loop.
     const __m512bh xa1 = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(xpairs[k / 2])));
     const __m512bh xb1 = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(two ? xpairs[k / 2 + 1] : 0)));
     for (int64_t c = c0; c < c1; c += 32) {
-      prefetch_rows(next + c, 2 * N, fetch);
+      prefetch.next(fetch);
       __m512bh alo, ahi, blo, bhi;
       pair_tile(k, c, alo, ahi);
       if (two) pair_tile(k + 2, c, blo, bhi);
@@ -153,10 +155,12 @@ GROKIT_AVX512 void fma_rows_avx512(const float* x, int64_t M, int64_t ldx, const
     const bool two = k + 1 < k1;
     const int64_t fetch = rows_to_fetch(k, ahead, k1, 2);
     const uint16_t* next = fetch > 0 ? w + (k + ahead) * N : w;
+    BlockPrefetch prefetch;
+    prefetch.reset(next + c0, 2 * N, 2 * (c1 - c0), fetch);
     // x for one row of x, hoisted out of the column loop (the stores to acc could alias it).
     const __m512 xa1 = _mm512_set1_ps(x[k]), xb1 = _mm512_set1_ps(two ? x[k + 1] : 0.0f);
     for (int64_t c = c0; c < c1; c += 32) {
-      prefetch_rows(next + c, 2 * N, fetch);
+      prefetch.next(fetch);
       const uint16_t* row = w + k * N + c;
       const __m512 a0 = load_bf16x16(row), a1 = load_bf16x16(row + 16);
       __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
