@@ -114,7 +114,7 @@ int attention(const float* q, int64_t M, const GrokitAttnRow* rows, int64_t max_
                      "q_heads <= 65535)",
                      static_cast<long long>(sh.q_heads), static_cast<long long>(sh.kv_heads));
   if (sh.head_dim < 2 || sh.head_dim > 256 || sh.head_dim % 2 != 0)
-    return set_error(GROKIT_ERR_INVALID, "attention: head_dim %lld unsupported (even, 2 to 256)",
+    return set_error(GROKIT_ERR_UNSUPPORTED, "attention: head_dim %lld unsupported (even, 2 to 256)",
                      static_cast<long long>(sh.head_dim));
   if (!std::isfinite(sh.multiplier) || !std::isfinite(sh.logit_cap) || !(sh.logit_cap > 0.0f))
     return set_error(GROKIT_ERR_INVALID, "attention: multiplier %g and logit_cap %g (need finite, cap > 0)",

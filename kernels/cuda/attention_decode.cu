@@ -262,7 +262,7 @@ int decode_plan(const Args& a, int sms, DecodePlan* p) {
   p->hsub = (a.group + kHB - 1) / kHB;
   const int64_t base = a.M * a.kv_heads * p->hsub;
   if (base > 65535)
-    return set_error(GROKIT_ERR_INVALID, "attention: decode grid too large (M * kv_heads * ceil(group / 8) = %lld)",
+    return set_error(GROKIT_ERR_UNSUPPORTED, "attention: decode grid too large (M * kv_heads * ceil(group / 8) = %lld)",
                      static_cast<long long>(base));
   // About two blocks per SM; splits of at least kMinChunk keys (multiples of 32).
   const int64_t target = 2 * static_cast<int64_t>(std::max(sms, 1));

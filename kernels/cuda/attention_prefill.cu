@@ -408,7 +408,7 @@ int prefill_plan(const Args& a, int sms, PrefillPlan* p) {
   p->dhp = a.head_dim <= 64 ? 64 : a.head_dim <= 128 ? 128 : 256;
   p->tiles = (a.M + kBM - 1) / kBM;
   if (p->tiles > 65535 || a.q_heads > 65535)
-    return set_error(GROKIT_ERR_INVALID, "attention: prefill grid too large (M = %lld, q_heads = %d)",
+    return set_error(GROKIT_ERR_UNSUPPORTED, "attention: prefill grid too large (M = %lld, q_heads = %d)",
                      static_cast<long long>(a.M), a.q_heads);
   // Split the keys only when the tiles do not fill about two blocks per SM.
   const int64_t base = p->tiles * a.q_heads, target = 2 * static_cast<int64_t>(std::max(sms, 1));
