@@ -105,6 +105,8 @@ Result<const GrokitCollectives*> cuda_collectives() {
   if (p.collectives == nullptr) return make_error(cuda_plugin_path(), ": the CUDA backend has no collectives");
   const GrokitCollectives* c = p.collectives();
   if (c == nullptr) return make_error(cuda_plugin_path(), ": no collectives");
+  if (c->abi_version != GROKIT_OPS_ABI_VERSION)
+    return make_error(cuda_plugin_path(), ": collectives ABI ", c->abi_version, ", expected ", GROKIT_OPS_ABI_VERSION);
   return c;
 }
 
