@@ -971,15 +971,16 @@ void add_device_values() {
     const std::vector<float> x = bf16_values(rng, static_cast<size_t>(2 * 64), -2, 1);
     expect_reported(dev.ops->matmul(&wd, dev.upload(x), 2, 64, 0, &routing, dev.poisoned<float>(80), 40, dev.stream),
                     GROKIT_DEVERR_EXPERT, "matmul with an expert past the stack");
-    // Prefill sizes: the CUDA op groups the rows by expert on the host, and refuses there.
-    std::vector<int32_t> many(40, 1);
+    // Past the routed decode limit (64 rows), the CUDA op groups the rows by expert on the
+    // host, and refuses there.
+    std::vector<int32_t> many(80, 1);
     many[17] = 2;
-    const GrokitRouting routing40{dev.upload(many), 1};
-    const std::vector<float> x40 = bf16_values(rng, static_cast<size_t>(40 * 64), -2, 1);
-    EXPECT_EQ(dev.ops->matmul(&wd, dev.upload(x40), 40, 64, 0, &routing40, dev.poisoned<float>(40 * 40), 40, dev.stream),
+    const GrokitRouting routing80{dev.upload(many), 1};
+    const std::vector<float> x80 = bf16_values(rng, static_cast<size_t>(80 * 64), -2, 1);
+    EXPECT_EQ(dev.ops->matmul(&wd, dev.upload(x80), 80, 64, 0, &routing80, dev.poisoned<float>(80 * 40), 40, dev.stream),
               GROKIT_ERR_INVALID)
-        << "matmul of 40 rows with an expert past the stack";
-    EXPECT_EQ(take("matmul of 40 rows"), 0u);
+        << "matmul of 80 rows with an expert past the stack";
+    EXPECT_EQ(take("matmul of 80 rows"), 0u);
     uint32_t flags = 0;
     EXPECT_EQ(dev.ops->take_device_errors(dev.stream, nullptr), GROKIT_ERR_INVALID);
     dev.check(dev.ops->take_device_errors(dev.stream, &flags), "take_device_errors");
