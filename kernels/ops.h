@@ -33,7 +33,7 @@
 
 // The tables' layout version (GrokitOps, GrokitCollectives): the engine refuses a plugin
 // built against another. 1: the first; 2: GrokitCollectives.comm_abort;
-// 3: GrokitOps.take_device_errors.
+// 3: GrokitOps.take_device_errors, GrokitCollectives.comm_async_error.
 #define GROKIT_OPS_ABI_VERSION 3
 
 #ifdef __cplusplus
@@ -224,6 +224,11 @@ typedef struct GrokitCollectives {
   // Abandons the communicator's pending and future operations (any thread; a rank
   // blocked in a collective returns). Destroys it: do not call comm_destroy after.
   int (*comm_abort)(void* comm);
+  // Whether the communicator met an error of its own while its operations ran (NCCL's
+  // ncclCommGetAsyncError: a peer process that died or aborted, a network failure), which
+  // leaves them waiting for ever: *failed = 1 and why says what, else 0. Does not block;
+  // callable from any thread while the communicator lives (not with comm_abort).
+  int (*comm_async_error)(void* comm, int* failed, char* why, size_t len);
 } GrokitCollectives;
 
 #ifdef __cplusplus

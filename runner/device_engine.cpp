@@ -821,6 +821,10 @@ Status DeviceEngine::rank_step(DevRank& R, const std::vector<PlanRow>& plan, con
 Status DeviceEngine::end_of_step(DevRank& R) {
   uint32_t flags = 0;
   DEV_TRY(R.ops, R.ops->take_device_errors(R.stream, &flags));
+  // A communicator aborted under the step (its watchdog saw a peer fail) let the
+  // collectives end without their data: the step's results are not to be used.
+  if (R.comm && R.comm->aborted())
+    return make_error("rank ", R.rank, ": the step's collectives were abandoned: ", R.comm->abort_reason());
   GROKIT_CHECK_MSG(flags == 0,
                    str_cat("rank ", R.rank, ": the device met values the engine wrote out of range:",
                            (flags & GROKIT_DEVERR_KV_ROW) != 0 ? " a KV-cache store row (position or cache)" : "",

@@ -1,6 +1,9 @@
 #include "runner/device_layer.h"
 
 #include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <mutex>
 #include <thread>
 
 namespace grokit::runner {
@@ -23,23 +26,40 @@ class SoloComm final : public DeviceComm {
   GrokitStream stream_;
 };
 
+// ncclCommAbort runs on a thread of its own: it sets NCCL's abort flag at once (this
+// rank's waiting kernels end), then waits until every graph that captured this
+// communicator is destroyed (DeviceEngine::run_on_ranks does that once the ranks have
+// returned), which it could not do on a rank's thread.
+// A watchdog thread asks NCCL every kWatchEvery whether the communicator met an error of
+// its own (a peer process on another host died or aborted: this rank's collectives
+// would wait for it for ever) and then aborts it, so that the step fails instead.
 class NcclComm final : public DeviceComm {
  public:
+  static constexpr std::chrono::milliseconds kWatchEvery{100};
   NcclComm(const GrokitOps* ops, const GrokitCollectives* c, void* comm, GrokitStream stream)
-      : ops_(ops), c_(c), comm_(comm), stream_(stream) {}
+      : ops_(ops), c_(c), comm_(comm), stream_(stream) {
+    if (comm_ != nullptr && c_->comm_async_error != nullptr && c_->comm_abort != nullptr)
+      watchdog_ = std::thread([this] { watch(); });
+  }
   ~NcclComm() override {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stopping_ = true;
+    }
+    wake_.notify_all();
+    if (watchdog_.joinable()) watchdog_.join();
     if (aborter_.joinable()) aborter_.join();
     else if (comm_ != nullptr) c_->comm_destroy(comm_);
   }
-  // ncclCommAbort runs on a thread of its own: it sets NCCL's abort flag at once (this
-  // rank's waiting kernels end), then waits until every graph that captured this
-  // communicator is destroyed (DeviceEngine::run_on_ranks does that once the ranks have
-  // returned), which it could not do on a rank's thread.
   void abort() override {
-    if (comm_ == nullptr || c_->comm_abort == nullptr || aborted_.exchange(true)) return;
-    aborter_ = std::thread([c = c_, comm = comm_] { c->comm_abort(comm); });
+    std::lock_guard<std::mutex> lock(mu_);
+    abort_locked("another rank failed");
   }
   bool aborted() const override { return aborted_.load(); }
+  std::string abort_reason() const override {
+    std::lock_guard<std::mutex> lock(mu_);
+    return reason_;
+  }
   Status all_reduce_sum(float* data, size_t n) override {
     GROKIT_TRY(check_not_aborted());
     if (c_->all_reduce_sum(data, data, n, comm_, stream_) != GROKIT_OK)
@@ -57,15 +77,41 @@ class NcclComm final : public DeviceComm {
 
  private:
   Status check_not_aborted() const {
-    if (aborted_.load()) return make_error("NCCL communicator aborted: another rank failed");
+    if (aborted_.load()) return make_error("NCCL communicator aborted: ", abort_reason());
     return {};
+  }
+  // The first abort wins. Under mu_, so that the watchdog never asks NCCL about a
+  // communicator that comm_abort has begun to take down.
+  void abort_locked(std::string why) {
+    if (comm_ == nullptr || c_->comm_abort == nullptr || aborted_.load()) return;
+    reason_ = std::move(why);
+    aborted_ = true;
+    aborter_ = std::thread([c = c_, comm = comm_] { c->comm_abort(comm); });
+    wake_.notify_all();
+  }
+  void watch() {
+    std::unique_lock<std::mutex> lock(mu_);
+    while (!stopping_ && !aborted_.load()) {
+      int failed = 0;
+      char why[256] = {0};
+      if (c_->comm_async_error(comm_, &failed, why, sizeof why) == GROKIT_OK && failed != 0) {
+        abort_locked(str_cat("NCCL reported an error on this rank's communicator (a peer failed?): ", why));
+        return;
+      }
+      wake_.wait_for(lock, kWatchEvery, [&] { return stopping_ || aborted_.load(); });
+    }
   }
   const GrokitOps* ops_;
   const GrokitCollectives* c_;
   void* comm_;
   GrokitStream stream_;
   std::atomic<bool> aborted_{false};
-  std::thread aborter_;
+  mutable std::mutex mu_;
+  std::condition_variable wake_;
+  bool stopping_ = false;  // under mu_
+  std::string reason_;     // under mu_
+  std::thread aborter_;    // started under mu_
+  std::thread watchdog_;
 };
 
 // Ranks that are threads of this process. When they share one device (or the host

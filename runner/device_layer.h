@@ -94,6 +94,8 @@ class DeviceComm {
   // Whether abort() was called: a wait that returned after it may have abandoned a
   // collective, so its results must not be used (an aborted NCCL kernel ends without error).
   virtual bool aborted() const { return false; }
+  // Why the collectives were abandoned (once aborted()).
+  virtual std::string abort_reason() const { return "another rank failed"; }
 };
 
 // One rank alone: collectives are copies at most.

@@ -45,6 +45,8 @@ using AllGather = Result (*)(const void*, void*, size_t, int, Comm, cudaStream_t
 using Broadcast = Result (*)(const void*, void*, size_t, int, int, Comm, cudaStream_t);
 using GetErrorString = const char* (*)(Result);
 using GetVersion = Result (*)(int*);
+using CommGetAsyncError = Result (*)(Comm, Result*);
+constexpr Result kInProgress = 7;  // ncclInProgress
 }  // namespace abi
 
 static_assert(sizeof(GrokitNcclId) == abi::kUniqueIdBytes, "GrokitNcclId carries an ncclUniqueId");
@@ -77,6 +79,8 @@ static_assert(std::is_same_v<decltype(&ncclBroadcast), ncclResult_t (*)(const vo
                                                                           ncclComm_t, cudaStream_t)>);
 static_assert(std::is_same_v<decltype(&ncclGetErrorString), const char* (*)(ncclResult_t)>);
 static_assert(std::is_same_v<decltype(&ncclGetVersion), ncclResult_t (*)(int*)>);
+static_assert(std::is_same_v<decltype(&ncclCommGetAsyncError), ncclResult_t (*)(ncclComm_t, ncclResult_t*)>);
+static_assert(abi::kInProgress == ncclInProgress, "ncclResult_t values");
 #endif
 
 // ---- loading ---------------------------------------------------------------------------
@@ -91,6 +95,7 @@ struct Api {
   abi::AllGather all_gather = nullptr;
   abi::Broadcast broadcast = nullptr;
   abi::GetErrorString get_error_string = nullptr;
+  abi::CommGetAsyncError comm_get_async_error = nullptr;
   int version = 0;  // ncclGetVersion's code, 0 when unknown
   const char* library = nullptr;
   bool ok = false;
@@ -145,7 +150,8 @@ Api open_nccl() {
       !resolve(lib, "ncclGroupStart", &api.group_start, api) || !resolve(lib, "ncclGroupEnd", &api.group_end, api) ||
       !resolve(lib, "ncclAllReduce", &api.all_reduce, api) || !resolve(lib, "ncclAllGather", &api.all_gather, api) ||
       !resolve(lib, "ncclBroadcast", &api.broadcast, api) ||
-      !resolve(lib, "ncclGetErrorString", &api.get_error_string, api))
+      !resolve(lib, "ncclGetErrorString", &api.get_error_string, api) ||
+      !resolve(lib, "ncclCommGetAsyncError", &api.comm_get_async_error, api))
     return api;
   auto get_version = reinterpret_cast<abi::GetVersion>(dlsym(lib, "ncclGetVersion"));
   int code = 0;
@@ -228,6 +234,24 @@ int comm_abort(void* comm) {
   return check(*api, api->comm_abort(static_cast<abi::Comm>(comm)), "ncclCommAbort");
 }
 
+int comm_async_error(void* comm, int* failed, char* why, size_t len) {
+  if (failed == nullptr) return set_error(GROKIT_ERR_INVALID, "nccl comm_async_error: null failed");
+  *failed = 0;
+  if (why != nullptr && len > 0) why[0] = '\0';
+  if (comm == nullptr) return set_error(GROKIT_ERR_INVALID, "nccl comm_async_error: null comm");
+  const Api* api = loaded("nccl comm_async_error");
+  if (api == nullptr) return GROKIT_ERR_UNSUPPORTED;
+  abi::Result state = abi::kSuccess;
+  if (int rc = check(*api, api->comm_get_async_error(static_cast<abi::Comm>(comm), &state), "ncclCommGetAsyncError");
+      rc != GROKIT_OK)
+    return rc;
+  if (state != abi::kSuccess && state != abi::kInProgress) {
+    *failed = 1;
+    if (why != nullptr && len > 0) std::snprintf(why, len, "%s (NCCL error %d)", api->get_error_string(state), state);
+  }
+  return GROKIT_OK;
+}
+
 int group_start() {
   const Api* api = loaded("nccl group_start");
   if (api == nullptr) return GROKIT_ERR_UNSUPPORTED;
@@ -283,6 +307,7 @@ GrokitCollectives make_table() {
   t.comm_init = comm_init;
   t.comm_destroy = comm_destroy;
   t.comm_abort = comm_abort;
+  t.comm_async_error = comm_async_error;
   t.group_start = group_start;
   t.group_end = group_end;
   t.all_reduce_sum = all_reduce_sum;

@@ -346,6 +346,15 @@ int comm_abort(void*) {
     std::this_thread::sleep_for(std::chrono::milliseconds(1));
   return aborts.fetch_add(1), GROKIT_OK;
 }
+// NCCL's async error: set by the test (a peer host failed); polls counted.
+std::atomic<bool> peer_failed{false};
+std::atomic<int> polls{0};
+int comm_async_error(void*, int* failed, char* why, size_t len) {
+  polls.fetch_add(1);
+  *failed = peer_failed.load() ? 1 : 0;
+  std::snprintf(why, len, "%s", *failed != 0 ? "remote process exited or there was a network error" : "");
+  return GROKIT_OK;
+}
 GrokitCollectives table() {
   GrokitCollectives c{};
   c.abi_version = GROKIT_OPS_ABI_VERSION;
@@ -387,6 +396,46 @@ TEST(NcclDeviceComm, AbortDoesNotHoldTheRankAndStopsEveryLaterCollective) {
   EXPECT_EQ(f::destroys.load(), 0);
   { auto comm = make_nccl_comm(grokit_host_ops(), &table, &token, nullptr); }
   EXPECT_EQ(f::destroys.load(), 1) << "a communicator that was not aborted is destroyed";
+}
+
+// A peer on another host fails: this rank's collectives would wait for it for ever.
+// The watchdog sees NCCL's async error, aborts the communicator (off the rank's thread)
+// and says why; a communicator that saw no error is destroyed, not aborted.
+TEST(NcclDeviceComm, WatchdogAbortsOnAPeersFailureAndSaysWhy) {
+  namespace f = fake_nccl;
+  GrokitCollectives table = f::table();
+  table.comm_async_error = f::comm_async_error;
+  int token = 0;
+  f::graphs_gone = false;
+  f::peer_failed = false;
+  const int aborts0 = f::aborts.load(), destroys0 = f::destroys.load();
+  {
+    auto comm = make_nccl_comm(grokit_host_ops(), &table, &token, nullptr);
+    std::this_thread::sleep_for(std::chrono::milliseconds(350));
+    EXPECT_GE(f::polls.load(), 2) << "the watchdog does not poll";
+    EXPECT_FALSE(comm->aborted());
+    f::peer_failed = true;
+    const auto t0 = std::chrono::steady_clock::now();
+    while (!comm->aborted() && std::chrono::steady_clock::now() - t0 < std::chrono::seconds(3))
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    ASSERT_TRUE(comm->aborted()) << "the watchdog did not abort within 3 s";
+    EXPECT_NE(comm->abort_reason().find("remote process exited"), std::string::npos) << comm->abort_reason();
+    std::vector<float> data(4, 1.0f);
+    Status s = comm->all_reduce_sum(data.data(), data.size());
+    ASSERT_FALSE(s.ok());
+    EXPECT_NE(s.error().message.find("remote process exited"), std::string::npos) << s.error().message;
+    const int polls = f::polls.load();
+    std::this_thread::sleep_for(std::chrono::milliseconds(250));
+    EXPECT_EQ(f::polls.load(), polls) << "NCCL asked about a communicator being aborted";
+    comm->abort();  // the engine's abort after the failed step: once is enough
+    f::graphs_gone = true;
+  }
+  EXPECT_EQ(f::aborts.load(), aborts0 + 1);
+  EXPECT_EQ(f::destroys.load(), destroys0);
+  f::peer_failed = false;
+  { auto comm = make_nccl_comm(grokit_host_ops(), &table, &token, nullptr); }
+  EXPECT_EQ(f::aborts.load(), aborts0 + 1);
+  EXPECT_EQ(f::destroys.load(), destroys0 + 1) << "a communicator that saw no error is destroyed";
 }
 
 }  // namespace
