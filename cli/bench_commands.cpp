@@ -125,7 +125,8 @@ int cmd_bench(int argc, char** argv) {
       ("steps", "decode steps to time in each round", cxxopts::value<int>()->default_value("32"))
       ("rounds", "rounds of (bandwidth probe, decode steps): the limit is measured next to the steps it bounds, "
        "since a shared host's bandwidth drifts", cxxopts::value<int>()->default_value("5"))
-      ("prompt-tokens", "prompt length before the timed steps", cxxopts::value<int>()->default_value("16"))
+      ("prompt-tokens", "prompt length before the timed steps (its prefill is timed too)",
+       cxxopts::value<int>()->default_value("16"))
       ("buffer-mb", "bandwidth test buffer, MiB (larger than the caches); also the most of the weights' pages read "
        "for their bandwidth", cxxopts::value<unsigned>()->default_value("1024"))
       ("device", "cpu, cuda or host (see grokit run --help); the bandwidth measured is the host's memory: for "
@@ -169,9 +170,14 @@ int cmd_bench(int argc, char** argv) {
     return Status{};
   };
   runner::StepRow row{*slot, tokens, runner::StepRow::Logits::kLast};
+  const auto prompt_t0 = std::chrono::steady_clock::now();
   if (auto s = eng.step(std::span<const runner::StepRow>(&row, 1), take); !s.ok())
     return std::fprintf(stderr, "%s: error: %s\n", prog, s.error().message.c_str()), kExitFailure;
+  const double prompt_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - prompt_t0).count();
   eng.reset_profile();  // the timed decode steps only, not the prompt
+  // The prompt's prefill, once (its first call also faults in the weights' pages: run a
+  // long one, --prompt-tokens, for a prefill rate).
+  std::printf("prompt (prefill)      : %8d tokens in %.2f ms -> %.1f tok/s\n", prompt, prompt_s * 1e3, prompt / prompt_s);
   const uint64_t bytes = eng.weight_bytes_per_token();
   std::printf("weights read per token: %10.3f MiB (attention, %ld of %ld experts, output projection)\n",
               static_cast<double>(bytes) / (1 << 20), static_cast<long>(eng.config().num_selected_experts),

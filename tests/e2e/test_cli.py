@@ -165,6 +165,12 @@ class Convert(unittest.TestCase):
                 slack = 0.006 + expect * (0.0006 / mib + 0.006 / float(b) + 0.0006 / float(ms) + 0.01)
                 self.assertAlmostEqual(float(r), expect, delta=slack)
         self.assertRegex(p.stdout, r"against a fresh buffer \([0-9.]+ - [0-9.]+ GB/s\): median [0-9.]+")
+        prefill = re.search(r"^prompt \(prefill\) +: +(\d+) tokens in ([0-9.]+) ms -> ([0-9.]+) tok/s$", p.stdout, re.M)
+        self.assertIsNotNone(prefill, p.stdout)
+        self.assertEqual(prefill.group(1), "16")  # the default --prompt-tokens
+        ms, rate = float(prefill.group(2)), float(prefill.group(3))
+        # what the printed digits allow: 0.005 of the ms, 0.05 of the rate
+        self.assertAlmostEqual(rate, 16 / (ms * 1e-3), delta=0.06 + rate * 0.0051 / (ms - 0.005))
         self.assertRegex(p.stdout, r"roofline ratio +: +[0-9.]+ \(median of the rounds")
         self.assertRegex(p.stderr, r"grokit bench: [0-9.]+ tok/s, roofline [0-9.]+")
         self.assertEqual(run("bench", out, "--rounds", 0).returncode, 2)
