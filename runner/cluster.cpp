@@ -18,7 +18,7 @@ using Clock = std::chrono::steady_clock;
 using std::chrono::milliseconds;
 
 constexpr char kMagic[4] = {'G', 'K', 'C', 'L'};
-constexpr uint16_t kProtocol = 1;
+constexpr uint16_t kProtocol = 2;  // 2: HELLO carries the settings
 constexpr size_t kHeaderBytes = 8;
 constexpr size_t kMaxPayload = 64 * 1024;
 constexpr size_t kMaxText = 4096;                     // model id, version, reasons
@@ -163,6 +163,7 @@ std::vector<uint8_t> encode_hello(const Hello& h) {
   w.put<uint32_t>(static_cast<uint32_t>(h.self.rank_count));
   w.text(h.self.model_id);
   w.text(h.self.version);
+  w.text(h.self.settings);
   return w.take();
 }
 
@@ -183,6 +184,7 @@ Result<Hello> decode_hello(std::span<const uint8_t> m) {
   h.self.rank_count = static_cast<int>(v[4]);
   GROKIT_TRY(r.text(&h.self.model_id, "model id"));
   GROKIT_TRY(r.text(&h.self.version, "version"));
+  GROKIT_TRY(r.text(&h.self.settings, "settings"));
   GROKIT_TRY(r.finish());
   return h;
 }
@@ -215,8 +217,8 @@ Status check_own(const HostHello& h, int host_rank) {
   if (h.first_rank < 0 || h.first_rank + static_cast<int64_t>(h.rank_count) > h.tp)
     return make_error("cluster: host ", host_rank, " drives ranks ", ranks_text(h.first_rank, h.rank_count),
                       ", outside [0, ", h.tp, ")");
-  if (h.model_id.size() > kMaxText || h.version.size() > kMaxText)
-    return make_error("cluster: host ", host_rank, ": model id or version longer than ", kMaxText, " bytes");
+  if (h.model_id.size() > kMaxText || h.version.size() > kMaxText || h.settings.size() > kMaxText)
+    return make_error("cluster: host ", host_rank, ": model id, version or settings longer than ", kMaxText, " bytes");
   return {};
 }
 
@@ -440,6 +442,9 @@ struct Cluster::Impl {
       return str_cat("host ", K, " has model id '", h.self.model_id, "' but the leader has '", mine.model_id, "'");
     if (h.self.tp != mine.tp)
       return str_cat("host ", K, " has tensor-parallel degree ", h.self.tp, " but the leader has ", mine.tp);
+    if (h.self.settings != mine.settings)
+      return str_cat("host ", K, " runs with settings '", h.self.settings, "' but the leader with '", mine.settings,
+                     "'");
     const auto& s = h.self;
     if (s.rank_count < 1 || s.first_rank + s.rank_count > s.tp)
       return str_cat("host ", K, " drives ranks ", ranks_text(s.first_rank, s.rank_count), ", outside [0, ", s.tp, ")");

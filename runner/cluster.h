@@ -6,9 +6,9 @@
 // leader is there, so followers may start first. Every message is one frame: an 8-byte
 // header ("GKCL", u16 protocol version, u8 kind, u8 0) and a little-endian body.
 //   1. follower -> leader  HELLO    host rank, host count, TP, first rank, rank count,
-//                                   model id, version.
+//                                   model id, version, settings.
 //   2. The leader collects H-1 hellos (join_timeout) and checks each as it arrives:
-//      same protocol, version, host count, model id and TP as its own; host rank in
+//      same protocol, version, host count, model id, settings and TP as its own; host rank in
 //      [1, H) and not seen before; ranks inside [0, TP) and overlapping no other host's.
 //      With all hellos in, the hosts' ranks must cover [0, TP).
 //   3. leader -> follower  WELCOME  the roster (every host's ranks) and the payload (the
@@ -62,6 +62,8 @@ struct HostHello {
   int first_rank = 0;      // this host drives ranks [first_rank, first_rank + rank_count)
   int rank_count = 1;
   std::string version;     // the grokit version; must match everywhere
+  std::string settings;    // opaque: the engine settings that shape each step's work (how a
+                           // prompt is cut into forward steps); must match everywhere
 };
 
 struct JoinResult {

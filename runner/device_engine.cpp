@@ -311,6 +311,9 @@ Status DeviceEngine::load(const std::string& dir, const EngineOptions& options, 
     hello.first_rank = first;
     hello.rank_count = local;
     hello.version = GROKIT_VERSION_STRING;
+    // Every host cuts a step's prompts into forward steps itself: the same cut everywhere,
+    // or the hosts' collectives would not match.
+    hello.settings = str_cat("prefill_chunk=", options.prefill_chunk);
     GROKIT_ASSIGN_OR_RETURN(cluster_, Cluster::open(co));
     std::vector<uint8_t> payload;
     if (leader_) payload.assign(nccl_id.bytes, nccl_id.bytes + sizeof nccl_id.bytes);

@@ -283,6 +283,14 @@ TEST(ClusterRefusal, DifferentModelId) {
                  "host 1 has model id 'model-0000' but the leader has 'model-7f3a'");
 }
 
+TEST(ClusterRefusal, DifferentSettings) {
+  HostHello mine = hello(2, 0, 1), theirs = hello(2, 1, 1);
+  mine.settings = "prefill_chunk=1024";
+  theirs.settings = "prefill_chunk=512";
+  expect_refused(2, mine, {{1, theirs}},
+                 "host 1 runs with settings 'prefill_chunk=512' but the leader with 'prefill_chunk=1024'");
+}
+
 TEST(ClusterRefusal, DuplicateHostRank) {
   expect_refused(3, hello(3, 0, 1), {{1, hello(3, 1, 1)}, {1, hello(3, 2, 1)}},
                  "host rank 1 joined twice (two processes claim it)");
@@ -528,8 +536,8 @@ TEST(Cluster, StrayPeersAreIgnoredAndMalformedHellosRefused) {
       const uint8_t junk[3] = {1, 2, 3};
       ASSERT_TRUE(raw.send(zmq::const_buffer(junk, 3), zmq::send_flags::none));
     } else {
-      // Header, host rank 1, host count 2, TP 2, and no more.
-      std::vector<uint8_t> m = {'G', 'K', 'C', 'L', 1, 0, 1, 0, 1, 0, 0, 0, 2, 0, 0, 0, 2, 0, 0, 0};
+      // Header (protocol 2, HELLO), host rank 1, host count 2, TP 2, and no more.
+      std::vector<uint8_t> m = {'G', 'K', 'C', 'L', 2, 0, 1, 0, 1, 0, 0, 0, 2, 0, 0, 0, 2, 0, 0, 0};
       ASSERT_TRUE(raw.send(zmq::buffer(m), zmq::send_flags::none));
     }
     FollowerLog log;
