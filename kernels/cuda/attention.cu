@@ -16,6 +16,7 @@
 #include <memory>
 #include <mutex>
 #include <utility>
+#include <vector>
 
 #include "kernels/cuda/attention.h"
 #include "kernels/cuda/attention_impl.cuh"
@@ -30,6 +31,9 @@ struct Scratch {
   size_t bytes = 0;
   bool captured = false;  // a graph may hold ptr
   bool pooled = false;    // from cudaMallocAsync
+  // Outgrown buffers a graph may still use (or whose cudaFree would synchronise): freed
+  // by attention_release_stream, once the stream's graphs are gone.
+  std::vector<std::pair<void*, bool>> retired;  // (ptr, pooled)
 };
 
 using ScratchMap = std::map<std::pair<int, cudaStream_t>, std::unique_ptr<Scratch>>;
@@ -73,9 +77,12 @@ int reserve(Scratch& sc, size_t bytes, cudaStream_t stream) {
     return check_cuda(e, "attention: scratch allocation");
   }
   // Outgrown: freed after the work already queued on this stream, unless a captured
-  // graph may use it or freeing it would synchronise (cudaFree); then it is kept.
+  // graph may use it or freeing it would synchronise (cudaFree); then it is kept until
+  // the stream is released.
   if (sc.ptr != nullptr && !sc.captured && sc.pooled) {
     if (int rc = check_cuda(cudaFreeAsync(sc.ptr, stream), "attention: scratch free")) return rc;
+  } else if (sc.ptr != nullptr) {
+    sc.retired.emplace_back(sc.ptr, sc.pooled);
   }
   sc.ptr = p;
   sc.bytes = want;
@@ -168,9 +175,14 @@ int attention_release_stream(GrokitStream stream) {
   }
   std::lock_guard<std::mutex> lock(sc->mu);
   int rc = check_cuda(cudaStreamSynchronize(st), "attention_release_stream: cudaStreamSynchronize");
-  if (sc->ptr != nullptr && rc == GROKIT_OK)
-    rc = check_cuda(sc->pooled ? cudaFreeAsync(sc->ptr, st) : cudaFree(sc->ptr), "attention_release_stream: free");
-  if (rc == GROKIT_OK && sc->pooled) rc = check_cuda(cudaStreamSynchronize(st), "attention_release_stream: freeing");
+  if (sc->ptr != nullptr) sc->retired.emplace_back(sc->ptr, sc->pooled);
+  bool any_pooled = false;
+  for (const auto& [p, pooled] : sc->retired) {
+    if (rc != GROKIT_OK) break;
+    rc = check_cuda(pooled ? cudaFreeAsync(p, st) : cudaFree(p), "attention_release_stream: free");
+    any_pooled = any_pooled || pooled;
+  }
+  if (rc == GROKIT_OK && any_pooled) rc = check_cuda(cudaStreamSynchronize(st), "attention_release_stream: freeing");
   return rc;
 }
 
