@@ -969,6 +969,8 @@ std::vector<uint8_t> encode_step(std::span<const StepRow> rows) {
 }
 
 std::vector<uint8_t> encode_shutdown() { return {static_cast<uint8_t>(CommandKind::kShutdown)}; }
+std::vector<uint8_t> encode_loaded() { return {static_cast<uint8_t>(CommandKind::kLoaded)}; }
+std::vector<uint8_t> encode_start_collectives() { return {static_cast<uint8_t>(CommandKind::kStartCollectives)}; }
 
 Result<EngineCommand> decode_command(std::span<const uint8_t> bytes) {
   Reader r(bytes, "engine command");
@@ -1024,6 +1026,12 @@ Result<EngineCommand> decode_command(std::span<const uint8_t> bytes) {
     }
     case CommandKind::kShutdown:
       c.kind = CommandKind::kShutdown;
+      break;
+    case CommandKind::kLoaded:
+      c.kind = CommandKind::kLoaded;
+      break;
+    case CommandKind::kStartCollectives:
+      c.kind = CommandKind::kStartCollectives;
       break;
     default:
       return r.error(0, str_cat("unknown kind ", int{kind}));

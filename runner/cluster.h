@@ -129,9 +129,13 @@ class Cluster {
 //                  kStep: u32 rows, each: i32 slot, u8 logits (0 none, 1 last, 2 all),
 //                         u32 n, n x i32 tokens
 //                  kShutdown: nothing
+//                  kLoaded: nothing (the leader has its shards; each follower acks once
+//                           it has its own)
+//                  kStartCollectives: nothing (every host has loaded: NCCL may start)
 // decode_command treats its input as hostile: every count is checked against the bytes
 // that remain, and errors name the byte offset.
-enum class CommandKind : uint8_t { kOpenSequence = 1, kCloseSequence = 2, kStep = 3, kShutdown = 4 };
+enum class CommandKind : uint8_t { kOpenSequence = 1, kCloseSequence = 2, kStep = 3, kShutdown = 4, kLoaded = 5,
+                                  kStartCollectives = 6 };
 
 struct CommandRow {
   int32_t slot = 0;
@@ -152,6 +156,8 @@ std::vector<uint8_t> encode_open_sequence(int64_t capacity, int32_t slot);
 std::vector<uint8_t> encode_close_sequence(int32_t slot);
 std::vector<uint8_t> encode_step(std::span<const StepRow> rows);
 std::vector<uint8_t> encode_shutdown();
+std::vector<uint8_t> encode_loaded();
+std::vector<uint8_t> encode_start_collectives();
 Result<EngineCommand> decode_command(std::span<const uint8_t> bytes);
 
 }  // namespace grokit::runner

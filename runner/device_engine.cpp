@@ -428,6 +428,34 @@ Status DeviceEngine::load(const std::string& dir, const EngineOptions& options, 
     return {};
   }));
 
+  // Every host has its shards before any starts NCCL's initialisation, which would wait
+  // for ever for the ranks of a host that failed to load. The leader says it has loaded
+  // and each follower, loaded too, acks (one that failed has left: its lost connection
+  // fails the leader's wait); only then does the leader tell them all to start. A leader
+  // that failed sends its shutdown instead, which the followers take at either point.
+  if (cluster_) {
+    if (leader_) {
+      GROKIT_ASSIGN_OR_RETURN(const uint64_t loaded, cluster_->send(encode_loaded()));
+      GROKIT_TRY(cluster_->wait(loaded));
+      GROKIT_ASSIGN_OR_RETURN(const uint64_t start, cluster_->send(encode_start_collectives()));
+      GROKIT_TRY(cluster_->wait(start));
+    } else {
+      for (CommandKind want : {CommandKind::kLoaded, CommandKind::kStartCollectives}) {
+        GROKIT_ASSIGN_OR_RETURN(ClusterCommand msg, cluster_->receive(kWaitForever));
+        auto cmd = decode_command(msg.bytes);
+        if (!cmd.ok() || cmd->kind != want) {
+          const bool shutdown = cmd.ok() && cmd->kind == CommandKind::kShutdown;
+          Status why = !cmd.ok() ? Status(cmd.error())
+                       : shutdown ? make_error("the leader stopped before the hosts started NCCL (a host failed to load?)")
+                                  : make_error("the leader sent another command while the hosts were loading");
+          (void)cluster_->ack(msg.seq, shutdown ? Status{} : why);
+          return why;
+        }
+        GROKIT_TRY(cluster_->ack(msg.seq, {}));
+      }
+    }
+  }
+
   // Collectives, one per rank.
   if (nccl != nullptr) {
     std::vector<void*> comms(ranks_.size(), nullptr);
@@ -581,6 +609,10 @@ Status DeviceEngine::follow() {
       case CommandKind::kShutdown:
         GROKIT_TRY(cluster_->ack(msg.seq, {}));
         return {};
+      case CommandKind::kLoaded:
+      case CommandKind::kStartCollectives:
+        s = make_error("the leader sent a loading command after the load");
+        break;
       case CommandKind::kOpenSequence: {
         const size_t slot = static_cast<size_t>(cmd->slot);
         if (cmd->slot < 0 || cmd->capacity <= 0 || cmd->capacity > cfg_.sequence_len ||

@@ -715,6 +715,15 @@ TEST(ClusterCodec, RoundTrips) {
   auto shut = decode_command(encode_shutdown());
   ASSERT_TRUE(shut.ok());
   EXPECT_EQ(shut->kind, CommandKind::kShutdown);
+  auto loaded = decode_command(encode_loaded());
+  ASSERT_TRUE(loaded.ok());
+  EXPECT_EQ(loaded->kind, CommandKind::kLoaded);
+  auto start = decode_command(encode_start_collectives());
+  ASSERT_TRUE(start.ok());
+  EXPECT_EQ(start->kind, CommandKind::kStartCollectives);
+  std::vector<uint8_t> loaded_and_more = encode_loaded();
+  loaded_and_more.push_back(0);
+  EXPECT_FALSE(decode_command(loaded_and_more).ok()) << "kLoaded carries nothing";
 
   std::vector<int32_t> a{1, 2, 3, -4, INT32_MAX}, b{}, c{131071};
   StepRow rows[3] = {{0, a, StepRow::Logits::kAll}, {9, b, StepRow::Logits::kNone}, {2, c, StepRow::Logits::kLast}};
