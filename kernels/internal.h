@@ -189,23 +189,16 @@ void run_chains(Pool pool, int64_t M, int64_t N, int64_t chains, int64_t align, 
 // The decode walks over rows of W (matmul_q8, matmul_bf16) read a few rows at a time,
 // streams a row apart, and spend enough work on each line that the hardware prefetchers
 // fall behind (and stop at every 4 KiB page of the mapped file): each step over a
-// tile's columns fetches the same columns of the rows one step further on, or about
-// 4 KiB on for short rows (measured on two Zen 5 cores: 22 -> 40-45 GB/s for int8, about
-// the plain read bandwidth). rows_ahead: how far, in rows, for a step of `step` rows.
+// tile's columns requests the rows one step further on, or about 4 KiB on for short rows,
+// in memory order (BlockPrefetch; measured on two Zen 5 cores: 22 -> 40-45 GB/s for
+// int8, about the plain read bandwidth). rows_ahead: how far, in rows, for a step of
+// `step` rows.
 inline int64_t rows_ahead(int64_t row_bytes, int64_t step) {
   return step * std::max<int64_t>(1, 4096 / (step * row_bytes));
 }
-// The line at p in each of `rows` (<= 4) rows, row_bytes apart. An asm statement: GCC 12
-// deleted these prefetches as side-effect free (as _mm_prefetch or __builtin_prefetch,
-// no prefetch was left in the object code).
+// The line at p. An asm statement: GCC 12 deleted these prefetches as side-effect free
+// (as _mm_prefetch or __builtin_prefetch, no prefetch was left in the object code).
 inline void prefetch_line(const char* p) { asm volatile("prefetcht0 %0" : : "m"(*p)); }
-inline void prefetch_rows(const void* p, int64_t row_bytes, int64_t rows) {
-  const char* b = static_cast<const char*>(p);
-  if (rows > 0) prefetch_line(b);
-  if (rows > 1) prefetch_line(b + row_bytes);
-  if (rows > 2) prefetch_line(b + 2 * row_bytes);
-  if (rows > 3) prefetch_line(b + 3 * row_bytes);
-}
 // The lines of a block of `rows` rows (row_bytes apart, `width` bytes from base in each)
 // requested in memory order, a few per call: the walks read their rows side by side, and
 // requests made in that order (a line of each row in turn) reached DRAM as that many

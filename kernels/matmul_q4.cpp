@@ -286,13 +286,20 @@ struct Q4Columns {
     for (int64_t b = 0; b < 16 * nc; b += 64) prefetch_line(p + b);
     if ((t & (L.cpg - 1)) == 0) prefetch_line(reinterpret_cast<const char*>(L.scales(t >> L.log2_cpg) + 2 * n));
   }
-  GROKIT_AVX512 void column(int64_t n, int64_t t0, int64_t t1, __m512i* dst, int64_t stride) const {
-    alignas(64) uint16_t expand_w[32], shift_w[32];
+  // Word r of the expanded chunk: word r / 4 of its 16 bytes, shifted by 4 (r % 4).
+  struct Words {
+    alignas(64) uint16_t expand[32], shift[32];
+  };
+  static constexpr Words kWords = [] {
+    Words w{};
     for (int r = 0; r < 32; ++r) {
-      expand_w[r] = static_cast<uint16_t>(r / 4);
-      shift_w[r] = static_cast<uint16_t>(4 * (r % 4));
+      w.expand[r] = static_cast<uint16_t>(r / 4);
+      w.shift[r] = static_cast<uint16_t>(4 * (r % 4));
     }
-    const __m512i expand = _mm512_load_si512(expand_w), shifts = _mm512_load_si512(shift_w);
+    return w;
+  }();
+  GROKIT_AVX512 void column(int64_t n, int64_t t0, int64_t t1, __m512i* dst, int64_t stride) const {
+    const __m512i expand = _mm512_load_si512(kWords.expand), shifts = _mm512_load_si512(kWords.shift);
     const __m512 qv = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1);
     __m512i tab = _mm512_setzero_si512();
     for (int64_t t = t0; t < t1; ++t) {
