@@ -1364,6 +1364,8 @@ TEST(ParityHarness, CudaNcclOneRank) {
       }
     }
     ok(nc->comm_destroy(comm), "comm_destroy");
+    // A unique id bootstraps one communicator: the second needs its own.
+    ok(nc->unique_id(&id), "unique_id (second)");
     void* doomed = nullptr;
     ok(nc->comm_init(&doomed, 1, &id, 0), "comm_init (second)");
     ok(nc->comm_abort(doomed), "comm_abort");
