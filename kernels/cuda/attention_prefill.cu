@@ -1,14 +1,17 @@
-// Attention for many query rows (prefill): a block takes 64 query rows x one query head,
-// stages bf16 K/V tiles in shared memory and multiplies on tensor cores (mma.sync
-// m16n8k16 bf16, fp32 accumulation); each warp owns 16 rows. Two passes, so that the
-// bf16 weights are rounded after normalisation as on the CPU:
+// Attention for many query rows (prefill): a block takes 64 query rows x one query head
+// and stages bf16 K/V tiles in shared memory; each warp owns 16 rows. Q.K runs on the
+// fp64 tensor cores (mma.sync m8n8k4 f64): the products of bf16 values are exact in
+// double and so are their sums, so every dot is the CPU twin's exact double dot and
+// bf16(q.k) has its bits. W.V runs on the bf16 tensor cores (m16n8k16, fp32
+// accumulation). Three passes, so that every softmax term is the twin's:
 //
-//   pass 1 (prefill_kernel<., false>)  per (row, head, split): max visible logit x, and
-//          (m, l) = online max / sum of exp(s - m) in fp32 (tanhf, expf) -> stats.
-//   pass 2 (prefill_kernel<., true>)   mx = cap * tanh(max x / cap) exactly, sum from the
-//          splits' (m, l); recomputes the same fp32 dots, s and e in double as the CPU
-//          twin, w = bf16(e / sum), O += W V -> o (bf16) or per-split fp32 partials.
-//   combine_splits (nsplit > 1)        o = bf16(sum of the partials).
+//   pass 0  per (row, head, split): the max visible logit x -> stats.x.
+//   pass 1  mx = cap * tanh(max x / cap) from every split, exactly as the twin; the sum
+//           of the twin's fp32 terms e = exp(s - mx), in double -> stats (bytes 8-15).
+//           (An fp32 online sum with tanhf/expf was off by up to ~1e-6 of the sum,
+//           enough to flip the bf16 rounding of about one weight in a thousand.)
+//   pass 2  w = bf16(e / fp32(sum)), O += W V -> o (bf16) or per-split fp32 partials.
+//   combine_splits (nsplit > 1)  o = bf16(sum of the partials).
 //
 // Grid (q_heads, ceil(M / 64), nsplit), 128 threads; the heads of a tile are adjacent
 // blocks (they share K/V through L2) and the tiles with the most keys start first.
@@ -42,12 +45,6 @@ struct Cfg {
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
-__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr)
-               : "memory");
-}
 __device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -70,31 +67,40 @@ __device__ __forceinline__ uint32_t bf16_pair(float lo, float hi) {
   return static_cast<uint32_t>(f32_to_bf16_bits(lo)) | (static_cast<uint32_t>(f32_to_bf16_bits(hi)) << 16);
 }
 
-// S[16 x BN] of this warp = Q[warp rows] . K^T, the k steps in ascending order (both
-// passes run this same code, so they see the same fp32 dots).
-// Fragments: lane = 4 * gq + tq; s[nt] holds rows gq, gq + 8, keys nt*8 + 2*tq + {0, 1}.
+// d += a * b, m8n8k4, fp64. Fragments: lane = 4 * g + t holds A[g][t], B[k = t][n = g]
+// and D[g][2t], D[g][2t + 1].
+__device__ __forceinline__ void mma_f64(double (&d)[2], double a, double b) {
+  asm volatile("mma.sync.aligned.m8n8k4.row.col.f64.f64.f64.f64 {%0, %1}, {%2}, {%3}, {%0, %1};\n"
+               : "+d"(d[0]), "+d"(d[1])
+               : "d"(a), "d"(b));
+}
+__device__ __forceinline__ double bf16_to_f64(uint16_t h) { return static_cast<double>(bf16_bits_to_f32(h)); }
+
+// S[16 x BN] of this warp = Q[warp rows] . K^T as fp32(exact double dot), the CPU twin's
+// dot. Layout of m16n8k16's accumulator (pv_tile's A): lane = 4 * gq + tq; s[nt] holds
+// rows gq, gq + 8, keys nt*8 + 2*tq + {0, 1} -- which is also m8n8k4's D layout, one
+// mma for rows 0-7 and one for rows 8-15.
 template <int DHP>
 __device__ __forceinline__ void qk_tile(const uint16_t* Qs, const uint16_t* Ks, int warp, int lane,
                                         float (&s)[Cfg<DHP>::BN / 8][4]) {
   constexpr int BN = Cfg<DHP>::BN, LD = Cfg<DHP>::LD;
+  const int g = lane >> 2, t = lane & 3;
+  const uint16_t* q0 = Qs + (warp * 16 + g) * LD + t;
+  const uint16_t* q1 = q0 + 8 * LD;
 #pragma unroll
-  for (int nt = 0; nt < BN / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
-  const int mi = lane >> 3, ri = lane & 7;
-  // A (Q, row-major): matrices (rows 0-7 | 8-15) x (k 0-7 | 8-15) -> a0..a3.
-  const uint32_t qa = smem_addr(Qs + (warp * 16 + (mi & 1) * 8 + ri) * LD + (mi >> 1) * 8);
-  // B (K rows = columns of B): (keys 0-7: k 0-7, k 8-15), (keys 8-15: k 0-7, k 8-15).
-  const uint32_t ka = smem_addr(Ks + ((mi >> 1) * 8 + ri) * LD + (mi & 1) * 8);
-#pragma unroll
-  for (int kk = 0; kk < DHP / 16; ++kk) {
-    uint32_t af[4];
-    ldsm_x4(af, qa + kk * 32);
-#pragma unroll
-    for (int np = 0; np < BN / 16; ++np) {
-      uint32_t bf[4];
-      ldsm_x4(bf, ka + np * 16 * LD * 2 + kk * 32);
-      mma_bf16(s[2 * np], af, bf[0], bf[1]);
-      mma_bf16(s[2 * np + 1], af, bf[2], bf[3]);
+  for (int nt = 0; nt < BN / 8; ++nt) {
+    const uint16_t* kr = Ks + (nt * 8 + g) * LD + t;
+    double c0[2] = {0.0, 0.0}, c1[2] = {0.0, 0.0};
+#pragma unroll 8
+    for (int kk = 0; kk < DHP / 4; ++kk) {
+      const double b = bf16_to_f64(kr[kk * 4]);
+      mma_f64(c0, bf16_to_f64(q0[kk * 4]), b);
+      mma_f64(c1, bf16_to_f64(q1[kk * 4]), b);
     }
+    s[nt][0] = static_cast<float>(c0[0]);
+    s[nt][1] = static_cast<float>(c0[1]);
+    s[nt][2] = static_cast<float>(c1[0]);
+    s[nt][3] = static_cast<float>(c1[1]);
   }
 }
 
@@ -163,21 +169,6 @@ __device__ int64_t first_valid(const uint8_t* valid, int64_t vmax, int64_t* red)
   return vmax;
 }
 
-__device__ __forceinline__ void online_add_f(float& m, float& l, float s) {
-  if (s > m) {
-    l = l * expf(m - s) + 1.0f;  // m = -inf: expf(-inf) = 0
-    m = s;
-  } else {
-    l += expf(s - m);
-  }
-}
-__device__ __forceinline__ void online_merge_f(float& m, float& l, float mo, float lo) {
-  const float mm = fmaxf(m, mo);
-  if (mm == neg_inf_f()) return;
-  l = (m == neg_inf_f() ? 0.0f : l * expf(m - mm)) + (mo == neg_inf_f() ? 0.0f : lo * expf(mo - mm));
-  m = mm;
-}
-
 // The score rule, per row r and key j (n_r keys, visible end ve_r):
 //   j >= n_r                      excluded (-inf: weight 0 even in a row without
 //                                 visible keys);
@@ -185,7 +176,9 @@ __device__ __forceinline__ void online_merge_f(float& m, float& l, float mo, flo
 //                                 visible keys, mx = -1e30);
 //   else                          s = cap * tanh(bf16(q . k) * mult / cap).
 // A tile row that is not in the current run has n_r = 0.
-template <int DHP, bool kPass2>
+// stats[(row * q_heads + head) * nsplit + split]: x = max visible logit (pass 0), bytes
+// 8-15 = the split's sum of terms, a double (pass 1).
+template <int DHP, int kPass>
 static __global__ __launch_bounds__(kThreads) void prefill_kernel(Args a, PrefillPlan p, float4* __restrict__ stats,
                                                                   float* __restrict__ part) {
   constexpr int BN = Cfg<DHP>::BN, LD = Cfg<DHP>::LD;
@@ -193,6 +186,7 @@ static __global__ __launch_bounds__(kThreads) void prefill_kernel(Args a, Prefil
   uint16_t* Qs = reinterpret_cast<uint16_t*>(smem);
   uint16_t* Ks = Qs + kBM * LD;
   uint16_t* Vs = Ks + BN * LD;  // pass 2 only
+  constexpr bool kPass2 = kPass == 2;
   __shared__ const uint16_t* s_k[kBM];
   __shared__ const uint16_t* s_v[kBM];
   __shared__ const uint8_t* s_valid[kBM];
@@ -255,19 +249,18 @@ static __global__ __launch_bounds__(kThreads) void prefill_kernel(Args a, Prefil
     for (int r = rs; r < re; ++r) kend = std::max(kend, fv < s_ve[r] ? s_ve[r] : s_n[r]);
     const int64_t ks = split * p.chunk, ke = std::min(ks + p.chunk, kend);
 
-    if constexpr (kPass2) {
+    if constexpr (kPass > 0) {
       if (tid >= rs && tid < re) {
         const float4* st = stats + ((r0 + tid) * a.q_heads + h) * p.nsplit;
         float mxx = neg_inf_f();
         for (int s = 0; s < p.nsplit; ++s) mxx = fmaxf(mxx, st[s].x);
         const float mx = mxx == neg_inf_f() ? kMasked : cap_logit(mxx, cap);
-        double sum = 0.0;
-        for (int s = 0; s < p.nsplit; ++s) {
-          const float4 v = st[s];
-          if (v.y != neg_inf_f()) sum += static_cast<double>(v.z) * ::exp(static_cast<double>(v.y) - mx);
-        }
         s_mx[tid] = mx;
-        s_sum[tid] = final_sum(sum, mx);
+        if constexpr (kPass2) {
+          double sum = 0.0;
+          for (int s = 0; s < p.nsplit; ++s) sum += reinterpret_cast<const double*>(st + s)[1];
+          s_sum[tid] = final_sum(sum, mx);
+        }
       }
     }
     __syncthreads();
@@ -281,13 +274,12 @@ static __global__ __launch_bounds__(kThreads) void prefill_kernel(Args a, Prefil
       const bool in = r >= rs && r < re;
       rn[i] = in ? s_n[r] : 0;
       rve[i] = in ? s_ve[r] : 0;
-      if constexpr (kPass2) {
-        rmx[i] = in ? s_mx[r] : 0.0f;
-        rsum[i] = in ? s_sum[r] : 0.0f;
-      }
+      if constexpr (kPass > 0) rmx[i] = in ? s_mx[r] : 0.0f;
+      if constexpr (kPass2) rsum[i] = in ? s_sum[r] : 0.0f;
     }
     const bool warp_on = warp * 16 < re && warp * 16 + 16 > rs;
-    float mxx[2] = {neg_inf_f(), neg_inf_f()}, m[2] = {neg_inf_f(), neg_inf_f()}, l[2] = {0.0f, 0.0f};
+    float mxx[2] = {neg_inf_f(), neg_inf_f()};
+    double esum[2] = {0.0, 0.0};
     float o[DHP / 8][4];
 #pragma unroll
     for (int i = 0; i < DHP / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
@@ -317,15 +309,15 @@ static __global__ __launch_bounds__(kThreads) void prefill_kernel(Args a, Prefil
           const int64_t j = kb + jt;
           const bool live = j < rn[i];
           const bool vis = live && j < rve[i] && s_ok[jt] != 0;
-          if constexpr (!kPass2) {
-            if (live) {
-              float s = kMasked;
-              if (vis) {
-                const float x = logit_x(sc[nt][e], mult);
-                mxx[i] = fmaxf(mxx[i], x);
-                s = __fmul_rn(cap, tanhf(__fdiv_rn(x, cap)));  // the sum only: fp32 is enough
-              }
-              online_add_f(m[i], l[i], s);
+          if constexpr (kPass == 0) {
+            if (vis) mxx[i] = fmaxf(mxx[i], logit_x(sc[nt][e], mult));
+          } else if constexpr (kPass == 1) {
+            // The twin's term: a masked key's score is kMasked, whose term is 1 in a row
+            // without visible keys (mx = kMasked) and 0 otherwise.
+            if (vis) {
+              esum[i] += static_cast<double>(softmax_num(cap_logit(logit_x(sc[nt][e], mult), cap), rmx[i]));
+            } else if (live && rmx[i] == kMasked) {
+              esum[i] += 1.0;
             }
           } else {
             float w = 0.0f;
@@ -347,14 +339,13 @@ static __global__ __launch_bounds__(kThreads) void prefill_kernel(Args a, Prefil
       const int r = warp * 16 + gq + 8 * i;
       const bool in = r >= rs && r < re;
       const int64_t rh = (r0 + r) * a.q_heads + h;
-      if constexpr (!kPass2) {
-        for (int off = 1; off < 4; off <<= 1) {
-          mxx[i] = fmaxf(mxx[i], __shfl_xor_sync(0xffffffffu, mxx[i], off));
-          const float mo = __shfl_xor_sync(0xffffffffu, m[i], off);
-          const float lo = __shfl_xor_sync(0xffffffffu, l[i], off);
-          online_merge_f(m[i], l[i], mo, lo);
-        }
-        if (in && tq == 0) stats[rh * p.nsplit + split] = make_float4(mxx[i], m[i], l[i], 0.0f);
+      if constexpr (kPass == 0) {
+        for (int off = 1; off < 4; off <<= 1) mxx[i] = fmaxf(mxx[i], __shfl_xor_sync(0xffffffffu, mxx[i], off));
+        if (in && tq == 0) stats[rh * p.nsplit + split] = make_float4(mxx[i], 0.0f, 0.0f, 0.0f);
+      } else if constexpr (kPass == 1) {
+        for (int off = 1; off < 4; off <<= 1) esum[i] += __shfl_xor_sync(0xffffffffu, esum[i], off);
+        // Bytes 8-15 only: other blocks read x of this split meanwhile.
+        if (in && tq == 0) reinterpret_cast<double*>(stats + rh * p.nsplit + split)[1] = esum[i];
       } else if (in) {
 #pragma unroll
         for (int nt = 0; nt < DHP / 8; ++nt) {
@@ -380,22 +371,20 @@ int launch(const Args& a, const PrefillPlan& p, float4* stats, float* part, cuda
   const dim3 grid(static_cast<unsigned>(a.q_heads), static_cast<unsigned>(p.tiles), static_cast<unsigned>(p.nsplit));
   const size_t sm1 = Cfg<DHP>::smem(false), sm2 = Cfg<DHP>::smem(true);
   // Above 48 KiB needs the opt-in (allowed during stream capture).
-  if (sm1 > 48 * 1024) {
-    if (int rc = check_cuda(cudaFuncSetAttribute(prefill_kernel<DHP, false>,
-                                                 cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(sm1)),
-                            "attention: prefill shared memory"))
-      return rc;
-  }
-  if (sm2 > 48 * 1024) {
-    if (int rc = check_cuda(cudaFuncSetAttribute(prefill_kernel<DHP, true>,
-                                                 cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(sm2)),
-                            "attention: prefill shared memory"))
-      return rc;
-  }
-  prefill_kernel<DHP, false><<<grid, kThreads, sm1, stream>>>(a, p, stats, part);
-  if (int rc = check_launch("attention: prefill pass 1 kernel")) return rc;
-  prefill_kernel<DHP, true><<<grid, kThreads, sm2, stream>>>(a, p, stats, part);
-  if (int rc = check_launch("attention: prefill pass 2 kernel")) return rc;
+  auto opt_in = [](auto kernel, size_t bytes) -> int {
+    if (bytes <= 48 * 1024) return GROKIT_OK;
+    return check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
+                      "attention: prefill shared memory");
+  };
+  if (int rc = opt_in(prefill_kernel<DHP, 0>, sm1)) return rc;
+  if (int rc = opt_in(prefill_kernel<DHP, 1>, sm1)) return rc;
+  if (int rc = opt_in(prefill_kernel<DHP, 2>, sm2)) return rc;
+  prefill_kernel<DHP, 0><<<grid, kThreads, sm1, stream>>>(a, p, stats, part);
+  if (int rc = check_launch("attention: prefill max kernel")) return rc;
+  prefill_kernel<DHP, 1><<<grid, kThreads, sm1, stream>>>(a, p, stats, part);
+  if (int rc = check_launch("attention: prefill sum kernel")) return rc;
+  prefill_kernel<DHP, 2><<<grid, kThreads, sm2, stream>>>(a, p, stats, part);
+  if (int rc = check_launch("attention: prefill weights kernel")) return rc;
   if (p.nsplit == 1) return GROKIT_OK;
   const int64_t total = a.M * a.q_heads * a.head_dim;
   combine_splits<float><<<blocks_for(total, 256), 256, 0, stream>>>(part, total, a.head_dim, p.nsplit, a.o);
