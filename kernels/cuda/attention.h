@@ -3,10 +3,11 @@
 // across blocks) and prefill kernels otherwise (tiles of query rows sharing their
 // sequence's keys, on tensor cores).
 //
-// The decode kernels sum in double as the CPU twin does; the prefill kernels take Q.K and
-// W.V on tensor cores in fp32. Both stay within the parity harness's budget of the twin,
-// but a row's bits can depend on M (which kernels run, and how the keys are split): on
-// CUDA, batched equals alone within that budget, not to the bit.
+// The decode kernels sum in double as the CPU twin does. The prefill kernels take Q.K
+// exactly (fp64 tensor cores) and the softmax terms as the twin does, but W.V on bf16
+// tensor cores with fp32 accumulation. Both stay within the parity harness's budget of
+// the twin, but a row's bits can depend on M (which kernels run, and how the keys are
+// split): on CUDA, batched equals alone within that budget, not to the bit.
 //
 // Launch sizes depend on M, the shape, max_keys and the device only. The op keeps a
 // scratch buffer per (device, stream) and grows it outside graph capture; if it would
