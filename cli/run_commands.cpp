@@ -161,7 +161,9 @@ int cmd_logits(int argc, char** argv) {
       ("tokens", "int32 token ids [B, T] (.npy), 0 = padding on the right (default: none; required)",
        cxxopts::value<std::string>())
       ("out", "output .npy of float32 logits [B, T, V] (default: none; required)", cxxopts::value<std::string>())
-      ("dump-layers", "also write DIR/hidden_000.npy (embedding output) .. hidden_L.npy (after each layer)",
+      ("dump-layers", "also write DIR/hidden_000.npy (embedding output) .. hidden_L.npy (after each layer), "
+                      "float32 [B, T, D], and DIR/experts_000.npy .. experts_{L-1}.npy (each layer's chosen "
+                      "experts in choice order, int32 [B, T, top])",
        cxxopts::value<std::string>()->default_value(""))
       ("force", "overwrite existing outputs (default: off)", cxxopts::value<bool>()->default_value("false")->implicit_value("true"));
   add_engine_options(opts);
@@ -183,7 +185,7 @@ int cmd_logits(int argc, char** argv) {
   std::vector<int64_t> shape{B, T, cfg.vocab_size};
   auto out = npy::Writer::create(r["out"].as<std::string>(), "<f4", shape, force);
   if (!out.ok()) return fail(prog, out.error());
-  std::vector<npy::Writer> dumps;
+  std::vector<npy::Writer> dumps, routing_dumps;
   std::string dump_dir = r["dump-layers"].as<std::string>();
   if (!dump_dir.empty()) {
     if (auto s = make_directory(dump_dir); !s.ok()) return fail(prog, s.error());
@@ -195,9 +197,22 @@ int cmd_logits(int argc, char** argv) {
       if (!w.ok()) return fail(prog, w.error());
       dumps.push_back(std::move(*w));
     }
+    std::vector<int64_t> eshape{B, T, cfg.num_selected_experts};
+    for (int64_t i = 0; i < cfg.num_layers; ++i) {
+      char name[32];
+      std::snprintf(name, sizeof name, "experts_%03ld.npy", static_cast<long>(i));
+      auto w = npy::Writer::create(path_join(dump_dir, name), "<i4", eshape, force);
+      if (!w.ok()) return fail(prog, w.error());
+      routing_dumps.push_back(std::move(*w));
+    }
   }
-  runner::HiddenSink hidden = [&](int index, size_t, int64_t, int64_t n, const float* x) {
+  runner::StepTaps taps;
+  taps.hidden = [&](int index, size_t, int64_t, int64_t n, const float* x) {
     return dumps[static_cast<size_t>(index)].write(x, sizeof(float) * static_cast<size_t>(n * cfg.emb_size));
+  };
+  taps.routing = [&](int layer, size_t, int64_t, int64_t n, const int32_t* experts) {
+    return routing_dumps[static_cast<size_t>(layer)].write(
+        experts, sizeof(int32_t) * static_cast<size_t>(n * cfg.num_selected_experts));
   };
   auto t0 = std::chrono::steady_clock::now();
   Progress progress("logits", static_cast<uint64_t>(B * T), !r["no-progress"].as<bool>());
@@ -210,13 +225,15 @@ int cmd_logits(int argc, char** argv) {
                           progress.add(1);
                           return out->write(logits, sizeof(float) * static_cast<size_t>(cfg.vocab_size));
                         },
-                        dumps.empty() ? nullptr : &hidden);
+                        dumps.empty() ? nullptr : &taps);
     eng.close_sequence(*slot);
     if (!s.ok()) return fail(prog, s.error());
   }
   progress.finish();
-  for (auto& d : dumps) {
-    if (auto s = d.finish(); !s.ok()) return fail(prog, s.error());
+  for (auto* group : {&dumps, &routing_dumps}) {
+    for (auto& d : *group) {
+      if (auto s = d.finish(); !s.ok()) return fail(prog, s.error());
+    }
   }
   if (auto s = out->finish(); !s.ok()) return fail(prog, s.error());
   double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

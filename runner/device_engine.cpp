@@ -134,14 +134,14 @@ class DeviceEngine final : public Engine {
     // Other hosts' ranks read as many bytes as ours.
     return weight_bytes_per_token_of(shards, cfg_) * static_cast<uint64_t>(tp_) / shards.size();
   }
-  Status step(std::span<const StepRow> rows, const LogitsSink& logits, const HiddenSink* hidden) override;
+  Status step(std::span<const StepRow> rows, const LogitsSink& logits, const StepTaps* taps) override;
   Status follow() override;
 
  private:
   Status open_slot(int slot, int64_t capacity);
-  Status run_plan(const std::vector<PlanRow>& plan, const LogitsSink* logits, const HiddenSink* hidden);
-  Status rank_step(DevRank& R, const std::vector<PlanRow>& plan, const LogitsSink* logits, const HiddenSink* hidden);
-  Status forward(DevRank& R, int64_t N, int64_t max_keys, const HiddenSink* hidden,
+  Status run_plan(const std::vector<PlanRow>& plan, const LogitsSink* logits, const StepTaps* taps);
+  Status rank_step(DevRank& R, const std::vector<PlanRow>& plan, const LogitsSink* logits, const StepTaps* taps);
+  Status forward(DevRank& R, int64_t N, int64_t max_keys, const StepTaps* taps,
                  const std::vector<PlanRow>& plan);
   Status logits_chunk(DevRank& R, const float* x_rows, int64_t n);
   Status emit_logits(DevRank& R, const std::vector<PlanRow>& plan, const std::vector<std::pair<size_t, int64_t>>& want,
@@ -558,7 +558,7 @@ void DeviceEngine::close_sequence(int slot) {
 
 // ---------------------------------------------------------------------------------
 // Steps.
-Status DeviceEngine::step(std::span<const StepRow> rows, const LogitsSink& logits, const HiddenSink* hidden) {
+Status DeviceEngine::step(std::span<const StepRow> rows, const LogitsSink& logits, const StepTaps* taps) {
   GROKIT_TRY(check_running());
   GROKIT_TRY(check_step_rows(
       rows, cfg_,
@@ -581,7 +581,7 @@ Status DeviceEngine::step(std::span<const StepRow> rows, const LogitsSink& logit
     });
     if (plan.empty()) break;
     sink_status_ = {};
-    GROKIT_TRY(run_plan(plan, leader_ ? &logits : nullptr, leader_ ? hidden : nullptr));
+    GROKIT_TRY(run_plan(plan, leader_ ? &logits : nullptr, leader_ ? taps : nullptr));
     for (const PlanRow& p : plan) {
       sequences_[static_cast<size_t>(p.slot)].length += p.n;
       done[p.user_row] += p.n;
@@ -681,12 +681,12 @@ Status DeviceEngine::reserve(DevRank& R, int64_t N) {
   return {};
 }
 
-Status DeviceEngine::run_plan(const std::vector<PlanRow>& plan, const LogitsSink* logits, const HiddenSink* hidden) {
-  return run_on_ranks([&](DevRank& R) { return rank_step(R, plan, logits, hidden); });
+Status DeviceEngine::run_plan(const std::vector<PlanRow>& plan, const LogitsSink* logits, const StepTaps* taps) {
+  return run_on_ranks([&](DevRank& R) { return rank_step(R, plan, logits, taps); });
 }
 
 // The layers, on R's stream, for the N tokens whose inputs are in R.act (tok, pos, rows).
-Status DeviceEngine::forward(DevRank& R, int64_t N, int64_t max_keys, const HiddenSink* hidden,
+Status DeviceEngine::forward(DevRank& R, int64_t N, int64_t max_keys, const StepTaps* taps,
                              const std::vector<PlanRow>& plan) {
   const GrokitOps* ops = R.ops;
   GrokitStream st = R.stream;
@@ -699,17 +699,34 @@ Status DeviceEngine::forward(DevRank& R, int64_t N, int64_t max_keys, const Hidd
   float *g = A.g.get<float>(), *u = A.u.get<float>(), *routed = A.routed.get<float>(), *gates = A.gates.get<float>();
   int32_t* experts = A.experts.get<int32_t>();
   std::vector<float> hidden_host;
+  std::vector<int32_t> experts_host;
   // A sink error is kept (as emit_logits does), not returned: rank 0 leaving the layer
   // loop early would leave the other ranks waiting in the next collective for ever.
   auto emit_hidden = [&](int index) -> Status {
-    if (hidden == nullptr || R.rank != 0 || !sink_status_.ok()) return {};
+    if (taps == nullptr || !taps->hidden || R.rank != 0 || !sink_status_.ok()) return {};
     hidden_host.resize(static_cast<size_t>(N * D));
     DEV_TRY(ops, ops->copy(hidden_host.data(), x, hidden_host.size() * 4, GROKIT_COPY_D2H, st));
     DEV_TRY(ops, ops->stream_sync(st));
     if (R.comm->aborted()) return make_error("rank 0: the hidden state's collectives were aborted");
     int64_t t = 0;
     for (const auto& p : plan) {
-      Status s = (*hidden)(index, p.user_row, p.user_offset, p.n, hidden_host.data() + t * D);
+      Status s = taps->hidden(index, p.user_row, p.user_offset, p.n, hidden_host.data() + t * D);
+      if (!s.ok()) {
+        sink_status_ = std::move(s);
+        return {};
+      }
+      t += p.n;
+    }
+    return {};
+  };
+  auto emit_routing = [&](int layer) -> Status {
+    if (taps == nullptr || !taps->routing || R.rank != 0 || !sink_status_.ok()) return {};
+    experts_host.resize(static_cast<size_t>(N * top));
+    DEV_TRY(ops, ops->copy(experts_host.data(), experts, experts_host.size() * 4, GROKIT_COPY_D2H, st));
+    DEV_TRY(ops, ops->stream_sync(st));
+    int64_t t = 0;
+    for (const auto& p : plan) {
+      Status s = taps->routing(layer, p.user_row, p.user_offset, p.n, experts_host.data() + t * top);
       if (!s.ok()) {
         sink_status_ = std::move(s);
         return {};
@@ -729,6 +746,7 @@ Status DeviceEngine::forward(DevRank& R, int64_t N, int64_t max_keys, const Hidd
     const LayerIO io{x, a, tmp, q, k, v, o, gates, g, u, routed, experts, A.pos.get<int32_t>(),
                      A.rows.get<GrokitAttnRow>() + l * N};
     GROKIT_TRY(run_layer(ops, st, R.layers[static_cast<size_t>(l)], dims, io, N, max_keys, R.comm.get()));
+    GROKIT_TRY(emit_routing(static_cast<int>(l)));
     GROKIT_TRY(emit_hidden(static_cast<int>(l + 1)));
   }
   return {};
@@ -746,7 +764,7 @@ Status DeviceEngine::logits_chunk(DevRank& R, const float* x_rows, int64_t n) {
 }
 
 Status DeviceEngine::rank_step(DevRank& R, const std::vector<PlanRow>& plan, const LogitsSink* logits_sink,
-                               const HiddenSink* hidden) {
+                               const StepTaps* taps) {
   const GrokitOps* ops = R.ops;
   GrokitStream st = R.stream;
   int64_t N = 0;
@@ -760,7 +778,7 @@ Status DeviceEngine::rank_step(DevRank& R, const std::vector<PlanRow>& plan, con
   std::vector<int64_t> token_index;
   wanted_logits(plan, &want, &token_index);
   // A decode step (one token per row, every row's logits) can replay a graph.
-  bool decode = hidden == nullptr && N <= kLogitsChunk && static_cast<int64_t>(want.size()) == N;
+  bool decode = taps == nullptr && N <= kLogitsChunk && static_cast<int64_t>(want.size()) == N;
   for (const auto& p : plan) decode = decode && p.n == 1;
   const bool graphable = decode && options_.graphs && ops->graph_begin != nullptr && R.comm->graph_safe();
   // Every decode step sizes attention for the whole sequence, replayed or not: the
@@ -830,7 +848,7 @@ Status DeviceEngine::rank_step(DevRank& R, const std::vector<PlanRow>& plan, con
     return end_of_step(R);
   }
 
-  GROKIT_TRY(forward(R, N, max_keys, hidden, plan));
+  GROKIT_TRY(forward(R, N, max_keys, taps, plan));
   for (size_t c0 = 0; c0 < want.size(); c0 += kLogitsChunk) {
     const int64_t n = std::min<int64_t>(kLogitsChunk, static_cast<int64_t>(want.size() - c0));
     // Gather the rows that want logits (contiguous in a decode step).

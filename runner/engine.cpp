@@ -98,7 +98,7 @@ struct CpuImpl {
   std::vector<OpProfile> profile;  // rank 0's, when options.profile
 
   Status load(const std::string& dir, LoadReport* report);
-  void rank_step(Rank& R, const std::vector<PlanRow>& plan, const LogitsSink& logits, const HiddenSink* hidden,
+  void rank_step(Rank& R, const std::vector<PlanRow>& plan, const LogitsSink& logits, const StepTaps* taps,
                  Status& sink_status);
 };
 
@@ -311,7 +311,7 @@ class CpuEngine final : public Engine {
   int64_t sequence_length(int slot) const override;
   uint64_t kv_bytes_per_rank(int64_t capacity) const override;
   uint64_t weight_bytes_per_token() const override;
-  Status step(std::span<const StepRow> rows, const LogitsSink& logits, const HiddenSink* hidden) override;
+  Status step(std::span<const StepRow> rows, const LogitsSink& logits, const StepTaps* taps) override;
   std::vector<OpProfile> profile() const override { return impl_->profile; }
   void reset_profile() override { impl_->profile.clear(); }
 
@@ -421,7 +421,7 @@ void CpuEngine::close_sequence(int slot) {
 
 int64_t CpuEngine::sequence_length(int slot) const { return impl_->sequences.at(static_cast<size_t>(slot)).length; }
 
-Status CpuEngine::step(std::span<const StepRow> rows, const LogitsSink& logits, const HiddenSink* hidden) {
+Status CpuEngine::step(std::span<const StepRow> rows, const LogitsSink& logits, const StepTaps* taps) {
   CpuImpl& I = *impl_;
   const auto& cfg = I.cfg;
   GROKIT_TRY(check_step_rows(
@@ -444,7 +444,7 @@ Status CpuEngine::step(std::span<const StepRow> rows, const LogitsSink& logits, 
       for (int64_t i = 0; i < p.n; ++i) s.valid[static_cast<size_t>(s.length + i)] = p.tokens[i] > 0;
     }
     std::vector<Status> sink_status(I.ranks.size());
-    I.group->run([&](int r) { I.rank_step(I.ranks[static_cast<size_t>(r)], plan, logits, hidden, sink_status[static_cast<size_t>(r)]); });
+    I.group->run([&](int r) { I.rank_step(I.ranks[static_cast<size_t>(r)], plan, logits, taps, sink_status[static_cast<size_t>(r)]); });
     for (const PlanRow& p : plan) {
       I.sequences[static_cast<size_t>(p.slot)].length += p.n;
       done[p.user_row] += p.n;
@@ -456,7 +456,7 @@ Status CpuEngine::step(std::span<const StepRow> rows, const LogitsSink& logits, 
 
 // Every rank runs this with the same plan; only rank 0 talks to the sinks.
 void CpuImpl::rank_step(Rank& R, const std::vector<PlanRow>& plan, const LogitsSink& logits_sink,
-                             const HiddenSink* hidden, Status& sink_status) {
+                             const StepTaps* taps, Status& sink_status) {
   namespace K = kernels;
   ThreadPool* pool = R.pool.get();
   const int64_t D = cfg.emb_size, dh = cfg.key_size, E = cfg.num_experts, top = cfg.num_selected_experts;
@@ -476,10 +476,19 @@ void CpuImpl::rank_step(Rank& R, const std::vector<PlanRow>& plan, const LogitsS
   }
   const bool talk = R.index == 0;
   auto emit_hidden = [&](int index, const float* x) {
-    if (!talk || hidden == nullptr || !sink_status.ok()) return;
+    if (!talk || taps == nullptr || !taps->hidden || !sink_status.ok()) return;
     int64_t t = 0;
     for (const auto& p : plan) {
-      Status s = (*hidden)(index, p.user_row, p.user_offset, p.n, x + t * D);
+      Status s = taps->hidden(index, p.user_row, p.user_offset, p.n, x + t * D);
+      if (!s.ok()) sink_status = std::move(s);
+      t += p.n;
+    }
+  };
+  auto emit_routing = [&](int layer, const int32_t* experts) {
+    if (!talk || taps == nullptr || !taps->routing || !sink_status.ok()) return;
+    int64_t t = 0;
+    for (const auto& p : plan) {
+      Status s = taps->routing(layer, p.user_row, p.user_offset, p.n, experts + t * top);
       if (!s.ok()) sink_status = std::move(s);
       t += p.n;
     }
@@ -556,6 +565,7 @@ void CpuImpl::rank_step(Rank& R, const std::vector<PlanRow>& plan, const LogitsS
     clock.lap("norms");
     check(K::router_topk(a.data(), N, D, L.router, E, top, experts.data(), gates.data(), pool));
     clock.lap("router", static_cast<uint64_t>(D * E) * sizeof(float));
+    emit_routing(static_cast<int>(l), experts.data());
     for (int64_t e = 0; e < E; ++e) {
       std::vector<int64_t>& picks = S.picks;  // (token * top + choice) routed to e, in token order
       picks.clear();

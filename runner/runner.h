@@ -104,6 +104,14 @@ using LogitsSink = std::function<Status(size_t row, int64_t index, const float* 
 // Receives hidden states: index 0 is the embedding output, i + 1 the output of layer i;
 // (index, row, first token index within the row, [n, D] values).
 using HiddenSink = std::function<Status(int index, size_t row, int64_t first, int64_t n, const float* x)>;
+// Receives each layer's routing: (layer, row, first token index within the row, [n, top]
+// expert ids in choice order).
+using RoutingSink = std::function<Status(int layer, size_t row, int64_t first, int64_t n, const int32_t* experts)>;
+// What a step shows besides the logits (either may be empty), from rank 0, in row order.
+struct StepTaps {
+  HiddenSink hidden;
+  RoutingSink routing;
+};
 
 class Engine {
  public:
@@ -127,7 +135,7 @@ class Engine {
   virtual uint64_t weight_bytes_per_token() const = 0;
 
   // Runs the rows through the model, appending their tokens to their sequences.
-  virtual Status step(std::span<const StepRow> rows, const LogitsSink& logits, const HiddenSink* hidden = nullptr) = 0;
+  virtual Status step(std::span<const StepRow> rows, const LogitsSink& logits, const StepTaps* taps = nullptr) = 0;
   // A follower host of a multi-host engine: runs the leader's commands until it shuts
   // down (the leader's engine sends them from open_sequence, step, close and its
   // destructor). An error on a single-host engine.

@@ -385,13 +385,18 @@ def route(x, router, k):
     return chosen, gates
 
 
-def moe(cfg, p, m):
+def moe(cfg, p, m, stats=None):
     """Top-k mixture of experts. As in the official code, an expert runs on every token and
-    the chosen outputs are picked, so matrix shapes never depend on the routing."""
+    the chosen outputs are picked, so matrix shapes never depend on the routing. stats: a
+    dict whose lists "experts" ([B, T, k]) and "router_logits" ([B, T, E]) receive the
+    layer's routing."""
     B, T, D = m.shape
     x = m.reshape(B * T, D)
     k = cfg["num_selected_experts"]
     chosen, gates = route(x, p["router"], k)
+    if stats is not None:
+        stats.setdefault("experts", []).append(chosen.astype(np.int32).reshape(B, T, k))
+        stats.setdefault("router_logits", []).append(matmul(x, p["router"]).reshape(B, T, -1))
     y = np.zeros((k, B * T, D), F32)
     for e in range(cfg["num_experts"]):
         if not (chosen == e).any():
@@ -413,7 +418,8 @@ def forward(config, params, tokens, dump=None, stats=None, log=None):
     """tokens: int [B, T], 0 = padding. Returns float32 [B, T, V] logits (bf16 values).
     dump: a list that receives the hidden states (the embedding output, then the output of
     each layer: L + 1 arrays [B, T, D]). stats: a dict that receives max_abs_attn_logit
-    (before the cap, over unmasked positions). log: a stream for per-layer progress."""
+    (before the cap, over unmasked positions) and each layer's routing (see moe). log: a
+    stream for per-layer progress."""
     cfg, tokens = config, np.asarray(tokens)
     if tokens.ndim != 2 or tokens.dtype.kind not in "iu" or tokens.size == 0:
         raise ValueError(f"tokens must be a non-empty integer [B, T] array, got "
@@ -434,7 +440,7 @@ def forward(config, params, tokens, dump=None, stats=None, log=None):
         x = bf16(x + rmsnorm(attention(cfg, p, a, tokens, cos, sin, stats),
                              p["norm_attn_out"], eps))
         m = rmsnorm(x, p["norm_moe_in"], eps)
-        x = bf16(x + rmsnorm(moe(cfg, p, m), p["norm_moe_out"], eps))
+        x = bf16(x + rmsnorm(moe(cfg, p, m, stats), p["norm_moe_out"], eps))
         if dump is not None:
             dump.append(x)
         if log:
@@ -479,7 +485,10 @@ def build_parser():
                     help="where to write float32 [B, T, V] logits (bf16 values)")
     ap.add_argument("--dump-layers", metavar="DIR", default=None,
                     help="also write DIR/hidden_000.npy (embedding output) and "
-                         "DIR/hidden_{i+1:03d}.npy after layer i, float32 [B, T, D]")
+                         "DIR/hidden_{i+1:03d}.npy after layer i, float32 [B, T, D]; and layer "
+                         "i's routing: DIR/experts_{i:03d}.npy (chosen experts in choice order, "
+                         "int32 [B, T, k]) and DIR/router_{i:03d}.npy (router logits, float32 "
+                         "[B, T, E])")
     ap.add_argument("--greedy", type=int, default=0, metavar="N",
                     help="append N greedy tokens to each row (needs --greedy-out)")
     ap.add_argument("--greedy-out", metavar="G.npy", default=None,
@@ -507,6 +516,9 @@ def main(argv=None):
             os.makedirs(args.dump_layers, exist_ok=True)
             for i, h in enumerate(hidden):
                 np.save(os.path.join(args.dump_layers, f"hidden_{i:03d}.npy"), h)
+            for i, (e, r) in enumerate(zip(stats["experts"], stats["router_logits"])):
+                np.save(os.path.join(args.dump_layers, f"experts_{i:03d}.npy"), e)
+                np.save(os.path.join(args.dump_layers, f"router_{i:03d}.npy"), r)
         if args.greedy:
             np.save(args.greedy_out, greedy(config, params, tokens, args.greedy, log=log))
     except (OSError, ValueError, pickle.UnpicklingError) as e:

@@ -182,7 +182,11 @@ class Runner(unittest.TestCase):
     def test_hidden_states_at_tp1_are_bf16_identical(self):
         L = self.cfg["num_layers"]
         self.assertEqual(sorted(os.listdir(self.hidden[1])),
-                         [f"hidden_{i:03d}.npy" for i in range(L + 1)])
+                         [f"experts_{i:03d}.npy" for i in range(L)] + [f"hidden_{i:03d}.npy" for i in range(L + 1)])
+        for i in range(L):  # the routing taken, as the reference takes it
+            name = f"experts_{i:03d}.npy"
+            np.testing.assert_array_equal(np.load(os.path.join(self.hidden[1], name)),
+                                          np.load(os.path.join(self.ref_hidden, name)), name)
         fractions = []
         for i in range(L + 1):
             name = f"hidden_{i:03d}.npy"

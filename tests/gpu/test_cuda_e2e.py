@@ -15,6 +15,7 @@ from e2e_util import run  # noqa: E402
 class CudaDevice(DeviceCases, unittest.TestCase):
     DEVICE = "cuda"
     BATCH_INVARIANT = False
+    ROUTING_EXACT = False  # tensor-core products: see device_cases.py on routing near-ties
     # The budget for CUDA against the reference: mean KL <= 1e-3, p99 <= 1e-2.
     THRESHOLDS = ("--max-kl", "1", "--max-mean-kl", "1e-3", "--max-p99-kl", "1e-2", "--min-top1", "0.97")
 
