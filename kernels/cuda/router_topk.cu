@@ -14,6 +14,7 @@ namespace grokit::kernels::cuda {
 namespace {
 constexpr int kMaxThreads = 1024;
 constexpr int kMaxExperts = 256;
+constexpr int kBatch = 16;
 }  // namespace
 
 // One block per row (grid-stride over M) of S * E threads, S = 1024 / E: thread t owns
@@ -31,11 +32,22 @@ static __global__ void __launch_bounds__(kMaxThreads)
   const int e = t % E, s = t / E;
   for (int64_t m = blockIdx.x; m < M; m += gridDim.x) {
     const float* xr = x + m * D;
-    double acc = 0.0;
-#pragma unroll 4
-    for (int64_t d = s; d < D; d += S)
-      acc = fma(static_cast<double>(xr[d]), static_cast<double>(w[d * E + e]), acc);
-    red[t] = acc;
+    // kBatch rows of w in flight per thread (one row in flight made a decode step's
+    // router about 26 us of memory latency); any order of the double sum will do.
+    double acc[4] = {0.0, 0.0, 0.0, 0.0};
+    int64_t d = s;
+    for (; d + (kBatch - 1) * static_cast<int64_t>(S) < D; d += kBatch * static_cast<int64_t>(S)) {
+      float xv[kBatch], wv[kBatch];
+#pragma unroll
+      for (int j = 0; j < kBatch; ++j) {
+        xv[j] = __ldg(xr + d + j * S);
+        wv[j] = __ldg(w + (d + j * S) * E + e);
+      }
+#pragma unroll
+      for (int j = 0; j < kBatch; ++j) acc[j & 3] = fma(static_cast<double>(xv[j]), static_cast<double>(wv[j]), acc[j & 3]);
+    }
+    for (; d < D; d += S) acc[0] = fma(static_cast<double>(xr[d]), static_cast<double>(w[d * E + e]), acc[0]);
+    red[t] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
     __syncthreads();
     // Fold the upper slots of each expert's S partials onto the lower ones.
     for (int width = S; width > 1;) {

@@ -50,12 +50,13 @@ class HostDevice(DeviceCases, unittest.TestCase):
         rows = {line[:30].strip(): line for line in lines[1:]}
         for what in ("device read bandwidth", "host-to-device (pinned)", "decode step, int8, batch 1",
                      "decode step, int4, batch 1", "bf16 matrix product (peak)", "prefill 80 tokens, int8",
-                     "shard load (page cache)"):
+                     "file read (page cache)", "shard load (page cache)", "the same load"):
             self.assertIn(what, rows, p.stdout)
         for what in ("decode step, int8, batch 1", "decode step, int4, batch 1", "prefill 80 tokens, int8",
                      "shard load (page cache)"):
             ratio = float(rows[what].split()[-3])  # ... ratio ">=" target
             self.assertGreater(ratio, 0, rows[what])
+        self.assertGreater(float(rows["the same load"].split()[-1]), 0, rows["the same load"])  # vs the file read
         self.assertEqual([f for f in os.listdir(self.tmp) if f.startswith("grokit-bench-load")], [])
 
 
