@@ -20,6 +20,7 @@
 #include <algorithm>
 
 #include "kernels/cuda/attention_impl.cuh"
+#include "kernels/cuda/widen.h"
 
 namespace grokit::kernels::cuda::attn {
 
@@ -74,7 +75,6 @@ __device__ __forceinline__ void mma_f64(double (&d)[2], double a, double b) {
                : "+d"(d[0]), "+d"(d[1])
                : "d"(a), "d"(b));
 }
-__device__ __forceinline__ double bf16_to_f64(uint16_t h) { return static_cast<double>(bf16_bits_to_f32(h)); }
 
 // S[16 x BN] of this warp = Q[warp rows] . K^T as fp32(exact double dot), the CPU twin's
 // dot. Layout of m16n8k16's accumulator (pv_tile's A): lane = 4 * gq + tq; s[nt] holds
@@ -93,9 +93,9 @@ __device__ __forceinline__ void qk_tile(const uint16_t* Qs, const uint16_t* Ks, 
     double c0[2] = {0.0, 0.0}, c1[2] = {0.0, 0.0};
 #pragma unroll 8
     for (int kk = 0; kk < DHP / 4; ++kk) {
-      const double b = bf16_to_f64(kr[kk * 4]);
-      mma_f64(c0, bf16_to_f64(q0[kk * 4]), b);
-      mma_f64(c1, bf16_to_f64(q1[kk * 4]), b);
+      const double b = widen_bf16(kr[kk * 4]);
+      mma_f64(c0, widen_bf16(q0[kk * 4]), b);
+      mma_f64(c1, widen_bf16(q1[kk * 4]), b);
     }
     s[nt][0] = static_cast<float>(c0[0]);
     s[nt][1] = static_cast<float>(c0[1]);

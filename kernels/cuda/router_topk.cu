@@ -8,6 +8,7 @@
 // logits repeats the CPU's operations in its order.
 #include "kernels/cuda/cuda_util.cuh"
 #include "kernels/cuda/router_topk.h"
+#include "kernels/cuda/widen.h"
 
 namespace grokit::kernels::cuda {
 
@@ -44,9 +45,9 @@ static __global__ void __launch_bounds__(kMaxThreads)
         wv[j] = __ldg(w + (d + j * S) * E + e);
       }
 #pragma unroll
-      for (int j = 0; j < kBatch; ++j) acc[j & 3] = fma(static_cast<double>(xv[j]), static_cast<double>(wv[j]), acc[j & 3]);
+      for (int j = 0; j < kBatch; ++j) acc[j & 3] = fma(widen_f32(xv[j]), widen_f32(wv[j]), acc[j & 3]);
     }
-    for (; d < D; d += S) acc[0] = fma(static_cast<double>(xr[d]), static_cast<double>(w[d * E + e]), acc[0]);
+    for (; d < D; d += S) acc[0] = fma(widen_f32(xr[d]), widen_f32(w[d * E + e]), acc[0]);
     red[t] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
     __syncthreads();
     // Fold the upper slots of each expert's S partials onto the lower ones.
