@@ -12,7 +12,6 @@
 #include <algorithm>
 
 #include "kernels/cuda/attention_impl.cuh"
-#include "kernels/cuda/widen.h"
 
 namespace grokit::kernels::cuda::attn {
 
@@ -77,7 +76,7 @@ static __global__ __launch_bounds__(kThreads) void decode_scores(Args a, DecodeP
   const int64_t j0 = b.split * p.chunk, j1 = std::min(j0 + p.chunk, n);
   const int64_t rh0 = b.m * a.q_heads + b.h0;  // (row, first head) index
 
-  for (int i = tid; i < b.nh * dh; i += kThreads) q_s[i] = widen_f32(a.q[rh0 * dh + i]);
+  for (int i = tid; i < b.nh * dh; i += kThreads) q_s[i] = static_cast<double>(a.q[rh0 * dh + i]);
   __syncthreads();
 
   // Thread (slot, l4): key jb + slot, chains 2*l4 and 2*l4+1 (d = 8i + 2*l4, +1).
@@ -101,8 +100,8 @@ static __global__ __launch_bounds__(kThreads) void decode_scores(Args a, DecodeP
       for (int i = 0; i < kMaxSteps; ++i) {
         if (i < steps) {
           const int d = 2 * l4 + 8 * i;
-          const double k0 = widen_f32(__uint_as_float(kw[i] << 16));
-          const double k1 = widen_f32(__uint_as_float(kw[i] & 0xffff0000u));
+          const double k0 = static_cast<double>(__uint_as_float(kw[i] << 16));
+          const double k1 = static_cast<double>(__uint_as_float(kw[i] & 0xffff0000u));
 #pragma unroll
           for (int hh = 0; hh < kHB; ++hh) {
             if (hh < b.nh) {
@@ -224,16 +223,15 @@ static __global__ __launch_bounds__(kThreads) void decode_pv(Args a, DecodePlan 
         for (int i = 0; i < kBatch; ++i) {
           const int jt = jt0 + i * kp;
           if (jt < cnt) {
-            const double v0 = widen_f32(__uint_as_float(vv[i] << 16));
-            const double v1 = widen_f32(__uint_as_float(vv[i] & 0xffff0000u));
+            const double v0 = static_cast<double>(__uint_as_float(vv[i] << 16));
+            const double v1 = static_cast<double>(__uint_as_float(vv[i] & 0xffff0000u));
 #pragma unroll
             for (int hh = 0; hh < kHB; ++hh) {
               if (hh < b.nh) {
                 const float w = w_s[hh][jt];
                 if (w != 0.0f) {  // the CPU skips zero weights (adds exactly nothing)
-                  const double wd = widen_f32(w);
-                  acc[hh][0] = fma(wd, v0, acc[hh][0]);
-                  acc[hh][1] = fma(wd, v1, acc[hh][1]);
+                  acc[hh][0] = fma(static_cast<double>(w), v0, acc[hh][0]);
+                  acc[hh][1] = fma(static_cast<double>(w), v1, acc[hh][1]);
                 }
               }
             }
