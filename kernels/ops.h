@@ -201,6 +201,9 @@ typedef struct GrokitOps {
 // The host backend (grokit_kernels). Its streams are grokit::ThreadPool pointers (NULL:
 // the calling thread); stream_create gives NULL.
 const GrokitOps* grokit_host_ops(void);
+// Sets the message the host backend's error_message gives on the calling thread (for
+// host-side tables beside it, such as runner's socket collectives).
+void grokit_host_set_error(const char* message);
 
 // ---------------------------------------------------------------------------------
 // Collectives across devices (NCCL, loaded by the CUDA plugin at run time from

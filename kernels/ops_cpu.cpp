@@ -557,3 +557,6 @@ const GrokitOps kHostOps = [] {
 }  // namespace grokit::kernels
 
 extern "C" const GrokitOps* grokit_host_ops(void) { return &grokit::kernels::kHostOps; }
+extern "C" void grokit_host_set_error(const char* message) {
+  grokit::kernels::fail(GROKIT_ERR_DEVICE, message != nullptr ? message : "(no message)");
+}

@@ -15,6 +15,7 @@
 #include "runner/backend.h"
 #include "runner/cluster.h"
 #include "runner/device_layer.h"
+#include "runner/socket_collectives.h"
 #include "runner/device_loader.h"
 #include "runner/engine_internal.h"
 
@@ -285,6 +286,9 @@ Status DeviceEngine::load(const std::string& dir, const EngineOptions& options, 
     else if (comm == "nccl" || hosts > 1)
       return make_error("NCCL is not usable: ", c.ok() ? std::string(why) : c.error().message);
   }
+  // The host backend across hosts: TCP collectives (socket_collectives.h) in NCCL's place.
+  const bool socket_comm = hosts > 1 && std::string(ops_->backend) == "host";
+  if (socket_comm) nccl = socket_collectives();
   if (comm == "nccl" && tp_ > 1 && nccl == nullptr)
     return make_error("--comm nccl needs one CUDA device per rank (", local, " ranks on ", used.size(), " devices)");
   if (comm != "auto" && comm != "nccl" && comm != "local") return make_error("unknown --comm '", comm, "' (auto, nccl, local)");
@@ -322,6 +326,10 @@ Status DeviceEngine::load(const std::string& dir, const EngineOptions& options, 
       const auto& got = joined.payload;
       if (got.size() != sizeof nccl_id.bytes) return make_error("the leader sent an NCCL id of ", got.size(), " bytes");
       std::memcpy(nccl_id.bytes, got.data(), sizeof nccl_id.bytes);
+    }
+    if (socket_comm) {  // where this host reaches rank 0's socket
+      const std::string leader_host = options.hosts.substr(0, options.hosts.rfind(':'));
+      GROKIT_TRY(socket_id_set_host(&nccl_id, leader_ ? std::string("127.0.0.1") : leader_host));
     }
   }
 
@@ -481,7 +489,8 @@ Status DeviceEngine::load(const std::string& dir, const EngineOptions& options, 
     if (nccl->group_end() != GROKIT_OK) return fail(make_error("NCCL init failed: ", ops_->error_message()));
     for (auto& s : st)
       if (!s.ok()) return fail(std::move(s));
-    for (size_t i = 0; i < ranks_.size(); ++i) ranks_[i].comm = make_nccl_comm(ops_, nccl, comms[i], ranks_[i].stream);
+    for (size_t i = 0; i < ranks_.size(); ++i)
+      ranks_[i].comm = make_nccl_comm(ops_, nccl, comms[i], ranks_[i].stream, socket_comm ? "TCP (socket collectives)" : "NCCL");
   } else {
     // One device among the ranks' (not the listed ones, some of which may be unused).
     const bool same_device = std::string(ops_->backend) == "host" || used.size() == 1;

@@ -36,8 +36,8 @@ class SoloComm final : public DeviceComm {
 class NcclComm final : public DeviceComm {
  public:
   static constexpr std::chrono::milliseconds kWatchEvery{100};
-  NcclComm(const GrokitOps* ops, const GrokitCollectives* c, void* comm, GrokitStream stream)
-      : ops_(ops), c_(c), comm_(comm), stream_(stream) {
+  NcclComm(const GrokitOps* ops, const GrokitCollectives* c, void* comm, GrokitStream stream, const char* name)
+      : ops_(ops), c_(c), comm_(comm), stream_(stream), name_(name) {
     if (comm_ != nullptr && c_->comm_async_error != nullptr && c_->comm_abort != nullptr)
       watchdog_ = std::thread([this] { watch(); });
   }
@@ -63,21 +63,21 @@ class NcclComm final : public DeviceComm {
   Status all_reduce_sum(float* data, size_t n) override {
     GROKIT_TRY(check_not_aborted());
     if (c_->all_reduce_sum(data, data, n, comm_, stream_) != GROKIT_OK)
-      return make_error("NCCL all-reduce failed: ", ops_->error_message());
+      return make_error(name_, " all-reduce failed: ", ops_->error_message());
     return {};
   }
   Status all_gather(const void* send, void* recv, size_t bytes) override {
     GROKIT_TRY(check_not_aborted());
     if (c_->all_gather(send, recv, bytes, comm_, stream_) != GROKIT_OK)
-      return make_error("NCCL all-gather failed: ", ops_->error_message());
+      return make_error(name_, " all-gather failed: ", ops_->error_message());
     return {};
   }
   bool graph_safe() const override { return true; }
-  const char* name() const override { return "NCCL"; }
+  const char* name() const override { return name_; }
 
  private:
   Status check_not_aborted() const {
-    if (aborted_.load()) return make_error("NCCL communicator aborted: ", abort_reason());
+    if (aborted_.load()) return make_error(name_, " communicator aborted: ", abort_reason());
     return {};
   }
   // The first abort wins. Under mu_, so that the watchdog never asks NCCL about a
@@ -95,7 +95,7 @@ class NcclComm final : public DeviceComm {
       int failed = 0;
       char why[256] = {0};
       if (c_->comm_async_error(comm_, &failed, why, sizeof why) == GROKIT_OK && failed != 0) {
-        abort_locked(str_cat("NCCL reported an error on this rank's communicator (a peer failed?): ", why));
+        abort_locked(str_cat(name_, " reported an error on this rank's communicator (a peer failed?): ", why));
         return;
       }
       wake_.wait_for(lock, kWatchEvery, [&] { return stopping_ || aborted_.load(); });
@@ -105,6 +105,7 @@ class NcclComm final : public DeviceComm {
   const GrokitCollectives* c_;
   void* comm_;
   GrokitStream stream_;
+  const char* name_;
   std::atomic<bool> aborted_{false};
   mutable std::mutex mu_;
   std::condition_variable wake_;
@@ -198,8 +199,8 @@ std::unique_ptr<DeviceComm> make_solo_comm(const GrokitOps* ops, GrokitStream st
   return std::make_unique<SoloComm>(ops, stream);
 }
 std::unique_ptr<DeviceComm> make_nccl_comm(const GrokitOps* ops, const GrokitCollectives* c, void* comm,
-                                           GrokitStream stream) {
-  return std::make_unique<NcclComm>(ops, c, comm, stream);
+                                           GrokitStream stream, const char* name) {
+  return std::make_unique<NcclComm>(ops, c, comm, stream, name);
 }
 std::unique_ptr<DeviceComm> make_local_device_comm(const GrokitOps* ops, GrokitStream stream,
                                                    std::unique_ptr<Communicator> host, bool same_device) {

@@ -100,9 +100,9 @@ class DeviceComm {
 
 // One rank alone: collectives are copies at most.
 std::unique_ptr<DeviceComm> make_solo_comm(const GrokitOps* ops, GrokitStream stream);
-// NCCL (takes the communicator).
+// NCCL, or another table of its shape (takes the communicator); `name` says which.
 std::unique_ptr<DeviceComm> make_nccl_comm(const GrokitOps* ops, const GrokitCollectives* c, void* comm,
-                                           GrokitStream stream);
+                                           GrokitStream stream, const char* name = "NCCL");
 // Ranks that are threads of this process (`host` carries their barriers): on one device
 // (or the host backend) peers' buffers are summed in place by the device; across devices
 // through pinned host memory. Not capturable in a graph.

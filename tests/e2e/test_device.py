@@ -1,9 +1,13 @@
 """The device engine on the host backend (device_cases.py), and its refusals."""
 import os
+import socket
+import subprocess
 import unittest
 
+import numpy as np
+
 from device_cases import DeviceCases
-from e2e_util import run
+from e2e_util import GROKIT, run
 
 
 class HostDevice(DeviceCases, unittest.TestCase):
@@ -29,6 +33,36 @@ class HostDevice(DeviceCases, unittest.TestCase):
                         "--no-progress", *flags)
                 self.assertEqual(p.returncode, 1, p.stderr)
                 self.assertIn(message, p.stderr)
+
+    def test_two_hosts_give_the_bits_of_one(self):
+        # The multi-host paths end to end on one machine: the leader and a follower process,
+        # each driving 2 of the 4 ranks, over the host backend's TCP collectives (in NCCL's
+        # place); the cluster's commands, the id hand-out and the load barrier are the ones
+        # the CUDA engine uses.
+        for tp, hosts in ((4, 2), (8, 4)):
+            with self.subTest(tp=tp, hosts=hosts):
+                one = np.load(self.logits(tp, f"one_host_tp{tp}.npy"))
+                with socket.socket() as s:  # a free port for the leader
+                    s.bind(("127.0.0.1", 0))
+                    port = s.getsockname()[1]
+                common = ["--device", "host", "--hosts", f"127.0.0.1:{port}", "--host-count", str(hosts), "--no-progress"]
+                followers = [subprocess.Popen([GROKIT, "run", self.model[tp], *common, "--host-rank", str(k)],
+                                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             for k in range(1, hosts)]
+                out = self.path(f"hosts{hosts}.npy")
+                try:
+                    p = run("logits", self.model[tp], "--tokens", self.tokens_path, "--out", out, "--force",
+                            *common, "--host-rank", "0", timeout=120)
+                    logs = [f.communicate(timeout=60) for f in followers]
+                finally:
+                    for f in followers:
+                        f.kill()
+                self.assertEqual(p.returncode, 0, p.stderr)
+                for f, (_, err) in zip(followers, logs):
+                    self.assertEqual(f.returncode, 0, err)
+                    self.assertIn("collectives: TCP (socket collectives)", err)
+                    self.assertIn("the leader finished", err)
+                np.testing.assert_array_equal(np.load(out), one)
 
     def test_cuda_without_a_gpu_says_why(self):
         p = run("logits", self.model[1], "--tokens", self.tokens_path, "--out", self.path("never.npy"), "--force",
