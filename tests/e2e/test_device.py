@@ -2,6 +2,7 @@
 import os
 import socket
 import subprocess
+import time
 import unittest
 
 import numpy as np
@@ -63,6 +64,34 @@ class HostDevice(DeviceCases, unittest.TestCase):
                     self.assertIn("collectives: TCP (socket collectives)", err)
                     self.assertIn("the leader finished", err)
                 np.testing.assert_array_equal(np.load(out), one)
+
+    def test_a_host_that_dies_ends_the_leaders_run_with_an_error(self):
+        # A follower killed mid-generation: the leader stops with an error naming the lost
+        # host, instead of waiting in a collective for ever.
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        common = ["--device", "host", "--hosts", f"127.0.0.1:{port}", "--host-count", "2", "--no-progress"]
+        prompt = self.path("dies_prompt.npy")
+        np.save(prompt, np.array([[5, 6, 7, 8]], np.int32))
+        follower = subprocess.Popen([GROKIT, "run", self.model[4], *common, "--host-rank", "1"],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        leader = subprocess.Popen([GROKIT, "run", self.model[4], *common, "--host-rank", "0", "--tokens-in", prompt,
+                                   "--tokens-out", self.path("dies_out.npy"), "--force", "--max-tokens", "8000",
+                                   "--ignore-eos", "--temperature", "0"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            for line in follower.stderr:  # generation starts once every host has loaded
+                if "loaded" in line:
+                    break
+            time.sleep(0.3)
+            follower.kill()
+            _, err = leader.communicate(timeout=60)
+        finally:
+            follower.kill()
+            leader.kill()
+        self.assertEqual(leader.returncode, 1, err)
+        self.assertRegex(err, r"host 1 lost its connection|closed its connection", err)
 
     def test_cuda_without_a_gpu_says_why(self):
         p = run("logits", self.model[1], "--tokens", self.tokens_path, "--out", self.path("never.npy"), "--force",
