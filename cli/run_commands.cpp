@@ -151,6 +151,16 @@ Result<std::vector<std::vector<int32_t>>> read_token_rows(const std::string& pat
 }  // namespace
 
 // ---------------------------------------------------------------------------------
+// A follower host (--host-rank > 0): its ranks run the leader's steps until the leader is
+// done; the same for every command that runs the model.
+int follow_leader(const std::string& dir, const cxxopts::ParseResult& r, const char* prog) {
+  auto engine = load_engine(dir, r, prog);
+  if (!engine.ok()) return fail(prog, engine.error());
+  if (auto s = (*engine)->follow(); !s.ok()) return fail(prog, s.error());
+  std::fprintf(stderr, "%s: host %d: the leader finished\n", prog, r["host-rank"].as<int>());
+  return kExitOk;
+}
+
 int cmd_logits(int argc, char** argv) {
   const char* prog = "grokit logits";
   cxxopts::Options opts(prog,
@@ -171,6 +181,12 @@ int cmd_logits(int argc, char** argv) {
   if (auto rc = parse_args(opts, argc, argv, 1, 1, parsed)) return *rc;
   const cxxopts::ParseResult& r = parsed.result;
   const std::vector<std::string>& pos = parsed.positional;
+  if (r["host-rank"].as<int>() > 0) {
+    if (r.count("tokens") || r.count("out") || !r["dump-layers"].as<std::string>().empty())
+      return usage_error(opts, "a follower host (--host-rank > 0) takes no --tokens, --out or --dump-layers: the leader "
+                               "has them");
+    return follow_leader(pos[0], r, prog);
+  }
   if (!r.count("tokens") || !r.count("out")) return usage_error(opts, "--tokens and --out are required");
   const bool force = r["force"].as<bool>();
   auto rows = read_token_rows(r["tokens"].as<std::string>(), false);
@@ -275,13 +291,8 @@ int cmd_run(int argc, char** argv) {
   const std::vector<std::string>& pos = parsed.positional;
   int sources = static_cast<int>(r.count("prompt") + r.count("prompt-file") + r.count("tokens-in"));
   if (r["host-rank"].as<int>() > 0) {
-    // A follower host: its ranks run the leader's steps until the leader is done.
     if (sources != 0) return usage_error(opts, "a follower host (--host-rank > 0) takes no prompts: the leader has them");
-    auto engine = load_engine(pos[0], r, prog);
-    if (!engine.ok()) return fail(prog, engine.error());
-    if (auto s = (*engine)->follow(); !s.ok()) return fail(prog, s.error());
-    std::fprintf(stderr, "%s: host %d: the leader finished\n", prog, r["host-rank"].as<int>());
-    return kExitOk;
+    return follow_leader(pos[0], r, prog);
   }
   if (sources != 1) return usage_error(opts, "give exactly one of --prompt, --prompt-file, --tokens-in");
   runner::GenerateOptions go;

@@ -34,6 +34,10 @@ class HostDevice(DeviceCases, unittest.TestCase):
                         "--no-progress", *flags)
                 self.assertEqual(p.returncode, 1, p.stderr)
                 self.assertIn(message, p.stderr)
+        p = run("logits", m, "--tokens", self.tokens_path, "--out", self.path("never.npy"), "--device", "host",
+                "--hosts", "127.0.0.1:1", "--host-count", "2", "--host-rank", "1")
+        self.assertEqual(p.returncode, 2, p.stderr)  # a usage error
+        self.assertIn("a follower host (--host-rank > 0) takes no --tokens, --out or --dump-layers", p.stderr)
 
     def test_two_hosts_give_the_bits_of_one(self):
         # The multi-host paths end to end on one machine: the leader and a follower process,
@@ -47,7 +51,9 @@ class HostDevice(DeviceCases, unittest.TestCase):
                     s.bind(("127.0.0.1", 0))
                     port = s.getsockname()[1]
                 common = ["--device", "host", "--hosts", f"127.0.0.1:{port}", "--host-count", str(hosts), "--no-progress"]
-                followers = [subprocess.Popen([GROKIT, "run", self.model[tp], *common, "--host-rank", str(k)],
+                # A follower runs the leader's steps whichever command it was given.
+                followers = [subprocess.Popen([GROKIT, ("run", "logits")[k % 2 == 0], self.model[tp], *common,
+                                               "--host-rank", str(k)],
                                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                              for k in range(1, hosts)]
                 out = self.path(f"hosts{hosts}.npy")
