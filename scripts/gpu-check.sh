@@ -10,8 +10,11 @@
 #   scripts/gpu-check.sh              on the GPU machine, with .gpu-check/ carried along:
 #                                     the GPU unit tests (the op parity harness), the CUDA
 #                                     end-to-end tests (TP 1/2/4/8 on one GPU against
-#                                     scripts/reference.py), then the benchmarks; a short
-#                                     table last. Full logs under $OUT (else ./gpu-check-out).
+#                                     scripts/reference.py), then the benchmarks, and where
+#                                     Nsight Compute is installed each of the benchmark's
+#                                     kernels timed alone (profile.txt, ranked by
+#                                     scripts/ncu_summary.py); a short table last. Full
+#                                     logs under $OUT (else ./gpu-check-out), 8 files at most.
 # Runs in well under 5 minutes on an H100/H200; each step has a time limit, and the summary
 # is written however the script ends. Exit status: non-zero if a check failed, 2 if the
 # carried binaries were built from other sources than this tree.
@@ -66,6 +69,7 @@ if [ ! -f "$CARRY/SOURCES.sha256" ] || ! sha256sum --check --quiet "$CARRY/SOURC
        | tee "$OUT/summary.txt" >&2
   exit 2
 fi
+rm -f "$OUT/stale.txt"  # kept only when stale: at most 8 files come back from a lent machine
 export LD_LIBRARY_PATH="$CARRY/deps${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export GROKIT_CUDA_PLUGIN="$CARRY/lib/libgrokit_cuda.so"
 export GROKIT_BIN="$CARRY/bin/grokit"
@@ -86,7 +90,7 @@ for m in ("nvidia.cublas", "nvidia.nccl", "nvidia.cu13"):
 done
 
 declare -A RESULT
-STEPS=(devices parity host-ops e2e bench)
+STEPS=(devices parity host-ops e2e bench profile)
 step() {  # name, log, time limit (s), command...: a step that hangs is killed, the rest still run
   local name=$1 log=$2 limit=$3
   shift 3
@@ -116,6 +120,11 @@ summary() {
     grep -E '^(OK|FAILED)' "$OUT/e2e.log" 2>/dev/null
     echo
     cat "$OUT/bench.txt" 2>/dev/null
+    if [ -f "$OUT/profile.txt" ]; then
+      echo
+      echo "where the benchmark's kernel time went (ncu, kernels serialized; full table in profile.txt):"
+      python3 "$ROOT/scripts/ncu_summary.py" "$OUT/profile.txt" --top 15 2>/dev/null
+    fi
   } > "$OUT/summary.txt"
   cat "$OUT/summary.txt"
 }
@@ -127,4 +136,13 @@ step parity parity.log 120 "$CARRY/bin/test_gpu_parity" --gtest_brief=0 || FAILE
 step host-ops host_ops.log 30 "$CARRY/bin/test_host_ops" --gtest_brief=1 || FAILED=1
 step e2e e2e.log 240 python3 tests/gpu/test_cuda_e2e.py -v || FAILED=1
 step bench bench.txt 120 "$GROKIT_BIN" bench-device --device cuda --work "${TMPDIR:-/tmp}" || FAILED=1
+# Every kernel of one benchmark pass timed alone (decode steps, prefill), where Nsight
+# Compute is installed: the first thing to read when a ratio is short of its target.
+NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
+if [ -n "$NCU" ]; then
+  step profile profile.txt 150 "$NCU" --clock-control none --metrics gpu__time_duration.sum --print-summary per-kernel \
+    "$GROKIT_BIN" bench-device --device cuda --reps 1 --load-mb 64 --work "${TMPDIR:-/tmp}" || true
+else
+  RESULT[profile]="skipped: no ncu (Nsight Compute) here"
+fi
 exit $FAILED

@@ -1,0 +1,65 @@
+#!/usr/bin/env python3
+"""The kernels of an Nsight Compute per-kernel summary, ranked by total time.
+
+Reads the output of `ncu --metrics gpu__time_duration.sum --print-summary per-kernel ...`
+(scripts/gpu-check.sh keeps it as profile.txt) and prints one line per kernel and launch
+shape: total time, share of the whole, launches, average, and the kernel with its grid
+and block. Kernels run one at a time under ncu, so the totals are each kernel's own time.
+
+  ncu_summary.py PROFILE.txt [--top N]
+"""
+import argparse
+import re
+import sys
+
+HEAD = re.compile(r"^  (?P<name>\S.*?) \((?P<grid>\d+, \d+, \d+)\)x\((?P<block>\d+, \d+, \d+)\), .*Invocations (?P<n>\d+)\s*$")
+TIME = re.compile(r"^\s+gpu__time_duration\.sum\s+(?P<unit>[a-z]+)\s+(?P<min>[\d.,]+)\s+(?P<max>[\d.,]+)\s+(?P<avg>[\d.,]+)")
+UNIT_US = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3, "s": 1e6, "second": 1e6}
+
+
+def parse(lines):
+    """[(total_us, launches, avg_us, name, grid, block)] in file order."""
+    out, head = [], None
+    for line in lines:
+        m = HEAD.match(line)
+        if m:
+            head = m
+            continue
+        t = TIME.match(line)
+        if t and head is not None:
+            if t["unit"] not in UNIT_US:
+                raise ValueError(f"unknown time unit '{t['unit']}' in: {line.strip()}")
+            avg = float(t["avg"].replace(",", "")) * UNIT_US[t["unit"]]
+            n = int(head["n"])
+            out.append((avg * n, n, avg, head["name"], head["grid"], head["block"]))
+            head = None
+    return out
+
+
+def short(name):
+    """The kernel's name without its parameter list and namespaces' noise."""
+    name = re.sub(r"\(.*\)$", "", name.replace("(anonymous namespace)", "").replace("<unnamed>", ""))
+    name = re.sub(r"\b(grokit|kernels|cuda)::", "", name).replace("::::", "::")
+    return re.sub(r"^(void )?(::)?", "", name)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("profile")
+    ap.add_argument("--top", type=int, default=0, help="only the N largest (0: all)")
+    args = ap.parse_args(argv)
+    with open(args.profile, errors="replace") as f:
+        rows = sorted(parse(f), key=lambda r: -r[0])
+    if not rows:
+        print(f"ncu_summary.py: no kernel summaries in {args.profile}", file=sys.stderr)
+        return 1
+    whole = sum(r[0] for r in rows)
+    print(f"{'total us':>10} {'share':>6} {'launches':>8} {'avg us':>9}  kernel (grid)x(block)")
+    for total, n, avg, name, grid, block in rows[:args.top or None]:
+        print(f"{total:10.1f} {total / whole:6.1%} {n:8d} {avg:9.2f}  {short(name)} ({grid})x({block})")
+    print(f"{whole:10.1f} {1:6.0%} {sum(r[1] for r in rows):8d}            all {len(rows)} kernels and shapes")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
