@@ -709,17 +709,17 @@ Status DeviceEngine::forward(DevRank& R, int64_t N, int64_t max_keys, const Step
   int32_t* experts = A.experts.get<int32_t>();
   std::vector<float> hidden_host;
   std::vector<int32_t> experts_host;
-  // A sink error is kept (as emit_logits does), not returned: rank 0 leaving the layer
-  // loop early would leave the other ranks waiting in the next collective for ever.
-  auto emit_hidden = [&](int index) -> Status {
-    if (taps == nullptr || !taps->hidden || R.rank != 0 || !sink_status_.ok()) return {};
-    hidden_host.resize(static_cast<size_t>(N * D));
-    DEV_TRY(ops, ops->copy(hidden_host.data(), x, hidden_host.size() * 4, GROKIT_COPY_D2H, st));
+  // Rank 0 hands its copy of dev [N, width] to a tap, plan row by plan row. A sink error
+  // is kept (as emit_logits does), not returned: rank 0 leaving the layer loop early
+  // would leave the other ranks waiting in the next collective for ever.
+  auto emit_rows = [&](auto& host, const auto* dev, int64_t width, auto&& sink) -> Status {
+    host.resize(static_cast<size_t>(N * width));
+    DEV_TRY(ops, ops->copy(host.data(), dev, host.size() * sizeof host[0], GROKIT_COPY_D2H, st));
     DEV_TRY(ops, ops->stream_sync(st));
-    if (R.comm->aborted()) return make_error("rank 0: the hidden state's collectives were aborted");
+    if (R.comm->aborted()) return make_error("rank 0: the step's collectives were aborted");
     int64_t t = 0;
     for (const auto& p : plan) {
-      Status s = taps->hidden(index, p.user_row, p.user_offset, p.n, hidden_host.data() + t * D);
+      Status s = sink(p, host.data() + t * width);
       if (!s.ok()) {
         sink_status_ = std::move(s);
         return {};
@@ -728,21 +728,17 @@ Status DeviceEngine::forward(DevRank& R, int64_t N, int64_t max_keys, const Step
     }
     return {};
   };
+  auto emit_hidden = [&](int index) -> Status {
+    if (taps == nullptr || !taps->hidden || R.rank != 0 || !sink_status_.ok()) return {};
+    return emit_rows(hidden_host, x, D, [&](const PlanRow& p, const float* rows) {
+      return taps->hidden(index, p.user_row, p.user_offset, p.n, rows);
+    });
+  };
   auto emit_routing = [&](int layer) -> Status {
     if (taps == nullptr || !taps->routing || R.rank != 0 || !sink_status_.ok()) return {};
-    experts_host.resize(static_cast<size_t>(N * top));
-    DEV_TRY(ops, ops->copy(experts_host.data(), experts, experts_host.size() * 4, GROKIT_COPY_D2H, st));
-    DEV_TRY(ops, ops->stream_sync(st));
-    int64_t t = 0;
-    for (const auto& p : plan) {
-      Status s = taps->routing(layer, p.user_row, p.user_offset, p.n, experts_host.data() + t * top);
-      if (!s.ok()) {
-        sink_status_ = std::move(s);
-        return {};
-      }
-      t += p.n;
-    }
-    return {};
+    return emit_rows(experts_host, experts, top, [&](const PlanRow& p, const int32_t* rows) {
+      return taps->routing(layer, p.user_row, p.user_offset, p.n, rows);
+    });
   };
 
   DEV_TRY(ops, ops->embed(A.tok.get<int32_t>(), N, R.embedding, R.vocab_start, R.vocab_rows, D,
