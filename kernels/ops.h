@@ -193,8 +193,10 @@ typedef struct GrokitOps {
   // the engine or by an earlier op, and read again by a replayed graph), where a check
   // would mean waiting for the device. The CUDA ops skip a bad row, raise its
   // GROKIT_DEVERR_* bit and go on; this waits for `stream`, returns in *flags the bits
-  // raised on the calling thread's device since the last call, and clears them. The host
-  // ops see every value when called and reject a bad one there: their flags stay 0.
+  // raised by ops on `stream` since the last call, and clears them. Each stream from
+  // stream_create has its own bits (ranks sharing a GPU do not see each other's); other
+  // streams share their device's; a replayed graph raises in its capture stream's. The
+  // host ops see every value when called and reject a bad one there: their flags stay 0.
   int (*take_device_errors)(GrokitStream stream, uint32_t* flags);
 } GrokitOps;
 

@@ -873,8 +873,9 @@ Status DeviceEngine::rank_step(DevRank& R, const std::vector<PlanRow>& plan, con
   return end_of_step(R);
 }
 
-// Waits for the step (the pinned inputs are rewritten next step) and for the device's
-// word on the values only it read (ops.h take_device_errors). Those are the engine's own
+// Waits for the step (the pinned inputs are rewritten next step) and takes the rank's
+// stream's word on the values only the device read (ops.h take_device_errors; ranks
+// sharing a GPU have one each, so a bit names its rank). Those are the engine's own
 // (positions, key counts, the router's expert ids): a bit raised is a broken invariant.
 Status DeviceEngine::end_of_step(DevRank& R) {
   uint32_t flags = 0;

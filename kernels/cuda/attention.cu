@@ -144,7 +144,7 @@ int attention(const float* q, int64_t M, const GrokitAttnRow* rows, int64_t max_
   a.head_dim = static_cast<int>(sh.head_dim);
   a.multiplier = sh.multiplier;
   a.cap = sh.logit_cap;
-  a.errors = device_errors_word();
+  a.errors = device_errors_word(as_stream(stream));
 
   int device = 0;
   if (int rc = check_cuda(cudaGetDevice(&device), "attention: cudaGetDevice")) return rc;

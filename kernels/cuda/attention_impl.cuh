@@ -16,7 +16,7 @@ struct Args {
   int64_t M, max_keys;
   int q_heads, kv_heads, group, head_dim;  // group = q_heads / kv_heads
   float multiplier, cap;
-  unsigned int* errors;  // device_errors_word()
+  unsigned int* errors;  // device_errors_word(stream)
 };
 
 // Decode: grid (nsplit, M * kv_heads * hsub); split s takes keys [s * chunk, (s+1) * chunk).

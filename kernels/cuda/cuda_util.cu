@@ -1,4 +1,6 @@
 #include <atomic>
+#include <map>
+#include <mutex>
 #include <cstdarg>
 #include <cstdio>
 
@@ -9,15 +11,18 @@ namespace grokit::kernels::cuda {
 namespace {
 thread_local char g_error[1024] = "no error";
 
-// [0]: the bits raised; [1]: where take_device_errors swaps them out.
+// Each word is two unsigned ints: [0] the bits raised, [1] where take_device_errors swaps
+// them out. One per stream made by stream_create (its ranks' errors are its own, also
+// when several ranks share a GPU); the device's static word serves every other stream.
 __device__ unsigned int g_device_errors[2];
 constexpr int kMaxDevices = 256;
 std::atomic<unsigned int*> g_words[kMaxDevices];
+std::mutex g_stream_mu;
+std::map<cudaStream_t, unsigned int*> g_stream_words;
 
 __global__ void take_errors_kernel(unsigned int* word) { word[1] = atomicExch(&word[0], 0u); }
-}  // namespace
 
-unsigned int* device_errors_word() {
+unsigned int* static_word() {
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kMaxDevices) {
     (void)cudaGetLastError();
@@ -35,13 +40,51 @@ unsigned int* device_errors_word() {
   }
   return w;
 }
+}  // namespace
+
+unsigned int* device_errors_word(cudaStream_t stream) {
+  if (stream != nullptr) {
+    std::lock_guard<std::mutex> lk(g_stream_mu);
+    auto it = g_stream_words.find(stream);
+    if (it != g_stream_words.end()) return it->second;
+  }
+  return static_word();
+}
+
+int stream_errors_create(cudaStream_t stream) {
+  if (stream == nullptr) return GROKIT_OK;
+  void* p = nullptr;
+  if (int rc = check_cuda(cudaMalloc(&p, 2 * sizeof(unsigned int)), "stream_create: error word"); rc != GROKIT_OK)
+    return rc;
+  // Cleared before any kernel of the stream can raise a bit in it.
+  if (int rc = check_cuda(cudaMemsetAsync(p, 0, 2 * sizeof(unsigned int), stream), "stream_create: clearing the error word");
+      rc != GROKIT_OK) {
+    cudaFree(p);
+    return rc;
+  }
+  std::lock_guard<std::mutex> lk(g_stream_mu);
+  g_stream_words[stream] = static_cast<unsigned int*>(p);
+  return GROKIT_OK;
+}
+
+int stream_errors_release(cudaStream_t stream) {
+  unsigned int* w = nullptr;
+  {
+    std::lock_guard<std::mutex> lk(g_stream_mu);
+    auto it = g_stream_words.find(stream);
+    if (it == g_stream_words.end()) return GROKIT_OK;
+    w = it->second;
+    g_stream_words.erase(it);
+  }
+  return check_cuda(cudaFree(w), "stream_destroy: freeing the error word");
+}
 
 int take_device_errors(GrokitStream stream, uint32_t* flags) {
   if (flags == nullptr) return set_error(GROKIT_ERR_INVALID, "take_device_errors: null flags");
   *flags = 0;
-  unsigned int* w = device_errors_word();
-  if (w == nullptr) return set_error(GROKIT_ERR_DEVICE, "take_device_errors: no error word on this device");
   const cudaStream_t st = as_stream(stream);
+  unsigned int* w = device_errors_word(st);
+  if (w == nullptr) return set_error(GROKIT_ERR_DEVICE, "take_device_errors: no error word on this device");
   // Swapped out on the device (atomically: a kernel on another stream may be raising a
   // bit meanwhile), then read.
   take_errors_kernel<<<1, 1, 0, st>>>(w);

@@ -22,10 +22,15 @@ inline int check_launch(const char* what) { return check_cuda(cudaGetLastError()
 
 inline cudaStream_t as_stream(GrokitStream s) { return static_cast<cudaStream_t>(s); }
 
-// The current device's GROKIT_DEVERR_* bits (ops.h take_device_errors): a word the
-// kernels raise bits in, or NULL when it cannot be had (nothing is recorded then).
-// Found once per device (set_device does it, outside any graph capture).
-unsigned int* device_errors_word();
+// The word the kernels launched on `stream` raise their GROKIT_DEVERR_* bits in (ops.h
+// take_device_errors), or NULL when it cannot be had (nothing is recorded then). A stream
+// made by stream_create has its own; any other stream shares its device's, found once per
+// device (set_device does it, outside any graph capture). A captured graph raises in the
+// word of the stream it was captured on.
+unsigned int* device_errors_word(cudaStream_t stream);
+// The word of a stream made by stream_create, and its release by stream_destroy.
+int stream_errors_create(cudaStream_t stream);
+int stream_errors_release(cudaStream_t stream);
 // ops.h take_device_errors.
 int take_device_errors(GrokitStream stream, uint32_t* flags);
 __device__ __forceinline__ void raise_device_error(unsigned int* word, unsigned int bit) {

@@ -51,7 +51,7 @@ int kv_store(const float* k, const float* v, int64_t M, const GrokitAttnRow* row
   if (k == nullptr || v == nullptr || rows == nullptr) return set_error(GROKIT_ERR_INVALID, "kv_store: null k, v or rows");
   const unsigned grid = static_cast<unsigned>(M < (1 << 20) ? M : (1 << 20));
   kv_store_kernel<<<grid, kThreads, 0, as_stream(stream)>>>(k, v, M, rows, shape->kv_heads, shape->head_dim,
-                                                                     device_errors_word());
+                                                                     device_errors_word(as_stream(stream)));
   return check_launch("kv_store");
 }
 

@@ -194,7 +194,8 @@ int run_decode(Ctx& c, const WDesc& d, const float* x, int64_t M, int64_t ldx, c
 
   const DecodeParams p =
       make_decode_params(d, P, x, M, ldx, routed ? routing->expert : nullptr, div, y, ldy,
-                         static_cast<float*>(c.partial.p), static_cast<uint32_t*>(c.counters.p));
+                         static_cast<float*>(c.partial.p), static_cast<uint32_t*>(c.counters.p),
+                         device_errors_word(c.stream));
   const dim3 grid(static_cast<unsigned>(P.tiles), static_cast<unsigned>(P.ks), static_cast<unsigned>(egrid));
   switch (d.fmt) {
     case kQ8C: launch_decode_fmt<kQ8C>(P.kmt, grid, P.smem, c.stream, p); break;

@@ -342,7 +342,7 @@ struct DecodeParams {
   int32_t vec;              // row-major: vector loads allowed (alignment)
   float* partial;           // [ks, M, N] when ks > 1
   uint32_t* counters;       // [E or 1, gridDim.x] when ks > 1; zero between launches
-  unsigned int* errors;     // device_errors_word(): a row routed past the stack raises GROKIT_DEVERR_EXPERT
+  unsigned int* errors;     // device_errors_word(stream): a row routed past the stack raises GROKIT_DEVERR_EXPERT
 };
 
 // The loads of one unit, by format.
@@ -935,7 +935,7 @@ inline int describe_weight(const char* op, const GrokitWeight* w, WDesc* d, char
 // x_div: 1 unrouted; expert: NULL unrouted. partial / counters: the split-k workspace.
 inline DecodeParams make_decode_params(const WDesc& d, const DecodePlan& P, const float* x, int64_t M, int64_t ldx,
                                        const int32_t* expert, int64_t x_div, float* y, int64_t ldy, float* partial,
-                                       uint32_t* counters) {
+                                       uint32_t* counters, unsigned int* errors) {
   DecodeParams p{};
   p.w = d.data;
   p.w_stride = d.stride;
@@ -946,7 +946,7 @@ inline DecodeParams make_decode_params(const WDesc& d, const DecodePlan& P, cons
   p.y = y;
   p.ldy = ldy;
   p.expert = expert;
-  p.errors = device_errors_word();
+  p.errors = errors;
   p.x_div = static_cast<int32_t>(x_div);
   p.M = static_cast<int32_t>(M);
   p.E = static_cast<int32_t>(d.E);

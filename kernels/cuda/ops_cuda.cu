@@ -44,7 +44,7 @@ int set_device(int device) {
   if (device < 0) return set_error(GROKIT_ERR_INVALID, "set_device: device = %d", device);
   if (int rc = call(cudaSetDevice(device), "cudaSetDevice"); rc != GROKIT_OK) return rc;
   // Found here, before any capture: the ops look it up while a graph may be captured.
-  if (device_errors_word() == nullptr)
+  if (device_errors_word(nullptr) == nullptr)
     return set_error(GROKIT_ERR_DEVICE, "set_device: device %d: its error word cannot be found", device);
   return GROKIT_OK;
 }
@@ -118,6 +118,10 @@ int stream_create(GrokitStream* stream) {
   if (int rc = call(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "cudaStreamCreateWithFlags");
       rc != GROKIT_OK)
     return rc;
+  if (int rc = stream_errors_create(s); rc != GROKIT_OK) {
+    cudaStreamDestroy(s);
+    return rc;
+  }
   *stream = s;
   return GROKIT_OK;
 }
@@ -130,7 +134,8 @@ int stream_destroy(GrokitStream stream) {
   const int rc = matmul_release_stream(stream);
   const int rc1 = attention_release_stream(stream);
   const int rc2 = call(cudaStreamDestroy(as_stream(stream)), "cudaStreamDestroy");
-  return rc != GROKIT_OK ? rc : rc1 != GROKIT_OK ? rc1 : rc2;
+  const int rc3 = stream_errors_release(as_stream(stream));
+  return rc != GROKIT_OK ? rc : rc1 != GROKIT_OK ? rc1 : rc2 != GROKIT_OK ? rc2 : rc3;
 }
 
 int stream_sync(GrokitStream stream) {

@@ -984,6 +984,28 @@ void add_device_values() {
     uint32_t flags = 0;
     EXPECT_EQ(dev.ops->take_device_errors(dev.stream, nullptr), GROKIT_ERR_INVALID);
     dev.check(dev.ops->take_device_errors(dev.stream, &flags), "take_device_errors");
+
+    // Each stream's bits are its own (ranks sharing a GPU): a bad row on another stream
+    // is reported there, not here, and taking this stream's bits leaves the other's.
+    GrokitStream other = nullptr;
+    dev.check(dev.ops->stream_create(&other), "stream_create");
+    row.pos = static_cast<int32_t>(cap);
+    row.n_keys = 1;
+    const int rc = dev.ops->kv_store(dev.upload(kv), dev.upload(kv), 1, dev.upload(std::vector<GrokitAttnRow>{row}),
+                                     &sh, other);
+    dev.check(dev.ops->stream_sync(other), "stream_sync");
+    uint32_t here = 0xdeadu, there = 0xdeadu;
+    dev.check(dev.ops->take_device_errors(dev.stream, &here), "take_device_errors (this stream)");
+    dev.check(dev.ops->take_device_errors(other, &there), "take_device_errors (the other stream)");
+    if (host) {
+      EXPECT_EQ(rc, GROKIT_ERR_INVALID);
+      EXPECT_EQ(there, 0u);
+    } else {
+      EXPECT_EQ(rc, GROKIT_OK) << dev.ops->error_message();
+      EXPECT_EQ(there, static_cast<uint32_t>(GROKIT_DEVERR_KV_ROW)) << "the other stream's bit";
+    }
+    EXPECT_EQ(here, 0u) << "a bit raised on another stream reached this one";
+    dev.check(dev.ops->stream_destroy(other), "stream_destroy");
   });
 }
 
