@@ -217,9 +217,12 @@ Result<std::unique_ptr<Run>> make_run(const GrokitOps* ops, GrokitStream st, con
 
 // Median seconds of one decode step of the layer (a replayed graph where the backend has them).
 Result<double> time_decode(const GrokitOps* ops, GrokitStream st, const Layer& L, const runner::LayerDims& d,
-                           Run& r, int64_t max_keys, int reps) {
-  auto once = [&]() { return runner::run_layer(ops, st, L.w, d, r.io, 1, max_keys, nullptr); };
+                           Run& r, int64_t max_keys, int reps, int steps) {
+  // As in a stack of such layers: each step's last op norms the next step's input.
+  runner::LayerChain chain{false, L.w.attn_norm_in};
+  auto once = [&]() { return runner::run_layer(ops, st, L.w, d, r.io, 1, max_keys, nullptr, chain); };
   GROKIT_TRY(once());  // sizes every op's scratch
+  chain.input_normed = true;
   DEV_TRY(ops, ops->stream_sync(st));
   void* graph = nullptr;
   if (ops->graph_begin != nullptr) {
@@ -232,13 +235,12 @@ Result<double> time_decode(const GrokitOps* ops, GrokitStream st, const Layer& L
   std::vector<double> t;
   for (int i = 0; i < reps; ++i) {
     auto t0 = Clock::now();
-    constexpr int kBatch = 20;  // steps per timing, so launch and sync costs amortize
-    for (int j = 0; j < kBatch; ++j) {
+    for (int j = 0; j < steps; ++j) {  // several steps per timing, so launch and sync costs amortize
       if (graph != nullptr) DEV_TRY(ops, ops->graph_launch(graph, st));
       else GROKIT_TRY(once());
     }
     DEV_TRY(ops, ops->stream_sync(st));
-    t.push_back(seconds_since(t0) / kBatch);
+    t.push_back(seconds_since(t0) / steps);
   }
   if (graph != nullptr) ops->graph_destroy(graph);
   std::sort(t.begin(), t.end());
@@ -272,7 +274,11 @@ int cmd_bench_device(int argc, char** argv) {
       ("prefill-tokens", "tokens of the prefill", cxxopts::value<int64_t>()->default_value("4096"))
       ("load-mb", "MiB of the file the load benchmark writes and loads", cxxopts::value<uint64_t>()->default_value("4096"))
       ("work", "directory for the load benchmark's file", cxxopts::value<std::string>()->default_value("/tmp"))
-      ("reps", "timed repetitions (the median is kept)", cxxopts::value<int>()->default_value("7"));
+      ("reps", "timed repetitions (the median is kept)", cxxopts::value<int>()->default_value("7"))
+      ("steps", "decode steps per timed repetition", cxxopts::value<int>()->default_value("20"))
+      ("only", "the parts to run, comma-separated: decode, prefill, load (the two bandwidth limits always run; "
+               "a profiler run takes one part at a time)",
+       cxxopts::value<std::vector<std::string>>()->default_value("decode,prefill,load"));
   ParsedArgs parsed;
   if (auto rc = parse_args(opts, argc, argv, 0, 0, parsed)) return *rc;
   const cxxopts::ParseResult& r = parsed.result;
@@ -281,6 +287,15 @@ int cmd_bench_device(int argc, char** argv) {
   const int gpu = r["gpu"].as<int>(), reps = std::max(1, r["reps"].as<int>());
   const int64_t context = r["context"].as<int64_t>(), prefill = r["prefill-tokens"].as<int64_t>();
   if (context < 0 || prefill < 1) return std::fprintf(stderr, "%s: --context >= 0 and --prefill-tokens >= 1\n", prog), kExitUsage;
+  const int steps = r["steps"].as<int>();
+  if (steps < 1) return std::fprintf(stderr, "%s: --steps must be at least 1\n", prog), kExitUsage;
+  bool want_decode = false, want_prefill = false, want_load = false;
+  for (const std::string& part : r["only"].as<std::vector<std::string>>()) {
+    if (part == "decode") want_decode = true;
+    else if (part == "prefill") want_prefill = true;
+    else if (part == "load") want_load = true;
+    else return std::fprintf(stderr, "%s: --only: unknown part '%s' (decode, prefill, load)\n", prog, part.c_str()), kExitUsage;
+  }
   auto die = [&](const Error& e) {
     std::fprintf(stderr, "%s: error: %s\n", prog, e.message.c_str());
     return kExitFailure;
@@ -338,9 +353,10 @@ int cmd_bench_device(int argc, char** argv) {
                               static_cast<float>(cfg.attn_logit_cap), cfg.rope_base};
     const int64_t cap = std::max(context + 1, prefill);
     for (const char* scheme : {"int8", "int4"}) {
+      if (!want_decode) break;
       GROKIT_ASSIGN_OR_RETURN(Layer L, make_layer(ops, st, cfg, tp, scheme));
       GROKIT_ASSIGN_OR_RETURN(auto run, make_run(ops, st, d, 1, context, cap));
-      GROKIT_ASSIGN_OR_RETURN(double t, time_decode(ops, st, L, d, *run, cap, reps));
+      GROKIT_ASSIGN_OR_RETURN(double t, time_decode(ops, st, L, d, *run, cap, reps, steps));
       const uint64_t kv = static_cast<uint64_t>(2 * d.kv_heads * (context + 1) * dh * 2);
       const uint64_t bytes = L.attention_bytes + L.expert_bytes / static_cast<uint64_t>(d.experts) *
                                                      static_cast<uint64_t>(d.top) + L.small_bytes + kv;
@@ -352,7 +368,7 @@ int cmd_bench_device(int argc, char** argv) {
 
     // 3. Prefill against the bf16 matrix peak (a large bf16 product through the same op).
     double peak = 0;
-    {
+    if (want_prefill) {
       const int64_t n = small ? 256 : 8192;
       GROKIT_ASSIGN_OR_RETURN(std::vector<uint8_t> w, make_payload(format::DType::kBF16, 0, 1, n, n, 3));
       DeviceBuffer wb, x, y;
@@ -377,14 +393,14 @@ int cmd_bench_device(int argc, char** argv) {
         if (i > 0) peak = std::max(peak, 2.0 * n * n * n / seconds_since(t0));
       }
     }
-    rows.push_back({"bf16 matrix product (peak)", fmt("%.1f TFLOP/s", peak / 1e12), "", "", ""});
-    {
+    if (want_prefill) {
+      rows.push_back({"bf16 matrix product (peak)", fmt("%.1f TFLOP/s", peak / 1e12), "", "", ""});
       GROKIT_ASSIGN_OR_RETURN(Layer L, make_layer(ops, st, cfg, tp, "int8"));
       GROKIT_ASSIGN_OR_RETURN(auto run, make_run(ops, st, d, prefill, 0, cap));
       double best = 1e30;
       for (int i = 0; i < std::min(reps, 3) + 1; ++i) {
         auto t0 = Clock::now();
-        GROKIT_TRY(runner::run_layer(ops, st, L.w, d, run->io, prefill, prefill, nullptr));
+        GROKIT_TRY(runner::run_layer(ops, st, L.w, d, run->io, prefill, prefill, nullptr, runner::LayerChain{}));
         DEV_TRY(ops, ops->stream_sync(st));
         if (i > 0) best = std::min(best, seconds_since(t0));
       }
@@ -398,7 +414,7 @@ int cmd_bench_device(int argc, char** argv) {
     }
 
     // 4. Loading a shard-sized file (page cache warm: it was just written).
-    {
+    if (want_load) {
       const uint64_t bytes = (small ? std::min<uint64_t>(r["load-mb"].as<uint64_t>(), 256) : r["load-mb"].as<uint64_t>()) << 20;
       const std::string path = path_join(r["work"].as<std::string>(), str_cat("grokit-bench-load-", getpid(), ".bin"));
       {

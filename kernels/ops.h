@@ -33,8 +33,9 @@
 
 // The tables' layout version (GrokitOps, GrokitCollectives): the engine refuses a plugin
 // built against another. 1: the first; 2: GrokitCollectives.comm_abort;
-// 3: GrokitOps.take_device_errors, GrokitCollectives.comm_async_error.
-#define GROKIT_OPS_ABI_VERSION 3
+// 3: GrokitOps.take_device_errors, GrokitCollectives.comm_async_error;
+// 4: GrokitOps.residual_norm, GrokitOps.matmul's flags (was x_fp32).
+#define GROKIT_OPS_ABI_VERSION 4
 
 #ifdef __cplusplus
 extern "C" {
@@ -49,6 +50,12 @@ enum {
 };
 
 typedef void* GrokitStream;
+
+// GrokitOps.matmul's flags.
+enum {
+  GROKIT_MATMUL_X_FP32 = 1,      // x holds fp32 values (else bf16 values)
+  GROKIT_MATMUL_ROUND_BF16 = 2,  // y = bf16(sums) (else the fp32 sums)
+};
 
 // A weight matrix (or a stack of expert matrices) in device memory.
 // dtype is the format::DType code of its stored payload (format/SPEC.md §4, §4.1):
@@ -165,9 +172,11 @@ typedef struct GrokitOps {
   int (*router_topk)(const float* x, int64_t M, int64_t D, const float* w, int64_t E, int64_t k, int32_t* experts,
                      float* gates, GrokitStream stream);
   // y [M, N] fp32 sums = x @ W (x [., K] with row stride ldx; bf16 values, or fp32 values
-  // when x_fp32, as the expert down projection's input is). With routing (may be NULL
-  // for a single matrix), row m = x[m / div] @ W[expert[m]]. The caller rounds.
-  int (*matmul)(const GrokitWeight* w, const float* x, int64_t M, int64_t ldx, int32_t x_fp32,
+  // with GROKIT_MATMUL_X_FP32, as the expert down projection's input is). With routing
+  // (may be NULL for a single matrix), row m = x[m / div] @ W[expert[m]]. The caller
+  // rounds, or asks for y = bf16(sums) with GROKIT_MATMUL_ROUND_BF16 (the bits of a
+  // round_bf16 op after it, one launch fewer). Other flag bits are refused.
+  int (*matmul)(const GrokitWeight* w, const float* x, int64_t M, int64_t ldx, int32_t flags,
                 const GrokitRouting* routing, float* y, int64_t ldy, GrokitStream stream);
   // kernels::gelu_mul: h = gelu(g) * u in fp32; h may be g or u.
   int (*gelu_mul)(const float* g, const float* u, int64_t n, float* h, GrokitStream stream);
@@ -175,6 +184,14 @@ typedef struct GrokitOps {
   int (*round_bf16)(const float* x, int64_t n, float* out, GrokitStream stream);
   // out = bf16(a + b) (the residual add); out may be a or b.
   int (*add_bf16)(const float* a, const float* b, int64_t n, float* out, GrokitStream stream);
+  // The end of a sublayer and the start of the next in one op (a decode step's small ops
+  // are bound by their launches): t = rmsnorm(round_y ? bf16(y) : y, post_scale);
+  // x = bf16(x + t); then, when next_scale is not NULL, a = rmsnorm(x, next_scale).
+  // Each backend gives the bits of its own round_bf16, rmsnorm, add_bf16 and rmsnorm
+  // called in turn (CUDA: with y, x, a and the scales 16-byte aligned, or D odd). y, x,
+  // a: [M, D]; y is only read; a may not overlap y or x.
+  int (*residual_norm)(const float* y, int32_t round_y, int64_t M, int64_t D, const float* post_scale, float eps,
+                       float* x, const float* next_scale, float* a, GrokitStream stream);
   // out[t, :] = bf16(sum over c < k, in order, of fp32(bf16(gates[t, c])) * y[t * k + c, :]),
   // each step acc = acc + g * y (no fused multiply-add). y [M * k, D], out [M, D].
   int (*moe_combine)(const float* y, const float* gates, int64_t M, int64_t k, int64_t D, float* out,

@@ -250,9 +250,13 @@ Status matmul_one(const GrokitWeight& w, int64_t e, const float* x, int64_t M, i
   }
 }
 
-int matmul(const GrokitWeight* w, const float* x, int64_t M, int64_t ldx, int32_t x_fp32, const GrokitRouting* routing,
+Status matmul_sums(const GrokitWeight* w, const float* x, int64_t M, int64_t ldx, bool fp32, const GrokitRouting* routing,
+                   float* y, int64_t ldy, ThreadPool* pool);
+
+int matmul(const GrokitWeight* w, const float* x, int64_t M, int64_t ldx, int32_t flags, const GrokitRouting* routing,
            float* y, int64_t ldy, GrokitStream stream) {
   if (int rc = check_weight("matmul", w); rc != GROKIT_OK) return rc;
+  if ((flags & ~(GROKIT_MATMUL_X_FP32 | GROKIT_MATMUL_ROUND_BF16)) != 0) return invalid("matmul", "flags = ", flags);
   const int64_t K = w->rows, N = w->cols;
   if (M < 0) return invalid("matmul", "M = ", M);
   if (ldx < K) return invalid("matmul", "ldx ", ldx, " < K ", K);
@@ -263,14 +267,27 @@ int matmul(const GrokitWeight* w, const float* x, int64_t M, int64_t ldx, int32_
     return invalid("matmul", "routing x_row_div ", routing->x_row_div, " < 1");
   if (M == 0) return GROKIT_OK;
   if (x == nullptr || y == nullptr) return invalid("matmul", x == nullptr ? "x" : "y", " is NULL");
-  ThreadPool* pool = pool_of(stream);
-  const bool fp32 = x_fp32 != 0;
-  if (routing == nullptr) return status_code("matmul", matmul_one(*w, 0, x, M, ldx, fp32, y, ldy, pool));
-  if (routing->expert == nullptr) return invalid("matmul", "routing expert is NULL");
-  const int32_t* ex = routing->expert;
-  for (int64_t m = 0; m < M; ++m) {
-    if (ex[m] >= w->experts) return invalid("matmul", "row ", m, " routes to expert ", ex[m], " of ", w->experts);
+  if (routing != nullptr && routing->expert == nullptr) return invalid("matmul", "routing expert is NULL");
+  for (int64_t m = 0; routing != nullptr && m < M; ++m) {
+    const int32_t e = routing->expert[m];
+    if (e >= w->experts) return invalid("matmul", "row ", m, " routes to expert ", e, " of ", w->experts);
   }
+  ThreadPool* pool = pool_of(stream);
+  if (Status s = matmul_sums(w, x, M, ldx, (flags & GROKIT_MATMUL_X_FP32) != 0, routing, y, ldy, pool); !s.ok())
+    return status_code("matmul", s);
+  if ((flags & GROKIT_MATMUL_ROUND_BF16) != 0)
+    chunked(pool, M, [&](int64_t a, int64_t b) {
+      for (int64_t m = a; m < b; ++m) round_to_bf16(y + m * ldy, N, y + m * ldy);
+    });
+  return GROKIT_OK;
+}
+
+// The fp32 sums of a checked matmul.
+Status matmul_sums(const GrokitWeight* w, const float* x, int64_t M, int64_t ldx, bool fp32, const GrokitRouting* routing,
+                   float* y, int64_t ldy, ThreadPool* pool) {
+  const int64_t K = w->rows, N = w->cols;
+  if (routing == nullptr) return matmul_one(*w, 0, x, M, ldx, fp32, y, ldy, pool);
+  const int32_t* ex = routing->expert;
   // Rows grouped by expert (stable), x rows gathered, y rows scattered.
   std::vector<int64_t> rows;
   std::vector<float> xg, yg;
@@ -285,14 +302,13 @@ int matmul(const GrokitWeight* w, const float* x, int64_t M, int64_t ldx, int32_
     for (int64_t i = 0; i < n; ++i)
       std::memcpy(xg.data() + i * K, x + rows[static_cast<size_t>(i)] / routing->x_row_div * ldx,
                   sizeof(float) * static_cast<size_t>(K));
-    Status s = matmul_one(*w, e, xg.data(), n, K, fp32, yg.data(), N, pool);
-    if (!s.ok()) return status_code("matmul", s);
+    GROKIT_TRY(matmul_one(*w, e, xg.data(), n, K, fp32, yg.data(), N, pool));
     for (int64_t i = 0; i < n; ++i)
       std::memcpy(y + rows[static_cast<size_t>(i)] * ldy, yg.data() + i * N, sizeof(float) * static_cast<size_t>(N));
   }
   for (int64_t m = 0; m < M; ++m)
     if (ex[m] < 0) std::fill(y + m * ldy, y + m * ldy + N, 0.0f);
-  return GROKIT_OK;
+  return {};
 }
 
 // ---- the forward pass -----------------------------------------------------------
@@ -435,6 +451,48 @@ int add_bf16(const float* a, const float* b, int64_t n, float* out, GrokitStream
   return GROKIT_OK;
 }
 
+// Whether [p, p + n) and [q, q + n) share an element.
+bool overlaps(const float* p, const float* q, int64_t n) {
+  const auto a = reinterpret_cast<uintptr_t>(p), b = reinterpret_cast<uintptr_t>(q);
+  const auto bytes = static_cast<uintptr_t>(n) * sizeof(float);
+  return a < b + bytes && b < a + bytes;
+}
+
+int residual_norm(const float* y, int32_t round_y, int64_t M, int64_t D, const float* post_scale, float eps, float* x,
+                  const float* next_scale, float* a, GrokitStream stream) {
+  if (M < 0 || D < 1) return invalid("residual_norm", "M = ", M, ", D = ", D);
+  if (M == 0) return GROKIT_OK;
+  if (y == nullptr || post_scale == nullptr || x == nullptr || (next_scale != nullptr && a == nullptr))
+    return invalid("residual_norm", "a pointer is NULL (y, post_scale, x, or a with next_scale)");
+  if (M > INT64_MAX / D) return invalid("residual_norm", "M * D overflows (M = ", M, ", D = ", D, ")");
+  if (next_scale != nullptr && (overlaps(a, y, M * D) || overlaps(a, x, M * D)))
+    return invalid("residual_norm", "a overlaps y or x");
+  // Row by row, each the twins' sequence (round_bf16, rmsnorm, add_bf16, rmsnorm).
+  auto rows = [&](int64_t m0, int64_t m1) {
+    std::vector<float> t(static_cast<size_t>(D));
+    for (int64_t m = m0; m < m1; ++m) {
+      const float* yr = y + m * D;
+      float* xr = x + m * D;
+      if (round_y != 0) round_to_bf16(yr, D, t.data());
+      else std::copy(yr, yr + D, t.begin());
+      GROKIT_CHECK(kernels::rmsnorm(t.data(), 1, D, post_scale, eps, t.data(), nullptr).ok());
+      kernels::add_bf16(xr, t.data(), D, xr);
+      if (next_scale != nullptr) GROKIT_CHECK(kernels::rmsnorm(xr, 1, D, next_scale, eps, a + m * D, nullptr).ok());
+    }
+  };
+  ThreadPool* pool = pool_of(stream);
+  if (pool == nullptr || M == 1) {
+    rows(0, M);
+  } else {
+    const int64_t per = std::max<int64_t>(1, M / (4 * static_cast<int64_t>(pool->size())));
+    pool->run(static_cast<size_t>((M + per - 1) / per), [&](size_t i) {
+      const int64_t m0 = static_cast<int64_t>(i) * per;
+      rows(m0, std::min(M, m0 + per));
+    });
+  }
+  return GROKIT_OK;
+}
+
 // The CPU engine's combine: acc = acc + fp32(bf16(gate)) * y, choice by choice, then bf16.
 void combine_row(const float* y, const float* gates, int64_t t, int64_t k, int64_t D, float* acc, float* out) {
   std::fill(acc, acc + D, 0.0f);
@@ -546,6 +604,7 @@ const GrokitOps kHostOps = [] {
   t.gelu_mul = gelu_mul;
   t.round_bf16 = round_bf16;
   t.add_bf16 = add_bf16;
+  t.residual_norm = residual_norm;
   t.moe_combine = moe_combine;
   t.logits = logits;
   t.sum_arrays = sum_arrays;

@@ -750,7 +750,9 @@ Status DeviceEngine::forward(DevRank& R, int64_t N, int64_t max_keys, const Step
   for (int64_t l = 0; l < cfg_.num_layers; ++l) {
     const LayerIO io{x, a, tmp, q, k, v, o, gates, g, u, routed, experts, A.pos.get<int32_t>(),
                      A.rows.get<GrokitAttnRow>() + l * N};
-    GROKIT_TRY(run_layer(ops, st, R.layers[static_cast<size_t>(l)], dims, io, N, max_keys, R.comm.get()));
+    // Each layer's last op also writes the next layer's normed input (LayerChain).
+    const LayerChain chain{l > 0, l + 1 < cfg_.num_layers ? R.layers[static_cast<size_t>(l + 1)].attn_norm_in : nullptr};
+    GROKIT_TRY(run_layer(ops, st, R.layers[static_cast<size_t>(l)], dims, io, N, max_keys, R.comm.get(), chain));
     GROKIT_TRY(emit_routing(static_cast<int>(l)));
     GROKIT_TRY(emit_hidden(static_cast<int>(l + 1)));
   }

@@ -208,43 +208,37 @@ std::unique_ptr<DeviceComm> make_local_device_comm(const GrokitOps* ops, GrokitS
 }
 
 Status run_layer(const GrokitOps* ops, GrokitStream st, const DevLayer& Ly, const LayerDims& d, const LayerIO& io,
-                 int64_t N, int64_t max_keys, DeviceComm* comm) {
+                 int64_t N, int64_t max_keys, DeviceComm* comm, const LayerChain& chain) {
   const int64_t D = d.D, QD = d.q_heads * d.head_dim, KVD = d.kv_heads * d.head_dim, F = d.ffn, top = d.top;
   const GrokitAttnShape shape{d.q_heads, d.kv_heads, d.head_dim, d.attn_multiplier, d.attn_cap};
   auto all_reduce = [&](float* p, int64_t n) -> Status {
     return comm != nullptr ? comm->all_reduce_sum(p, static_cast<size_t>(n)) : Status{};
   };
   // Attention.
-  DEV_TRY(ops, ops->rmsnorm(io.x, N, D, Ly.attn_norm_in, d.eps, io.a, st));
-  DEV_TRY(ops, ops->matmul(&Ly.query, io.a, N, D, 0, nullptr, io.q, QD, st));
-  DEV_TRY(ops, ops->matmul(&Ly.key, io.a, N, D, 0, nullptr, io.k, KVD, st));
-  DEV_TRY(ops, ops->matmul(&Ly.value, io.a, N, D, 0, nullptr, io.v, KVD, st));
-  DEV_TRY(ops, ops->round_bf16(io.q, N * QD, io.q, st));
-  DEV_TRY(ops, ops->round_bf16(io.k, N * KVD, io.k, st));
-  DEV_TRY(ops, ops->round_bf16(io.v, N * KVD, io.v, st));
+  if (!chain.input_normed) DEV_TRY(ops, ops->rmsnorm(io.x, N, D, Ly.attn_norm_in, d.eps, io.a, st));
+  constexpr int32_t kRound = GROKIT_MATMUL_ROUND_BF16;  // y = bf16(x @ W) in the product's own stores
+  DEV_TRY(ops, ops->matmul(&Ly.query, io.a, N, D, kRound, nullptr, io.q, QD, st));
+  DEV_TRY(ops, ops->matmul(&Ly.key, io.a, N, D, kRound, nullptr, io.k, KVD, st));
+  DEV_TRY(ops, ops->matmul(&Ly.value, io.a, N, D, kRound, nullptr, io.v, KVD, st));
   DEV_TRY(ops, ops->rope(io.q, N, d.q_heads, d.head_dim, io.pos, d.rope_base, st));
   DEV_TRY(ops, ops->rope(io.k, N, d.kv_heads, d.head_dim, io.pos, d.rope_base, st));
   DEV_TRY(ops, ops->kv_store(io.k, io.v, N, io.rows, &shape, st));
   DEV_TRY(ops, ops->attention(io.q, N, io.rows, max_keys, &shape, io.o, st));
   DEV_TRY(ops, ops->matmul(&Ly.output, io.o, N, QD, 0, nullptr, io.tmp, D, st));
   GROKIT_TRY(all_reduce(io.tmp, N * D));
-  DEV_TRY(ops, ops->round_bf16(io.tmp, N * D, io.tmp, st));
-  DEV_TRY(ops, ops->rmsnorm(io.tmp, N, D, Ly.attn_norm_out, d.eps, io.tmp, st));
-  DEV_TRY(ops, ops->add_bf16(io.x, io.tmp, N * D, io.x, st));
+  // x = bf16(x + rmsnorm(bf16(tmp))); a = rmsnorm(x): the mixture's input.
+  DEV_TRY(ops, ops->residual_norm(io.tmp, 1, N, D, Ly.attn_norm_out, d.eps, io.x, Ly.moe_norm_in, io.a, st));
   // Mixture of experts: routing on the device; each rank its ffn columns.
   const GrokitRouting up_route{io.experts, top}, down_route{io.experts, 1};
-  DEV_TRY(ops, ops->rmsnorm(io.x, N, D, Ly.moe_norm_in, d.eps, io.a, st));
   DEV_TRY(ops, ops->router_topk(io.a, N, D, Ly.router, d.experts, top, io.experts, io.gates, st));
-  DEV_TRY(ops, ops->matmul(&Ly.gate, io.a, N * top, D, 0, &up_route, io.g, F, st));
-  DEV_TRY(ops, ops->matmul(&Ly.up, io.a, N * top, D, 0, &up_route, io.u, F, st));
-  DEV_TRY(ops, ops->round_bf16(io.g, N * top * F, io.g, st));
-  DEV_TRY(ops, ops->round_bf16(io.u, N * top * F, io.u, st));
+  DEV_TRY(ops, ops->matmul(&Ly.gate, io.a, N * top, D, kRound, &up_route, io.g, F, st));
+  DEV_TRY(ops, ops->matmul(&Ly.up, io.a, N * top, D, kRound, &up_route, io.u, F, st));
   DEV_TRY(ops, ops->gelu_mul(io.g, io.u, N * top * F, io.g, st));
-  DEV_TRY(ops, ops->matmul(&Ly.down, io.g, N * top, F, 1, &down_route, io.routed, D, st));
+  DEV_TRY(ops, ops->matmul(&Ly.down, io.g, N * top, F, GROKIT_MATMUL_X_FP32, &down_route, io.routed, D, st));
   GROKIT_TRY(all_reduce(io.routed, N * top * D));
   DEV_TRY(ops, ops->moe_combine(io.routed, io.gates, N, top, D, io.tmp, st));
-  DEV_TRY(ops, ops->rmsnorm(io.tmp, N, D, Ly.moe_norm_out, d.eps, io.tmp, st));
-  DEV_TRY(ops, ops->add_bf16(io.x, io.tmp, N * D, io.x, st));
+  // The combine's output is bf16 already; the next layer's input norm rides along.
+  DEV_TRY(ops, ops->residual_norm(io.tmp, 0, N, D, Ly.moe_norm_out, d.eps, io.x, chain.next_norm_in, io.a, st));
   return {};
 }
 

@@ -134,11 +134,19 @@ struct LayerDims {
   double rope_base;
 };
 
-// One layer, on `stream`: attention (rmsnorm, q/k/v, rope, cache, attention, output,
-// all-reduce, rmsnorm, residual) then the mixture of experts (rmsnorm, router, gate/up
-// with the routing on the device, gelu, down, all-reduce, combine, rmsnorm, residual).
-// comm may be null for a rank measured alone.
+// How a layer meets its neighbours. Each layer ends with residual_norm, which can also
+// write the next layer's normed input into io.a (one launch instead of two).
+struct LayerChain {
+  bool input_normed = false;           // io.a holds rmsnorm(x, attn_norm_in) already
+  const float* next_norm_in = nullptr;  // the next layer's attn_norm_in, or NULL
+};
+
+// One layer, on `stream`: attention (rmsnorm unless chained, q/k/v, rope, cache,
+// attention, output, all-reduce, then rmsnorm, residual and the mixture's rmsnorm in one
+// op) then the mixture of experts (router, gate/up with the routing on the device, gelu,
+// down, all-reduce, combine, then rmsnorm, residual and the next layer's rmsnorm in one
+// op). comm may be null for a rank measured alone.
 Status run_layer(const GrokitOps* ops, GrokitStream stream, const DevLayer& layer, const LayerDims& dims,
-                 const LayerIO& io, int64_t N, int64_t max_keys, DeviceComm* comm);
+                 const LayerIO& io, int64_t N, int64_t max_keys, DeviceComm* comm, const LayerChain& chain);
 
 }  // namespace grokit::runner

@@ -161,8 +161,23 @@ void launch_decode_fmt(int kmt, dim3 grid, size_t smem, cudaStream_t st, const D
   }
 }
 
+// y's rows [M, N] (row stride ldy) rounded to bf16 in place: the prefill path's
+// GROKIT_MATMUL_ROUND_BF16 (the decode kernel rounds in its own stores).
+__global__ void round_rows_kernel(float* y, int64_t M, int64_t N, int64_t ldy) {
+  for (int64_t m = blockIdx.y; m < M; m += gridDim.y)
+    for (int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; n < N;
+         n += static_cast<int64_t>(gridDim.x) * blockDim.x)
+      y[m * ldy + n] = round_bf16(y[m * ldy + n]);
+}
+
+int round_rows(float* y, int64_t M, int64_t N, int64_t ldy, cudaStream_t st) {
+  const dim3 grid(std::min<unsigned>(blocks_for(N, kThreads), 1024u), static_cast<unsigned>(std::min<int64_t>(M, 65535)));
+  round_rows_kernel<<<grid, kThreads, 0, st>>>(y, M, N, ldy);
+  return check_launch("matmul: rounding kernel");
+}
+
 int run_decode(Ctx& c, const WDesc& d, const float* x, int64_t M, int64_t ldx, const GrokitRouting* routing, float* y,
-               int64_t ldy, bool capturing) {
+               int64_t ldy, bool round_y, bool capturing) {
   const bool routed = routing != nullptr;
   const int64_t div = routed ? std::min<int64_t>(routing->x_row_div, M) : 1;  // m / div is the same for m < M
   const int64_t per = routed ? (M + div - 1) / div : M;
@@ -192,10 +207,11 @@ int run_decode(Ctx& c, const WDesc& d, const float* x, int64_t M, int64_t ldx, c
   }
   if (P.tiles > INT_MAX) return set_error(GROKIT_ERR_UNSUPPORTED, "matmul: N = %lld needs too many blocks", (long long)d.N);
 
-  const DecodeParams p =
+  DecodeParams p =
       make_decode_params(d, P, x, M, ldx, routed ? routing->expert : nullptr, div, y, ldy,
                          static_cast<float*>(c.partial.p), static_cast<uint32_t*>(c.counters.p),
                          device_errors_word(c.stream));
+  p.round_y = round_y ? 1 : 0;
   const dim3 grid(static_cast<unsigned>(P.tiles), static_cast<unsigned>(P.ks), static_cast<unsigned>(egrid));
   switch (d.fmt) {
     case kQ8C: launch_decode_fmt<kQ8C>(P.kmt, grid, P.smem, c.stream, p); break;
@@ -210,12 +226,15 @@ int run_decode(Ctx& c, const WDesc& d, const float* x, int64_t M, int64_t ldx, c
 }  // namespace
 }  // namespace mm
 
-int matmul(const GrokitWeight* w, const float* x, int64_t M, int64_t ldx, int32_t x_fp32, const GrokitRouting* routing,
+int matmul(const GrokitWeight* w, const float* x, int64_t M, int64_t ldx, int32_t flags, const GrokitRouting* routing,
            float* y, int64_t ldy, GrokitStream stream) {
   using namespace mm;
   WDesc d;
   if (int rc = describe("matmul", w, &d); rc != GROKIT_OK) return rc;
   const char* dt = dtype_label(d.dtype);
+  if ((flags & ~(GROKIT_MATMUL_X_FP32 | GROKIT_MATMUL_ROUND_BF16)) != 0)
+    return set_error(GROKIT_ERR_INVALID, "matmul: flags = %d (%s weight)", static_cast<int>(flags), dt);
+  const bool x_fp32 = (flags & GROKIT_MATMUL_X_FP32) != 0, round_y = (flags & GROKIT_MATMUL_ROUND_BF16) != 0;
   if (M < 0) return set_error(GROKIT_ERR_INVALID, "matmul: M = %lld (%s weight)", static_cast<long long>(M), dt);
   if (ldx < d.K)
     return set_error(GROKIT_ERR_INVALID, "matmul: ldx = %lld < K = %lld (%s weight)", static_cast<long long>(ldx),
@@ -243,10 +262,10 @@ int matmul(const GrokitWeight* w, const float* x, int64_t M, int64_t ldx, int32_
   const bool prefill = routing == nullptr ? M > kDecodeRows : M > kDecodeRoutedRows;
   if (prefill) {
     bool done = false;
-    if (int rc = run_prefill(*c, d, x, M, ldx, x_fp32 != 0, routing, y, ldy, cap, &done); rc != GROKIT_OK || done)
-      return rc;
+    if (int rc = run_prefill(*c, d, x, M, ldx, x_fp32, routing, y, ldy, cap, &done); rc != GROKIT_OK) return rc;
+    if (done) return round_y ? round_rows(y, M, d.N, ldy, st) : GROKIT_OK;
   }
-  return run_decode(*c, d, x, M, ldx, routing, y, ldy, cap);
+  return run_decode(*c, d, x, M, ldx, routing, y, ldy, round_y, cap);
 }
 
 int matmul_release_stream(GrokitStream stream) {

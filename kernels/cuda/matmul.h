@@ -53,7 +53,7 @@ constexpr int32_t kLayoutQ8Chunk16 = 1;
 
 uint64_t prepare_scratch_bytes(const GrokitWeight* w);
 int prepare_weight(GrokitWeight* w, void* scratch, GrokitStream stream);
-int matmul(const GrokitWeight* w, const float* x, int64_t M, int64_t ldx, int32_t x_fp32, const GrokitRouting* routing,
+int matmul(const GrokitWeight* w, const float* x, int64_t M, int64_t ldx, int32_t flags, const GrokitRouting* routing,
            float* y, int64_t ldy, GrokitStream stream);
 
 // Frees the scratch matmul keeps for this stream on the calling thread's device (waits

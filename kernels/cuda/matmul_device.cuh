@@ -343,7 +343,13 @@ struct DecodeParams {
   float* partial;           // [ks, M, N] when ks > 1
   uint32_t* counters;       // [E or 1, gridDim.x] when ks > 1; zero between launches
   unsigned int* errors;     // device_errors_word(stream): a row routed past the stack raises GROKIT_DEVERR_EXPERT
+  int32_t round_y;          // y = bf16(sum) (GROKIT_MATMUL_ROUND_BF16); partials stay fp32
 };
+
+// A sum as stored in y.
+GK_HD float y_value(const DecodeParams& p, float sum) {
+  return p.round_y != 0 ? as_f32(static_cast<uint32_t>(bf16_rne_bits(sum)) << 16) : sum;
+}
 
 // The loads of one unit, by format.
 template <int F, int CPT>
@@ -641,7 +647,7 @@ GK_D void decode_pass(const DecodeParams& p, const int* rows, int c, int e, floa
         if (j >= col.nvalid) break;
         const int64_t n = col0 + j;
         if (p.ks == 1)
-          p.y[row * p.ldy + n] = acc[m][j];
+          p.y[row * p.ldy + n] = y_value(p, acc[m][j]);
         else
           p.partial[(static_cast<int64_t>(blockIdx.y) * p.M + row) * p.N + n] = acc[m][j];
       }
@@ -743,7 +749,7 @@ GK_KERNEL(KMT == 1 ? 3 : 2) decode_kernel(const DecodeParams p) {
         sum += v3;
       }
       for (; s < p.ks; ++s) sum += ldcg(src + s * split_stride);
-      p.y[row * p.ldy + n] = sum;
+      p.y[row * p.ldy + n] = y_value(p, sum);
     }
   }
   if (tid == 0) *counter = 0;

@@ -5,6 +5,7 @@
 #include <new>
 
 #include "kernels/cuda/add_bf16.h"
+#include "kernels/cuda/residual_norm.h"
 #include "kernels/cuda/attention.h"
 #include "kernels/cuda/cuda_util.cuh"
 #include "kernels/cuda/embed.h"
@@ -265,6 +266,7 @@ GrokitOps make_table() {
   t.gelu_mul = gelu_mul;
   t.round_bf16 = round_bf16;
   t.add_bf16 = add_bf16;
+  t.residual_norm = residual_norm;
   t.moe_combine = moe_combine;
   t.logits = logits;
   t.sum_arrays = sum_arrays;

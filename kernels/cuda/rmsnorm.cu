@@ -1,16 +1,11 @@
-// RMSNorm: one block per row. The mean of squares is summed in fp32 by a block-wide tree
-// (per-thread partials, then warps, then the warp totals), not in the CPU twin's index
-// order; the rest follows kernels::rmsnorm's rounding points exactly:
-//   inv = 1 / sqrt(ss / D + eps),  out = bf16((x * inv) * scale).
-#include "kernels/cuda/cuda_util.cuh"
+// RMSNorm: one block per row (the reduction and its order: rmsnorm_impl.cuh); the rest
+// follows kernels::rmsnorm's rounding points exactly.
 #include "kernels/cuda/rmsnorm.h"
+#include "kernels/cuda/rmsnorm_impl.cuh"
 
 namespace grokit::kernels::cuda {
 
-namespace {
-constexpr int kThreads = 512;  // Grok-1 rows (6144) in 3 float4 per thread, all in flight
-constexpr int kWarps = kThreads / 32;
-}  // namespace
+using norm::kThreads;
 
 // x and out may alias: every element is read by the thread that writes it, and the
 // block's reduction (with its barriers) separates the reads of pass 1 from the writes.
@@ -18,56 +13,25 @@ constexpr int kWarps = kThreads / 32;
 template <bool kVec>
 static __global__ void __launch_bounds__(kThreads, 1)
     rmsnorm_kernel(const float* x, int64_t M, int64_t D, const float* scale, float eps, float* out) {
-  __shared__ float partial[kWarps];
-  __shared__ float total;
+  __shared__ norm::Shared sh;
   const int tid = threadIdx.x;
   for (int64_t m = blockIdx.x; m < M; m += gridDim.x) {
     const float* xr = x + m * D;
     float* orow = out + m * D;
-    float ss = 0.0f;
-    if constexpr (kVec) {
-      const float4* x4 = reinterpret_cast<const float4*>(xr);
-#pragma unroll 4
-      for (int64_t i = tid; i < D / 4; i += kThreads) {
-        float4 a = x4[i];
-        ss = __fadd_rn(ss, __fmul_rn(a.x, a.x));
-        ss = __fadd_rn(ss, __fmul_rn(a.y, a.y));
-        ss = __fadd_rn(ss, __fmul_rn(a.z, a.z));
-        ss = __fadd_rn(ss, __fmul_rn(a.w, a.w));
-      }
-    } else {
-#pragma unroll 4
-      for (int64_t i = tid; i < D; i += kThreads) ss = __fadd_rn(ss, __fmul_rn(xr[i], xr[i]));
-    }
-    ss = warp_sum(ss);
-    if ((tid & 31) == 0) partial[tid >> 5] = ss;
-    __syncthreads();
-    if (tid < 32) {
-      float v = tid < kWarps ? partial[tid] : 0.0f;
-      v = warp_sum(v);
-      if (tid == 0) total = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fdiv_rn(v, static_cast<float>(D)), eps)));
-    }
-    __syncthreads();
-    const float inv = total;
+    const float inv = norm::inv_rms<kVec, false>(xr, D, eps, sh);
     if constexpr (kVec) {
       const float4* x4 = reinterpret_cast<const float4*>(xr);
       const float4* s4 = reinterpret_cast<const float4*>(scale);
       float4* o4 = reinterpret_cast<float4*>(orow);
 #pragma unroll 4
       for (int64_t i = tid; i < D / 4; i += kThreads) {
-        float4 a = x4[i], s = s4[i];
-        float4 r;
-        r.x = round_bf16(__fmul_rn(__fmul_rn(a.x, inv), s.x));
-        r.y = round_bf16(__fmul_rn(__fmul_rn(a.y, inv), s.y));
-        r.z = round_bf16(__fmul_rn(__fmul_rn(a.z, inv), s.z));
-        r.w = round_bf16(__fmul_rn(__fmul_rn(a.w, inv), s.w));
-        o4[i] = r;
+        const float4 a = x4[i], s = s4[i];
+        o4[i] = make_float4(norm::scaled(a.x, inv, s.x), norm::scaled(a.y, inv, s.y), norm::scaled(a.z, inv, s.z),
+                            norm::scaled(a.w, inv, s.w));
       }
     } else {
-      for (int64_t i = tid; i < D; i += kThreads) orow[i] = round_bf16(__fmul_rn(__fmul_rn(xr[i], inv), scale[i]));
+      for (int64_t i = tid; i < D; i += kThreads) orow[i] = norm::scaled(xr[i], inv, scale[i]);
     }
-    // The next row's pass-1 writes to `partial` come after every warp passed the second
-    // barrier above, and `total` is rewritten only after the next row's first barrier.
   }
 }
 

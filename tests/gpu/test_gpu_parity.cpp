@@ -225,6 +225,8 @@ struct Budget {
 };
 constexpr Budget kExact{"exact (bit for bit)", 0, 0, 1};
 constexpr Budget kRmsnorm{"rmsnorm: 1 bf16 ulp, at most 1% of elements not bit-equal", 1, 0, 0.01};
+constexpr Budget kResidualNorm{"residual_norm: 1 bf16 ulp, at most 2% of elements not bit-equal (two norms)", 1, 0,
+                                0.02};
 constexpr Budget kMatmul{"matmul: 2^-16 * sum_k |x_k w_kn|", 0, 0x1p-16, 1};
 constexpr Budget kLogits{"logits: 2 bf16 ulps + 2^-16 * |multiplier| * sum_k |x_k E_nk|, at most 1% not bit-equal", 2,
                          0x1p-16, 0.01};
@@ -715,8 +717,9 @@ void add_matmul(int32_t dtype, int64_t param, int64_t E, int64_t Kd, int64_t N, 
     dev.sync();
     GrokitRouting routing{route != Route::kNone ? dev.upload(expert) : nullptr, div};
     float* y = dev.poisoned<float>(want.size());
-    dev.check(dev.ops->matmul(&wd, dev.upload(x), M, ldx, fp32 ? 1 : 0, route != Route::kNone ? &routing : nullptr, y,
-                              ldy, dev.stream),
+    const int32_t flags = fp32 ? GROKIT_MATMUL_X_FP32 : 0;
+    float* xd = dev.upload(x);
+    dev.check(dev.ops->matmul(&wd, xd, M, ldx, flags, route != Route::kNone ? &routing : nullptr, y, ldy, dev.stream),
               "matmul");
     std::vector<float> got = dev.download(y, want.size());
     // Padding must keep the poison (0xFF bytes): compare it as bits.
@@ -724,6 +727,15 @@ void add_matmul(int32_t dtype, int64_t param, int64_t E, int64_t Kd, int64_t N, 
     for (size_t i = 0; i < want.size(); ++i)
       if (mask[i] == 0) std::memset(&want_bits[i], 0xFF, 4);
     compare(dev, "matmul y", kMatmul, want_bits, got, ldy, &mask, &scale);
+    // GROKIT_MATMUL_ROUND_BF16: the bits of the same product rounded after it.
+    float* yr = dev.poisoned<float>(want.size());
+    dev.check(dev.ops->matmul(&wd, xd, M, ldx, flags | GROKIT_MATMUL_ROUND_BF16,
+                              route != Route::kNone ? &routing : nullptr, yr, ldy, dev.stream),
+              "matmul (rounded)");
+    std::vector<float> rounded = got;
+    for (size_t i = 0; i < rounded.size(); ++i)
+      if (mask[i] != 0) rounded[i] = round_bf16(rounded[i]);
+    compare(dev, "matmul y rounded", kExact, rounded, dev.download(yr, want.size()), ldy);
   });
 }
 
@@ -780,6 +792,49 @@ void add_add_bf16(int64_t n, Alias alias) {
     dev.check(dev.ops->add_bf16(ad, bd, n, out, dev.stream), "add_bf16");
     compare(dev, "add_bf16 out", kExact, want, dev.download(out, want.size()), 0);
   });
+}
+
+// Against the CPU twin within the norms' budget, and against the backend's own ops
+// called in turn (round_bf16, rmsnorm, add_bf16, rmsnorm), bit for bit.
+void add_residual_norm(int64_t M, int64_t D, int32_t round_y, bool with_next) {
+  add("residual_norm" + sz("M", M) + sz("D", D) + (round_y != 0 ? "_round" : "") + (with_next ? "_next" : ""),
+      [=](Dev& dev, Rng& rng) {
+        std::vector<float> y(static_cast<size_t>(M * D)), x(y.size());
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t d = 0; d < D; ++d) {
+            const size_t i = static_cast<size_t>(m * D + d);
+            y[i] = rng.f32(-1.0f, 1.0f) * std::ldexp(1.0f, -8 + static_cast<int>(m % 9));
+            x[i] = rng.bf16_value(-6, 3);
+          }
+        if (round_y == 0) K::round_to_bf16(y.data(), M * D, y.data());  // as the engine's unrounded inputs are
+        const auto post = bf16_values(rng, static_cast<size_t>(D), -2, 1);
+        const auto next = bf16_values(rng, static_cast<size_t>(D), -2, 1);
+        std::vector<float> t(y.size()), want_x = x, want_a(y.size());
+        K::round_to_bf16(y.data(), M * D, t.data());
+        ASSERT_TRUE(K::rmsnorm(t.data(), M, D, post.data(), 1e-5f, t.data(), nullptr).ok());
+        K::add_bf16(want_x.data(), t.data(), M * D, want_x.data());
+        if (with_next) {
+          ASSERT_TRUE(K::rmsnorm(want_x.data(), M, D, next.data(), 1e-5f, want_a.data(), nullptr).ok());
+        }
+
+        float *yd = dev.upload(y), *xd = dev.upload(x), *ad = dev.poisoned<float>(y.size());
+        const float *pd = dev.upload(post), *nd = with_next ? dev.upload(next) : nullptr;
+        dev.check(dev.ops->residual_norm(yd, round_y, M, D, pd, 1e-5f, xd, nd, with_next ? ad : nullptr, dev.stream),
+                  "residual_norm");
+        const std::vector<float> got_x = dev.download(xd, x.size()), got_a = dev.download(ad, y.size());
+        compare(dev, "residual_norm x", kResidualNorm, want_x, got_x, D);
+        if (with_next) compare(dev, "residual_norm a", kResidualNorm, want_a, got_a, D);
+        compare(dev, "residual_norm y (not written)", kExact, y, dev.download(yd, y.size()), D);
+
+        float *td = dev.upload(y), *x2 = dev.upload(x), *a2 = dev.poisoned<float>(y.size());
+        if (round_y != 0) dev.check(dev.ops->round_bf16(td, M * D, td, dev.stream), "round_bf16");
+        dev.check(dev.ops->rmsnorm(td, M, D, pd, 1e-5f, td, dev.stream), "rmsnorm");
+        dev.check(dev.ops->add_bf16(x2, td, M * D, x2, dev.stream), "add_bf16");
+        if (with_next) dev.check(dev.ops->rmsnorm(x2, M, D, nd, 1e-5f, a2, dev.stream), "rmsnorm");
+        compare(dev, "residual_norm x against the ops in turn", kExact, dev.download(x2, x.size()), got_x, D);
+        if (with_next)
+          compare(dev, "residual_norm a against the ops in turn", kExact, dev.download(a2, y.size()), got_a, D);
+      });
 }
 
 void add_moe_combine(int64_t M, int64_t k, int64_t D) {
@@ -1053,6 +1108,16 @@ void add_errors() {
   w = base;
   w.experts = 3;
   add_error("matmul_experts_without_routing", matmul_with(w, 2, 40));
+  add_error("matmul_unknown_flag", [base](Dev& dev) mutable {
+    base.data = small_weight(dev, base.dtype, base.param, base.experts, base.rows, base.cols).data;
+    auto* x = static_cast<float*>(dev.alloc(4 * 64 * 96));
+    auto* y = static_cast<float*>(dev.alloc(4 * 64 * 96));
+    return dev.ops->matmul(&base, x, 2, base.rows, 4, nullptr, y, 40, dev.stream);
+  });
+  add_error("residual_norm_a_overlaps_x", [](Dev& dev) {
+    auto* f = static_cast<float*>(dev.alloc(4 * 1024));
+    return dev.ops->residual_norm(f, 1, 2, 64, f + 512, 1e-5f, f + 128, f + 640, f + 192, dev.stream);
+  });
   add_error("router_k_above_E", [](Dev& dev) {
     auto* f = static_cast<float*>(dev.alloc(4096));
     return dev.ops->router_topk(f, 2, 16, f, 4, 5, static_cast<int32_t*>(dev.alloc(64)), f, dev.stream);
@@ -1222,6 +1287,10 @@ void build_cases() {
   add_add_bf16(1001, Alias::kNone);
   add_add_bf16(1001, Alias::kFirst);
   add_add_bf16(1001, Alias::kSecond);
+  for (int64_t M : {1, 3}) add_residual_norm(M, 6144, 1, true);
+  add_residual_norm(5, 96, 0, true);
+  add_residual_norm(2, 96, 1, false);
+  add_residual_norm(17, 37, 1, true);  // D odd: element by element
   add_moe_combine(1, 2, 96);
   add_moe_combine(17, 2, 96);
   add_moe_combine(5, 1, 40);

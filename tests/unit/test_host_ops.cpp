@@ -91,6 +91,7 @@ TEST(HostOps, TableIsCompleteAndSaysHost) {
                        reinterpret_cast<const void*>(t.gelu_mul),
                        reinterpret_cast<const void*>(t.round_bf16),
                        reinterpret_cast<const void*>(t.add_bf16),
+                       reinterpret_cast<const void*>(t.residual_norm),
                        reinterpret_cast<const void*>(t.moe_combine),
                        reinterpret_cast<const void*>(t.logits),
                        reinterpret_cast<const void*>(t.sum_arrays)};
@@ -178,6 +179,55 @@ TEST(HostOps, ElementwiseOpsEqualTheKernels) {
       got = poison(a.size());
       ASSERT_EQ(ops().gelu_mul(a.data(), b.data(), n, got.data(), s), GROKIT_OK);
       expect_same_bits(want, got, "gelu_mul");
+    }
+  }
+}
+
+// residual_norm is the sequence it replaces, bit for bit: round_bf16 (or not), rmsnorm,
+// add_bf16, and rmsnorm with the next scale (or none), on the same values.
+TEST(HostOps, ResidualNormIsTheOpsInTurn) {
+  Rng rng(12);
+  for (GrokitStream s : streams()) {
+    for (const int64_t D : {int64_t{96}, int64_t{37}}) {
+      const int64_t M = 19;
+      std::vector<float> y(static_cast<size_t>(M * D)), x0(y.size());
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t d = 0; d < D; ++d) {
+          const size_t i = static_cast<size_t>(m * D + d);
+          // y: fp32 sums (not bf16 values), rows of different magnitudes.
+          y[i] = rng.f32(-1.0f, 1.0f) * std::ldexp(1.0f, -8 + static_cast<int>(m % 9));
+          x0[i] = rng.bf16_value(-6, 3);
+        }
+      const auto post = bf16_values(rng, static_cast<size_t>(D), -2, 1), next = bf16_values(rng, static_cast<size_t>(D), -2, 1);
+      for (const int32_t round_y : {0, 1}) {
+        for (const bool with_next : {false, true}) {
+          std::vector<float> t(y.size()), want_x = x0, want_a = poison(y.size());
+          if (round_y != 0) round_to_bf16(y.data(), M * D, t.data());
+          else t = y;
+          ASSERT_EQ(ops().rmsnorm(t.data(), M, D, post.data(), 1e-5f, t.data(), nullptr), GROKIT_OK);
+          ASSERT_EQ(ops().add_bf16(want_x.data(), t.data(), M * D, want_x.data(), nullptr), GROKIT_OK);
+          if (with_next) {
+            ASSERT_EQ(ops().rmsnorm(want_x.data(), M, D, next.data(), 1e-5f, want_a.data(), nullptr), GROKIT_OK);
+          }
+          std::vector<float> got_x = x0, got_a = poison(y.size());
+          const std::vector<float> y_before = y;
+          ASSERT_EQ(ops().residual_norm(y.data(), round_y, M, D, post.data(), 1e-5f, got_x.data(),
+                                        with_next ? next.data() : nullptr, got_a.data(), s),
+                    GROKIT_OK)
+              << ops().error_message();
+          const std::string what = "residual_norm D " + std::to_string(D) + " round " + std::to_string(round_y) +
+                                   (with_next ? " with next" : "");
+          expect_same_bits(want_x, got_x, what + ": x");
+          expect_same_bits(want_a, got_a, what + ": a");  // untouched (poison) without a next scale
+          expect_same_bits(y_before, y, what + ": y is not written");
+          if (round_y != 0) {  // the rounding matters: without it x differs somewhere
+            std::vector<float> plain_x = x0;
+            ASSERT_EQ(ops().residual_norm(y.data(), 0, M, D, post.data(), 1e-5f, plain_x.data(), nullptr, nullptr, s),
+                      GROKIT_OK);
+            EXPECT_NE(0, std::memcmp(plain_x.data(), got_x.data(), plain_x.size() * sizeof(float))) << what;
+          }
+        }
+      }
     }
   }
 }
@@ -321,9 +371,15 @@ TEST(HostOps, MatmulEqualsTheKernelsForEverySchemeAndBothXKinds) {
           std::vector<float> got = poison(want.size());
           ASSERT_EQ(ops().matmul(&w, x.data(), M, ldx, fp32, nullptr, got.data(), ldy, s), GROKIT_OK)
               << ops().error_message();
-          expect_same_bits(want, got,
-                           std::string(payloads::dtype_name(sc.dtype)) + " K " + std::to_string(sc.K) + " M " +
-                               std::to_string(M) + (fp32 ? " fp32" : " bf16"));
+          const std::string what = std::string(payloads::dtype_name(sc.dtype)) + " K " + std::to_string(sc.K) + " M " +
+                                   std::to_string(M) + (fp32 ? " fp32" : " bf16");
+          expect_same_bits(want, got, what);
+          // GROKIT_MATMUL_ROUND_BF16: each row's N sums rounded, the padding untouched.
+          std::vector<float> rounded = want, got_rounded = poison(want.size());
+          for (int64_t m = 0; m < M; ++m) round_to_bf16(rounded.data() + m * ldy, N, rounded.data() + m * ldy);
+          const int32_t flags = (fp32 ? GROKIT_MATMUL_X_FP32 : 0) | GROKIT_MATMUL_ROUND_BF16;
+          ASSERT_EQ(ops().matmul(&w, x.data(), M, ldx, flags, nullptr, got_rounded.data(), ldy, s), GROKIT_OK);
+          expect_same_bits(rounded, got_rounded, what + " rounded");
         }
       }
     }
@@ -618,6 +674,8 @@ TEST(HostOps, InvalidArgumentsAreErrorsThatNameTheOpAndTheValue) {
   r_null.v = nullptr;
   const BadCall calls[] = {
       {"matmul dtype", mm(with(bf, [](GrokitWeight& w) { w.dtype = 7; })), {"matmul", "dtype 7"}},
+      {"matmul flags", [&] { GrokitWeight w = bf; return ops().matmul(&w, f.data(), 2, 64, 4, nullptr, f.data() + 4096, 8, nullptr); },
+       {"matmul", "flags = 4"}},
       {"matmul layout", mm(with(bf, [](GrokitWeight& w) { w.layout = 2; })), {"matmul", "layout 2"}},
       {"matmul matrix_bytes", mm(with(bf, [](GrokitWeight& w) { w.matrix_bytes = 100; })), {"matmul", "matrix_bytes 100", "1024"}},
       {"matmul q8 matrix_bytes", mm(with(weight(payloads::kQ8RowBlock, 2, 3, 64, 8), [](GrokitWeight& w) { w.matrix_bytes = 0; }), 2, 64, 8, &far),
@@ -657,6 +715,12 @@ TEST(HostOps, InvalidArgumentsAreErrorsThatNameTheOpAndTheValue) {
       {"gelu_mul n", [] { return ops().gelu_mul(f.data(), f.data(), -1, f.data(), nullptr); }, {"gelu_mul", "n = -1"}},
       {"round_bf16 null", [] { return ops().round_bf16(nullptr, 4, f.data(), nullptr); }, {"round_bf16", "x is NULL"}},
       {"add_bf16 n", [] { return ops().add_bf16(f.data(), f.data(), -2, f.data(), nullptr); }, {"add_bf16", "n = -2"}},
+      {"residual_norm D", [] { return ops().residual_norm(f.data(), 0, 2, 0, f.data(), 1e-5f, f.data(), nullptr, nullptr, nullptr); },
+       {"residual_norm", "D = 0"}},
+      {"residual_norm a", [] { return ops().residual_norm(f.data(), 1, 2, 8, f.data(), 1e-5f, f.data() + 64, f.data(), nullptr, nullptr); },
+       {"residual_norm", "NULL"}},
+      {"residual_norm overlap", [] { return ops().residual_norm(f.data(), 1, 2, 8, f.data(), 1e-5f, f.data() + 64, f.data(), f.data() + 72, nullptr); },
+       {"residual_norm", "a overlaps y or x"}},
       {"moe_combine k", [] { return ops().moe_combine(f.data(), f.data(), 2, 0, 8, f.data(), nullptr); }, {"moe_combine", "k = 0"}},
       {"logits ldy", [] { return ops().logits(f.data(), 2, 8, cache.data(), 16, 1.0f, f.data(), 15, nullptr); }, {"logits", "ldy = 15"}},
       {"sum_arrays count", [] { const float* p[1] = {f.data()}; return ops().sum_arrays(p, 0, 8, f.data(), nullptr); },
