@@ -123,7 +123,7 @@ summary() {
     if [ -f "$OUT/profile.txt" ]; then
       echo
       echo "where the benchmark's kernel time went (ncu, kernels serialized; full table in profile.txt):"
-      python3 "$ROOT/scripts/ncu_summary.py" "$OUT/profile.txt" --top 15 2>/dev/null
+      python3 "$ROOT/scripts/ncu_summary.py" "$OUT/profile.txt" --top 25 2>/dev/null
     fi
   } > "$OUT/summary.txt"
   cat "$OUT/summary.txt"
@@ -136,12 +136,17 @@ step parity parity.log 120 "$CARRY/bin/test_gpu_parity" --gtest_brief=0 || FAILE
 step host-ops host_ops.log 30 "$CARRY/bin/test_host_ops" --gtest_brief=1 || FAILED=1
 step e2e e2e.log 240 python3 tests/gpu/test_cuda_e2e.py -v || FAILED=1
 step bench bench.txt 120 "$GROKIT_BIN" bench-device --device cuda --work "${TMPDIR:-/tmp}" || FAILED=1
-# Every kernel of one benchmark pass timed alone (decode steps, prefill), where Nsight
-# Compute is installed: the first thing to read when a ratio is short of its target.
+# Every kernel of the decode steps (one eager step and one graph replay per scheme) and of
+# one 4096-token prefill, timed alone, where Nsight Compute is installed: the first thing
+# to read when a ratio is short of its target. Two profiler runs, one section each.
 NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
 if [ -n "$NCU" ]; then
-  step profile profile.txt 150 "$NCU" --clock-control none --metrics gpu__time_duration.sum --print-summary per-kernel \
-    "$GROKIT_BIN" bench-device --device cuda --reps 1 --load-mb 64 --work "${TMPDIR:-/tmp}" || true
+  step profile profile.txt 180 env NCU="$NCU" GROKIT_BIN="$GROKIT_BIN" bash -c '
+    for part in decode prefill; do
+      echo "### section: $part"
+      "$NCU" --clock-control none --metrics gpu__time_duration.sum --print-summary per-kernel \
+        "$GROKIT_BIN" bench-device --device cuda --reps 1 --steps 1 --only "$part" || exit
+    done' || true
 else
   RESULT[profile]="skipped: no ncu (Nsight Compute) here"
 fi

@@ -7,6 +7,10 @@ shape: total time, share of the whole, launches, average, and the kernel with it
 and block. Kernels run one at a time under ncu, so the totals are each kernel's own time.
 
   ncu_summary.py PROFILE.txt [--top N]
+
+A file holding several profiler runs may mark each with a line `### section: NAME`
+(gpu-check.sh profiles the decode steps and the prefill apart); each section is then
+ranked on its own, under its name.
 """
 import argparse
 import re
@@ -36,6 +40,29 @@ def parse(lines):
     return out
 
 
+SECTION = re.compile(r"^### section: (?P<name>.+?)\s*$")
+
+
+def sections(lines):
+    """[(name, lines)]: the parts after each `### section:` line (name None before any)."""
+    out = [(None, [])]
+    for line in lines:
+        m = SECTION.match(line)
+        if m:
+            out.append((m["name"], []))
+        else:
+            out[-1][1].append(line)
+    return [(name, part) for name, part in out if name is not None or any(l.strip() for l in part)]
+
+
+def table(rows, top):
+    whole = sum(r[0] for r in rows)
+    print(f"{'total us':>10} {'share':>6} {'launches':>8} {'avg us':>9}  kernel (grid)x(block)")
+    for total, n, avg, name, grid, block in rows[:top or None]:
+        print(f"{total:10.1f} {total / whole:6.1%} {n:8d} {avg:9.2f}  {short(name)} ({grid})x({block})")
+    print(f"{whole:10.1f} {1:6.0%} {sum(r[1] for r in rows):8d}            all {len(rows)} kernels and shapes")
+
+
 def short(name):
     """The kernel's name without its parameter list and namespaces' noise."""
     name = re.sub(r"\(.*\)$", "", name.replace("(anonymous namespace)", "").replace("<unnamed>", ""))
@@ -49,15 +76,15 @@ def main(argv=None):
     ap.add_argument("--top", type=int, default=0, help="only the N largest (0: all)")
     args = ap.parse_args(argv)
     with open(args.profile, errors="replace") as f:
-        rows = sorted(parse(f), key=lambda r: -r[0])
-    if not rows:
+        parts = [(name, sorted(parse(part), key=lambda r: -r[0])) for name, part in sections(f.read().splitlines())]
+    parts = [(name, rows) for name, rows in parts if rows]
+    if not parts:
         print(f"ncu_summary.py: no kernel summaries in {args.profile}", file=sys.stderr)
         return 1
-    whole = sum(r[0] for r in rows)
-    print(f"{'total us':>10} {'share':>6} {'launches':>8} {'avg us':>9}  kernel (grid)x(block)")
-    for total, n, avg, name, grid, block in rows[:args.top or None]:
-        print(f"{total:10.1f} {total / whole:6.1%} {n:8d} {avg:9.2f}  {short(name)} ({grid})x({block})")
-    print(f"{whole:10.1f} {1:6.0%} {sum(r[1] for r in rows):8d}            all {len(rows)} kernels and shapes")
+    for i, (name, rows) in enumerate(parts):
+        if name is not None:
+            print(("\n" if i else "") + f"{name}:")
+        table(rows, args.top)
     return 0
 
 

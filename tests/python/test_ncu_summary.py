@@ -68,6 +68,18 @@ class NcuSummary(unittest.TestCase):
         self.assertEqual(rc, 1)
         self.assertIn("no kernel summaries", err)
 
+    def test_sections_are_ranked_apart(self):
+        text = "### section: decode\n" + SAMPLE + "### section: prefill\n" + SAMPLE.replace("Invocations 2", "Invocations 9")
+        rc, out, _ = self.run_on(text, "--top", "1")
+        self.assertEqual(rc, 0)
+        lines = out.splitlines()
+        self.assertEqual(lines[0], "decode:")
+        self.assertIn("read_kernel", lines[2])
+        self.assertIn("all 3 kernels", lines[3])
+        self.assertEqual(lines[5], "prefill:")
+        self.assertIn("router_kernel", lines[7])  # 9 x 2000 us now leads
+        self.assertEqual(len(lines), 9)
+
     def test_an_unknown_unit_is_refused(self):
         bad = SAMPLE.replace("ms    1.50", "fortnights    1.50")
         with self.assertRaises(ValueError):
