@@ -137,14 +137,17 @@ step host-ops host_ops.log 30 "$CARRY/bin/test_host_ops" --gtest_brief=1 || FAIL
 step e2e e2e.log 240 python3 tests/gpu/test_cuda_e2e.py -v || FAILED=1
 step bench bench.txt 120 "$GROKIT_BIN" bench-device --device cuda --work "${TMPDIR:-/tmp}" || FAILED=1
 # Every kernel of the decode steps (one eager step and one graph replay per scheme) and of
-# one 4096-token prefill, timed alone, where Nsight Compute is installed: the first thing
-# to read when a ratio is short of its target. Two profiler runs, one section each.
+# one 4096-token prefill, timed alone with its DRAM throughput, where Nsight Compute is
+# installed: the first thing to read when a ratio is short of its target. Two profiler
+# runs, one section each. Caches are not flushed between kernels (--cache-control none),
+# as in a replayed step, where a cold TLB and L2 would make every small kernel look slow.
 NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
 if [ -n "$NCU" ]; then
   step profile profile.txt 180 env NCU="$NCU" GROKIT_BIN="$GROKIT_BIN" bash -c '
     for part in decode prefill; do
       echo "### section: $part"
-      "$NCU" --clock-control none --metrics gpu__time_duration.sum --print-summary per-kernel \
+      "$NCU" --clock-control none --cache-control none --print-summary per-kernel \
+        --metrics gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed \
         "$GROKIT_BIN" bench-device --device cuda --reps 1 --steps 1 --only "$part" || exit
     done' || true
 else

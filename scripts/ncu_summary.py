@@ -18,25 +18,36 @@ import sys
 
 HEAD = re.compile(r"^  (?P<name>\S.*?) \((?P<grid>\d+, \d+, \d+)\)x\((?P<block>\d+, \d+, \d+)\), .*Invocations (?P<n>\d+)\s*$")
 TIME = re.compile(r"^\s+gpu__time_duration\.sum\s+(?P<unit>[a-z]+)\s+(?P<min>[\d.,]+)\s+(?P<max>[\d.,]+)\s+(?P<avg>[\d.,]+)")
+# Optional: DRAM throughput as a share of its peak (the column "dram %"; blank without it).
+DRAM = re.compile(r"^\s+dram__throughput\.avg\.pct_of_peak_sustained_elapsed\s+%\s+(?P<min>[\d.,]+)\s+(?P<max>[\d.,]+)\s+(?P<avg>[\d.,]+)")
 UNIT_US = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3, "s": 1e6, "second": 1e6}
 
 
 def parse(lines):
-    """[(total_us, launches, avg_us, name, grid, block)] in file order."""
-    out, head = [], None
+    """[(total_us, launches, avg_us, name, grid, block, dram_pct or None)] in file order."""
+    out, head, time, dram = [], None, None, None
+
+    def flush():
+        if head is not None and time is not None:
+            n = int(head["n"])
+            out.append((time * n, n, time, head["name"], head["grid"], head["block"], dram))
+
     for line in lines:
         m = HEAD.match(line)
         if m:
-            head = m
+            flush()
+            head, time, dram = m, None, None
             continue
         t = TIME.match(line)
         if t and head is not None:
             if t["unit"] not in UNIT_US:
                 raise ValueError(f"unknown time unit '{t['unit']}' in: {line.strip()}")
-            avg = float(t["avg"].replace(",", "")) * UNIT_US[t["unit"]]
-            n = int(head["n"])
-            out.append((avg * n, n, avg, head["name"], head["grid"], head["block"]))
-            head = None
+            time = float(t["avg"].replace(",", "")) * UNIT_US[t["unit"]]
+            continue
+        d = DRAM.match(line)
+        if d and head is not None:
+            dram = float(d["avg"].replace(",", ""))
+    flush()
     return out
 
 
@@ -57,10 +68,11 @@ def sections(lines):
 
 def table(rows, top):
     whole = sum(r[0] for r in rows)
-    print(f"{'total us':>10} {'share':>6} {'launches':>8} {'avg us':>9}  kernel (grid)x(block)")
-    for total, n, avg, name, grid, block in rows[:top or None]:
-        print(f"{total:10.1f} {total / whole:6.1%} {n:8d} {avg:9.2f}  {short(name)} ({grid})x({block})")
-    print(f"{whole:10.1f} {1:6.0%} {sum(r[1] for r in rows):8d}            all {len(rows)} kernels and shapes")
+    print(f"{'total us':>10} {'share':>6} {'launches':>8} {'avg us':>9} {'dram %':>6}  kernel (grid)x(block)")
+    for total, n, avg, name, grid, block, dram in rows[:top or None]:
+        pct = f"{dram:6.1f}" if dram is not None else f"{'':6}"
+        print(f"{total:10.1f} {total / whole:6.1%} {n:8d} {avg:9.2f} {pct}  {short(name)} ({grid})x({block})")
+    print(f"{whole:10.1f} {1:6.0%} {sum(r[1] for r in rows):8d} {'':16}  all {len(rows)} kernels and shapes")
 
 
 def short(name):

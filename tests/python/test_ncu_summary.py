@@ -26,6 +26,7 @@ grokit bench-device: cuda device 0: NVIDIA H200
   void mm::decode_kernel<0, 1>(mm::DecodeParams) (16, 12, 8)x(256, 1, 1), Device 0, CC 9.0, Invocations 48
     Section: Command line profiler metrics
     gpu__time_duration.sum          us   25.98   28.10   27.20
+    dram__throughput.avg.pct_of_peak_sustained_elapsed            %   39.10   41.30   40.25
 
   grokit::router_kernel(const float *, long, long, const float *, int, int, int *, float *) (1, 1, 1)x(1024, 1, 1), Device 0, CC 9.0, Invocations 2
     Section: Command line profiler metrics
@@ -57,6 +58,8 @@ class NcuSummary(unittest.TestCase):
         self.assertIn("router_kernel (1, 1, 1)x(1024, 1, 1)", lines[2])  # 4000 us
         self.assertIn("mm::decode_kernel<0, 1> (16, 12, 8)", lines[3])   # 1306 us
         self.assertIn("all 3 kernels", lines[-1])
+        self.assertEqual([r[6] for r in rows], [None, 40.25, None])  # dram %, where measured
+        self.assertIn("  40.2  mm::decode_kernel", lines[3])
 
     def test_top_limits_the_rows(self):
         rc, out, _ = self.run_on(SAMPLE, "--top", "1")
