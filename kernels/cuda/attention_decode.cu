@@ -8,7 +8,7 @@
 //                  for up to 8 query heads of one kv head -> S; per split (max, sum e).
 //   decode_pv      same grid: global (max, sum) from the split partials, w = bf16(e / sum),
 //                  partial sum w * v of its keys (double) -> P, or o when nsplit == 1.
-//   combine_splits o = bf16(sum over splits of P).
+//   decode_combine o = bf16(sum over the row's splits with keys of P).
 #include <algorithm>
 
 #include "kernels/cuda/attention_impl.cuh"
@@ -256,6 +256,33 @@ static __global__ __launch_bounds__(kThreads) void decode_pv(Args a, DecodePlan 
   }
 }
 
+// o = bf16(fp32(sum over splits of P)), in split order as combine_splits, but only over
+// the splits that hold keys of the row: a step's graph is sized for max_keys, so most
+// splits of a short sequence are empty (their partials are +0.0, which adds nothing: the
+// sum starts at +0.0 and never becomes -0.0). Loads go out four at a time.
+static __global__ void decode_combine(Args a, DecodePlan p, const double* __restrict__ P) {
+  const int64_t total = a.M * a.q_heads * a.head_dim;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t rh = i / a.head_dim;
+    const int64_t n = row_keys(a.rows[rh / a.q_heads], a.max_keys);
+    const int used = static_cast<int>(std::min<int64_t>(p.nsplit, (n + p.chunk - 1) / p.chunk));
+    const double* part = P + rh * p.nsplit * a.head_dim + (i - rh * a.head_dim);
+    double t = 0.0;
+    int s = 0;
+    for (; s + 4 <= used; s += 4) {
+      const double v0 = part[static_cast<int64_t>(s) * a.head_dim], v1 = part[static_cast<int64_t>(s + 1) * a.head_dim];
+      const double v2 = part[static_cast<int64_t>(s + 2) * a.head_dim], v3 = part[static_cast<int64_t>(s + 3) * a.head_dim];
+      t += v0;
+      t += v1;
+      t += v2;
+      t += v3;
+    }
+    for (; s < used; ++s) t += part[static_cast<int64_t>(s) * a.head_dim];
+    a.o[i] = round_bf16(static_cast<float>(t));
+  }
+}
+
 }  // namespace
 
 int decode_plan(const Args& a, int sms, DecodePlan* p) {
@@ -302,7 +329,7 @@ int decode_run(const Args& a, const DecodePlan& p, void* scratch, cudaStream_t s
   decode_pv<false><<<grid, kThreads, 0, stream>>>(a, p, S, PM, PL, P);
   if (int rc = check_launch("attention: decode weighted-sum kernel")) return rc;
   const int64_t total = a.M * a.q_heads * a.head_dim;
-  combine_splits<double><<<blocks_for(total, 256), 256, 0, stream>>>(P, total, a.head_dim, p.nsplit, a.o);
+  decode_combine<<<blocks_for(total, 128), 128, 0, stream>>>(a, p, P);
   return check_launch("attention: decode combine kernel");
 }
 

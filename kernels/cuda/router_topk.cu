@@ -57,18 +57,21 @@ static __global__ void __launch_bounds__(kMaxThreads)
       __syncthreads();
       width = half;
     }
+    // The exponentials one expert per thread (each a long double-precision chain), then
+    // thread 0 sums them in expert order and selects.
+    if (t < E) {
+      float mx = static_cast<float>(red[0]);
+      for (int i = 1; i < E; ++i) {
+        const float v = static_cast<float>(red[i]);
+        mx = mx < v ? v : mx;
+      }
+      p[t] = static_cast<float>(exp(static_cast<double>(__fsub_rn(static_cast<float>(red[t]), mx))));
+      taken[t] = 0;
+    }
+    __syncthreads();
     if (t == 0) {
-      for (int i = 0; i < E; ++i) {
-        p[i] = static_cast<float>(red[i]);
-        taken[i] = 0;
-      }
-      float mx = p[0];
-      for (int i = 1; i < E; ++i) mx = mx < p[i] ? p[i] : mx;
       float sum = 0.0f;
-      for (int i = 0; i < E; ++i) {
-        p[i] = static_cast<float>(exp(static_cast<double>(__fsub_rn(p[i], mx))));
-        sum = __fadd_rn(sum, p[i]);
-      }
+      for (int i = 0; i < E; ++i) sum = __fadd_rn(sum, p[i]);
       for (int i = 0; i < E; ++i) p[i] = __fdiv_rn(p[i], sum);
       for (int c = 0; c < k; ++c) {
         int best = -1;
