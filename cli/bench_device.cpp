@@ -251,6 +251,77 @@ struct Row {
   std::string what, value, limit, ratio, target;
 };
 
+// --sweep: each decode product of a layer alone, timed under every decode plan the CUDA
+// backend can be told to use (GROKIT_CUDA_DECODE_PLAN = k splits, log2 of the warps
+// across columns), against the read bandwidth: which plan the planner should pick.
+// Prints the plan's own choice and the three fastest per product on stdout.
+Status sweep_decode(const GrokitOps* ops, GrokitStream st, const char* scheme, const Layer& L, const runner::LayerDims& d,
+                    Run& r, int64_t max_keys, double hbm_gbps, int steps) {
+  GROKIT_TRY(runner::run_layer(ops, st, L.w, d, r.io, 1, max_keys, nullptr, runner::LayerChain{}));  // routes the row
+  DEV_TRY(ops, ops->stream_sync(st));
+  const int64_t D = d.D, QD = d.q_heads * d.head_dim, F = d.ffn, top = d.top;
+  const GrokitRouting up_route{r.io.experts, top}, down_route{r.io.experts, 1};
+  struct Product {
+    const char* name;
+    const GrokitWeight* w;
+    const float* x;
+    int64_t M, ldx;
+    int32_t flags;
+    const GrokitRouting* routing;
+    float* y;
+    int64_t ldy;
+  };
+  const Product products[] = {
+      {"query", &L.w.query, r.io.a, 1, D, GROKIT_MATMUL_ROUND_BF16, nullptr, r.io.q, QD},
+      {"output", &L.w.output, r.io.o, 1, QD, 0, nullptr, r.io.tmp, D},
+      {"expert gate", &L.w.gate, r.io.a, top, D, GROKIT_MATMUL_ROUND_BF16, &up_route, r.io.g, F},
+      {"expert down", &L.w.down, r.io.g, top, F, GROKIT_MATMUL_X_FP32, &down_route, r.io.routed, D},
+  };
+  auto bytes_of = [&](const GrokitWeight& w) {
+    return static_cast<double>(w.matrix_bytes) * (w.experts > 1 ? static_cast<double>(top) : 1.0);
+  };
+  for (const Product& pr : products) {
+    struct Timed {
+      double us;
+      std::string plan;
+    };
+    std::vector<Timed> all;
+    Timed own{0, "the plan's own"};
+    auto time_with = [&](const std::string& plan) -> Result<double> {
+      if (plan.empty()) ::unsetenv("GROKIT_CUDA_DECODE_PLAN");
+      else ::setenv("GROKIT_CUDA_DECODE_PLAN", plan.c_str(), 1);
+      double best = 1e30;
+      for (int rep = 0; rep < 3; ++rep) {
+        auto t0 = Clock::now();
+        for (int i = 0; i < steps; ++i)
+          DEV_TRY(ops, ops->matmul(pr.w, pr.x, pr.M, pr.ldx, pr.flags, pr.routing, pr.y, pr.ldy, st));
+        DEV_TRY(ops, ops->stream_sync(st));
+        best = std::min(best, seconds_since(t0) / steps);
+      }
+      return best * 1e6;
+    };
+    GROKIT_ASSIGN_OR_RETURN(own.us, time_with(""));
+    for (int wl = 0; wl <= 3; ++wl)
+      for (int ks : {1, 2, 4, 6, 8, 12, 16, 24, 32}) {
+        const std::string plan = str_cat(ks, ",", wl);
+        auto t = time_with(plan);
+        ::unsetenv("GROKIT_CUDA_DECODE_PLAN");
+        if (!t.ok()) return t.error();
+        all.push_back({*t, str_cat("ks ", ks, ", ", 1 << wl, " warps across")});
+      }
+    std::sort(all.begin(), all.end(), [](const Timed& a, const Timed& b) { return a.us < b.us; });
+    const double mb = bytes_of(*pr.w) / 1e6;
+    auto line = [&](const Timed& t) {
+      const double gbps = mb * 1e6 / (t.us * 1e-6) / 1e9;
+      std::printf("sweep %-5s %-12s %-32s %8.1f us %7.0f GB/s  %.2f of read\n", scheme, pr.name, t.plan.c_str(), t.us,
+                  gbps, gbps / hbm_gbps);
+    };
+    line(own);
+    for (size_t i = 0; i < std::min<size_t>(3, all.size()); ++i) line(all[i]);
+  }
+  return {};
+}
+
 std::string fmt(const char* f, double v) {
   char buf[64];
   std::snprintf(buf, sizeof buf, f, v);
@@ -278,7 +349,10 @@ int cmd_bench_device(int argc, char** argv) {
       ("steps", "decode steps per timed repetition", cxxopts::value<int>()->default_value("20"))
       ("only", "the parts to run, comma-separated: decode, prefill, load (the two bandwidth limits always run; "
                "a profiler run takes one part at a time)",
-       cxxopts::value<std::vector<std::string>>()->default_value("decode,prefill,load"));
+       cxxopts::value<std::vector<std::string>>()->default_value("decode,prefill,load"))
+      ("sweep", "with the decode part: also time each decode product alone under every decode plan (CUDA) "
+                "(default: off)",
+       cxxopts::value<bool>()->default_value("false")->implicit_value("true"));
   ParsedArgs parsed;
   if (auto rc = parse_args(opts, argc, argv, 0, 0, parsed)) return *rc;
   const cxxopts::ParseResult& r = parsed.result;
@@ -357,6 +431,7 @@ int cmd_bench_device(int argc, char** argv) {
       GROKIT_ASSIGN_OR_RETURN(Layer L, make_layer(ops, st, cfg, tp, scheme));
       GROKIT_ASSIGN_OR_RETURN(auto run, make_run(ops, st, d, 1, context, cap));
       GROKIT_ASSIGN_OR_RETURN(double t, time_decode(ops, st, L, d, *run, cap, reps, steps));
+      if (r["sweep"].as<bool>()) GROKIT_TRY(sweep_decode(ops, st, scheme, L, d, *run, cap, hbm, steps));
       const uint64_t kv = static_cast<uint64_t>(2 * d.kv_heads * (context + 1) * dh * 2);
       const uint64_t bytes = L.attention_bytes + L.expert_bytes / static_cast<uint64_t>(d.experts) *
                                                      static_cast<uint64_t>(d.top) + L.small_bytes + kv;

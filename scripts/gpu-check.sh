@@ -135,7 +135,7 @@ step devices devices.log 30 "$GROKIT_BIN" devices || FAILED=1
 step parity parity.log 120 "$CARRY/bin/test_gpu_parity" --gtest_brief=0 || FAILED=1
 step host-ops host_ops.log 30 "$CARRY/bin/test_host_ops" --gtest_brief=1 || FAILED=1
 step e2e e2e.log 240 python3 tests/gpu/test_cuda_e2e.py -v || FAILED=1
-step bench bench.txt 120 "$GROKIT_BIN" bench-device --device cuda --work "${TMPDIR:-/tmp}" || FAILED=1
+step bench bench.txt 120 "$GROKIT_BIN" bench-device --device cuda --sweep --work "${TMPDIR:-/tmp}" || FAILED=1
 # Every kernel of the decode steps (one eager step and one graph replay per scheme) and of
 # one 4096-token prefill, timed alone with its DRAM throughput, where Nsight Compute is
 # installed: the first thing to read when a ratio is short of its target. Two profiler

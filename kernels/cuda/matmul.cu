@@ -2,6 +2,8 @@
 // the choice of path (kernels/cuda/matmul.h). The prefill path is in matmul_prefill.cu.
 #include <algorithm>
 #include <climits>
+#include <cstdio>
+#include <cstdlib>
 
 #include "kernels/cuda/matmul_internal.cuh"
 
@@ -176,6 +178,16 @@ int round_rows(float* y, int64_t M, int64_t N, int64_t ldy, cudaStream_t st) {
   return check_launch("matmul: rounding kernel");
 }
 
+// GROKIT_CUDA_DECODE_PLAN="KS,WL" (k splits, log2 of the warps across columns; 0 or -1
+// for the plan's own choice): an override for benchmarks that sweep the decode plan
+// (grokit bench-device --sweep). Read at each call, so a sweep can change it between calls.
+DecodeForce decode_force() {
+  DecodeForce f;
+  const char* v = std::getenv("GROKIT_CUDA_DECODE_PLAN");
+  if (v == nullptr || std::sscanf(v, "%d,%d", &f.ks, &f.wl) != 2 || f.ks < 0 || f.wl < -1 || f.wl > 3) return {};
+  return f;
+}
+
 int run_decode(Ctx& c, const WDesc& d, const float* x, int64_t M, int64_t ldx, const GrokitRouting* routing, float* y,
                int64_t ldy, bool round_y, bool capturing) {
   const bool routed = routing != nullptr;
@@ -188,7 +200,8 @@ int run_decode(Ctx& c, const WDesc& d, const float* x, int64_t M, int64_t ldx, c
   const uint64_t mn = static_cast<uint64_t>(M) * static_cast<uint64_t>(d.N);
   constexpr uint64_t kPartialCap = uint64_t{256} << 20;
   int max_ks = static_cast<int>(std::min<uint64_t>(kMaxSplits, kPartialCap / (mn * 4)));
-  DecodePlan P = plan_decode(d.fmt, d.K, d.N, per, active, sms, max_ks);
+  const DecodeForce force = decode_force();
+  DecodePlan P = plan_decode(d.fmt, d.K, d.N, per, active, sms, max_ks, force);
   auto partial_bytes = [&](const DecodePlan& q) { return static_cast<size_t>(q.ks) * mn * 4; };
   auto counter_bytes = [&](const DecodePlan& q) { return static_cast<size_t>(egrid * q.tiles) * 4; };
   if (P.ks > 1) {
@@ -199,9 +212,9 @@ int run_decode(Ctx& c, const WDesc& d, const float* x, int64_t M, int64_t ldx, c
       // Capturing with too small a workspace: fewer splits (the eager call of this shape,
       // run before capturing, would have sized it).
       max_ks = static_cast<int>(std::min<uint64_t>(kMaxSplits, c.partial.bytes / std::max<uint64_t>(1, mn * 4)));
-      P = plan_decode(d.fmt, d.K, d.N, per, active, sms, std::max(1, max_ks));
+      P = plan_decode(d.fmt, d.K, d.N, per, active, sms, std::max(1, max_ks), force);
       if (P.ks > 1 && (c.partial.bytes < partial_bytes(P) || c.counters.bytes < counter_bytes(P)))
-        P = plan_decode(d.fmt, d.K, d.N, per, active, sms, 1);
+        P = plan_decode(d.fmt, d.K, d.N, per, active, sms, 1, force);
       if (P.ks > 1) c.partial.in_graph = c.counters.in_graph = true;
     }
   }

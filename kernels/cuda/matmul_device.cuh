@@ -772,7 +772,14 @@ struct DecodePlan {
 // active: experts expected to have rows; max_ks: splits the workspace allows.
 // The grid aims at one full wave of resident blocks (3 or 2 per multiprocessor, as
 // decode_kernel's __launch_bounds__ give), so that no block runs alone at the end.
-inline DecodePlan plan_decode(int f, int64_t K, int64_t N, int64_t rows_per_pass, int64_t active, int sms, int max_ks) {
+// force: a benchmark's override (DecodeForce; ks and warps across columns), kept within
+// what the workspace and the shape allow.
+struct DecodeForce {
+  int ks = 0;   // k splits, 0: the plan's choice
+  int wl = -1;  // log2 of the warps across columns, -1: the plan's choice
+};
+inline DecodePlan plan_decode(int f, int64_t K, int64_t N, int64_t rows_per_pass, int64_t active, int sms, int max_ks,
+                              DecodeForce force = {}) {
   DecodePlan P;
   const int64_t per = imax<int64_t>(1, imin<int64_t>(kMaxRowsPerPass, rows_per_pass));
   while (P.kmt < per) P.kmt *= 2;
@@ -787,12 +794,13 @@ inline DecodePlan plan_decode(int f, int64_t K, int64_t N, int64_t rows_per_pass
   int64_t best = -1;
   for (int wl = 3; wl >= 0; --wl) {
     const int wn = 1 << wl, wk = kWarps >> wl;
-    if (wn > 1 && wn > col_groups) continue;
+    if (force.wl >= 0 ? wl != force.wl : wn > 1 && wn > col_groups) continue;
     const int64_t tiles = (col_groups + wn - 1) / wn;
     const int ks_hi = static_cast<int>(imax<int64_t>(1, imin<int64_t>(max_ks, P.units / (wk * U))));
     const int ks_lo = static_cast<int>(imin<int64_t>(ks_hi, (P.units + tu_max - 1) / tu_max));
     const int64_t want = imax<int64_t>(1, target / (tiles * active));
-    const int ks = static_cast<int>(imax<int64_t>(ks_lo, imin<int64_t>(ks_hi, want)));
+    const int ks = force.ks > 0 ? static_cast<int>(imin<int64_t>(imin<int64_t>(force.ks, max_ks), imax(1, P.units)))
+                                : static_cast<int>(imax<int64_t>(ks_lo, imin<int64_t>(ks_hi, want)));
     const int64_t score = imin<int64_t>(target, tiles * active * ks);
     if (score > best) {
       best = score;

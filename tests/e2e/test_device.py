@@ -128,6 +128,23 @@ class HostDevice(DeviceCases, unittest.TestCase):
         self.assertGreater(float(rows["the same load"].split()[-1]), 0, rows["the same load"])  # vs the file read
         self.assertEqual([f for f in os.listdir(self.tmp) if f.startswith("grokit-bench-load")], [])
 
+    def test_bench_device_parts_and_sweep(self):
+        p = run("bench-device", "--device", "host", "--small", "--context", 16, "--reps", 1, "--steps", 1,
+                "--only", "decode", "--sweep", "--work", self.tmp)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        sweep = [line for line in p.stdout.splitlines() if line.startswith("sweep ")]
+        # Two schemes x four products x (the plan's own + the three fastest).
+        self.assertEqual(len(sweep), 2 * 4 * 4, p.stdout)
+        self.assertTrue(all("GB/s" in line and "of read" in line for line in sweep), p.stdout)
+        self.assertIn("the plan's own", sweep[0])
+        rows = [line[:30].strip() for line in p.stdout.splitlines() if not line.startswith("sweep ")]
+        self.assertIn("decode step, int8, batch 1", rows)
+        self.assertNotIn("prefill 4096 tokens, int8", rows)
+        self.assertFalse(any(r.startswith("shard load") for r in rows), p.stdout)
+        bad = run("bench-device", "--device", "host", "--small", "--only", "decode,everything")
+        self.assertEqual(bad.returncode, 2, bad.stderr)
+        self.assertIn("unknown part 'everything'", bad.stderr)
+
 
 if __name__ == "__main__":
     unittest.main()
