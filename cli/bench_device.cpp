@@ -253,7 +253,8 @@ struct Row {
 
 // --sweep: each decode product of a layer alone, timed under every decode plan the CUDA
 // backend can be told to use (GROKIT_CUDA_DECODE_PLAN = k splits, log2 of the warps
-// across columns), against the read bandwidth: which plan the planner should pick.
+// across columns, twice the bytes in flight or not), against the read bandwidth: which
+// plan the planner should pick.
 // Prints the plan's own choice and the three fastest per product on stdout.
 Status sweep_decode(const GrokitOps* ops, GrokitStream st, const char* scheme, const Layer& L, const runner::LayerDims& d,
                     Run& r, int64_t max_keys, double hbm_gbps, int steps) {
@@ -301,14 +302,15 @@ Status sweep_decode(const GrokitOps* ops, GrokitStream st, const char* scheme, c
       return best * 1e6;
     };
     GROKIT_ASSIGN_OR_RETURN(own.us, time_with(""));
-    for (int wl = 0; wl <= 3; ++wl)
-      for (int ks : {1, 2, 4, 6, 8, 12, 16, 24, 32}) {
-        const std::string plan = str_cat(ks, ",", wl);
-        auto t = time_with(plan);
-        ::unsetenv("GROKIT_CUDA_DECODE_PLAN");
-        if (!t.ok()) return t.error();
-        all.push_back({*t, str_cat("ks ", ks, ", ", 1 << wl, " warps across")});
-      }
+    for (int deep : {0, 1})
+      for (int wl = 0; wl <= 3; ++wl)
+        for (int ks : {1, 2, 4, 6, 8, 12, 16, 24, 32}) {
+          const std::string plan = str_cat(ks, ",", wl, ",", deep);
+          auto t = time_with(plan);
+          ::unsetenv("GROKIT_CUDA_DECODE_PLAN");
+          if (!t.ok()) return t.error();
+          all.push_back({*t, str_cat("ks ", ks, ", ", 1 << wl, " warps across", deep != 0 ? ", deep" : "")});
+        }
     std::sort(all.begin(), all.end(), [](const Timed& a, const Timed& b) { return a.us < b.us; });
     const double mb = bytes_of(*pr.w) / 1e6;
     auto line = [&](const Timed& t) {

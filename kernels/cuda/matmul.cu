@@ -153,9 +153,12 @@ int ensure(Ctx& c, DevBuf& b, size_t bytes, bool capturing, bool zero, bool* ok)
 namespace {
 
 template <int F>
-void launch_decode_fmt(int kmt, dim3 grid, size_t smem, cudaStream_t st, const DecodeParams& p) {
+void launch_decode_fmt(int kmt, bool deep, dim3 grid, size_t smem, cudaStream_t st, const DecodeParams& p) {
   switch (kmt) {
-    case 1: decode_kernel<F, 1><<<grid, kThreads, smem, st>>>(p); break;
+    case 1:
+      if (deep) decode_kernel<F, 1, 2><<<grid, kThreads, smem, st>>>(p);
+      else decode_kernel<F, 1><<<grid, kThreads, smem, st>>>(p);
+      break;
     case 2: decode_kernel<F, 2><<<grid, kThreads, smem, st>>>(p); break;
     case 4: decode_kernel<F, 4><<<grid, kThreads, smem, st>>>(p); break;
     case 8: decode_kernel<F, 8><<<grid, kThreads, smem, st>>>(p); break;
@@ -178,13 +181,15 @@ int round_rows(float* y, int64_t M, int64_t N, int64_t ldy, cudaStream_t st) {
   return check_launch("matmul: rounding kernel");
 }
 
-// GROKIT_CUDA_DECODE_PLAN="KS,WL" (k splits, log2 of the warps across columns; 0 or -1
-// for the plan's own choice): an override for benchmarks that sweep the decode plan
-// (grokit bench-device --sweep). Read at each call, so a sweep can change it between calls.
+// GROKIT_CUDA_DECODE_PLAN="KS,WL[,DEEP]" (k splits, log2 of the warps across columns; 0
+// or -1 for the plan's own choice; DEEP 1: twice the bytes in flight at one row per pass):
+// an override for benchmarks that sweep the decode plan (grokit bench-device --sweep).
+// Read at each call, so a sweep can change it between calls.
 DecodeForce decode_force() {
   DecodeForce f;
   const char* v = std::getenv("GROKIT_CUDA_DECODE_PLAN");
-  if (v == nullptr || std::sscanf(v, "%d,%d", &f.ks, &f.wl) != 2 || f.ks < 0 || f.wl < -1 || f.wl > 3) return {};
+  if (v == nullptr || std::sscanf(v, "%d,%d,%d", &f.ks, &f.wl, &f.deep) < 2 || f.ks < 0 || f.wl < -1 || f.wl > 3)
+    return {};
   return f;
 }
 
@@ -226,12 +231,13 @@ int run_decode(Ctx& c, const WDesc& d, const float* x, int64_t M, int64_t ldx, c
                          device_errors_word(c.stream));
   p.round_y = round_y ? 1 : 0;
   const dim3 grid(static_cast<unsigned>(P.tiles), static_cast<unsigned>(P.ks), static_cast<unsigned>(egrid));
+  const bool deep = force.deep != 0 && P.kmt == 1;
   switch (d.fmt) {
-    case kQ8C: launch_decode_fmt<kQ8C>(P.kmt, grid, P.smem, c.stream, p); break;
-    case kQ8R: launch_decode_fmt<kQ8R>(P.kmt, grid, P.smem, c.stream, p); break;
-    case kQ4: launch_decode_fmt<kQ4>(P.kmt, grid, P.smem, c.stream, p); break;
-    case kF8: launch_decode_fmt<kF8>(P.kmt, grid, P.smem, c.stream, p); break;
-    default: launch_decode_fmt<kBF16>(P.kmt, grid, P.smem, c.stream, p); break;
+    case kQ8C: launch_decode_fmt<kQ8C>(P.kmt, deep, grid, P.smem, c.stream, p); break;
+    case kQ8R: launch_decode_fmt<kQ8R>(P.kmt, deep, grid, P.smem, c.stream, p); break;
+    case kQ4: launch_decode_fmt<kQ4>(P.kmt, deep, grid, P.smem, c.stream, p); break;
+    case kF8: launch_decode_fmt<kF8>(P.kmt, deep, grid, P.smem, c.stream, p); break;
+    default: launch_decode_fmt<kBF16>(P.kmt, deep, grid, P.smem, c.stream, p); break;
   }
   return check_launch("matmul: decode kernel");
 }

@@ -553,11 +553,13 @@ GK_D void load_batch(const DecodeParams& p, const Col& c, int u, int t1, int wk_
 }
 
 // One pass: rows[0..c) (c <= MT) of expert e over this block's k split and columns.
-template <int F, int CPT, int MT>
+// UM: a multiple of the usual units per batch (2: twice the bytes in flight, for the
+// decode plan sweep).
+template <int F, int CPT, int MT, int UM = 1>
 GK_D void decode_pass(const DecodeParams& p, const int* rows, int c, int e, float* xs) {
   constexpr int R = unit_rows(F);
   constexpr bool kPipe = MT <= 4;  // beyond, the arithmetic covers the latency
-  constexpr int U = kPipe ? batch_units(F, CPT) : (batch_units(F, CPT) + 1) / 2;
+  constexpr int U = UM * (kPipe ? batch_units(F, CPT) : (batch_units(F, CPT) + 1) / 2);
   using RawT = Raw<F, CPT>;
   const int tid = static_cast<int>(threadIdx.x), warp = tid >> 5, lane = tid & 31;
   const int wn_count = 1 << p.wn_log2, wk_count = kWarps >> p.wn_log2;
@@ -656,16 +658,16 @@ GK_D void decode_pass(const DecodeParams& p, const int* rows, int c, int e, floa
 }
 
 // Runs decode_pass with the smallest MT (power of two, <= KMT) that holds c rows.
-template <int F, int CPT, int MT, int KMT>
+template <int F, int CPT, int MT, int KMT, int UM = 1>
 GK_D void decode_dispatch(const DecodeParams& p, const int* rows, int c, int e, float* xs) {
   if constexpr (MT < KMT) {
     if (c <= MT) {
-      decode_pass<F, CPT, MT>(p, rows, c, e, xs);
+      decode_pass<F, CPT, MT, UM>(p, rows, c, e, xs);
       return;
     }
-    decode_dispatch<F, CPT, MT * 2, KMT>(p, rows, c, e, xs);
+    decode_dispatch<F, CPT, MT * 2, KMT, UM>(p, rows, c, e, xs);
   } else {
-    decode_pass<F, CPT, KMT>(p, rows, c, e, xs);
+    decode_pass<F, CPT, KMT, UM>(p, rows, c, e, xs);
   }
 }
 
@@ -686,8 +688,8 @@ GK_D int collect_rows(const DecodeParams& p, int e, int m0, int* s_ids, int* s_r
   return *s_count;
 }
 
-template <int F, int KMT>
-GK_KERNEL(KMT == 1 ? 3 : 2) decode_kernel(const DecodeParams p) {
+template <int F, int KMT, int UM = 1>
+GK_KERNEL(KMT == 1 && UM == 1 ? 3 : 2) decode_kernel(const DecodeParams p) {
   constexpr int CPT = cols_per_thread(F, KMT);
   GK_SHARED int s_ids[kWindow];
   GK_SHARED int s_rows[kWindow];
@@ -717,7 +719,7 @@ GK_KERNEL(KMT == 1 ? 3 : 2) decode_kernel(const DecodeParams p) {
   bool any = false;
   for (int m0 = 0; m0 < p.M; m0 += kWindow) {
     const int c_all = collect_rows(p, e, m0, s_ids, s_rows, &s_count);
-    for (int g0 = 0; g0 < c_all; g0 += KMT) decode_dispatch<F, CPT, 1, KMT>(p, s_rows + g0, imin(KMT, c_all - g0), e, xs);
+    for (int g0 = 0; g0 < c_all; g0 += KMT) decode_dispatch<F, CPT, 1, KMT, UM>(p, s_rows + g0, imin(KMT, c_all - g0), e, xs);
     any = any || c_all > 0;
   }
   if (p.ks <= 1 || !any) return;
@@ -775,8 +777,9 @@ struct DecodePlan {
 // force: a benchmark's override (DecodeForce; ks and warps across columns), kept within
 // what the workspace and the shape allow.
 struct DecodeForce {
-  int ks = 0;   // k splits, 0: the plan's choice
-  int wl = -1;  // log2 of the warps across columns, -1: the plan's choice
+  int ks = 0;    // k splits, 0: the plan's choice
+  int wl = -1;   // log2 of the warps across columns, -1: the plan's choice
+  int deep = 0;  // one row per pass: twice the bytes in flight per thread (decode_kernel UM 2)
 };
 inline DecodePlan plan_decode(int f, int64_t K, int64_t N, int64_t rows_per_pass, int64_t active, int sms, int max_ks,
                               DecodeForce force = {}) {

@@ -736,6 +736,20 @@ void add_matmul(int32_t dtype, int64_t param, int64_t E, int64_t Kd, int64_t N, 
     for (size_t i = 0; i < rounded.size(); ++i)
       if (mask[i] != 0) rounded[i] = round_bf16(rounded[i]);
     compare(dev, "matmul y rounded", kExact, rounded, dev.download(yr, want.size()), ldy);
+    // The decode plans a benchmark may force (GROKIT_CUDA_DECODE_PLAN: splits, warps across
+    // columns, twice the bytes in flight) compute the same products.
+    if (dev.backend == "cuda") {
+      for (const char* plan : {"0,-1,1", "1,3,0", "32,0,1", "7,2,0", "3,1,1"}) {
+        ::setenv("GROKIT_CUDA_DECODE_PLAN", plan, 1);
+        float* yp = dev.poisoned<float>(want.size());
+        const int rc = dev.ops->matmul(&wd, xd, M, ldx, flags, route != Route::kNone ? &routing : nullptr, yp, ldy,
+                                       dev.stream);
+        ::unsetenv("GROKIT_CUDA_DECODE_PLAN");
+        dev.check(rc, std::string("matmul with the decode plan ") + plan);
+        compare(dev, std::string("matmul y, decode plan ") + plan, kMatmul, want_bits, dev.download(yp, want.size()),
+                ldy, &mask, &scale);
+      }
+    }
   });
 }
 
