@@ -5,7 +5,9 @@
 // Written so that the same source also compiles as plain C++ for a host emulation of the
 // kernels in tests (GK_* macros; __CUDACC__ undefined): the includer then provides
 // threadIdx, blockIdx, gridDim (thread-local / global), gk_emu_sync() (a barrier over
-// the block's threads) and gk_emu_smem() (the block's dynamic shared memory).
+// the block's threads), gk_emu_smem() (the block's dynamic shared memory),
+// gk_emu_align(p, bytes, what) (a check of a vector access's alignment) and
+// cuda::raise_device_error (tests/gpu/test_cuda_emulation.cpp is that includer).
 #pragma once
 
 #include <cuda_bf16.h>

@@ -1,0 +1,256 @@
+// The CUDA weight products' device code (kernels/cuda/matmul_device.cuh) compiled as
+// plain C++ and run on the host: each block's 256 threads are std::threads, __syncthreads
+// a barrier, __shared__ a static, so the decode kernel's indexing, split-k, routing,
+// rounding and every plan a benchmark may force (k splits, warps across columns, the deep
+// variant) are checked against the host twin on a machine without a GPU. The arithmetic
+// is the device's (fp32 fma, bf16x2 multiplies from cuda_bf16.h's host versions); the
+// summation order is the kernel's, so results are held to the parity harness's matmul
+// budget, and the rounded output to the bits of the unrounded one rounded.
+#include <vector_types.h>
+
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+// What matmul_device.cuh asks of its includer in emulation.
+thread_local uint3 threadIdx;
+thread_local uint3 blockIdx;
+dim3 gridDim;
+void gk_emu_sync();
+float* gk_emu_smem();
+void gk_emu_align(const void* p, int bytes, const char* what);
+namespace grokit::kernels::cuda {
+inline void raise_device_error(unsigned int* word, unsigned int bit) {
+  if (word != nullptr) __atomic_fetch_or(word, bit, __ATOMIC_SEQ_CST);
+}
+}  // namespace grokit::kernels::cuda
+
+#include "kernels/cuda/matmul_device.cuh"
+#include "kernels/kernels.h"
+#include "kernels/ops.h"
+#include "tests/gpu/payloads.h"
+
+#include <gtest/gtest.h>
+
+namespace {
+
+namespace mm = grokit::kernels::cuda::mm;
+namespace payloads = grokit::payloads;
+using payloads::Rng;
+using payloads::WeightPayload;
+
+std::optional<std::barrier<>> g_sync;
+std::vector<float> g_smem;
+
+}  // namespace
+
+void gk_emu_sync() { g_sync->arrive_and_wait(); }
+float* gk_emu_smem() { return g_smem.data(); }
+void gk_emu_align(const void* p, int bytes, const char* what) {
+  if (reinterpret_cast<uintptr_t>(p) % static_cast<uintptr_t>(bytes) != 0) {
+    std::fprintf(stderr, "emulated kernel: %s of %p is not %d-byte aligned\n", what, p, bytes);
+    std::abort();
+  }
+}
+
+namespace {
+
+// Runs fn as a kernel over `grid`, one block at a time, each with mm::kThreads threads.
+// A thread that returns early leaves the block's barrier (as an exited CUDA thread no
+// longer counts at __syncthreads). Dynamic shared memory is NaN before each block.
+template <class Fn>
+void launch(dim3 grid, size_t smem_bytes, const Fn& fn) {
+  constexpr int T = mm::kThreads;
+  gridDim = grid;
+  g_smem.assign(smem_bytes / 4 + 4, std::nanf(""));
+  g_sync.emplace(T);
+  std::barrier start(T), end(T);
+  std::vector<std::thread> threads;
+  for (int t = 0; t < T; ++t) {
+    threads.emplace_back([&, t] {
+      threadIdx = uint3{static_cast<unsigned>(t), 0, 0};
+      for (unsigned z = 0; z < grid.z; ++z)
+        for (unsigned y = 0; y < grid.y; ++y)
+          for (unsigned x = 0; x < grid.x; ++x) {
+            start.arrive_and_wait();
+            blockIdx = uint3{x, y, z};
+            fn();
+            g_sync->arrive_and_drop();
+            end.arrive_and_wait();
+            if (t == 0) {  // nobody touches these until the next start
+              g_sync.emplace(T);
+              std::fill(g_smem.begin(), g_smem.end(), std::nanf(""));
+            }
+          }
+    });
+  }
+  for (auto& th : threads) th.join();
+}
+
+template <int F, int KMT, int UM>
+void run_kernel(dim3 grid, size_t smem, const mm::DecodeParams& p) {
+  launch(grid, smem, [&] { mm::decode_kernel<F, KMT, UM>(p); });
+}
+
+template <int F>
+void run_fmt(int kmt, bool deep, dim3 grid, size_t smem, const mm::DecodeParams& p) {
+  switch (kmt) {
+    case 1: deep ? run_kernel<F, 1, 2>(grid, smem, p) : run_kernel<F, 1, 1>(grid, smem, p); break;
+    case 2: run_kernel<F, 2, 1>(grid, smem, p); break;
+    case 4: run_kernel<F, 4, 1>(grid, smem, p); break;
+    case 8: run_kernel<F, 8, 1>(grid, smem, p); break;
+    default: run_kernel<F, 16, 1>(grid, smem, p); break;
+  }
+}
+
+struct Case {
+  int32_t dtype;
+  int64_t param, E, K, N, M, x_div;
+  bool chunked;  // q8rb in the decode layout (layout 1), relaid by q8_chunk_kernel
+};
+
+std::string name_of(const Case& c, const mm::DecodeForce& f, bool round) {
+  return std::string(payloads::dtype_name(c.dtype)) + (c.chunked ? " (chunked)" : "") + " E " + std::to_string(c.E) +
+         " K " + std::to_string(c.K) + " N " + std::to_string(c.N) + " M " + std::to_string(c.M) + " plan " +
+         std::to_string(f.ks) + "," + std::to_string(f.wl) + "," + std::to_string(f.deep) + (round ? " rounded" : "");
+}
+
+// The emulated decode product of one case under one forced plan, against the host twin.
+void check_case(const Case& c, const mm::DecodeForce& force, bool round, Rng& rng) {
+  const std::string what = name_of(c, force, round);
+  SCOPED_TRACE(what);
+  WeightPayload w = payloads::random_weight(c.dtype, c.E, c.K, c.N, c.param, rng);
+  const int64_t ldx = c.K + 3, ldy = c.N + 2, xrows = (c.M + c.x_div - 1) / c.x_div;
+  std::vector<float> x(static_cast<size_t>(xrows * ldx));
+  for (auto& v : x) v = rng.bf16_value(-6, 3);
+  std::vector<int32_t> expert(static_cast<size_t>(c.M), 0);
+  const bool routed = c.E > 1;
+  if (routed) {
+    for (auto& e : expert) e = static_cast<int32_t>(rng.range(0, c.E - 1));
+    if (c.M > 2) expert[1] = -1;  // a row routed to no expert: zeros
+  }
+  const GrokitRouting routing{expert.data(), c.x_div};
+
+  // The host twin.
+  std::vector<float> want(static_cast<size_t>(c.M * ldy), -7.0f);
+  {
+    std::vector<uint8_t> bytes = w.bytes;
+    GrokitWeight hw = w.desc(bytes.data());
+    ASSERT_EQ(grokit_host_ops()->matmul(&hw, x.data(), c.M, ldx, round ? GROKIT_MATMUL_ROUND_BF16 : 0,
+                                        routed ? &routing : nullptr, want.data(), ldy, nullptr),
+              GROKIT_OK)
+        << grokit_host_ops()->error_message();
+  }
+
+  // The device layout, then the plan and the parameters as matmul.cu's run_decode makes them.
+  std::vector<uint8_t> bytes = w.bytes;
+  GrokitWeight dw = w.desc(bytes.data());
+  if (c.chunked) {
+    const uint64_t mbytes = static_cast<uint64_t>(c.K * c.N);
+    std::vector<uint8_t> scratch(mbytes);
+    for (int64_t e = 0; e < c.E; ++e) {
+      uint8_t* ce = bytes.data() + e * mbytes;
+      std::memcpy(scratch.data(), ce, mbytes);
+      const dim3 grid(static_cast<unsigned>((c.N + mm::kThreads - 1) / mm::kThreads), static_cast<unsigned>(c.K / 16), 1);
+      launch(grid, 0, [&] { mm::q8_chunk_kernel<>(scratch.data(), c.K, c.N, ce); });
+    }
+    dw.layout = 1;
+  }
+  mm::WDesc d;
+  char msg[512];
+  ASSERT_EQ(mm::describe_weight("emulation", &dw, &d, msg, sizeof msg), GROKIT_OK) << msg;
+  const int64_t div = routed ? std::min<int64_t>(c.x_div, c.M) : 1;
+  const int64_t per = routed ? (c.M + div - 1) / div : c.M;
+  const int64_t active = routed ? std::min<int64_t>(d.E, 2) : 1;
+  const int sms = 3;  // a small device: plans with few blocks, and split-k
+  const mm::DecodePlan P = mm::plan_decode(d.fmt, d.K, d.N, per, active, sms, mm::kMaxSplits, force);
+  const int64_t egrid = routed ? d.E : 1;
+  std::vector<float> partial(static_cast<size_t>(P.ks * c.M * c.N), std::nanf(""));
+  std::vector<uint32_t> counters(static_cast<size_t>(egrid * P.tiles), 0);
+  unsigned int errors[2] = {0, 0};
+  std::vector<float> got(static_cast<size_t>(c.M * ldy), -7.0f);
+  mm::DecodeParams p = mm::make_decode_params(d, P, x.data(), c.M, ldx, routed ? expert.data() : nullptr, div,
+                                              got.data(), ldy, partial.data(), counters.data(), errors);
+  p.round_y = round ? 1 : 0;
+  const dim3 grid(static_cast<unsigned>(P.tiles), static_cast<unsigned>(P.ks), static_cast<unsigned>(egrid));
+  const bool deep = force.deep != 0 && P.kmt == 1;
+  switch (d.fmt) {
+    case mm::kQ8C: run_fmt<mm::kQ8C>(P.kmt, deep, grid, P.smem, p); break;
+    case mm::kQ8R: run_fmt<mm::kQ8R>(P.kmt, deep, grid, P.smem, p); break;
+    case mm::kQ4: run_fmt<mm::kQ4>(P.kmt, deep, grid, P.smem, p); break;
+    case mm::kF8: run_fmt<mm::kF8>(P.kmt, deep, grid, P.smem, p); break;
+    default: run_fmt<mm::kBF16>(P.kmt, deep, grid, P.smem, p); break;
+  }
+  EXPECT_EQ(errors[0], 0u) << "a device error was raised";
+  for (uint32_t v : counters) ASSERT_EQ(v, 0u) << "a split-k counter was not reset for the next launch";
+
+  // Budget: 2^-16 of sum_k |x_k w_kn| (the parity harness's), plus one bf16 ulp of the
+  // result when rounded. Padding (columns N..ldy) untouched.
+  int bad = 0;
+  for (int64_t m = 0; m < c.M; ++m) {
+    const int32_t e = routed ? expert[static_cast<size_t>(m)] : 0;
+    std::vector<float> dq;
+    if (e >= 0) dq = payloads::dequantize(w, e);
+    const float* xr = x.data() + (m / c.x_div) * ldx;
+    for (int64_t n = 0; n < ldy; ++n) {
+      const size_t i = static_cast<size_t>(m * ldy + n);
+      if (n >= c.N) {
+        if (got[i] != -7.0f && bad++ < 5) ADD_FAILURE() << "padding written at row " << m << " column " << n;
+        continue;
+      }
+      double scale = 0;
+      for (int64_t k = 0; e >= 0 && k < c.K; ++k) scale += std::fabs(double(xr[k]) * dq[static_cast<size_t>(k * c.N + n)]);
+      double allowed = 0x1p-16 * scale;
+      if (round) allowed += std::ldexp(1.0, std::max(-126, std::ilogb(std::fabs(double(want[i])) + 1e-30) - 7));
+      if (!(std::fabs(double(got[i]) - double(want[i])) <= allowed) && bad++ < 5)
+        ADD_FAILURE() << "row " << m << " column " << n << ": got " << got[i] << ", the twin " << want[i] << " (allowed "
+                      << allowed << ")";
+      if (round && got[i] != grokit::round_bf16(got[i]) && bad++ < 5)
+        ADD_FAILURE() << "row " << m << " column " << n << ": " << got[i] << " is not a bf16 value";
+    }
+  }
+  EXPECT_EQ(bad, 0) << P.tiles << " tiles x " << P.ks << " splits x " << egrid << " experts, kmt " << P.kmt
+                    << ", warps across 2^" << P.wn_log2 << (deep ? ", deep" : "");
+}
+
+const mm::DecodeForce kPlans[] = {{0, -1, 0}, {0, -1, 1}, {1, 3, 0}, {5, 0, 1}, {3, 1, 0}, {32, 2, 0}};
+
+TEST(CudaEmulation, DecodeProductsMatchTheHostTwinUnderEveryPlan) {
+  Rng rng(41);
+  const Case cases[] = {
+      // dtype, param, E, K, N, M, x_div, chunked
+      {payloads::kQ8RowBlock, 2, 1, 256, 300, 1, 1, false},
+      {payloads::kQ8RowBlock, 2, 1, 256, 300, 1, 1, true},
+      {payloads::kQ8RowBlock, 1, 1, 192, 40, 3, 1, true},
+      {payloads::kQ4Group, 64, 1, 256, 300, 1, 1, false},
+      {payloads::kF8Column, 0, 1, 128, 72, 2, 1, false},
+      {payloads::kBF16, 0, 1, 96, 300, 1, 1, false},
+      {payloads::kBF16, 0, 1, 64, 37, 5, 1, false},
+  };
+  for (const Case& c : cases)
+    for (const mm::DecodeForce& f : kPlans) check_case(c, f, false, rng);
+}
+
+TEST(CudaEmulation, RoutedDecodeAndRoundedOutputs) {
+  Rng rng(43);
+  const Case cases[] = {
+      {payloads::kQ8RowBlock, 1, 3, 256, 96, 4, 2, true},  // 2 rows of x, top 2: Grok-1's routed shape
+      {payloads::kQ4Group, 32, 3, 128, 40, 4, 2, false},
+      {payloads::kBF16, 0, 2, 64, 40, 3, 1, false},
+  };
+  for (const Case& c : cases)
+    for (const mm::DecodeForce& f : kPlans) {
+      check_case(c, f, false, rng);
+      check_case(c, f, true, rng);
+    }
+  for (const mm::DecodeForce& f : {kPlans[0], kPlans[3]})
+    check_case({payloads::kQ8RowBlock, 2, 1, 256, 300, 1, 1, true}, f, true, rng);
+}
+
+}  // namespace
