@@ -164,7 +164,7 @@ Result<Layer> make_layer(const GrokitOps* ops, GrokitStream st, const format::Mo
 
 // Activations and a KV cache for N tokens of one sequence with `cap` positions.
 struct Run {
-  DeviceBuffer x, a, tmp, q, k, v, o, gates, g, u, routed, experts, pos, rows, kv, valid;
+  DeviceBuffer x, a, tmp, q, k, v, o, gates, g, routed, experts, pos, rows, kv, valid;
   runner::LayerIO io{};
 };
 
@@ -176,7 +176,7 @@ Result<std::unique_ptr<Run>> make_run(const GrokitOps* ops, GrokitStream st, con
   const size_t D = static_cast<size_t>(d.D), F = static_cast<size_t>(d.ffn), top = static_cast<size_t>(d.top);
   for (auto [b, bytes] : {std::pair{&r->x, n * D * f}, {&r->a, n * D * f}, {&r->tmp, n * D * f}, {&r->q, n * QD * f},
                           {&r->o, n * QD * f}, {&r->k, n * KVD * f}, {&r->v, n * KVD * f}, {&r->gates, n * top * f},
-                          {&r->g, n * top * F * f}, {&r->u, n * top * F * f}, {&r->routed, n * top * D * f},
+                          {&r->g, n * top * F * f}, {&r->routed, n * top * D * f},
                           {&r->experts, n * top * 4}, {&r->pos, n * 4}, {&r->rows, n * sizeof(GrokitAttnRow)}})
     GROKIT_TRY(b->allocate(ops, bytes));
   const size_t kv_elems = static_cast<size_t>(2 * d.kv_heads * cap * d.head_dim);
@@ -210,7 +210,7 @@ Result<std::unique_ptr<Run>> make_run(const GrokitOps* ops, GrokitStream st, con
   DEV_TRY(ops, ops->stream_sync(st));
   r->io = runner::LayerIO{r->x.get<float>(),      r->a.get<float>(),    r->tmp.get<float>(), r->q.get<float>(),
                           r->k.get<float>(),      r->v.get<float>(),    r->o.get<float>(),   r->gates.get<float>(),
-                          r->g.get<float>(),      r->u.get<float>(),    r->routed.get<float>(), r->experts.get<int32_t>(),
+                          r->g.get<float>(),      r->routed.get<float>(), r->experts.get<int32_t>(),
                           r->pos.get<int32_t>(),  r->rows.get<GrokitAttnRow>()};
   return r;
 }

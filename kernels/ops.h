@@ -34,7 +34,7 @@
 // The tables' layout version (GrokitOps, GrokitCollectives): the engine refuses a plugin
 // built against another. 1: the first; 2: GrokitCollectives.comm_abort;
 // 3: GrokitOps.take_device_errors, GrokitCollectives.comm_async_error;
-// 4: GrokitOps.residual_norm, GrokitOps.matmul's flags (was x_fp32).
+// 4: GrokitOps.residual_norm, GrokitOps.matmul's flags (was x_fp32; ROUND_BF16, GELU_MUL).
 #define GROKIT_OPS_ABI_VERSION 4
 
 #ifdef __cplusplus
@@ -55,6 +55,7 @@ typedef void* GrokitStream;
 enum {
   GROKIT_MATMUL_X_FP32 = 1,      // x holds fp32 values (else bf16 values)
   GROKIT_MATMUL_ROUND_BF16 = 2,  // y = bf16(sums) (else the fp32 sums)
+  GROKIT_MATMUL_GELU_MUL = 4,    // y = gelu(y) * bf16(sums): y holds the gate's bf16 values on entry
 };
 
 // A weight matrix (or a stack of expert matrices) in device memory.
@@ -175,7 +176,9 @@ typedef struct GrokitOps {
   // with GROKIT_MATMUL_X_FP32, as the expert down projection's input is). With routing
   // (may be NULL for a single matrix), row m = x[m / div] @ W[expert[m]]. The caller
   // rounds, or asks for y = bf16(sums) with GROKIT_MATMUL_ROUND_BF16 (the bits of a
-  // round_bf16 op after it, one launch fewer). Other flag bits are refused.
+  // round_bf16 op after it, one launch fewer), or for y = gelu(y) * bf16(sums) with
+  // GROKIT_MATMUL_GELU_MUL (the bits of gelu_mul(y, bf16(sums)): the up projection
+  // finishing the gate's rows; a row routed to no expert gets 0). Other bits are refused.
   int (*matmul)(const GrokitWeight* w, const float* x, int64_t M, int64_t ldx, int32_t flags,
                 const GrokitRouting* routing, float* y, int64_t ldy, GrokitStream stream);
   // kernels::gelu_mul: h = gelu(g) * u in fp32; h may be g or u.

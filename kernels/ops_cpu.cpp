@@ -256,7 +256,8 @@ Status matmul_sums(const GrokitWeight* w, const float* x, int64_t M, int64_t ldx
 int matmul(const GrokitWeight* w, const float* x, int64_t M, int64_t ldx, int32_t flags, const GrokitRouting* routing,
            float* y, int64_t ldy, GrokitStream stream) {
   if (int rc = check_weight("matmul", w); rc != GROKIT_OK) return rc;
-  if ((flags & ~(GROKIT_MATMUL_X_FP32 | GROKIT_MATMUL_ROUND_BF16)) != 0) return invalid("matmul", "flags = ", flags);
+  if ((flags & ~(GROKIT_MATMUL_X_FP32 | GROKIT_MATMUL_ROUND_BF16 | GROKIT_MATMUL_GELU_MUL)) != 0)
+    return invalid("matmul", "flags = ", flags);
   const int64_t K = w->rows, N = w->cols;
   if (M < 0) return invalid("matmul", "M = ", M);
   if (ldx < K) return invalid("matmul", "ldx ", ldx, " < K ", K);
@@ -273,7 +274,20 @@ int matmul(const GrokitWeight* w, const float* x, int64_t M, int64_t ldx, int32_
     if (e >= w->experts) return invalid("matmul", "row ", m, " routes to expert ", e, " of ", w->experts);
   }
   ThreadPool* pool = pool_of(stream);
-  if (Status s = matmul_sums(w, x, M, ldx, (flags & GROKIT_MATMUL_X_FP32) != 0, routing, y, ldy, pool); !s.ok())
+  const bool fp32 = (flags & GROKIT_MATMUL_X_FP32) != 0;
+  if ((flags & GROKIT_MATMUL_GELU_MUL) != 0) {
+    // The sums apart, rounded, then gelu_mul(y, them) row by row into y.
+    std::vector<float> u(static_cast<size_t>(M * N));
+    if (Status s = matmul_sums(w, x, M, ldx, fp32, routing, u.data(), N, pool); !s.ok()) return status_code("matmul", s);
+    round_to_bf16(u.data(), M * N, u.data());
+    for (int64_t m = 0; m < M; ++m) {
+      float* yr = y + m * ldy;
+      if (routing != nullptr && routing->expert[m] < 0) std::fill(yr, yr + N, 0.0f);
+      else if (Status s = kernels::gelu_mul(yr, u.data() + m * N, N, yr, pool); !s.ok()) return status_code("matmul", s);
+    }
+    return GROKIT_OK;
+  }
+  if (Status s = matmul_sums(w, x, M, ldx, fp32, routing, y, ldy, pool); !s.ok())
     return status_code("matmul", s);
   if ((flags & GROKIT_MATMUL_ROUND_BF16) != 0)
     chunked(pool, M, [&](int64_t a, int64_t b) {

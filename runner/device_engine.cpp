@@ -39,7 +39,7 @@ struct DevCache {
 // Activations of one forward chunk of up to `tokens` tokens (grown on demand).
 struct Activations {
   int64_t tokens = 0;
-  DeviceBuffer x, a, tmp, q, k, v, o, experts, gates, g, u, routed, tok, pos, rows;
+  DeviceBuffer x, a, tmp, q, k, v, o, experts, gates, g, routed, tok, pos, rows;
   DeviceBuffer xf, part, all;  // logits: [32, D], [32, Vr], [TP, 32, Vr]
 };
 
@@ -679,7 +679,6 @@ Status DeviceEngine::reserve(DevRank& R, int64_t N) {
   GROKIT_TRY(A.experts.allocate(ops, nn * static_cast<size_t>(top) * 4));
   GROKIT_TRY(A.gates.allocate(ops, nn * static_cast<size_t>(top) * f));
   GROKIT_TRY(A.g.allocate(ops, nn * static_cast<size_t>(top * R.ffn) * f));
-  GROKIT_TRY(A.u.allocate(ops, nn * static_cast<size_t>(top * R.ffn) * f));
   GROKIT_TRY(A.routed.allocate(ops, nn * static_cast<size_t>(top * D) * f));
   GROKIT_TRY(A.tok.allocate(ops, nn * 4));
   GROKIT_TRY(A.pos.allocate(ops, nn * 4));
@@ -705,7 +704,7 @@ Status DeviceEngine::forward(DevRank& R, int64_t N, int64_t max_keys, const Step
   const float eps = static_cast<float>(cfg_.rms_norm_eps);
   float *x = A.x.get<float>(), *a = A.a.get<float>(), *tmp = A.tmp.get<float>();
   float *q = A.q.get<float>(), *k = A.k.get<float>(), *v = A.v.get<float>(), *o = A.o.get<float>();
-  float *g = A.g.get<float>(), *u = A.u.get<float>(), *routed = A.routed.get<float>(), *gates = A.gates.get<float>();
+  float *g = A.g.get<float>(), *routed = A.routed.get<float>(), *gates = A.gates.get<float>();
   int32_t* experts = A.experts.get<int32_t>();
   std::vector<float> hidden_host;
   std::vector<int32_t> experts_host;
@@ -748,7 +747,7 @@ Status DeviceEngine::forward(DevRank& R, int64_t N, int64_t max_keys, const Step
   const LayerDims dims{D, dh, R.q_heads, R.kv_heads, F, E, top, eps, static_cast<float>(cfg_.attn_output_multiplier),
                        static_cast<float>(cfg_.attn_logit_cap), cfg_.rope_base};
   for (int64_t l = 0; l < cfg_.num_layers; ++l) {
-    const LayerIO io{x, a, tmp, q, k, v, o, gates, g, u, routed, experts, A.pos.get<int32_t>(),
+    const LayerIO io{x, a, tmp, q, k, v, o, gates, g, routed, experts, A.pos.get<int32_t>(),
                      A.rows.get<GrokitAttnRow>() + l * N};
     // Each layer's last op also writes the next layer's normed input (LayerChain).
     const LayerChain chain{l > 0, l + 1 < cfg_.num_layers ? R.layers[static_cast<size_t>(l + 1)].attn_norm_in : nullptr};

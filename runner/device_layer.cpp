@@ -232,8 +232,8 @@ Status run_layer(const GrokitOps* ops, GrokitStream st, const DevLayer& Ly, cons
   const GrokitRouting up_route{io.experts, top}, down_route{io.experts, 1};
   DEV_TRY(ops, ops->router_topk(io.a, N, D, Ly.router, d.experts, top, io.experts, io.gates, st));
   DEV_TRY(ops, ops->matmul(&Ly.gate, io.a, N * top, D, kRound, &up_route, io.g, F, st));
-  DEV_TRY(ops, ops->matmul(&Ly.up, io.a, N * top, D, kRound, &up_route, io.u, F, st));
-  DEV_TRY(ops, ops->gelu_mul(io.g, io.u, N * top * F, io.g, st));
+  // g = gelu(g) * bf16(x @ W_up), in the up projection's own stores.
+  DEV_TRY(ops, ops->matmul(&Ly.up, io.a, N * top, D, GROKIT_MATMUL_GELU_MUL, &up_route, io.g, F, st));
   DEV_TRY(ops, ops->matmul(&Ly.down, io.g, N * top, F, GROKIT_MATMUL_X_FP32, &down_route, io.routed, D, st));
   GROKIT_TRY(all_reduce(io.routed, N * top * D));
   DEV_TRY(ops, ops->moe_combine(io.routed, io.gates, N, top, D, io.tmp, st));

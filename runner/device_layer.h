@@ -118,10 +118,10 @@ struct DevLayer {
 
 // The activations one layer reads and writes, for N tokens (device memory, row-major):
 // x [N, D] the residual stream (updated in place), a and tmp [N, D] scratch, q and o
-// [N, QD], k and v [N, KVD], experts [N, top], gates [N, top], g and u [N, top, F],
+// [N, QD], k and v [N, KVD], experts [N, top], gates [N, top], g [N, top, F],
 // routed [N, top, D]; pos [N] positions; rows [N] the attention rows of this layer.
 struct LayerIO {
-  float *x, *a, *tmp, *q, *k, *v, *o, *gates, *g, *u, *routed;
+  float *x, *a, *tmp, *q, *k, *v, *o, *gates, *g, *routed;
   int32_t *experts;
   const int32_t* pos;
   const GrokitAttnRow* rows;
@@ -143,9 +143,9 @@ struct LayerChain {
 
 // One layer, on `stream`: attention (rmsnorm unless chained, q/k/v, rope, cache,
 // attention, output, all-reduce, then rmsnorm, residual and the mixture's rmsnorm in one
-// op) then the mixture of experts (router, gate/up with the routing on the device, gelu,
-// down, all-reduce, combine, then rmsnorm, residual and the next layer's rmsnorm in one
-// op). comm may be null for a rank measured alone.
+// op) then the mixture of experts (router, gate, then up with the gelu in its stores,
+// both routed on the device, down, all-reduce, combine, then rmsnorm, residual and the
+// next layer's rmsnorm in one op). comm may be null for a rank measured alone.
 Status run_layer(const GrokitOps* ops, GrokitStream stream, const DevLayer& layer, const LayerDims& dims,
                  const LayerIO& io, int64_t N, int64_t max_keys, DeviceComm* comm, const LayerChain& chain);
 

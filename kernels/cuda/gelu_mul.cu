@@ -1,21 +1,13 @@
-// h = gelu(g) * u, as kernels::gelu_mul: every fp32 product and sum rounded on its own
-// (no fused multiply-add), tanh in double rounded to fp32, so the result is the CPU
-// twin's to the bit (up to the last double ulp of tanh deciding an fp32 rounding).
+// h = gelu(g) * u, as kernels::gelu_mul (gelu_impl.cuh), so the result is the CPU twin's
+// to the bit (up to the last double ulp of tanh deciding an fp32 rounding).
 #include "kernels/cuda/cuda_util.cuh"
+#include "kernels/cuda/gelu_impl.cuh"
 #include "kernels/cuda/gelu_mul.h"
 
 namespace grokit::kernels::cuda {
 
 namespace {
 constexpr int kThreads = 256;
-}
-
-// x * (0.5 * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x^3)))) times u.
-static __device__ __forceinline__ float gelu_times(float x, float u) {
-  const float x3 = __fmul_rn(__fmul_rn(x, x), x);
-  const float inner = __fmul_rn(0.7978845608028654f, __fadd_rn(x, __fmul_rn(0.044715f, x3)));
-  const float th = static_cast<float>(tanh(static_cast<double>(inner)));
-  return __fmul_rn(__fmul_rn(x, __fmul_rn(0.5f, __fadd_rn(1.0f, th))), u);
 }
 
 // Grid-stride over n (float4 groups when kVec, then the last n % 4 singly). h may alias

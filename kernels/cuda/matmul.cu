@@ -193,8 +193,25 @@ DecodeForce decode_force() {
   return f;
 }
 
+// y = gelu(y) * bf16(t) for rows [M, N] (y row stride ldy, t dense); rows routed to no
+// expert (expert < 0, when routed) get 0: the prefill path's GROKIT_MATMUL_GELU_MUL.
+__global__ void gelu_rows_kernel(float* y, int64_t M, int64_t N, int64_t ldy, const float* t, const int32_t* expert) {
+  for (int64_t m = blockIdx.y; m < M; m += gridDim.y) {
+    const bool none = expert != nullptr && expert[m] < 0;
+    for (int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; n < N;
+         n += static_cast<int64_t>(gridDim.x) * blockDim.x)
+      y[m * ldy + n] = none ? 0.0f : gelu_times(y[m * ldy + n], round_bf16(t[m * N + n]));
+  }
+}
+
+int gelu_rows(float* y, int64_t M, int64_t N, int64_t ldy, const float* t, const int32_t* expert, cudaStream_t st) {
+  const dim3 grid(std::min<unsigned>(blocks_for(N, kThreads), 1024u), static_cast<unsigned>(std::min<int64_t>(M, 65535)));
+  gelu_rows_kernel<<<grid, kThreads, 0, st>>>(y, M, N, ldy, t, expert);
+  return check_launch("matmul: gelu kernel");
+}
+
 int run_decode(Ctx& c, const WDesc& d, const float* x, int64_t M, int64_t ldx, const GrokitRouting* routing, float* y,
-               int64_t ldy, bool round_y, bool capturing) {
+               int64_t ldy, bool round_y, bool gelu, bool capturing) {
   const bool routed = routing != nullptr;
   const int64_t div = routed ? std::min<int64_t>(routing->x_row_div, M) : 1;  // m / div is the same for m < M
   const int64_t per = routed ? (M + div - 1) / div : M;
@@ -230,6 +247,7 @@ int run_decode(Ctx& c, const WDesc& d, const float* x, int64_t M, int64_t ldx, c
                          static_cast<float*>(c.partial.p), static_cast<uint32_t*>(c.counters.p),
                          device_errors_word(c.stream));
   p.round_y = round_y ? 1 : 0;
+  p.gelu = gelu ? 1 : 0;
   const dim3 grid(static_cast<unsigned>(P.tiles), static_cast<unsigned>(P.ks), static_cast<unsigned>(egrid));
   const bool deep = force.deep != 0 && P.kmt == 1;
   switch (d.fmt) {
@@ -251,9 +269,10 @@ int matmul(const GrokitWeight* w, const float* x, int64_t M, int64_t ldx, int32_
   WDesc d;
   if (int rc = describe("matmul", w, &d); rc != GROKIT_OK) return rc;
   const char* dt = dtype_label(d.dtype);
-  if ((flags & ~(GROKIT_MATMUL_X_FP32 | GROKIT_MATMUL_ROUND_BF16)) != 0)
+  if ((flags & ~(GROKIT_MATMUL_X_FP32 | GROKIT_MATMUL_ROUND_BF16 | GROKIT_MATMUL_GELU_MUL)) != 0)
     return set_error(GROKIT_ERR_INVALID, "matmul: flags = %d (%s weight)", static_cast<int>(flags), dt);
   const bool x_fp32 = (flags & GROKIT_MATMUL_X_FP32) != 0, round_y = (flags & GROKIT_MATMUL_ROUND_BF16) != 0;
+  const bool gelu = (flags & GROKIT_MATMUL_GELU_MUL) != 0;
   if (M < 0) return set_error(GROKIT_ERR_INVALID, "matmul: M = %lld (%s weight)", static_cast<long long>(M), dt);
   if (ldx < d.K)
     return set_error(GROKIT_ERR_INVALID, "matmul: ldx = %lld < K = %lld (%s weight)", static_cast<long long>(ldx),
@@ -281,10 +300,22 @@ int matmul(const GrokitWeight* w, const float* x, int64_t M, int64_t ldx, int32_
   const bool prefill = routing == nullptr ? M > kDecodeRows : M > kDecodeRoutedRows;
   if (prefill) {
     bool done = false;
-    if (int rc = run_prefill(*c, d, x, M, ldx, x_fp32, routing, y, ldy, cap, &done); rc != GROKIT_OK) return rc;
-    if (done) return round_y ? round_rows(y, M, d.N, ldy, st) : GROKIT_OK;
+    if (gelu) {
+      // The product into scratch, then y = gelu(y) * bf16(it).
+      bool ok = false;
+      const size_t bytes = static_cast<size_t>(M) * static_cast<size_t>(d.N) * 4;
+      if (int rc = ensure(*c, c->gt, bytes, cap, false, &ok); rc != GROKIT_OK) return rc;
+      if (ok) {
+        float* t = static_cast<float*>(c->gt.p);
+        if (int rc = run_prefill(*c, d, x, M, ldx, x_fp32, routing, t, d.N, cap, &done); rc != GROKIT_OK) return rc;
+        if (done) return gelu_rows(y, M, d.N, ldy, t, routing != nullptr ? routing->expert : nullptr, st);
+      }
+    } else {
+      if (int rc = run_prefill(*c, d, x, M, ldx, x_fp32, routing, y, ldy, cap, &done); rc != GROKIT_OK) return rc;
+      if (done) return round_y ? round_rows(y, M, d.N, ldy, st) : GROKIT_OK;
+    }
   }
-  return run_decode(*c, d, x, M, ldx, routing, y, ldy, round_y, cap);
+  return run_decode(*c, d, x, M, ldx, routing, y, ldy, round_y, gelu, cap);
 }
 
 int matmul_release_stream(GrokitStream stream) {
@@ -302,7 +333,7 @@ int matmul_release_stream(GrokitStream stream) {
   }
   std::lock_guard<std::mutex> lk(c->mu);
   int rc = check_cuda(cudaStreamSynchronize(st), "matmul_release_stream: cudaStreamSynchronize");
-  for (DevBuf* b : {&c->partial, &c->counters, &c->wb, &c->xb, &c->yt, &c->rows, &c->ws}) free_buf(*b, st);
+  for (DevBuf* b : {&c->partial, &c->counters, &c->wb, &c->xb, &c->yt, &c->rows, &c->ws, &c->gt}) free_buf(*b, st);
   for (const DevBuf& b : c->retired) free_buf(b, st);
   free_host(c->host_ids);
   free_host(c->host_rows);

@@ -18,6 +18,7 @@
 #include <cstdio>
 #include <cstring>
 
+#include "kernels/cuda/gelu_impl.cuh"
 #include "kernels/cuda/matmul.h"
 #include "kernels/ops.h"
 
@@ -346,11 +347,14 @@ struct DecodeParams {
   uint32_t* counters;       // [E or 1, gridDim.x] when ks > 1; zero between launches
   unsigned int* errors;     // device_errors_word(stream): a row routed past the stack raises GROKIT_DEVERR_EXPERT
   int32_t round_y;          // y = bf16(sum) (GROKIT_MATMUL_ROUND_BF16); partials stay fp32
+  int32_t gelu;             // y = gelu(y) * bf16(sum) (GROKIT_MATMUL_GELU_MUL)
 };
 
-// A sum as stored in y.
-GK_HD float y_value(const DecodeParams& p, float sum) {
-  return p.round_y != 0 ? as_f32(static_cast<uint32_t>(bf16_rne_bits(sum)) << 16) : sum;
+// Stores a finished sum at y: as it is, rounded, or as the gate's gelu times it rounded.
+GK_HD void store_y(const DecodeParams& p, float* at, float sum) {
+  const float r = as_f32(static_cast<uint32_t>(bf16_rne_bits(sum)) << 16);
+  if (p.gelu != 0) *at = gelu_times(*at, r);
+  else *at = p.round_y != 0 ? r : sum;
 }
 
 // The loads of one unit, by format.
@@ -651,7 +655,7 @@ GK_D void decode_pass(const DecodeParams& p, const int* rows, int c, int e, floa
         if (j >= col.nvalid) break;
         const int64_t n = col0 + j;
         if (p.ks == 1)
-          p.y[row * p.ldy + n] = y_value(p, acc[m][j]);
+          store_y(p, p.y + row * p.ldy + n, acc[m][j]);
         else
           p.partial[(static_cast<int64_t>(blockIdx.y) * p.M + row) * p.N + n] = acc[m][j];
       }
@@ -753,7 +757,7 @@ GK_KERNEL(KMT == 1 && UM == 1 ? 3 : 2) decode_kernel(const DecodeParams p) {
         sum += v3;
       }
       for (; s < p.ks; ++s) sum += ldcg(src + s * split_stride);
-      p.y[row * p.ldy + n] = y_value(p, sum);
+      store_y(p, p.y + row * p.ldy + n, sum);
     }
   }
   if (tid == 0) *counter = 0;

@@ -49,6 +49,7 @@ struct Ctx {
   cudaStream_t stream = nullptr;
   DevBuf partial, counters;            // decode split-k
   DevBuf wb, xb, yt, rows, ws;         // prefill: bf16 weight, bf16 x (hi, lo), y rows, row list, cuBLASLt
+  DevBuf gt;                           // prefill with GROKIT_MATMUL_GELU_MUL: the product before the gelu
   std::vector<DevBuf> retired;         // replaced while a graph may still use them
   cublasLtHandle_t lt = nullptr;
   std::map<std::array<int64_t, 8>, cublasLtMatmulAlgo_t> algos;

@@ -115,15 +115,20 @@ struct Case {
   bool chunked;  // q8rb in the decode layout (layout 1), relaid by q8_chunk_kernel
 };
 
-std::string name_of(const Case& c, const mm::DecodeForce& f, bool round) {
+// What the product stores: its sums, rounded, or the gate's gelu times them rounded.
+enum class Out { kSums, kRounded, kGelu };
+
+std::string name_of(const Case& c, const mm::DecodeForce& f, Out out) {
   return std::string(payloads::dtype_name(c.dtype)) + (c.chunked ? " (chunked)" : "") + " E " + std::to_string(c.E) +
          " K " + std::to_string(c.K) + " N " + std::to_string(c.N) + " M " + std::to_string(c.M) + " plan " +
-         std::to_string(f.ks) + "," + std::to_string(f.wl) + "," + std::to_string(f.deep) + (round ? " rounded" : "");
+         std::to_string(f.ks) + "," + std::to_string(f.wl) + "," + std::to_string(f.deep) +
+         (out == Out::kRounded ? " rounded" : out == Out::kGelu ? " gelu" : "");
 }
 
 // The emulated decode product of one case under one forced plan, against the host twin.
-void check_case(const Case& c, const mm::DecodeForce& force, bool round, Rng& rng) {
-  const std::string what = name_of(c, force, round);
+void check_case(const Case& c, const mm::DecodeForce& force, Out out, Rng& rng) {
+  const bool round = out == Out::kRounded, gelu = out == Out::kGelu;
+  const std::string what = name_of(c, force, out);
   SCOPED_TRACE(what);
   WeightPayload w = payloads::random_weight(c.dtype, c.E, c.K, c.N, c.param, rng);
   const int64_t ldx = c.K + 3, ldy = c.N + 2, xrows = (c.M + c.x_div - 1) / c.x_div;
@@ -137,12 +142,17 @@ void check_case(const Case& c, const mm::DecodeForce& force, bool round, Rng& rn
   }
   const GrokitRouting routing{expert.data(), c.x_div};
 
-  // The host twin.
+  // The host twin (y first holds the gate's bf16 values when the gelu is asked for).
   std::vector<float> want(static_cast<size_t>(c.M * ldy), -7.0f);
+  if (gelu)
+    for (int64_t m = 0; m < c.M; ++m)
+      for (int64_t n = 0; n < c.N; ++n) want[static_cast<size_t>(m * ldy + n)] = rng.bf16_value(-4, 2);
+  const std::vector<float> gate = want;
   {
     std::vector<uint8_t> bytes = w.bytes;
     GrokitWeight hw = w.desc(bytes.data());
-    ASSERT_EQ(grokit_host_ops()->matmul(&hw, x.data(), c.M, ldx, round ? GROKIT_MATMUL_ROUND_BF16 : 0,
+    const int32_t flags = round ? GROKIT_MATMUL_ROUND_BF16 : gelu ? GROKIT_MATMUL_GELU_MUL : 0;
+    ASSERT_EQ(grokit_host_ops()->matmul(&hw, x.data(), c.M, ldx, flags,
                                         routed ? &routing : nullptr, want.data(), ldy, nullptr),
               GROKIT_OK)
         << grokit_host_ops()->error_message();
@@ -174,10 +184,11 @@ void check_case(const Case& c, const mm::DecodeForce& force, bool round, Rng& rn
   std::vector<float> partial(static_cast<size_t>(P.ks * c.M * c.N), std::nanf(""));
   std::vector<uint32_t> counters(static_cast<size_t>(egrid * P.tiles), 0);
   unsigned int errors[2] = {0, 0};
-  std::vector<float> got(static_cast<size_t>(c.M * ldy), -7.0f);
+  std::vector<float> got = gate;
   mm::DecodeParams p = mm::make_decode_params(d, P, x.data(), c.M, ldx, routed ? expert.data() : nullptr, div,
                                               got.data(), ldy, partial.data(), counters.data(), errors);
   p.round_y = round ? 1 : 0;
+  p.gelu = gelu ? 1 : 0;
   const dim3 grid(static_cast<unsigned>(P.tiles), static_cast<unsigned>(P.ks), static_cast<unsigned>(egrid));
   const bool deep = force.deep != 0 && P.kmt == 1;
   switch (d.fmt) {
@@ -208,6 +219,12 @@ void check_case(const Case& c, const mm::DecodeForce& force, bool round, Rng& rn
       for (int64_t k = 0; e >= 0 && k < c.K; ++k) scale += std::fabs(double(xr[k]) * dq[static_cast<size_t>(k * c.N + n)]);
       double allowed = 0x1p-16 * scale;
       if (round) allowed += std::ldexp(1.0, std::max(-126, std::ilogb(std::fabs(double(want[i])) + 1e-30) - 7));
+      if (gelu) {  // gelu(g) times the product rounded: its error, and a bf16 step of it
+        const double gl = std::fabs(double(grokit::kernels::cuda::gelu_times(gate[i], 1.0f)));
+        const double u = std::fabs(double(want[i])) / std::max(gl, 1e-30);
+        allowed = gl * (0x1p-16 * scale + std::ldexp(2.0, std::max(-126, std::ilogb(u + 1e-30) - 7))) +
+                  0x1p-20 * std::fabs(double(want[i]));
+      }
       if (!(std::fabs(double(got[i]) - double(want[i])) <= allowed) && bad++ < 5)
         ADD_FAILURE() << "row " << m << " column " << n << ": got " << got[i] << ", the twin " << want[i] << " (allowed "
                       << allowed << ")";
@@ -234,10 +251,10 @@ TEST(CudaEmulation, DecodeProductsMatchTheHostTwinUnderEveryPlan) {
       {payloads::kBF16, 0, 1, 64, 37, 5, 1, false},
   };
   for (const Case& c : cases)
-    for (const mm::DecodeForce& f : kPlans) check_case(c, f, false, rng);
+    for (const mm::DecodeForce& f : kPlans) check_case(c, f, Out::kSums, rng);
 }
 
-TEST(CudaEmulation, RoutedDecodeAndRoundedOutputs) {
+TEST(CudaEmulation, RoutedDecodeRoundedAndGeluOutputs) {
   Rng rng(43);
   const Case cases[] = {
       {payloads::kQ8RowBlock, 1, 3, 256, 96, 4, 2, true},  // 2 rows of x, top 2: Grok-1's routed shape
@@ -246,11 +263,14 @@ TEST(CudaEmulation, RoutedDecodeAndRoundedOutputs) {
   };
   for (const Case& c : cases)
     for (const mm::DecodeForce& f : kPlans) {
-      check_case(c, f, false, rng);
-      check_case(c, f, true, rng);
+      check_case(c, f, Out::kSums, rng);
+      check_case(c, f, Out::kRounded, rng);
+      check_case(c, f, Out::kGelu, rng);
     }
-  for (const mm::DecodeForce& f : {kPlans[0], kPlans[3]})
-    check_case({payloads::kQ8RowBlock, 2, 1, 256, 300, 1, 1, true}, f, true, rng);
+  for (const mm::DecodeForce& f : {kPlans[0], kPlans[3]}) {
+    check_case({payloads::kQ8RowBlock, 2, 1, 256, 300, 1, 1, true}, f, Out::kRounded, rng);
+    check_case({payloads::kQ8RowBlock, 2, 1, 256, 300, 1, 1, true}, f, Out::kGelu, rng);
+  }
 }
 
 }  // namespace

@@ -736,6 +736,30 @@ void add_matmul(int32_t dtype, int64_t param, int64_t E, int64_t Kd, int64_t N, 
     for (size_t i = 0; i < rounded.size(); ++i)
       if (mask[i] != 0) rounded[i] = round_bf16(rounded[i]);
     compare(dev, "matmul y rounded", kExact, rounded, dev.download(yr, want.size()), ldy);
+    // GROKIT_MATMUL_GELU_MUL: y = gelu(y) * bf16(the same product); rows routed to no
+    // expert get 0; padding keeps its bytes.
+    {
+      std::vector<float> gate(want.size());
+      for (auto& v : gate) v = rng.bf16_value(-4, 2);
+      std::vector<float> want_gelu = gate;
+      for (int64_t m = 0; m < M; ++m) {
+        const bool none = route != Route::kNone && expert[static_cast<size_t>(m)] < 0;
+        for (int64_t n = 0; n < N; ++n) {
+          const size_t i = static_cast<size_t>(m * ldy + n);
+          if (none) {
+            want_gelu[i] = 0.0f;
+          } else {
+            const float u = round_bf16(got[i]);
+            ASSERT_TRUE(K::gelu_mul(&gate[i], &u, 1, &want_gelu[i], nullptr).ok());
+          }
+        }
+      }
+      float* yg = dev.upload(gate);
+      dev.check(dev.ops->matmul(&wd, xd, M, ldx, flags | GROKIT_MATMUL_GELU_MUL,
+                                route != Route::kNone ? &routing : nullptr, yg, ldy, dev.stream),
+                "matmul (gelu)");
+      compare(dev, "matmul y gelu", kExact, want_gelu, dev.download(yg, want.size()), ldy);
+    }
     // The decode plans a benchmark may force (GROKIT_CUDA_DECODE_PLAN: splits, warps across
     // columns, twice the bytes in flight) compute the same products.
     if (dev.backend == "cuda") {
@@ -1126,7 +1150,7 @@ void add_errors() {
     base.data = small_weight(dev, base.dtype, base.param, base.experts, base.rows, base.cols).data;
     auto* x = static_cast<float*>(dev.alloc(4 * 64 * 96));
     auto* y = static_cast<float*>(dev.alloc(4 * 64 * 96));
-    return dev.ops->matmul(&base, x, 2, base.rows, 4, nullptr, y, 40, dev.stream);
+    return dev.ops->matmul(&base, x, 2, base.rows, 8, nullptr, y, 40, dev.stream);
   });
   add_error("residual_norm_a_overlaps_x", [](Dev& dev) {
     auto* f = static_cast<float*>(dev.alloc(4 * 1024));

@@ -380,6 +380,17 @@ TEST(HostOps, MatmulEqualsTheKernelsForEverySchemeAndBothXKinds) {
           const int32_t flags = (fp32 ? GROKIT_MATMUL_X_FP32 : 0) | GROKIT_MATMUL_ROUND_BF16;
           ASSERT_EQ(ops().matmul(&w, x.data(), M, ldx, flags, nullptr, got_rounded.data(), ldy, s), GROKIT_OK);
           expect_same_bits(rounded, got_rounded, what + " rounded");
+          // GROKIT_MATMUL_GELU_MUL: y = gelu(y) * bf16(sums), y holding the gate's values.
+          std::vector<float> gate = poison(want.size()), want_gelu = poison(want.size());
+          for (int64_t m = 0; m < M; ++m)
+            for (int64_t n = 0; n < N; ++n) gate[static_cast<size_t>(m * ldy + n)] = rng.bf16_value(-4, 2);
+          want_gelu = gate;
+          for (int64_t m = 0; m < M; ++m)
+            ASSERT_TRUE(gelu_mul(want_gelu.data() + m * ldy, rounded.data() + m * ldy, N, want_gelu.data() + m * ldy, nullptr).ok());
+          std::vector<float> got_gelu = gate;
+          const int32_t gflags = (fp32 ? GROKIT_MATMUL_X_FP32 : 0) | GROKIT_MATMUL_GELU_MUL;
+          ASSERT_EQ(ops().matmul(&w, x.data(), M, ldx, gflags, nullptr, got_gelu.data(), ldy, s), GROKIT_OK);
+          expect_same_bits(want_gelu, got_gelu, what + " gelu");
         }
       }
     }
@@ -674,8 +685,8 @@ TEST(HostOps, InvalidArgumentsAreErrorsThatNameTheOpAndTheValue) {
   r_null.v = nullptr;
   const BadCall calls[] = {
       {"matmul dtype", mm(with(bf, [](GrokitWeight& w) { w.dtype = 7; })), {"matmul", "dtype 7"}},
-      {"matmul flags", [&] { GrokitWeight w = bf; return ops().matmul(&w, f.data(), 2, 64, 4, nullptr, f.data() + 4096, 8, nullptr); },
-       {"matmul", "flags = 4"}},
+      {"matmul flags", [&] { GrokitWeight w = bf; return ops().matmul(&w, f.data(), 2, 64, 9, nullptr, f.data() + 4096, 8, nullptr); },
+       {"matmul", "flags = 9"}},
       {"matmul layout", mm(with(bf, [](GrokitWeight& w) { w.layout = 2; })), {"matmul", "layout 2"}},
       {"matmul matrix_bytes", mm(with(bf, [](GrokitWeight& w) { w.matrix_bytes = 100; })), {"matmul", "matrix_bytes 100", "1024"}},
       {"matmul q8 matrix_bytes", mm(with(weight(payloads::kQ8RowBlock, 2, 3, 64, 8), [](GrokitWeight& w) { w.matrix_bytes = 0; }), 2, 64, 8, &far),
