@@ -34,7 +34,8 @@
 // The tables' layout version (GrokitOps, GrokitCollectives): the engine refuses a plugin
 // built against another. 1: the first; 2: GrokitCollectives.comm_abort;
 // 3: GrokitOps.take_device_errors, GrokitCollectives.comm_async_error;
-// 4: GrokitOps.residual_norm, GrokitOps.matmul's flags (was x_fp32; ROUND_BF16, GELU_MUL).
+// 4: GrokitOps.residual_norm and rope_store, GrokitOps.matmul's flags (was x_fp32;
+// ROUND_BF16, GELU_MUL).
 #define GROKIT_OPS_ABI_VERSION 4
 
 #ifdef __cplusplus
@@ -164,6 +165,11 @@ typedef struct GrokitOps {
   // rows[m].pos of its caches, and rows[m].valid[pos] = rows[m].token > 0.
   int (*kv_store)(const float* k, const float* v, int64_t M, const GrokitAttnRow* rows, const GrokitAttnShape* shape,
                   GrokitStream stream);
+  // rope(q), rope(k) and kv_store(k, v) in one op (one rotation table per row for both):
+  // the bits of the three called in turn. q [M, q_heads, dh] and k are rotated in place;
+  // the host refuses a bad row before it changes anything.
+  int (*rope_store)(float* q, float* k, const float* v, int64_t M, const int32_t* positions, const GrokitAttnRow* rows,
+                    const GrokitAttnShape* shape, double base, GrokitStream stream);
   // kernels::attention for each row m over its own cache: q [M, Hq, dh] bf16 values,
   // o [M, Hq * dh]. max_keys (host) >= every rows[m].n_keys: launch sizes depend on it
   // only, so a captured graph stays valid while sequences grow up to it.

@@ -465,6 +465,26 @@ int add_bf16(const float* a, const float* b, int64_t n, float* out, GrokitStream
   return GROKIT_OK;
 }
 
+int rope_store(float* q, float* k, const float* v, int64_t M, const int32_t* positions, const GrokitAttnRow* rows,
+               const GrokitAttnShape* shape, double base, GrokitStream stream) {
+  if (int rc = check_shape("rope_store", shape); rc != GROKIT_OK) return rc;
+  const int64_t dh = shape->head_dim;
+  if (M < 0 || dh < 2 || dh % 2 != 0) return invalid("rope_store", "M = ", M, ", head_dim = ", dh, " (must be even)");
+  if (M == 0) return GROKIT_OK;
+  if (q == nullptr || k == nullptr || v == nullptr || positions == nullptr || rows == nullptr)
+    return invalid("rope_store", "a pointer is NULL (q, k, v, positions or rows)");
+  for (int64_t m = 0; m < M; ++m) {  // as kv_store checks them, before anything changes
+    const GrokitAttnRow& r = rows[m];
+    if (r.k == nullptr || r.v == nullptr || r.valid == nullptr)
+      return invalid("rope_store", "row ", m, ": a cache pointer is NULL");
+    if (r.pos < 0 || r.pos >= r.cap)
+      return invalid("rope_store", "row ", m, ": position ", r.pos, " outside the cache's ", r.cap);
+  }
+  if (int rc = rope(q, M, shape->q_heads, dh, positions, base, stream); rc != GROKIT_OK) return rc;
+  if (int rc = rope(k, M, shape->kv_heads, dh, positions, base, stream); rc != GROKIT_OK) return rc;
+  return kv_store(k, v, M, rows, shape, stream);
+}
+
 // Whether [p, p + n) and [q, q + n) share an element.
 bool overlaps(const float* p, const float* q, int64_t n) {
   const auto a = reinterpret_cast<uintptr_t>(p), b = reinterpret_cast<uintptr_t>(q);
@@ -612,6 +632,7 @@ const GrokitOps kHostOps = [] {
   t.rmsnorm = rmsnorm;
   t.rope = rope;
   t.kv_store = kv_store;
+  t.rope_store = rope_store;
   t.attention = attention;
   t.router_topk = router_topk;
   t.matmul = matmul;

@@ -220,9 +220,7 @@ Status run_layer(const GrokitOps* ops, GrokitStream st, const DevLayer& Ly, cons
   DEV_TRY(ops, ops->matmul(&Ly.query, io.a, N, D, kRound, nullptr, io.q, QD, st));
   DEV_TRY(ops, ops->matmul(&Ly.key, io.a, N, D, kRound, nullptr, io.k, KVD, st));
   DEV_TRY(ops, ops->matmul(&Ly.value, io.a, N, D, kRound, nullptr, io.v, KVD, st));
-  DEV_TRY(ops, ops->rope(io.q, N, d.q_heads, d.head_dim, io.pos, d.rope_base, st));
-  DEV_TRY(ops, ops->rope(io.k, N, d.kv_heads, d.head_dim, io.pos, d.rope_base, st));
-  DEV_TRY(ops, ops->kv_store(io.k, io.v, N, io.rows, &shape, st));
+  DEV_TRY(ops, ops->rope_store(io.q, io.k, io.v, N, io.pos, io.rows, &shape, d.rope_base, st));  // rope q, k; cache k, v
   DEV_TRY(ops, ops->attention(io.q, N, io.rows, max_keys, &shape, io.o, st));
   DEV_TRY(ops, ops->matmul(&Ly.output, io.o, N, QD, 0, nullptr, io.tmp, D, st));
   GROKIT_TRY(all_reduce(io.tmp, N * D));

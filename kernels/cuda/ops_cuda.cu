@@ -6,6 +6,7 @@
 
 #include "kernels/cuda/add_bf16.h"
 #include "kernels/cuda/residual_norm.h"
+#include "kernels/cuda/rope_store.h"
 #include "kernels/cuda/attention.h"
 #include "kernels/cuda/cuda_util.cuh"
 #include "kernels/cuda/embed.h"
@@ -260,6 +261,7 @@ GrokitOps make_table() {
   t.rmsnorm = rmsnorm;
   t.rope = rope;
   t.kv_store = kv_store;
+  t.rope_store = rope_store;
   t.attention = attention;
   t.router_topk = router_topk;
   t.matmul = matmul;

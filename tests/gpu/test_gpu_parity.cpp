@@ -573,6 +573,91 @@ void add_kv_store(int64_t KV, int64_t dh) {
   });
 }
 
+// rope_store: against the twins (rope, rope, kv_store on the host), and against the
+// backend's own three ops called in turn, bit for bit.
+void add_rope_store(int64_t KV, int64_t dh) {
+  add("rope_store" + sz("KV", KV) + sz("dh", dh), [=](Dev& dev, Rng& rng) {
+    const int64_t caps[] = {7, 300};
+    struct R {
+      int seq;
+      int32_t pos, token;
+    };
+    const R rows[] = {{0, 6, 5}, {1, 12, 0}, {1, 13, 9}, {1, 299, 1}};
+    const int64_t M = std::size(rows), Hq = 3 * KV;
+    auto q = bf16_values(rng, static_cast<size_t>(M * Hq * dh), -6, 3);
+    auto k = bf16_values(rng, static_cast<size_t>(M * KV * dh), -6, 3);
+    auto v = bf16_values(rng, k.size(), -8, 4);
+    std::vector<int32_t> pos;
+    for (const R& r : rows) pos.push_back(r.pos);
+    std::vector<float> want_q = q, want_k = k;
+    ASSERT_TRUE(K::rope(want_q.data(), M, Hq, dh, pos.data(), 10000.0, nullptr).ok());
+    ASSERT_TRUE(K::rope(want_k.data(), M, KV, dh, pos.data(), 10000.0, nullptr).ok());
+    // Two sets of caches: one for the fused op, one for the ops in turn.
+    struct Caches {
+      std::vector<Seq> seqs;
+      std::vector<GrokitAttnRow> rd;
+    };
+    auto make = [&](Rng& r0) {
+      Caches c;
+      for (int64_t cap : caps) {
+        Seq sq;
+        sq.cap = cap;
+        sq.k = bf16_bits(r0, static_cast<size_t>(KV * cap * dh), -6, 3);
+        sq.v = bf16_bits(r0, sq.k.size(), -6, 3);
+        sq.valid.assign(static_cast<size_t>(cap), 7);
+        sq.kd = dev.upload(sq.k);
+        sq.vd = dev.upload(sq.v);
+        sq.validd = dev.upload(sq.valid);
+        c.seqs.push_back(std::move(sq));
+      }
+      for (const R& r : rows) {
+        const Seq& sq = c.seqs[static_cast<size_t>(r.seq)];
+        c.rd.push_back({sq.kd, sq.vd, sq.validd, sq.cap, r.pos + 1, r.pos, r.token});
+      }
+      return c;
+    };
+    Rng r1(rng.next()), r2 = r1;
+    Caches fused = make(r1), turn = make(r2);
+    std::vector<Seq> want = fused.seqs;  // host copies as uploaded
+    for (int64_t m = 0; m < M; ++m) {
+      const R& r = rows[m];
+      Seq& w = want[static_cast<size_t>(r.seq)];
+      for (int64_t h = 0; h < KV; ++h)
+        for (int64_t d = 0; d < dh; ++d) {
+          const size_t at = static_cast<size_t>((h * w.cap + r.pos) * dh + d);
+          w.k[at] = f32_to_bf16_bits(want_k[static_cast<size_t>((m * KV + h) * dh + d)]);
+          w.v[at] = f32_to_bf16_bits(v[static_cast<size_t>((m * KV + h) * dh + d)]);
+        }
+      w.valid[static_cast<size_t>(r.pos)] = r.token > 0 ? 1 : 0;
+    }
+    const GrokitAttnShape shape{Hq, KV, dh, 1.0f, 30.0f};
+    int32_t* posd = dev.upload(pos);
+    float *qd = dev.upload(q), *kd = dev.upload(k), *vd = dev.upload(v);
+    dev.check(dev.ops->rope_store(qd, kd, vd, M, posd, dev.upload(fused.rd), &shape, 10000.0, dev.stream), "rope_store");
+    const std::vector<float> got_q = dev.download(qd, q.size()), got_k = dev.download(kd, k.size());
+    compare(dev, "rope_store q", kExact, want_q, got_q, dh);
+    compare(dev, "rope_store k", kExact, want_k, got_k, dh);
+    float *q2 = dev.upload(q), *k2 = dev.upload(k);
+    dev.check(dev.ops->rope(q2, M, Hq, dh, posd, 10000.0, dev.stream), "rope q");
+    dev.check(dev.ops->rope(k2, M, KV, dh, posd, 10000.0, dev.stream), "rope k");
+    dev.check(dev.ops->kv_store(k2, vd, M, dev.upload(turn.rd), &shape, dev.stream), "kv_store");
+    compare(dev, "rope_store q against rope", kExact, dev.download(q2, q.size()), got_q, dh);
+    compare(dev, "rope_store k against rope", kExact, dev.download(k2, k.size()), got_k, dh);
+    for (size_t i = 0; i < want.size(); ++i) {
+      const auto fk = dev.download(fused.seqs[i].kd, want[i].k.size());
+      const auto fv = dev.download(fused.seqs[i].vd, want[i].v.size());
+      const auto fvalid = dev.download(fused.seqs[i].validd, want[i].valid.size());
+      compare(dev, "rope_store k cache " + std::to_string(i), kExact, want[i].k, fk, dh);
+      compare(dev, "rope_store v cache " + std::to_string(i), kExact, want[i].v, fv, dh);
+      compare(dev, "rope_store valid " + std::to_string(i), kExact, want[i].valid, fvalid, 0);
+      compare(dev, "rope_store k cache against kv_store " + std::to_string(i), kExact,
+              dev.download(turn.seqs[i].kd, want[i].k.size()), fk, dh);
+      compare(dev, "rope_store valid against kv_store " + std::to_string(i), kExact,
+              dev.download(turn.seqs[i].validd, want[i].valid.size()), fvalid, 0);
+    }
+  });
+}
+
 // ---- router ---------------------------------------------------------------------
 
 void add_router(int64_t M, int64_t D, int64_t E, int64_t k) {
@@ -1152,6 +1237,12 @@ void add_errors() {
     auto* y = static_cast<float*>(dev.alloc(4 * 64 * 96));
     return dev.ops->matmul(&base, x, 2, base.rows, 8, nullptr, y, 40, dev.stream);
   });
+  add_error("rope_store_odd_head_dim", [](Dev& dev) {
+    auto* f = static_cast<float*>(dev.alloc(4096));
+    const GrokitAttnShape sh{4, 2, 15, 1.0f, 30.0f};
+    return dev.ops->rope_store(f, f + 256, f + 512, 1, static_cast<int32_t*>(dev.alloc(64)),
+                               static_cast<GrokitAttnRow*>(dev.alloc(256)), &sh, 10000.0, dev.stream);
+  });
   add_error("residual_norm_a_overlaps_x", [](Dev& dev) {
     auto* f = static_cast<float*>(dev.alloc(4 * 1024));
     return dev.ops->residual_norm(f, 1, 2, 64, f + 512, 1e-5f, f + 128, f + 640, f + 192, dev.stream);
@@ -1219,6 +1310,8 @@ void build_cases() {
   add_device_values();
   add_kv_store(2, 128);
   add_kv_store(8, 16);
+  add_rope_store(2, 128);
+  add_rope_store(1, 80);
 
   // Attention. Decode: rows of different sequences, n_keys 1 .. 300, padding, a row
   // with no visible key (its first three keys are padding), max_keys above them all.

@@ -85,6 +85,7 @@ TEST(HostOps, TableIsCompleteAndSaysHost) {
                        reinterpret_cast<const void*>(t.rmsnorm),
                        reinterpret_cast<const void*>(t.rope),
                        reinterpret_cast<const void*>(t.kv_store),
+                       reinterpret_cast<const void*>(t.rope_store),
                        reinterpret_cast<const void*>(t.attention),
                        reinterpret_cast<const void*>(t.router_topk),
                        reinterpret_cast<const void*>(t.matmul),
@@ -495,6 +496,49 @@ TEST(HostOps, KvStoreWritesBf16AtEachRowsPositionAndValidity) {
     EXPECT_EQ(c.k[s], want.k[s]) << "k cache " << s;
     EXPECT_EQ(c.v[s], want.v[s]) << "v cache " << s;
     EXPECT_EQ(c.valid[s], want.valid[s]) << "valid " << s;
+  }
+}
+
+// rope_store is rope(q), rope(k), kv_store(k, v); a bad row is refused before q, k or
+// any cache changes.
+TEST(HostOps, RopeStoreIsRopeRopeAndKvStore) {
+  Rng rng(16);
+  const int64_t KV = 2, dh = 40, M = 3, Hq = 6;
+  Caches c(rng, KV, dh, {8, 40});
+  Caches want = c;
+  std::vector<GrokitAttnRow> rows{c.row(0, 8, 7, 5), c.row(1, 13, 12, 0), c.row(1, 14, 13, 9)};
+  std::vector<GrokitAttnRow> want_rows{want.row(0, 8, 7, 5), want.row(1, 13, 12, 0), want.row(1, 14, 13, 9)};
+  const std::vector<int32_t> pos{7, 12, 13};
+  auto q = bf16_values(rng, static_cast<size_t>(M * Hq * dh), -6, 3), k = bf16_values(rng, static_cast<size_t>(M * KV * dh), -6, 3);
+  auto v = bf16_values(rng, k.size(), -6, 3);
+  const GrokitAttnShape shape{Hq, KV, dh, 1.0f, 30.0f};
+  std::vector<float> wq = q, wk = k;
+  ASSERT_EQ(ops().rope(wq.data(), M, Hq, dh, pos.data(), 10000.0, nullptr), GROKIT_OK);
+  ASSERT_EQ(ops().rope(wk.data(), M, KV, dh, pos.data(), 10000.0, nullptr), GROKIT_OK);
+  ASSERT_EQ(ops().kv_store(wk.data(), v.data(), M, want_rows.data(), &shape, nullptr), GROKIT_OK);
+  for (GrokitStream s : streams()) {
+    Caches got = c;
+    std::vector<GrokitAttnRow> got_rows{got.row(0, 8, 7, 5), got.row(1, 13, 12, 0), got.row(1, 14, 13, 9)};
+    std::vector<float> gq = q, gk = k;
+    ASSERT_EQ(ops().rope_store(gq.data(), gk.data(), v.data(), M, pos.data(), got_rows.data(), &shape, 10000.0, s), GROKIT_OK)
+        << ops().error_message();
+    expect_same_bits(wq, gq, "rope_store q");
+    expect_same_bits(wk, gk, "rope_store k");
+    for (size_t i = 0; i < 2; ++i) {
+      EXPECT_EQ(got.k[i], want.k[i]) << "k cache " << i;
+      EXPECT_EQ(got.v[i], want.v[i]) << "v cache " << i;
+      EXPECT_EQ(got.valid[i], want.valid[i]) << "valid " << i;
+    }
+    // A row past its cache: refused, nothing changed.
+    got_rows[2].pos = 40;
+    std::vector<float> bq = q, bk = k;
+    const Caches before = got;
+    EXPECT_EQ(ops().rope_store(bq.data(), bk.data(), v.data(), M, pos.data(), got_rows.data(), &shape, 10000.0, s),
+              GROKIT_ERR_INVALID);
+    EXPECT_NE(std::string(ops().error_message()).find("row 2: position 40"), std::string::npos) << ops().error_message();
+    expect_same_bits(q, bq, "rope_store q after a refusal");
+    expect_same_bits(k, bk, "rope_store k after a refusal");
+    EXPECT_EQ(got.k[1], before.k[1]);
   }
 }
 
