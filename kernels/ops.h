@@ -34,8 +34,8 @@
 // The tables' layout version (GrokitOps, GrokitCollectives): the engine refuses a plugin
 // built against another. 1: the first; 2: GrokitCollectives.comm_abort;
 // 3: GrokitOps.take_device_errors, GrokitCollectives.comm_async_error;
-// 4: GrokitOps.residual_norm and rope_store, GrokitOps.matmul's flags (was x_fp32;
-// ROUND_BF16, GELU_MUL).
+// 4: GrokitOps.residual_norm, rope_store and matmul_multi, GrokitOps.matmul's flags (was
+// x_fp32; ROUND_BF16, GELU_MUL).
 #define GROKIT_OPS_ABI_VERSION 4
 
 #ifdef __cplusplus
@@ -187,6 +187,11 @@ typedef struct GrokitOps {
   // finishing the gate's rows; a row routed to no expert gets 0). Other bits are refused.
   int (*matmul)(const GrokitWeight* w, const float* x, int64_t M, int64_t ldx, int32_t flags,
                 const GrokitRouting* routing, float* y, int64_t ldy, GrokitStream stream);
+  // count (1 to 4) unrouted products of one x: y[i] = x @ W[i] (row stride ldy[i]), with
+  // matmul's flags; the bits of matmul called on each. w, y and ldy are host arrays.
+  // CUDA runs decode-sized ones (one format and K) side by side in one launch (q, k, v).
+  int (*matmul_multi)(const GrokitWeight* const* w, int count, const float* x, int64_t M, int64_t ldx, int32_t flags,
+                      float* const* y, const int64_t* ldy, GrokitStream stream);
   // kernels::gelu_mul: h = gelu(g) * u in fp32; h may be g or u.
   int (*gelu_mul)(const float* g, const float* u, int64_t n, float* h, GrokitStream stream);
   // out = bf16(x); out may be x.

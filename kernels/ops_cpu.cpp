@@ -325,6 +325,15 @@ Status matmul_sums(const GrokitWeight* w, const float* x, int64_t M, int64_t ldx
   return {};
 }
 
+int matmul_multi(const GrokitWeight* const* w, int count, const float* x, int64_t M, int64_t ldx, int32_t flags,
+                 float* const* y, const int64_t* ldy, GrokitStream stream) {
+  if (count < 1 || count > 4 || w == nullptr || y == nullptr || ldy == nullptr)
+    return invalid("matmul_multi", "count = ", count, " (1 to 4) or a NULL array");
+  for (int i = 0; i < count; ++i)
+    if (int rc = matmul(w[i], x, M, ldx, flags, nullptr, y[i], ldy[i], stream); rc != GROKIT_OK) return rc;
+  return GROKIT_OK;
+}
+
 // ---- the forward pass -----------------------------------------------------------
 
 int embed(const int32_t* tokens, int64_t M, const uint16_t* table, int64_t row_start, int64_t rows, int64_t D,
@@ -636,6 +645,7 @@ const GrokitOps kHostOps = [] {
   t.attention = attention;
   t.router_topk = router_topk;
   t.matmul = matmul;
+  t.matmul_multi = matmul_multi;
   t.gelu_mul = gelu_mul;
   t.round_bf16 = round_bf16;
   t.add_bf16 = add_bf16;

@@ -217,9 +217,12 @@ Status run_layer(const GrokitOps* ops, GrokitStream st, const DevLayer& Ly, cons
   // Attention.
   if (!chain.input_normed) DEV_TRY(ops, ops->rmsnorm(io.x, N, D, Ly.attn_norm_in, d.eps, io.a, st));
   constexpr int32_t kRound = GROKIT_MATMUL_ROUND_BF16;  // y = bf16(x @ W) in the product's own stores
-  DEV_TRY(ops, ops->matmul(&Ly.query, io.a, N, D, kRound, nullptr, io.q, QD, st));
-  DEV_TRY(ops, ops->matmul(&Ly.key, io.a, N, D, kRound, nullptr, io.k, KVD, st));
-  DEV_TRY(ops, ops->matmul(&Ly.value, io.a, N, D, kRound, nullptr, io.v, KVD, st));
+  {  // q, k and v side by side
+    const GrokitWeight* w[] = {&Ly.query, &Ly.key, &Ly.value};
+    float* y[] = {io.q, io.k, io.v};
+    const int64_t ldy[] = {QD, KVD, KVD};
+    DEV_TRY(ops, ops->matmul_multi(w, 3, io.a, N, D, kRound, y, ldy, st));
+  }
   DEV_TRY(ops, ops->rope_store(io.q, io.k, io.v, N, io.pos, io.rows, &shape, d.rope_base, st));  // rope q, k; cache k, v
   DEV_TRY(ops, ops->attention(io.q, N, io.rows, max_keys, &shape, io.o, st));
   DEV_TRY(ops, ops->matmul(&Ly.output, io.o, N, QD, 0, nullptr, io.tmp, D, st));

@@ -166,6 +166,20 @@ void launch_decode_fmt(int kmt, bool deep, dim3 grid, size_t smem, cudaStream_t 
   }
 }
 
+template <int F>
+void launch_multi_fmt(int kmt, bool deep, dim3 grid, size_t smem, cudaStream_t st, const DecodeMulti& m) {
+  switch (kmt) {
+    case 1:
+      if (deep) decode_multi_kernel<F, 1, 2><<<grid, kThreads, smem, st>>>(m);
+      else decode_multi_kernel<F, 1><<<grid, kThreads, smem, st>>>(m);
+      break;
+    case 2: decode_multi_kernel<F, 2><<<grid, kThreads, smem, st>>>(m); break;
+    case 4: decode_multi_kernel<F, 4><<<grid, kThreads, smem, st>>>(m); break;
+    case 8: decode_multi_kernel<F, 8><<<grid, kThreads, smem, st>>>(m); break;
+    default: decode_multi_kernel<F, 16><<<grid, kThreads, smem, st>>>(m); break;
+  }
+}
+
 // y's rows [M, N] (row stride ldy) rounded to bf16 in place: the prefill path's
 // GROKIT_MATMUL_ROUND_BF16 (the decode kernel rounds in its own stores).
 __global__ void round_rows_kernel(float* y, int64_t M, int64_t N, int64_t ldy) {
@@ -220,10 +234,9 @@ int run_decode(Ctx& c, const WDesc& d, const float* x, int64_t M, int64_t ldx, c
   const int sms = sm_count(c.device);
   // Split-k workspace: [ks, M, N] floats and a counter per (expert, tile).
   const uint64_t mn = static_cast<uint64_t>(M) * static_cast<uint64_t>(d.N);
-  constexpr uint64_t kPartialCap = uint64_t{256} << 20;
   int max_ks = static_cast<int>(std::min<uint64_t>(kMaxSplits, kPartialCap / (mn * 4)));
   const DecodeForce force = decode_force();
-  DecodePlan P = plan_decode(d.fmt, d.K, d.N, per, active, sms, max_ks, force);
+  DecodePlan P = first_plan(d, M, per, active, sms, force);
   auto partial_bytes = [&](const DecodePlan& q) { return static_cast<size_t>(q.ks) * mn * 4; };
   auto counter_bytes = [&](const DecodePlan& q) { return static_cast<size_t>(egrid * q.tiles) * 4; };
   if (P.ks > 1) {
@@ -260,19 +273,52 @@ int run_decode(Ctx& c, const WDesc& d, const float* x, int64_t M, int64_t ldx, c
   return check_launch("matmul: decode kernel");
 }
 
+// Products of one x (unrouted, M decode rows, one format and K) in one launch, each with
+// the plan it has alone. *done = false when the workspace cannot be had (a capture that
+// did not run eagerly first): the caller then runs them one by one.
+int run_decode_multi(Ctx& c, const WDesc* d, int count, const float* x, int64_t M, int64_t ldx, float* const* y,
+                     const int64_t* ldy, bool round_y, bool gelu, bool capturing, bool* done) {
+  *done = false;
+  const DecodeForce force = decode_force();
+  const MultiPlan mp = plan_multi(d, count, M, sm_count(c.device), force);
+  for (int i = 1; i < count; ++i)
+    if (mp.P[i].kmt != mp.P[0].kmt) return GROKIT_OK;  // not one kernel (cannot happen: one M)
+  if (mp.max_tiles > INT_MAX) return GROKIT_OK;
+  bool ok1 = true, ok2 = true;
+  if (mp.partial_floats > 0) {
+    if (int rc = ensure(c, c.partial, mp.partial_floats * 4, capturing, false, &ok1); rc != GROKIT_OK) return rc;
+    if (int rc = ensure(c, c.counters, mp.counter_words * 4, capturing, true, &ok2); rc != GROKIT_OK) return rc;
+  }
+  if (!ok1 || !ok2) return GROKIT_OK;
+  const DecodeMulti m = make_decode_multi(mp, d, x, M, ldx, y, ldy, static_cast<float*>(c.partial.p),
+                                          static_cast<uint32_t*>(c.counters.p), device_errors_word(c.stream), round_y, gelu);
+  const dim3 grid(static_cast<unsigned>(mp.max_tiles), static_cast<unsigned>(mp.max_ks), static_cast<unsigned>(count));
+  const bool deep = force.deep != 0 && mp.P[0].kmt == 1;
+  switch (d[0].fmt) {
+    case kQ8C: launch_multi_fmt<kQ8C>(mp.P[0].kmt, deep, grid, mp.smem, c.stream, m); break;
+    case kQ8R: launch_multi_fmt<kQ8R>(mp.P[0].kmt, deep, grid, mp.smem, c.stream, m); break;
+    case kQ4: launch_multi_fmt<kQ4>(mp.P[0].kmt, deep, grid, mp.smem, c.stream, m); break;
+    case kF8: launch_multi_fmt<kF8>(mp.P[0].kmt, deep, grid, mp.smem, c.stream, m); break;
+    default: launch_multi_fmt<kBF16>(mp.P[0].kmt, deep, grid, mp.smem, c.stream, m); break;
+  }
+  if (mp.partial_floats > 0 && capturing) c.partial.in_graph = c.counters.in_graph = true;
+  *done = true;
+  return check_launch("matmul_multi: decode kernel");
+}
+
 }  // namespace
 }  // namespace mm
 
-int matmul(const GrokitWeight* w, const float* x, int64_t M, int64_t ldx, int32_t flags, const GrokitRouting* routing,
-           float* y, int64_t ldy, GrokitStream stream) {
-  using namespace mm;
-  WDesc d;
+namespace mm {
+namespace {
+// matmul's argument checks (GROKIT_OK: go on; d filled).
+int check_product(const GrokitWeight* w, const float* x, int64_t M, int64_t ldx, int32_t flags,
+                  const GrokitRouting* routing, const float* y, int64_t ldy, WDesc* out) {
+  WDesc& d = *out;
   if (int rc = describe("matmul", w, &d); rc != GROKIT_OK) return rc;
   const char* dt = dtype_label(d.dtype);
   if ((flags & ~(GROKIT_MATMUL_X_FP32 | GROKIT_MATMUL_ROUND_BF16 | GROKIT_MATMUL_GELU_MUL)) != 0)
     return set_error(GROKIT_ERR_INVALID, "matmul: flags = %d (%s weight)", static_cast<int>(flags), dt);
-  const bool x_fp32 = (flags & GROKIT_MATMUL_X_FP32) != 0, round_y = (flags & GROKIT_MATMUL_ROUND_BF16) != 0;
-  const bool gelu = (flags & GROKIT_MATMUL_GELU_MUL) != 0;
   if (M < 0) return set_error(GROKIT_ERR_INVALID, "matmul: M = %lld (%s weight)", static_cast<long long>(M), dt);
   if (ldx < d.K)
     return set_error(GROKIT_ERR_INVALID, "matmul: ldx = %lld < K = %lld (%s weight)", static_cast<long long>(ldx),
@@ -290,7 +336,18 @@ int matmul(const GrokitWeight* w, const float* x, int64_t M, int64_t ldx, int32_
   if (M > INT_MAX) return set_error(GROKIT_ERR_UNSUPPORTED, "matmul: M = %lld rows", static_cast<long long>(M));
   if (routing != nullptr && d.E > 65535)
     return set_error(GROKIT_ERR_UNSUPPORTED, "matmul: %lld experts (at most 65535)", static_cast<long long>(d.E));
+  return GROKIT_OK;
+}
+}  // namespace
+}  // namespace mm
 
+int matmul(const GrokitWeight* w, const float* x, int64_t M, int64_t ldx, int32_t flags, const GrokitRouting* routing,
+           float* y, int64_t ldy, GrokitStream stream) {
+  using namespace mm;
+  WDesc d;
+  if (int rc = check_product(w, x, M, ldx, flags, routing, y, ldy, &d); rc != GROKIT_OK || M == 0) return rc;
+  const bool x_fp32 = (flags & GROKIT_MATMUL_X_FP32) != 0, round_y = (flags & GROKIT_MATMUL_ROUND_BF16) != 0;
+  const bool gelu = (flags & GROKIT_MATMUL_GELU_MUL) != 0;
   const cudaStream_t st = as_stream(stream);
   Ctx* c = nullptr;
   if (int rc = context(st, &c); rc != GROKIT_OK) return rc;
@@ -316,6 +373,35 @@ int matmul(const GrokitWeight* w, const float* x, int64_t M, int64_t ldx, int32_
     }
   }
   return run_decode(*c, d, x, M, ldx, routing, y, ldy, round_y, gelu, cap);
+}
+
+int matmul_multi(const GrokitWeight* const* w, int count, const float* x, int64_t M, int64_t ldx, int32_t flags,
+                 float* const* y, const int64_t* ldy, GrokitStream stream) {
+  using namespace mm;
+  if (count < 1 || count > kMaxMulti || w == nullptr || y == nullptr || ldy == nullptr)
+    return set_error(GROKIT_ERR_INVALID, "matmul_multi: count = %d (1 to %d) or a NULL array", count, kMaxMulti);
+  WDesc d[kMaxMulti];
+  for (int i = 0; i < count; ++i) {
+    if (int rc = check_product(w[i], x, M, ldx, flags, nullptr, y[i], ldy[i], &d[i]); rc != GROKIT_OK) return rc;
+  }
+  if (M == 0) return GROKIT_OK;
+  bool together = count > 1 && M <= kDecodeRows;
+  for (int i = 1; i < count; ++i) together = together && d[i].fmt == d[0].fmt && d[i].K == d[0].K;
+  if (together) {
+    const cudaStream_t st = as_stream(stream);
+    Ctx* c = nullptr;
+    if (int rc = context(st, &c); rc != GROKIT_OK) return rc;
+    std::lock_guard<std::mutex> lk(c->mu);
+    bool cap = false, done = false;
+    if (int rc = stream_capturing(st, &cap); rc != GROKIT_OK) return rc;
+    if (int rc = run_decode_multi(*c, d, count, x, M, ldx, y, ldy, (flags & GROKIT_MATMUL_ROUND_BF16) != 0,
+                                  (flags & GROKIT_MATMUL_GELU_MUL) != 0, cap, &done);
+        rc != GROKIT_OK || done)
+      return rc;
+  }
+  for (int i = 0; i < count; ++i)
+    if (int rc = matmul(w[i], x, M, ldx, flags, nullptr, y[i], ldy[i], stream); rc != GROKIT_OK) return rc;
+  return GROKIT_OK;
 }
 
 int matmul_release_stream(GrokitStream stream) {

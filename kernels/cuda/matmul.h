@@ -55,6 +55,8 @@ uint64_t prepare_scratch_bytes(const GrokitWeight* w);
 int prepare_weight(GrokitWeight* w, void* scratch, GrokitStream stream);
 int matmul(const GrokitWeight* w, const float* x, int64_t M, int64_t ldx, int32_t flags, const GrokitRouting* routing,
            float* y, int64_t ldy, GrokitStream stream);
+int matmul_multi(const GrokitWeight* const* w, int count, const float* x, int64_t M, int64_t ldx, int32_t flags,
+                 float* const* y, const int64_t* ldy, GrokitStream stream);
 
 // Frees the scratch matmul keeps for this stream on the calling thread's device (waits
 // for the stream first). Call before destroying the stream, once no graph that used it

@@ -694,8 +694,11 @@ GK_D int collect_rows(const DecodeParams& p, int e, int m0, int* s_ids, int* s_r
   return *s_count;
 }
 
-template <int F, int KMT, int UM = 1>
-GK_KERNEL(KMT == 1 && UM == 1 ? 3 : 2) decode_kernel(const DecodeParams p) {
+// One block of a decode product: expert e's rows of this block's columns and k split
+// (blockIdx.x, blockIdx.y), then, with split-k, the last block of the tile sums the
+// partials. Block-wide.
+template <int F, int KMT, int UM>
+GK_D void decode_block(const DecodeParams& p, int e) {
   constexpr int CPT = cols_per_thread(F, KMT);
   GK_SHARED int s_ids[kWindow];
   GK_SHARED int s_rows[kWindow];
@@ -703,14 +706,13 @@ GK_KERNEL(KMT == 1 && UM == 1 ? 3 : 2) decode_kernel(const DecodeParams p) {
   GK_SHARED int s_last;
   float* xs = dyn_smem();
   const int tid = static_cast<int>(threadIdx.x);
-  const int e = static_cast<int>(blockIdx.z);
   const int tn_log2 = 5 + ilog2(CPT) + p.wn_log2;
   const int tn = 1 << tn_log2;
   const int64_t tile_col0 = static_cast<int64_t>(blockIdx.x) * tn;
 
   // Rows routed to no expert (< 0, or past the stack: an error, raised) get zeros, once
   // per column.
-  if (p.expert != nullptr && blockIdx.y == 0 && blockIdx.z == 0) {
+  if (p.expert != nullptr && blockIdx.y == 0 && e == 0) {
     for (int t = tid; t < tn; t += kThreads) {
       const int64_t n = tile_col0 + t;
       if (n >= p.N) break;
@@ -761,6 +763,26 @@ GK_KERNEL(KMT == 1 && UM == 1 ? 3 : 2) decode_kernel(const DecodeParams p) {
     }
   }
   if (tid == 0) *counter = 0;
+}
+
+// A product, expert blockIdx.z of a routed stack (or the one matrix).
+template <int F, int KMT, int UM = 1>
+GK_KERNEL(KMT == 1 && UM == 1 ? 3 : 2) decode_kernel(const DecodeParams p) {
+  decode_block<F, KMT, UM>(p, static_cast<int>(blockIdx.z));
+}
+
+// Several unrouted products of one x side by side (q, k and v): blockIdx.z picks the
+// product, each with its own plan; a block past its product's grid exits at once.
+constexpr int kMaxMulti = 4;
+struct DecodeMulti {
+  DecodeParams p[kMaxMulti];
+  int32_t tiles[kMaxMulti];
+};
+template <int F, int KMT, int UM = 1>
+GK_KERNEL(KMT == 1 && UM == 1 ? 3 : 2) decode_multi_kernel(const DecodeMulti m) {
+  const DecodeParams& p = m.p[blockIdx.z];
+  if (static_cast<int32_t>(blockIdx.x) >= m.tiles[blockIdx.z] || static_cast<int32_t>(blockIdx.y) >= p.ks) return;
+  decode_block<F, KMT, UM>(p, 0);
 }
 
 // The launch geometry of a decode product (host).
@@ -989,6 +1011,55 @@ inline DecodeParams make_decode_params(const WDesc& d, const DecodePlan& P, cons
   p.partial = P.ks > 1 ? partial : nullptr;
   p.counters = P.ks > 1 ? counters : nullptr;
   return p;
+}
+
+constexpr uint64_t kPartialCap = uint64_t{256} << 20;  // split-k partials of one product, bytes at most
+
+// The plan of an unrouted or routed product when its workspace can be had (eager calls,
+// and captures after one): matmul alone and matmul_multi's products use the same, so the
+// same bits.
+inline DecodePlan first_plan(const WDesc& d, int64_t M, int64_t per, int64_t active, int sms, const DecodeForce& force) {
+  const uint64_t mn = static_cast<uint64_t>(M) * static_cast<uint64_t>(d.N);
+  const int max_ks = static_cast<int>(imin<uint64_t>(kMaxSplits, kPartialCap / (mn * 4)));
+  return plan_decode(d.fmt, d.K, d.N, per, active, sms, max_ks, force);
+}
+
+// Several unrouted products of one x in one launch (decode_multi_kernel): each product's
+// own plan, the workspace they need (partials one after another, a counter row each) and
+// the launch shape.
+struct MultiPlan {
+  DecodePlan P[kMaxMulti];
+  int count = 0;
+  size_t partial_floats = 0, counter_words = 0, smem = 0;
+  int64_t max_tiles = 1, max_ks = 1;
+};
+inline MultiPlan plan_multi(const WDesc* d, int count, int64_t M, int sms, const DecodeForce& force) {
+  MultiPlan mp;
+  mp.count = count;
+  for (int i = 0; i < count; ++i) {
+    mp.P[i] = first_plan(d[i], M, M, 1, sms, force);
+    if (mp.P[i].ks > 1) mp.partial_floats += static_cast<size_t>(mp.P[i].ks) * static_cast<size_t>(M * d[i].N);
+    mp.max_tiles = imax<int64_t>(mp.max_tiles, mp.P[i].tiles);
+    mp.max_ks = imax<int64_t>(mp.max_ks, mp.P[i].ks);
+    mp.smem = mp.smem > mp.P[i].smem ? mp.smem : mp.P[i].smem;
+  }
+  mp.counter_words = static_cast<size_t>(count) * static_cast<size_t>(mp.max_tiles);
+  return mp;
+}
+inline DecodeMulti make_decode_multi(const MultiPlan& mp, const WDesc* d, const float* x, int64_t M, int64_t ldx,
+                                     float* const* y, const int64_t* ldy, float* partial, uint32_t* counters,
+                                     unsigned int* errors, bool round_y, bool gelu) {
+  DecodeMulti m{};
+  size_t off = 0;
+  for (int i = 0; i < mp.count; ++i) {
+    m.p[i] = make_decode_params(d[i], mp.P[i], x, M, ldx, nullptr, 1, y[i], ldy[i], partial + off,
+                                counters + static_cast<size_t>(i) * static_cast<size_t>(mp.max_tiles), errors);
+    m.p[i].round_y = round_y ? 1 : 0;
+    m.p[i].gelu = gelu ? 1 : 0;
+    m.tiles[i] = static_cast<int32_t>(mp.P[i].tiles);
+    if (mp.P[i].ks > 1) off += static_cast<size_t>(mp.P[i].ks) * static_cast<size_t>(M * d[i].N);
+  }
+  return m;
 }
 
 // ---------------------------------------------------------------------------------

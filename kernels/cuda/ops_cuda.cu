@@ -265,6 +265,7 @@ GrokitOps make_table() {
   t.attention = attention;
   t.router_topk = router_topk;
   t.matmul = matmul;
+  t.matmul_multi = matmul_multi;
   t.gelu_mul = gelu_mul;
   t.round_bf16 = round_bf16;
   t.add_bf16 = add_bf16;

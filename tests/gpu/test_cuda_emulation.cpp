@@ -109,6 +109,34 @@ void run_fmt(int kmt, bool deep, dim3 grid, size_t smem, const mm::DecodeParams&
   }
 }
 
+template <int F, int KMT, int UM>
+void run_multi_kernel(dim3 grid, size_t smem, const mm::DecodeMulti& m) {
+  launch(grid, smem, [&] { mm::decode_multi_kernel<F, KMT, UM>(m); });
+}
+
+template <int F>
+void run_multi_fmt(int kmt, bool deep, dim3 grid, size_t smem, const mm::DecodeMulti& m) {
+  switch (kmt) {
+    case 1: deep ? run_multi_kernel<F, 1, 2>(grid, smem, m) : run_multi_kernel<F, 1, 1>(grid, smem, m); break;
+    case 2: run_multi_kernel<F, 2, 1>(grid, smem, m); break;
+    case 4: run_multi_kernel<F, 4, 1>(grid, smem, m); break;
+    case 8: run_multi_kernel<F, 8, 1>(grid, smem, m); break;
+    default: run_multi_kernel<F, 16, 1>(grid, smem, m); break;
+  }
+}
+
+// q8rb codes relaid k-chunked (layout 1) by the emulated q8_chunk_kernel, as prepare_weight does.
+void chunk_q8(std::vector<uint8_t>& bytes, int64_t E, int64_t K, int64_t N) {
+  const uint64_t mbytes = static_cast<uint64_t>(K * N);
+  std::vector<uint8_t> scratch(mbytes);
+  for (int64_t e = 0; e < E; ++e) {
+    uint8_t* ce = bytes.data() + e * mbytes;
+    std::memcpy(scratch.data(), ce, mbytes);
+    const dim3 grid(static_cast<unsigned>((N + mm::kThreads - 1) / mm::kThreads), static_cast<unsigned>(K / 16), 1);
+    launch(grid, 0, [&] { mm::q8_chunk_kernel<>(scratch.data(), K, N, ce); });
+  }
+}
+
 struct Case {
   int32_t dtype;
   int64_t param, E, K, N, M, x_div;
@@ -162,14 +190,7 @@ void check_case(const Case& c, const mm::DecodeForce& force, Out out, Rng& rng) 
   std::vector<uint8_t> bytes = w.bytes;
   GrokitWeight dw = w.desc(bytes.data());
   if (c.chunked) {
-    const uint64_t mbytes = static_cast<uint64_t>(c.K * c.N);
-    std::vector<uint8_t> scratch(mbytes);
-    for (int64_t e = 0; e < c.E; ++e) {
-      uint8_t* ce = bytes.data() + e * mbytes;
-      std::memcpy(scratch.data(), ce, mbytes);
-      const dim3 grid(static_cast<unsigned>((c.N + mm::kThreads - 1) / mm::kThreads), static_cast<unsigned>(c.K / 16), 1);
-      launch(grid, 0, [&] { mm::q8_chunk_kernel<>(scratch.data(), c.K, c.N, ce); });
-    }
+    chunk_q8(bytes, c.E, c.K, c.N);
     dw.layout = 1;
   }
   mm::WDesc d;
@@ -271,6 +292,72 @@ TEST(CudaEmulation, RoutedDecodeRoundedAndGeluOutputs) {
     check_case({payloads::kQ8RowBlock, 2, 1, 256, 300, 1, 1, true}, f, Out::kRounded, rng);
     check_case({payloads::kQ8RowBlock, 2, 1, 256, 300, 1, 1, true}, f, Out::kGelu, rng);
   }
+}
+
+// matmul_multi's one launch (decode_multi_kernel) gives each product the bits of its own
+// launch under the same plan, whatever the others' grids.
+TEST(CudaEmulation, MultiProductsGiveEachProductItsOwnBits) {
+  Rng rng(47);
+  const int64_t K = 256, Ns[] = {96, 16, 40};
+  for (const bool chunked : {true, false})
+    for (const int64_t M : {int64_t{1}, int64_t{3}})
+      for (const mm::DecodeForce& force : {kPlans[0], kPlans[1], kPlans[3], kPlans[5]}) {
+        SCOPED_TRACE(std::string(chunked ? "q8rb chunked" : "q8rb") + " M " + std::to_string(M) + " plan " +
+                     std::to_string(force.ks) + "," + std::to_string(force.wl) + "," + std::to_string(force.deep));
+        const int64_t ldx = K + 1;
+        std::vector<float> x(static_cast<size_t>(M * ldx));
+        for (auto& v : x) v = rng.bf16_value(-6, 3);
+        std::vector<std::vector<uint8_t>> bytes;
+        bytes.reserve(3);
+        mm::WDesc d[3];
+        int64_t ldy[3];
+        for (int i = 0; i < 3; ++i) {
+          const WeightPayload w = payloads::random_weight(payloads::kQ8RowBlock, 1, K, Ns[i], 2, rng);
+          bytes.push_back(w.bytes);
+          GrokitWeight dw = w.desc(bytes.back().data());
+          if (chunked) {
+            chunk_q8(bytes.back(), 1, K, Ns[i]);
+            dw.layout = 1;
+          }
+          char msg[512];
+          ASSERT_EQ(mm::describe_weight("emulation", &dw, &d[i], msg, sizeof msg), GROKIT_OK) << msg;
+          ldy[i] = Ns[i] + i;
+        }
+        const mm::MultiPlan mp = mm::plan_multi(d, 3, M, 3, force);
+        const bool deep = force.deep != 0 && mp.P[0].kmt == 1;
+        // Together.
+        std::vector<std::vector<float>> together(3);
+        float* yt[3];
+        for (int i = 0; i < 3; ++i) {
+          together[static_cast<size_t>(i)].assign(static_cast<size_t>(M * ldy[i]), -7.0f);
+          yt[i] = together[static_cast<size_t>(i)].data();
+        }
+        std::vector<float> partial(mp.partial_floats + 1, std::nanf(""));
+        std::vector<uint32_t> counters(mp.counter_words, 0);
+        unsigned int errors[2] = {0, 0};
+        const mm::DecodeMulti m =
+            mm::make_decode_multi(mp, d, x.data(), M, ldx, yt, ldy, partial.data(), counters.data(), errors, true, false);
+        const dim3 grid(static_cast<unsigned>(mp.max_tiles), static_cast<unsigned>(mp.max_ks), 3);
+        if (chunked) run_multi_fmt<mm::kQ8C>(mp.P[0].kmt, deep, grid, mp.smem, m);
+        else run_multi_fmt<mm::kQ8R>(mp.P[0].kmt, deep, grid, mp.smem, m);
+        for (uint32_t v : counters) ASSERT_EQ(v, 0u) << "a split-k counter was not reset";
+        EXPECT_EQ(errors[0], 0u);
+        // Alone, each under its plan.
+        for (int i = 0; i < 3; ++i) {
+          const mm::DecodePlan& P = mp.P[i];
+          std::vector<float> alone(static_cast<size_t>(M * ldy[i]), -7.0f);
+          std::vector<float> part(static_cast<size_t>(P.ks * M * Ns[i]) + 1, std::nanf(""));
+          std::vector<uint32_t> cnt(static_cast<size_t>(P.tiles), 0);
+          mm::DecodeParams p = mm::make_decode_params(d[i], P, x.data(), M, ldx, nullptr, 1, alone.data(), ldy[i],
+                                                      part.data(), cnt.data(), errors);
+          p.round_y = 1;
+          const dim3 g(static_cast<unsigned>(P.tiles), static_cast<unsigned>(P.ks), 1);
+          if (chunked) run_fmt<mm::kQ8C>(P.kmt, deep, g, P.smem, p);
+          else run_fmt<mm::kQ8R>(P.kmt, deep, g, P.smem, p);
+          EXPECT_EQ(0, std::memcmp(alone.data(), together[static_cast<size_t>(i)].data(), alone.size() * 4))
+              << "product " << i << " (N " << Ns[i] << ", " << P.tiles << " tiles x " << P.ks << " splits)";
+        }
+      }
 }
 
 }  // namespace

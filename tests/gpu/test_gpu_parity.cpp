@@ -573,6 +573,68 @@ void add_kv_store(int64_t KV, int64_t dh) {
   });
 }
 
+// matmul_multi: each product against the backend's own matmul of it, bit for bit (CUDA
+// runs decode-sized ones in one launch), and against the CPU twin within the budget.
+void add_matmul_multi(int32_t dtype, int64_t param, int64_t Kd, int64_t M) {
+  add(std::string("matmul_multi_") + payloads::dtype_name(dtype) + sz("M", M) + sz("K", Kd), [=](Dev& dev, Rng& rng) {
+    const int64_t Ns[] = {96, 16, 16}, ldx = Kd + 3;
+    std::vector<float> x(static_cast<size_t>(M * ldx));
+    for (auto& v : x) v = rng.bf16_value(-6, 4);
+    float* xd = dev.upload(x);
+    std::vector<WeightPayload> ws;
+    std::vector<GrokitWeight> wd;
+    for (int64_t N : Ns) {
+      ws.push_back(payloads::random_weight(dtype, 1, Kd, N, param, rng));
+      wd.push_back(ws.back().desc(dev.upload(ws.back().bytes)));
+      const uint64_t scratch_bytes = dev.ops->prepare_scratch_bytes(&wd.back());
+      void* scratch = scratch_bytes > 0 ? dev.alloc(scratch_bytes) : nullptr;
+      dev.check(dev.ops->prepare_weight(&wd.back(), scratch, dev.stream), "prepare_weight");
+    }
+    dev.sync();
+    const GrokitWeight* w[] = {&wd[0], &wd[1], &wd[2]};
+    const int64_t ldy[] = {Ns[0] + 1, Ns[1], Ns[2] + 5};
+    auto run_all = [&](const char* plan) {
+      if (plan != nullptr) ::setenv("GROKIT_CUDA_DECODE_PLAN", plan, 1);
+      float* y[3];
+      for (int i = 0; i < 3; ++i) y[i] = dev.poisoned<float>(static_cast<size_t>(M * ldy[i]));
+      const int rc = dev.ops->matmul_multi(w, 3, xd, M, ldx, GROKIT_MATMUL_ROUND_BF16, y, ldy, dev.stream);
+      std::vector<std::vector<float>> alone;
+      for (int i = 0; i < 3; ++i) {
+        float* yi = dev.poisoned<float>(static_cast<size_t>(M * ldy[i]));
+        dev.check(dev.ops->matmul(w[i], xd, M, ldx, GROKIT_MATMUL_ROUND_BF16, nullptr, yi, ldy[i], dev.stream), "matmul");
+        alone.push_back(dev.download(yi, static_cast<size_t>(M * ldy[i])));
+      }
+      if (plan != nullptr) ::unsetenv("GROKIT_CUDA_DECODE_PLAN");
+      dev.check(rc, "matmul_multi");
+      for (int i = 0; i < 3; ++i) {
+        const auto got = dev.download(y[i], static_cast<size_t>(M * ldy[i]));
+        compare(dev, "matmul_multi y" + std::to_string(i) + " against matmul" + (plan ? std::string(", plan ") + plan : ""),
+                kExact, alone[static_cast<size_t>(i)], got, ldy[i]);
+        // Against the twin's sums: the rounded product within two bf16 steps and the
+        // matmul budget (2^-16 sum |x w|).
+        std::vector<uint8_t> bytes = ws[static_cast<size_t>(i)].bytes;
+        GrokitWeight hw = ws[static_cast<size_t>(i)].desc(bytes.data());
+        std::vector<float> sums(static_cast<size_t>(M * Ns[i]));
+        ASSERT_EQ(grokit_host_ops()->matmul(&hw, x.data(), M, ldx, 0, nullptr, sums.data(), Ns[i], nullptr), GROKIT_OK);
+        const std::vector<float> dq = payloads::dequantize(ws[static_cast<size_t>(i)], 0);
+        int bad = 0;
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t j = 0; j < Ns[i]; ++j) {
+            double mag = 0;
+            for (int64_t k = 0; k < Kd; ++k)
+              mag += std::fabs(double(x[static_cast<size_t>(m * ldx + k)]) * dq[static_cast<size_t>(k * Ns[i] + j)]);
+            const double e = sums[static_cast<size_t>(m * Ns[i] + j)], a = got[static_cast<size_t>(m * ldy[i] + j)];
+            if (!(std::fabs(a - e) <= 2 * bf16_ulp(std::fabs(e)) + 0x1p-16 * mag) && bad++ < 3)
+              ADD_FAILURE() << "matmul_multi y" << i << " [" << m << ", " << j << "]: " << a << " against the twin's " << e;
+          }
+      }
+    };
+    run_all(nullptr);
+    if (dev.backend == "cuda")
+      for (const char* plan : {"0,-1,1", "5,0,0", "32,3,1"}) run_all(plan);
+  });
+}
+
 // rope_store: against the twins (rope, rope, kv_store on the host), and against the
 // backend's own three ops called in turn, bit for bit.
 void add_rope_store(int64_t KV, int64_t dh) {
@@ -1406,6 +1468,9 @@ void build_cases() {
   }
   // A real-width column count with an odd tail, and a prefill of many rows.
   add_matmul(kQ8RowBlock, 8, 1, 768, 1037, 1, false, Route::kNone);
+  for (int64_t M : {1, 3, 17}) add_matmul_multi(kQ8RowBlock, 2, 256, M);
+  add_matmul_multi(kQ4Group, 64, 256, 1);
+  add_matmul_multi(kBF16, 0, 96, 2);
   add_matmul(kQ4Group, 128, 1, 768, 1037, 5, false, Route::kNone);
   add_matmul(kF8Column, 0, 1, 768, 1037, 70, true, Route::kNone);
 

@@ -89,6 +89,7 @@ TEST(HostOps, TableIsCompleteAndSaysHost) {
                        reinterpret_cast<const void*>(t.attention),
                        reinterpret_cast<const void*>(t.router_topk),
                        reinterpret_cast<const void*>(t.matmul),
+                       reinterpret_cast<const void*>(t.matmul_multi),
                        reinterpret_cast<const void*>(t.gelu_mul),
                        reinterpret_cast<const void*>(t.round_bf16),
                        reinterpret_cast<const void*>(t.add_bf16),
@@ -395,6 +396,33 @@ TEST(HostOps, MatmulEqualsTheKernelsForEverySchemeAndBothXKinds) {
         }
       }
     }
+  }
+}
+
+TEST(HostOps, MatmulMultiIsMatmulOnEach) {
+  Rng rng(17);
+  const int64_t K = 64, M = 3, ldx = K + 1;
+  std::vector<float> x(static_cast<size_t>(M * ldx));
+  for (auto& v : x) v = rng.bf16_value(-6, 4);
+  const WeightPayload a = payloads::random_weight(payloads::kQ8RowBlock, 1, K, 40, 1, rng);
+  const WeightPayload b = payloads::random_weight(payloads::kQ8RowBlock, 1, K, 8, 1, rng);
+  const WeightPayload c = payloads::random_weight(payloads::kBF16, 1, K, 8, 0, rng);
+  std::vector<uint8_t> ab = a.bytes, bb = b.bytes, cb = c.bytes;
+  const GrokitWeight wa = a.desc(ab.data()), wb = b.desc(bb.data()), wc = c.desc(cb.data());
+  const GrokitWeight* w[] = {&wa, &wb, &wc};
+  const int64_t ldy[] = {41, 8, 9};
+  for (GrokitStream s : streams()) {
+    std::vector<std::vector<float>> want, got;
+    for (int i = 0; i < 3; ++i) {
+      want.push_back(poison(static_cast<size_t>(M * ldy[i])));
+      got.push_back(poison(static_cast<size_t>(M * ldy[i])));
+      ASSERT_EQ(ops().matmul(w[i], x.data(), M, ldx, GROKIT_MATMUL_ROUND_BF16, nullptr, want.back().data(), ldy[i], s), GROKIT_OK);
+    }
+    float* y[] = {got[0].data(), got[1].data(), got[2].data()};
+    ASSERT_EQ(ops().matmul_multi(w, 3, x.data(), M, ldx, GROKIT_MATMUL_ROUND_BF16, y, ldy, s), GROKIT_OK) << ops().error_message();
+    for (int i = 0; i < 3; ++i) expect_same_bits(want[static_cast<size_t>(i)], got[static_cast<size_t>(i)], "matmul_multi " + std::to_string(i));
+    EXPECT_EQ(ops().matmul_multi(w, 5, x.data(), M, ldx, 0, y, ldy, s), GROKIT_ERR_INVALID);
+    EXPECT_NE(std::string(ops().error_message()).find("count = 5"), std::string::npos) << ops().error_message();
   }
 }
 
