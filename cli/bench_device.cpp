@@ -264,22 +264,28 @@ Status sweep_decode(const GrokitOps* ops, GrokitStream st, const char* scheme, c
   const GrokitRouting up_route{r.io.experts, top}, down_route{r.io.experts, 1};
   struct Product {
     const char* name;
-    const GrokitWeight* w;
+    int count;  // 1: matmul; more: one matmul_multi
+    const GrokitWeight* w[3];
     const float* x;
     int64_t M, ldx;
     int32_t flags;
     const GrokitRouting* routing;
-    float* y;
-    int64_t ldy;
+    float* y[3];
+    int64_t ldy[3];
   };
+  const int64_t KVD = d.kv_heads * d.head_dim;
   const Product products[] = {
-      {"query", &L.w.query, r.io.a, 1, D, GROKIT_MATMUL_ROUND_BF16, nullptr, r.io.q, QD},
-      {"output", &L.w.output, r.io.o, 1, QD, 0, nullptr, r.io.tmp, D},
-      {"expert gate", &L.w.gate, r.io.a, top, D, GROKIT_MATMUL_ROUND_BF16, &up_route, r.io.g, F},
-      {"expert down", &L.w.down, r.io.g, top, F, GROKIT_MATMUL_X_FP32, &down_route, r.io.routed, D},
+      {"q, k, v", 3, {&L.w.query, &L.w.key, &L.w.value}, r.io.a, 1, D, GROKIT_MATMUL_ROUND_BF16, nullptr,
+       {r.io.q, r.io.k, r.io.v}, {QD, KVD, KVD}},
+      {"output", 1, {&L.w.output}, r.io.o, 1, QD, 0, nullptr, {r.io.tmp}, {D}},
+      {"expert gate", 1, {&L.w.gate}, r.io.a, top, D, GROKIT_MATMUL_ROUND_BF16, &up_route, {r.io.g}, {F}},
+      {"expert down", 1, {&L.w.down}, r.io.g, top, F, GROKIT_MATMUL_X_FP32, &down_route, {r.io.routed}, {D}},
   };
-  auto bytes_of = [&](const GrokitWeight& w) {
-    return static_cast<double>(w.matrix_bytes) * (w.experts > 1 ? static_cast<double>(top) : 1.0);
+  auto bytes_of = [&](const Product& pr) {
+    double b = 0;
+    for (int i = 0; i < pr.count; ++i)
+      b += static_cast<double>(pr.w[i]->matrix_bytes) * (pr.w[i]->experts > 1 ? static_cast<double>(top) : 1.0);
+    return b;
   };
   for (const Product& pr : products) {
     struct Timed {
@@ -294,8 +300,10 @@ Status sweep_decode(const GrokitOps* ops, GrokitStream st, const char* scheme, c
       double best = 1e30;
       for (int rep = 0; rep < 3; ++rep) {
         auto t0 = Clock::now();
-        for (int i = 0; i < steps; ++i)
-          DEV_TRY(ops, ops->matmul(pr.w, pr.x, pr.M, pr.ldx, pr.flags, pr.routing, pr.y, pr.ldy, st));
+        for (int i = 0; i < steps; ++i) {
+          if (pr.count == 1) DEV_TRY(ops, ops->matmul(pr.w[0], pr.x, pr.M, pr.ldx, pr.flags, pr.routing, pr.y[0], pr.ldy[0], st));
+          else DEV_TRY(ops, ops->matmul_multi(pr.w, pr.count, pr.x, pr.M, pr.ldx, pr.flags, pr.y, pr.ldy, st));
+        }
         DEV_TRY(ops, ops->stream_sync(st));
         best = std::min(best, seconds_since(t0) / steps);
       }
@@ -312,7 +320,7 @@ Status sweep_decode(const GrokitOps* ops, GrokitStream st, const char* scheme, c
           all.push_back({*t, str_cat("ks ", ks, ", ", 1 << wl, " warps across", deep != 0 ? ", deep" : "")});
         }
     std::sort(all.begin(), all.end(), [](const Timed& a, const Timed& b) { return a.us < b.us; });
-    const double mb = bytes_of(*pr.w) / 1e6;
+    const double mb = bytes_of(pr) / 1e6;
     auto line = [&](const Timed& t) {
       const double gbps = mb * 1e6 / (t.us * 1e-6) / 1e9;
       std::printf("sweep %-5s %-12s %-32s %8.1f us %7.0f GB/s  %.2f of read\n", scheme, pr.name, t.plan.c_str(), t.us,
