@@ -199,13 +199,15 @@ typedef struct GrokitOps {
   // out = bf16(a + b) (the residual add); out may be a or b.
   int (*add_bf16)(const float* a, const float* b, int64_t n, float* out, GrokitStream stream);
   // The end of a sublayer and the start of the next in one op (a decode step's small ops
-  // are bound by their launches): t = rmsnorm(round_y ? bf16(y) : y, post_scale);
-  // x = bf16(x + t); then, when next_scale is not NULL, a = rmsnorm(x, next_scale).
-  // Each backend gives the bits of its own round_bf16, rmsnorm, add_bf16 and rmsnorm
-  // called in turn (CUDA: with y, x, a and the scales 16-byte aligned, or D odd). y, x,
-  // a: [M, D]; y is only read; a may not overlap y or x.
-  int (*residual_norm)(const float* y, int32_t round_y, int64_t M, int64_t D, const float* post_scale, float eps,
-                       float* x, const float* next_scale, float* a, GrokitStream stream);
+  // are bound by their launches): t = rmsnorm(y', post_scale); x = bf16(x + t); then,
+  // when next_scale is not NULL, a = rmsnorm(x, next_scale). y' is y [M, D], or bf16(y)
+  // with round_y, or, with gates (not NULL), moe_combine of y's routed rows [M * top, D]
+  // with gates [M, top]. Each backend gives the bits of its own round_bf16 or moe_combine,
+  // rmsnorm, add_bf16 and rmsnorm called in turn (CUDA: with the arrays 16-byte aligned,
+  // or D odd). x, a: [M, D]; y is only read; a may not overlap y or x, nor x routed y.
+  int (*residual_norm)(const float* y, const float* gates, int64_t top, int32_t round_y, int64_t M, int64_t D,
+                       const float* post_scale, float eps, float* x, const float* next_scale, float* a,
+                       GrokitStream stream);
   // out[t, :] = bf16(sum over c < k, in order, of fp32(bf16(gates[t, c])) * y[t * k + c, :]),
   // each step acc = acc + g * y (no fused multiply-add). y [M * k, D], out [M, D].
   int (*moe_combine)(const float* y, const float* gates, int64_t M, int64_t k, int64_t D, float* out,

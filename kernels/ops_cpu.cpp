@@ -494,29 +494,45 @@ int rope_store(float* q, float* k, const float* v, int64_t M, const int32_t* pos
   return kv_store(k, v, M, rows, shape, stream);
 }
 
-// Whether [p, p + n) and [q, q + n) share an element.
-bool overlaps(const float* p, const float* q, int64_t n) {
-  const auto a = reinterpret_cast<uintptr_t>(p), b = reinterpret_cast<uintptr_t>(q);
-  const auto bytes = static_cast<uintptr_t>(n) * sizeof(float);
-  return a < b + bytes && b < a + bytes;
+// The CPU engine's combine of token t: acc = acc + fp32(bf16(gate)) * y, choice by choice,
+// then bf16, into out_row [D].
+void combine_row(const float* y, const float* gates, int64_t t, int64_t k, int64_t D, float* acc, float* out_row) {
+  std::fill(acc, acc + D, 0.0f);
+  for (int64_t c = 0; c < k; ++c) {
+    const float gb = grokit::round_bf16(gates[t * k + c]);
+    const float* yr = y + (t * k + c) * D;
+    for (int64_t d = 0; d < D; ++d) acc[d] = acc[d] + gb * yr[d];
+  }
+  for (int64_t d = 0; d < D; ++d) out_row[d] = grokit::round_bf16(acc[d]);
 }
 
-int residual_norm(const float* y, int32_t round_y, int64_t M, int64_t D, const float* post_scale, float eps, float* x,
-                  const float* next_scale, float* a, GrokitStream stream) {
-  if (M < 0 || D < 1) return invalid("residual_norm", "M = ", M, ", D = ", D);
+// Whether [p, p + np) and [q, q + nq) share an element.
+bool overlaps(const float* p, int64_t np, const float* q, int64_t nq) {
+  const auto a = reinterpret_cast<uintptr_t>(p), b = reinterpret_cast<uintptr_t>(q);
+  return a < b + static_cast<uintptr_t>(nq) * sizeof(float) && b < a + static_cast<uintptr_t>(np) * sizeof(float);
+}
+
+int residual_norm(const float* y, const float* gates, int64_t top, int32_t round_y, int64_t M, int64_t D,
+                  const float* post_scale, float eps, float* x, const float* next_scale, float* a, GrokitStream stream) {
+  if (M < 0 || D < 1 || (gates != nullptr && top < 1))
+    return invalid("residual_norm", "M = ", M, ", D = ", D, ", top = ", top);
   if (M == 0) return GROKIT_OK;
   if (y == nullptr || post_scale == nullptr || x == nullptr || (next_scale != nullptr && a == nullptr))
     return invalid("residual_norm", "a pointer is NULL (y, post_scale, x, or a with next_scale)");
-  if (M > INT64_MAX / D) return invalid("residual_norm", "M * D overflows (M = ", M, ", D = ", D, ")");
-  if (next_scale != nullptr && (overlaps(a, y, M * D) || overlaps(a, x, M * D)))
+  const int64_t per = gates != nullptr ? top : 1;  // y rows per token
+  if (M > INT64_MAX / D / per) return invalid("residual_norm", "M * D overflows (M = ", M, ", D = ", D, ")");
+  if (next_scale != nullptr && (overlaps(a, M * D, y, M * per * D) || overlaps(a, M * D, x, M * D)))
     return invalid("residual_norm", "a overlaps y or x");
-  // Row by row, each the twins' sequence (round_bf16, rmsnorm, add_bf16, rmsnorm).
+  if (gates != nullptr && overlaps(x, M * D, y, M * per * D)) return invalid("residual_norm", "x overlaps the routed rows y");
+  // Row by row, each the twins' sequence (round_bf16 or moe_combine, rmsnorm, add_bf16,
+  // rmsnorm).
   auto rows = [&](int64_t m0, int64_t m1) {
-    std::vector<float> t(static_cast<size_t>(D));
+    std::vector<float> t(static_cast<size_t>(D)), acc(gates != nullptr ? static_cast<size_t>(D) : 0);
     for (int64_t m = m0; m < m1; ++m) {
       const float* yr = y + m * D;
       float* xr = x + m * D;
-      if (round_y != 0) round_to_bf16(yr, D, t.data());
+      if (gates != nullptr) combine_row(y, gates, m, top, D, acc.data(), t.data());
+      else if (round_y != 0) round_to_bf16(yr, D, t.data());
       else std::copy(yr, yr + D, t.begin());
       GROKIT_CHECK(kernels::rmsnorm(t.data(), 1, D, post_scale, eps, t.data(), nullptr).ok());
       kernels::add_bf16(xr, t.data(), D, xr);
@@ -536,17 +552,6 @@ int residual_norm(const float* y, int32_t round_y, int64_t M, int64_t D, const f
   return GROKIT_OK;
 }
 
-// The CPU engine's combine: acc = acc + fp32(bf16(gate)) * y, choice by choice, then bf16.
-void combine_row(const float* y, const float* gates, int64_t t, int64_t k, int64_t D, float* acc, float* out) {
-  std::fill(acc, acc + D, 0.0f);
-  for (int64_t c = 0; c < k; ++c) {
-    const float gb = grokit::round_bf16(gates[t * k + c]);
-    const float* yr = y + (t * k + c) * D;
-    for (int64_t d = 0; d < D; ++d) acc[d] = acc[d] + gb * yr[d];
-  }
-  for (int64_t d = 0; d < D; ++d) out[t * D + d] = grokit::round_bf16(acc[d]);
-}
-
 int moe_combine(const float* y, const float* gates, int64_t M, int64_t k, int64_t D, float* out, GrokitStream stream) {
   if (M < 0 || k < 1 || D < 1) return invalid("moe_combine", "M = ", M, ", k = ", k, ", D = ", D);
   if (M == 0) return GROKIT_OK;
@@ -561,11 +566,11 @@ int moe_combine(const float* y, const float* gates, int64_t M, int64_t k, int64_
     pool->run(static_cast<size_t>(M), [&](size_t t) {
       thread_local std::vector<float> acc;
       acc.resize(static_cast<size_t>(D));
-      combine_row(y, gates, static_cast<int64_t>(t), k, D, acc.data(), out);
+      combine_row(y, gates, static_cast<int64_t>(t), k, D, acc.data(), out + static_cast<int64_t>(t) * D);
     });
   } else {
     std::vector<float> acc(static_cast<size_t>(D));
-    for (int64_t t = 0; t < M; ++t) combine_row(y, gates, t, k, D, acc.data(), out);
+    for (int64_t t = 0; t < M; ++t) combine_row(y, gates, t, k, D, acc.data(), out + t * D);
   }
   return GROKIT_OK;
 }

@@ -228,7 +228,7 @@ Status run_layer(const GrokitOps* ops, GrokitStream st, const DevLayer& Ly, cons
   DEV_TRY(ops, ops->matmul(&Ly.output, io.o, N, QD, 0, nullptr, io.tmp, D, st));
   GROKIT_TRY(all_reduce(io.tmp, N * D));
   // x = bf16(x + rmsnorm(bf16(tmp))); a = rmsnorm(x): the mixture's input.
-  DEV_TRY(ops, ops->residual_norm(io.tmp, 1, N, D, Ly.attn_norm_out, d.eps, io.x, Ly.moe_norm_in, io.a, st));
+  DEV_TRY(ops, ops->residual_norm(io.tmp, nullptr, 0, 1, N, D, Ly.attn_norm_out, d.eps, io.x, Ly.moe_norm_in, io.a, st));
   // Mixture of experts: routing on the device; each rank its ffn columns.
   const GrokitRouting up_route{io.experts, top}, down_route{io.experts, 1};
   DEV_TRY(ops, ops->router_topk(io.a, N, D, Ly.router, d.experts, top, io.experts, io.gates, st));
@@ -237,9 +237,9 @@ Status run_layer(const GrokitOps* ops, GrokitStream st, const DevLayer& Ly, cons
   DEV_TRY(ops, ops->matmul(&Ly.up, io.a, N * top, D, GROKIT_MATMUL_GELU_MUL, &up_route, io.g, F, st));
   DEV_TRY(ops, ops->matmul(&Ly.down, io.g, N * top, F, GROKIT_MATMUL_X_FP32, &down_route, io.routed, D, st));
   GROKIT_TRY(all_reduce(io.routed, N * top * D));
-  DEV_TRY(ops, ops->moe_combine(io.routed, io.gates, N, top, D, io.tmp, st));
-  // The combine's output is bf16 already; the next layer's input norm rides along.
-  DEV_TRY(ops, ops->residual_norm(io.tmp, 0, N, D, Ly.moe_norm_out, d.eps, io.x, chain.next_norm_in, io.a, st));
+  // The experts' rows combined, normed and added; the next layer's input norm rides along.
+  DEV_TRY(ops, ops->residual_norm(io.routed, io.gates, top, 0, N, D, Ly.moe_norm_out, d.eps, io.x, chain.next_norm_in,
+                                  io.a, st));
   return {};
 }
 

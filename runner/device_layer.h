@@ -144,8 +144,9 @@ struct LayerChain {
 // One layer, on `stream`: attention (rmsnorm unless chained, q/k/v, rope and cache in
 // one op, attention, output, all-reduce, then rmsnorm, residual and the mixture's rmsnorm
 // in one op) then the mixture of experts (router, gate, then up with the gelu in its
-// stores, both routed on the device, down, all-reduce, combine, then rmsnorm, residual
-// and the next layer's rmsnorm in one op). comm may be null for a rank measured alone.
+// stores, both routed on the device, down, all-reduce, then the combine, rmsnorm,
+// residual and the next layer's rmsnorm in one op). comm may be null for a rank measured
+// alone.
 Status run_layer(const GrokitOps* ops, GrokitStream stream, const DevLayer& layer, const LayerDims& dims,
                  const LayerIO& io, int64_t N, int64_t max_keys, DeviceComm* comm, const LayerChain& chain);
 

@@ -18,7 +18,7 @@ static __global__ void __launch_bounds__(kThreads, 1)
   for (int64_t m = blockIdx.x; m < M; m += gridDim.x) {
     const float* xr = x + m * D;
     float* orow = out + m * D;
-    const float inv = norm::inv_rms<kVec, false>(xr, D, eps, sh);
+    const float inv = norm::inv_rms<kVec>(norm::Plain<false>{xr}, D, eps, sh);
     if constexpr (kVec) {
       const float4* x4 = reinterpret_cast<const float4*>(xr);
       const float4* s4 = reinterpret_cast<const float4*>(scale);

@@ -26,29 +26,62 @@ __device__ __forceinline__ float input(float v) {
   else return v;
 }
 
-// inv of row xr, on every thread of the block. Block-wide (two barriers); called once per
-// row by every thread. Reusing `sh` for the next call is safe: its writes to `partial`
-// come after every warp passed this call's second barrier, and `total` is rewritten only
-// after the next call's first barrier.
-template <bool kVec, bool kRound>
-__device__ __forceinline__ float inv_rms(const float* xr, int64_t D, float eps, Shared& sh) {
+// A row as the norm reads it, element i (get) or float4 group i (get4).
+template <bool kRound>
+struct Plain {
+  const float* r;
+  __device__ __forceinline__ float get(int64_t i) const { return input<kRound>(r[i]); }
+  __device__ __forceinline__ float4 get4(int64_t i) const {
+    const float4 a = reinterpret_cast<const float4*>(r)[i];
+    return make_float4(input<kRound>(a.x), input<kRound>(a.y), input<kRound>(a.z), input<kRound>(a.w));
+  }
+};
+// A token's routed rows combined as moe_combine does: bf16(acc), acc = 0; acc = acc +
+// bf16(g_c) * y_c in c order, each product and sum rounded on its own.
+struct Combined {
+  const float* y;  // the token's first routed row; the others D apart
+  const float* g;  // the token's gates [top]
+  int64_t top, D;
+  __device__ __forceinline__ float get(int64_t i) const {
+    float acc = 0.0f;
+    for (int64_t c = 0; c < top; ++c) acc = __fadd_rn(acc, __fmul_rn(round_bf16(g[c]), y[c * D + i]));
+    return round_bf16(acc);
+  }
+  __device__ __forceinline__ float4 get4(int64_t i) const {
+    float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    for (int64_t c = 0; c < top; ++c) {
+      const float gc = round_bf16(g[c]);
+      const float4 v = reinterpret_cast<const float4*>(y + c * D)[i];
+      acc.x = __fadd_rn(acc.x, __fmul_rn(gc, v.x));
+      acc.y = __fadd_rn(acc.y, __fmul_rn(gc, v.y));
+      acc.z = __fadd_rn(acc.z, __fmul_rn(gc, v.z));
+      acc.w = __fadd_rn(acc.w, __fmul_rn(gc, v.w));
+    }
+    return make_float4(round_bf16(acc.x), round_bf16(acc.y), round_bf16(acc.z), round_bf16(acc.w));
+  }
+};
+
+// inv of the row `src` reads, on every thread of the block. Block-wide (two barriers);
+// called once per row by every thread. Reusing `sh` for the next call is safe: its writes
+// to `partial` come after every warp passed this call's second barrier, and `total` is
+// rewritten only after the next call's first barrier.
+template <bool kVec, class Src>
+__device__ __forceinline__ float inv_rms(const Src& src, int64_t D, float eps, Shared& sh) {
   const int tid = threadIdx.x;
   float ss = 0.0f;
   if constexpr (kVec) {
-    const float4* x4 = reinterpret_cast<const float4*>(xr);
 #pragma unroll 4
     for (int64_t i = tid; i < D / 4; i += kThreads) {
-      const float4 a = x4[i];
-      const float v0 = input<kRound>(a.x), v1 = input<kRound>(a.y), v2 = input<kRound>(a.z), v3 = input<kRound>(a.w);
-      ss = __fadd_rn(ss, __fmul_rn(v0, v0));
-      ss = __fadd_rn(ss, __fmul_rn(v1, v1));
-      ss = __fadd_rn(ss, __fmul_rn(v2, v2));
-      ss = __fadd_rn(ss, __fmul_rn(v3, v3));
+      const float4 v = src.get4(i);
+      ss = __fadd_rn(ss, __fmul_rn(v.x, v.x));
+      ss = __fadd_rn(ss, __fmul_rn(v.y, v.y));
+      ss = __fadd_rn(ss, __fmul_rn(v.z, v.z));
+      ss = __fadd_rn(ss, __fmul_rn(v.w, v.w));
     }
   } else {
 #pragma unroll 4
     for (int64_t i = tid; i < D; i += kThreads) {
-      const float v = input<kRound>(xr[i]);
+      const float v = src.get(i);
       ss = __fadd_rn(ss, __fmul_rn(v, v));
     }
   }

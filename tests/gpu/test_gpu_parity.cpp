@@ -1004,7 +1004,8 @@ void add_residual_norm(int64_t M, int64_t D, int32_t round_y, bool with_next) {
 
         float *yd = dev.upload(y), *xd = dev.upload(x), *ad = dev.poisoned<float>(y.size());
         const float *pd = dev.upload(post), *nd = with_next ? dev.upload(next) : nullptr;
-        dev.check(dev.ops->residual_norm(yd, round_y, M, D, pd, 1e-5f, xd, nd, with_next ? ad : nullptr, dev.stream),
+        dev.check(dev.ops->residual_norm(yd, nullptr, 0, round_y, M, D, pd, 1e-5f, xd, nd, with_next ? ad : nullptr,
+                                         dev.stream),
                   "residual_norm");
         const std::vector<float> got_x = dev.download(xd, x.size()), got_a = dev.download(ad, y.size());
         compare(dev, "residual_norm x", kResidualNorm, want_x, got_x, D);
@@ -1020,6 +1021,36 @@ void add_residual_norm(int64_t M, int64_t D, int32_t round_y, bool with_next) {
         if (with_next)
           compare(dev, "residual_norm a against the ops in turn", kExact, dev.download(a2, y.size()), got_a, D);
       });
+}
+
+// residual_norm with gates: the routed rows combined first. Against the twins and against
+// the backend's moe_combine, rmsnorm, add_bf16 and rmsnorm in turn, bit for bit.
+void add_residual_norm_combine(int64_t M, int64_t D, int64_t top) {
+  add("residual_norm_combine" + sz("M", M) + sz("D", D) + sz("top", top), [=](Dev& dev, Rng& rng) {
+    std::vector<float> routed(static_cast<size_t>(M * top * D)), gates(static_cast<size_t>(M * top));
+    for (auto& v : routed) v = rng.f32(-2.0f, 2.0f);
+    for (auto& v : gates) v = rng.f32(0.05f, 0.95f);
+    const auto x = bf16_values(rng, static_cast<size_t>(M * D), -6, 3);
+    const auto post = bf16_values(rng, static_cast<size_t>(D), -2, 1), next = bf16_values(rng, static_cast<size_t>(D), -2, 1);
+    std::vector<float> t(static_cast<size_t>(M * D)), want_x = x, want_a(t.size());
+    ASSERT_EQ(grokit_host_ops()->moe_combine(routed.data(), gates.data(), M, top, D, t.data(), nullptr), GROKIT_OK);
+    ASSERT_TRUE(K::rmsnorm(t.data(), M, D, post.data(), 1e-5f, t.data(), nullptr).ok());
+    K::add_bf16(want_x.data(), t.data(), M * D, want_x.data());
+    ASSERT_TRUE(K::rmsnorm(want_x.data(), M, D, next.data(), 1e-5f, want_a.data(), nullptr).ok());
+    float *rd = dev.upload(routed), *gd = dev.upload(gates), *xd = dev.upload(x), *ad = dev.poisoned<float>(t.size());
+    const float *pd = dev.upload(post), *nd = dev.upload(next);
+    dev.check(dev.ops->residual_norm(rd, gd, top, 0, M, D, pd, 1e-5f, xd, nd, ad, dev.stream), "residual_norm");
+    const auto got_x = dev.download(xd, x.size()), got_a = dev.download(ad, t.size());
+    compare(dev, "residual_norm (combine) x", kResidualNorm, want_x, got_x, D);
+    compare(dev, "residual_norm (combine) a", kResidualNorm, want_a, got_a, D);
+    float *td = dev.poisoned<float>(t.size()), *x2 = dev.upload(x), *a2 = dev.poisoned<float>(t.size());
+    dev.check(dev.ops->moe_combine(rd, gd, M, top, D, td, dev.stream), "moe_combine");
+    dev.check(dev.ops->rmsnorm(td, M, D, pd, 1e-5f, td, dev.stream), "rmsnorm");
+    dev.check(dev.ops->add_bf16(x2, td, M * D, x2, dev.stream), "add_bf16");
+    dev.check(dev.ops->rmsnorm(x2, M, D, nd, 1e-5f, a2, dev.stream), "rmsnorm");
+    compare(dev, "residual_norm (combine) x against the ops in turn", kExact, dev.download(x2, x.size()), got_x, D);
+    compare(dev, "residual_norm (combine) a against the ops in turn", kExact, dev.download(a2, t.size()), got_a, D);
+  });
 }
 
 void add_moe_combine(int64_t M, int64_t k, int64_t D) {
@@ -1307,7 +1338,7 @@ void add_errors() {
   });
   add_error("residual_norm_a_overlaps_x", [](Dev& dev) {
     auto* f = static_cast<float*>(dev.alloc(4 * 1024));
-    return dev.ops->residual_norm(f, 1, 2, 64, f + 512, 1e-5f, f + 128, f + 640, f + 192, dev.stream);
+    return dev.ops->residual_norm(f, nullptr, 0, 1, 2, 64, f + 512, 1e-5f, f + 128, f + 640, f + 192, dev.stream);
   });
   add_error("router_k_above_E", [](Dev& dev) {
     auto* f = static_cast<float*>(dev.alloc(4096));
@@ -1487,6 +1518,9 @@ void build_cases() {
   add_residual_norm(5, 96, 0, true);
   add_residual_norm(2, 96, 1, false);
   add_residual_norm(17, 37, 1, true);  // D odd: element by element
+  add_residual_norm_combine(1, 6144, 2);
+  add_residual_norm_combine(5, 96, 3);
+  add_residual_norm_combine(3, 37, 2);
   add_moe_combine(1, 2, 96);
   add_moe_combine(17, 2, 96);
   add_moe_combine(5, 1, 40);

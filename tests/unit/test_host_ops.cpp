@@ -213,7 +213,7 @@ TEST(HostOps, ResidualNormIsTheOpsInTurn) {
           }
           std::vector<float> got_x = x0, got_a = poison(y.size());
           const std::vector<float> y_before = y;
-          ASSERT_EQ(ops().residual_norm(y.data(), round_y, M, D, post.data(), 1e-5f, got_x.data(),
+          ASSERT_EQ(ops().residual_norm(y.data(), nullptr, 0, round_y, M, D, post.data(), 1e-5f, got_x.data(),
                                         with_next ? next.data() : nullptr, got_a.data(), s),
                     GROKIT_OK)
               << ops().error_message();
@@ -224,13 +224,44 @@ TEST(HostOps, ResidualNormIsTheOpsInTurn) {
           expect_same_bits(y_before, y, what + ": y is not written");
           if (round_y != 0) {  // the rounding matters: without it x differs somewhere
             std::vector<float> plain_x = x0;
-            ASSERT_EQ(ops().residual_norm(y.data(), 0, M, D, post.data(), 1e-5f, plain_x.data(), nullptr, nullptr, s),
+            ASSERT_EQ(ops().residual_norm(y.data(), nullptr, 0, 0, M, D, post.data(), 1e-5f, plain_x.data(), nullptr, nullptr, s),
                       GROKIT_OK);
             EXPECT_NE(0, std::memcmp(plain_x.data(), got_x.data(), plain_x.size() * sizeof(float))) << what;
           }
         }
       }
     }
+  }
+}
+
+// With gates, residual_norm first combines each token's routed rows: moe_combine, then the
+// rest as above, bit for bit.
+TEST(HostOps, ResidualNormCombinesRoutedRows) {
+  Rng rng(13);
+  for (GrokitStream s : streams()) {
+    const int64_t M = 9, D = 96, top = 2;
+    std::vector<float> routed(static_cast<size_t>(M * top * D)), gates(static_cast<size_t>(M * top)), x0(static_cast<size_t>(M * D));
+    for (auto& v : routed) v = rng.f32(-2.0f, 2.0f);
+    for (auto& v : gates) v = rng.f32(0.05f, 0.95f);
+    for (auto& v : x0) v = rng.bf16_value(-6, 3);
+    const auto post = bf16_values(rng, static_cast<size_t>(D), -2, 1), next = bf16_values(rng, static_cast<size_t>(D), -2, 1);
+    std::vector<float> t(static_cast<size_t>(M * D)), want_x = x0, want_a(t.size());
+    ASSERT_EQ(ops().moe_combine(routed.data(), gates.data(), M, top, D, t.data(), nullptr), GROKIT_OK);
+    ASSERT_EQ(ops().rmsnorm(t.data(), M, D, post.data(), 1e-5f, t.data(), nullptr), GROKIT_OK);
+    ASSERT_EQ(ops().add_bf16(want_x.data(), t.data(), M * D, want_x.data(), nullptr), GROKIT_OK);
+    ASSERT_EQ(ops().rmsnorm(want_x.data(), M, D, next.data(), 1e-5f, want_a.data(), nullptr), GROKIT_OK);
+    std::vector<float> got_x = x0, got_a = poison(t.size());
+    ASSERT_EQ(ops().residual_norm(routed.data(), gates.data(), top, 0, M, D, post.data(), 1e-5f, got_x.data(), next.data(),
+                                  got_a.data(), s),
+              GROKIT_OK)
+        << ops().error_message();
+    expect_same_bits(want_x, got_x, "residual_norm with gates: x");
+    expect_same_bits(want_a, got_a, "residual_norm with gates: a");
+    // x inside the routed rows: refused.
+    EXPECT_EQ(ops().residual_norm(routed.data(), gates.data(), top, 0, M, D, post.data(), 1e-5f, routed.data() + D, nullptr,
+                                  nullptr, s),
+              GROKIT_ERR_INVALID);
+    EXPECT_NE(std::string(ops().error_message()).find("x overlaps the routed rows"), std::string::npos);
   }
 }
 
@@ -798,11 +829,11 @@ TEST(HostOps, InvalidArgumentsAreErrorsThatNameTheOpAndTheValue) {
       {"gelu_mul n", [] { return ops().gelu_mul(f.data(), f.data(), -1, f.data(), nullptr); }, {"gelu_mul", "n = -1"}},
       {"round_bf16 null", [] { return ops().round_bf16(nullptr, 4, f.data(), nullptr); }, {"round_bf16", "x is NULL"}},
       {"add_bf16 n", [] { return ops().add_bf16(f.data(), f.data(), -2, f.data(), nullptr); }, {"add_bf16", "n = -2"}},
-      {"residual_norm D", [] { return ops().residual_norm(f.data(), 0, 2, 0, f.data(), 1e-5f, f.data(), nullptr, nullptr, nullptr); },
+      {"residual_norm D", [] { return ops().residual_norm(f.data(), nullptr, 0, 0, 2, 0, f.data(), 1e-5f, f.data(), nullptr, nullptr, nullptr); },
        {"residual_norm", "D = 0"}},
-      {"residual_norm a", [] { return ops().residual_norm(f.data(), 1, 2, 8, f.data(), 1e-5f, f.data() + 64, f.data(), nullptr, nullptr); },
+      {"residual_norm a", [] { return ops().residual_norm(f.data(), nullptr, 0, 1, 2, 8, f.data(), 1e-5f, f.data() + 64, f.data(), nullptr, nullptr); },
        {"residual_norm", "NULL"}},
-      {"residual_norm overlap", [] { return ops().residual_norm(f.data(), 1, 2, 8, f.data(), 1e-5f, f.data() + 64, f.data(), f.data() + 72, nullptr); },
+      {"residual_norm overlap", [] { return ops().residual_norm(f.data(), nullptr, 0, 1, 2, 8, f.data(), 1e-5f, f.data() + 64, f.data(), f.data() + 72, nullptr); },
        {"residual_norm", "a overlaps y or x"}},
       {"moe_combine k", [] { return ops().moe_combine(f.data(), f.data(), 2, 0, 8, f.data(), nullptr); }, {"moe_combine", "k = 0"}},
       {"logits ldy", [] { return ops().logits(f.data(), 2, 8, cache.data(), 16, 1.0f, f.data(), 15, nullptr); }, {"logits", "ldy = 15"}},
