@@ -42,20 +42,7 @@ static __global__ void __launch_bounds__(kThreads, 1)
     else body(norm::Plain<kMode == 1>{y + m * D});
     if (next == nullptr) continue;  // uniform over the block: no barrier is skipped by some threads only
     const float inv2 = norm::inv_rms<kVec>(norm::Plain<false>{xr}, D, eps, sh);
-    float* ar = a + m * D;
-    if constexpr (kVec) {
-      const float4* x4 = reinterpret_cast<const float4*>(xr);
-      const float4* s4 = reinterpret_cast<const float4*>(next);
-      float4* a4 = reinterpret_cast<float4*>(ar);
-#pragma unroll 4
-      for (int64_t i = tid; i < D / 4; i += kThreads) {
-        const float4 v = x4[i], s = s4[i];
-        a4[i] = make_float4(norm::scaled(v.x, inv2, s.x), norm::scaled(v.y, inv2, s.y), norm::scaled(v.z, inv2, s.z),
-                            norm::scaled(v.w, inv2, s.w));
-      }
-    } else {
-      for (int64_t i = tid; i < D; i += kThreads) ar[i] = norm::scaled(xr[i], inv2, next[i]);
-    }
+    norm::write_scaled<kVec>(xr, inv2, next, a + m * D, D);
   }
 }
 

@@ -14,24 +14,10 @@ template <bool kVec>
 static __global__ void __launch_bounds__(kThreads, 1)
     rmsnorm_kernel(const float* x, int64_t M, int64_t D, const float* scale, float eps, float* out) {
   __shared__ norm::Shared sh;
-  const int tid = threadIdx.x;
   for (int64_t m = blockIdx.x; m < M; m += gridDim.x) {
     const float* xr = x + m * D;
-    float* orow = out + m * D;
     const float inv = norm::inv_rms<kVec>(norm::Plain<false>{xr}, D, eps, sh);
-    if constexpr (kVec) {
-      const float4* x4 = reinterpret_cast<const float4*>(xr);
-      const float4* s4 = reinterpret_cast<const float4*>(scale);
-      float4* o4 = reinterpret_cast<float4*>(orow);
-#pragma unroll 4
-      for (int64_t i = tid; i < D / 4; i += kThreads) {
-        const float4 a = x4[i], s = s4[i];
-        o4[i] = make_float4(norm::scaled(a.x, inv, s.x), norm::scaled(a.y, inv, s.y), norm::scaled(a.z, inv, s.z),
-                            norm::scaled(a.w, inv, s.w));
-      }
-    } else {
-      for (int64_t i = tid; i < D; i += kThreads) orow[i] = norm::scaled(xr[i], inv, scale[i]);
-    }
+    norm::write_scaled<kVec>(xr, inv, scale, out + m * D, D);
   }
 }
 

@@ -100,4 +100,22 @@ __device__ __forceinline__ float inv_rms(const Src& src, int64_t D, float eps, S
 // One normalized element: bf16((v * inv) * s).
 __device__ __forceinline__ float scaled(float v, float inv, float s) { return round_bf16(__fmul_rn(__fmul_rn(v, inv), s)); }
 
+// out = bf16((xr * inv) * scale) for the row, each element by the thread that summed it.
+template <bool kVec>
+__device__ __forceinline__ void write_scaled(const float* xr, float inv, const float* scale, float* out, int64_t D) {
+  const int tid = threadIdx.x;
+  if constexpr (kVec) {
+    const float4* x4 = reinterpret_cast<const float4*>(xr);
+    const float4* s4 = reinterpret_cast<const float4*>(scale);
+    float4* o4 = reinterpret_cast<float4*>(out);
+#pragma unroll 4
+    for (int64_t i = tid; i < D / 4; i += kThreads) {
+      const float4 a = x4[i], s = s4[i];
+      o4[i] = make_float4(scaled(a.x, inv, s.x), scaled(a.y, inv, s.y), scaled(a.z, inv, s.z), scaled(a.w, inv, s.w));
+    }
+  } else {
+    for (int64_t i = tid; i < D; i += kThreads) out[i] = scaled(xr[i], inv, scale[i]);
+  }
+}
+
 }  // namespace grokit::kernels::cuda::norm

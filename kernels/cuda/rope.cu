@@ -6,10 +6,7 @@
 
 namespace grokit::kernels::cuda {
 
-namespace {
-constexpr int kThreads = 256;
-constexpr int64_t kMaxHeadDim = 8192;  // cos/sin of a row in dynamic shared memory: 4 * dh bytes
-}  // namespace
+using rot::kThreads;
 
 // One block per row (grid-stride over M): the row's half-dim cos/sin table goes to shared
 // memory once, then the block rotates all heads of the row (adjacent threads, adjacent j).
@@ -29,12 +26,7 @@ static __global__ void __launch_bounds__(kThreads)
 int rope(float* x, int64_t M, int64_t heads, int64_t dh, const int32_t* positions, double base, GrokitStream stream) {
   if (M < 0) return set_error(GROKIT_ERR_INVALID, "rope: M = %lld", static_cast<long long>(M));
   if (heads <= 0) return set_error(GROKIT_ERR_INVALID, "rope: heads = %lld", static_cast<long long>(heads));
-  if (dh <= 0 || dh % 2 != 0) return set_error(GROKIT_ERR_INVALID, "rope: head_dim = %lld (must be even and > 0)",
-                                               static_cast<long long>(dh));
-  if (dh > kMaxHeadDim)
-    return set_error(GROKIT_ERR_UNSUPPORTED, "rope: head_dim = %lld (at most %lld)", static_cast<long long>(dh),
-                     static_cast<long long>(kMaxHeadDim));
-  if (!(base > 0.0)) return set_error(GROKIT_ERR_INVALID, "rope: base = %g", base);
+  if (int rc = rot::check_rotation("rope", dh, base); rc != GROKIT_OK) return rc;
   if (M == 0) return GROKIT_OK;
   if (x == nullptr || positions == nullptr) return set_error(GROKIT_ERR_INVALID, "rope: null x or positions");
   const unsigned grid = static_cast<unsigned>(M < (1 << 20) ? M : (1 << 20));

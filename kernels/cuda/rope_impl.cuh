@@ -9,6 +9,21 @@
 
 namespace grokit::kernels::cuda::rot {
 
+constexpr int kThreads = 256;          // one block per row
+constexpr int64_t kMaxHeadDim = 8192;  // cos/sin of a row in dynamic shared memory: 4 * dh bytes
+
+// The launchers' common checks of head_dim and base (op names the caller): GROKIT_OK or
+// the error, its message set.
+inline int check_rotation(const char* op, int64_t dh, double base) {
+  if (dh <= 0 || dh % 2 != 0)
+    return set_error(GROKIT_ERR_INVALID, "%s: head_dim = %lld (must be even and > 0)", op, static_cast<long long>(dh));
+  if (dh > kMaxHeadDim)
+    return set_error(GROKIT_ERR_UNSUPPORTED, "%s: head_dim = %lld (at most %lld)", op, static_cast<long long>(dh),
+                     static_cast<long long>(kMaxHeadDim));
+  if (!(base > 0.0)) return set_error(GROKIT_ERR_INVALID, "%s: base = %g", op, base);
+  return GROKIT_OK;
+}
+
 // The row's table: cos in c[0, dh/2), sin in s[0, dh/2), by the block's threads (stride
 // `threads`); the caller synchronizes before reading it.
 __device__ __forceinline__ void table(int32_t position, int64_t dh, double base, float* c, float* s, int threads) {

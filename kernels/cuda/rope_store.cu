@@ -8,10 +8,7 @@
 
 namespace grokit::kernels::cuda {
 
-namespace {
-constexpr int kThreads = 256;
-constexpr int64_t kMaxHeadDim = 8192;  // cos/sin of a row in dynamic shared memory: 4 * dh bytes
-}  // namespace
+using rot::kThreads;
 
 static __global__ void __launch_bounds__(kThreads)
     rope_store_kernel(float* q, float* k, const float* v, int64_t M, const int32_t* positions, const GrokitAttnRow* rows,
@@ -55,16 +52,10 @@ int rope_store(float* q, float* k, const float* v, int64_t M, const int32_t* pos
   if (M < 0) return set_error(GROKIT_ERR_INVALID, "rope_store: M = %lld", static_cast<long long>(M));
   if (shape == nullptr) return set_error(GROKIT_ERR_INVALID, "rope_store: null shape");
   const int64_t dh = shape->head_dim;
-  if (shape->q_heads < 1 || shape->kv_heads < 1 || shape->q_heads % shape->kv_heads != 0 || dh < 2 || dh % 2 != 0)
-    return set_error(GROKIT_ERR_INVALID,
-                     "rope_store: q_heads = %lld, kv_heads = %lld, head_dim = %lld (q_heads a positive multiple of "
-                     "kv_heads, head_dim even)",
-                     static_cast<long long>(shape->q_heads), static_cast<long long>(shape->kv_heads),
-                     static_cast<long long>(dh));
-  if (dh > kMaxHeadDim)
-    return set_error(GROKIT_ERR_UNSUPPORTED, "rope_store: head_dim = %lld (at most %lld)", static_cast<long long>(dh),
-                     static_cast<long long>(kMaxHeadDim));
-  if (!(base > 0.0)) return set_error(GROKIT_ERR_INVALID, "rope_store: base = %g", base);
+  if (shape->q_heads < 1 || shape->kv_heads < 1 || shape->q_heads % shape->kv_heads != 0)
+    return set_error(GROKIT_ERR_INVALID, "rope_store: q_heads = %lld, kv_heads = %lld (q_heads a positive multiple of kv_heads)",
+                     static_cast<long long>(shape->q_heads), static_cast<long long>(shape->kv_heads));
+  if (int rc = rot::check_rotation("rope_store", dh, base); rc != GROKIT_OK) return rc;
   if (M == 0) return GROKIT_OK;
   if (q == nullptr || k == nullptr || v == nullptr || positions == nullptr || rows == nullptr)
     return set_error(GROKIT_ERR_INVALID, "rope_store: null q, k, v, positions or rows");
