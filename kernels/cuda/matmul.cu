@@ -152,34 +152,6 @@ int ensure(Ctx& c, DevBuf& b, size_t bytes, bool capturing, bool zero, bool* ok)
 
 namespace {
 
-template <int F>
-void launch_decode_fmt(int kmt, bool deep, dim3 grid, size_t smem, cudaStream_t st, const DecodeParams& p) {
-  switch (kmt) {
-    case 1:
-      if (deep) decode_kernel<F, 1, 2><<<grid, kThreads, smem, st>>>(p);
-      else decode_kernel<F, 1><<<grid, kThreads, smem, st>>>(p);
-      break;
-    case 2: decode_kernel<F, 2><<<grid, kThreads, smem, st>>>(p); break;
-    case 4: decode_kernel<F, 4><<<grid, kThreads, smem, st>>>(p); break;
-    case 8: decode_kernel<F, 8><<<grid, kThreads, smem, st>>>(p); break;
-    default: decode_kernel<F, 16><<<grid, kThreads, smem, st>>>(p); break;
-  }
-}
-
-template <int F>
-void launch_multi_fmt(int kmt, bool deep, dim3 grid, size_t smem, cudaStream_t st, const DecodeMulti& m) {
-  switch (kmt) {
-    case 1:
-      if (deep) decode_multi_kernel<F, 1, 2><<<grid, kThreads, smem, st>>>(m);
-      else decode_multi_kernel<F, 1><<<grid, kThreads, smem, st>>>(m);
-      break;
-    case 2: decode_multi_kernel<F, 2><<<grid, kThreads, smem, st>>>(m); break;
-    case 4: decode_multi_kernel<F, 4><<<grid, kThreads, smem, st>>>(m); break;
-    case 8: decode_multi_kernel<F, 8><<<grid, kThreads, smem, st>>>(m); break;
-    default: decode_multi_kernel<F, 16><<<grid, kThreads, smem, st>>>(m); break;
-  }
-}
-
 // y's rows [M, N] (row stride ldy) rounded to bf16 in place: the prefill path's
 // GROKIT_MATMUL_ROUND_BF16 (the decode kernel rounds in its own stores).
 __global__ void round_rows_kernel(float* y, int64_t M, int64_t N, int64_t ldy) {
@@ -263,13 +235,9 @@ int run_decode(Ctx& c, const WDesc& d, const float* x, int64_t M, int64_t ldx, c
   p.gelu = gelu ? 1 : 0;
   const dim3 grid(static_cast<unsigned>(P.tiles), static_cast<unsigned>(P.ks), static_cast<unsigned>(egrid));
   const bool deep = force.deep != 0 && P.kmt == 1;
-  switch (d.fmt) {
-    case kQ8C: launch_decode_fmt<kQ8C>(P.kmt, deep, grid, P.smem, c.stream, p); break;
-    case kQ8R: launch_decode_fmt<kQ8R>(P.kmt, deep, grid, P.smem, c.stream, p); break;
-    case kQ4: launch_decode_fmt<kQ4>(P.kmt, deep, grid, P.smem, c.stream, p); break;
-    case kF8: launch_decode_fmt<kF8>(P.kmt, deep, grid, P.smem, c.stream, p); break;
-    default: launch_decode_fmt<kBF16>(P.kmt, deep, grid, P.smem, c.stream, p); break;
-  }
+  with_decode_kernel(d.fmt, P.kmt, deep, [&](auto f, auto k, auto u) {
+    decode_kernel<decltype(f)::value, decltype(k)::value, decltype(u)::value><<<grid, kThreads, P.smem, c.stream>>>(p);
+  });
   return check_launch("matmul: decode kernel");
 }
 
@@ -294,13 +262,10 @@ int run_decode_multi(Ctx& c, const WDesc* d, int count, const float* x, int64_t 
                                           static_cast<uint32_t*>(c.counters.p), device_errors_word(c.stream), round_y, gelu);
   const dim3 grid(static_cast<unsigned>(mp.max_tiles), static_cast<unsigned>(mp.max_ks), static_cast<unsigned>(count));
   const bool deep = force.deep != 0 && mp.P[0].kmt == 1;
-  switch (d[0].fmt) {
-    case kQ8C: launch_multi_fmt<kQ8C>(mp.P[0].kmt, deep, grid, mp.smem, c.stream, m); break;
-    case kQ8R: launch_multi_fmt<kQ8R>(mp.P[0].kmt, deep, grid, mp.smem, c.stream, m); break;
-    case kQ4: launch_multi_fmt<kQ4>(mp.P[0].kmt, deep, grid, mp.smem, c.stream, m); break;
-    case kF8: launch_multi_fmt<kF8>(mp.P[0].kmt, deep, grid, mp.smem, c.stream, m); break;
-    default: launch_multi_fmt<kBF16>(mp.P[0].kmt, deep, grid, mp.smem, c.stream, m); break;
-  }
+  with_decode_kernel(d[0].fmt, mp.P[0].kmt, deep, [&](auto f, auto k, auto u) {
+    decode_multi_kernel<decltype(f)::value, decltype(k)::value, decltype(u)::value>
+        <<<grid, kThreads, mp.smem, c.stream>>>(m);
+  });
   if (mp.partial_floats > 0 && capturing) c.partial.in_graph = c.counters.in_graph = true;
   *done = true;
   return check_launch("matmul_multi: decode kernel");

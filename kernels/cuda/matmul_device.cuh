@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <type_traits>
 
 #include "kernels/cuda/gelu_impl.cuh"
 #include "kernels/cuda/matmul.h"
@@ -1011,6 +1012,33 @@ inline DecodeParams make_decode_params(const WDesc& d, const DecodePlan& P, cons
   p.partial = P.ks > 1 ? partial : nullptr;
   p.counters = P.ks > 1 ? counters : nullptr;
   return p;
+}
+
+// Calls fn(F, KMT, UM), each an std::integral_constant<int, ...>, for the decode kernel
+// instance that a format, a plan's rows per pass and the deep variant select: the one
+// place that maps them to template arguments (launchers and the host emulation).
+template <class Fn>
+inline void with_decode_kernel(int fmt, int kmt, bool deep, const Fn& fn) {
+  auto by_rows = [&](auto f) {
+    using C1 = std::integral_constant<int, 1>;
+    switch (kmt) {
+      case 1:
+        if (deep) fn(f, C1{}, std::integral_constant<int, 2>{});
+        else fn(f, C1{}, C1{});
+        break;
+      case 2: fn(f, std::integral_constant<int, 2>{}, C1{}); break;
+      case 4: fn(f, std::integral_constant<int, 4>{}, C1{}); break;
+      case 8: fn(f, std::integral_constant<int, 8>{}, C1{}); break;
+      default: fn(f, std::integral_constant<int, 16>{}, C1{}); break;
+    }
+  };
+  switch (fmt) {
+    case kQ8C: by_rows(std::integral_constant<int, kQ8C>{}); break;
+    case kQ8R: by_rows(std::integral_constant<int, kQ8R>{}); break;
+    case kQ4: by_rows(std::integral_constant<int, kQ4>{}); break;
+    case kF8: by_rows(std::integral_constant<int, kF8>{}); break;
+    default: by_rows(std::integral_constant<int, kBF16>{}); break;
+  }
 }
 
 constexpr uint64_t kPartialCap = uint64_t{256} << 20;  // split-k partials of one product, bytes at most

@@ -93,36 +93,16 @@ void launch(dim3 grid, size_t smem_bytes, const Fn& fn) {
   for (auto& th : threads) th.join();
 }
 
-template <int F, int KMT, int UM>
-void run_kernel(dim3 grid, size_t smem, const mm::DecodeParams& p) {
-  launch(grid, smem, [&] { mm::decode_kernel<F, KMT, UM>(p); });
+// The decode kernel (or its multi variant) a plan selects, emulated over `grid`.
+void run_decode(int fmt, int kmt, bool deep, dim3 grid, size_t smem, const mm::DecodeParams& p) {
+  mm::with_decode_kernel(fmt, kmt, deep, [&](auto f, auto k, auto u) {
+    launch(grid, smem, [&] { mm::decode_kernel<decltype(f)::value, decltype(k)::value, decltype(u)::value>(p); });
+  });
 }
-
-template <int F>
-void run_fmt(int kmt, bool deep, dim3 grid, size_t smem, const mm::DecodeParams& p) {
-  switch (kmt) {
-    case 1: deep ? run_kernel<F, 1, 2>(grid, smem, p) : run_kernel<F, 1, 1>(grid, smem, p); break;
-    case 2: run_kernel<F, 2, 1>(grid, smem, p); break;
-    case 4: run_kernel<F, 4, 1>(grid, smem, p); break;
-    case 8: run_kernel<F, 8, 1>(grid, smem, p); break;
-    default: run_kernel<F, 16, 1>(grid, smem, p); break;
-  }
-}
-
-template <int F, int KMT, int UM>
-void run_multi_kernel(dim3 grid, size_t smem, const mm::DecodeMulti& m) {
-  launch(grid, smem, [&] { mm::decode_multi_kernel<F, KMT, UM>(m); });
-}
-
-template <int F>
-void run_multi_fmt(int kmt, bool deep, dim3 grid, size_t smem, const mm::DecodeMulti& m) {
-  switch (kmt) {
-    case 1: deep ? run_multi_kernel<F, 1, 2>(grid, smem, m) : run_multi_kernel<F, 1, 1>(grid, smem, m); break;
-    case 2: run_multi_kernel<F, 2, 1>(grid, smem, m); break;
-    case 4: run_multi_kernel<F, 4, 1>(grid, smem, m); break;
-    case 8: run_multi_kernel<F, 8, 1>(grid, smem, m); break;
-    default: run_multi_kernel<F, 16, 1>(grid, smem, m); break;
-  }
+void run_multi(int fmt, int kmt, bool deep, dim3 grid, size_t smem, const mm::DecodeMulti& m) {
+  mm::with_decode_kernel(fmt, kmt, deep, [&](auto f, auto k, auto u) {
+    launch(grid, smem, [&] { mm::decode_multi_kernel<decltype(f)::value, decltype(k)::value, decltype(u)::value>(m); });
+  });
 }
 
 // q8rb codes relaid k-chunked (layout 1) by the emulated q8_chunk_kernel, as prepare_weight does.
@@ -212,13 +192,7 @@ void check_case(const Case& c, const mm::DecodeForce& force, Out out, Rng& rng) 
   p.gelu = gelu ? 1 : 0;
   const dim3 grid(static_cast<unsigned>(P.tiles), static_cast<unsigned>(P.ks), static_cast<unsigned>(egrid));
   const bool deep = force.deep != 0 && P.kmt == 1;
-  switch (d.fmt) {
-    case mm::kQ8C: run_fmt<mm::kQ8C>(P.kmt, deep, grid, P.smem, p); break;
-    case mm::kQ8R: run_fmt<mm::kQ8R>(P.kmt, deep, grid, P.smem, p); break;
-    case mm::kQ4: run_fmt<mm::kQ4>(P.kmt, deep, grid, P.smem, p); break;
-    case mm::kF8: run_fmt<mm::kF8>(P.kmt, deep, grid, P.smem, p); break;
-    default: run_fmt<mm::kBF16>(P.kmt, deep, grid, P.smem, p); break;
-  }
+  run_decode(d.fmt, P.kmt, deep, grid, P.smem, p);
   EXPECT_EQ(errors[0], 0u) << "a device error was raised";
   for (uint32_t v : counters) ASSERT_EQ(v, 0u) << "a split-k counter was not reset for the next launch";
 
@@ -338,8 +312,7 @@ TEST(CudaEmulation, MultiProductsGiveEachProductItsOwnBits) {
         const mm::DecodeMulti m =
             mm::make_decode_multi(mp, d, x.data(), M, ldx, yt, ldy, partial.data(), counters.data(), errors, true, false);
         const dim3 grid(static_cast<unsigned>(mp.max_tiles), static_cast<unsigned>(mp.max_ks), 3);
-        if (chunked) run_multi_fmt<mm::kQ8C>(mp.P[0].kmt, deep, grid, mp.smem, m);
-        else run_multi_fmt<mm::kQ8R>(mp.P[0].kmt, deep, grid, mp.smem, m);
+        run_multi(d[0].fmt, mp.P[0].kmt, deep, grid, mp.smem, m);
         for (uint32_t v : counters) ASSERT_EQ(v, 0u) << "a split-k counter was not reset";
         EXPECT_EQ(errors[0], 0u);
         // Alone, each under its plan.
@@ -352,8 +325,7 @@ TEST(CudaEmulation, MultiProductsGiveEachProductItsOwnBits) {
                                                       part.data(), cnt.data(), errors);
           p.round_y = 1;
           const dim3 g(static_cast<unsigned>(P.tiles), static_cast<unsigned>(P.ks), 1);
-          if (chunked) run_fmt<mm::kQ8C>(P.kmt, deep, g, P.smem, p);
-          else run_fmt<mm::kQ8R>(P.kmt, deep, g, P.smem, p);
+          run_decode(d[i].fmt, P.kmt, deep, g, P.smem, p);
           EXPECT_EQ(0, std::memcmp(alone.data(), together[static_cast<size_t>(i)].data(), alone.size() * 4))
               << "product " << i << " (N " << Ns[i] << ", " << P.tiles << " tiles x " << P.ks << " splits)";
         }
