@@ -3,9 +3,8 @@
 // rows) and the q8rb relayout, with the host-side launch plan. Internal to kernels/cuda.
 //
 // Written so that the same source also compiles as plain C++ for a host emulation of the
-// kernels in tests (GK_* macros; __CUDACC__ undefined): the includer then provides
-// threadIdx, blockIdx, gridDim (thread-local / global), gk_emu_sync() (a barrier over
-// the block's threads), gk_emu_smem() (the block's dynamic shared memory),
+// kernels in tests (emulable.cuh): the includer then provides threadIdx, blockIdx,
+// gridDim, gk_emu_sync(), gk_emu_smem() (the block's dynamic shared memory),
 // gk_emu_align(p, bytes, what) (a check of a vector access's alignment) and
 // cuda::raise_device_error (tests/gpu/test_cuda_emulation.cpp is that includer).
 #pragma once
@@ -19,31 +18,13 @@
 #include <cstring>
 #include <type_traits>
 
+#include "kernels/cuda/emulable.cuh"
 #include "kernels/cuda/gelu_impl.cuh"
 #include "kernels/cuda/matmul.h"
 #include "kernels/ops.h"
 
-#if defined(__CUDACC__)
-#include <cuda_runtime.h>
-#define GK_HD __host__ __device__ __forceinline__
-#define GK_D __device__ __forceinline__
-// Every kernel here is a template (instantiated by the one .cu that launches it).
-#define GK_KERNEL(min_blocks) __global__ void __launch_bounds__(256, min_blocks)
-#define GK_SHARED __shared__
-#define GK_SYNC() __syncthreads()
-#else
-#include <vector_types.h>
-#define GK_HD inline
-#define GK_D inline
-#define GK_KERNEL(min_blocks) inline void
-#define GK_SHARED static
-#define GK_SYNC() gk_emu_sync()
-#endif
-#if defined(__CUDA_ARCH__)
-#define GK_UNROLL _Pragma("unroll")
-#else
-#define GK_UNROLL
-#endif
+// Every kernel here: 256 threads.
+#define GK_KERNEL(min_blocks) GK_KERNEL_T(256, min_blocks)
 
 namespace grokit::kernels::cuda::mm {
 

@@ -3,7 +3,9 @@
 // shared by the parity harness, the host-ops tests and the GPU benchmark. Header-only.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
+#include <functional>
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
@@ -252,6 +254,35 @@ inline WeightPayload random_weight(int32_t dtype, int64_t E, int64_t K, int64_t 
     }
     default: throw std::invalid_argument("random_weight: dtype " + std::to_string(dtype));
   }
+}
+
+// Router inputs: w [D, E] and x [M, D], each row of x drawn again until its top k + 1
+// logits are apart (2^-8): two sides summing in other orders must pick the same experts,
+// and near-ties are ties of rounding. Returns false when no such row was found.
+inline bool router_inputs(int64_t M, int64_t D, int64_t E, int64_t k, Rng& rng, std::vector<float>& x,
+                          std::vector<float>& w) {
+  w.assign(static_cast<size_t>(D * E), 0.0f);
+  for (auto& v : w) v = rng.f32(-1.0f, 1.0f) / std::sqrt(static_cast<float>(D));
+  x.assign(static_cast<size_t>(M * D), 0.0f);
+  std::vector<double> logit(static_cast<size_t>(E));
+  for (int64_t m = 0; m < M; ++m) {
+    for (int attempt = 0;; ++attempt) {
+      if (attempt == 10000) return false;
+      float* xr = x.data() + m * D;
+      for (int64_t d = 0; d < D; ++d) xr[d] = rng.bf16_value(-3, 2);
+      for (int64_t e = 0; e < E; ++e) {
+        double acc = 0;
+        for (int64_t d = 0; d < D; ++d) acc += static_cast<double>(xr[d]) * w[static_cast<size_t>(d * E + e)];
+        logit[static_cast<size_t>(e)] = acc;  // gaps of probabilities are gaps of logits
+      }
+      std::sort(logit.begin(), logit.end(), std::greater<>());
+      bool apart = true;
+      for (int64_t i = 0; i < std::min(k, E - 1); ++i)
+        apart = apart && logit[static_cast<size_t>(i)] - logit[static_cast<size_t>(i + 1)] > 0x1p-8;
+      if (apart) break;
+    }
+  }
+  return true;
 }
 
 // The chains the CPU engine sums a product in at TP 1 (format::ModelConfig::

@@ -1,8 +1,9 @@
-// The CUDA weight products' device code (kernels/cuda/matmul_device.cuh) compiled as
-// plain C++ and run on the host: each block's 256 threads are std::threads, __syncthreads
-// a barrier, __shared__ a static, so the decode kernel's indexing, split-k, routing,
-// rounding and every plan a benchmark may force (k splits, warps across columns, the deep
-// variant) are checked against the host twin on a machine without a GPU. The arithmetic
+// The CUDA weight products' and router's device code (kernels/cuda/matmul_device.cuh,
+// router_device.cuh) compiled as plain C++ and run on the host: each block's threads are
+// std::threads, __syncthreads a barrier, __shared__ a static, so the decode kernel's
+// indexing, split-k, routing, rounding and every plan a benchmark may force (k splits,
+// warps across columns, the deep variant), and the router's two shapes, are checked
+// against the host twin on a machine without a GPU. The arithmetic
 // is the device's (fp32 fma, bf16x2 multiplies from cuda_bf16.h's host versions); the
 // summation order is the kernel's, so results are held to the parity harness's matmul
 // budget, and the rounded output to the bits of the unrounded one rounded.
@@ -32,6 +33,7 @@ inline void raise_device_error(unsigned int* word, unsigned int bit) {
 }  // namespace grokit::kernels::cuda
 
 #include "kernels/cuda/matmul_device.cuh"
+#include "kernels/cuda/router_device.cuh"
 #include "kernels/kernels.h"
 #include "kernels/ops.h"
 #include "tests/gpu/payloads.h"
@@ -61,12 +63,11 @@ void gk_emu_align(const void* p, int bytes, const char* what) {
 
 namespace {
 
-// Runs fn as a kernel over `grid`, one block at a time, each with mm::kThreads threads.
+// Runs fn as a kernel over `grid`, one block at a time, each with T threads.
 // A thread that returns early leaves the block's barrier (as an exited CUDA thread no
 // longer counts at __syncthreads). Dynamic shared memory is NaN before each block.
 template <class Fn>
-void launch(dim3 grid, size_t smem_bytes, const Fn& fn) {
-  constexpr int T = mm::kThreads;
+void launch(dim3 grid, size_t smem_bytes, const Fn& fn, int T = mm::kThreads) {
   gridDim = grid;
   g_smem.assign(smem_bytes / 4 + 4, std::nanf(""));
   g_sync.emplace(T);
@@ -330,6 +331,49 @@ TEST(CudaEmulation, MultiProductsGiveEachProductItsOwnBits) {
               << "product " << i << " (N " << Ns[i] << ", " << P.tiles << " tiles x " << P.ks << " splits)";
         }
       }
+}
+
+// The router's two shapes (one row per block of 1024 threads; row tiles in blocks of
+// 256) give the same bits, and the host twin's experts and gates (the parity harness's
+// budget: experts exact, gates 2^-14 relative).
+TEST(CudaEmulation, RouterShapesGiveTheSameBitsAndTheTwinsExperts) {
+  namespace rt = grokit::kernels::cuda::router;
+  Rng rng(53);
+  struct Shape {
+    int64_t M, D, E, k;
+  };
+  // E 5 and 3: 1024 and 256 not multiples of E (idle threads); D 40 < S: empty slices;
+  // E 200: one slice in flight per expert in the tiles; M 9: two tiles, the last partial.
+  const Shape shapes[] = {{6, 96, 8, 2}, {9, 6144, 8, 2}, {5, 40, 5, 1}, {7, 300, 3, 3}, {4, 64, 200, 4}, {1, 33, 2, 1}};
+  for (const Shape& c : shapes) {
+    SCOPED_TRACE("M " + std::to_string(c.M) + " D " + std::to_string(c.D) + " E " + std::to_string(c.E) + " k " +
+                 std::to_string(c.k));
+    std::vector<float> x, w;
+    ASSERT_TRUE(payloads::router_inputs(c.M, c.D, c.E, c.k, rng, x, w));
+    const size_t n = static_cast<size_t>(c.M * c.k);
+    std::vector<int32_t> want_e(n), row_e(n, -5), tile_e(n, -5);
+    std::vector<float> want_g(n), row_g(n, -5.0f), tile_g(n, -5.0f);
+    ASSERT_EQ(grokit_host_ops()->router_topk(x.data(), c.M, c.D, w.data(), c.E, c.k, want_e.data(), want_g.data(),
+                                             nullptr),
+              GROKIT_OK);
+    const int E = static_cast<int>(c.E), k = static_cast<int>(c.k);
+    launch(dim3(static_cast<unsigned>(c.M), 1, 1), 0,
+           [&] { rt::router_kernel<rt::kRowThreads, 1>(x.data(), c.M, c.D, w.data(), E, k, row_e.data(), row_g.data()); },
+           rt::kRowThreads);
+    // Two blocks at most: the grid-stride loop over tiles.
+    launch(dim3(2, 1, 1), 0,
+           [&] {
+             rt::router_kernel<rt::kTileThreads, rt::kTileRows>(x.data(), c.M, c.D, w.data(), E, k, tile_e.data(),
+                                                                tile_g.data());
+           },
+           rt::kTileThreads);
+    EXPECT_EQ(row_e, want_e);
+    EXPECT_EQ(tile_e, row_e);
+    EXPECT_EQ(0, std::memcmp(tile_g.data(), row_g.data(), n * 4)) << "the tiles' gates differ from the rows'";
+    for (size_t i = 0; i < n; ++i)
+      EXPECT_LE(std::fabs(double(row_g[i]) - double(want_g[i])), 0x1p-14 * std::fabs(double(want_g[i])))
+          << "gate " << i << ": " << row_g[i] << ", the twin " << want_g[i];
+  }
 }
 
 }  // namespace
