@@ -251,6 +251,33 @@ struct Row {
   std::string what, value, limit, ratio, target;
 };
 
+// Times each op of a layer: waits for the stream after each one (so the ops do not
+// overlap and the host's own work between them counts where it happens).
+class OpClock final : public runner::LayerProbe {
+ public:
+  OpClock(const GrokitOps* ops, GrokitStream st) : ops_(ops), st_(st) {}
+  void start() {
+    ops_->stream_sync(st_);
+    last_ = Clock::now();
+  }
+  Status mark(const char* op) override {
+    DEV_TRY(ops_, ops_->stream_sync(st_));
+    const auto now = Clock::now();
+    const double s = std::chrono::duration<double>(now - last_).count();
+    last_ = now;
+    for (auto& [name, secs] : ops)
+      if (name == op) return secs = std::min(secs, s), Status{};
+    ops.emplace_back(op, s);
+    return {};
+  }
+  std::vector<std::pair<std::string, double>> ops;  // the fastest of the runs, per op
+
+ private:
+  const GrokitOps* ops_;
+  GrokitStream st_;
+  Clock::time_point last_;
+};
+
 // --sweep: each decode product of a layer alone, timed under every decode plan the CUDA
 // backend can be told to use (GROKIT_CUDA_DECODE_PLAN = k splits, log2 of the warps
 // across columns, twice the bytes in flight or not), against the read bandwidth: which
@@ -496,6 +523,16 @@ int cmd_bench_device(int argc, char** argv) {
       const double flops = 2 * macs / best;
       rows.push_back({fmt("prefill %.0f tokens, int8", P), fmt("%.2f ms", best * 1e3) + fmt(" -> %.1f TFLOP/s", flops / 1e12),
                       "bf16 peak", fmt("%.2f", flops / peak), ">= 0.5"});
+      // Where it goes: each op alone (the stream waited for after each).
+      OpClock clock(ops, st);
+      for (int i = 0; i < 2; ++i) {
+        clock.start();
+        GROKIT_TRY(runner::run_layer(ops, st, L.w, d, run->io, prefill, prefill, nullptr, runner::LayerChain{}, &clock));
+      }
+      double sum = 0;
+      for (const auto& [op, secs] : clock.ops) sum += secs;
+      for (const auto& [op, secs] : clock.ops)
+        rows.push_back({"  " + op, fmt("%.3f ms", secs * 1e3), "of the op sum", fmt("%.2f", secs / sum), ""});
     }
 
     // 4. Loading a shard-sized file (page cache warm: it was just written).

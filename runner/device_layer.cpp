@@ -208,38 +208,52 @@ std::unique_ptr<DeviceComm> make_local_device_comm(const GrokitOps* ops, GrokitS
 }
 
 Status run_layer(const GrokitOps* ops, GrokitStream st, const DevLayer& Ly, const LayerDims& d, const LayerIO& io,
-                 int64_t N, int64_t max_keys, DeviceComm* comm, const LayerChain& chain) {
+                 int64_t N, int64_t max_keys, DeviceComm* comm, const LayerChain& chain, LayerProbe* probe) {
   const int64_t D = d.D, QD = d.q_heads * d.head_dim, KVD = d.kv_heads * d.head_dim, F = d.ffn, top = d.top;
   const GrokitAttnShape shape{d.q_heads, d.kv_heads, d.head_dim, d.attn_multiplier, d.attn_cap};
   auto all_reduce = [&](float* p, int64_t n) -> Status {
     return comm != nullptr ? comm->all_reduce_sum(p, static_cast<size_t>(n)) : Status{};
   };
+  auto mark = [&](const char* op) -> Status { return probe != nullptr ? probe->mark(op) : Status{}; };
   // Attention.
   if (!chain.input_normed) DEV_TRY(ops, ops->rmsnorm(io.x, N, D, Ly.attn_norm_in, d.eps, io.a, st));
+  GROKIT_TRY(mark("input norm"));
   constexpr int32_t kRound = GROKIT_MATMUL_ROUND_BF16;  // y = bf16(x @ W) in the product's own stores
   {  // q, k and v side by side
     const GrokitWeight* w[] = {&Ly.query, &Ly.key, &Ly.value};
     float* y[] = {io.q, io.k, io.v};
     const int64_t ldy[] = {QD, KVD, KVD};
     DEV_TRY(ops, ops->matmul_multi(w, 3, io.a, N, D, kRound, y, ldy, st));
+    GROKIT_TRY(mark("q, k, v"));
   }
   DEV_TRY(ops, ops->rope_store(io.q, io.k, io.v, N, io.pos, io.rows, &shape, d.rope_base, st));  // rope q, k; cache k, v
+  GROKIT_TRY(mark("rope and cache"));
   DEV_TRY(ops, ops->attention(io.q, N, io.rows, max_keys, &shape, io.o, st));
+  GROKIT_TRY(mark("attention"));
   DEV_TRY(ops, ops->matmul(&Ly.output, io.o, N, QD, 0, nullptr, io.tmp, D, st));
+  GROKIT_TRY(mark("output projection"));
   GROKIT_TRY(all_reduce(io.tmp, N * D));
+  GROKIT_TRY(mark("all-reduce (attention)"));
   // x = bf16(x + rmsnorm(bf16(tmp))); a = rmsnorm(x): the mixture's input.
   DEV_TRY(ops, ops->residual_norm(io.tmp, nullptr, 0, 1, N, D, Ly.attn_norm_out, d.eps, io.x, Ly.moe_norm_in, io.a, st));
+  GROKIT_TRY(mark("residual, norms (attn)"));
   // Mixture of experts: routing on the device; each rank its ffn columns.
   const GrokitRouting up_route{io.experts, top}, down_route{io.experts, 1};
   DEV_TRY(ops, ops->router_topk(io.a, N, D, Ly.router, d.experts, top, io.experts, io.gates, st));
+  GROKIT_TRY(mark("router"));
   DEV_TRY(ops, ops->matmul(&Ly.gate, io.a, N * top, D, kRound, &up_route, io.g, F, st));
+  GROKIT_TRY(mark("expert gate"));
   // g = gelu(g) * bf16(x @ W_up), in the up projection's own stores.
   DEV_TRY(ops, ops->matmul(&Ly.up, io.a, N * top, D, GROKIT_MATMUL_GELU_MUL, &up_route, io.g, F, st));
+  GROKIT_TRY(mark("expert up, gelu"));
   DEV_TRY(ops, ops->matmul(&Ly.down, io.g, N * top, F, GROKIT_MATMUL_X_FP32, &down_route, io.routed, D, st));
+  GROKIT_TRY(mark("expert down"));
   GROKIT_TRY(all_reduce(io.routed, N * top * D));
+  GROKIT_TRY(mark("all-reduce (experts)"));
   // The experts' rows combined, normed and added; the next layer's input norm rides along.
   DEV_TRY(ops, ops->residual_norm(io.routed, io.gates, top, 0, N, D, Ly.moe_norm_out, d.eps, io.x, chain.next_norm_in,
                                   io.a, st));
+  GROKIT_TRY(mark("combine, residual, norms"));
   return {};
 }
 

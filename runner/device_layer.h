@@ -141,6 +141,14 @@ struct LayerChain {
   const float* next_norm_in = nullptr;  // the next layer's attn_norm_in, or NULL
 };
 
+// A hook a benchmark passes to run_layer to time its ops: mark(op) runs after each op is
+// enqueued, and may wait for the stream (never pass one while capturing a graph).
+class LayerProbe {
+ public:
+  virtual ~LayerProbe() = default;
+  virtual Status mark(const char* op) = 0;
+};
+
 // One layer, on `stream`: attention (rmsnorm unless chained, q/k/v, rope and cache in
 // one op, attention, output, all-reduce, then rmsnorm, residual and the mixture's rmsnorm
 // in one op) then the mixture of experts (router, gate, then up with the gelu in its
@@ -148,6 +156,7 @@ struct LayerChain {
 // residual and the next layer's rmsnorm in one op). comm may be null for a rank measured
 // alone.
 Status run_layer(const GrokitOps* ops, GrokitStream stream, const DevLayer& layer, const LayerDims& dims,
-                 const LayerIO& io, int64_t N, int64_t max_keys, DeviceComm* comm, const LayerChain& chain);
+                 const LayerIO& io, int64_t N, int64_t max_keys, DeviceComm* comm, const LayerChain& chain,
+                 LayerProbe* probe = nullptr);
 
 }  // namespace grokit::runner

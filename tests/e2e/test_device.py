@@ -126,6 +126,15 @@ class HostDevice(DeviceCases, unittest.TestCase):
             ratio = float(rows[what].split()[-3])  # ... ratio ">=" target
             self.assertGreater(ratio, 0, rows[what])
         self.assertGreater(float(rows["the same load"].split()[-1]), 0, rows["the same load"])  # vs the file read
+        # The prefill's op-by-op breakdown: every op of the layer, fractions of their sum.
+        ops = ["q, k, v", "rope and cache", "attention", "output projection", "router", "expert gate",
+               "expert up, gelu", "expert down", "combine, residual, norms"]
+        for what in ops:
+            self.assertIn(what, rows, p.stdout)
+            self.assertIn("ms", rows[what])
+        parts = [float(line.split()[-1]) for line in lines[1:] if "of the op sum" in line]
+        self.assertGreaterEqual(len(parts), len(ops), p.stdout)
+        self.assertAlmostEqual(sum(parts), 1.0, delta=0.01 * len(parts), msg=p.stdout)
         self.assertEqual([f for f in os.listdir(self.tmp) if f.startswith("grokit-bench-load")], [])
 
     def test_bench_device_parts_and_sweep(self):
