@@ -18,7 +18,7 @@ namespace grokit::kernels::cuda::attn {
 namespace {
 constexpr int kThreads = 128;
 constexpr int kHB = 8;           // query heads per block
-constexpr int kMinChunk = 64;    // keys per split, at least
+constexpr int kMinChunk = 32;    // keys per split, at least (one pass of decode_scores)
 constexpr int kTK = 128;         // keys per weight tile in decode_pv
 constexpr int kMaxSteps = 32;    // 256 / 8: words of a key row per lane in decode_scores
 constexpr int kBatch = 16;       // V rows in flight per thread in decode_pv
@@ -41,6 +41,16 @@ __device__ __forceinline__ BlockIds block_ids(const Args& a, int hsub) {
   b.h0 = b.g * a.group + hs * kHB;
   b.nh = min(kHB, a.group - hs * kHB);
   return b;
+}
+
+// Keys per split of a row with n keys. The plan's chunk is sized for max_keys (a step's
+// graph serves every length up to it), which left most splits of a shorter row empty and
+// its keys on few SMs; the row's own keys are spread over all splits instead, in
+// multiples of 32 (one pass of a scores block), never above the plan's chunk.
+__device__ __forceinline__ int64_t row_chunk(int64_t n, const DecodePlan& p) {
+  int64_t c = (n + p.nsplit - 1) / p.nsplit;
+  c = (c + 31) / 32 * 32;
+  return c < 32 ? 32 : (c > p.chunk ? p.chunk : c);
 }
 
 // Online (max, sum of exp(s - max)) in double.
@@ -72,8 +82,8 @@ static __global__ __launch_bounds__(kThreads) void decode_scores(Args a, DecodeP
   const GrokitAttnRow row = a.rows[b.m];
   if (b.split == 0 && b.h0 == 0 && tid == 0 && row_out_of_contract(row, a.max_keys))
     raise_device_error(a.errors, GROKIT_DEVERR_ATTN_ROW);
-  const int64_t n = row_keys(row, a.max_keys), vend = row_visible_end(row, n);
-  const int64_t j0 = b.split * p.chunk, j1 = std::min(j0 + p.chunk, n);
+  const int64_t n = row_keys(row, a.max_keys), vend = row_visible_end(row, n), chunk = row_chunk(n, p);
+  const int64_t j0 = b.split * chunk, j1 = std::min(j0 + chunk, n);
   const int64_t rh0 = b.m * a.q_heads + b.h0;  // (row, first head) index
 
   for (int i = tid; i < b.nh * dh; i += kThreads) q_s[i] = static_cast<double>(a.q[rh0 * dh + i]);
@@ -163,8 +173,8 @@ static __global__ __launch_bounds__(kThreads) void decode_pv(Args a, DecodePlan 
   const BlockIds b = block_ids(a, p.hsub);
   const int dh = a.head_dim;
   const GrokitAttnRow row = a.rows[b.m];
-  const int64_t n = row_keys(row, a.max_keys);
-  const int64_t j0 = b.split * p.chunk, j1 = std::min(j0 + p.chunk, n);
+  const int64_t n = row_keys(row, a.max_keys), chunk = row_chunk(n, p);
+  const int64_t j0 = b.split * chunk, j1 = std::min(j0 + chunk, n);
   const int64_t rh0 = b.m * a.q_heads + b.h0;
 
   auto store = [&](int hh, int d, double t) {
@@ -257,16 +267,17 @@ static __global__ __launch_bounds__(kThreads) void decode_pv(Args a, DecodePlan 
 }
 
 // o = bf16(fp32(sum over splits of P)), in split order as combine_splits, but only over
-// the splits that hold keys of the row: a step's graph is sized for max_keys, so most
-// splits of a short sequence are empty (their partials are +0.0, which adds nothing: the
-// sum starts at +0.0 and never becomes -0.0). Loads go out four at a time.
+// the splits that hold keys of the row (row_chunk: the last ones may be empty; their
+// partials are +0.0, which adds nothing: the sum starts at +0.0 and never becomes -0.0).
+// Loads go out four at a time.
 static __global__ void decode_combine(Args a, DecodePlan p, const double* __restrict__ P) {
   const int64_t total = a.M * a.q_heads * a.head_dim;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t rh = i / a.head_dim;
     const int64_t n = row_keys(a.rows[rh / a.q_heads], a.max_keys);
-    const int used = static_cast<int>(std::min<int64_t>(p.nsplit, (n + p.chunk - 1) / p.chunk));
+    const int64_t chunk = row_chunk(n, p);
+    const int used = static_cast<int>(std::min<int64_t>(p.nsplit, (n + chunk - 1) / chunk));
     const double* part = P + rh * p.nsplit * a.head_dim + (i - rh * a.head_dim);
     double t = 0.0;
     int s = 0;
@@ -291,7 +302,8 @@ int decode_plan(const Args& a, int sms, DecodePlan* p) {
   if (base > 65535)
     return set_error(GROKIT_ERR_UNSUPPORTED, "attention: decode grid too large (M * kv_heads * ceil(group / 8) = %lld)",
                      static_cast<long long>(base));
-  // About two blocks per SM; splits of at least kMinChunk keys (multiples of 32).
+  // About two blocks per SM; splits of at least kMinChunk keys (multiples of 32) for a row
+  // of max_keys (a shorter row spreads its keys over the same splits: row_chunk).
   const int64_t target = 2 * static_cast<int64_t>(std::max(sms, 1));
   int64_t ns = (target + base - 1) / base;
   ns = std::clamp<int64_t>(ns, 1, (a.max_keys + kMinChunk - 1) / kMinChunk);

@@ -1412,6 +1412,10 @@ void build_cases() {
   add_attention("decode", 8, 8, 16, m16, 2, {{8, 1}, {45, 37}, {320, 300}, {5, 3}}, {0, 3, 0, 3},
                 {{0, 0}, {1, 36}, {2, 299}, {3, 2}}, 512);
   add_attention("decode_capped", 4, 1, 128, 1.0f, 4, {{64, 50}, {300, 297}}, {0, 5}, {{0, 49}, {1, 296}}, 300);
+  // Sized for a graph (max_keys 4096) with shorter rows: a row's keys spread over all
+  // splits in smaller chunks than the plan's (row_chunk), Grok-1's 6 heads per kv head.
+  add_attention("decode_graph_sized", 6, 1, 128, m128, 2, {{1100, 1025}, {320, 300}, {64, 40}, {8, 5}}, {0, 3, 0, 0},
+                {{0, 1024}, {1, 299}, {2, 39}, {3, 4}}, 4096);
   {
     std::vector<AttnRowSpec> rows;
     for (int32_t p = 236; p < 300; ++p) rows.push_back({0, p});
