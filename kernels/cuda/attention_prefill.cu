@@ -87,20 +87,29 @@ __device__ __forceinline__ void qk_tile(const uint16_t* Qs, const uint16_t* Ks, 
   const int g = lane >> 2, t = lane & 3;
   const uint16_t* q0 = Qs + (warp * 16 + g) * LD + t;
   const uint16_t* q1 = q0 + 8 * LD;
+  const uint16_t* k0 = Ks + g * LD + t;
+  // k outer, keys inner: each q value is widened once per tile, not once per 8 keys (the
+  // widening, not the fp64 mma, bounds this loop). Each key's sum takes k in the same
+  // order as before, so the bits are the same.
+  double c[BN / 8][2][2];
+#pragma unroll
+  for (int nt = 0; nt < BN / 8; ++nt) c[nt][0][0] = c[nt][0][1] = c[nt][1][0] = c[nt][1][1] = 0.0;
+#pragma unroll 1
+  for (int kk = 0; kk < DHP / 4; ++kk) {
+    const double a0 = widen_bf16(q0[kk * 4]), a1 = widen_bf16(q1[kk * 4]);
+#pragma unroll
+    for (int nt = 0; nt < BN / 8; ++nt) {
+      const double b = widen_bf16(k0[nt * 8 * LD + kk * 4]);
+      mma_f64(c[nt][0], a0, b);
+      mma_f64(c[nt][1], a1, b);
+    }
+  }
 #pragma unroll
   for (int nt = 0; nt < BN / 8; ++nt) {
-    const uint16_t* kr = Ks + (nt * 8 + g) * LD + t;
-    double c0[2] = {0.0, 0.0}, c1[2] = {0.0, 0.0};
-#pragma unroll 8
-    for (int kk = 0; kk < DHP / 4; ++kk) {
-      const double b = widen_bf16(kr[kk * 4]);
-      mma_f64(c0, widen_bf16(q0[kk * 4]), b);
-      mma_f64(c1, widen_bf16(q1[kk * 4]), b);
-    }
-    s[nt][0] = static_cast<float>(c0[0]);
-    s[nt][1] = static_cast<float>(c0[1]);
-    s[nt][2] = static_cast<float>(c1[0]);
-    s[nt][3] = static_cast<float>(c1[1]);
+    s[nt][0] = static_cast<float>(c[nt][0][0]);
+    s[nt][1] = static_cast<float>(c[nt][0][1]);
+    s[nt][2] = static_cast<float>(c[nt][1][0]);
+    s[nt][3] = static_cast<float>(c[nt][1][1]);
   }
 }
 
