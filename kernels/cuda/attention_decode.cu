@@ -123,16 +123,24 @@ static __global__ __launch_bounds__(kThreads) void decode_scores(Args a, DecodeP
         }
       }
       const bool vis = live && j < vend && row.valid[j] != 0;
+      // Every lane of a quad gets each head's dot; lane l4 keeps heads l4 and l4 + 4, so
+      // the tanh and exp below run on every lane at once (two rounds, not one per head).
+      double mine[2] = {0.0, 0.0};
 #pragma unroll
       for (int hh = 0; hh < kHB; ++hh) {
         // ((c0 + c1) + (c2 + c3)) + ((c4 + c5) + (c6 + c7)), as combine8 (+ commutes exactly).
         double t = acc[hh][0] + acc[hh][1];
         t += __shfl_xor_sync(0xffffffffu, t, 1);
         t += __shfl_xor_sync(0xffffffffu, t, 2);
-        if (live && hh < b.nh && (hh & 3) == l4) {
-          const float s = vis ? cap_logit(logit_x(static_cast<float>(t), a.multiplier), a.cap) : kMasked;
+        if ((hh & 3) == l4) mine[hh >> 2] = t;
+      }
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int hh = l4 + 4 * i;
+        if (live && hh < b.nh) {
+          const float s = vis ? cap_logit(logit_x(static_cast<float>(mine[i]), a.multiplier), a.cap) : kMasked;
           S[(rh0 + hh) * a.max_keys + j] = s;
-          online_add(mr[hh >> 2], lr[hh >> 2], s);
+          online_add(mr[i], lr[i], s);
         }
       }
     }
