@@ -42,9 +42,54 @@ struct LtDescs {
   }
 };
 
+// Rows of x the algorithm of a product is chosen for: n rounded up to a power of two
+// (multiples of 8192 above it). A routed prefill gives each expert its own row count, so
+// asking cuBLASLt's heuristic for every exact count (tens of microseconds of host time
+// each, with the stream drained while the host waits) would cost a long prompt about a
+// millisecond per layer.
+int64_t rows_bucket(int64_t n) {
+  if (n > 8192) return (n + 8191) / 8192 * 8192;
+  int64_t b = 16;
+  while (b < n) b <<= 1;
+  return b;
+}
+
+// The heuristic's first algorithm for D^T (N x n) = W^T X^T (gemm, below) with n rows,
+// into *algo; kNoAlgo when it has none.
+int find_algo(Ctx& c, const LtDescs& t, int64_t N, int64_t n, int64_t K, int64_t ldd, uint32_t aa, uint32_t ab,
+              uint32_t ac, cublasLtMatmulAlgo_t* algo) {
+  LtDescs q;  // layouts of x and y for n rows (the operation's descriptor is t's)
+  if (int rc = check_lt(cublasLtMatrixLayoutCreate(&q.b, CUDA_R_16BF, static_cast<uint64_t>(K), static_cast<uint64_t>(n), K),
+                        "layout of x");
+      rc != GROKIT_OK)
+    return rc;
+  if (int rc = check_lt(cublasLtMatrixLayoutCreate(&q.c, CUDA_R_32F, static_cast<uint64_t>(N), static_cast<uint64_t>(n), ldd),
+                        "layout of y");
+      rc != GROKIT_OK)
+    return rc;
+  if (int rc = check_lt(cublasLtMatmulPreferenceCreate(&q.pref), "preference"); rc != GROKIT_OK) return rc;
+  const uint64_t ws = kLtWorkspace;
+  cublasLtMatmulPreferenceSetAttribute(q.pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws);
+  cublasLtMatmulPreferenceSetAttribute(q.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &aa, sizeof aa);
+  cublasLtMatmulPreferenceSetAttribute(q.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &ab, sizeof ab);
+  cublasLtMatmulPreferenceSetAttribute(q.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &ac, sizeof ac);
+  cublasLtMatmulPreferenceSetAttribute(q.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &ac, sizeof ac);
+  cublasLtMatmulHeuristicResult_t res{};
+  int count = 0;
+  const cublasStatus_t s = cublasLtMatmulAlgoGetHeuristic(c.lt, t.op, t.a, q.b, q.c, q.c, q.pref, 1, &res, &count);
+  if (s == CUBLAS_STATUS_NOT_SUPPORTED || (s == CUBLAS_STATUS_SUCCESS && (count < 1 || res.state != CUBLAS_STATUS_SUCCESS)))
+    return kNoAlgo;
+  if (int rc = check_lt(s, "heuristic"); rc != GROKIT_OK) return rc;
+  *algo = res.algo;
+  return GROKIT_OK;
+}
+
 // D [n, N] fp32 (row stride ldd) = X [n, K] bf16 (row stride K) @ W [K, N] bf16 (row
 // stride N) + beta * D. cuBLASLt is column-major, so this is D^T (N x n, ld ldd) =
-// W^T (N x K, ld N) X^T (K x n, ld K), no transposes. kNoAlgo when no kernel fits.
+// W^T (N x K, ld N) X^T (K x n, ld K), no transposes. The algorithm: the one cached for
+// this exact shape; else the one chosen for n's bucket (rows_bucket), if cuBLASLt's
+// check accepts it for this shape; else the heuristic's for this shape. kNoAlgo when no
+// kernel fits.
 int gemm(Ctx& c, const uint16_t* W, const uint16_t* X, float* D, int64_t ldd, int64_t N, int64_t n, int64_t K,
          float beta) {
   LtDescs t;
@@ -63,33 +108,44 @@ int gemm(Ctx& c, const uint16_t* W, const uint16_t* X, float* D, int64_t ldd, in
       rc != GROKIT_OK)
     return rc;
   const uint32_t aa = alignment(W), ab = alignment(X), ac = alignment(D);
-  const std::array<int64_t, 8> key{N, n, K, ldd, aa, ab, ac, beta != 0.0f ? 1 : 0};
+  // Keys (N, rows, K, ldd, alignments, beta): rows = -n for an exact shape, the bucket's
+  // row count for a bucket's choice.
+  auto key_of = [&](int64_t rows) { return std::array<int64_t, 8>{N, rows, K, ldd, aa, ab, ac, beta != 0.0f ? 1 : 0}; };
+  const auto exact = key_of(-n);
   cublasLtMatmulAlgo_t algo;
-  auto it = c.algos.find(key);
-  if (it != c.algos.end()) {
+  if (auto it = c.algos.find(exact); it != c.algos.end()) {
     algo = it->second;
   } else {
-    if (int rc = check_lt(cublasLtMatmulPreferenceCreate(&t.pref), "preference"); rc != GROKIT_OK) return rc;
-    const uint64_t ws = kLtWorkspace;
-    cublasLtMatmulPreferenceSetAttribute(t.pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws);
-    cublasLtMatmulPreferenceSetAttribute(t.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &aa, sizeof aa);
-    cublasLtMatmulPreferenceSetAttribute(t.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &ab, sizeof ab);
-    cublasLtMatmulPreferenceSetAttribute(t.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &ac, sizeof ac);
-    cublasLtMatmulPreferenceSetAttribute(t.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &ac, sizeof ac);
-    cublasLtMatmulHeuristicResult_t res{};
-    int count = 0;
-    const cublasStatus_t s = cublasLtMatmulAlgoGetHeuristic(c.lt, t.op, t.a, t.b, t.c, t.c, t.pref, 1, &res, &count);
-    if (s == CUBLAS_STATUS_NOT_SUPPORTED || (s == CUBLAS_STATUS_SUCCESS && (count < 1 || res.state != CUBLAS_STATUS_SUCCESS)))
-      return kNoAlgo;
-    if (int rc = check_lt(s, "heuristic"); rc != GROKIT_OK) return rc;
-    algo = res.algo;
-    c.algos.emplace(key, algo);
+    bool found = false;
+    const int64_t nb = rows_bucket(n);
+    if (nb != n) {
+      const auto bucket = key_of(nb);
+      auto bt = c.algos.find(bucket);
+      if (bt == c.algos.end()) {
+        cublasLtMatmulAlgo_t a;
+        const int rc = find_algo(c, t, N, nb, K, ldd, aa, ab, ac, &a);
+        if (rc != GROKIT_OK && rc != kNoAlgo) return rc;
+        if (rc == GROKIT_OK) bt = c.algos.emplace(bucket, a).first;
+      }
+      cublasLtMatmulHeuristicResult_t res{};
+      if (bt != c.algos.end() &&
+          cublasLtMatmulAlgoCheck(c.lt, t.op, t.a, t.b, t.c, t.c, &bt->second, &res) == CUBLAS_STATUS_SUCCESS &&
+          res.workspaceSize <= kLtWorkspace) {
+        algo = bt->second;
+        found = true;
+      }
+    }
+    if (!found) {
+      const int rc = find_algo(c, t, N, n, K, ldd, aa, ab, ac, &algo);
+      if (rc != GROKIT_OK) return rc;  // kNoAlgo included
+    }
+    c.algos.emplace(exact, algo);
   }
   const float alpha = 1.0f;
   const cublasStatus_t ms =
       cublasLtMatmul(c.lt, t.op, &alpha, W, t.a, X, t.b, &beta, D, t.c, D, t.c, &algo, c.ws.p, c.ws.bytes, c.stream);
-  if (ms == CUBLAS_STATUS_NOT_SUPPORTED) {  // the algorithm the heuristic gave refuses the call: as if none
-    c.algos.erase(key);
+  if (ms == CUBLAS_STATUS_NOT_SUPPORTED) {  // the algorithm refuses the call: as if none
+    c.algos.erase(exact);
     return kNoAlgo;
   }
   return check_lt(ms, "matmul");
