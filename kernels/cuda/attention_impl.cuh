@@ -1,10 +1,71 @@
 // Internal to kernels/cuda/attention*.cu: the arguments, plans and the device helpers
-// that spell out the CPU twin's numerics (kernels/attention.cpp).
+// that spell out the CPU twin's numerics (kernels/attention.cpp). Also compiles as plain
+// C++ (emulable.cuh) for the host emulation of the decode kernels in tests: the includer
+// then provides round_bf16 (grokit's, common.h), cuda::raise_device_error and
+// gk_emu_shfl_xor (a warp's exchange).
 #pragma once
 
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "kernels/cuda/emulable.cuh"
+#include "kernels/ops.h"
+#if defined(__CUDACC__)
 #include "kernels/cuda/cuda_util.cuh"
+#else
+#include <driver_types.h>  // cudaStream_t (the launchers' declarations)
+
+#include "common/common.h"
+#endif
 
 namespace grokit::kernels::cuda::attn {
+
+#if !defined(__CUDACC__)
+using ::grokit::round_bf16;
+#endif
+
+// Lane exchange across a full warp.
+template <class T>
+GK_D T shfl_xor(T v, int mask) {
+#if defined(__CUDA_ARCH__)
+  return __shfl_xor_sync(0xffffffffu, v, mask);
+#elif defined(__CUDACC__)
+  return v;  // host pass of nvcc: never called
+#else
+  return gk_emu_shfl_xor(v, mask);
+#endif
+}
+// fp32 arithmetic rounded on its own (no contraction into an fma), as the CPU twin's.
+GK_D float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  volatile float r = a * b;
+  return r;
+#endif
+}
+GK_D float div_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fdiv_rn(a, b);
+#else
+  volatile float r = a / b;
+  return r;
+#endif
+}
+GK_D float sub_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fsub_rn(a, b);
+#else
+  volatile float r = a - b;
+  return r;
+#endif
+}
+GK_D float bits_to_f32(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
 
 constexpr float kMasked = -1e30f;      // the CPU twin's score of a masked key
 constexpr int kDecodeMaxRows = 64;     // M at or below this takes the decode path
@@ -38,18 +99,18 @@ int prefill_plan(const Args& a, int sms, PrefillPlan* p);
 int prefill_run(const Args& a, const PrefillPlan& p, void* scratch, cudaStream_t stream);
 
 // ---- device helpers -----------------------------------------------------------------
-__device__ __forceinline__ float neg_inf_f() { return __int_as_float(0xff800000); }
-__device__ __forceinline__ double neg_inf_d() { return __longlong_as_double(static_cast<long long>(0xfff0000000000000ULL)); }
+GK_D float neg_inf_f() { return -INFINITY; }
+GK_D double neg_inf_d() { return -static_cast<double>(INFINITY); }
 
 // A descriptor the CPU twin refuses: the kernels read nothing outside its cache (none
 // with a NULL pointer) and its first block raises GROKIT_DEVERR_ATTN_ROW.
-__device__ __forceinline__ bool row_out_of_contract(const GrokitAttnRow& r, int64_t max_keys) {
+GK_D bool row_out_of_contract(const GrokitAttnRow& r, int64_t max_keys) {
   return r.k == nullptr || r.v == nullptr || r.valid == nullptr || r.n_keys < 1 || r.n_keys > r.cap ||
          r.n_keys > max_keys || r.pos < 0;
 }
 // Keys [0, n) of a row, clamped to its cache and to max_keys (the CPU twin requires
 // 0 < n_keys <= cap; out-of-range descriptors read nothing outside the cache).
-__device__ __forceinline__ int64_t row_keys(const GrokitAttnRow& r, int64_t max_keys) {
+GK_D int64_t row_keys(const GrokitAttnRow& r, int64_t max_keys) {
   if (r.k == nullptr || r.v == nullptr || r.valid == nullptr) return 0;
   int64_t n = r.n_keys;
   if (n > r.cap) n = r.cap;
@@ -57,32 +118,33 @@ __device__ __forceinline__ int64_t row_keys(const GrokitAttnRow& r, int64_t max_
   return n < 0 ? 0 : n;
 }
 // Keys before this are not after the query (may be <= 0).
-__device__ __forceinline__ int64_t row_visible_end(const GrokitAttnRow& r, int64_t n) {
+GK_D int64_t row_visible_end(const GrokitAttnRow& r, int64_t n) {
   const int64_t e = static_cast<int64_t>(r.pos) + 1;
   return e < n ? e : n;
 }
 
 // x = fp32(bf16(dot)) * multiplier.
-__device__ __forceinline__ float logit_x(float dot, float mult) { return __fmul_rn(round_bf16(dot), mult); }
+GK_D float logit_x(float dot, float mult) { return mul_rn(round_bf16(dot), mult); }
 // s = cap * fp32(tanh(double(x / cap))): the CPU twin's bits.
-__device__ __forceinline__ float cap_logit(float x, float cap) {
-  return __fmul_rn(cap, static_cast<float>(::tanh(static_cast<double>(__fdiv_rn(x, cap)))));
+GK_D float cap_logit(float x, float cap) {
+  return mul_rn(cap, static_cast<float>(std::tanh(static_cast<double>(div_rn(x, cap)))));
 }
 // e = fp32(exp(double(fp32(s - mx)))).
-__device__ __forceinline__ float softmax_num(float s, float mx) {
-  return static_cast<float>(::exp(static_cast<double>(__fsub_rn(s, mx))));
+GK_D float softmax_num(float s, float mx) {
+  return static_cast<float>(std::exp(static_cast<double>(sub_rn(s, mx))));
 }
 // w = bf16(e / sum); 0 stays 0 (also when sum is 0: a row without keys).
-__device__ __forceinline__ float softmax_weight(float e, float sum) {
-  return e == 0.0f ? 0.0f : round_bf16(__fdiv_rn(e, sum));
+GK_D float softmax_weight(float e, float sum) {
+  return e == 0.0f ? 0.0f : round_bf16(div_rn(e, sum));
 }
 // The fp32 softmax denominator from an (accurate) double sum; a row with no visible key
 // sums n ones in fp32 on the CPU, which stops at 2^24.
-__device__ __forceinline__ float final_sum(double sum, float mx) {
+GK_D float final_sum(double sum, float mx) {
   const float s = static_cast<float>(sum);
   return mx == kMasked ? fminf(s, 16777216.0f) : s;
 }
 
+#if defined(__CUDACC__)
 // o[i] = bf16(fp32(sum over splits of part)), the split partials summed in double.
 // part: [rows * heads, nsplit, dh]; o: [rows * heads, dh] (total elements). Grid-stride.
 template <class T>
@@ -97,5 +159,6 @@ static __global__ void combine_splits(const T* __restrict__ part, int64_t total,
     o[i] = round_bf16(static_cast<float>(t));
   }
 }
+#endif
 
 }  // namespace grokit::kernels::cuda::attn

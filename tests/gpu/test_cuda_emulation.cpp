@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <memory>
 #include <optional>
 #include <string>
 #include <thread>
@@ -26,12 +27,15 @@ dim3 gridDim;
 void gk_emu_sync();
 float* gk_emu_smem();
 void gk_emu_align(const void* p, int bytes, const char* what);
+template <class T>
+T gk_emu_shfl_xor(T v, int mask);
 namespace grokit::kernels::cuda {
 inline void raise_device_error(unsigned int* word, unsigned int bit) {
   if (word != nullptr) __atomic_fetch_or(word, bit, __ATOMIC_SEQ_CST);
 }
 }  // namespace grokit::kernels::cuda
 
+#include "kernels/cuda/attention_decode_device.cuh"
 #include "kernels/cuda/matmul_device.cuh"
 #include "kernels/cuda/router_device.cuh"
 #include "kernels/kernels.h"
@@ -49,10 +53,29 @@ using payloads::WeightPayload;
 
 std::optional<std::barrier<>> g_sync;
 std::vector<float> g_smem;
+// A warp's exchange: each lane's value, and a barrier per warp.
+constexpr int kMaxEmuThreads = 1024;
+std::vector<std::unique_ptr<std::barrier<>>> g_warps;
+uint64_t g_lanes[kMaxEmuThreads];
 
 }  // namespace
 
 void gk_emu_sync() { g_sync->arrive_and_wait(); }
+// Every lane of the warp calls it (as __shfl_xor_sync with a full mask requires).
+template <class T>
+T gk_emu_shfl_xor(T v, int mask) {
+  static_assert(sizeof(T) <= sizeof(uint64_t));
+  const int t = static_cast<int>(threadIdx.x);
+  uint64_t mine = 0;
+  std::memcpy(&mine, &v, sizeof v);
+  g_lanes[t] = mine;
+  g_warps[static_cast<size_t>(t / 32)]->arrive_and_wait();
+  const uint64_t theirs = g_lanes[(t & ~31) | ((t & 31) ^ mask)];
+  g_warps[static_cast<size_t>(t / 32)]->arrive_and_wait();
+  T r;
+  std::memcpy(&r, &theirs, sizeof r);
+  return r;
+}
 float* gk_emu_smem() { return g_smem.data(); }
 void gk_emu_align(const void* p, int bytes, const char* what) {
   if (reinterpret_cast<uintptr_t>(p) % static_cast<uintptr_t>(bytes) != 0) {
@@ -68,9 +91,15 @@ namespace {
 // longer counts at __syncthreads). Dynamic shared memory is NaN before each block.
 template <class Fn>
 void launch(dim3 grid, size_t smem_bytes, const Fn& fn, int T = mm::kThreads) {
+  ASSERT_TRUE(T % 32 == 0 && T <= kMaxEmuThreads);
   gridDim = grid;
   g_smem.assign(smem_bytes / 4 + 4, std::nanf(""));
   g_sync.emplace(T);
+  auto make_warps = [T] {
+    g_warps.clear();
+    for (int w = 0; w < T / 32; ++w) g_warps.push_back(std::make_unique<std::barrier<>>(32));
+  };
+  make_warps();
   std::barrier start(T), end(T);
   std::vector<std::thread> threads;
   for (int t = 0; t < T; ++t) {
@@ -83,9 +112,11 @@ void launch(dim3 grid, size_t smem_bytes, const Fn& fn, int T = mm::kThreads) {
             blockIdx = uint3{x, y, z};
             fn();
             g_sync->arrive_and_drop();
+            g_warps[static_cast<size_t>(t / 32)]->arrive_and_drop();
             end.arrive_and_wait();
             if (t == 0) {  // nobody touches these until the next start
               g_sync.emplace(T);
+              make_warps();
               std::fill(g_smem.begin(), g_smem.end(), std::nanf(""));
             }
           }
@@ -374,6 +405,102 @@ TEST(CudaEmulation, RouterShapesGiveTheSameBitsAndTheTwinsExperts) {
       EXPECT_LE(std::fabs(double(row_g[i]) - double(want_g[i])), 0x1p-14 * std::fabs(double(want_g[i])))
           << "gate " << i << ": " << row_g[i] << ", the twin " << want_g[i];
   }
+}
+
+// ---- decode attention ------------------------------------------------------------
+
+// One row of a decode attention case: its own cache of `cap` positions, keys [0, n) in
+// it (the first `pad` of them padding), the query at `pos`.
+struct AttnRowCase {
+  int64_t cap, n, pad;
+  int32_t pos;
+};
+
+// The decode attention's three kernels emulated under the plan of a device with `sms`
+// SMs, against the CPU twin row by row: every output written, within one bf16 ulp, and
+// at most 1% of them not bit-equal (the V sums run in double, in splits).
+void check_decode_attention(const std::string& what, int64_t Hq, int64_t KV, int64_t dh, float mult, int q_hi,
+                            const std::vector<AttnRowCase>& rows, int64_t max_keys, int sms, Rng& rng) {
+  namespace at = grokit::kernels::cuda::attn;
+  SCOPED_TRACE(what);
+  const auto M = static_cast<int64_t>(rows.size());
+  std::vector<std::vector<uint16_t>> ks, vs;
+  std::vector<std::vector<uint8_t>> valid;
+  std::vector<GrokitAttnRow> rd;
+  for (const AttnRowCase& r : rows) {
+    std::vector<uint16_t> k(static_cast<size_t>(KV * r.cap * dh), 0x7fc1), v(k.size(), 0x7fc1);  // NaN past n
+    std::vector<uint8_t> ok(static_cast<size_t>(r.cap), 0);
+    for (int64_t h = 0; h < KV; ++h)
+      for (int64_t j = 0; j < r.n; ++j)
+        for (int64_t d = 0; d < dh; ++d) {
+          k[static_cast<size_t>((h * r.cap + j) * dh + d)] = rng.bf16_bits(-4, 1);
+          v[static_cast<size_t>((h * r.cap + j) * dh + d)] = rng.bf16_bits(-6, 2);
+        }
+    for (int64_t j = 0; j < r.n; ++j) ok[static_cast<size_t>(j)] = j < r.pad || rng.range(0, 4) == 0 ? 0 : 1;
+    ks.push_back(std::move(k));
+    vs.push_back(std::move(v));
+    valid.push_back(std::move(ok));
+    rd.push_back({ks.back().data(), vs.back().data(), valid.back().data(), r.cap, r.n, r.pos, 1});
+  }
+  std::vector<float> q(static_cast<size_t>(M * Hq * dh));
+  for (auto& x : q) x = rng.bf16_value(-4, q_hi);
+  std::vector<float> want(q.size()), got(q.size(), std::nanf(""));
+  for (int64_t m = 0; m < M; ++m) {
+    const AttnRowCase& r = rows[static_cast<size_t>(m)];
+    const grokit::kernels::AttentionShape sh{Hq, KV, dh, r.cap, mult, 30.0f};
+    ASSERT_TRUE(grokit::kernels::attention(q.data() + m * Hq * dh, 1, &r.pos, ks[static_cast<size_t>(m)].data(),
+                                           vs[static_cast<size_t>(m)].data(), valid[static_cast<size_t>(m)].data(), r.n,
+                                           sh, want.data() + m * Hq * dh, nullptr)
+                    .ok());
+  }
+  unsigned int errors[2] = {0, 0};
+  const at::Args a{q.data(), got.data(), rd.data(), M, max_keys, static_cast<int>(Hq), static_cast<int>(KV),
+                   static_cast<int>(Hq / KV), static_cast<int>(dh), mult, 30.0f, errors};
+  at::DecodePlan p{};
+  ASSERT_TRUE(at::plan_decode(a, sms, &p));
+  std::vector<double> scratch(p.bytes / 8 + 1, std::nan(""));
+  auto* base = reinterpret_cast<unsigned char*>(scratch.data());
+  auto* S = reinterpret_cast<float*>(base + p.off_s);
+  auto* PM = reinterpret_cast<float*>(base + p.off_pm);
+  auto* PL = reinterpret_cast<double*>(base + p.off_pl);
+  auto* P = reinterpret_cast<double*>(base + p.off_p);
+  const dim3 grid(static_cast<unsigned>(p.nsplit), static_cast<unsigned>(M * KV * p.hsub), 1);
+  launch(grid, 0, [&] { at::decode_scores(a, p, S, PM, PL); }, at::kThreads);
+  if (p.nsplit == 1) {
+    launch(grid, 0, [&] { at::decode_pv<true>(a, p, S, PM, PL, nullptr); }, at::kThreads);
+  } else {
+    launch(grid, 0, [&] { at::decode_pv<false>(a, p, S, PM, PL, P); }, at::kThreads);
+    launch(dim3(2, 1, 1), 0, [&] { at::decode_combine(a, p, P); }, at::kThreads);  // grid-stride
+  }
+  EXPECT_EQ(errors[0], 0u);
+  size_t differ = 0;
+  int bad = 0;
+  for (size_t i = 0; i < want.size(); ++i) {
+    if (std::memcmp(&got[i], &want[i], 4) == 0) continue;
+    ++differ;
+    const double ulp = std::ldexp(1.0, std::ilogb(std::max(std::fabs(double(want[i])), 1e-30)) - 7);
+    if (!(std::fabs(double(got[i]) - double(want[i])) <= ulp) && bad++ < 5)
+      ADD_FAILURE() << "row " << i / static_cast<size_t>(Hq * dh) << " element " << i % static_cast<size_t>(Hq * dh)
+                    << ": got " << got[i] << ", the twin " << want[i];
+  }
+  EXPECT_LE(differ, want.size() / 100) << differ << " of " << want.size() << " not bit-equal (" << p.nsplit
+                                        << " splits of " << p.chunk << " keys)";
+}
+
+TEST(CudaEmulation, DecodeAttentionMatchesTheTwinUnderItsPlans) {
+  Rng rng(59);
+  const float m128 = 0.08838834764831845f, m16 = 0.25f;
+  // Sized for a graph (max_keys 4096 on 132 SMs: 128 splits of 32 keys) with shorter rows,
+  // Grok-1's 6 heads per kv head; a row with padding first; a row of 5 keys.
+  check_decode_attention("graph sized", 6, 1, 128, m128, 2,
+                         {{1100, 1025, 0, 1024}, {320, 300, 3, 299}, {8, 5, 0, 4}}, 4096, 132, rng);
+  // Few SMs: one split (o written directly), then a few.
+  const std::vector<AttnRowCase> mixed = {{8, 1, 0, 0}, {45, 37, 3, 36}, {320, 300, 0, 299}, {5, 3, 3, 2}};
+  check_decode_attention("one split", 8, 2, 128, m128, 2, mixed, 320, 3, rng);
+  check_decode_attention("some splits", 8, 2, 128, m128, 2, mixed, 320, 40, rng);
+  check_decode_attention("head_dim 16, group 1", 8, 8, 16, m16, 2, mixed, 512, 20, rng);
+  // Two blocks of heads per kv head (group 12 > 8), and logits past the cap.
+  check_decode_attention("group 12, capped", 12, 1, 128, 1.0f, 4, {{64, 50, 0, 49}, {300, 297, 5, 296}}, 300, 16, rng);
 }
 
 }  // namespace
