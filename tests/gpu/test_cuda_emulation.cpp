@@ -490,10 +490,11 @@ void check_decode_attention(const std::string& what, int64_t Hq, int64_t KV, int
 TEST(CudaEmulation, DecodeAttentionMatchesTheTwinUnderItsPlans) {
   Rng rng(59);
   const float m128 = 0.08838834764831845f, m16 = 0.25f;
-  // Sized for a graph (max_keys 4096 on 132 SMs: 128 splits of 32 keys) with shorter rows,
-  // Grok-1's 6 heads per kv head; a row with padding first; a row of 5 keys.
+  // Sized for a graph (max_keys 4096 on 16 SMs: 11 splits of 384 keys) with shorter rows
+  // (1025 keys: 11 splits of 96), Grok-1's 6 heads per kv head; a row with padding first;
+  // a row of 5 keys.
   check_decode_attention("graph sized", 6, 1, 128, m128, 2,
-                         {{1100, 1025, 0, 1024}, {320, 300, 3, 299}, {8, 5, 0, 4}}, 4096, 132, rng);
+                         {{1100, 1025, 0, 1024}, {320, 300, 3, 299}, {8, 5, 0, 4}}, 4096, 16, rng);
   // Few SMs: one split (o written directly), then a few.
   const std::vector<AttnRowCase> mixed = {{8, 1, 0, 0}, {45, 37, 3, 36}, {320, 300, 0, 299}, {5, 3, 3, 2}};
   check_decode_attention("one split", 8, 2, 128, m128, 2, mixed, 320, 3, rng);
