@@ -202,7 +202,8 @@ int run_decode(Ctx& c, const WDesc& d, const float* x, int64_t M, int64_t ldx, c
   const int64_t div = routed ? std::min<int64_t>(routing->x_row_div, M) : 1;  // m / div is the same for m < M
   const int64_t per = routed ? (M + div - 1) / div : M;
   const int64_t active = routed ? std::min<int64_t>(d.E, 2) : 1;
-  const int64_t egrid = routed ? d.E : 1;
+  bool slots = false;
+  const int64_t egrid = expert_grid(d.E, M, routed, &slots);
   const int sms = sm_count(c.device);
   // Split-k workspace: [ks, M, N] floats and a counter per (expert, tile).
   const uint64_t mn = static_cast<uint64_t>(M) * static_cast<uint64_t>(d.N);
@@ -233,6 +234,7 @@ int run_decode(Ctx& c, const WDesc& d, const float* x, int64_t M, int64_t ldx, c
                          device_errors_word(c.stream));
   p.round_y = round_y ? 1 : 0;
   p.gelu = gelu ? 1 : 0;
+  p.slots = slots ? 1 : 0;
   const dim3 grid(static_cast<unsigned>(P.tiles), static_cast<unsigned>(P.ks), static_cast<unsigned>(egrid));
   const bool deep = force.deep != 0 && P.kmt == 1;
   with_decode_kernel(d.fmt, P.kmt, deep, [&](auto f, auto k, auto u) {

@@ -291,7 +291,7 @@ GK_HD T imax(T a, T b) { return a < b ? b : a; }
 // ---------------------------------------------------------------------------------
 // Decode: weight-only streaming, one launch for every expert.
 //
-// Grid (tiles, ks, experts or 1), 256 threads. Block (x, s, e) owns the columns
+// Grid (tiles, ks, expert_grid), 256 threads. Block (x, s, e) owns the columns
 // [x*TN, (x+1)*TN) (TN = WN * 32 * cols_per_thread), the units [s*ups, (s+1)*ups) of
 // K, and expert e: it scans the expert ids (kWindow at a time) for the rows that chose
 // e, stages their x rows in shared memory, and streams its part of W[e] once per pass of
@@ -326,11 +326,26 @@ struct DecodeParams {
   int32_t div_shift;
   int32_t vec;              // row-major: vector loads allowed (alignment)
   float* partial;           // [ks, M, N] when ks > 1
-  uint32_t* counters;       // [E or 1, gridDim.x] when ks > 1; zero between launches
+  uint32_t* counters;       // [gridDim.z, gridDim.x] when ks > 1; zero between launches
   unsigned int* errors;     // device_errors_word(stream): a row routed past the stack raises GROKIT_DEVERR_EXPERT
   int32_t round_y;          // y = bf16(sum) (GROKIT_MATMUL_ROUND_BF16); partials stay fp32
   int32_t gelu;             // y = gelu(y) * bf16(sum) (GROKIT_MATMUL_GELU_MUL)
+  int32_t slots;            // routed: blockIdx.z is the z-th expert some row uses (expert_grid)
 };
+
+// Experts a slot grid covers at most: the used experts are found with one flag each.
+constexpr int kSlotExperts = 64;
+
+// The z extent of a decode grid: 1 unrouted; a routed stack of up to kSlotExperts experts
+// gets one slot per expert its M rows can use (blockIdx.z = the z-th used expert in
+// ascending order; slots past the used ones exit), where one block per expert of the
+// stack left most blocks idle at batch 1 (2 of 8 experts used); larger stacks one per
+// expert.
+GK_HD int64_t expert_grid(int64_t E, int64_t M, bool routed, bool* slots) {
+  *slots = routed && E <= kSlotExperts;
+  if (!routed) return 1;
+  return *slots ? (M < E ? M : E) : E;
+}
 
 // Stores a finished sum at y: as it is, rounded, or as the gate's gelu times it rounded.
 GK_HD void store_y(const DecodeParams& p, float* at, float sum) {
@@ -676,11 +691,36 @@ GK_D int collect_rows(const DecodeParams& p, int e, int m0, int* s_ids, int* s_r
   return *s_count;
 }
 
+// The z-th expert (ascending) that some row uses, or -1 (p.slots; E <= kSlotExperts).
+// Block-wide (barriers).
+GK_D int slot_expert(const DecodeParams& p, int z, int* s_ids, int* s_used, int* s_e) {
+  const int tid = static_cast<int>(threadIdx.x);
+  if (tid < kSlotExperts) s_used[tid] = 0;
+  if (tid == 0) *s_e = -1;
+  for (int m0 = 0; m0 < p.M; m0 += kWindow) {
+    const int n = imin(kWindow, p.M - m0);
+    GK_SYNC();  // s_used cleared, or the previous window scanned
+    if (tid < n) s_ids[tid] = p.expert[m0 + tid];
+    GK_SYNC();
+    if (tid < p.E)
+      for (int i = 0; i < n; ++i) s_used[tid] |= s_ids[i] == tid ? 1 : 0;
+  }
+  GK_SYNC();
+  if (tid < p.E && s_used[tid] != 0) {
+    int before = 0;
+    for (int i = 0; i < tid; ++i) before += s_used[i];
+    if (before == z) *s_e = tid;
+  }
+  GK_SYNC();
+  return *s_e;
+}
+
 // One block of a decode product: expert e's rows of this block's columns and k split
 // (blockIdx.x, blockIdx.y), then, with split-k, the last block of the tile sums the
-// partials. Block-wide.
+// partials; e < 0 (a slot past the used experts): nothing but the zeros below. z: the
+// block's index along the grid's expert axis (its split-k counters' row). Block-wide.
 template <int F, int KMT, int UM>
-GK_D void decode_block(const DecodeParams& p, int e) {
+GK_D void decode_block(const DecodeParams& p, int e, int z) {
   constexpr int CPT = cols_per_thread(F, KMT);
   GK_SHARED int s_ids[kWindow];
   GK_SHARED int s_rows[kWindow];
@@ -693,8 +733,8 @@ GK_D void decode_block(const DecodeParams& p, int e) {
   const int64_t tile_col0 = static_cast<int64_t>(blockIdx.x) * tn;
 
   // Rows routed to no expert (< 0, or past the stack: an error, raised) get zeros, once
-  // per column.
-  if (p.expert != nullptr && blockIdx.y == 0 && e == 0) {
+  // per column (by the first expert's or slot's blocks).
+  if (p.expert != nullptr && blockIdx.y == 0 && z == 0) {
     for (int t = tid; t < tn; t += kThreads) {
       const int64_t n = tile_col0 + t;
       if (n >= p.N) break;
@@ -706,6 +746,7 @@ GK_D void decode_block(const DecodeParams& p, int e) {
     }
   }
 
+  if (e < 0) return;
   bool any = false;
   for (int m0 = 0; m0 < p.M; m0 += kWindow) {
     const int c_all = collect_rows(p, e, m0, s_ids, s_rows, &s_count);
@@ -717,7 +758,7 @@ GK_D void decode_block(const DecodeParams& p, int e) {
   // Split-k: the last block of this (expert, tile) adds the partials in split order.
   fence();
   GK_SYNC();
-  uint32_t* counter = p.counters + static_cast<int64_t>(e) * gridDim.x + blockIdx.x;
+  uint32_t* counter = p.counters + static_cast<int64_t>(z) * gridDim.x + blockIdx.x;
   if (tid == 0) s_last = atomic_add(counter, 1u) == static_cast<uint32_t>(p.ks - 1) ? 1 : 0;
   GK_SYNC();
   if (s_last == 0) return;
@@ -747,10 +788,18 @@ GK_D void decode_block(const DecodeParams& p, int e) {
   if (tid == 0) *counter = 0;
 }
 
-// A product, expert blockIdx.z of a routed stack (or the one matrix).
+// A product: expert blockIdx.z of a routed stack, or the expert of slot blockIdx.z
+// (p.slots), or the one matrix.
 template <int F, int KMT, int UM = 1>
 GK_KERNEL(KMT == 1 && UM == 1 ? 3 : 2) decode_kernel(const DecodeParams p) {
-  decode_block<F, KMT, UM>(p, static_cast<int>(blockIdx.z));
+  int e = static_cast<int>(blockIdx.z);
+  if (p.slots != 0) {
+    GK_SHARED int s_ids[kWindow];
+    GK_SHARED int s_used[kSlotExperts];
+    GK_SHARED int s_e;
+    e = slot_expert(p, e, s_ids, s_used, &s_e);
+  }
+  decode_block<F, KMT, UM>(p, e, static_cast<int>(blockIdx.z));
 }
 
 // Several unrouted products of one x side by side (q, k and v): blockIdx.z picks the
@@ -764,7 +813,7 @@ template <int F, int KMT, int UM = 1>
 GK_KERNEL(KMT == 1 && UM == 1 ? 3 : 2) decode_multi_kernel(const DecodeMulti m) {
   const DecodeParams& p = m.p[blockIdx.z];
   if (static_cast<int32_t>(blockIdx.x) >= m.tiles[blockIdx.z] || static_cast<int32_t>(blockIdx.y) >= p.ks) return;
-  decode_block<F, KMT, UM>(p, 0);
+  decode_block<F, KMT, UM>(p, 0, 0);
 }
 
 // The launch geometry of a decode product (host).

@@ -152,7 +152,8 @@ void chunk_q8(std::vector<uint8_t>& bytes, int64_t E, int64_t K, int64_t N) {
 struct Case {
   int32_t dtype;
   int64_t param, E, K, N, M, x_div;
-  bool chunked;  // q8rb in the decode layout (layout 1), relaid by q8_chunk_kernel
+  bool chunked;     // q8rb in the decode layout (layout 1), relaid by q8_chunk_kernel
+  int32_t all = -2;  // routed: every row to this expert (-1: none), or -2: drawn
 };
 
 // What the product stores: its sums, rounded, or the gate's gelu times them rounded.
@@ -176,7 +177,9 @@ void check_case(const Case& c, const mm::DecodeForce& force, Out out, Rng& rng) 
   for (auto& v : x) v = rng.bf16_value(-6, 3);
   std::vector<int32_t> expert(static_cast<size_t>(c.M), 0);
   const bool routed = c.E > 1;
-  if (routed) {
+  if (routed && c.all != -2) {
+    for (auto& e : expert) e = c.all;
+  } else if (routed) {
     for (auto& e : expert) e = static_cast<int32_t>(rng.range(0, c.E - 1));
     if (c.M > 2) expert[1] = -1;  // a row routed to no expert: zeros
   }
@@ -213,7 +216,8 @@ void check_case(const Case& c, const mm::DecodeForce& force, Out out, Rng& rng) 
   const int64_t active = routed ? std::min<int64_t>(d.E, 2) : 1;
   const int sms = 3;  // a small device: plans with few blocks, and split-k
   const mm::DecodePlan P = mm::plan_decode(d.fmt, d.K, d.N, per, active, sms, mm::kMaxSplits, force);
-  const int64_t egrid = routed ? d.E : 1;
+  bool slots = false;
+  const int64_t egrid = mm::expert_grid(d.E, c.M, routed, &slots);
   std::vector<float> partial(static_cast<size_t>(P.ks * c.M * c.N), std::nanf(""));
   std::vector<uint32_t> counters(static_cast<size_t>(egrid * P.tiles), 0);
   unsigned int errors[2] = {0, 0};
@@ -222,6 +226,7 @@ void check_case(const Case& c, const mm::DecodeForce& force, Out out, Rng& rng) 
                                               got.data(), ldy, partial.data(), counters.data(), errors);
   p.round_y = round ? 1 : 0;
   p.gelu = gelu ? 1 : 0;
+  p.slots = slots ? 1 : 0;
   const dim3 grid(static_cast<unsigned>(P.tiles), static_cast<unsigned>(P.ks), static_cast<unsigned>(egrid));
   const bool deep = force.deep != 0 && P.kmt == 1;
   run_decode(d.fmt, P.kmt, deep, grid, P.smem, p);
@@ -297,6 +302,10 @@ TEST(CudaEmulation, RoutedDecodeRoundedAndGeluOutputs) {
   for (const mm::DecodeForce& f : {kPlans[0], kPlans[3]}) {
     check_case({payloads::kQ8RowBlock, 2, 1, 256, 300, 1, 1, true}, f, Out::kRounded, rng);
     check_case({payloads::kQ8RowBlock, 2, 1, 256, 300, 1, 1, true}, f, Out::kGelu, rng);
+    // Expert slots: one expert used of 5 (the other slots exit), and none (slot 0 only
+    // writes the zeros).
+    check_case({payloads::kQ8RowBlock, 1, 5, 256, 96, 4, 2, true, 3}, f, Out::kSums, rng);
+    check_case({payloads::kQ8RowBlock, 1, 5, 256, 96, 4, 2, true, -1}, f, Out::kSums, rng);
   }
 }
 
