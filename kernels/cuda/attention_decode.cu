@@ -17,18 +17,13 @@ int decode_run(const Args& a, const DecodePlan& p, void* scratch, cudaStream_t s
   float* PM = reinterpret_cast<float*>(base + p.off_pm);
   double* PL = reinterpret_cast<double*>(base + p.off_pl);
   double* P = reinterpret_cast<double*>(base + p.off_p);
+  uint32_t* cnt = p.nsplit > 1 ? reinterpret_cast<uint32_t*>(base + p.off_cnt) : nullptr;
   const dim3 grid(static_cast<unsigned>(p.nsplit), static_cast<unsigned>(a.M * a.kv_heads * p.hsub));
-  decode_scores<<<grid, kThreads, 0, stream>>>(a, p, S, PM, PL);
+  decode_scores<<<grid, kThreads, 0, stream>>>(a, p, S, PM, PL, cnt);
   if (int rc = check_launch("attention: decode scores kernel")) return rc;
-  if (p.nsplit == 1) {
-    decode_pv<true><<<grid, kThreads, 0, stream>>>(a, p, S, PM, PL, nullptr);
-    return check_launch("attention: decode weighted-sum kernel");
-  }
-  decode_pv<false><<<grid, kThreads, 0, stream>>>(a, p, S, PM, PL, P);
-  if (int rc = check_launch("attention: decode weighted-sum kernel")) return rc;
-  const int64_t total = a.M * a.q_heads * a.head_dim;
-  decode_combine<<<blocks_for(total, 128), 128, 0, stream>>>(a, p, P);
-  return check_launch("attention: decode combine kernel");
+  if (p.nsplit == 1) decode_pv<true><<<grid, kThreads, 0, stream>>>(a, p, S, PM, PL, nullptr, nullptr);
+  else decode_pv<false><<<grid, kThreads, 0, stream>>>(a, p, S, PM, PL, P, cnt);
+  return check_launch("attention: decode weighted-sum kernel");
 }
 
 }  // namespace grokit::kernels::cuda::attn

@@ -7,8 +7,10 @@
 //   decode_scores  grid (nsplit, M * kv_heads * hsub), 128 threads: scores s of its keys
 //                  for up to 8 query heads of one kv head -> S; per split (max, sum e).
 //   decode_pv      same grid: global (max, sum) from the split partials, w = bf16(e / sum),
-//                  partial sum w * v of its keys (double) -> P, or o when nsplit == 1.
-//   decode_combine o = bf16(sum over the row's splits with keys of P).
+//                  partial sum w * v of its keys (double) -> P, or o when nsplit == 1;
+//                  the last block of a (row, heads) to finish (a counter that
+//                  decode_scores zeroes) sets o = bf16(sum over the row's splits with
+//                  keys of P), in split order.
 //
 // Also compiles as plain C++ (emulable.cuh, attention_impl.cuh) for the host emulation of
 // these kernels in tests (tests/gpu/test_cuda_emulation.cpp).
@@ -81,13 +83,15 @@ GK_D void online_merge(double& m, double& l, double mo, double lo) {
 // Invariants: every (row, head, split) gets its (PM, PL) from exactly one block, also
 // when the split has no keys (-inf, 0); S holds the scores of keys [0, n) of each row.
 GK_KERNEL_T(kThreads, 1) decode_scores(Args a, DecodePlan p, float* __restrict__ S,
-                                                                 float* __restrict__ PM, double* __restrict__ PL) {
+                                                                 float* __restrict__ PM, double* __restrict__ PL,
+                                                                 uint32_t* __restrict__ cnt) {
   GK_SHARED __align__(16) double q_s[kHB * 256];
   GK_SHARED double red_m[kThreads / 32][kHB], red_l[kThreads / 32][kHB];
   const int tid = static_cast<int>(threadIdx.x), lane = tid & 31, warp = tid >> 5, slot = tid >> 2, l4 = tid & 3;
   const BlockIds b = block_ids(a, p.hsub);
   const int dh = a.head_dim;
   const GrokitAttnRow row = a.rows[b.m];
+  if (b.split == 0 && tid == 0 && cnt != nullptr) cnt[blockIdx.y] = 0;  // decode_pv's, in a later launch
   if (b.split == 0 && b.h0 == 0 && tid == 0 && row_out_of_contract(row, a.max_keys))
     raise_device_error(a.errors, GROKIT_DEVERR_ATTN_ROW);
   const int64_t n = row_keys(row, a.max_keys), vend = row_visible_end(row, n), chunk = row_chunk(n, p);
@@ -177,11 +181,11 @@ GK_KERNEL_T(kThreads, 1) decode_scores(Args a, DecodePlan p, float* __restrict__
   }
 }
 
-// kDirect (nsplit == 1): writes o = bf16(sum) itself; else the split's partial to P.
+// One block of decode_pv before the combine. kDirect (nsplit == 1): writes o =
+// bf16(sum) itself; else the split's partial to P.
 template <bool kDirect>
-GK_KERNEL_T(kThreads, 1) decode_pv(Args a, DecodePlan p, const float* __restrict__ S,
-                                                             const float* __restrict__ PM,
-                                                             const double* __restrict__ PL, double* __restrict__ P) {
+GK_D void decode_pv_block(const Args& a, const DecodePlan& p, const float* __restrict__ S,
+                          const float* __restrict__ PM, const double* __restrict__ PL, double* __restrict__ P) {
   GK_SHARED float w_s[kHB][kTK];
   GK_SHARED __align__(16) double red[2 * kThreads * kHB];  // [streams][kHB][dh], streams * dh <= 256
   GK_SHARED float mx_s[kHB], sum_s[kHB];
@@ -282,31 +286,49 @@ GK_KERNEL_T(kThreads, 1) decode_pv(Args a, DecodePlan p, const float* __restrict
   }
 }
 
-// o = bf16(fp32(sum over splits of P)), in split order as combine_splits, but only over
-// the splits that hold keys of the row (row_chunk: the last ones may be empty; their
-// partials are +0.0, which adds nothing: the sum starts at +0.0 and never becomes -0.0).
+// o = bf16(fp32(sum over splits of P)) of one (row, head, dim), in split order as
+// combine_splits, but only over the splits that hold keys of the row (row_chunk: the last
+// ones may be empty; their partials are +0.0, which adds nothing: the sum starts at +0.0
+// and never becomes -0.0). part: the element's partial of split 0 (stride head_dim).
 // Loads go out four at a time.
-GK_KERNEL_T(kThreads, 1) decode_combine(Args a, DecodePlan p, const double* __restrict__ P) {
-  const int64_t total = a.M * a.q_heads * a.head_dim;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * kThreads) {
-    const int64_t rh = i / a.head_dim;
-    const int64_t n = row_keys(a.rows[rh / a.q_heads], a.max_keys);
-    const int64_t chunk = row_chunk(n, p);
+GK_D float combine_splits_of(const double* part, int used, int dh) {
+  double t = 0.0;
+  int s = 0;
+  for (; s + 4 <= used; s += 4) {
+    const double v0 = ldcg(part + static_cast<int64_t>(s) * dh), v1 = ldcg(part + static_cast<int64_t>(s + 1) * dh);
+    const double v2 = ldcg(part + static_cast<int64_t>(s + 2) * dh), v3 = ldcg(part + static_cast<int64_t>(s + 3) * dh);
+    t += v0;
+    t += v1;
+    t += v2;
+    t += v3;
+  }
+  for (; s < used; ++s) t += ldcg(part + static_cast<int64_t>(s) * dh);
+  return round_bf16(static_cast<float>(t));
+}
+
+template <bool kDirect>
+GK_KERNEL_T(kThreads, 1) decode_pv(Args a, DecodePlan p, const float* __restrict__ S, const float* __restrict__ PM,
+                                   const double* __restrict__ PL, double* __restrict__ P, uint32_t* __restrict__ cnt) {
+  decode_pv_block<kDirect>(a, p, S, PM, PL, P);
+  if constexpr (!kDirect) {
+    // Every split's block of this (row, heads) arrives; the last one adds their partials.
+    GK_SHARED int s_last;
+    const int tid = static_cast<int>(threadIdx.x);
+    fence();
+    GK_SYNC();
+    if (tid == 0) s_last = atomic_add(cnt + blockIdx.y, 1u) == static_cast<uint32_t>(p.nsplit - 1) ? 1 : 0;
+    GK_SYNC();
+    if (s_last == 0) return;
+    fence();
+    const BlockIds b = block_ids(a, p.hsub);
+    const int dh = a.head_dim;
+    const int64_t n = row_keys(a.rows[b.m], a.max_keys), chunk = row_chunk(n, p);
     const int used = static_cast<int>(std::min<int64_t>(p.nsplit, (n + chunk - 1) / chunk));
-    const double* part = P + rh * p.nsplit * a.head_dim + (i - rh * a.head_dim);
-    double t = 0.0;
-    int s = 0;
-    for (; s + 4 <= used; s += 4) {
-      const double v0 = part[static_cast<int64_t>(s) * a.head_dim], v1 = part[static_cast<int64_t>(s + 1) * a.head_dim];
-      const double v2 = part[static_cast<int64_t>(s + 2) * a.head_dim], v3 = part[static_cast<int64_t>(s + 3) * a.head_dim];
-      t += v0;
-      t += v1;
-      t += v2;
-      t += v3;
+    const int64_t rh0 = b.m * a.q_heads + b.h0;
+    for (int i = tid; i < b.nh * dh; i += kThreads) {
+      const int64_t rh = rh0 + i / dh;
+      a.o[rh * dh + i % dh] = combine_splits_of(P + rh * p.nsplit * dh + i % dh, used, dh);
     }
-    for (; s < used; ++s) t += part[static_cast<int64_t>(s) * a.head_dim];
-    a.o[i] = round_bf16(static_cast<float>(t));
   }
 }
 
@@ -335,6 +357,8 @@ inline bool plan_decode(const Args& a, int sms, DecodePlan* p) {
   off = align_up(off + rh * p->nsplit * sizeof(double));
   p->off_p = off;
   if (p->nsplit > 1) off = align_up(off + rh * p->nsplit * static_cast<size_t>(a.head_dim) * sizeof(double));
+  p->off_cnt = off;
+  if (p->nsplit > 1) off = align_up(off + static_cast<size_t>(base) * sizeof(uint32_t));
   p->bytes = off;
   return true;
 }

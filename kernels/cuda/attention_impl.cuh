@@ -61,6 +61,31 @@ GK_D float sub_rn(float a, float b) {
   return r;
 #endif
 }
+// Memory order between the blocks of one launch (a last-block combine).
+GK_D void fence() {
+#if defined(__CUDA_ARCH__)
+  __threadfence();
+#elif !defined(__CUDACC__)
+  __atomic_thread_fence(__ATOMIC_SEQ_CST);
+#endif
+}
+GK_D uint32_t atomic_add(uint32_t* p, uint32_t v) {
+#if defined(__CUDA_ARCH__)
+  return atomicAdd(p, v);
+#elif defined(__CUDACC__)
+  return 0;  // host pass of nvcc: never called
+#else
+  return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST);
+#endif
+}
+// A read of data other blocks of this launch wrote (from L2, not a stale L1 line).
+GK_D double ldcg(const double* p) {
+#if defined(__CUDA_ARCH__)
+  return __ldcg(p);
+#else
+  return *static_cast<const volatile double*>(p);
+#endif
+}
 GK_D float bits_to_f32(uint32_t u) {
   float f;
   std::memcpy(&f, &u, sizeof f);
@@ -84,7 +109,7 @@ struct Args {
 struct DecodePlan {
   int nsplit, hsub;
   int64_t chunk;
-  size_t off_s, off_pm, off_pl, off_p, bytes;  // scratch layout
+  size_t off_s, off_pm, off_pl, off_p, off_cnt, bytes;  // scratch layout
 };
 int decode_plan(const Args& a, int sms, DecodePlan* p);
 int decode_run(const Args& a, const DecodePlan& p, void* scratch, cudaStream_t stream);

@@ -473,14 +473,15 @@ void check_decode_attention(const std::string& what, int64_t Hq, int64_t KV, int
   auto* PM = reinterpret_cast<float*>(base + p.off_pm);
   auto* PL = reinterpret_cast<double*>(base + p.off_pl);
   auto* P = reinterpret_cast<double*>(base + p.off_p);
+  // The counters as another op may leave the shared scratch: decode_scores zeroes them.
+  uint32_t* cnt = p.nsplit > 1 ? reinterpret_cast<uint32_t*>(base + p.off_cnt) : nullptr;
+  if (cnt != nullptr) std::memset(cnt, 0x5a, p.bytes - p.off_cnt);
   const dim3 grid(static_cast<unsigned>(p.nsplit), static_cast<unsigned>(M * KV * p.hsub), 1);
-  launch(grid, 0, [&] { at::decode_scores(a, p, S, PM, PL); }, at::kThreads);
-  if (p.nsplit == 1) {
-    launch(grid, 0, [&] { at::decode_pv<true>(a, p, S, PM, PL, nullptr); }, at::kThreads);
-  } else {
-    launch(grid, 0, [&] { at::decode_pv<false>(a, p, S, PM, PL, P); }, at::kThreads);
-    launch(dim3(2, 1, 1), 0, [&] { at::decode_combine(a, p, P); }, at::kThreads);  // grid-stride
-  }
+  launch(grid, 0, [&] { at::decode_scores(a, p, S, PM, PL, cnt); }, at::kThreads);
+  if (p.nsplit == 1)
+    launch(grid, 0, [&] { at::decode_pv<true>(a, p, S, PM, PL, nullptr, nullptr); }, at::kThreads);
+  else
+    launch(grid, 0, [&] { at::decode_pv<false>(a, p, S, PM, PL, P, cnt); }, at::kThreads);
   EXPECT_EQ(errors[0], 0u);
   size_t differ = 0;
   int bad = 0;
