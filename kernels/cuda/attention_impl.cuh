@@ -36,56 +36,6 @@ GK_D T shfl_xor(T v, int mask) {
   return gk_emu_shfl_xor(v, mask);
 #endif
 }
-// fp32 arithmetic rounded on its own (no contraction into an fma), as the CPU twin's.
-GK_D float mul_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fmul_rn(a, b);
-#else
-  volatile float r = a * b;
-  return r;
-#endif
-}
-GK_D float div_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fdiv_rn(a, b);
-#else
-  volatile float r = a / b;
-  return r;
-#endif
-}
-GK_D float sub_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fsub_rn(a, b);
-#else
-  volatile float r = a - b;
-  return r;
-#endif
-}
-// Memory order between the blocks of one launch (a last-block combine).
-GK_D void fence() {
-#if defined(__CUDA_ARCH__)
-  __threadfence();
-#elif !defined(__CUDACC__)
-  __atomic_thread_fence(__ATOMIC_SEQ_CST);
-#endif
-}
-GK_D uint32_t atomic_add(uint32_t* p, uint32_t v) {
-#if defined(__CUDA_ARCH__)
-  return atomicAdd(p, v);
-#elif defined(__CUDACC__)
-  return 0;  // host pass of nvcc: never called
-#else
-  return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST);
-#endif
-}
-// A read of data other blocks of this launch wrote (from L2, not a stale L1 line).
-GK_D double ldcg(const double* p) {
-#if defined(__CUDA_ARCH__)
-  return __ldcg(p);
-#else
-  return *static_cast<const volatile double*>(p);
-#endif
-}
 GK_D float bits_to_f32(uint32_t u) {
   float f;
   std::memcpy(&f, &u, sizeof f);

@@ -1,9 +1,11 @@
-// Macros for device code that also compiles as plain C++ for a host emulation of its
-// kernels in tests (__CUDACC__ undefined). The includer of such a header then provides
-// threadIdx, blockIdx, gridDim (thread-local / global), gk_emu_sync() (a barrier over the
-// block's threads) and whatever else the header names (tests/gpu/test_cuda_emulation.cpp).
-// Internal to kernels/cuda.
+// Macros and helpers for device code that also compiles as plain C++ for a host
+// emulation of its kernels in tests (__CUDACC__ undefined). The includer of such a header
+// then provides threadIdx, blockIdx, gridDim (thread-local / global), gk_emu_sync() (a
+// barrier over the block's threads) and whatever else the header names
+// (tests/gpu/test_cuda_emulation.cpp). Internal to kernels/cuda.
 #pragma once
+
+#include <cstdint>
 
 #if defined(__CUDACC__)
 #include <cuda_runtime.h>
@@ -26,3 +28,75 @@
 #else
 #define GK_UNROLL
 #endif
+
+namespace grokit::kernels::cuda {
+
+// fp32 arithmetic rounded on its own (never contracted into an fma), as the CPU twins'.
+GK_D float add_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  volatile float r = a + b;
+  return r;
+#endif
+}
+GK_D float sub_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fsub_rn(a, b);
+#else
+  volatile float r = a - b;
+  return r;
+#endif
+}
+GK_D float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  volatile float r = a * b;
+  return r;
+#endif
+}
+GK_D float div_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fdiv_rn(a, b);
+#else
+  volatile float r = a / b;
+  return r;
+#endif
+}
+
+// Memory order and counters between the blocks of one launch (a last-block combine).
+GK_D void fence() {
+#if defined(__CUDA_ARCH__)
+  __threadfence();
+#else
+  __atomic_thread_fence(__ATOMIC_SEQ_CST);
+#endif
+}
+GK_D uint32_t atomic_add(uint32_t* p, uint32_t v) {
+#if defined(__CUDA_ARCH__)
+  return atomicAdd(p, v);
+#else
+  return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST);
+#endif
+}
+// A read of data other blocks of this launch wrote (from L2, never a stale L1 line).
+template <class T>
+GK_D T ldcg(const T* p) {
+#if defined(__CUDA_ARCH__)
+  return __ldcg(p);
+#else
+  return *static_cast<const volatile T*>(p);
+#endif
+}
+// A read of data no block of this launch writes (the read-only path).
+template <class T>
+GK_D T ldg(const T* p) {
+#if defined(__CUDA_ARCH__)
+  return __ldg(p);
+#else
+  return *p;
+#endif
+}
+
+}  // namespace grokit::kernels::cuda

@@ -251,28 +251,6 @@ GK_D float4 lds4(const float* p) {
   return v;
 #endif
 }
-// L2 read of data other blocks of this launch wrote.
-GK_D float ldcg(const float* p) {
-#if defined(__CUDA_ARCH__)
-  return __ldcg(p);
-#else
-  return *static_cast<const volatile float*>(p);
-#endif
-}
-GK_D void fence() {
-#if defined(__CUDA_ARCH__)
-  __threadfence();
-#else
-  __atomic_thread_fence(__ATOMIC_SEQ_CST);
-#endif
-}
-GK_D uint32_t atomic_add(uint32_t* p, uint32_t v) {
-#if defined(__CUDA_ARCH__)
-  return atomicAdd(p, v);
-#else
-  return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST);
-#endif
-}
 GK_D float* dyn_smem() {
 #if defined(__CUDA_ARCH__)
   extern __shared__ float4 gk_smem4[];

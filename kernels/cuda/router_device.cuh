@@ -38,39 +38,6 @@ constexpr int64_t kTileFrom = 64;     // M at or above this takes the tiled shap
 
 GK_HD int slices(int E) { return kSlicedThreads / E; }
 
-// fp32 arithmetic rounded on its own (no contraction), as the CPU twin's.
-GK_D float sub_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fsub_rn(a, b);
-#else
-  volatile float r = a - b;
-  return r;
-#endif
-}
-GK_D float add_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fadd_rn(a, b);
-#else
-  volatile float r = a + b;
-  return r;
-#endif
-}
-GK_D float div_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fdiv_rn(a, b);
-#else
-  volatile float r = a / b;
-  return r;
-#endif
-}
-GK_D float ldg(const float* p) {
-#if defined(__CUDA_ARCH__)
-  return __ldg(p);
-#else
-  return *p;
-#endif
-}
-
 // T threads, R rows per block (grid-stride over row tiles).
 template <int T, int R>
 GK_KERNEL_T(T, 1) router_kernel(const float* x, int64_t M, int64_t D, const float* w, int E, int k, int32_t* experts,
