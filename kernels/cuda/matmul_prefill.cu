@@ -54,19 +54,22 @@ int64_t rows_bucket(int64_t n) {
   return b;
 }
 
+// t.b, t.c: the layouts of x^T (K x n, bf16) and y^T (N x n, fp32, ld ldd).
+int xy_layouts(LtDescs& t, int64_t N, int64_t n, int64_t K, int64_t ldd) {
+  if (int rc = check_lt(cublasLtMatrixLayoutCreate(&t.b, CUDA_R_16BF, static_cast<uint64_t>(K), static_cast<uint64_t>(n), K),
+                        "layout of x");
+      rc != GROKIT_OK)
+    return rc;
+  return check_lt(cublasLtMatrixLayoutCreate(&t.c, CUDA_R_32F, static_cast<uint64_t>(N), static_cast<uint64_t>(n), ldd),
+                  "layout of y");
+}
+
 // The heuristic's first algorithm for D^T (N x n) = W^T X^T (gemm, below) with n rows,
 // into *algo; kNoAlgo when it has none.
 int find_algo(Ctx& c, const LtDescs& t, int64_t N, int64_t n, int64_t K, int64_t ldd, uint32_t aa, uint32_t ab,
               uint32_t ac, cublasLtMatmulAlgo_t* algo) {
   LtDescs q;  // layouts of x and y for n rows (the operation's descriptor is t's)
-  if (int rc = check_lt(cublasLtMatrixLayoutCreate(&q.b, CUDA_R_16BF, static_cast<uint64_t>(K), static_cast<uint64_t>(n), K),
-                        "layout of x");
-      rc != GROKIT_OK)
-    return rc;
-  if (int rc = check_lt(cublasLtMatrixLayoutCreate(&q.c, CUDA_R_32F, static_cast<uint64_t>(N), static_cast<uint64_t>(n), ldd),
-                        "layout of y");
-      rc != GROKIT_OK)
-    return rc;
+  if (int rc = xy_layouts(q, N, n, K, ldd); rc != GROKIT_OK) return rc;
   if (int rc = check_lt(cublasLtMatmulPreferenceCreate(&q.pref), "preference"); rc != GROKIT_OK) return rc;
   const uint64_t ws = kLtWorkspace;
   cublasLtMatmulPreferenceSetAttribute(q.pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws);
@@ -99,14 +102,7 @@ int gemm(Ctx& c, const uint16_t* W, const uint16_t* X, float* D, int64_t ldd, in
                         "layout of W");
       rc != GROKIT_OK)
     return rc;
-  if (int rc = check_lt(cublasLtMatrixLayoutCreate(&t.b, CUDA_R_16BF, static_cast<uint64_t>(K), static_cast<uint64_t>(n), K),
-                        "layout of x");
-      rc != GROKIT_OK)
-    return rc;
-  if (int rc = check_lt(cublasLtMatrixLayoutCreate(&t.c, CUDA_R_32F, static_cast<uint64_t>(N), static_cast<uint64_t>(n), ldd),
-                        "layout of y");
-      rc != GROKIT_OK)
-    return rc;
+  if (int rc = xy_layouts(t, N, n, K, ldd); rc != GROKIT_OK) return rc;
   const uint32_t aa = alignment(W), ab = alignment(X), ac = alignment(D);
   // Keys (N, rows, K, ldd, alignments, beta): rows = -n for an exact shape, the bucket's
   // row count for a bucket's choice.
