@@ -1,7 +1,8 @@
 // Macros and helpers for device code that also compiles as plain C++ for a host
 // emulation of its kernels in tests (__CUDACC__ undefined). The includer of such a header
 // then provides threadIdx, blockIdx, gridDim (thread-local / global), gk_emu_sync() (a
-// barrier over the block's threads) and whatever else the header names
+// barrier over the block's threads), gk_emu_smem() (the block's dynamic shared memory)
+// and whatever else the header names
 // (tests/gpu/test_cuda_emulation.cpp). Internal to kernels/cuda.
 #pragma once
 
@@ -87,6 +88,17 @@ GK_D T ldcg(const T* p) {
   return __ldcg(p);
 #else
   return *static_cast<const volatile T*>(p);
+#endif
+}
+// The block's dynamic shared memory (16-byte aligned; gk_emu_smem() in emulation).
+GK_D float* dyn_smem() {
+#if defined(__CUDA_ARCH__)
+  extern __shared__ float4 gk_smem4[];
+  return reinterpret_cast<float*>(gk_smem4);
+#elif defined(__CUDACC__)
+  return nullptr;  // host pass of nvcc: never called
+#else
+  return gk_emu_smem();
 #endif
 }
 // A read of data no block of this launch writes (the read-only path).

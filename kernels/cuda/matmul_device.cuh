@@ -251,16 +251,6 @@ GK_D float4 lds4(const float* p) {
   return v;
 #endif
 }
-GK_D float* dyn_smem() {
-#if defined(__CUDA_ARCH__)
-  extern __shared__ float4 gk_smem4[];
-  return reinterpret_cast<float*>(gk_smem4);
-#elif defined(__CUDACC__)
-  return nullptr;  // host pass of nvcc: never called
-#else
-  return gk_emu_smem();
-#endif
-}
 template <class T>
 GK_HD T imin(T a, T b) { return a < b ? a : b; }
 template <class T>

@@ -12,8 +12,10 @@
 //   (acc[0] + acc[1]) + (acc[2] + acc[3]); the S partials of an expert fold in halves
 //   (slot i += slot i + ceil(width / 2)) down to one.
 //
-// One kernel, two shapes (router_kernel<T, R>):
+// One kernel, two shapes (router_kernel<T, R, XS>):
 //   decode (M < kTileFrom): 1024 threads, one row per block, a thread per (slice, expert);
+//   with XS, the row's x widened to double once into dynamic shared memory (D doubles, up
+//   to kMaxXsRow; each x value was widened by every expert's thread);
 //   prefill: 256 threads, kTileRows rows per block, a thread per (S / 4 slices, expert),
 //   so that w (D * E floats, read whole by every block) is read once per kTileRows rows
 //   instead of once per row (4096 rows of Grok-1 read 805 GB of it from L2).
@@ -35,13 +37,16 @@ constexpr int kRowThreads = 1024;     // decode: one row per block
 constexpr int kTileThreads = 256;     // prefill: kTileRows rows per block
 constexpr int kTileRows = 4;          // red[] of the tile: 4 x 1024 doubles = 32 KiB of shared memory
 constexpr int64_t kTileFrom = 64;     // M at or above this takes the tiled shape
+constexpr int64_t kMaxXsRow = 12288;  // decode: widths whose x row (as doubles) goes to shared memory
 
 GK_HD int slices(int E) { return kSlicedThreads / E; }
 
-// T threads, R rows per block (grid-stride over row tiles).
-template <int T, int R>
+// T threads, R rows per block (grid-stride over row tiles); XS (R == 1): x from D doubles
+// of dynamic shared memory.
+template <int T, int R, bool XS = false>
 GK_KERNEL_T(T, 1) router_kernel(const float* x, int64_t M, int64_t D, const float* w, int E, int k, int32_t* experts,
                                 float* gates) {
+  static_assert(!XS || R == 1, "x in shared memory: one row per block");
   GK_SHARED double red[R][kSlicedThreads];
   GK_SHARED float p[R][kMaxExperts];
   GK_SHARED unsigned char taken[R][kMaxExperts];
@@ -54,6 +59,11 @@ GK_KERNEL_T(T, 1) router_kernel(const float* x, int64_t M, int64_t D, const floa
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     const int64_t m0 = tile * R;
     const int rows = static_cast<int>(M - m0 < R ? M - m0 : R);
+    double* xs = reinterpret_cast<double*>(dyn_smem());
+    if constexpr (XS) {
+      for (int64_t i = t; i < D; i += T) xs[i] = widen_f32(ldg(x + m0 * D + i));
+      GK_SYNC();
+    }
     if (summing) {
       for (int s = st; s < S; s += ST) {
         double acc[R][4];
@@ -64,7 +74,10 @@ GK_KERNEL_T(T, 1) router_kernel(const float* x, int64_t M, int64_t D, const floa
           float wf[kBatch];
           GK_UNROLL
           for (int j = 0; j < kBatch; ++j) wf[j] = ldg(w + (d + j * S) * E + e);
-          if constexpr (R == 1) {  // widened at use: 64 registers a thread at 1024 threads
+          if constexpr (XS) {  // x already widened
+            GK_UNROLL
+            for (int j = 0; j < kBatch; ++j) acc[0][j & 3] = std::fma(xs[d + j * S], widen_f32(wf[j]), acc[0][j & 3]);
+          } else if constexpr (R == 1) {  // widened at use: 64 registers a thread at 1024 threads
             if (rows > 0) {
               const float* xr = x + m0 * D;
               float xv[kBatch];
@@ -94,7 +107,7 @@ GK_KERNEL_T(T, 1) router_kernel(const float* x, int64_t M, int64_t D, const floa
           const double wd = widen_f32(ldg(w + d * E + e));
           GK_UNROLL
           for (int r = 0; r < R; ++r)
-            if (r < rows) acc[r][0] = std::fma(widen_f32(ldg(x + (m0 + r) * D + d)), wd, acc[r][0]);
+            if (r < rows) acc[r][0] = std::fma(XS ? xs[d] : widen_f32(ldg(x + (m0 + r) * D + d)), wd, acc[r][0]);
         }
         GK_UNROLL
         for (int r = 0; r < R; ++r) red[r][s * E + e] = (acc[r][0] + acc[r][1]) + (acc[r][2] + acc[r][3]);

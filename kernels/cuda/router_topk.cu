@@ -1,5 +1,6 @@
 // CUDA MoE router: the launcher of router_device.cuh's kernel, in its decode shape (one
-// row per block) or its prefill shape (row tiles), which give the same bits.
+// row per block, x in shared memory up to kMaxXsRow) or its prefill shape (row tiles),
+// which give the same bits.
 #include "kernels/cuda/cuda_util.cuh"
 #include "kernels/cuda/router_device.cuh"
 #include "kernels/cuda/router_topk.h"
@@ -23,7 +24,17 @@ int router_topk(const float* x, int64_t M, int64_t D, const float* w, int64_t E,
     return set_error(GROKIT_ERR_INVALID, "router_topk: null x, w, experts or gates");
   const cudaStream_t st = as_stream(stream);
   constexpr int64_t kMaxGrid = int64_t{1} << 20;  // grid-stride beyond
-  if (M < kTileFrom) {
+  if (M < kTileFrom && D <= kMaxXsRow) {
+    const size_t xs = static_cast<size_t>(D) * sizeof(double);
+    // Above 48 KiB of dynamic shared memory needs the opt-in (allowed during capture).
+    if (int rc = check_cuda(cudaFuncSetAttribute(router_kernel<kRowThreads, 1, true>,
+                                                 cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(xs)),
+                            "router_topk: shared memory");
+        rc != GROKIT_OK)
+      return rc;
+    router_kernel<kRowThreads, 1, true><<<static_cast<unsigned>(M), kRowThreads, xs, st>>>(
+        x, M, D, w, static_cast<int>(E), static_cast<int>(k), experts, gates);
+  } else if (M < kTileFrom) {
     router_kernel<kRowThreads, 1><<<static_cast<unsigned>(M), kRowThreads, 0, st>>>(
         x, M, D, w, static_cast<int>(E), static_cast<int>(k), experts, gates);
   } else {

@@ -373,8 +373,8 @@ TEST(CudaEmulation, MultiProductsGiveEachProductItsOwnBits) {
       }
 }
 
-// The router's two shapes (one row per block of 1024 threads; row tiles in blocks of
-// 256) give the same bits, and the host twin's experts and gates (the parity harness's
+// The router's shapes (one row per block of 1024 threads, x widened into shared memory
+// or not; row tiles in blocks of 256) give the same bits, and the host twin's experts and gates (the parity harness's
 // budget: experts exact, gates 2^-14 relative).
 TEST(CudaEmulation, RouterShapesGiveTheSameBitsAndTheTwinsExperts) {
   namespace rt = grokit::kernels::cuda::router;
@@ -400,6 +400,16 @@ TEST(CudaEmulation, RouterShapesGiveTheSameBitsAndTheTwinsExperts) {
     launch(dim3(static_cast<unsigned>(c.M), 1, 1), 0,
            [&] { rt::router_kernel<rt::kRowThreads, 1>(x.data(), c.M, c.D, w.data(), E, k, row_e.data(), row_g.data()); },
            rt::kRowThreads);
+    // The decode shape with x widened into shared memory.
+    std::vector<int32_t> xs_e(n, -5);
+    std::vector<float> xs_g(n, -5.0f);
+    launch(dim3(static_cast<unsigned>(c.M), 1, 1), static_cast<size_t>(c.D) * 8,
+           [&] {
+             rt::router_kernel<rt::kRowThreads, 1, true>(x.data(), c.M, c.D, w.data(), E, k, xs_e.data(), xs_g.data());
+           },
+           rt::kRowThreads);
+    EXPECT_EQ(xs_e, row_e);
+    EXPECT_EQ(0, std::memcmp(xs_g.data(), row_g.data(), n * 4)) << "the gates with x in shared memory differ";
     // Two blocks at most: the grid-stride loop over tiles.
     launch(dim3(2, 1, 1), 0,
            [&] {
