@@ -112,19 +112,19 @@ GK_KERNEL_T(kThreads, 1) decode_scores(Args a, DecodePlan p, float* __restrict__
       const uint16_t* kr = kbase + (live ? j : j1 - 1) * dh;
       // All of this lane's words of the key first (one memory round trip), then the sums.
       uint32_t kw[kMaxSteps];
-#pragma unroll
+GK_UNROLL
       for (int i = 0; i < kMaxSteps; ++i)
         kw[i] = i < steps ? *reinterpret_cast<const uint32_t*>(kr + 2 * l4 + 8 * i) : 0u;
       double acc[kHB][2];
-#pragma unroll
+GK_UNROLL
       for (int hh = 0; hh < kHB; ++hh) acc[hh][0] = acc[hh][1] = 0.0;
-#pragma unroll
+GK_UNROLL
       for (int i = 0; i < kMaxSteps; ++i) {
         if (i < steps) {
           const int d = 2 * l4 + 8 * i;
           const double k0 = static_cast<double>(bits_to_f32(kw[i] << 16));
           const double k1 = static_cast<double>(bits_to_f32(kw[i] & 0xffff0000u));
-#pragma unroll
+GK_UNROLL
           for (int hh = 0; hh < kHB; ++hh) {
             if (hh < b.nh) {
               const double2 qv = *reinterpret_cast<const double2*>(q_s + hh * dh + d);
@@ -138,7 +138,7 @@ GK_KERNEL_T(kThreads, 1) decode_scores(Args a, DecodePlan p, float* __restrict__
       // Every lane of a quad gets each head's dot; lane l4 keeps heads l4 and l4 + 4, so
       // the tanh and exp below run on every lane at once (two rounds, not one per head).
       double mine[2] = {0.0, 0.0};
-#pragma unroll
+GK_UNROLL
       for (int hh = 0; hh < kHB; ++hh) {
         // ((c0 + c1) + (c2 + c3)) + ((c4 + c5) + (c6 + c7)), as combine8 (+ commutes exactly).
         double t = acc[hh][0] + acc[hh][1];
@@ -146,7 +146,7 @@ GK_KERNEL_T(kThreads, 1) decode_scores(Args a, DecodePlan p, float* __restrict__
         t += shfl_xor(t, 2);
         if ((hh & 3) == l4) mine[hh >> 2] = t;
       }
-#pragma unroll
+GK_UNROLL
       for (int i = 0; i < 2; ++i) {
         const int hh = l4 + 4 * i;
         if (live && hh < b.nh) {
@@ -157,7 +157,7 @@ GK_KERNEL_T(kThreads, 1) decode_scores(Args a, DecodePlan p, float* __restrict__
       }
     }
   }
-#pragma unroll
+GK_UNROLL
   for (int i = 0; i < 2; ++i) {
     for (int off = 4; off < 32; off <<= 1) {
       const double mo = shfl_xor(mr[i], off);
@@ -229,7 +229,7 @@ GK_D void decode_pv_block(const Args& a, const DecodePlan& p, const float* __res
   const bool worker = stream < kp;
   const uint16_t* vbase = row.v + static_cast<int64_t>(b.g) * row.cap * dh;
   double acc[kHB][2];
-#pragma unroll
+GK_UNROLL
   for (int hh = 0; hh < kHB; ++hh) acc[hh][0] = acc[hh][1] = 0.0;
   for (int64_t tb = j0; tb < j1; tb += kTK) {
     const int cnt = static_cast<int>(std::min<int64_t>(kTK, j1 - tb));
@@ -244,18 +244,18 @@ GK_D void decode_pv_block(const Args& a, const DecodePlan& p, const float* __res
     if (worker) {
       for (int jt0 = stream; jt0 < cnt; jt0 += kBatch * kp) {
         uint32_t vv[kBatch];  // kBatch rows in flight, then the sums
-#pragma unroll
+GK_UNROLL
         for (int i = 0; i < kBatch; ++i) {
           const int jt = jt0 + i * kp;
           vv[i] = jt < cnt ? *reinterpret_cast<const uint32_t*>(vbase + (tb + jt) * dh + 2 * pair) : 0u;
         }
-#pragma unroll
+GK_UNROLL
         for (int i = 0; i < kBatch; ++i) {
           const int jt = jt0 + i * kp;
           if (jt < cnt) {
             const double v0 = static_cast<double>(bits_to_f32(vv[i] << 16));
             const double v1 = static_cast<double>(bits_to_f32(vv[i] & 0xffff0000u));
-#pragma unroll
+GK_UNROLL
             for (int hh = 0; hh < kHB; ++hh) {
               if (hh < b.nh) {
                 const float w = w_s[hh][jt];
