@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <optional>
 #include <random>
@@ -476,6 +477,19 @@ int cmd_bench_device(int argc, char** argv) {
       rows.push_back({std::string("decode step, ") + scheme + ", batch 1",
                       fmt("%.1f us", t * 1e6) + fmt(", %.1f MB", static_cast<double>(bytes) / 1e6) + fmt(" -> %.0f GB/s", gbps),
                       "read bandwidth", fmt("%.2f", gbps / hbm), ">= 0.7"});
+      // The same step with each kernel waiting for the one before to finish before it starts
+      // (the CUDA backend's programmatic dependent launch off): what the overlap gains.
+      const char* pdl = std::getenv("GROKIT_CUDA_PDL");
+      if (std::strcmp(scheme, "int8") == 0 && (pdl == nullptr || std::strcmp(pdl, "0") != 0)) {
+        const std::string was = pdl != nullptr ? pdl : "";
+        ::setenv("GROKIT_CUDA_PDL", "0", 1);
+        Result<double> serial = time_decode(ops, st, L, d, *run, cap, reps, steps);
+        if (pdl != nullptr) ::setenv("GROKIT_CUDA_PDL", was.c_str(), 1);
+        else ::unsetenv("GROKIT_CUDA_PDL");
+        GROKIT_ASSIGN_OR_RETURN(double ts, std::move(serial));
+        rows.push_back({"  int8, launches serialized", fmt("%.1f us", ts * 1e6), "overlapped / not",
+                        fmt("%.2f", t / ts), ""});
+      }
     }
 
     // 3. Prefill against the bf16 matrix peak (a large bf16 product through the same op).

@@ -19,11 +19,13 @@ int decode_run(const Args& a, const DecodePlan& p, void* scratch, cudaStream_t s
   double* P = reinterpret_cast<double*>(base + p.off_p);
   uint32_t* cnt = p.nsplit > 1 ? reinterpret_cast<uint32_t*>(base + p.off_cnt) : nullptr;
   const dim3 grid(static_cast<unsigned>(p.nsplit), static_cast<unsigned>(a.M * a.kv_heads * p.hsub));
-  decode_scores<<<grid, kThreads, 0, stream>>>(a, p, S, PM, PL, cnt);
-  if (int rc = check_launch("attention: decode scores kernel")) return rc;
-  if (p.nsplit == 1) decode_pv<true><<<grid, kThreads, 0, stream>>>(a, p, S, PM, PL, nullptr, nullptr);
-  else decode_pv<false><<<grid, kThreads, 0, stream>>>(a, p, S, PM, PL, P, cnt);
-  return check_launch("attention: decode weighted-sum kernel");
+  if (int rc = check_cuda(launch_pdl(decode_scores, grid, kThreads, 0, stream, a, p, S, PM, PL, cnt),
+                          "attention: decode scores kernel"))
+    return rc;
+  const cudaError_t e = p.nsplit == 1
+                            ? launch_pdl(decode_pv<true>, grid, kThreads, 0, stream, a, p, S, PM, PL, nullptr, nullptr)
+                            : launch_pdl(decode_pv<false>, grid, kThreads, 0, stream, a, p, S, PM, PL, P, cnt);
+  return check_cuda(e, "attention: decode weighted-sum kernel");
 }
 
 }  // namespace grokit::kernels::cuda::attn

@@ -88,6 +88,8 @@ GK_KERNEL_T(kThreads, 1) decode_scores(Args a, DecodePlan p, float* __restrict__
   GK_SHARED __align__(16) double q_s[kHB * 256];
   GK_SHARED double red_m[kThreads / 32][kHB], red_l[kThreads / 32][kHB];
   const int tid = static_cast<int>(threadIdx.x), lane = tid & 31, warp = tid >> 5, slot = tid >> 2, l4 = tid & 3;
+  pdl_trigger();
+  pdl_wait();  // q and the caches are earlier kernels'; cnt was the last decode_pv's
   const BlockIds b = block_ids(a, p.hsub);
   const int dh = a.head_dim;
   const GrokitAttnRow row = a.rows[b.m];
@@ -309,6 +311,8 @@ GK_D float combine_splits_of(const double* part, int used, int dh) {
 template <bool kDirect>
 GK_KERNEL_T(kThreads, 1) decode_pv(Args a, DecodePlan p, const float* __restrict__ S, const float* __restrict__ PM,
                                    const double* __restrict__ PL, double* __restrict__ P, uint32_t* __restrict__ cnt) {
+  pdl_trigger();
+  pdl_wait();  // decode_scores' S, PM, PL and zeroed counters
   decode_pv_block<kDirect>(a, p, S, PM, PL, P);
   if constexpr (!kDirect) {
     // Every split's block of this (row, heads) arrives; the last one adds their partials.

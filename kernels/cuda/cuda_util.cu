@@ -3,6 +3,8 @@
 #include <mutex>
 #include <cstdarg>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 
 #include "kernels/cuda/cuda_util.cuh"
 
@@ -41,6 +43,25 @@ unsigned int* static_word() {
   return w;
 }
 }  // namespace
+
+bool pdl_enabled() {
+  static std::atomic<int> major[kMaxDevices];  // compute capability, 0 until asked
+  if (const char* v = std::getenv("GROKIT_CUDA_PDL"); v != nullptr && std::strcmp(v, "0") == 0) return false;
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kMaxDevices) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  int m = major[dev].load(std::memory_order_relaxed);
+  if (m == 0) {
+    if (cudaDeviceGetAttribute(&m, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return false;
+    }
+    major[dev].store(m, std::memory_order_relaxed);
+  }
+  return m >= 9;
+}
 
 unsigned int* device_errors_word(cudaStream_t stream) {
   if (stream != nullptr) {

@@ -6,7 +6,9 @@
 
 #include <cstdint>
 #include <cstdio>
+#include <utility>
 
+#include "kernels/cuda/emulable.cuh"
 #include "kernels/ops.h"
 
 namespace grokit::kernels::cuda {
@@ -19,6 +21,28 @@ int set_error(int code, const char* fmt, ...) __attribute__((format(printf, 2, 3
 int check_cuda(cudaError_t e, const char* what);
 // After a kernel launch: the launch error, if any (does not wait for the kernel).
 inline int check_launch(const char* what) { return check_cuda(cudaGetLastError(), what); }
+
+// Whether launch_pdl asks for programmatic dependent launch: the current device is sm_90 or
+// later, and GROKIT_CUDA_PDL is not "0" (read at each call, so that a benchmark can time a
+// step captured each way).
+bool pdl_enabled();
+// kernel<<<grid, block, smem, stream>>>(args...), allowed to overlap the end of the kernel
+// before it in the stream where pdl_enabled(). Only for kernels that keep pdl_wait's rule
+// (emulable.cuh) in every block. Returns the launch's error.
+template <class... P, class... A>
+cudaError_t launch_pdl(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, A&&... args) {
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl_enabled() ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, std::forward<A>(args)...);
+}
 
 inline cudaStream_t as_stream(GrokitStream s) { return static_cast<cudaStream_t>(s); }
 

@@ -81,6 +81,23 @@ GK_D uint32_t atomic_add(uint32_t* p, uint32_t v) {
   return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST);
 #endif
 }
+// Programmatic dependent launch (cuda_util.cuh launch_pdl; sm_90 and later): a kernel so
+// launched may start while the kernel before it in the stream still runs, once every block
+// of that one has called pdl_trigger (or exited). pdl_wait blocks until that kernel has
+// completed and its writes are visible. The rule, in every block of a kernel launched so:
+// nothing an earlier kernel writes is read, and nothing an earlier kernel reads is written,
+// before pdl_wait; before it, only weights (written at load, never during a step) may be
+// read. Both are no-ops on older GPUs, in a launch without the attribute, and on the host.
+GK_D void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+GK_D void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: );
+#endif
+}
 // A read of data other blocks of this launch wrote (from L2, never a stale L1 line).
 template <class T>
 GK_D T ldcg(const T* p) {

@@ -237,10 +237,12 @@ int run_decode(Ctx& c, const WDesc& d, const float* x, int64_t M, int64_t ldx, c
   p.slots = slots ? 1 : 0;
   const dim3 grid(static_cast<unsigned>(P.tiles), static_cast<unsigned>(P.ks), static_cast<unsigned>(egrid));
   const bool deep = force.deep != 0 && P.kmt == 1;
+  cudaError_t launched = cudaSuccess;
   with_decode_kernel(d.fmt, P.kmt, deep, [&](auto f, auto k, auto u) {
-    decode_kernel<decltype(f)::value, decltype(k)::value, decltype(u)::value><<<grid, kThreads, P.smem, c.stream>>>(p);
+    launched = launch_pdl(decode_kernel<decltype(f)::value, decltype(k)::value, decltype(u)::value>, grid, kThreads,
+                          P.smem, c.stream, p);
   });
-  return check_launch("matmul: decode kernel");
+  return check_cuda(launched, "matmul: decode kernel");
 }
 
 // Products of one x (unrouted, M decode rows, one format and K) in one launch, each with
@@ -264,13 +266,14 @@ int run_decode_multi(Ctx& c, const WDesc* d, int count, const float* x, int64_t 
                                           static_cast<uint32_t*>(c.counters.p), device_errors_word(c.stream), round_y, gelu);
   const dim3 grid(static_cast<unsigned>(mp.max_tiles), static_cast<unsigned>(mp.max_ks), static_cast<unsigned>(count));
   const bool deep = force.deep != 0 && mp.P[0].kmt == 1;
+  cudaError_t launched = cudaSuccess;
   with_decode_kernel(d[0].fmt, mp.P[0].kmt, deep, [&](auto f, auto k, auto u) {
-    decode_multi_kernel<decltype(f)::value, decltype(k)::value, decltype(u)::value>
-        <<<grid, kThreads, mp.smem, c.stream>>>(m);
+    launched = launch_pdl(decode_multi_kernel<decltype(f)::value, decltype(k)::value, decltype(u)::value>, grid,
+                          kThreads, mp.smem, c.stream, m);
   });
   if (mp.partial_floats > 0 && capturing) c.partial.in_graph = c.counters.in_graph = true;
   *done = true;
-  return check_launch("matmul_multi: decode kernel");
+  return check_cuda(launched, "matmul_multi: decode kernel");
 }
 
 }  // namespace

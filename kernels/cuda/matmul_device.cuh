@@ -552,6 +552,7 @@ GK_D void decode_pass(const DecodeParams& p, const int* rows, int c, int e, floa
     int u = t0 + wk;
     RawT cur[U];
     load_batch<F, CPT, U>(p, col, u, t1, wk_count, cur);  // in flight while x is staged
+    pdl_wait();  // x is the kernel before's (weights only above: they stream in meanwhile)
     const int nk = (t1 - t0) * R;
     const int64_t k0 = static_cast<int64_t>(t0) * R;
     for (int m = 0; m < c; ++m) {
@@ -590,6 +591,7 @@ GK_D void decode_pass(const DecodeParams& p, const int* rows, int c, int e, floa
     }
     GK_SYNC();
   }
+  pdl_wait();  // a split with no units at all, before its stores
 
   // The WK warps of a column group, added in warp order.
   const int tn = wn_count * 32 * CPT;
@@ -760,6 +762,8 @@ GK_D void decode_block(const DecodeParams& p, int e, int z) {
 // (p.slots), or the one matrix.
 template <int F, int KMT, int UM = 1>
 GK_KERNEL(KMT == 1 && UM == 1 ? 3 : 2) decode_kernel(const DecodeParams p) {
+  pdl_trigger();
+  if (p.expert != nullptr) pdl_wait();  // the expert ids (unrouted: in decode_pass, after the first weights)
   int e = static_cast<int>(blockIdx.z);
   if (p.slots != 0) {
     GK_SHARED int s_ids[kWindow];
@@ -779,8 +783,12 @@ struct DecodeMulti {
 };
 template <int F, int KMT, int UM = 1>
 GK_KERNEL(KMT == 1 && UM == 1 ? 3 : 2) decode_multi_kernel(const DecodeMulti m) {
+  pdl_trigger();
   const DecodeParams& p = m.p[blockIdx.z];
-  if (static_cast<int32_t>(blockIdx.x) >= m.tiles[blockIdx.z] || static_cast<int32_t>(blockIdx.y) >= p.ks) return;
+  if (static_cast<int32_t>(blockIdx.x) >= m.tiles[blockIdx.z] || static_cast<int32_t>(blockIdx.y) >= p.ks) {
+    pdl_wait();  // every block waits: this kernel then ends after the one before
+    return;
+  }
   decode_block<F, KMT, UM>(p, 0, 0);
 }
 

@@ -21,6 +21,8 @@ static __global__ void __launch_bounds__(kThreads, 1)
                          float eps, float* x, const float* next, float* a) {
   __shared__ norm::Shared sh;
   const int tid = threadIdx.x;
+  pdl_trigger();
+  pdl_wait();  // y, gates and x are earlier kernels'
   for (int64_t m = blockIdx.x; m < M; m += gridDim.x) {
     float* xr = x + m * D;
     auto body = [&](const auto& src) {
@@ -76,9 +78,10 @@ int residual_norm(const float* y, const float* gates, int64_t top, int32_t round
                    (next_scale == nullptr || (aligned16(next_scale) && aligned16(a)));
   const cudaStream_t st = as_stream(stream);
   const int mode = gates != nullptr ? 2 : round_y != 0 ? 1 : 0;
+  cudaError_t launched = cudaSuccess;
   auto go = [&](auto kvec, auto kmode) {
-    residual_norm_kernel<decltype(kvec)::value, decltype(kmode)::value>
-        <<<grid, kThreads, 0, st>>>(y, gates, top, M, D, post_scale, eps, x, next_scale, a);
+    launched = launch_pdl(residual_norm_kernel<decltype(kvec)::value, decltype(kmode)::value>, grid, kThreads, 0, st, y,
+                          gates, top, M, D, post_scale, eps, x, next_scale, a);
   };
   using T = std::true_type;
   using F = std::false_type;
@@ -94,7 +97,7 @@ int residual_norm(const float* y, const float* gates, int64_t top, int32_t round
     else if (mode == 1) go(F{}, M1{});
     else go(F{}, M0{});
   }
-  return check_launch("residual_norm");
+  return check_cuda(launched, "residual_norm");
 }
 
 }  // namespace grokit::kernels::cuda

@@ -15,6 +15,8 @@ static __global__ void __launch_bounds__(kThreads)
                       int64_t q_heads, int64_t kv_heads, int64_t dh, double base, unsigned int* errors) {
   extern __shared__ float cs[];  // cos [half], then sin [half]
   const int64_t half = dh / 2;
+  pdl_trigger();
+  pdl_wait();  // q, k and v are earlier kernels'
   float* c = cs;
   float* s = cs + half;
   for (int64_t m = blockIdx.x; m < M; m += gridDim.x) {
@@ -62,9 +64,9 @@ int rope_store(float* q, float* k, const float* v, int64_t M, const int32_t* pos
   const unsigned grid = static_cast<unsigned>(M < (1 << 20) ? M : (1 << 20));
   const size_t smem = sizeof(float) * static_cast<size_t>(dh);
   const cudaStream_t st = as_stream(stream);
-  rope_store_kernel<<<grid, kThreads, smem, st>>>(q, k, v, M, positions, rows, shape->q_heads, shape->kv_heads, dh, base,
-                                                  device_errors_word(st));
-  return check_launch("rope_store");
+  return check_cuda(launch_pdl(rope_store_kernel, grid, kThreads, smem, st, q, k, v, M, positions, rows, shape->q_heads,
+                                shape->kv_heads, dh, base, device_errors_word(st)),
+                     "rope_store");
 }
 
 }  // namespace grokit::kernels::cuda

@@ -51,6 +51,8 @@ GK_KERNEL_T(T, 1) router_kernel(const float* x, int64_t M, int64_t D, const floa
   GK_SHARED float p[R][kMaxExperts];
   GK_SHARED unsigned char taken[R][kMaxExperts];
   const int t = static_cast<int>(threadIdx.x);
+  pdl_trigger();
+  pdl_wait();  // x is an earlier kernel's
   const int S = slices(E);
   const int ST = T / E;  // slices in flight: thread (st, e) takes slices st, st + ST, ...
   const int e = t % E, st = t / E;

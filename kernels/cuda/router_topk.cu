@@ -24,6 +24,8 @@ int router_topk(const float* x, int64_t M, int64_t D, const float* w, int64_t E,
     return set_error(GROKIT_ERR_INVALID, "router_topk: null x, w, experts or gates");
   const cudaStream_t st = as_stream(stream);
   constexpr int64_t kMaxGrid = int64_t{1} << 20;  // grid-stride beyond
+  const int e32 = static_cast<int>(E), k32 = static_cast<int>(k);
+  cudaError_t launched;
   if (M < kTileFrom && D <= kMaxXsRow) {
     const size_t xs = static_cast<size_t>(D) * sizeof(double);
     // Above 48 KiB of dynamic shared memory needs the opt-in (allowed during capture).
@@ -32,18 +34,17 @@ int router_topk(const float* x, int64_t M, int64_t D, const float* w, int64_t E,
                             "router_topk: shared memory");
         rc != GROKIT_OK)
       return rc;
-    router_kernel<kRowThreads, 1, true><<<static_cast<unsigned>(M), kRowThreads, xs, st>>>(
-        x, M, D, w, static_cast<int>(E), static_cast<int>(k), experts, gates);
+    launched = launch_pdl(router_kernel<kRowThreads, 1, true>, static_cast<unsigned>(M), kRowThreads, xs, st, x, M, D, w,
+                          e32, k32, experts, gates);
   } else if (M < kTileFrom) {
-    router_kernel<kRowThreads, 1><<<static_cast<unsigned>(M), kRowThreads, 0, st>>>(
-        x, M, D, w, static_cast<int>(E), static_cast<int>(k), experts, gates);
+    launched = launch_pdl(router_kernel<kRowThreads, 1>, static_cast<unsigned>(M), kRowThreads, 0, st, x, M, D, w, e32,
+                          k32, experts, gates);
   } else {
     const int64_t tiles = (M + kTileRows - 1) / kTileRows;
-    router_kernel<kTileThreads, kTileRows><<<static_cast<unsigned>(tiles < kMaxGrid ? tiles : kMaxGrid), kTileThreads,
-                                             0, st>>>(x, M, D, w, static_cast<int>(E), static_cast<int>(k), experts,
-                                                      gates);
+    launched = launch_pdl(router_kernel<kTileThreads, kTileRows>, static_cast<unsigned>(tiles < kMaxGrid ? tiles : kMaxGrid),
+                          kTileThreads, 0, st, x, M, D, w, e32, k32, experts, gates);
   }
-  return check_launch("router_topk");
+  return check_cuda(launched, "router_topk");
 }
 
 }  // namespace grokit::kernels::cuda

@@ -126,6 +126,9 @@ class HostDevice(DeviceCases, unittest.TestCase):
             ratio = float(rows[what].split()[-3])  # ... ratio ">=" target
             self.assertGreater(ratio, 0, rows[what])
         self.assertGreater(float(rows["the same load"].split()[-1]), 0, rows["the same load"])  # vs the file read
+        # The int8 step again with the backend's overlapped launches off (GROKIT_CUDA_PDL=0).
+        self.assertIn("int8, launches serialized", rows, p.stdout)
+        self.assertGreater(float(rows["int8, launches serialized"].split()[-1]), 0, p.stdout)
         # The prefill's op-by-op breakdown: every op of the layer, fractions of their sum.
         ops = ["q, k, v", "rope and cache", "attention", "output projection", "router", "expert gate",
                "expert up, gelu", "expert down", "combine, residual, norms"]
