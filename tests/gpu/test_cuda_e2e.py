@@ -1,5 +1,6 @@
 """The device engine on CUDA (device_cases.py): every TP degree on one GPU, ranks sharing
-it through the in-process device communicator; graphs against op-by-op decoding.
+it through the in-process device communicator; graphs against op-by-op decoding; launches overlapped or
+not.
 Exits 77 (CTest: skipped) with the reason when no CUDA device is usable."""
 import os
 import sys
@@ -28,6 +29,23 @@ class CudaDevice(DeviceCases, unittest.TestCase):
             self.skipTest("GPUDirect Storage is not usable here: " + p.stderr.strip().splitlines()[-1])
         self.assertEqual(p.returncode, 0, p.stderr)
         np.testing.assert_array_equal(np.load(out), staged)
+
+    def test_overlapped_launches_change_no_bit(self):
+        # Programmatic dependent launch (sm_90+): each kernel of a step may start before the
+        # one ahead of it ends, and waits for it before touching its data. The same tokens
+        # and logits with it turned off say that no kernel reads ahead of its wait (TP 2:
+        # two ranks' streams and the in-process communicator between them).
+        serial = dict(os.environ, GROKIT_CUDA_PDL="0")
+        for what, args in (("tokens", ["run", self.model[2], "--tokens-in", self.tokens_path, "--max-tokens", 12,
+                                       "--temperature", 0, "--ignore-eos", "--tokens-out"]),
+                           ("logits", ["logits", self.model[2], "--tokens", self.tokens_path, "--out"])):
+            outs = []
+            for i, env in enumerate((None, serial)):
+                out = self.path(f"pdl_{what}{i}.npy")
+                p = run(*args, out, "--force", "--no-progress", "--device", "cuda", env=env)
+                self.assertEqual(p.returncode, 0, p.stderr)
+                outs.append(np.load(out))
+            np.testing.assert_array_equal(outs[0], outs[1], what)
 
 
 if __name__ == "__main__":
