@@ -1,6 +1,6 @@
 """The device engine on CUDA (device_cases.py): every TP degree on one GPU, ranks sharing
-it through the in-process device communicator; graphs against op-by-op decoding; launches overlapped or
-not.
+it through the in-process device communicator; graphs against op-by-op decoding;
+overlapped launches against serialized ones.
 Exits 77 (CTest: skipped) with the reason when no CUDA device is usable."""
 import os
 import sys
