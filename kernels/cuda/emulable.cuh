@@ -98,6 +98,15 @@ GK_D void pdl_trigger() {
   asm volatile("griddepcontrol.launch_dependents;" ::: );
 #endif
 }
+// A hint: the 128-byte line at p into L2 (no value comes back; safe on any address a
+// kernel may read).
+GK_D void prefetch_l2(const void* p) {
+#if defined(__CUDA_ARCH__)
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+#else
+  (void)p;
+#endif
+}
 // A read of data other blocks of this launch wrote (from L2, never a stale L1 line).
 template <class T>
 GK_D T ldcg(const T* p) {

@@ -52,6 +52,8 @@ GK_KERNEL_T(T, 1) router_kernel(const float* x, int64_t M, int64_t D, const floa
   GK_SHARED unsigned char taken[R][kMaxExperts];
   const int t = static_cast<int>(threadIdx.x);
   pdl_trigger();
+  if (R == 1 && blockIdx.x == 0)  // decode: the weight heads for L2 while the kernel before ends
+    for (int64_t i = static_cast<int64_t>(t) * 32; i < D * E; i += static_cast<int64_t>(T) * 32) prefetch_l2(w + i);
   pdl_wait();  // x is an earlier kernel's
   const int S = slices(E);
   const int ST = T / E;  // slices in flight: thread (st, e) takes slices st, st + ST, ...
