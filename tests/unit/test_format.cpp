@@ -20,6 +20,7 @@
 
 #include "common/common.h"
 #include "format/format.h"
+#include "tests/unit/temp_dir.h"
 
 namespace grokit::format {
 namespace {
@@ -28,29 +29,8 @@ using Buf = std::vector<uint8_t>;
 
 // ---------------------------------------------------------------------------------
 // Helpers.
-class TempDir {
- public:
-  TempDir() {
-    std::string tmpl = (std::getenv("TMPDIR") ? std::string(std::getenv("TMPDIR")) : std::string("/tmp")) +
-                       "/grokit_test_format_XXXXXX";
-    std::vector<char> buf(tmpl.begin(), tmpl.end());
-    buf.push_back('\0');
-    char* p = mkdtemp(buf.data());
-    if (p == nullptr) ADD_FAILURE() << "mkdtemp: " << std::strerror(errno);
-    else path_ = p;
-  }
-  ~TempDir() {
-    if (path_.empty()) return;
-    std::error_code ec;
-    std::filesystem::remove_all(path_, ec);
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-  const std::string& path() const { return path_; }
-  std::string file(const std::string& name) const { return path_ + "/" + name; }
-
- private:
-  std::string path_;
+struct TempDir : grokit::testing::TempDir {
+  TempDir() : grokit::testing::TempDir("format") {}
 };
 
 void write_file(const std::string& path, const std::string& bytes) {

@@ -16,6 +16,7 @@
 
 #include "common/common.h"
 #include "common/npy.h"
+#include "tests/unit/temp_dir.h"
 
 namespace grokit::npy {
 namespace {
@@ -24,34 +25,8 @@ using namespace std::string_view_literals;
 
 // ---------------------------------------------------------------------------------
 // Helpers.
-class TempDir {
- public:
-  TempDir() {
-    std::string tmpl = (std::getenv("TMPDIR") ? std::string(std::getenv("TMPDIR")) : std::string("/tmp")) +
-                       "/grokit_test_npy_XXXXXX";
-    std::vector<char> buf(tmpl.begin(), tmpl.end());
-    buf.push_back('\0');
-    char* p = mkdtemp(buf.data());
-    if (p == nullptr) ADD_FAILURE() << "mkdtemp: " << std::strerror(errno);
-    else path_ = p;
-  }
-  ~TempDir() {
-    if (path_.empty()) return;
-    std::error_code ec;
-    std::filesystem::remove_all(path_, ec);
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-  std::string file(const std::string& name) const { return path_ + "/" + name; }
-  std::vector<std::string> listing() const {
-    std::vector<std::string> names;
-    for (const auto& e : std::filesystem::directory_iterator(path_)) names.push_back(e.path().filename().string());
-    std::sort(names.begin(), names.end());
-    return names;
-  }
-
- private:
-  std::string path_;
+struct TempDir : grokit::testing::TempDir {
+  TempDir() : grokit::testing::TempDir("npy") {}
 };
 
 void write_file(const std::string& path, std::string_view bytes) {

@@ -16,32 +16,13 @@
 #include "common/common.h"
 #include "common/npy.h"
 #include "validate/validate.h"
+#include "tests/unit/temp_dir.h"
 
 namespace grokit::validate {
 namespace {
 
-class TempDir {
- public:
-  TempDir() {
-    std::string tmpl = (std::getenv("TMPDIR") ? std::string(std::getenv("TMPDIR")) : std::string("/tmp")) +
-                       "/grokit_test_logits_XXXXXX";
-    std::vector<char> buf(tmpl.begin(), tmpl.end());
-    buf.push_back('\0');
-    char* p = mkdtemp(buf.data());
-    if (p == nullptr) ADD_FAILURE() << "mkdtemp: " << std::strerror(errno);
-    else path_ = p;
-  }
-  ~TempDir() {
-    if (path_.empty()) return;
-    std::error_code ec;
-    std::filesystem::remove_all(path_, ec);
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-  std::string file(const std::string& name) const { return path_ + "/" + name; }
-
- private:
-  std::string path_;
+struct TempDir : grokit::testing::TempDir {
+  TempDir() : grokit::testing::TempDir("logits") {}
 };
 
 std::string write_f32(const TempDir& dir, const std::string& name, std::vector<int64_t> shape,
