@@ -1,12 +1,15 @@
-// Prefill for the chunked layouts (q4g, f8col; SPEC.md §4.1), shared by matmul_q4.cpp
-// and matmul_f8.cpp. In those layouts a column's 32-row chunk decodes to one vector of 32
-// bf16 weights and each (row of x, column) keeps 16 fp32 lanes, halved at the end of a
-// chain. The decode walks (groups_avx512) decode every chunk again for each block of at
-// most 4 rows of x. Here a panel of 8 columns by up to 32 chunks is decoded once into L1
-// for a block of 64 rows of x, which then run down it two at a time with their 16 sums
-// in registers: per (row of x, column) the same instruction sequence in chunk order as
-// the walks, so the same bits.
+// What the chunked layouts' products (q4g, f8col; SPEC.md §4.1) share: their driver
+// (run_chunked, at the end) and their prefill, the panels. In those layouts a column's
+// 32-row chunk decodes to one vector of 32 bf16 weights and each (row of x, column) keeps
+// 16 fp32 lanes, halved at the end of a chain. The decode walks (groups_avx512) decode
+// every chunk again for each block of at most 4 rows of x. Here a panel of 8 columns by
+// up to 32 chunks is decoded once into L1 for a block of 64 rows of x, which then run down
+// it two at a time with their 16 sums in registers: per (row of x, column) the same
+// instruction sequence in chunk order as the walks, so the same bits.
 #pragma once
+
+#include <algorithm>
+#include <vector>
 
 #include "kernels/internal.h"
 
@@ -198,6 +201,70 @@ void run_chunk_panels(Pool pool, const Decoder& dec, const uint16_t* xb, int64_t
     const int64_t c0 = static_cast<int64_t>(t) * chunk, c1 = std::min(N, c0 + chunk);
     chunk_panels_avx512<kPairs>(dec, xb, K, x, ldx, M, chains, cpc, c0, c1, y + c0, ldy);
   });
+}
+
+enum class Level { kScalar, kAvx2, kAvx512 };
+
+// y = x @ W for a chunked layout at one SIMD level: x staged once per call (bf16 bits for
+// the AVX-512 pairs, the AVX2 arrangement), then the panels where chunk_panels_take says
+// so, else run_chains over the decode walks, one chain of sr rows at a time. The layout's
+// file (matmul_q4.cpp, matmul_f8.cpp) defines, beside its Layout type L, the walks this
+// calls (found by argument-dependent lookup on L's type):
+//   panel_columns(L), the panels' Decoder;
+//   groups_avx512<NC, MB, kPairs>(xb, x, ldx, L, m0, ch0, ch1, c0, c1, out, ld): AVX-512,
+//     rows [m0, m0 + MB) of x, chunks [ch0, ch1), columns [c0, c1) into out;
+//   column_avx2<MB, kPairs>(xa, K, L, ch0, ch1, n, out, ld): AVX2, one column;
+//   chain_ref<kPairs>(x, M, ldx, L, ch0, ch1, c0, c1, out, ld): the scalar walk.
+template <Level kLevel, bool kPairs, class Layout>
+void run_chunked(const float* x, int64_t M, int64_t K, int64_t ldx, const Layout& L, int64_t N, float* y,
+                 int64_t ldy, Pool pool, int64_t sr) {
+  const int64_t chains = K / sr, cpc = sr / 32;  // chunks per chain
+  // Owned by the calling thread, reached by the tasks through these references.
+  static thread_local std::vector<uint16_t> xb_storage;
+  static thread_local std::vector<float> xa_storage;
+  std::vector<uint16_t>& xb = xb_storage;
+  std::vector<float>& xa = xa_storage;
+  if (kLevel == Level::kAvx512 && kPairs) stage_x_bf16(x, M, K, ldx, xb);
+  if (kLevel == Level::kAvx2) stage_x_chunk_lanes(x, M, K, ldx, xa);
+  if (kLevel == Level::kAvx512 && chunk_panels_take(kPairs, M, chains)) {
+    run_chunk_panels<kPairs>(pool, panel_columns(L), xb.data(), K, x, ldx, M, N, chains, cpc, y, ldy);
+    return;
+  }
+  // One chain over columns [c0, c1) into out ([M][ld], c0 at out[0]).
+  auto chain_part = [&](int64_t ch, int64_t c0, int64_t c1, float* out, int64_t ld) {
+    const int64_t ch0 = ch * cpc, ch1 = ch0 + cpc;
+    if constexpr (kLevel == Level::kAvx512) {
+      for (int64_t m = 0; m < M;) {
+        const int64_t mb = std::min<int64_t>(4, M - m);
+        const uint16_t* xbp = xb.data();
+        switch (mb) {
+          case 1: groups_avx512<16, 1, kPairs>(xbp, x, ldx, L, m, ch0, ch1, c0, c1, out, ld); break;
+          case 2: groups_avx512<8, 2, kPairs>(xbp, x, ldx, L, m, ch0, ch1, c0, c1, out, ld); break;
+          case 3: groups_avx512<4, 3, kPairs>(xbp, x, ldx, L, m, ch0, ch1, c0, c1, out, ld); break;
+          default: groups_avx512<4, 4, kPairs>(xbp, x, ldx, L, m, ch0, ch1, c0, c1, out, ld); break;
+        }
+        m += mb;
+      }
+    } else if constexpr (kLevel == Level::kAvx2) {
+      for (int64_t n = c0; n < c1; ++n) {
+        for (int64_t m = 0; m < M;) {
+          const int64_t mb = std::min<int64_t>(4, M - m);
+          const float* xp = xa.data() + m * K;
+          float* o = out + m * ld + (n - c0);
+          switch (mb) {
+            case 1: column_avx2<1, kPairs>(xp, K, L, ch0, ch1, n, o, ld); break;
+            case 2: column_avx2<2, kPairs>(xp, K, L, ch0, ch1, n, o, ld); break;
+            case 3: column_avx2<3, kPairs>(xp, K, L, ch0, ch1, n, o, ld); break;
+            default: column_avx2<4, kPairs>(xp, K, L, ch0, ch1, n, o, ld); break;
+          }
+          m += mb;
+        }
+      }
+    } else {
+      chain_ref<kPairs>(x, M, ldx, L, ch0, ch1, c0, c1, out, ld);
+    }
+  };
+  run_chains(pool, M, N, chains, 16, N, y, ldy, chain_part);
 }
 
 }  // namespace grokit::kernels::detail

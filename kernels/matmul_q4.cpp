@@ -314,66 +314,16 @@ struct Q4Columns {
   }
 };
 
-// ---------------------------------------------------------------------------------
-enum class Level { kScalar, kAvx2, kAvx512 };
+// The panels' decoder of this layout, for run_chunked (chunk_panels.h).
+inline Q4Columns panel_columns(const Q4Layout& L) { return Q4Columns{L}; }
 
 template <Level kLevel, bool kPairs>
-Status impl(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* payload, int64_t G, int64_t N, float* y,
-            int64_t ldy, Pool pool, int64_t sum_rows) {
+Status impl(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* payload, int64_t G, int64_t N, float* y, int64_t ldy, Pool pool, int64_t sum_rows) {
   GROKIT_CHECK(sum_rows >= 0);
   const int64_t sr = sum_rows > 0 ? sum_rows : K;  // rows per independent chain
   check_args(M, K, ldx, G, N, ldy, sr);
-  const int64_t chains = K / sr, cpc = sr / 32;  // chunks per chain
   if (M == 0) return {};
-  const Q4Layout L(payload, K, N, G);
-  // x for the SIMD walks, converted once per call: bf16 bits (AVX-512, pairs) or the
-  // AVX2 arrangement. Owned by the calling thread, reached by the tasks through these
-  // references.
-  static thread_local std::vector<uint16_t> xb_storage;
-  static thread_local std::vector<float> xa_storage;
-  std::vector<uint16_t>& xb = xb_storage;
-  std::vector<float>& xa = xa_storage;
-  if (kLevel == Level::kAvx512 && kPairs) stage_x_bf16(x, M, K, ldx, xb);
-  if (kLevel == Level::kAvx2) stage_x_chunk_lanes(x, M, K, ldx, xa);
-  // One chain over columns [c0, c1) into out ([M][ld], c0 at out[0]).
-  auto chain_part = [&](int64_t ch, int64_t c0, int64_t c1, float* out, int64_t ld) {
-    const int64_t ch0 = ch * cpc, ch1 = ch0 + cpc;
-    if constexpr (kLevel == Level::kAvx512) {
-      for (int64_t m = 0; m < M;) {
-        const int64_t mb = std::min<int64_t>(4, M - m);
-        const uint16_t* xbp = xb.data();
-        switch (mb) {
-          case 1: groups_avx512<16, 1, kPairs>(xbp, x, ldx, L, m, ch0, ch1, c0, c1, out, ld); break;
-          case 2: groups_avx512<8, 2, kPairs>(xbp, x, ldx, L, m, ch0, ch1, c0, c1, out, ld); break;
-          case 3: groups_avx512<4, 3, kPairs>(xbp, x, ldx, L, m, ch0, ch1, c0, c1, out, ld); break;
-          default: groups_avx512<4, 4, kPairs>(xbp, x, ldx, L, m, ch0, ch1, c0, c1, out, ld); break;
-        }
-        m += mb;
-      }
-    } else if constexpr (kLevel == Level::kAvx2) {
-      for (int64_t n = c0; n < c1; ++n) {
-        for (int64_t m = 0; m < M;) {
-          const int64_t mb = std::min<int64_t>(4, M - m);
-          const float* xp = xa.data() + m * K;
-          float* o = out + m * ld + (n - c0);
-          switch (mb) {
-            case 1: column_avx2<1, kPairs>(xp, K, L, ch0, ch1, n, o, ld); break;
-            case 2: column_avx2<2, kPairs>(xp, K, L, ch0, ch1, n, o, ld); break;
-            case 3: column_avx2<3, kPairs>(xp, K, L, ch0, ch1, n, o, ld); break;
-            default: column_avx2<4, kPairs>(xp, K, L, ch0, ch1, n, o, ld); break;
-          }
-          m += mb;
-        }
-      }
-    } else {
-      chain_ref<kPairs>(x, M, ldx, L, ch0, ch1, c0, c1, out, ld);
-    }
-  };
-  if (kLevel == Level::kAvx512 && chunk_panels_take(kPairs, M, chains)) {
-    run_chunk_panels<kPairs>(pool, Q4Columns{L}, xb.data(), K, x, ldx, M, N, chains, cpc, y, ldy);
-    return {};
-  }
-  run_chains(pool, M, N, chains, 16, N, y, ldy, chain_part);
+  run_chunked<kLevel, kPairs>(x, M, K, ldx, Q4Layout(payload, K, N, G), N, y, ldy, pool, sr);
   return {};
 }
 
