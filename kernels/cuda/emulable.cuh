@@ -1,8 +1,8 @@
 // Macros and helpers for device code that also compiles as plain C++ for a host
 // emulation of its kernels in tests (__CUDACC__ undefined). The includer of such a header
 // then provides threadIdx, blockIdx, gridDim (thread-local / global), gk_emu_sync() (a
-// barrier over the block's threads), gk_emu_smem() (the block's dynamic shared memory)
-// and whatever else the header names
+// barrier over the block's threads), gk_emu_smem() (the block's dynamic shared memory),
+// gk_emu_pdl_wait() and whatever else the header names
 // (tests/gpu/test_cuda_emulation.cpp). Internal to kernels/cuda.
 #pragma once
 
@@ -87,10 +87,13 @@ GK_D uint32_t atomic_add(uint32_t* p, uint32_t v) {
 // completed and its writes are visible. The rule, in every block of a kernel launched so:
 // nothing an earlier kernel writes is read, and nothing an earlier kernel reads is written,
 // before pdl_wait; before it, only weights (written at load, never during a step) may be
-// read. Both are no-ops on older GPUs, in a launch without the attribute, and on the host.
+// read. Both are no-ops on older GPUs and in a launch without the attribute; the host
+// emulation's pdl_wait (gk_emu_pdl_wait) is where it checks the rule.
 GK_D void pdl_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
+#elif !defined(__CUDACC__)
+  gk_emu_pdl_wait();
 #endif
 }
 GK_D void pdl_trigger() {

@@ -7,6 +7,14 @@
 // is the device's (fp32 fma, bf16x2 multiplies from cuda_bf16.h's host versions); the
 // summation order is the kernel's, so results are held to the parity harness's matmul
 // budget, and the rounded output to the bits of the unrounded one rounded.
+//
+// The kernels' pdl_wait rule (emulable.cuh) is checked too: every buffer of a launch but
+// the weights lives in pages of its own (PageBuf), which no thread may touch until all the
+// block's threads have reached pdl_wait (the pages are inaccessible until then), so a read
+// or write placed ahead of the wait ends the test with a message.
+#include <signal.h>
+#include <sys/mman.h>
+#include <unistd.h>
 #include <vector_types.h>
 
 #include <barrier>
@@ -25,6 +33,7 @@ thread_local uint3 threadIdx;
 thread_local uint3 blockIdx;
 dim3 gridDim;
 void gk_emu_sync();
+void gk_emu_pdl_wait();
 float* gk_emu_smem();
 void gk_emu_align(const void* p, int bytes, const char* what);
 template <class T>
@@ -58,9 +67,39 @@ constexpr int kMaxEmuThreads = 1024;
 std::vector<std::unique_ptr<std::barrier<>>> g_warps;
 uint64_t g_lanes[kMaxEmuThreads];
 
+// The guarded pages of the launch running now, inaccessible from each block's start until
+// its threads have all called pdl_wait.
+struct Region {
+  void* p;
+  size_t bytes;
+};
+std::vector<Region> g_guarded;
+void set_guard(bool on) {
+  for (const Region& r : g_guarded)
+    if (mprotect(r.p, r.bytes, on ? PROT_NONE : PROT_READ | PROT_WRITE) != 0) std::abort();
+}
+struct Unguard {
+  void operator()() noexcept { set_guard(false); }
+};
+std::optional<std::barrier<Unguard>> g_pdl;
+void on_fault(int, siginfo_t* info, void*) {
+  for (const Region& r : g_guarded) {
+    const auto a = reinterpret_cast<uintptr_t>(info->si_addr), b = reinterpret_cast<uintptr_t>(r.p);
+    if (a >= b && a < b + r.bytes) {
+      static const char msg[] = "emulated kernel: a buffer of earlier kernels touched before pdl_wait (emulable.cuh)\n";
+      (void)!write(2, msg, sizeof msg - 1);
+      _exit(3);
+    }
+  }
+  signal(SIGSEGV, SIG_DFL);  // not a guarded page: the usual crash
+}
+
 }  // namespace
 
 void gk_emu_sync() { g_sync->arrive_and_wait(); }
+// Every thread of the block reaches it (the kernels call it uniformly); the last one in
+// opens the guarded pages.
+void gk_emu_pdl_wait() { g_pdl->arrive_and_wait(); }
 // Every lane of the warp calls it (as __shfl_xor_sync with a full mask requires).
 template <class T>
 T gk_emu_shfl_xor(T v, int mask) {
@@ -86,12 +125,51 @@ void gk_emu_align(const void* p, int bytes, const char* what) {
 
 namespace {
 
+// An array in pages of its own, so that a launch can guard it (Region).
+template <class T>
+class PageBuf {
+ public:
+  explicit PageBuf(size_t n, T fill = T{}) : n_(n) {
+    const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+    bytes_ = (std::max<size_t>(n, 1) * sizeof(T) + page - 1) / page * page;
+    void* p = mmap(nullptr, bytes_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) std::abort();
+    p_ = static_cast<T*>(p);
+    std::fill(p_, p_ + n_, fill);
+  }
+  explicit PageBuf(const std::vector<T>& v) : PageBuf(v.size()) { std::copy(v.begin(), v.end(), p_); }
+  ~PageBuf() { munmap(p_, bytes_); }
+  PageBuf(const PageBuf&) = delete;
+  PageBuf& operator=(const PageBuf&) = delete;
+  T* data() const { return p_; }
+  size_t size() const { return n_; }
+  T& operator[](size_t i) const { return p_[i]; }
+  T* begin() const { return p_; }
+  T* end() const { return p_ + n_; }
+  Region region() const { return {p_, bytes_}; }
+
+ private:
+  T* p_ = nullptr;
+  size_t n_ = 0, bytes_ = 0;
+};
+
 // Runs fn as a kernel over `grid`, one block at a time, each with T threads.
-// A thread that returns early leaves the block's barrier (as an exited CUDA thread no
-// longer counts at __syncthreads). Dynamic shared memory is NaN before each block.
+// A thread that returns early leaves the block's barriers (as an exited CUDA thread no
+// longer counts at __syncthreads). Dynamic shared memory is NaN before each block. The
+// guard's pages are inaccessible from each block's start until its pdl_wait.
 template <class Fn>
-void launch(dim3 grid, size_t smem_bytes, const Fn& fn, int T = mm::kThreads) {
+void launch(dim3 grid, size_t smem_bytes, const Fn& fn, int T = mm::kThreads, std::vector<Region> guard = {}) {
   ASSERT_TRUE(T % 32 == 0 && T <= kMaxEmuThreads);
+  static const bool handler = [] {
+    struct sigaction sa = {};
+    sa.sa_sigaction = on_fault;
+    sa.sa_flags = SA_SIGINFO;
+    return sigaction(SIGSEGV, &sa, nullptr) == 0;
+  }();
+  ASSERT_TRUE(handler);
+  g_guarded = std::move(guard);
+  g_pdl.emplace(T);
+  set_guard(true);
   gridDim = grid;
   g_smem.assign(smem_bytes / 4 + 4, std::nanf(""));
   g_sync.emplace(T);
@@ -112,10 +190,13 @@ void launch(dim3 grid, size_t smem_bytes, const Fn& fn, int T = mm::kThreads) {
             blockIdx = uint3{x, y, z};
             fn();
             g_sync->arrive_and_drop();
+            g_pdl->arrive_and_drop();
             g_warps[static_cast<size_t>(t / 32)]->arrive_and_drop();
             end.arrive_and_wait();
             if (t == 0) {  // nobody touches these until the next start
               g_sync.emplace(T);
+              g_pdl.emplace(T);
+              set_guard(true);
               make_warps();
               std::fill(g_smem.begin(), g_smem.end(), std::nanf(""));
             }
@@ -123,17 +204,22 @@ void launch(dim3 grid, size_t smem_bytes, const Fn& fn, int T = mm::kThreads) {
     });
   }
   for (auto& th : threads) th.join();
+  set_guard(false);
+  g_guarded.clear();
 }
 
 // The decode kernel (or its multi variant) a plan selects, emulated over `grid`.
-void run_decode(int fmt, int kmt, bool deep, dim3 grid, size_t smem, const mm::DecodeParams& p) {
+void run_decode(int fmt, int kmt, bool deep, dim3 grid, size_t smem, const mm::DecodeParams& p,
+                std::vector<Region> guard) {
   mm::with_decode_kernel(fmt, kmt, deep, [&](auto f, auto k, auto u) {
-    launch(grid, smem, [&] { mm::decode_kernel<decltype(f)::value, decltype(k)::value, decltype(u)::value>(p); });
+    launch(grid, smem, [&] { mm::decode_kernel<decltype(f)::value, decltype(k)::value, decltype(u)::value>(p); },
+           mm::kThreads, guard);
   });
 }
-void run_multi(int fmt, int kmt, bool deep, dim3 grid, size_t smem, const mm::DecodeMulti& m) {
+void run_multi(int fmt, int kmt, bool deep, dim3 grid, size_t smem, const mm::DecodeMulti& m, std::vector<Region> guard) {
   mm::with_decode_kernel(fmt, kmt, deep, [&](auto f, auto k, auto u) {
-    launch(grid, smem, [&] { mm::decode_multi_kernel<decltype(f)::value, decltype(k)::value, decltype(u)::value>(m); });
+    launch(grid, smem, [&] { mm::decode_multi_kernel<decltype(f)::value, decltype(k)::value, decltype(u)::value>(m); },
+           mm::kThreads, guard);
   });
 }
 
@@ -218,18 +304,19 @@ void check_case(const Case& c, const mm::DecodeForce& force, Out out, Rng& rng) 
   const mm::DecodePlan P = mm::plan_decode(d.fmt, d.K, d.N, per, active, sms, mm::kMaxSplits, force);
   bool slots = false;
   const int64_t egrid = mm::expert_grid(d.E, c.M, routed, &slots);
-  std::vector<float> partial(static_cast<size_t>(P.ks * c.M * c.N), std::nanf(""));
-  std::vector<uint32_t> counters(static_cast<size_t>(egrid * P.tiles), 0);
-  unsigned int errors[2] = {0, 0};
-  std::vector<float> got = gate;
-  mm::DecodeParams p = mm::make_decode_params(d, P, x.data(), c.M, ldx, routed ? expert.data() : nullptr, div,
-                                              got.data(), ldy, partial.data(), counters.data(), errors);
+  // Everything but the weights guarded (launch): what earlier kernels write or read.
+  const PageBuf<float> gx(x), got(gate), partial(static_cast<size_t>(P.ks * c.M * c.N), std::nanf(""));
+  const PageBuf<int32_t> gexpert(expert);
+  const PageBuf<uint32_t> counters(static_cast<size_t>(egrid * P.tiles), 0), errors(2, 0);
+  mm::DecodeParams p = mm::make_decode_params(d, P, gx.data(), c.M, ldx, routed ? gexpert.data() : nullptr, div,
+                                              got.data(), ldy, partial.data(), counters.data(), errors.data());
   p.round_y = round ? 1 : 0;
   p.gelu = gelu ? 1 : 0;
   p.slots = slots ? 1 : 0;
   const dim3 grid(static_cast<unsigned>(P.tiles), static_cast<unsigned>(P.ks), static_cast<unsigned>(egrid));
   const bool deep = force.deep != 0 && P.kmt == 1;
-  run_decode(d.fmt, P.kmt, deep, grid, P.smem, p);
+  run_decode(d.fmt, P.kmt, deep, grid, P.smem, p,
+             {gx.region(), got.region(), partial.region(), gexpert.region(), counters.region(), errors.region()});
   EXPECT_EQ(errors[0], 0u) << "a device error was raised";
   for (uint32_t v : counters) ASSERT_EQ(v, 0u) << "a split-k counter was not reset for the next launch";
 
@@ -340,34 +427,38 @@ TEST(CudaEmulation, MultiProductsGiveEachProductItsOwnBits) {
         }
         const mm::MultiPlan mp = mm::plan_multi(d, 3, M, 3, force);
         const bool deep = force.deep != 0 && mp.P[0].kmt == 1;
-        // Together.
-        std::vector<std::vector<float>> together(3);
+        // Together (everything but the weights guarded, as in check_case).
+        const PageBuf<float> gx(x);
+        std::vector<std::unique_ptr<PageBuf<float>>> together;
         float* yt[3];
+        std::vector<Region> guard = {gx.region()};
         for (int i = 0; i < 3; ++i) {
-          together[static_cast<size_t>(i)].assign(static_cast<size_t>(M * ldy[i]), -7.0f);
-          yt[i] = together[static_cast<size_t>(i)].data();
+          together.push_back(std::make_unique<PageBuf<float>>(static_cast<size_t>(M * ldy[i]), -7.0f));
+          yt[i] = together.back()->data();
+          guard.push_back(together.back()->region());
         }
-        std::vector<float> partial(mp.partial_floats + 1, std::nanf(""));
-        std::vector<uint32_t> counters(mp.counter_words, 0);
-        unsigned int errors[2] = {0, 0};
-        const mm::DecodeMulti m =
-            mm::make_decode_multi(mp, d, x.data(), M, ldx, yt, ldy, partial.data(), counters.data(), errors, true, false);
+        const PageBuf<float> partial(mp.partial_floats + 1, std::nanf(""));
+        const PageBuf<uint32_t> counters(mp.counter_words, 0), errors(2, 0);
+        guard.insert(guard.end(), {partial.region(), counters.region(), errors.region()});
+        const mm::DecodeMulti m = mm::make_decode_multi(mp, d, gx.data(), M, ldx, yt, ldy, partial.data(),
+                                                        counters.data(), errors.data(), true, false);
         const dim3 grid(static_cast<unsigned>(mp.max_tiles), static_cast<unsigned>(mp.max_ks), 3);
-        run_multi(d[0].fmt, mp.P[0].kmt, deep, grid, mp.smem, m);
+        run_multi(d[0].fmt, mp.P[0].kmt, deep, grid, mp.smem, m, guard);
         for (uint32_t v : counters) ASSERT_EQ(v, 0u) << "a split-k counter was not reset";
         EXPECT_EQ(errors[0], 0u);
         // Alone, each under its plan.
         for (int i = 0; i < 3; ++i) {
           const mm::DecodePlan& P = mp.P[i];
-          std::vector<float> alone(static_cast<size_t>(M * ldy[i]), -7.0f);
-          std::vector<float> part(static_cast<size_t>(P.ks * M * Ns[i]) + 1, std::nanf(""));
-          std::vector<uint32_t> cnt(static_cast<size_t>(P.tiles), 0);
-          mm::DecodeParams p = mm::make_decode_params(d[i], P, x.data(), M, ldx, nullptr, 1, alone.data(), ldy[i],
-                                                      part.data(), cnt.data(), errors);
+          const PageBuf<float> alone(static_cast<size_t>(M * ldy[i]), -7.0f);
+          const PageBuf<float> part(static_cast<size_t>(P.ks * M * Ns[i]) + 1, std::nanf(""));
+          const PageBuf<uint32_t> cnt(static_cast<size_t>(P.tiles), 0);
+          mm::DecodeParams p = mm::make_decode_params(d[i], P, gx.data(), M, ldx, nullptr, 1, alone.data(), ldy[i],
+                                                      part.data(), cnt.data(), errors.data());
           p.round_y = 1;
           const dim3 g(static_cast<unsigned>(P.tiles), static_cast<unsigned>(P.ks), 1);
-          run_decode(d[i].fmt, P.kmt, deep, g, P.smem, p);
-          EXPECT_EQ(0, std::memcmp(alone.data(), together[static_cast<size_t>(i)].data(), alone.size() * 4))
+          run_decode(d[i].fmt, P.kmt, deep, g, P.smem, p,
+                     {gx.region(), alone.region(), part.region(), cnt.region(), errors.region()});
+          EXPECT_EQ(0, std::memcmp(alone.data(), together[static_cast<size_t>(i)]->data(), alone.size() * 4))
               << "product " << i << " (N " << Ns[i] << ", " << P.tiles << " tiles x " << P.ks << " splits)";
         }
       }
@@ -391,34 +482,36 @@ TEST(CudaEmulation, RouterShapesGiveTheSameBitsAndTheTwinsExperts) {
     std::vector<float> x, w;
     ASSERT_TRUE(payloads::router_inputs(c.M, c.D, c.E, c.k, rng, x, w));
     const size_t n = static_cast<size_t>(c.M * c.k);
-    std::vector<int32_t> want_e(n), row_e(n, -5), tile_e(n, -5);
-    std::vector<float> want_g(n), row_g(n, -5.0f), tile_g(n, -5.0f);
+    std::vector<int32_t> want_e(n);
+    std::vector<float> want_g(n);
     ASSERT_EQ(grokit_host_ops()->router_topk(x.data(), c.M, c.D, w.data(), c.E, c.k, want_e.data(), want_g.data(),
                                              nullptr),
               GROKIT_OK);
+    // x and the outputs guarded (the weight w is not).
+    const PageBuf<float> gx(x), row_g(n, -5.0f), xs_g(n, -5.0f), tile_g(n, -5.0f);
+    const PageBuf<int32_t> row_e(n, -5), xs_e(n, -5), tile_e(n, -5);
     const int E = static_cast<int>(c.E), k = static_cast<int>(c.k);
     launch(dim3(static_cast<unsigned>(c.M), 1, 1), 0,
-           [&] { rt::router_kernel<rt::kRowThreads, 1>(x.data(), c.M, c.D, w.data(), E, k, row_e.data(), row_g.data()); },
-           rt::kRowThreads);
+           [&] { rt::router_kernel<rt::kRowThreads, 1>(gx.data(), c.M, c.D, w.data(), E, k, row_e.data(), row_g.data()); },
+           rt::kRowThreads, {gx.region(), row_e.region(), row_g.region()});
     // The decode shape with x widened into shared memory.
-    std::vector<int32_t> xs_e(n, -5);
-    std::vector<float> xs_g(n, -5.0f);
     launch(dim3(static_cast<unsigned>(c.M), 1, 1), static_cast<size_t>(c.D) * 8,
            [&] {
-             rt::router_kernel<rt::kRowThreads, 1, true>(x.data(), c.M, c.D, w.data(), E, k, xs_e.data(), xs_g.data());
+             rt::router_kernel<rt::kRowThreads, 1, true>(gx.data(), c.M, c.D, w.data(), E, k, xs_e.data(), xs_g.data());
            },
-           rt::kRowThreads);
-    EXPECT_EQ(xs_e, row_e);
+           rt::kRowThreads, {gx.region(), xs_e.region(), xs_g.region()});
+    const std::vector<int32_t> rows_e(row_e.begin(), row_e.end());
+    EXPECT_EQ(std::vector<int32_t>(xs_e.begin(), xs_e.end()), rows_e);
     EXPECT_EQ(0, std::memcmp(xs_g.data(), row_g.data(), n * 4)) << "the gates with x in shared memory differ";
     // Two blocks at most: the grid-stride loop over tiles.
     launch(dim3(2, 1, 1), 0,
            [&] {
-             rt::router_kernel<rt::kTileThreads, rt::kTileRows>(x.data(), c.M, c.D, w.data(), E, k, tile_e.data(),
+             rt::router_kernel<rt::kTileThreads, rt::kTileRows>(gx.data(), c.M, c.D, w.data(), E, k, tile_e.data(),
                                                                 tile_g.data());
            },
-           rt::kTileThreads);
-    EXPECT_EQ(row_e, want_e);
-    EXPECT_EQ(tile_e, row_e);
+           rt::kTileThreads, {gx.region(), tile_e.region(), tile_g.region()});
+    EXPECT_EQ(rows_e, want_e);
+    EXPECT_EQ(std::vector<int32_t>(tile_e.begin(), tile_e.end()), rows_e);
     EXPECT_EQ(0, std::memcmp(tile_g.data(), row_g.data(), n * 4)) << "the tiles' gates differ from the rows'";
     for (size_t i = 0; i < n; ++i)
       EXPECT_LE(std::fabs(double(row_g[i]) - double(want_g[i])), 0x1p-14 * std::fabs(double(want_g[i])))
@@ -443,41 +536,47 @@ void check_decode_attention(const std::string& what, int64_t Hq, int64_t KV, int
   namespace at = grokit::kernels::cuda::attn;
   SCOPED_TRACE(what);
   const auto M = static_cast<int64_t>(rows.size());
-  std::vector<std::vector<uint16_t>> ks, vs;
-  std::vector<std::vector<uint8_t>> valid;
-  std::vector<GrokitAttnRow> rd;
-  for (const AttnRowCase& r : rows) {
-    std::vector<uint16_t> k(static_cast<size_t>(KV * r.cap * dh), 0x7fc1), v(k.size(), 0x7fc1);  // NaN past n
-    std::vector<uint8_t> ok(static_cast<size_t>(r.cap), 0);
+  // Every buffer guarded (launch): the caches, the rows, q, o, the scratch.
+  std::vector<std::unique_ptr<PageBuf<uint16_t>>> ks, vs;
+  std::vector<std::unique_ptr<PageBuf<uint8_t>>> valid;
+  const PageBuf<GrokitAttnRow> rd(rows.size());
+  std::vector<Region> guard = {rd.region()};
+  for (size_t i = 0; i < rows.size(); ++i) {
+    const AttnRowCase& r = rows[i];
+    const size_t elems = static_cast<size_t>(KV * r.cap * dh);
+    ks.push_back(std::make_unique<PageBuf<uint16_t>>(elems, uint16_t{0x7fc1}));  // NaN past n
+    vs.push_back(std::make_unique<PageBuf<uint16_t>>(elems, uint16_t{0x7fc1}));
+    valid.push_back(std::make_unique<PageBuf<uint8_t>>(static_cast<size_t>(r.cap), uint8_t{0}));
+    PageBuf<uint16_t>&k = *ks.back(), &v = *vs.back();
     for (int64_t h = 0; h < KV; ++h)
       for (int64_t j = 0; j < r.n; ++j)
         for (int64_t d = 0; d < dh; ++d) {
           k[static_cast<size_t>((h * r.cap + j) * dh + d)] = rng.bf16_bits(-4, 1);
           v[static_cast<size_t>((h * r.cap + j) * dh + d)] = rng.bf16_bits(-6, 2);
         }
-    for (int64_t j = 0; j < r.n; ++j) ok[static_cast<size_t>(j)] = j < r.pad || rng.range(0, 4) == 0 ? 0 : 1;
-    ks.push_back(std::move(k));
-    vs.push_back(std::move(v));
-    valid.push_back(std::move(ok));
-    rd.push_back({ks.back().data(), vs.back().data(), valid.back().data(), r.cap, r.n, r.pos, 1});
+    for (int64_t j = 0; j < r.n; ++j) (*valid.back())[static_cast<size_t>(j)] = j < r.pad || rng.range(0, 4) == 0 ? 0 : 1;
+    rd[i] = {k.data(), v.data(), valid.back()->data(), r.cap, r.n, r.pos, 1};
+    guard.insert(guard.end(), {k.region(), v.region(), valid.back()->region()});
   }
-  std::vector<float> q(static_cast<size_t>(M * Hq * dh));
+  const PageBuf<float> q(static_cast<size_t>(M * Hq * dh));
   for (auto& x : q) x = rng.bf16_value(-4, q_hi);
-  std::vector<float> want(q.size()), got(q.size(), std::nanf(""));
+  std::vector<float> want(q.size());
+  const PageBuf<float> got(q.size(), std::nanf(""));
   for (int64_t m = 0; m < M; ++m) {
     const AttnRowCase& r = rows[static_cast<size_t>(m)];
     const grokit::kernels::AttentionShape sh{Hq, KV, dh, r.cap, mult, 30.0f};
-    ASSERT_TRUE(grokit::kernels::attention(q.data() + m * Hq * dh, 1, &r.pos, ks[static_cast<size_t>(m)].data(),
-                                           vs[static_cast<size_t>(m)].data(), valid[static_cast<size_t>(m)].data(), r.n,
+    ASSERT_TRUE(grokit::kernels::attention(q.data() + m * Hq * dh, 1, &r.pos, ks[static_cast<size_t>(m)]->data(),
+                                           vs[static_cast<size_t>(m)]->data(), valid[static_cast<size_t>(m)]->data(), r.n,
                                            sh, want.data() + m * Hq * dh, nullptr)
                     .ok());
   }
-  unsigned int errors[2] = {0, 0};
+  const PageBuf<unsigned int> errors(2, 0);
   const at::Args a{q.data(), got.data(), rd.data(), M, max_keys, static_cast<int>(Hq), static_cast<int>(KV),
-                   static_cast<int>(Hq / KV), static_cast<int>(dh), mult, 30.0f, errors};
+                   static_cast<int>(Hq / KV), static_cast<int>(dh), mult, 30.0f, errors.data()};
   at::DecodePlan p{};
   ASSERT_TRUE(at::plan_decode(a, sms, &p));
-  std::vector<double> scratch(p.bytes / 8 + 1, std::nan(""));
+  const PageBuf<double> scratch(p.bytes / 8 + 1, std::nan(""));
+  guard.insert(guard.end(), {q.region(), got.region(), errors.region(), scratch.region()});
   auto* base = reinterpret_cast<unsigned char*>(scratch.data());
   auto* S = reinterpret_cast<float*>(base + p.off_s);
   auto* PM = reinterpret_cast<float*>(base + p.off_pm);
@@ -487,11 +586,11 @@ void check_decode_attention(const std::string& what, int64_t Hq, int64_t KV, int
   uint32_t* cnt = p.nsplit > 1 ? reinterpret_cast<uint32_t*>(base + p.off_cnt) : nullptr;
   if (cnt != nullptr) std::memset(cnt, 0x5a, p.bytes - p.off_cnt);
   const dim3 grid(static_cast<unsigned>(p.nsplit), static_cast<unsigned>(M * KV * p.hsub), 1);
-  launch(grid, 0, [&] { at::decode_scores(a, p, S, PM, PL, cnt); }, at::kThreads);
+  launch(grid, 0, [&] { at::decode_scores(a, p, S, PM, PL, cnt); }, at::kThreads, guard);
   if (p.nsplit == 1)
-    launch(grid, 0, [&] { at::decode_pv<true>(a, p, S, PM, PL, nullptr, nullptr); }, at::kThreads);
+    launch(grid, 0, [&] { at::decode_pv<true>(a, p, S, PM, PL, nullptr, nullptr); }, at::kThreads, guard);
   else
-    launch(grid, 0, [&] { at::decode_pv<false>(a, p, S, PM, PL, P, cnt); }, at::kThreads);
+    launch(grid, 0, [&] { at::decode_pv<false>(a, p, S, PM, PL, P, cnt); }, at::kThreads, guard);
   EXPECT_EQ(errors[0], 0u);
   size_t differ = 0;
   int bad = 0;
