@@ -40,7 +40,9 @@ cudaError_t launch_pdl(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem,
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
   cfg.attrs = attr;
-  cfg.numAttrs = pdl_enabled() ? 1 : 0;
+  // Not on the legacy default stream (no overlap is wanted there; its implicit
+  // synchronization with other streams is kept whole).
+  cfg.numAttrs = stream != nullptr && stream != cudaStreamLegacy && pdl_enabled() ? 1 : 0;
   return cudaLaunchKernelEx(&cfg, kernel, std::forward<A>(args)...);
 }
 
