@@ -99,6 +99,12 @@ GK_KERNEL_T(kThreads, 1) decode_scores(Args a, DecodePlan p, float* __restrict__
   const int64_t n = row_keys(row, a.max_keys), vend = row_visible_end(row, n), chunk = row_chunk(n, p);
   const int64_t j0 = b.split * chunk, j1 = std::min(j0 + chunk, n);
   const int64_t rh0 = b.m * a.q_heads + b.h0;  // (row, first head) index
+  if (j0 < j1) {  // the split's keys past its first pass, and its values (decode_pv's), head for L2
+    const int64_t row_bytes = 2 * static_cast<int64_t>(dh), at = static_cast<int64_t>(b.g) * row.cap + j0;
+    const int64_t first = std::min<int64_t>(j1 - j0, kThreads / 4);  // the first pass loads these itself
+    prefetch_span_l2(row.k + (at + first) * dh, (j1 - j0 - first) * row_bytes, tid, kThreads);
+    prefetch_span_l2(row.v + at * dh, (j1 - j0) * row_bytes, tid, kThreads);
+  }
 
   for (int i = tid; i < b.nh * dh; i += kThreads) q_s[i] = static_cast<double>(a.q[rh0 * dh + i]);
   GK_SYNC();

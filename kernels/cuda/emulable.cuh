@@ -110,6 +110,13 @@ GK_D void prefetch_l2(const void* p) {
   (void)p;
 #endif
 }
+// prefetch_l2 over the lines of [p, p + bytes), thread t of T taking every T-th line.
+GK_D void prefetch_span_l2(const void* p, int64_t bytes, int t, int T) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p), first = a & ~uintptr_t{127};
+  for (uintptr_t l = first + static_cast<uintptr_t>(t) * 128; l < a + static_cast<uintptr_t>(bytes);
+       l += static_cast<uintptr_t>(T) * 128)
+    prefetch_l2(reinterpret_cast<const void*>(l));
+}
 // A read of data other blocks of this launch wrote (from L2, never a stale L1 line).
 template <class T>
 GK_D T ldcg(const T* p) {
