@@ -112,6 +112,7 @@ GK_D void prefetch_l2(const void* p) {
 }
 // prefetch_l2 over the lines of [p, p + bytes), thread t of T taking every T-th line.
 GK_D void prefetch_span_l2(const void* p, int64_t bytes, int t, int T) {
+  if (bytes <= 0) return;
   const uintptr_t a = reinterpret_cast<uintptr_t>(p), first = a & ~uintptr_t{127};
   for (uintptr_t l = first + static_cast<uintptr_t>(t) * 128; l < a + static_cast<uintptr_t>(bytes);
        l += static_cast<uintptr_t>(T) * 128)
