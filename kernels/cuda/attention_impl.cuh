@@ -1,8 +1,7 @@
 // Internal to kernels/cuda/attention*.cu: the arguments, plans and the device helpers
 // that spell out the CPU twin's numerics (kernels/attention.cpp). Also compiles as plain
 // C++ (emulable.cuh) for the host emulation of the decode kernels in tests: the includer
-// then provides round_bf16 (grokit's, common.h), cuda::raise_device_error and
-// gk_emu_shfl_xor (a warp's exchange).
+// then provides round_bf16 (grokit's, common.h) and cuda::raise_device_error.
 #pragma once
 
 #include <cmath>
@@ -25,17 +24,6 @@ namespace grokit::kernels::cuda::attn {
 using ::grokit::round_bf16;
 #endif
 
-// Lane exchange across a full warp.
-template <class T>
-GK_D T shfl_xor(T v, int mask) {
-#if defined(__CUDA_ARCH__)
-  return __shfl_xor_sync(0xffffffffu, v, mask);
-#elif defined(__CUDACC__)
-  return v;  // host pass of nvcc: never called
-#else
-  return gk_emu_shfl_xor(v, mask);
-#endif
-}
 GK_D float bits_to_f32(uint32_t u) {
   float f;
   std::memcpy(&f, &u, sizeof f);

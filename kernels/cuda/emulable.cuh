@@ -2,10 +2,11 @@
 // emulation of its kernels in tests (__CUDACC__ undefined). The includer of such a header
 // then provides threadIdx, blockIdx, gridDim (thread-local / global), gk_emu_sync() (a
 // barrier over the block's threads), gk_emu_smem() (the block's dynamic shared memory),
-// gk_emu_pdl_wait() and whatever else the header names
+// gk_emu_pdl_wait(), gk_emu_shfl_xor (a warp's exchange) and whatever else the header names
 // (tests/gpu/test_cuda_emulation.cpp). Internal to kernels/cuda.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #if defined(__CUDACC__)
@@ -25,9 +26,12 @@
 #define GK_SYNC() gk_emu_sync()
 #endif
 #if defined(__CUDA_ARCH__)
+#define GK_PRAGMA(x) _Pragma(#x)
 #define GK_UNROLL _Pragma("unroll")
+#define GK_UNROLL_BY(n) GK_PRAGMA(unroll n)
 #else
 #define GK_UNROLL
+#define GK_UNROLL_BY(n)
 #endif
 
 namespace grokit::kernels::cuda {
@@ -63,6 +67,25 @@ GK_D float div_rn(float a, float b) {
 #else
   volatile float r = a / b;
   return r;
+#endif
+}
+GK_D float sqrt_rn(float a) {
+#if defined(__CUDA_ARCH__)
+  return __fsqrt_rn(a);
+#else
+  return std::sqrt(a);  // IEEE: correctly rounded
+#endif
+}
+
+// Lane exchange across a full warp.
+template <class T>
+GK_D T shfl_xor(T v, int mask) {
+#if defined(__CUDA_ARCH__)
+  return __shfl_xor_sync(0xffffffffu, v, mask);
+#elif defined(__CUDACC__)
+  return v;  // host pass of nvcc: never called
+#else
+  return gk_emu_shfl_xor(v, mask);
 #endif
 }
 

@@ -1,25 +1,11 @@
-// RMSNorm: one block per row (the reduction and its order: rmsnorm_impl.cuh); the rest
-// follows kernels::rmsnorm's rounding points exactly.
+// RMSNorm's launcher: one block per row (the kernel, its reduction and its order:
+// rmsnorm_impl.cuh); the rest follows kernels::rmsnorm's rounding points exactly.
 #include "kernels/cuda/rmsnorm.h"
 #include "kernels/cuda/rmsnorm_impl.cuh"
 
 namespace grokit::kernels::cuda {
 
 using norm::kThreads;
-
-// x and out may alias: every element is read by the thread that writes it, and the
-// block's reduction (with its barriers) separates the reads of pass 1 from the writes.
-// kVec: D % 4 == 0 and x, scale, out 16-byte aligned (float4 access).
-template <bool kVec>
-static __global__ void __launch_bounds__(kThreads, 1)
-    rmsnorm_kernel(const float* x, int64_t M, int64_t D, const float* scale, float eps, float* out) {
-  __shared__ norm::Shared sh;
-  for (int64_t m = blockIdx.x; m < M; m += gridDim.x) {
-    const float* xr = x + m * D;
-    const float inv = norm::inv_rms<kVec>(norm::Plain<false>{xr}, D, eps, sh);
-    norm::write_scaled<kVec>(xr, inv, scale, out + m * D, D);
-  }
-}
 
 int rmsnorm(const float* x, int64_t M, int64_t D, const float* scale, float eps, float* out, GrokitStream stream) {
   if (M < 0) return set_error(GROKIT_ERR_INVALID, "rmsnorm: M = %lld", static_cast<long long>(M));
@@ -29,8 +15,8 @@ int rmsnorm(const float* x, int64_t M, int64_t D, const float* scale, float eps,
     return set_error(GROKIT_ERR_INVALID, "rmsnorm: null x, scale or out");
   const unsigned grid = static_cast<unsigned>(M < (1 << 20) ? M : (1 << 20));
   const bool vec = D % 4 == 0 && aligned16(x) && aligned16(scale) && aligned16(out);
-  if (vec) rmsnorm_kernel<true><<<grid, kThreads, 0, as_stream(stream)>>>(x, M, D, scale, eps, out);
-  else rmsnorm_kernel<false><<<grid, kThreads, 0, as_stream(stream)>>>(x, M, D, scale, eps, out);
+  if (vec) norm::rmsnorm_kernel<true><<<grid, kThreads, 0, as_stream(stream)>>>(x, M, D, scale, eps, out);
+  else norm::rmsnorm_kernel<false><<<grid, kThreads, 0, as_stream(stream)>>>(x, M, D, scale, eps, out);
   return check_launch("rmsnorm");
 }
 
