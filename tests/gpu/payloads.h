@@ -298,4 +298,40 @@ inline int64_t engine_sum_rows(int32_t dtype, int64_t K, int64_t param) {
   return K / nb;
 }
 
+// The spacing of bf16 values at |v| (0 for 0 and non-finite v).
+inline double bf16_ulp(double v) {
+  if (v == 0.0 || !std::isfinite(v)) return 0.0;
+  int e = 0;
+  std::frexp(v, &e);
+  return std::ldexp(1.0, e - 8);
+}
+
+// What a residual_norm output may differ from the CPU twin's beyond 1 bf16 ulp of its
+// own, per element. A backend whose norm sums in another order may round the normed
+// addend t = rmsnorm(y') to the neighbouring bf16 value: that moves x = bf16(x + t) by
+// ulp(t), which is many ulps of x where x and t nearly cancel, and a = rmsnorm(x) by
+// x's whole move (ulp(t) and its own rounding, ulp(x)) times the second norm's factor
+// inv_rms(x) * |next|. t and x_after: the twin's, [M, D]; next may be NULL (no a).
+struct ResidualNormSlack {
+  std::vector<double> x, a;
+};
+inline ResidualNormSlack residual_norm_slack(const std::vector<float>& t, const std::vector<float>& x_after,
+                                             const float* next, int64_t M, int64_t D, float eps) {
+  ResidualNormSlack s;
+  s.x.resize(t.size());
+  s.a.assign(t.size(), 0.0);
+  for (int64_t m = 0; m < M; ++m) {
+    double ss = 0.0;
+    for (int64_t d = 0; d < D; ++d) ss += double(x_after[static_cast<size_t>(m * D + d)]) * x_after[static_cast<size_t>(m * D + d)];
+    const double inv = 1.0 / std::sqrt(ss / static_cast<double>(D) + eps);
+    for (int64_t d = 0; d < D; ++d) {
+      const auto i = static_cast<size_t>(m * D + d);
+      s.x[i] = bf16_ulp(std::fabs(double(t[i])));
+      if (next != nullptr)
+        s.a[i] = (s.x[i] + bf16_ulp(std::fabs(double(x_after[i])))) * inv * std::fabs(double(next[d]));
+    }
+  }
+  return s;
+}
+
 }  // namespace grokit::payloads

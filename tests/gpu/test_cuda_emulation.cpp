@@ -1,5 +1,6 @@
-// The CUDA weight products' and router's device code (kernels/cuda/matmul_device.cuh,
-// router_device.cuh) compiled as plain C++ and run on the host: each block's threads are
+// The CUDA weight products', router's, decode attention's, residual_norm's and
+// rope_store's device code (kernels/cuda/*_device.cuh) compiled as plain C++ and run on
+// the host: each block's threads are
 // std::threads, __syncthreads a barrier, __shared__ a static, so the decode kernel's
 // indexing, split-k, routing, rounding and every plan a benchmark may force (k splits,
 // warps across columns, the deep variant), and the router's two shapes, are checked
@@ -46,6 +47,8 @@ inline void raise_device_error(unsigned int* word, unsigned int bit) {
 
 #include "kernels/cuda/attention_decode_device.cuh"
 #include "kernels/cuda/matmul_device.cuh"
+#include "kernels/cuda/residual_norm_device.cuh"
+#include "kernels/cuda/rope_store_device.cuh"
 #include "kernels/cuda/router_device.cuh"
 #include "kernels/kernels.h"
 #include "kernels/ops.h"
@@ -621,6 +624,199 @@ TEST(CudaEmulation, DecodeAttentionMatchesTheTwinUnderItsPlans) {
   check_decode_attention("head_dim 16, group 1", 8, 8, 16, m16, 2, mixed, 512, 20, rng);
   // Two blocks of heads per kv head (group 12 > 8), and logits past the cap.
   check_decode_attention("group 12, capped", 12, 1, 128, 1.0f, 4, {{64, 50, 0, 49}, {300, 297, 5, 296}}, 300, 16, rng);
+}
+
+// ---- residual_norm and rope_store --------------------------------------------------
+
+// residual_norm's kernel in every mode (y as it is, rounded, a token's routed rows
+// combined; with and without the next norm; float4 groups or single elements) against
+// the CPU twin within the parity harness's budget (1 bf16 ulp, at most 2% of the
+// elements not bit-equal: the reduction runs in another order), and against the CUDA ops
+// it replaces, bit for bit: rmsnorm's kernel emulated, the elementwise ops (round_bf16,
+// moe_combine, add_bf16) done here as their kernels do them.
+TEST(CudaEmulation, ResidualNormMatchesTheTwinAndTheOpsInTurn) {
+  namespace nm = grokit::kernels::cuda::norm;
+  using grokit::round_bf16;
+  using grokit::kernels::cuda::add_rn;
+  using grokit::kernels::cuda::mul_rn;
+  Rng rng(61);
+  struct Shape {
+    int64_t M, D;
+    int mode;  // 0 y, 1 bf16(y), 2 combined (top 2)
+    bool next;
+  };
+  const Shape shapes[] = {{2, 6144, 0, true}, {3, 96, 1, true}, {1, 100, 1, false},
+                          {2, 200, 2, true},  {1, 6144, 2, true}, {2, 37, 2, false}};
+  for (const Shape& c : shapes) {
+    SCOPED_TRACE("M " + std::to_string(c.M) + " D " + std::to_string(c.D) + " mode " + std::to_string(c.mode) +
+                 (c.next ? " with the next norm" : ""));
+    const int64_t M = c.M, D = c.D, top = c.mode == 2 ? 2 : 1;
+    std::vector<float> y(static_cast<size_t>(M * top * D)), gates(static_cast<size_t>(M * top)),
+        x(static_cast<size_t>(M * D)), post(static_cast<size_t>(D)), next(static_cast<size_t>(D));
+    for (auto& v : y) v = rng.f32(-2.0f, 2.0f);
+    if (c.mode == 0) for (auto& v : y) v = round_bf16(v);  // as the engine's unrounded inputs are
+    for (auto& v : gates) v = rng.f32(0.05f, 0.95f);
+    for (auto& v : x) v = rng.bf16_value(-6, 3);
+    for (auto& v : post) v = rng.bf16_value(-2, 1);
+    for (auto& v : next) v = rng.bf16_value(-2, 1);
+    const float eps = 1e-5f;
+    std::vector<float> want_x = x, want_a(x.size(), std::nanf(""));
+    ASSERT_EQ(grokit_host_ops()->residual_norm(y.data(), c.mode == 2 ? gates.data() : nullptr, top, c.mode == 1 ? 1 : 0,
+                                               M, D, post.data(), eps, want_x.data(), c.next ? next.data() : nullptr,
+                                               c.next ? want_a.data() : nullptr, nullptr),
+              GROKIT_OK)
+        << grokit_host_ops()->error_message();
+
+    // The kernel, everything but the scales guarded.
+    const PageBuf<float> gy(y), gg(gates), gx(x), ga(x.size(), std::nanf(""));
+    const bool vec = D % 4 == 0;
+    auto run = [&](auto kvec, auto kmode) {
+      launch(dim3(static_cast<unsigned>(M), 1, 1), 0,
+             [&] {
+               grokit::kernels::cuda::residual_norm_kernel<decltype(kvec)::value, decltype(kmode)::value>(
+                   gy.data(), gg.data(), top, M, D, post.data(), eps, gx.data(), c.next ? next.data() : nullptr,
+                   ga.data());
+             },
+             nm::kThreads, {gy.region(), gg.region(), gx.region(), ga.region()});
+    };
+    using T = std::true_type;
+    using F = std::false_type;
+    using M0 = std::integral_constant<int, 0>;
+    using M1 = std::integral_constant<int, 1>;
+    using M2 = std::integral_constant<int, 2>;
+    if (vec) c.mode == 0 ? run(T{}, M0{}) : c.mode == 1 ? run(T{}, M1{}) : run(T{}, M2{});
+    else c.mode == 0 ? run(F{}, M0{}) : c.mode == 1 ? run(F{}, M1{}) : run(F{}, M2{});
+
+    // Against the ops in turn: t = y' (rounded or combined), t = rmsnorm(t), x = bf16(x + t),
+    // a = rmsnorm(x).
+    std::vector<float> t(x.size()), turn_x = x, turn_a(x.size(), std::nanf(""));
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t d = 0; d < D; ++d) {
+        float v = y[static_cast<size_t>(m * top * D + d)];
+        if (c.mode == 1) v = round_bf16(v);
+        if (c.mode == 2) {
+          float acc = 0.0f;
+          for (int64_t k = 0; k < top; ++k)
+            acc = add_rn(acc, mul_rn(round_bf16(gates[static_cast<size_t>(m * top + k)]),
+                                     y[static_cast<size_t>((m * top + k) * D + d)]));
+          v = round_bf16(acc);
+        }
+        t[static_cast<size_t>(m * D + d)] = v;
+      }
+    // Against the twin, with the slack of a normed addend one bf16 step off.
+    std::vector<float> t_twin(t.size());
+    ASSERT_TRUE(grokit::kernels::rmsnorm(t.data(), M, D, post.data(), eps, t_twin.data(), nullptr).ok());
+    const auto slack = payloads::residual_norm_slack(t_twin, want_x, c.next ? next.data() : nullptr, M, D, eps);
+    auto near = [&](const char* what, const std::vector<float>& want, const PageBuf<float>& got,
+                    const std::vector<double>& extra) {
+      size_t differ = 0;
+      int bad = 0;
+      for (size_t i = 0; i < want.size(); ++i) {
+        if (std::memcmp(&want[i], &got[i], 4) == 0) continue;
+        ++differ;
+        const double allowed = payloads::bf16_ulp(std::max(std::fabs(double(want[i])), std::fabs(double(got[i])))) + extra[i];
+        if (!(std::fabs(double(got[i]) - double(want[i])) <= allowed) && bad++ < 5)
+          ADD_FAILURE() << what << " element " << i << ": got " << got[i] << ", the twin " << want[i] << " (allowed "
+                        << allowed << ")";
+      }
+      EXPECT_LE(differ, want.size() / 50) << what << ": " << differ << " of " << want.size() << " not bit-equal";
+    };
+    near("x", want_x, gx, slack.x);
+    if (c.next) near("a", want_a, ga, slack.a);
+
+    auto rmsnorm = [&](const std::vector<float>& in, const std::vector<float>& scale, std::vector<float>& out) {
+      launch(dim3(static_cast<unsigned>(M), 1, 1), 0,
+             [&] {
+               if (vec) nm::rmsnorm_kernel<true>(in.data(), M, D, scale.data(), eps, out.data());
+               else nm::rmsnorm_kernel<false>(in.data(), M, D, scale.data(), eps, out.data());
+             },
+             nm::kThreads);
+    };
+    rmsnorm(t, post, t);
+    for (size_t i = 0; i < t.size(); ++i) turn_x[i] = round_bf16(add_rn(turn_x[i], t[i]));
+    EXPECT_EQ(0, std::memcmp(turn_x.data(), gx.data(), x.size() * 4)) << "x differs from the ops in turn";
+    if (c.next) {
+      rmsnorm(turn_x, next, turn_a);
+      EXPECT_EQ(0, std::memcmp(turn_a.data(), ga.data(), x.size() * 4)) << "a differs from the ops in turn";
+    } else {
+      for (size_t i = 0; i < x.size(); ++i) ASSERT_TRUE(std::isnan(ga[i])) << "a written without the next norm";
+    }
+  }
+}
+
+// rope_store's kernel against the CPU twins (rope of q, rope of k, kv_store), bit for bit:
+// rows of two caches, a padding token (valid 0), and a row whose position is outside its
+// cache (rotated, not stored, an error raised).
+TEST(CudaEmulation, RopeStoreMatchesRopeAndKvStore) {
+  namespace rt = grokit::kernels::cuda::rot;
+  Rng rng(67);
+  const int64_t KV = 2, dh = 128, Hq = 6 * KV;
+  const int64_t caps[] = {7, 300};
+  struct R {
+    int seq;
+    int32_t pos, token;
+  };
+  const R rows[] = {{0, 6, 5}, {1, 12, 0}, {1, 13, 9}, {1, 299, 1}, {0, 7, 3}};  // the last: pos == cap
+  const int64_t M = std::size(rows);
+  std::vector<float> q(static_cast<size_t>(M * Hq * dh)), k(static_cast<size_t>(M * KV * dh)), v(k.size());
+  for (auto& e : q) e = rng.bf16_value(-6, 3);
+  for (auto& e : k) e = rng.bf16_value(-6, 3);
+  for (auto& e : v) e = rng.bf16_value(-8, 4);
+  std::vector<int32_t> pos;
+  for (const R& r : rows) pos.push_back(r.pos);
+  // The twins: rope on q and k, then the rows that fit stored.
+  std::vector<float> want_q = q, want_k = k;
+  ASSERT_TRUE(grokit::kernels::rope(want_q.data(), M, Hq, dh, pos.data(), 10000.0, nullptr).ok());
+  ASSERT_TRUE(grokit::kernels::rope(want_k.data(), M, KV, dh, pos.data(), 10000.0, nullptr).ok());
+  std::vector<std::unique_ptr<PageBuf<uint16_t>>> kc, vc;
+  std::vector<std::unique_ptr<PageBuf<uint8_t>>> valid;
+  std::vector<std::vector<uint16_t>> want_kc, want_vc;
+  std::vector<std::vector<uint8_t>> want_valid;
+  for (int64_t cap : caps) {
+    kc.push_back(std::make_unique<PageBuf<uint16_t>>(static_cast<size_t>(KV * cap * dh)));
+    vc.push_back(std::make_unique<PageBuf<uint16_t>>(static_cast<size_t>(KV * cap * dh)));
+    valid.push_back(std::make_unique<PageBuf<uint8_t>>(static_cast<size_t>(cap), uint8_t{7}));
+    for (auto& e : *kc.back()) e = rng.bf16_bits(-6, 3);
+    for (auto& e : *vc.back()) e = rng.bf16_bits(-6, 3);
+    want_kc.emplace_back(kc.back()->begin(), kc.back()->end());
+    want_vc.emplace_back(vc.back()->begin(), vc.back()->end());
+    want_valid.emplace_back(valid.back()->begin(), valid.back()->end());
+  }
+  const PageBuf<GrokitAttnRow> rd(static_cast<size_t>(M));
+  for (int64_t m = 0; m < M; ++m) {
+    const R& r = rows[m];
+    const auto s = static_cast<size_t>(r.seq);
+    rd[static_cast<size_t>(m)] = {kc[s]->data(), vc[s]->data(), valid[s]->data(), caps[s], r.pos + 1, r.pos, r.token};
+    if (r.pos >= caps[s]) continue;
+    for (int64_t h = 0; h < KV; ++h)
+      for (int64_t d = 0; d < dh; ++d) {
+        const size_t at = static_cast<size_t>((h * caps[s] + r.pos) * dh + d);
+        want_kc[s][at] = grokit::f32_to_bf16_bits(want_k[static_cast<size_t>((m * KV + h) * dh + d)]);
+        want_vc[s][at] = grokit::f32_to_bf16_bits(v[static_cast<size_t>((m * KV + h) * dh + d)]);
+      }
+    want_valid[s][static_cast<size_t>(r.pos)] = r.token > 0 ? 1 : 0;
+  }
+  // The kernel, every buffer guarded.
+  const PageBuf<float> gq(q), gk(k), gv(v);
+  const PageBuf<int32_t> gpos(pos);
+  const PageBuf<unsigned int> errors(2, 0);
+  std::vector<Region> guard = {gq.region(), gk.region(), gv.region(), gpos.region(), rd.region(), errors.region()};
+  for (size_t i = 0; i < kc.size(); ++i)
+    guard.insert(guard.end(), {kc[i]->region(), vc[i]->region(), valid[i]->region()});
+  launch(dim3(static_cast<unsigned>(M), 1, 1), sizeof(float) * static_cast<size_t>(dh),
+         [&] {
+           grokit::kernels::cuda::rope_store_kernel<>(gq.data(), gk.data(), gv.data(), M, gpos.data(), rd.data(), Hq, KV,
+                                                      dh, 10000.0, errors.data());
+         },
+         rt::kThreads, guard);
+  EXPECT_EQ(0, std::memcmp(want_q.data(), gq.data(), q.size() * 4)) << "q differs from rope";
+  EXPECT_EQ(0, std::memcmp(want_k.data(), gk.data(), k.size() * 4)) << "k differs from rope";
+  for (size_t i = 0; i < kc.size(); ++i) {
+    EXPECT_EQ(0, std::memcmp(want_kc[i].data(), kc[i]->data(), want_kc[i].size() * 2)) << "key cache " << i;
+    EXPECT_EQ(0, std::memcmp(want_vc[i].data(), vc[i]->data(), want_vc[i].size() * 2)) << "value cache " << i;
+    EXPECT_EQ(0, std::memcmp(want_valid[i].data(), valid[i]->data(), want_valid[i].size())) << "valid " << i;
+  }
+  EXPECT_EQ(errors[0], static_cast<unsigned int>(GROKIT_DEVERR_KV_ROW)) << "the row past its cache raised no error";
 }
 
 }  // namespace
