@@ -1,13 +1,13 @@
-// The CUDA weight products', router's, decode attention's, residual_norm's and
-// rope_store's device code (kernels/cuda/*_device.cuh) compiled as plain C++ and run on
-// the host: each block's threads are
-// std::threads, __syncthreads a barrier, __shared__ a static, so the decode kernel's
-// indexing, split-k, routing, rounding and every plan a benchmark may force (k splits,
-// warps across columns, the deep variant), and the router's two shapes, are checked
-// against the host twin on a machine without a GPU. The arithmetic
-// is the device's (fp32 fma, bf16x2 multiplies from cuda_bf16.h's host versions); the
-// summation order is the kernel's, so results are held to the parity harness's matmul
-// budget, and the rounded output to the bits of the unrounded one rounded.
+// The device code of every kernel of a decode step (the weight products, the router, the
+// decode attention, residual_norm, rope_store: kernels/cuda/*_device.cuh and the *_impl.cuh
+// they use) compiled as plain C++ and run on the host: each block's threads are
+// std::threads, __syncthreads a barrier, __shared__ a static, a warp shuffle a barrier per
+// warp. So the decode kernel's indexing, split-k, routing, rounding and every plan a
+// benchmark may force (k splits, warps across columns, the deep variant), the router's
+// two shapes and the others' plans are checked against the host twins on a machine
+// without a GPU. The arithmetic is the device's (fp32 fma, bf16x2 multiplies from
+// cuda_bf16.h's host versions); the summation order is the kernel's, so results are held
+// to the parity harness's budgets, or to the bits of the CUDA ops a fused kernel replaces.
 //
 // The kernels' pdl_wait rule (emulable.cuh) is checked too: every buffer of a launch but
 // the weights lives in pages of its own (PageBuf), which no thread may touch until all the
