@@ -56,15 +56,15 @@ void add_engine_options(cxxopts::Options& opts) {
       ("no-progress", "no progress bar (default: off)", cxxopts::value<bool>()->default_value("false")->implicit_value("true"))
       ("device", "cpu; cuda (the GPUs, see 'grokit devices'); host (the CUDA path's engine on the CPU twins of its "
        "ops, for testing)", cxxopts::value<std::string>()->default_value("cpu"))
-      ("gpus", "device indices for this host's ranks, e.g. 0,1,2,3 (default: all; fewer devices than ranks: ranks "
-       "share devices)", cxxopts::value<std::string>()->default_value(""))
+      ("gpus", "device indices for this host's ranks, e.g. 0,1,2,3; empty: all of them (fewer devices than "
+       "ranks: ranks share devices)", cxxopts::value<std::string>()->default_value(""))
       ("comm", "device collectives: auto (NCCL with one device per rank, else in-process), nccl, local",
        cxxopts::value<std::string>()->default_value("auto"))
       ("no-graphs", "run decode steps op by op instead of replaying CUDA graphs (default: off)",
        cxxopts::value<bool>()->default_value("false")->implicit_value("true"))
       ("loader", "how shards reach the GPUs: staged (pinned double-buffered reads), cufile (GPUDirect Storage, where "
        "installed)", cxxopts::value<std::string>()->default_value("staged"))
-      ("hosts", "several hosts: the leader's address host:port (default: one host)",
+      ("hosts", "several hosts: the leader's address host:port; empty: one host",
        cxxopts::value<std::string>()->default_value(""))
       ("host-rank", "this host's index among --host-count hosts; 0 is the leader", cxxopts::value<int>()->default_value("0"))
       ("host-count", "hosts in all; each drives tensor_parallel / host-count ranks", cxxopts::value<int>()->default_value("1"))
