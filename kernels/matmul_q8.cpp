@@ -200,7 +200,7 @@ GROKIT_AVX512 void pairs_rows_avx512(const uint32_t* xpairs, int64_t M, int64_t 
         auto scales_of = [&](const float* row) GROKIT_AVX512_INLINE_LAMBDA {
           return row_scales_at(row + (c - c0), full, ml, mh);
         };
-        __m512i ai_lo, ai_hi, bi_lo, bi_hi;
+        __m512i ai_lo, ai_hi, bi_lo = _mm512_setzero_si512(), bi_hi = _mm512_setzero_si512();  // b: read only with two
         if constexpr (decltype(uniform)::value) {
           const RowScales sc = scales_of(sa0);
           pair_tile(ra + c, N, full, ml, mh, sc, sc, true, ai_lo, ai_hi);
