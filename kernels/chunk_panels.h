@@ -1,11 +1,12 @@
 // What the chunked layouts' products (q4g, f8col; SPEC.md §4.1) share: their driver
-// (run_chunked, at the end) and their prefill, the panels. In those layouts a column's
-// 32-row chunk decodes to one vector of 32 bf16 weights and each (row of x, column) keeps
-// 16 fp32 lanes, halved at the end of a chain. The decode walks (groups_avx512) decode
-// every chunk again for each block of at most 4 rows of x. Here a panel of 8 columns by
-// up to 32 chunks is decoded once into L1 for a block of 64 rows of x, which then run down
-// it two at a time with their 16 sums in registers: per (row of x, column) the same
-// instruction sequence in chunk order as the walks, so the same bits.
+// (run_chunked, at the end), the skeletons of their decode walks, and their prefill, the
+// panels. In those layouts a column's 32-row chunk decodes to one vector of 32 bf16
+// weights and each (row of x, column) keeps 16 fp32 lanes, halved at the end of a chain.
+// Each layout's file supplies only the decode of a chunk. The decode walks
+// (groups_avx512) decode every chunk again for each block of at most 4 rows of x. A
+// panel of 8 columns by up to 32 chunks is decoded once into L1 for a block of 64 rows of
+// x, which then run down it two at a time with their 16 sums in registers: per (row of x,
+// column) the same instruction sequence in chunk order as the walks, so the same bits.
 #pragma once
 
 #include <algorithm>
@@ -37,6 +38,189 @@ GROKIT_AVX512 inline __m512 halve16(const __m512* a) {
   // e holds the sums of a[0, 4, 8, 12, 2, 6, 10, 14, 1, 5, 9, 13, 3, 7, 11, 15].
   return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 8, 4, 12, 1, 9, 5, 13, 2, 10, 6, 14, 3, 11, 7, 15), e);
 }
+
+// ---------------------------------------------------------------------------------
+// The decode walks.
+
+// Scalar twin (the definition): chain [ch0, ch1) (chunks) of columns [c0, c1) into out
+// ([M][ld], column c0 at out[0]). decode(c, n, w) gives chunk c of column n as 32
+// bf16-rounded weights, w[r] = row r. Lane i adds rows 2i + 1 then 2i (pairs), or fmas
+// rows i then 16 + i (fp32).
+template <bool kPairs, class Decode>
+void chunk_chain_ref(const float* x, int64_t M, int64_t ldx, int64_t ch0, int64_t ch1, int64_t c0, int64_t c1,
+                     float* out, int64_t ld, const Decode& decode) {
+  std::vector<float> lanes(static_cast<size_t>(16 * M));
+  for (int64_t n = c0; n < c1; ++n) {
+    std::fill(lanes.begin(), lanes.end(), 0.0f);
+    for (int64_t c = ch0; c < ch1; ++c) {
+      float w[32];
+      decode(c, n, w);
+      for (int64_t m = 0; m < M; ++m) {
+        const float* xc = x + m * ldx + 32 * c;
+        float* l = lanes.data() + 16 * m;
+        for (int i = 0; i < 16; ++i) {
+          if (kPairs) {
+            l[i] = l[i] + xc[2 * i + 1] * w[2 * i + 1];
+            l[i] = l[i] + xc[2 * i] * w[2 * i];
+          } else {
+            l[i] = std::fma(xc[i], w[i], l[i]);
+            l[i] = std::fma(xc[16 + i], w[16 + i], l[i]);
+          }
+        }
+      }
+    }
+    for (int64_t m = 0; m < M; ++m) out[m * ld + (n - c0)] = halve16_lanes(lanes.data() + 16 * m);
+  }
+}
+
+// AVX2: one column at a time (column_avx2 in each layout's file), up to 4 rows of x. A
+// chunk's weights come as four vectors of 8: even rows 0..14, odd rows 1..15, even rows
+// 16..30, odd rows 17..31, and x the same way per chunk (stage_x_chunk_lanes). Lanes:
+// pairs: A = lanes 0..7 (rows 2i+1 then 2i), B = lanes 8..15; fp32: A = even lanes 2j
+// (rows 2j then 16+2j), B = odd lanes 2j+1.
+template <bool kPairs>
+GROKIT_AVX2 inline void chunk_sums_avx2(__m256& A, __m256& B, const float* xp, __m256 we0, __m256 wo0, __m256 we1,
+                                        __m256 wo1) {
+  const __m256 xe0 = _mm256_loadu_ps(xp), xo0 = _mm256_loadu_ps(xp + 8);
+  const __m256 xe1 = _mm256_loadu_ps(xp + 16), xo1 = _mm256_loadu_ps(xp + 24);
+  if (kPairs) {
+    A = _mm256_fmadd_ps(xe0, we0, _mm256_fmadd_ps(xo0, wo0, A));
+    B = _mm256_fmadd_ps(xe1, we1, _mm256_fmadd_ps(xo1, wo1, B));
+  } else {
+    A = _mm256_fmadd_ps(xe1, we1, _mm256_fmadd_ps(xe0, we0, A));
+    B = _mm256_fmadd_ps(xo1, wo1, _mm256_fmadd_ps(xo0, wo0, B));
+  }
+}
+// The halving sum of the 16 lanes of (A, B).
+template <bool kPairs>
+GROKIT_AVX2 inline float chunk_halve_avx2(__m256 a, __m256 b) {
+  if (!kPairs) {  // to lane order: [a0 b0 a1 b1 ..], [a4 b4 ..]
+    const __m256 lo = _mm256_unpacklo_ps(a, b), hi = _mm256_unpackhi_ps(a, b);
+    a = _mm256_permute2f128_ps(lo, hi, 0x20);
+    b = _mm256_permute2f128_ps(lo, hi, 0x31);
+  }
+  const __m256 v8 = _mm256_add_ps(a, b);
+  const __m128 v4 = _mm_add_ps(_mm256_castps256_ps128(v8), _mm256_extractf128_ps(v8, 1));
+  const __m128 v2 = _mm_add_ps(v4, _mm_movehl_ps(v4, v4));
+  return _mm_cvtss_f32(_mm_add_ss(v2, _mm_shuffle_ps(v2, v2, 1)));
+}
+
+// AVX-512 with bf16 instructions: a column group of NC columns and MB rows of x keeps
+// NC * MB <= 16 accumulators (16 lanes each) in registers while the chain's chunks stream
+// by. Per column and chunk the layout decodes 32 bf16 weights, which chunk_add adds to
+// the sums.
+constexpr int64_t kWalkPrefetchAhead = 12;  // (column group, chunk) steps a walk fetches ahead
+constexpr int64_t kWalkChainChunks = 16;    // longest chain (in chunks) a walk keeps whole in registers
+constexpr int64_t kWalkTileChunks = 8;      // chunks per pass of a longer chain
+constexpr int64_t kWalkParkColumns = 256;   // columns (times rows of x) whose sums a tiled walk parks in L1
+
+// x at one chunk for rows [m0, m0 + MB): bf16 bits (pairs), or fp32 rows 0..15 and 16..31.
+template <int MB, bool kPairs>
+struct ChunkX {
+  __m512i xv[MB];
+  __m512 x0[MB], x1[MB];
+  GROKIT_AVX512 __attribute__((always_inline)) ChunkX(const uint16_t* xb, int64_t K, const float* x, int64_t ldx,
+                                                       int64_t m0, int64_t c) {
+    for (int mm = 0; mm < MB; ++mm) {
+      if (kPairs) {
+        xv[mm] = _mm512_loadu_si512(xb + (m0 + mm) * K + 32 * c);
+      } else {
+        x0[mm] = _mm512_loadu_ps(x + (m0 + mm) * ldx + 32 * c);
+        x1[mm] = _mm512_loadu_ps(x + (m0 + mm) * ldx + 32 * c + 16);
+      }
+    }
+  }
+};
+// acc[.][j] += a chunk's weights w times x: pairs (word r = row r) by vdpbf16ps, fp32
+// (word 2i = row i, word 2i + 1 = row 16 + i) by two fmas.
+template <int MB, int NC, bool kPairs>
+GROKIT_AVX512 __attribute__((always_inline)) inline void chunk_add(__m512 (&acc)[MB][NC], int j, __m512i w,
+                                                                  const ChunkX<MB, kPairs>& xc) {
+  if (kPairs) {
+    for (int mm = 0; mm < MB; ++mm)
+      acc[mm][j] = _mm512_dpbf16_ps(acc[mm][j], reinterpret_cast<__m512bh>(w), reinterpret_cast<__m512bh>(xc.xv[mm]));
+  } else {
+    const __m512 we = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+    const __m512 wo = _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+    for (int mm = 0; mm < MB; ++mm) acc[mm][j] = _mm512_fmadd_ps(xc.x1[mm], wo, _mm512_fmadd_ps(xc.x0[mm], we, acc[mm][j]));
+  }
+}
+
+// A walk's prefetch cursor: kWalkPrefetchAhead (column group, chunk) steps ahead of the
+// walk over chunks [t0, t1) of columns [.., b1), in groups of NC.
+template <int NC>
+struct WalkPrefetch {
+  int64_t pc, pn, t0, t1, b1;
+  WalkPrefetch(int64_t t0_, int64_t t1_, int64_t b0, int64_t b1_)
+      : pc(t0_ + kWalkPrefetchAhead % (t1_ - t0_)), pn(b0 + kWalkPrefetchAhead / (t1_ - t0_) * NC), t0(t0_), t1(t1_),
+        b1(b1_) {}
+  // One step: fetch(c, n, first) requests chunk c of the group at column n (first: c is
+  // the tile's first chunk).
+  template <class Fetch>
+  GROKIT_AVX512 __attribute__((always_inline)) void step(const Fetch& fetch) {
+    if (pn < b1) fetch(pc, pn, pc == t0);
+    if (++pc == t1) {
+      pc = t0;
+      pn += NC;
+    }
+  }
+};
+
+// Rows [m0, m0 + MB) of x, columns [c0, c1) in groups of NC, chunks [ch0, ch1) of one
+// chain into out ([M][ld], column c0 at out[0]). A chain of up to kWalkChainChunks chunks
+// is walked group by group with the whole chain in registers; a longer one in tiles of
+// kWalkTileChunks chunks over blocks of columns, the sums parked in L1 between tiles, so
+// that the walk reads a few long runs instead of many short ones.
+// tile(acc, t0, t1, n0, nc, prefetch, restart), the layout's part: adds chunks [t0, t1)
+// of the group at n0 (nc live columns, the rest of the NC to be read as zeros) to acc,
+// stepping prefetch once per chunk; restart() puts acc back as the tile got it.
+template <int NC, int MB, class Tile>
+GROKIT_AVX512 __attribute__((always_inline)) inline void chunk_walk_avx512(int64_t m0, int64_t ch0, int64_t ch1,
+                                                                          int64_t c0, int64_t c1, float* out, int64_t ld,
+                                                                          const Tile& tile) {
+  static_assert(NC * MB <= 16 && NC <= 16);
+  alignas(64) float park[kWalkParkColumns * 16];  // [column group][MB][NC][16 lanes]
+  const int64_t tile_chunks = ch1 - ch0 <= kWalkChainChunks ? ch1 - ch0 : kWalkTileChunks;
+  const int64_t block = tile_chunks == ch1 - ch0 ? c1 - c0 : kWalkParkColumns / (MB * NC) * NC;
+  for (int64_t b0 = c0; b0 < c1; b0 += block) {
+    const int64_t b1 = std::min(c1, b0 + block);
+    for (int64_t t0 = ch0; t0 < ch1; t0 += tile_chunks) {
+      const int64_t t1 = std::min(ch1, t0 + tile_chunks);
+      WalkPrefetch<NC> prefetch(t0, t1, b0, b1);
+      for (int64_t n0 = b0; n0 < b1; n0 += NC) {
+        const int nc = static_cast<int>(std::min<int64_t>(NC, b1 - n0));
+        float* parked = park + (n0 - b0) / NC * (MB * NC * 16);
+        __m512 acc[MB][NC];
+        auto restart = [&]() GROKIT_AVX512_INLINE_LAMBDA {
+          for (int mm = 0; mm < MB; ++mm)
+            for (int j = 0; j < NC; ++j)
+              acc[mm][j] = t0 == ch0 ? _mm512_setzero_ps() : _mm512_load_ps(parked + (mm * NC + j) * 16);
+        };
+        restart();
+        tile(acc, t0, t1, n0, nc, prefetch, restart);
+        if (t1 < ch1) {
+          for (int mm = 0; mm < MB; ++mm)
+            for (int j = 0; j < NC; ++j) _mm512_store_ps(parked + (mm * NC + j) * 16, acc[mm][j]);
+          continue;
+        }
+        __m512 all[16];
+        for (int t = 0; t < 16; ++t) all[t] = t < NC * MB ? acc[t / NC][t % NC] : _mm512_setzero_ps();
+        const __m512 sums = halve16(all);
+        if (MB == 1) {
+          _mm512_mask_storeu_ps(out + m0 * ld + (n0 - c0), static_cast<__mmask16>((1u << nc) - 1), sums);
+        } else {
+          alignas(64) float s[16];
+          _mm512_store_ps(s, sums);
+          for (int mm = 0; mm < MB; ++mm)
+            for (int j = 0; j < nc; ++j) out[(m0 + mm) * ld + (n0 - c0) + j] = s[mm * NC + j];
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------
+// The panels.
 
 // From this many rows of x on, products take the panels (measured against the decode
 // walks, K 1024 and 6144, two threads: bf16 x gains from 8 rows on, fp32 x from 12).

@@ -21,6 +21,15 @@ bool use_avx512();
 
 inline float bf16f(uint16_t h) { return bf16_bits_to_f32(h); }
 
+// The sum of 16 fp32 lanes by halving (lane i += lane i + 8, + 4, + 2, + 1): the pinned
+// end of a chain's sums (kernels.h). Overwrites l.
+inline float halve16_lanes(float* l) {
+  for (int step = 8; step >= 1; step /= 2) {
+    for (int i = 0; i < step; ++i) l[i] = l[i] + l[i + step];
+  }
+  return l[0];
+}
+
 // Runs fn(i) for i in [0, n) on the pool, or inline without one.
 template <class Fn>
 void for_each(Pool pool, size_t n, Fn&& fn) {
@@ -51,6 +60,21 @@ inline int64_t task_count(Pool pool) { return 4 * thread_count(pool); }
 // (ldy apart). Defined in matmul_q8.cpp beside tree_sum.
 void combine_chains(float* parts, int64_t chains, int64_t stride, int64_t ld, int64_t M, int64_t width, float* y,
                     int64_t ldy);
+
+// x staged once per call for the row-major products' AVX-512 pair kernels (q8rb, bf16 W
+// [K][N]): bf16 pairs for vdpbf16ps, [M][(K + 1) / 2], x[k] in the low half and x[k + 1]
+// in the high half (zero past K).
+inline void stage_x_pairs(const float* x, int64_t M, int64_t K, int64_t ldx, std::vector<uint32_t>& xpairs) {
+  const int64_t kp = (K + 1) / 2;
+  xpairs.resize(static_cast<size_t>(M * kp));
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t p = 0; p < kp; ++p) {
+      const uint32_t lo = f32_to_bf16_bits(x[m * ldx + 2 * p]);
+      const uint32_t hi = 2 * p + 1 < K ? f32_to_bf16_bits(x[m * ldx + 2 * p + 1]) : 0;
+      xpairs[static_cast<size_t>(m * kp + p)] = lo | hi << 16;
+    }
+  }
+}
 
 // x staged once per call for the k-chunked products (q4g, f8col): bf16 bits [M][K] for
 // the AVX-512 pair kernels; for AVX2, each 32-row chunk's values in lane order (the even

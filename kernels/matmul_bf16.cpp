@@ -13,13 +13,6 @@ namespace grokit::kernels {
 namespace {
 using namespace detail;
 
-float reduce16(float* l) {
-  for (int step = 8; step >= 1; step /= 2) {
-    for (int i = 0; i < step; ++i) l[i] = l[i] + l[i + step];
-  }
-  return l[0];
-}
-
 // Adds the pairs of blocks [j0, ...) (from k = 32 * j0 on) to the 16 lanes.
 void lanes_ref(const float* x, const uint16_t* w, int64_t K, int64_t from, float* l) {
   for (int64_t k = from; k < K; k += 2) {
@@ -34,7 +27,7 @@ void rows_ref(const float* x, int64_t M, int64_t K, const uint16_t* w, float* y,
     for (int64_t m = 0; m < M; ++m) {
       float l[16] = {};
       lanes_ref(x + m * K, w + n * K, K, 0, l);
-      y[m * ldy + n] = reduce16(l);
+      y[m * ldy + n] = halve16_lanes(l);
     }
   }
 }
@@ -66,7 +59,7 @@ GROKIT_AVX2 void rows_avx2(const uint16_t* xb, int64_t M, int64_t K, const float
       _mm256_store_ps(l, a);
       _mm256_store_ps(l + 8, b);
       lanes_ref(x + m * K, wr, K, K32, l);
-      y[m * ldy + n] = reduce16(l);
+      y[m * ldy + n] = halve16_lanes(l);
     }
   }
 }
@@ -91,7 +84,7 @@ GROKIT_AVX512 void rows_avx512(const uint16_t* xb, int64_t M, int64_t K, const f
       alignas(64) float l[16];
       _mm512_store_ps(l, a);
       lanes_ref(x + m * K, wr, K, K32, l);
-      y[m * ldy + n] = reduce16(l);
+      y[m * ldy + n] = halve16_lanes(l);
     }
   }
 }

@@ -197,22 +197,12 @@ Status impl(const float* x, int64_t M, int64_t K, int64_t ldx, const uint16_t* w
   GROKIT_CHECK(K % sr == 0 && (sr == K || sr % 2 == 0));
   const int64_t chains = K / sr;
   if (M == 0) return {};
-  // bf16 pairs of x for vdpbf16ps: x[k] in the low half, x[k + 1] in the high half. Owned
-  // by the calling thread and reused across calls; the tasks reach it through this
-  // reference.
+  // x's bf16 pairs (stage_x_pairs), owned by the calling thread and reused across calls;
+  // the tasks reach them through this reference.
   const int64_t kp = (K + 1) / 2;
   static thread_local std::vector<uint32_t> xpairs_storage;
   std::vector<uint32_t>& xpairs = xpairs_storage;
-  if (kLevel == Level::kAvx512 && kPairs) {
-    xpairs.resize(static_cast<size_t>(M * kp));
-    for (int64_t m = 0; m < M; ++m) {
-      for (int64_t p = 0; p < kp; ++p) {
-        const uint32_t lo = f32_to_bf16_bits(x[m * ldx + 2 * p]);
-        const uint32_t hi = 2 * p + 1 < K ? f32_to_bf16_bits(x[m * ldx + 2 * p + 1]) : 0;
-        xpairs[static_cast<size_t>(m * kp + p)] = lo | hi << 16;
-      }
-    }
-  }
+  if (kLevel == Level::kAvx512 && kPairs) stage_x_pairs(x, M, K, ldx, xpairs);
   // One chain over rows [k0, k1) of columns [c0, c1) into out ([M][ld], c0 at out[0]):
   // whole 32-column tiles by SIMD, the rest by the scalar twin.
   auto chain_part = [&](int64_t k0, int64_t k1, int64_t c0, int64_t c1, float* out, int64_t ld) {

@@ -12,11 +12,6 @@ namespace grokit::kernels {
 namespace {
 using namespace detail;
 
-constexpr int64_t kPrefetchAhead = 12;  // (column group, chunk) steps the AVX-512 walks fetch ahead
-constexpr int64_t kChainChunks = 16;    // longest chain (in chunks) an AVX-512 walk keeps whole in registers
-constexpr int64_t kTileChunks = 8;      // chunks per pass of a longer chain
-constexpr int64_t kParkColumns = 256;   // columns (times rows of x) whose sums a tiled walk parks in L1
-
 // The SIMD decode: a code sign-extended to 16 bits, shifted left by 7, bit 14 cleared, is
 // the fp16 value e4m3(code) * 2^-8 exactly (the e4m3 subnormals as fp16 subnormals,
 // which vcvtph2ps converts exactly: no fp32 subnormal arises), and the column's scale is
@@ -43,13 +38,6 @@ void check_args(int64_t M, int64_t K, int64_t ldx, int64_t N, int64_t ldy, int64
   GROKIT_CHECK(sr > 0 && K % sr == 0 && sr % 32 == 0);
 }
 
-inline float reduce16(float* l) {
-  for (int step = 8; step >= 1; step /= 2) {
-    for (int i = 0; i < step; ++i) l[i] = l[i] + l[i + step];
-  }
-  return l[0];
-}
-
 // A scale the decode cannot fold (2^119 <= |s| < inf).
 inline bool scale_needs_care(float s) { return std::fabs(s) >= kBigScale && std::isfinite(s); }
 
@@ -59,52 +47,17 @@ inline bool scale_needs_care(float s) { return std::fabs(s) >= kBigScale && std:
 template <bool kPairs>
 void chain_ref(const float* x, int64_t M, int64_t ldx, const F8Layout& L, int64_t ch0, int64_t ch1, int64_t c0,
                int64_t c1, float* out, int64_t ld) {
-  std::vector<float> lanes(static_cast<size_t>(16 * M));
-  for (int64_t n = c0; n < c1; ++n) {
+  chunk_chain_ref<kPairs>(x, M, ldx, ch0, ch1, c0, c1, out, ld, [&](int64_t c, int64_t n, float* w) {
+    const uint8_t* p = L.chunk(c, n);
     const float s = L.scale(n);
-    std::fill(lanes.begin(), lanes.end(), 0.0f);
-    for (int64_t c = ch0; c < ch1; ++c) {
-      const uint8_t* p = L.chunk(c, n);
-      float w[32];
-      for (int i = 0; i < 32; ++i) w[i] = round_bf16(e4m3_to_f32(p[i]) * s);
-      for (int64_t m = 0; m < M; ++m) {
-        const float* xc = x + m * ldx + 32 * c;
-        float* l = lanes.data() + 16 * m;
-        for (int i = 0; i < 16; ++i) {
-          if (kPairs) {
-            l[i] = l[i] + xc[2 * i + 1] * w[2 * i + 1];
-            l[i] = l[i] + xc[2 * i] * w[2 * i];
-          } else {
-            l[i] = std::fma(xc[i], w[i], l[i]);
-            l[i] = std::fma(xc[16 + i], w[16 + i], l[i]);
-          }
-        }
-      }
-    }
-    for (int64_t m = 0; m < M; ++m) out[m * ld + (n - c0)] = reduce16(lanes.data() + 16 * m);
-  }
+    for (int i = 0; i < 32; ++i) w[i] = round_bf16(e4m3_to_f32(p[i]) * s);
+  });
 }
 
 // ---------------------------------------------------------------------------------
-// AVX2 (with F16C): one column at a time, up to 4 rows of x. Each chunk gives four vectors
-// of 8 weights: even rows 0..14, odd rows 1..15, even rows 16..30, odd rows 17..31; x comes
-// arranged the same way per chunk. Lanes: pairs: A = lanes 0..7 (rows 2i+1 then 2i), B =
-// lanes 8..15; fp32: A = even lanes 2j (rows 2j then 16+2j), B = odd lanes 2j+1.
+// AVX2 (with F16C; chunk_sums_avx2 in chunk_panels.h): words k of a chunk's 32 bytes
+// hold rows 2k (low byte) and 2k + 1 (high byte), each decoded as fp16.
 #define GROKIT_AVX2_F16C __attribute__((target("avx2,fma,f16c")))
-
-// The halving sum of the 16 lanes.
-template <bool kPairs>
-GROKIT_AVX2 inline float halve_avx2(__m256 a, __m256 b) {
-  if (!kPairs) {  // to lane order: [a0 b0 a1 b1 ..], [a4 b4 ..]
-    const __m256 lo = _mm256_unpacklo_ps(a, b), hi = _mm256_unpackhi_ps(a, b);
-    a = _mm256_permute2f128_ps(lo, hi, 0x20);
-    b = _mm256_permute2f128_ps(lo, hi, 0x31);
-  }
-  const __m256 v8 = _mm256_add_ps(a, b);
-  const __m128 v4 = _mm_add_ps(_mm256_castps256_ps128(v8), _mm256_extractf128_ps(v8, 1));
-  const __m128 v2 = _mm_add_ps(v4, _mm_movehl_ps(v4, v4));
-  return _mm_cvtss_f32(_mm_add_ss(v2, _mm_shuffle_ps(v2, v2, 1)));
-}
 
 // Eight fp16 values (e4m3 * 2^-8) to bf16-rounded weights in fp32 lanes.
 template <bool kCareful>
@@ -146,31 +99,17 @@ GROKIT_AVX2_F16C void column_avx2(const float* xa, int64_t K, const F8Layout& L,
       we1 = decode8_avx2<false>(e1, sf);
       wo1 = decode8_avx2<false>(o1, sf);
     }
-    for (int mm = 0; mm < MB; ++mm) {
-      const float* xp = xa + mm * K + 32 * c;
-      const __m256 xe0 = _mm256_loadu_ps(xp), xo0 = _mm256_loadu_ps(xp + 8);
-      const __m256 xe1 = _mm256_loadu_ps(xp + 16), xo1 = _mm256_loadu_ps(xp + 24);
-      if (kPairs) {
-        A[mm] = _mm256_fmadd_ps(xe0, we0, _mm256_fmadd_ps(xo0, wo0, A[mm]));
-        B[mm] = _mm256_fmadd_ps(xe1, we1, _mm256_fmadd_ps(xo1, wo1, B[mm]));
-      } else {
-        A[mm] = _mm256_fmadd_ps(xe1, we1, _mm256_fmadd_ps(xe0, we0, A[mm]));
-        B[mm] = _mm256_fmadd_ps(xo1, wo1, _mm256_fmadd_ps(xo0, wo0, B[mm]));
-      }
-    }
+    for (int mm = 0; mm < MB; ++mm) chunk_sums_avx2<kPairs>(A[mm], B[mm], xa + mm * K + 32 * c, we0, wo0, we1, wo1);
   }
-  for (int mm = 0; mm < MB; ++mm) out[mm * ld] = halve_avx2<kPairs>(A[mm], B[mm]);
+  for (int mm = 0; mm < MB; ++mm) out[mm * ld] = chunk_halve_avx2<kPairs>(A[mm], B[mm]);
 }
 
 // ---------------------------------------------------------------------------------
-// AVX-512 with bf16 instructions. A column group of NC columns and MB rows of x keeps
-// NC * MB <= 16 accumulators (16 lanes each) in registers while the chain's chunks stream
-// by; for chunk c the group's codes are NC * 32 contiguous bytes. Per column and chunk:
-// 32 codes to fp16 (vpmovsxbw, shift, mask), to fp32 (vcvtph2ps), times the folded scale,
-// rounded to bf16 by vcvtne2ps2bf16 (word r = row r), then vdpbf16ps (pairs) or,
-// interleaved to word 2i = row i, word 2i+1 = row 16 + i and split into two fp32 vectors,
-// two fmas (fp32). A tile with a NaN code anywhere is done again with the careful decode.
-
+// AVX-512 (chunk_walk_avx512 in chunk_panels.h). For chunk c a column group's codes are
+// NC * 32 contiguous bytes. Per column and chunk: 32 codes to fp16 (vpmovsxbw, shift,
+// mask), to fp32 (vcvtph2ps), times the folded scale, rounded to bf16 by vcvtne2ps2bf16
+// (word r = row r; fp32: interleaved to word 2i = row i, word 2i+1 = row 16 + i). A tile
+// with a NaN code anywhere is done again with the careful decode.
 
 // A column's 32 codes to bf16 weights (word r = row r) with the folded scale (careful: the
 // plain scale).
@@ -192,45 +131,16 @@ GROKIT_AVX512 inline __m512i decode32_avx512(const uint8_t* p, __m512 s) {
 // decoded with the scales s[j] (folded or not, see kCareful) and added to the sums.
 template <bool kCareful, int NC, int MB, bool kPairs>
 GROKIT_AVX512 __attribute__((always_inline)) inline void chunk_avx512(__m512 (&acc)[MB][NC], const uint8_t* p,
-                                                                     const float* s, const __m512i* xv, const __m512* x0,
-                                                                     const __m512* x1) {
+                                                                     const float* s, const ChunkX<MB, kPairs>& xc) {
   // fp32: word 2i = row i, word 2i + 1 = row 16 + i of vcvtne2ps2bf16's row order.
   const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
                                               21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
 GROKIT_UNROLL16  // the accumulators are registers only with constant indices
   for (int j = 0; j < NC; ++j) {
-    __m512i w = decode32_avx512<kCareful>(p + 32 * j, _mm512_set1_ps(s[j]));
-    if (kPairs) {
-      for (int mm = 0; mm < MB; ++mm)
-        acc[mm][j] = _mm512_dpbf16_ps(acc[mm][j], reinterpret_cast<__m512bh>(w), reinterpret_cast<__m512bh>(xv[mm]));
-    } else {
-      w = _mm512_permutexvar_epi16(interleave, w);
-      const __m512 we = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
-      const __m512 wo = _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
-      for (int mm = 0; mm < MB; ++mm) acc[mm][j] = _mm512_fmadd_ps(x1[mm], wo, _mm512_fmadd_ps(x0[mm], we, acc[mm][j]));
-    }
+    const __m512i w = decode32_avx512<kCareful>(p + 32 * j, _mm512_set1_ps(s[j]));
+    chunk_add<MB, NC, kPairs>(acc, j, kPairs ? w : _mm512_permutexvar_epi16(interleave, w), xc);
   }
 }
-
-// The walks' prefetch cursor: kPrefetchAhead (column group, chunk) steps ahead of the walk
-// over chunks [t0, t1) of columns [.., b1), in groups of NC.
-template <int NC>
-struct Prefetcher {
-  const F8Layout* L;
-  int64_t pc, pn, t0, t1, b1;
-  Prefetcher(const F8Layout* l, int64_t t0_, int64_t t1_, int64_t b0, int64_t b1_)
-      : L(l), pc(t0_ + kPrefetchAhead % (t1_ - t0_)), pn(b0 + kPrefetchAhead / (t1_ - t0_) * NC), t0(t0_), t1(t1_), b1(b1_) {}
-  void step() {
-    if (pn < b1) {
-      const char* pf = reinterpret_cast<const char*>(L->chunk(pc, pn));
-      for (int b = 0; b < NC * 32; b += 64) _mm_prefetch(pf + b, _MM_HINT_T0);
-    }
-    if (++pc == t1) {
-      pc = t0;
-      pn += NC;
-    }
-  }
-};
 
 // Chunks [t0, t1) of the column group at n0 (nc live columns) added to the sums. The fast
 // decode (folded scales s) also returns the largest doubled code byte (0xfe: a NaN code
@@ -238,13 +148,17 @@ struct Prefetcher {
 template <bool kCareful, int NC, int MB, bool kPairs>
 GROKIT_AVX512 __attribute__((always_inline)) inline __m512i tile_avx512(
     __m512 (&acc)[MB][NC], const F8Layout& L, const uint16_t* xb, const float* x, int64_t ldx, int64_t m0, int64_t t0,
-    int64_t t1, int64_t n0, int nc, uint8_t* stage, const float* s, Prefetcher<NC>* prefetch) {
+    int64_t t1, int64_t n0, int nc, uint8_t* stage, const float* s, WalkPrefetch<NC>* prefetch) {
   __m512i top = _mm512_setzero_si512();
+  auto fetch = [&](int64_t pc, int64_t pn, bool) GROKIT_AVX512_INLINE_LAMBDA {
+    const char* pf = reinterpret_cast<const char*>(L.chunk(pc, pn));
+    for (int b = 0; b < NC * 32; b += 64) _mm_prefetch(pf + b, _MM_HINT_T0);
+  };
   for (int64_t c = t0; c < t1; ++c) {
     // The scales stay in memory (broadcast from there): the accumulators need the registers.
     // (The empty asm claims to change them.)
     __asm__ volatile("" : "+m"(*reinterpret_cast<float(*)[16]>(const_cast<float*>(s))));
-    if (prefetch != nullptr) prefetch->step();
+    if (prefetch != nullptr) prefetch->step(fetch);
     const uint8_t* p = L.chunk(c, n0);
     if (nc < NC) {
       std::memcpy(stage, p, static_cast<size_t>(nc) * 32);
@@ -256,89 +170,40 @@ GROKIT_AVX512 __attribute__((always_inline)) inline __m512i tile_avx512(
         top = _mm512_max_epu8(top, _mm512_add_epi8(v, v));
       }
     }
-    __m512i xv[MB];
-    __m512 x0[MB], x1[MB];
-    for (int mm = 0; mm < MB; ++mm) {
-      if (kPairs) {
-        xv[mm] = _mm512_loadu_si512(xb + (m0 + mm) * L.K + 32 * c);
-      } else {
-        x0[mm] = _mm512_loadu_ps(x + (m0 + mm) * ldx + 32 * c);
-        x1[mm] = _mm512_loadu_ps(x + (m0 + mm) * ldx + 32 * c + 16);
-      }
-    }
-    chunk_avx512<kCareful, NC, MB, kPairs>(acc, p, s, xv, x0, x1);
+    chunk_avx512<kCareful, NC, MB, kPairs>(acc, p, s, ChunkX<MB, kPairs>(xb, L.K, x, ldx, m0, c));
   }
   return top;
 }
 
 // Rows [m0, m0 + MB) of x, columns [c0, c1) in groups of NC, chunks [ch0, ch1) of one chain.
-// xb: x as bf16 bits [M][K] (pairs); x, ldx: fp32 x (fp32). A chain of up to
-// kChainChunks chunks is walked group by group with the whole chain in registers; a
-// longer one in tiles of kTileChunks chunks over blocks of columns, the accumulators
-// parked in L1 between tiles, so that the walk reads a few long runs instead of many
-// short ones.
+// xb: x as bf16 bits [M][K] (pairs); x, ldx: fp32 x (fp32).
 template <int NC, int MB, bool kPairs>
 GROKIT_AVX512 void groups_avx512(const uint16_t* xb, const float* x, int64_t ldx, const F8Layout& L, int64_t m0,
                                  int64_t ch0, int64_t ch1, int64_t c0, int64_t c1, float* out, int64_t ld) {
-  static_assert(NC * MB <= 16 && NC <= 16);
   alignas(64) uint8_t stage[NC * 32];
   alignas(64) float sf[16], sv[16];
-  alignas(64) float park[kParkColumns * 16];  // [column group][MB][NC][16 lanes]
   const __m512i nan2 = _mm512_set1_epi8(static_cast<char>(0xfe));  // a NaN code doubled
-  const int64_t tile = ch1 - ch0 <= kChainChunks ? ch1 - ch0 : kTileChunks;
-  const int64_t block = tile == ch1 - ch0 ? c1 - c0 : kParkColumns / (MB * NC) * NC;
-  for (int64_t b0 = c0; b0 < c1; b0 += block) {
-    const int64_t b1 = std::min(c1, b0 + block);
-    for (int64_t t0 = ch0; t0 < ch1; t0 += tile) {
-      const int64_t t1 = std::min(ch1, t0 + tile);
-      Prefetcher<NC> prefetch(&L, t0, t1, b0, b1);
-      for (int64_t n0 = b0; n0 < b1; n0 += NC) {
-        const int nc = static_cast<int>(std::min<int64_t>(NC, b1 - n0));
-        if (nc < NC) std::memset(stage, 0, sizeof stage);
-        const __mmask16 live = static_cast<__mmask16>((1u << nc) - 1);
-        const __m512 s = _mm512_castsi512_ps(
-            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(live, L.scales() + 2 * n0)), 16));
-        _mm512_store_ps(sv, s);
-        _mm512_store_ps(sf, _mm512_mul_ps(s, _mm512_set1_ps(kTwo8)));
-        const __m512 as = _mm512_abs_ps(s);
-        const bool big = (_mm512_cmp_ps_mask(as, _mm512_set1_ps(kBigScale), _CMP_GE_OQ) &
-                          _mm512_cmp_ps_mask(as, _mm512_set1_ps(std::numeric_limits<float>::infinity()), _CMP_LT_OQ)) != 0;
-        float* parked = park + (n0 - b0) / NC * (MB * NC * 16);
-        __m512 acc[MB][NC];
-        for (int mm = 0; mm < MB; ++mm)
-          for (int j = 0; j < NC; ++j)
-            acc[mm][j] = t0 == ch0 ? _mm512_setzero_ps() : _mm512_load_ps(parked + (mm * NC + j) * 16);
-        bool careful = big;
-        if (!careful) {
-          const __m512i top = tile_avx512<false, NC, MB, kPairs>(acc, L, xb, x, ldx, m0, t0, t1, n0, nc, stage, sf, &prefetch);
-          careful = _mm512_cmpeq_epi8_mask(top, nan2) != 0;
-          if (careful) {  // start the tile again (the prefetches are done)
-            for (int mm = 0; mm < MB; ++mm)
-              for (int j = 0; j < NC; ++j)
-                acc[mm][j] = t0 == ch0 ? _mm512_setzero_ps() : _mm512_load_ps(parked + (mm * NC + j) * 16);
-          }
-        }
-        if (careful)
-          tile_avx512<true, NC, MB, kPairs>(acc, L, xb, x, ldx, m0, t0, t1, n0, nc, stage, sv, big ? &prefetch : nullptr);
-        if (t1 < ch1) {
-          for (int mm = 0; mm < MB; ++mm)
-            for (int j = 0; j < NC; ++j) _mm512_store_ps(parked + (mm * NC + j) * 16, acc[mm][j]);
-          continue;
-        }
-        __m512 all[16];
-        for (int t = 0; t < 16; ++t) all[t] = t < NC * MB ? acc[t / NC][t % NC] : _mm512_setzero_ps();
-        const __m512 sums = halve16(all);
-        if (MB == 1) {
-          _mm512_mask_storeu_ps(out + m0 * ld + (n0 - c0), live, sums);
-        } else {
-          alignas(64) float sm[16];
-          _mm512_store_ps(sm, sums);
-          for (int mm = 0; mm < MB; ++mm)
-            for (int j = 0; j < nc; ++j) out[(m0 + mm) * ld + (n0 - c0) + j] = sm[mm * NC + j];
-        }
-      }
+  chunk_walk_avx512<NC, MB>(m0, ch0, ch1, c0, c1, out, ld, [&](__m512 (&acc)[MB][NC], int64_t t0, int64_t t1, int64_t n0,
+                                                               int nc, WalkPrefetch<NC>& prefetch, const auto& restart)
+                                                               GROKIT_AVX512_INLINE_LAMBDA {
+    if (nc < NC) std::memset(stage, 0, sizeof stage);
+    const __mmask16 live = static_cast<__mmask16>((1u << nc) - 1);
+    const __m512 s = _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(live, L.scales() + 2 * n0)), 16));
+    _mm512_store_ps(sv, s);
+    _mm512_store_ps(sf, _mm512_mul_ps(s, _mm512_set1_ps(kTwo8)));
+    const __m512 as = _mm512_abs_ps(s);
+    const bool big = (_mm512_cmp_ps_mask(as, _mm512_set1_ps(kBigScale), _CMP_GE_OQ) &
+                      _mm512_cmp_ps_mask(as, _mm512_set1_ps(std::numeric_limits<float>::infinity()), _CMP_LT_OQ)) != 0;
+    bool careful = big;
+    if (!careful) {
+      const __m512i top = tile_avx512<false, NC, MB, kPairs>(acc, L, xb, x, ldx, m0, t0, t1, n0, nc, stage, sf, &prefetch);
+      careful = _mm512_cmpeq_epi8_mask(top, nan2) != 0;
+      if (careful) restart();  // start the tile again (the prefetches are done)
     }
-  }
+    if (careful)
+      tile_avx512<true, NC, MB, kPairs>(acc, L, xb, x, ldx, m0, t0, t1, n0, nc, stage, sv, big ? &prefetch : nullptr);
+  });
 }
 
 // The panels' decode (chunk_panels.h): word r of chunk t of column n = row r, the fast

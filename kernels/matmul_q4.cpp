@@ -9,11 +9,6 @@ namespace grokit::kernels {
 namespace {
 using namespace detail;
 
-constexpr int64_t kPrefetchAhead = 12;  // (column group, chunk) steps the AVX-512 walks fetch ahead
-constexpr int64_t kChainChunks = 16;    // longest chain (in chunks) an AVX-512 walk keeps whole in registers
-constexpr int64_t kTileChunks = 8;      // chunks per pass of a longer chain
-constexpr int64_t kParkColumns = 256;   // columns (times rows of x) whose sums a tiled walk parks in L1
-
 // One q4g matrix: for each group of G rows, codes [G/32][N][16] then bf16 scales [N] padded
 // to 16 bytes.
 struct Q4Layout {
@@ -41,71 +36,27 @@ void check_args(int64_t M, int64_t K, int64_t ldx, int64_t G, int64_t N, int64_t
   GROKIT_CHECK(sr > 0 && K % sr == 0 && sr % 32 == 0 && sr % G == 0);
 }
 
-inline float reduce16(float* l) {
-  for (int step = 8; step >= 1; step /= 2) {
-    for (int i = 0; i < step; ++i) l[i] = l[i] + l[i + step];
-  }
-  return l[0];
-}
-
 // ---------------------------------------------------------------------------------
 // Scalar twins (the definition): chain [ch0, ch1) (chunks) of columns [c0, c1) into out
 // ([M][ld], column c0 at out[0]).
 template <bool kPairs>
 void chain_ref(const float* x, int64_t M, int64_t ldx, const Q4Layout& L, int64_t ch0, int64_t ch1, int64_t c0,
                int64_t c1, float* out, int64_t ld) {
-  std::vector<float> lanes(static_cast<size_t>(16 * M));
-  for (int64_t n = c0; n < c1; ++n) {
-    std::fill(lanes.begin(), lanes.end(), 0.0f);
-    for (int64_t c = ch0; c < ch1; ++c) {
-      const uint8_t* p = L.chunk(c, n);
-      const float s = L.scale(c / L.cpg, n);
-      float w[32];
-      for (int i = 0; i < 16; ++i) {
-        w[2 * i] = round_bf16(static_cast<float>(((p[i] & 15) ^ 8) - 8) * s);
-        w[2 * i + 1] = round_bf16(static_cast<float>(((p[i] >> 4) ^ 8) - 8) * s);
-      }
-      for (int64_t m = 0; m < M; ++m) {
-        const float* xc = x + m * ldx + 32 * c;
-        float* l = lanes.data() + 16 * m;
-        for (int i = 0; i < 16; ++i) {
-          if (kPairs) {
-            l[i] = l[i] + xc[2 * i + 1] * w[2 * i + 1];
-            l[i] = l[i] + xc[2 * i] * w[2 * i];
-          } else {
-            l[i] = std::fma(xc[i], w[i], l[i]);
-            l[i] = std::fma(xc[16 + i], w[16 + i], l[i]);
-          }
-        }
-      }
+  chunk_chain_ref<kPairs>(x, M, ldx, ch0, ch1, c0, c1, out, ld, [&](int64_t c, int64_t n, float* w) {
+    const uint8_t* p = L.chunk(c, n);
+    const float s = L.scale(c / L.cpg, n);
+    for (int i = 0; i < 16; ++i) {
+      w[2 * i] = round_bf16(static_cast<float>(((p[i] & 15) ^ 8) - 8) * s);
+      w[2 * i + 1] = round_bf16(static_cast<float>(((p[i] >> 4) ^ 8) - 8) * s);
     }
-    for (int64_t m = 0; m < M; ++m) out[m * ld + (n - c0)] = reduce16(lanes.data() + 16 * m);
-  }
+  });
 }
 
 // ---------------------------------------------------------------------------------
-// AVX2: one column at a time, up to 4 rows of x. Each chunk gives four vectors of 8
-// weights: even rows 0..14 (low nibbles of bytes 0..7), odd rows 1..15 (high nibbles),
-// and the same for rows 16..31 (bytes 8..15), looked up in the column's table of 16
-// bf16-rounded values (q = 0..7 in one vector, -8..-1 in the other). x comes arranged the
-// same way per chunk: [x even 0..14, x odd 1..15, x even 16..30, x odd 17..31].
-// Lanes: pairs: A = lanes 0..7 (rows 2i+1 then 2i), B = lanes 8..15; fp32: A = even
-// lanes 2j (rows 2j then 16+2j), B = odd lanes 2j+1.
-
-// The halving sum of the 16 lanes.
-template <bool kPairs>
-GROKIT_AVX2 inline float halve_avx2(__m256 a, __m256 b) {
-  if (!kPairs) {  // to lane order: [a0 b0 a1 b1 ..], [a4 b4 ..]
-    const __m256 lo = _mm256_unpacklo_ps(a, b), hi = _mm256_unpackhi_ps(a, b);
-    a = _mm256_permute2f128_ps(lo, hi, 0x20);
-    b = _mm256_permute2f128_ps(lo, hi, 0x31);
-  }
-  const __m256 v8 = _mm256_add_ps(a, b);
-  const __m128 v4 = _mm_add_ps(_mm256_castps256_ps128(v8), _mm256_extractf128_ps(v8, 1));
-  const __m128 v2 = _mm_add_ps(v4, _mm_movehl_ps(v4, v4));
-  return _mm_cvtss_f32(_mm_add_ss(v2, _mm_shuffle_ps(v2, v2, 1)));
-}
-
+// AVX2 (chunk_sums_avx2 in chunk_panels.h): the weights of even rows 0..14 are the low
+// nibbles of bytes 0..7, odd rows 1..15 the high nibbles, and the same for rows 16..31
+// (bytes 8..15), looked up in the column's table of 16 bf16-rounded values (q = 0..7 in
+// one vector, -8..-1 in the other).
 GROKIT_AVX2 inline __m256 lookup_avx2(__m256 tlo, __m256 thi, __m256i idx, __m256i sel) {
   return _mm256_blendv_ps(_mm256_permutevar8x32_ps(tlo, idx), _mm256_permutevar8x32_ps(thi, idx), _mm256_castsi256_ps(sel));
 }
@@ -130,47 +81,23 @@ GROKIT_AVX2 void column_avx2(const float* xa, int64_t K, const Q4Layout& L, int6
     const __m256 wo0 = lookup_avx2(tlo, thi, _mm256_srli_epi32(d0, 4), _mm256_slli_epi32(d0, 24));
     const __m256 we1 = lookup_avx2(tlo, thi, d1, _mm256_slli_epi32(d1, 28));
     const __m256 wo1 = lookup_avx2(tlo, thi, _mm256_srli_epi32(d1, 4), _mm256_slli_epi32(d1, 24));
-    for (int mm = 0; mm < MB; ++mm) {
-      const float* xp = xa + mm * K + 32 * c;
-      const __m256 xe0 = _mm256_loadu_ps(xp), xo0 = _mm256_loadu_ps(xp + 8);
-      const __m256 xe1 = _mm256_loadu_ps(xp + 16), xo1 = _mm256_loadu_ps(xp + 24);
-      if (kPairs) {
-        A[mm] = _mm256_fmadd_ps(xe0, we0, _mm256_fmadd_ps(xo0, wo0, A[mm]));
-        B[mm] = _mm256_fmadd_ps(xe1, we1, _mm256_fmadd_ps(xo1, wo1, B[mm]));
-      } else {
-        A[mm] = _mm256_fmadd_ps(xe1, we1, _mm256_fmadd_ps(xe0, we0, A[mm]));
-        B[mm] = _mm256_fmadd_ps(xo1, wo1, _mm256_fmadd_ps(xo0, wo0, B[mm]));
-      }
-    }
+    for (int mm = 0; mm < MB; ++mm) chunk_sums_avx2<kPairs>(A[mm], B[mm], xa + mm * K + 32 * c, we0, wo0, we1, wo1);
   }
-  for (int mm = 0; mm < MB; ++mm) out[mm * ld] = halve_avx2<kPairs>(A[mm], B[mm]);
+  for (int mm = 0; mm < MB; ++mm) out[mm * ld] = chunk_halve_avx2<kPairs>(A[mm], B[mm]);
 }
 
 // ---------------------------------------------------------------------------------
-// AVX-512 with bf16 instructions. A column group of NC columns and MB rows of x keeps
-// NC * MB <= 16 accumulators (16 lanes each) in registers while the chain's chunks stream
-// by; for chunk c the group's codes are NC * 16 contiguous bytes. Per column and chunk:
-// vpermw + vpsrlvw put each row's nibble in the low bits of a word, vpermw looks it up in
-// the column's table of bf16(q * scale) (16 entries, duplicated to 32 so that bit 4 of the
-// index does not matter), and vdpbf16ps adds the 32 products (pairs: word r = row r) or
-// two fmas do (fp32: word 2i = row i, word 2i+1 = row 16 + i, split into two fp32 vectors).
-
-
-// Rows [m0, m0 + MB) of x, columns [c0, c1) in groups of NC, chunks [ch0, ch1) of one chain.
-// xb: x as bf16 bits [M][K] (pairs); x, ldx: fp32 x (fp32). A chain of up to
-// kChainChunks chunks is walked group by group with the whole chain in registers; a
-// longer one in tiles of kTileChunks chunks over blocks of columns, the accumulators
-// parked in L1 between tiles, so that the walk reads a few long runs instead of many
-// short ones.
+// AVX-512 (chunk_walk_avx512 in chunk_panels.h). For chunk c a column group's codes are
+// NC * 16 contiguous bytes. Per column and chunk: vpermw + vpsrlvw put each row's nibble
+// in the low bits of a word, vpermw looks it up in the column's table of bf16(q * scale)
+// (16 entries, duplicated to 32 so that bit 4 of the index does not matter): word r = row
+// r (pairs), or word 2i = row i, word 2i+1 = row 16 + i (fp32).
 template <int NC, int MB, bool kPairs>
 GROKIT_AVX512 void groups_avx512(const uint16_t* xb, const float* x, int64_t ldx, const Q4Layout& L, int64_t m0,
                                  int64_t ch0, int64_t ch1, int64_t c0, int64_t c1, float* out, int64_t ld) {
-  static_assert(NC * MB <= 16 && NC <= 16);
-  const int64_t K = L.K;
   alignas(64) uint16_t tab[NC][32];
   alignas(64) uint8_t stage[NC * 16];
   alignas(64) float sf[16];
-  alignas(64) float park[kParkColumns * 16];  // [column group][MB][NC][16 lanes]
   // Word r of the expanded chunk takes word r/4 of the 16 bytes (pairs: row r) shifted by
   // 4 (r % 4); fp32: word 2i row i (word i/4), word 2i+1 row 16 + i (word 4 + i/4).
   alignas(64) uint16_t expand_w[32], shift_w[32];
@@ -186,95 +113,45 @@ GROKIT_AVX512 void groups_avx512(const uint16_t* xb, const float* x, int64_t ldx
   }
   const __m512i expand = _mm512_load_si512(expand_w), shifts = _mm512_load_si512(shift_w);
   const __m512 qv = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1);
-  const __m512i hi_mask = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
-  const int64_t tile = ch1 - ch0 <= kChainChunks ? ch1 - ch0 : kTileChunks;
-  const int64_t block = tile == ch1 - ch0 ? c1 - c0 : kParkColumns / (MB * NC) * NC;
-  for (int64_t b0 = c0; b0 < c1; b0 += block) {
-    const int64_t b1 = std::min(c1, b0 + block);
-    for (int64_t t0 = ch0; t0 < ch1; t0 += tile) {
-      const int64_t t1 = std::min(ch1, t0 + tile), steps = t1 - t0;
-      // The prefetch cursor: kPrefetchAhead (group, chunk) steps ahead of the walk.
-      int64_t pc = t0 + kPrefetchAhead % steps, pn = b0 + (kPrefetchAhead / steps) * NC;
-      for (int64_t n0 = b0; n0 < b1; n0 += NC) {
-        const int nc = static_cast<int>(std::min<int64_t>(NC, b1 - n0));
-        if (nc < NC) std::memset(stage, 0, sizeof stage);
-        float* parked = park + (n0 - b0) / NC * (MB * NC * 16);
-        __m512 acc[MB][NC];
-        for (int mm = 0; mm < MB; ++mm)
-          for (int j = 0; j < NC; ++j)
-            acc[mm][j] = t0 == ch0 ? _mm512_setzero_ps() : _mm512_load_ps(parked + (mm * NC + j) * 16);
-        for (int64_t c = t0; c < t1; ++c) {
-          // The tables stay in memory (vpermw reads them there): the accumulators need the
-          // registers. (The empty asm claims to change them.)
-          __asm__ volatile("" : "+m"(tab));
-          if (c == t0 || (c & (L.cpg - 1)) == 0) {
-            // The group's tables: bf16(q * scale) for q = 0..7, -8..-1, twice.
-            const __mmask16 live = static_cast<__mmask16>((1u << nc) - 1);
-            const __m256i h = _mm256_maskz_loadu_epi16(live, L.scales(c >> L.log2_cpg) + 2 * n0);
-            _mm512_store_ps(sf, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
-            for (int j = 0; j < NC; ++j) {
-              const __m512 p = _mm512_mul_ps(qv, _mm512_set1_ps(sf[j]));
-              _mm512_store_si512(tab[j], reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(p, p)));
-            }
-          }
-          if (pn < b1) {  // the codes, and the scales where a group starts
-            const char* pf = reinterpret_cast<const char*>(L.chunk(pc, pn));
-            for (int b = 0; b < NC * 16; b += 64) _mm_prefetch(pf + b, _MM_HINT_T0);
-            if ((pc & (L.cpg - 1)) == 0 || pc == t0) _mm_prefetch(reinterpret_cast<const char*>(L.scales(pc >> L.log2_cpg) + 2 * pn), _MM_HINT_T0);
-          }
-          if (++pc == t1) {
-            pc = t0;
-            pn += NC;
-          }
-          const uint8_t* p = L.chunk(c, n0);
-          if (nc < NC) {
-            std::memcpy(stage, p, static_cast<size_t>(nc) * 16);
-            p = stage;
-          }
-          __m512i xv[MB];
-          __m512 x0[MB], x1[MB];
-          for (int mm = 0; mm < MB; ++mm) {
-            if (kPairs) {
-              xv[mm] = _mm512_loadu_si512(xb + (m0 + mm) * K + 32 * c);
-            } else {
-              x0[mm] = _mm512_loadu_ps(x + (m0 + mm) * ldx + 32 * c);
-              x1[mm] = _mm512_loadu_ps(x + (m0 + mm) * ldx + 32 * c + 16);
-            }
-          }
-GROKIT_UNROLL16  // the accumulators are registers only with constant indices
-          for (int j = 0; j < NC; ++j) {
-            const __m512i v = _mm512_zextsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * j)));
-            const __m512i t = _mm512_srlv_epi16(_mm512_permutexvar_epi16(expand, v), shifts);
-            const __m512i w = _mm512_permutexvar_epi16(t, _mm512_load_si512(tab[j]));
-            if (kPairs) {
-              for (int mm = 0; mm < MB; ++mm)
-                acc[mm][j] = _mm512_dpbf16_ps(acc[mm][j], reinterpret_cast<__m512bh>(w), reinterpret_cast<__m512bh>(xv[mm]));
-            } else {
-              const __m512 we = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
-              const __m512 wo = _mm512_castsi512_ps(_mm512_and_si512(w, hi_mask));
-              for (int mm = 0; mm < MB; ++mm) acc[mm][j] = _mm512_fmadd_ps(x1[mm], wo, _mm512_fmadd_ps(x0[mm], we, acc[mm][j]));
-            }
-          }
-        }
-        if (t1 < ch1) {
-          for (int mm = 0; mm < MB; ++mm)
-            for (int j = 0; j < NC; ++j) _mm512_store_ps(parked + (mm * NC + j) * 16, acc[mm][j]);
-          continue;
-        }
-        __m512 all[16];
-        for (int t = 0; t < 16; ++t) all[t] = t < NC * MB ? acc[t / NC][t % NC] : _mm512_setzero_ps();
-        const __m512 sums = halve16(all);
-        if (MB == 1) {
-          _mm512_mask_storeu_ps(out + m0 * ld + (n0 - c0), static_cast<__mmask16>((1u << nc) - 1), sums);
-        } else {
-          alignas(64) float s[16];
-          _mm512_store_ps(s, sums);
-          for (int mm = 0; mm < MB; ++mm)
-            for (int j = 0; j < nc; ++j) out[(m0 + mm) * ld + (n0 - c0) + j] = s[mm * NC + j];
+  auto fetch = [&](int64_t pc, int64_t pn, bool first) GROKIT_AVX512_INLINE_LAMBDA {
+    // The codes, and the scales where a group starts.
+    const char* pf = reinterpret_cast<const char*>(L.chunk(pc, pn));
+    for (int b = 0; b < NC * 16; b += 64) _mm_prefetch(pf + b, _MM_HINT_T0);
+    if ((pc & (L.cpg - 1)) == 0 || first) _mm_prefetch(reinterpret_cast<const char*>(L.scales(pc >> L.log2_cpg) + 2 * pn), _MM_HINT_T0);
+  };
+  chunk_walk_avx512<NC, MB>(m0, ch0, ch1, c0, c1, out, ld, [&](__m512 (&acc)[MB][NC], int64_t t0, int64_t t1, int64_t n0,
+                                                               int nc, WalkPrefetch<NC>& prefetch, const auto&)
+                                                               GROKIT_AVX512_INLINE_LAMBDA {
+    if (nc < NC) std::memset(stage, 0, sizeof stage);
+    for (int64_t c = t0; c < t1; ++c) {
+      // The tables stay in memory (vpermw reads them there): the accumulators need the
+      // registers. (The empty asm claims to change them.)
+      __asm__ volatile("" : "+m"(tab));
+      if (c == t0 || (c & (L.cpg - 1)) == 0) {
+        // The group's tables: bf16(q * scale) for q = 0..7, -8..-1, twice.
+        const __mmask16 live = static_cast<__mmask16>((1u << nc) - 1);
+        const __m256i h = _mm256_maskz_loadu_epi16(live, L.scales(c >> L.log2_cpg) + 2 * n0);
+        _mm512_store_ps(sf, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+        for (int j = 0; j < NC; ++j) {
+          const __m512 p = _mm512_mul_ps(qv, _mm512_set1_ps(sf[j]));
+          _mm512_store_si512(tab[j], reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(p, p)));
         }
       }
+      prefetch.step(fetch);
+      const uint8_t* p = L.chunk(c, n0);
+      if (nc < NC) {
+        std::memcpy(stage, p, static_cast<size_t>(nc) * 16);
+        p = stage;
+      }
+      const ChunkX<MB, kPairs> xc(xb, L.K, x, ldx, m0, c);
+GROKIT_UNROLL16  // the accumulators are registers only with constant indices
+      for (int j = 0; j < NC; ++j) {
+        const __m512i v = _mm512_zextsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * j)));
+        const __m512i t = _mm512_srlv_epi16(_mm512_permutexvar_epi16(expand, v), shifts);
+        chunk_add<MB, NC, kPairs>(acc, j, _mm512_permutexvar_epi16(t, _mm512_load_si512(tab[j])), xc);
+      }
     }
-  }
+  });
 }
 
 // The panels' decode (chunk_panels.h): word r of chunk t of column n = row r, through
