@@ -257,6 +257,23 @@ Status remove_file(const std::string& path) {
     return make_error(path, ": cannot remove: ", errno_text(errno));
   return {};
 }
+std::vector<std::string> list_directory(const std::string& dir) {
+  std::vector<std::string> names;
+  if (DIR* d = opendir(dir.c_str())) {
+    while (dirent* e = readdir(d)) {
+      std::string n = e->d_name;
+      if (n != "." && n != "..") names.push_back(std::move(n));
+    }
+    closedir(d);
+  }
+  return names;
+}
+Status remove_directory_files(const std::string& dir) {
+  if (!path_exists(dir)) return {};
+  for (const auto& n : list_directory(dir)) GROKIT_TRY(remove_file(path_join(dir, n)));
+  if (::rmdir(dir.c_str()) != 0) return make_error(dir, ": cannot remove: ", errno_text(errno));
+  return {};
+}
 Result<std::string> read_small_file(const std::string& path, uint64_t max_bytes) {
   GROKIT_ASSIGN_OR_RETURN(uint64_t size, file_size(path));
   if (size > max_bytes) return make_error(path, ": ", size, " bytes, more than the limit of ", max_bytes);

@@ -231,6 +231,10 @@ Status make_directory(const std::string& path);      // one level; ok if it exis
 Status fsync_directory(const std::string& path);
 Status rename_file(const std::string& from, const std::string& to);
 Status remove_file(const std::string& path);         // ok if absent
+// The names in a directory, "." and ".." left out (empty where it cannot be read).
+std::vector<std::string> list_directory(const std::string& dir);
+// Removes a directory of plain files: its files, then itself; ok if absent.
+Status remove_directory_files(const std::string& dir);
 Result<std::string> read_small_file(const std::string& path, uint64_t max_bytes);
 // Writes path.tmp, fsyncs it, renames it over path, fsyncs the directory.
 Status write_file_atomic(const std::string& path, std::string_view contents);

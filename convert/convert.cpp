@@ -1,7 +1,6 @@
 // The conversion engine: plan, stream, journal, finalize.
 #include "convert/convert.h"
 
-#include <dirent.h>
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -256,16 +255,11 @@ Status Converter::prepare_output_dir(bool& already_complete) {
   bool has_manifest = path_exists(path_join(out, format::kManifestFile));
   bool has_state = path_exists(state_dir_);
   std::vector<std::string> ours, foreign;
-  if (DIR* d = opendir(out.c_str())) {
-    while (dirent* e = readdir(d)) {
-      std::string n = e->d_name;
-      if (n == "." || n == "..") continue;
-      bool mine = n == format::kManifestFile || n == format::kTokenizerFile || n == kStateDir ||
-                  n == std::string(format::kManifestFile) + ".tmp" || n == std::string(format::kTokenizerFile) + ".tmp" ||
-                  (n.rfind("shard-", 0) == 0 && n.size() > 4 && n.compare(n.size() - 4, 4, ".gkt") == 0);
-      (mine ? ours : foreign).push_back(n);
-    }
-    closedir(d);
+  for (auto& n : list_directory(out)) {
+    bool mine = n == format::kManifestFile || n == format::kTokenizerFile || n == kStateDir ||
+                n == std::string(format::kManifestFile) + ".tmp" || n == std::string(format::kTokenizerFile) + ".tmp" ||
+                format::is_shard_file_name(n);
+    (mine ? ours : foreign).push_back(std::move(n));
   }
   if (!foreign.empty())
     return make_error(out, ": not empty and not a grokit output (holds '", foreign[0], "'", foreign.size() > 1 ? ", ..." : "",
@@ -292,16 +286,7 @@ Status Converter::prepare_output_dir(bool& already_complete) {
 
 Status Converter::remove_state_dir() {
   if (!path_exists(state_dir_)) return {};
-  if (DIR* d = opendir(state_dir_.c_str())) {
-    std::vector<std::string> names;
-    while (dirent* e = readdir(d)) {
-      std::string n = e->d_name;
-      if (n != "." && n != "..") names.push_back(n);
-    }
-    closedir(d);
-    for (const auto& n : names) GROKIT_TRY(remove_file(path_join(state_dir_, n)));
-  }
-  if (::rmdir(state_dir_.c_str()) != 0) return make_error(state_dir_, ": cannot remove: ", std::strerror(errno));
+  GROKIT_TRY(remove_directory_files(state_dir_));
   return fsync_directory(o_.out_dir);
 }
 

@@ -193,6 +193,8 @@ Result<std::vector<IndexEntry>> parse_index(const uint8_t* data, uint64_t size, 
 void layout_shard(std::vector<IndexEntry>& entries, ShardHeader& h);
 
 std::string shard_file_name(uint32_t rank, uint32_t rank_count);
+// Whether a file name is a shard's (shard-*.gkt), as a model directory's listing is read.
+bool is_shard_file_name(const std::string& name);
 
 // Writes one entry's payload sequentially at its planned offset in a shard being built,
 // through a caller's staging buffer (large runs bypass it), hashing as it goes and

@@ -1,5 +1,4 @@
 // manifest.json and the model directory.
-#include <dirent.h>
 
 #include <nlohmann/json.hpp>
 
@@ -176,13 +175,7 @@ Result<Model> Model::open(const std::string& dir) {
   if (!path_exists(manifest_path)) {
     // Shards or convert state without a manifest: an interrupted or failed conversion.
     bool partial = path_exists(path_join(dir, ".grokit-convert"));
-    if (DIR* d = opendir(dir.c_str())) {
-      while (dirent* e = readdir(d)) {
-        std::string n = e->d_name;
-        partial = partial || (n.rfind("shard-", 0) == 0 && n.size() > 4 && n.compare(n.size() - 4, 4, ".gkt") == 0);
-      }
-      closedir(d);
-    }
+    for (const auto& n : list_directory(dir)) partial = partial || is_shard_file_name(n);
     if (partial)
       return make_error(dir, ": no ", kManifestFile,
                         ": this is an incomplete conversion (interrupted?); finish it with 'grokit convert --resume'");

@@ -94,6 +94,9 @@ std::string shard_file_name(uint32_t rank, uint32_t rank_count) {
   std::snprintf(buf, sizeof buf, "shard-%05u-of-%05u.gkt", rank, rank_count);
   return buf;
 }
+bool is_shard_file_name(const std::string& n) {
+  return n.rfind("shard-", 0) == 0 && n.size() > 4 && n.compare(n.size() - 4, 4, ".gkt") == 0;
+}
 
 // ---------------------------------------------------------------------------------
 // Header: fixed 128 bytes; the last 8 are the XXH3-64 of the first 120.

@@ -1,6 +1,5 @@
 // The quantize pipeline: read a sharded int8 model, requantize whole matrices, write a
 // sharded model of any TP degree, report every tensor's error.
-#include <dirent.h>
 #include <fcntl.h>
 #include <unistd.h>
 
@@ -295,20 +294,7 @@ class Quantizer {
   std::unique_ptr<Progress> progress_;
 };
 
-Status Quantizer::remove_state_dir() {
-  if (!path_exists(state_dir_)) return {};
-  if (DIR* d = opendir(state_dir_.c_str())) {
-    std::vector<std::string> names;
-    while (dirent* e = readdir(d)) {
-      std::string n = e->d_name;
-      if (n != "." && n != "..") names.push_back(n);
-    }
-    closedir(d);
-    for (const auto& n : names) GROKIT_TRY(remove_file(path_join(state_dir_, n)));
-  }
-  if (::rmdir(state_dir_.c_str()) != 0) return make_error(state_dir_, ": cannot remove: ", std::strerror(errno));
-  return {};
-}
+Status Quantizer::remove_state_dir() { return remove_directory_files(state_dir_); }
 
 Status Quantizer::prepare_output() {
   const std::string& out = o_.out_dir;
@@ -317,19 +303,12 @@ Status Quantizer::prepare_output() {
     return o_.dry_run ? Status{} : make_directory(out);
   }
   if (!is_directory(out)) return make_error(out, ": exists and is not a directory");
-  std::vector<std::string> names;
-  if (DIR* d = opendir(out.c_str())) {
-    while (dirent* e = readdir(d)) {
-      std::string n = e->d_name;
-      if (n != "." && n != "..") names.push_back(n);
-    }
-    closedir(d);
-  }
+  const std::vector<std::string> names = list_directory(out);
   if (names.empty()) return {};
   if (!o_.force) return make_error(out, ": not empty; refusing to overwrite it (pass --force to replace a grokit model there)");
   for (const auto& n : names) {
     bool mine = n == format::kManifestFile || n == format::kTokenizerFile || n == kStateDir ||
-                (n.rfind("shard-", 0) == 0 && n.size() > 4 && n.compare(n.size() - 4, 4, ".gkt") == 0);
+                format::is_shard_file_name(n);
     if (!mine) return make_error(out, ": holds '", n, "', which is not part of a grokit model; choose another directory");
   }
   if (o_.dry_run) return {};

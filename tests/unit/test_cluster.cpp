@@ -72,7 +72,7 @@ ClusterOptions options(int port, int host_rank, int hosts) {
 }
 
 HostHello hello(int tp, int first, int count, std::string model = "model-7f3a", std::string version = "0.1.0") {
-  return HostHello{std::move(model), tp, first, count, std::move(version)};
+  return HostHello{std::move(model), tp, first, count, std::move(version), ""};
 }
 
 std::vector<uint8_t> nccl_id() {
