@@ -3,6 +3,7 @@
 
 #include <cstdio>
 #include <fstream>
+#include <iostream>
 #include <optional>
 
 #include "cli/cli.h"
@@ -269,8 +270,8 @@ int cmd_run(int argc, char** argv) {
   opts.add_options()
       ("prompt", "the prompt text (default: none; give one of --prompt, --prompt-file, --tokens-in)",
        cxxopts::value<std::string>())
-      ("prompt-file", "a file of prompts, one per line, run as one batch; each continuation is printed on one "
-       "line with \\n, \\r, \\t, \\\\ and \\xNN escapes (default: none)", cxxopts::value<std::string>())
+      ("prompt-file", "a file of prompts ('-': standard input), one per line, run as one batch; each "
+       "continuation is printed on one line with \\n, \\r, \\t, \\\\ and \\xNN escapes (default: none)", cxxopts::value<std::string>())
       ("tokens-in", "prompts as int32 token ids [B, T] (.npy, 0-padded on the right) instead of text (default: none)",
        cxxopts::value<std::string>())
       ("tokens-out", "write the generated ids as int32 [B, max-tokens] (.npy, 0 after the end)",
@@ -325,12 +326,19 @@ int cmd_run(int argc, char** argv) {
     if (r.count("prompt")) {
       texts.push_back(r["prompt"].as<std::string>());
     } else {
-      std::ifstream in(r["prompt-file"].as<std::string>());
-      if (!in) return fail(prog, make_error(r["prompt-file"].as<std::string>(), ": cannot read"));
+      const std::string file = r["prompt-file"].as<std::string>();
+      std::ifstream opened;
+      if (file != "-") {
+        opened.open(file);
+        if (!opened) return fail(prog, make_error(file, ": cannot read"));
+      }
+      std::istream& in = file == "-" ? std::cin : opened;
       for (std::string line; std::getline(in, line);) {
+        if (!line.empty() && line.back() == '\r') line.pop_back();  // CRLF files
         if (!line.empty()) texts.push_back(line);
       }
-      if (texts.empty()) return fail(prog, make_error(r["prompt-file"].as<std::string>(), ": no prompts"));
+      if (in.bad()) return fail(prog, make_error(file == "-" ? "standard input" : file, ": read error"));
+      if (texts.empty()) return fail(prog, make_error(file == "-" ? "standard input" : file, ": no prompts"));
     }
     for (const auto& t : texts) {
       auto ids = tok->encode(t);
@@ -365,6 +373,7 @@ int cmd_run(int argc, char** argv) {
     std::string rest = decoder->finish();
     std::fwrite(rest.data(), 1, rest.size(), stdout);
     std::fputc('\n', stdout);
+    std::fflush(stdout);  // the text ends before the summary on a shared terminal
   } else {
     for (size_t i = 0; i < out->size(); ++i) {
       const auto& ids = (*out)[i];

@@ -297,6 +297,24 @@ class Runner(unittest.TestCase):
         self.assertEqual(p.stdout.count(b"\n"), 3, p.stdout)
         self.assertTrue(p.stdout.endswith(b"\n"))
 
+    def test_prompt_file_from_standard_input_and_with_crlf_lines(self):
+        f = self.path("prompts-lf.txt")
+        with open(f, "w") as fh:
+            fh.write("Hello world\nThe answer to life is\n")
+        flags = ["--max-tokens", 8, "--temperature", 0, "--no-progress"]
+        want = run_bytes("run", self.model[1], "--prompt-file", f, *flags)
+        self.assertEqual(want.returncode, 0, want.stderr)
+        # The same prompts on stdin ('-'), written with CRLF line ends: the same lines out.
+        p = subprocess.run([GROKIT, "run", str(self.model[1]), "--prompt-file", "-", *map(str, flags)],
+                           input=b"Hello world\r\nThe answer to life is\r\n", capture_output=True)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertEqual(p.stdout, want.stdout)
+        # Nothing on stdin: named as such, non-zero exit.
+        p = subprocess.run([GROKIT, "run", str(self.model[1]), "--prompt-file", "-", *map(str, flags)],
+                           input=b"", capture_output=True)
+        self.assertNotEqual(p.returncode, 0)
+        self.assertIn(b"standard input: no prompts", p.stderr)
+
     SPECIAL_PROMPTS = ["Hello world", "The answer to life is", "Good morning", "The quick brown fox",
                        "Call me Ishmael", "To be, or not to be", "It was the best of times",
                        "Numbers like 3.14", "What time is it?", "The cat sat on the mat"]
