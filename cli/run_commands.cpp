@@ -274,6 +274,8 @@ int cmd_run(int argc, char** argv) {
        "continuation is printed on one line with \\n, \\r, \\t, \\\\ and \\xNN escapes (default: none)", cxxopts::value<std::string>())
       ("tokens-in", "prompts as int32 token ids [B, T] (.npy, 0-padded on the right) instead of text (default: none)",
        cxxopts::value<std::string>())
+      ("tokenizer", "a SentencePiece model to use instead of the model's own tokenizer.model (for a model "
+       "converted without --tokenizer)", cxxopts::value<std::string>()->default_value(""))
       ("tokens-out", "write the generated ids as int32 [B, max-tokens] (.npy, 0 after the end)",
        cxxopts::value<std::string>()->default_value(""))
       ("max-tokens", "tokens to generate per prompt", cxxopts::value<int64_t>()->default_value("64"))
@@ -309,11 +311,19 @@ int cmd_run(int argc, char** argv) {
 
   // The tokenizer travels with the model; needed for text in or out.
   std::optional<runner::Tokenizer> tok;
-  std::string tok_path = path_join(pos[0], format::kTokenizerFile);
-  if (path_exists(tok_path)) {
+  const std::string tok_flag = r["tokenizer"].as<std::string>();
+  const std::string tok_path = tok_flag.empty() ? path_join(pos[0], format::kTokenizerFile) : tok_flag;
+  if (!tok_flag.empty() || path_exists(tok_path)) {
     auto t = runner::Tokenizer::load(tok_path);
     if (!t.ok()) return fail(prog, t.error());
     tok.emplace(std::move(*t));
+  }
+  if (tok && !tok_flag.empty()) {  // checked before the weights load
+    auto model = format::Model::open(pos[0]);
+    if (!model.ok()) return fail(prog, model.error());
+    if (tok->vocab_size() > model->config().vocab_size)
+      return fail(prog, make_error(tok_path, ": ", tok->vocab_size(), " pieces, more than the model's vocabulary of ",
+                                   model->config().vocab_size, " (another model's tokenizer?)"));
   }
   std::vector<std::vector<int32_t>> prompts;
   if (r.count("tokens-in")) {
@@ -321,7 +331,7 @@ int cmd_run(int argc, char** argv) {
     if (!rows.ok()) return fail(prog, rows.error());
     prompts = std::move(*rows);
   } else {
-    if (!tok) return fail(prog, make_error(pos[0], ": the model has no tokenizer.model; convert it with --tokenizer or give --tokens-in"));
+    if (!tok) return fail(prog, make_error(pos[0], ": the model has no tokenizer.model; give one with --tokenizer FILE, or token ids with --tokens-in"));
     std::vector<std::string> texts;
     if (r.count("prompt")) {
       texts.push_back(r["prompt"].as<std::string>());

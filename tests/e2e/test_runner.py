@@ -315,6 +315,20 @@ class Runner(unittest.TestCase):
         self.assertNotEqual(p.returncode, 0)
         self.assertIn(b"standard input: no prompts", p.stderr)
 
+    def test_tokenizer_flag_serves_a_model_converted_without_one(self):
+        flags = ["--prompt", "Hello world", "--max-tokens", 8, "--temperature", 0, "--no-progress"]
+        want = run_bytes("run", self.model[1], *flags)
+        self.assertEqual(want.returncode, 0, want.stderr)
+        p = run_bytes("run", self.model_notok, "--tokenizer", self.tokenizer, *flags)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertEqual(p.stdout, want.stdout)
+        # A tokenizer with more pieces than the model's vocabulary is refused, by name.
+        big = self.path("tok-big")
+        python(os.path.join(SCRIPTS, "make_tokenizer.py"), big, "--vocab-size", 600, "--force")
+        p = run_bytes("run", self.model_notok, "--tokenizer", big + ".model", *flags)
+        self.assertNotEqual(p.returncode, 0)
+        self.assertIn(b"600 pieces, more than the model's vocabulary of 512", p.stderr)
+
     SPECIAL_PROMPTS = ["Hello world", "The answer to life is", "Good morning", "The quick brown fox",
                        "Call me Ishmael", "To be, or not to be", "It was the best of times",
                        "Numbers like 3.14", "What time is it?", "The cat sat on the mat"]
