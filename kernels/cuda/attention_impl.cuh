@@ -1,6 +1,6 @@
 // Internal to kernels/cuda/attention*.cu: the arguments, plans and the device helpers
 // that spell out the CPU twin's numerics (kernels/attention.cpp). Also compiles as plain
-// C++ (emulable.cuh) for the host emulation of the decode kernels in tests: the includer
+// C++ (emulable.cuh) for the host emulation of the kernels in tests: the includer
 // then provides round_bf16 (grokit's, common.h) and cuda::raise_device_error.
 #pragma once
 
@@ -106,22 +106,5 @@ GK_D float final_sum(double sum, float mx) {
   const float s = static_cast<float>(sum);
   return mx == kMasked ? fminf(s, 16777216.0f) : s;
 }
-
-#if defined(__CUDACC__)
-// o[i] = bf16(fp32(sum over splits of part)), the split partials summed in double.
-// part: [rows * heads, nsplit, dh]; o: [rows * heads, dh] (total elements). Grid-stride.
-template <class T>
-static __global__ void combine_splits(const T* __restrict__ part, int64_t total, int dh, int nsplit,
-                                      float* __restrict__ o) {
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t rh = i / dh;
-    const T* p = part + rh * nsplit * dh + (i - rh * dh);
-    double t = 0.0;
-    for (int s = 0; s < nsplit; ++s) t += static_cast<double>(p[static_cast<int64_t>(s) * dh]);
-    o[i] = round_bf16(static_cast<float>(t));
-  }
-}
-#endif
 
 }  // namespace grokit::kernels::cuda::attn

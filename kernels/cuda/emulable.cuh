@@ -15,6 +15,9 @@
 #define GK_D __device__ __forceinline__
 // Kernels are templates, instantiated by the one .cu that launches them.
 #define GK_KERNEL_T(threads, min_blocks) __global__ void __launch_bounds__(threads, min_blocks)
+// Bounded by the block size alone: ptxas then chooses registers as without a minimum of
+// blocks (a minimum of 1 is not neutral: measured, other counts and spills).
+#define GK_KERNEL_MAX(threads) __global__ void __launch_bounds__(threads)
 #define GK_SHARED __shared__
 #define GK_SYNC() __syncthreads()
 #else
@@ -22,6 +25,7 @@
 #define GK_HD inline
 #define GK_D inline
 #define GK_KERNEL_T(threads, min_blocks) inline void
+#define GK_KERNEL_MAX(threads) inline void
 #define GK_SHARED static
 #define GK_SYNC() gk_emu_sync()
 #endif

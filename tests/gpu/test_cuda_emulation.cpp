@@ -1,8 +1,9 @@
 // The device code of every kernel of a decode step (the weight products, the router, the
 // decode attention, residual_norm, rope_store: kernels/cuda/*_device.cuh and the *_impl.cuh
-// they use) compiled as plain C++ and run on the host: each block's threads are
-// std::threads, __syncthreads a barrier, __shared__ a static, a warp shuffle a barrier per
-// warp. So the decode kernel's indexing, split-k, routing, rounding and every plan a
+// they use) and of the prefill attention compiled as plain C++ and run on the host: each
+// block's threads are std::threads, __syncthreads a barrier, __shared__ a static, a warp
+// shuffle a barrier per warp, and the prefill attention's tensor-core instructions
+// (ldmatrix, mma) whole-warp exchanges of their PTX fragments. So the decode kernel's indexing, split-k, routing, rounding and every plan a
 // benchmark may force (k splits, warps across columns, the deep variant), the router's
 // two shapes and the others' plans are checked against the host twins on a machine
 // without a GPU. The arithmetic is the device's (fp32 fma, bf16x2 multiplies from
@@ -23,10 +24,12 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <optional>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 // What matmul_device.cuh asks of its includer in emulation.
@@ -39,6 +42,10 @@ float* gk_emu_smem();
 void gk_emu_align(const void* p, int bytes, const char* what);
 template <class T>
 T gk_emu_shfl_xor(T v, int mask);
+uint32_t gk_emu_ballot(bool pred);
+void gk_emu_ldsm_x4_trans(uint32_t (&r)[4], const uint16_t* p);
+void gk_emu_mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+void gk_emu_mma_f64(double (&d)[2], double a, double b);
 namespace grokit::kernels::cuda {
 inline void raise_device_error(unsigned int* word, unsigned int bit) {
   if (word != nullptr) __atomic_fetch_or(word, bit, __ATOMIC_SEQ_CST);
@@ -46,6 +53,7 @@ inline void raise_device_error(unsigned int* word, unsigned int bit) {
 }  // namespace grokit::kernels::cuda
 
 #include "kernels/cuda/attention_decode_device.cuh"
+#include "kernels/cuda/attention_prefill_device.cuh"
 #include "kernels/cuda/matmul_device.cuh"
 #include "kernels/cuda/residual_norm_device.cuh"
 #include "kernels/cuda/rope_store_device.cuh"
@@ -118,6 +126,86 @@ T gk_emu_shfl_xor(T v, int mask) {
   std::memcpy(&r, &theirs, sizeof r);
   return r;
 }
+namespace {
+// A warp's exchange of whole values: each lane's `mine` out, all 32 lanes' values in.
+constexpr size_t kShareBytes = 64;
+alignas(16) unsigned char g_share[kMaxEmuThreads][kShareBytes];
+template <class T>
+void warp_gather(const T& mine, T (&all)[32]) {
+  static_assert(sizeof(T) <= kShareBytes && std::is_trivially_copyable_v<T>);
+  const int t = static_cast<int>(threadIdx.x), w0 = t & ~31;
+  std::memcpy(g_share[t], &mine, sizeof(T));
+  g_warps[static_cast<size_t>(t / 32)]->arrive_and_wait();
+  for (int l = 0; l < 32; ++l) std::memcpy(&all[l], g_share[w0 + l], sizeof(T));
+  g_warps[static_cast<size_t>(t / 32)]->arrive_and_wait();
+}
+float bf16_half(uint32_t word, int hi) { return grokit::bf16_bits_to_f32(static_cast<uint16_t>(hi ? word >> 16 : word)); }
+}  // namespace
+
+uint32_t gk_emu_ballot(bool pred) {
+  bool all[32];
+  warp_gather(pred, all);
+  uint32_t bits = 0;
+  for (int l = 0; l < 32; ++l) bits |= all[l] ? 1u << l : 0u;
+  return bits;
+}
+// ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16: lane 8i + j gives row j of matrix i;
+// lane l receives, for each matrix, its elements (2 (l % 4), l / 4) and (2 (l % 4) + 1, l / 4).
+void gk_emu_ldsm_x4_trans(uint32_t (&r)[4], const uint16_t* p) {
+  const uint16_t* rows[32];
+  warp_gather(p, rows);
+  const int l = static_cast<int>(threadIdx.x) & 31;
+  for (int i = 0; i < 4; ++i) {
+    const uint16_t lo = rows[8 * i + 2 * (l % 4)][l / 4], hi = rows[8 * i + 2 * (l % 4) + 1][l / 4];
+    r[i] = static_cast<uint32_t>(lo) | static_cast<uint32_t>(hi) << 16;
+  }
+}
+// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32, fragments as the PTX ISA gives
+// them (lane 4 g + t; attention_prefill_device.cuh's mma_bf16). The products are exact;
+// they are summed with C in double and rounded once (the tensor cores' order and internal
+// width are their own: the test holds the result to the parity budget, not to bits).
+void gk_emu_mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  struct Frag {
+    uint32_t a[4], b0, b1;
+  };
+  Frag all[32];
+  warp_gather(Frag{{a[0], a[1], a[2], a[3]}, b0, b1}, all);
+  float A[16][16], B[16][8];
+  for (int g = 0; g < 8; ++g)
+    for (int t = 0; t < 4; ++t) {
+      const Frag& f = all[4 * g + t];
+      for (int e = 0; e < 2; ++e) {
+        A[g][2 * t + e] = bf16_half(f.a[0], e);
+        A[g + 8][2 * t + e] = bf16_half(f.a[1], e);
+        A[g][2 * t + 8 + e] = bf16_half(f.a[2], e);
+        A[g + 8][2 * t + 8 + e] = bf16_half(f.a[3], e);
+        B[2 * t + e][g] = bf16_half(f.b0, e);
+        B[2 * t + 8 + e][g] = bf16_half(f.b1, e);
+      }
+    }
+  const int l = static_cast<int>(threadIdx.x) & 31, g = l / 4, t = l % 4;
+  for (int i = 0; i < 4; ++i) {
+    const int row = g + 8 * (i / 2), col = 2 * t + i % 2;
+    double sum = d[i];
+    for (int k = 0; k < 16; ++k) sum += static_cast<double>(A[row][k]) * static_cast<double>(B[k][col]);
+    d[i] = static_cast<float>(sum);
+  }
+}
+// mma.sync.aligned.m8n8k4.row.col.f64.f64.f64.f64: lane 4 g + t holds A[g][t], B[t][g],
+// and D[g][2t], D[g][2t + 1]; fma in k order.
+void gk_emu_mma_f64(double (&d)[2], double a, double b) {
+  struct Frag {
+    double a, b;
+  };
+  Frag all[32];
+  warp_gather(Frag{a, b}, all);
+  const int l = static_cast<int>(threadIdx.x) & 31, g = l / 4, t = l % 4;
+  for (int i = 0; i < 2; ++i) {
+    const int n = 2 * t + i;
+    for (int k = 0; k < 4; ++k) d[i] = std::fma(all[4 * g + k].a, all[4 * n + k].b, d[i]);
+  }
+}
+
 float* gk_emu_smem() { return g_smem.data(); }
 void gk_emu_align(const void* p, int bytes, const char* what) {
   if (reinterpret_cast<uintptr_t>(p) % static_cast<uintptr_t>(bytes) != 0) {
@@ -624,6 +712,142 @@ TEST(CudaEmulation, DecodeAttentionMatchesTheTwinUnderItsPlans) {
   check_decode_attention("head_dim 16, group 1", 8, 8, 16, m16, 2, mixed, 512, 20, rng);
   // Two blocks of heads per kv head (group 12 > 8), and logits past the cap.
   check_decode_attention("group 12, capped", 12, 1, 128, 1.0f, 4, {{64, 50, 0, 49}, {300, 297, 5, 296}}, 300, 16, rng);
+}
+
+// ---- prefill attention -------------------------------------------------------------
+
+// A prompt's rows in a prefill case: `rows` query rows at positions pos0, pos0 + 1, ..,
+// all over one cache of `cap` positions holding keys [0, n) (the first `pad` padding,
+// and about a fifth of the rest invalid); consecutive rows of one prompt form a run.
+struct PrefillPrompt {
+  int64_t cap, n, pad;
+  int32_t pos0;
+  int64_t rows;
+};
+
+// The prefill attention's kernels (three passes, and the splits' combine where the plan
+// splits the keys) emulated under the plan of a device with `sms` SMs, against the CPU
+// twin row by row, within the parity harness's budget for attention (2 bf16 ulps +
+// 2^-6 max |v|, at most 1% of the elements not bit-equal): every output written.
+void check_prefill_attention(const std::string& what, int64_t Hq, int64_t KV, int64_t dh, float mult, int q_hi,
+                             const std::vector<PrefillPrompt>& prompts, int sms, Rng& rng, int want_splits) {
+  namespace at = grokit::kernels::cuda::attn;
+  SCOPED_TRACE(what);
+  std::vector<std::unique_ptr<PageBuf<uint16_t>>> ks, vs;
+  std::vector<std::unique_ptr<PageBuf<uint8_t>>> valid;
+  std::vector<GrokitAttnRow> rows;
+  std::vector<size_t> prompt_of;
+  int64_t max_keys = 0;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    const PrefillPrompt& pr = prompts[i];
+    const size_t elems = static_cast<size_t>(KV * pr.cap * dh);
+    ks.push_back(std::make_unique<PageBuf<uint16_t>>(elems, uint16_t{0x7fc1}));  // NaN past n
+    vs.push_back(std::make_unique<PageBuf<uint16_t>>(elems, uint16_t{0x7fc1}));
+    valid.push_back(std::make_unique<PageBuf<uint8_t>>(static_cast<size_t>(pr.cap), uint8_t{0}));
+    PageBuf<uint16_t>&k = *ks.back(), &v = *vs.back();
+    for (int64_t h = 0; h < KV; ++h)
+      for (int64_t j = 0; j < pr.n; ++j)
+        for (int64_t d = 0; d < dh; ++d) {
+          k[static_cast<size_t>((h * pr.cap + j) * dh + d)] = rng.bf16_bits(-4, 1);
+          v[static_cast<size_t>((h * pr.cap + j) * dh + d)] = rng.bf16_bits(-6, 2);
+        }
+    for (int64_t j = 0; j < pr.n; ++j)
+      (*valid.back())[static_cast<size_t>(j)] = j < pr.pad || rng.range(0, 4) == 0 ? 0 : 1;
+    for (int64_t r = 0; r < pr.rows; ++r) {
+      rows.push_back({k.data(), v.data(), valid.back()->data(), pr.cap, pr.n, static_cast<int32_t>(pr.pos0 + r), 1});
+      prompt_of.push_back(i);
+    }
+    max_keys = std::max(max_keys, pr.n);
+  }
+  const auto M = static_cast<int64_t>(rows.size());
+  const PageBuf<GrokitAttnRow> rd(rows);
+  const PageBuf<float> q(static_cast<size_t>(M * Hq * dh));
+  for (auto& x : q) x = rng.bf16_value(-4, q_hi);
+  std::vector<float> want(q.size());
+  const PageBuf<float> got(q.size(), std::nanf(""));
+  for (int64_t m = 0; m < M; ++m) {
+    const size_t i = prompt_of[static_cast<size_t>(m)];
+    const GrokitAttnRow& r = rows[static_cast<size_t>(m)];
+    const grokit::kernels::AttentionShape sh{Hq, KV, dh, r.cap, mult, 30.0f};
+    ASSERT_TRUE(grokit::kernels::attention(q.data() + m * Hq * dh, 1, &r.pos, ks[i]->data(), vs[i]->data(),
+                                           valid[i]->data(), r.n_keys, sh, want.data() + m * Hq * dh, nullptr)
+                    .ok());
+  }
+  const PageBuf<unsigned int> errors(2, 0);
+  const at::Args a{q.data(), got.data(), rd.data(), M, max_keys, static_cast<int>(Hq), static_cast<int>(KV),
+                   static_cast<int>(Hq / KV), static_cast<int>(dh), mult, 30.0f, errors.data()};
+  at::PrefillPlan p{};
+  ASSERT_TRUE(at::pf::plan(a, sms, &p));
+  EXPECT_EQ(p.nsplit, want_splits) << "the case meant to exercise " << want_splits << " splits";
+  const PageBuf<double> scratch(p.bytes / 8 + 1, std::nan(""));
+  auto* base = reinterpret_cast<unsigned char*>(scratch.data());
+  auto* stats = reinterpret_cast<float4*>(base + p.off_stats);
+  auto* part = reinterpret_cast<float*>(base + p.off_part);
+  const dim3 grid(static_cast<unsigned>(Hq), static_cast<unsigned>(p.tiles), static_cast<unsigned>(p.nsplit));
+  auto passes = [&](auto dhp) {
+    constexpr int D = decltype(dhp)::value;
+    using C = at::pf::Cfg<D>;
+    launch(grid, C::smem(false), [&] { at::pf::prefill_kernel<D, 0>(a, p, stats, part); }, at::pf::kThreads);
+    launch(grid, C::smem(false), [&] { at::pf::prefill_kernel<D, 1>(a, p, stats, part); }, at::pf::kThreads);
+    launch(grid, C::smem(true), [&] { at::pf::prefill_kernel<D, 2>(a, p, stats, part); }, at::pf::kThreads);
+  };
+  switch (p.dhp) {
+    case 64: passes(std::integral_constant<int, 64>{}); break;
+    case 128: passes(std::integral_constant<int, 128>{}); break;
+    default: passes(std::integral_constant<int, 256>{}); break;
+  }
+  if (p.nsplit > 1) {
+    const int64_t total = M * Hq * dh;
+    const dim3 cgrid(static_cast<unsigned>(std::min<int64_t>(4, (total + 255) / 256)), 1, 1);
+    launch(cgrid, 0, [&] { at::pf::combine_splits(part, total, static_cast<int>(dh), p.nsplit, got.data()); },
+           at::pf::kCombineThreads);
+  }
+  EXPECT_EQ(errors[0], 0u);
+  size_t differ = 0;
+  int bad = 0;
+  for (int64_t m = 0; m < M; ++m) {
+    const GrokitAttnRow& r = rows[static_cast<size_t>(m)];
+    const size_t pi = prompt_of[static_cast<size_t>(m)];
+    for (int64_t h = 0; h < Hq; ++h) {
+      // 2^-6 of the largest |v| of the row's keys (the budget's scale).
+      double vmax = 0;
+      const int64_t kvh = h / (Hq / KV);
+      for (int64_t j = 0; j < r.n_keys; ++j)
+        for (int64_t d = 0; d < dh; ++d)
+          vmax = std::max(vmax, std::fabs(double(grokit::bf16_bits_to_f32(
+                                    (*vs[pi])[static_cast<size_t>((kvh * r.cap + j) * dh + d)]))));
+      for (int64_t d = 0; d < dh; ++d) {
+        const size_t i = static_cast<size_t>((m * Hq + h) * dh + d);
+        if (std::memcmp(&got[i], &want[i], 4) == 0) continue;
+        ++differ;
+        const double allowed = 2 * std::ldexp(1.0, std::ilogb(std::max(std::fabs(double(want[i])), 1e-30)) - 7) +
+                               0x1p-6 * vmax;
+        if (!(std::fabs(double(got[i]) - double(want[i])) <= allowed) && bad++ < 5)
+          ADD_FAILURE() << "row " << m << " (pos " << r.pos << ") head " << h << " dim " << d << ": got " << got[i]
+                        << ", the twin " << want[i];
+      }
+    }
+  }
+  EXPECT_EQ(bad, 0);
+  EXPECT_LE(differ, want.size() / 100) << differ << " of " << want.size() << " not bit-equal (" << p.nsplit
+                                        << " splits of " << p.chunk << " keys, " << p.tiles << " tiles)";
+}
+
+TEST(CudaEmulation, PrefillAttentionMatchesTheTwin) {
+  Rng rng(61);
+  const float m128 = 0.08838834764831845f, m16 = 0.25f;
+  // A 70-row prompt (two tiles, the second of 6 rows) with 3 padding keys first, so its
+  // first rows see no valid key (uniform weights); Grok-1's head_dim and group of 6.
+  check_prefill_attention("one prompt", 6, 1, 128, m128, 2, {{80, 70, 3, 0, 70}}, 132, rng, 1);
+  // Two prompts in one tile (two runs), the second after a cached prefix of 40 keys, and
+  // few tiles on many SMs: the keys split.
+  check_prefill_attention("two runs, splits", 4, 2, 128, m128, 2, {{40, 30, 0, 0, 30}, {700, 690, 2, 40, 20}}, 132,
+                          rng, 3);
+  // head_dim 16 (padded to 64; odd dims: the 4-byte loads), and 20 (not a multiple of 8).
+  check_prefill_attention("head_dim 16", 4, 4, 16, m16, 2, {{50, 45, 0, 0, 45}}, 8, rng, 1);
+  check_prefill_attention("head_dim 20", 2, 1, 20, 0.22360679774997896f, 2, {{40, 33, 1, 0, 33}}, 8, rng, 1);
+  // head_dim 160 (padded to 256: tiles of 32 keys), logits past the cap.
+  check_prefill_attention("head_dim 160, capped", 2, 1, 160, 1.0f, 4, {{72, 70, 0, 0, 70}}, 8, rng, 1);
 }
 
 // ---- residual_norm and rope_store --------------------------------------------------
