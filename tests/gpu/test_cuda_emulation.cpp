@@ -612,6 +612,27 @@ TEST(CudaEmulation, RouterShapesGiveTheSameBitsAndTheTwinsExperts) {
 
 // ---- decode attention ------------------------------------------------------------
 
+// One sequence's cache for an attention case, in pages of its own (PageBuf): kv heads x
+// cap positions x dh keys and values, drawn for positions [0, n) and NaN past them; the
+// first `pad` keys invalid (padding), and about a fifth of the rest.
+struct AttnCache {
+  std::unique_ptr<PageBuf<uint16_t>> k, v;
+  std::unique_ptr<PageBuf<uint8_t>> valid;
+  AttnCache(int64_t KV, int64_t cap, int64_t n, int64_t pad, int64_t dh, Rng& rng)
+      : k(std::make_unique<PageBuf<uint16_t>>(static_cast<size_t>(KV * cap * dh), uint16_t{0x7fc1})),
+        v(std::make_unique<PageBuf<uint16_t>>(static_cast<size_t>(KV * cap * dh), uint16_t{0x7fc1})),
+        valid(std::make_unique<PageBuf<uint8_t>>(static_cast<size_t>(cap), uint8_t{0})) {
+    for (int64_t h = 0; h < KV; ++h)
+      for (int64_t j = 0; j < n; ++j)
+        for (int64_t d = 0; d < dh; ++d) {
+          (*k)[static_cast<size_t>((h * cap + j) * dh + d)] = rng.bf16_bits(-4, 1);
+          (*v)[static_cast<size_t>((h * cap + j) * dh + d)] = rng.bf16_bits(-6, 2);
+        }
+    for (int64_t j = 0; j < n; ++j) (*valid)[static_cast<size_t>(j)] = j < pad || rng.range(0, 4) == 0 ? 0 : 1;
+  }
+  std::vector<Region> regions() const { return {k->region(), v->region(), valid->region()}; }
+};
+
 // One row of a decode attention case: its own cache of `cap` positions, keys [0, n) in
 // it (the first `pad` of them padding), the query at `pos`.
 struct AttnRowCase {
@@ -628,26 +649,15 @@ void check_decode_attention(const std::string& what, int64_t Hq, int64_t KV, int
   SCOPED_TRACE(what);
   const auto M = static_cast<int64_t>(rows.size());
   // Every buffer guarded (launch): the caches, the rows, q, o, the scratch.
-  std::vector<std::unique_ptr<PageBuf<uint16_t>>> ks, vs;
-  std::vector<std::unique_ptr<PageBuf<uint8_t>>> valid;
+  std::vector<AttnCache> caches;
   const PageBuf<GrokitAttnRow> rd(rows.size());
   std::vector<Region> guard = {rd.region()};
   for (size_t i = 0; i < rows.size(); ++i) {
     const AttnRowCase& r = rows[i];
-    const size_t elems = static_cast<size_t>(KV * r.cap * dh);
-    ks.push_back(std::make_unique<PageBuf<uint16_t>>(elems, uint16_t{0x7fc1}));  // NaN past n
-    vs.push_back(std::make_unique<PageBuf<uint16_t>>(elems, uint16_t{0x7fc1}));
-    valid.push_back(std::make_unique<PageBuf<uint8_t>>(static_cast<size_t>(r.cap), uint8_t{0}));
-    PageBuf<uint16_t>&k = *ks.back(), &v = *vs.back();
-    for (int64_t h = 0; h < KV; ++h)
-      for (int64_t j = 0; j < r.n; ++j)
-        for (int64_t d = 0; d < dh; ++d) {
-          k[static_cast<size_t>((h * r.cap + j) * dh + d)] = rng.bf16_bits(-4, 1);
-          v[static_cast<size_t>((h * r.cap + j) * dh + d)] = rng.bf16_bits(-6, 2);
-        }
-    for (int64_t j = 0; j < r.n; ++j) (*valid.back())[static_cast<size_t>(j)] = j < r.pad || rng.range(0, 4) == 0 ? 0 : 1;
-    rd[i] = {k.data(), v.data(), valid.back()->data(), r.cap, r.n, r.pos, 1};
-    guard.insert(guard.end(), {k.region(), v.region(), valid.back()->region()});
+    const AttnCache& c = caches.emplace_back(KV, r.cap, r.n, r.pad, dh, rng);
+    rd[i] = {c.k->data(), c.v->data(), c.valid->data(), r.cap, r.n, r.pos, 1};
+    const std::vector<Region> more = c.regions();
+    guard.insert(guard.end(), more.begin(), more.end());
   }
   const PageBuf<float> q(static_cast<size_t>(M * Hq * dh));
   for (auto& x : q) x = rng.bf16_value(-4, q_hi);
@@ -656,8 +666,8 @@ void check_decode_attention(const std::string& what, int64_t Hq, int64_t KV, int
   for (int64_t m = 0; m < M; ++m) {
     const AttnRowCase& r = rows[static_cast<size_t>(m)];
     const grokit::kernels::AttentionShape sh{Hq, KV, dh, r.cap, mult, 30.0f};
-    ASSERT_TRUE(grokit::kernels::attention(q.data() + m * Hq * dh, 1, &r.pos, ks[static_cast<size_t>(m)]->data(),
-                                           vs[static_cast<size_t>(m)]->data(), valid[static_cast<size_t>(m)]->data(), r.n,
+    const AttnCache& c = caches[static_cast<size_t>(m)];
+    ASSERT_TRUE(grokit::kernels::attention(q.data() + m * Hq * dh, 1, &r.pos, c.k->data(), c.v->data(), c.valid->data(), r.n,
                                            sh, want.data() + m * Hq * dh, nullptr)
                     .ok());
   }
@@ -733,28 +743,15 @@ void check_prefill_attention(const std::string& what, int64_t Hq, int64_t KV, in
                              const std::vector<PrefillPrompt>& prompts, int sms, Rng& rng, int want_splits) {
   namespace at = grokit::kernels::cuda::attn;
   SCOPED_TRACE(what);
-  std::vector<std::unique_ptr<PageBuf<uint16_t>>> ks, vs;
-  std::vector<std::unique_ptr<PageBuf<uint8_t>>> valid;
+  std::vector<AttnCache> caches;
   std::vector<GrokitAttnRow> rows;
   std::vector<size_t> prompt_of;
   int64_t max_keys = 0;
   for (size_t i = 0; i < prompts.size(); ++i) {
     const PrefillPrompt& pr = prompts[i];
-    const size_t elems = static_cast<size_t>(KV * pr.cap * dh);
-    ks.push_back(std::make_unique<PageBuf<uint16_t>>(elems, uint16_t{0x7fc1}));  // NaN past n
-    vs.push_back(std::make_unique<PageBuf<uint16_t>>(elems, uint16_t{0x7fc1}));
-    valid.push_back(std::make_unique<PageBuf<uint8_t>>(static_cast<size_t>(pr.cap), uint8_t{0}));
-    PageBuf<uint16_t>&k = *ks.back(), &v = *vs.back();
-    for (int64_t h = 0; h < KV; ++h)
-      for (int64_t j = 0; j < pr.n; ++j)
-        for (int64_t d = 0; d < dh; ++d) {
-          k[static_cast<size_t>((h * pr.cap + j) * dh + d)] = rng.bf16_bits(-4, 1);
-          v[static_cast<size_t>((h * pr.cap + j) * dh + d)] = rng.bf16_bits(-6, 2);
-        }
-    for (int64_t j = 0; j < pr.n; ++j)
-      (*valid.back())[static_cast<size_t>(j)] = j < pr.pad || rng.range(0, 4) == 0 ? 0 : 1;
+    const AttnCache& c = caches.emplace_back(KV, pr.cap, pr.n, pr.pad, dh, rng);
     for (int64_t r = 0; r < pr.rows; ++r) {
-      rows.push_back({k.data(), v.data(), valid.back()->data(), pr.cap, pr.n, static_cast<int32_t>(pr.pos0 + r), 1});
+      rows.push_back({c.k->data(), c.v->data(), c.valid->data(), pr.cap, pr.n, static_cast<int32_t>(pr.pos0 + r), 1});
       prompt_of.push_back(i);
     }
     max_keys = std::max(max_keys, pr.n);
@@ -769,8 +766,8 @@ void check_prefill_attention(const std::string& what, int64_t Hq, int64_t KV, in
     const size_t i = prompt_of[static_cast<size_t>(m)];
     const GrokitAttnRow& r = rows[static_cast<size_t>(m)];
     const grokit::kernels::AttentionShape sh{Hq, KV, dh, r.cap, mult, 30.0f};
-    ASSERT_TRUE(grokit::kernels::attention(q.data() + m * Hq * dh, 1, &r.pos, ks[i]->data(), vs[i]->data(),
-                                           valid[i]->data(), r.n_keys, sh, want.data() + m * Hq * dh, nullptr)
+    ASSERT_TRUE(grokit::kernels::attention(q.data() + m * Hq * dh, 1, &r.pos, caches[i].k->data(), caches[i].v->data(),
+                                           caches[i].valid->data(), r.n_keys, sh, want.data() + m * Hq * dh, nullptr)
                     .ok());
   }
   const PageBuf<unsigned int> errors(2, 0);
@@ -815,7 +812,7 @@ void check_prefill_attention(const std::string& what, int64_t Hq, int64_t KV, in
       for (int64_t j = 0; j < r.n_keys; ++j)
         for (int64_t d = 0; d < dh; ++d)
           vmax = std::max(vmax, std::fabs(double(grokit::bf16_bits_to_f32(
-                                    (*vs[pi])[static_cast<size_t>((kvh * r.cap + j) * dh + d)]))));
+                                    (*caches[pi].v)[static_cast<size_t>((kvh * r.cap + j) * dh + d)]))));
       for (int64_t d = 0; d < dh; ++d) {
         const size_t i = static_cast<size_t>((m * Hq + h) * dh + d);
         if (std::memcmp(&got[i], &want[i], 4) == 0) continue;
