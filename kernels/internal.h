@@ -18,6 +18,12 @@ bool use_avx2();
 // for every value the forward pass meets: it flushes denormals, which no scale or
 // activation here is).
 bool use_avx512();
+// Whether the AVX-512 kernels form prefill's bf16 products (panels for 3+ rows of x) with
+// two fmas per pair of k (k + 1 first) instead of one vdpbf16ps: the same sums in the same
+// order. Decided once per process by timing both on this core: vdpbf16ps issues about
+// twice per cycle on Zen 5, but once per two cycles on the Xeons measured, where two fmas
+// take one. GROKIT_BF16_PRODUCTS=fma or =vdpbf16ps forces the choice.
+bool bf16_products_by_fma();
 
 inline float bf16f(uint16_t h) { return bf16_bits_to_f32(h); }
 

@@ -392,7 +392,7 @@ GROKIT_AVX512 void fma_rows_avx512(const float* x, int64_t M, int64_t ldx, const
 // The fp32-x twin of pairs_panels_avx512 (prefill's down projection): panels of 64 rows of
 // fp32 weights (each pair dequantized and bf16-rounded as fma_rows_avx512 does), then
 // blocks of up to 8 rows of x with acc = fma(x[k], w[k], acc) in k order in registers.
-template <int R, class F>
+template <int R, bool kPairOrder, class F>
 GROKIT_AVX512 inline void fma_panel_block(const float* x, int64_t ldx, const __m512 (*panel)[2], int64_t rows, F full,
                                           __mmask16 ml, __mmask16 mh, float* ap, int64_t acc_ld, bool first) {
   __m512 s[R][2];
@@ -400,18 +400,29 @@ GROKIT_AVX512 inline void fma_panel_block(const float* x, int64_t ldx, const __m
     s[r][0] = first ? _mm512_setzero_ps() : load_f32(ap + r * acc_ld, full, ml);
     s[r][1] = first ? _mm512_setzero_ps() : load_f32(ap + r * acc_ld + 16, full, mh);
   }
-  for (int64_t i = 0; i < rows; ++i) {
-    for (int r = 0; r < R; ++r) {
-      const __m512 xk = _mm512_set1_ps(x[r * ldx + i]);
-      s[r][0] = _mm512_fmadd_ps(xk, panel[i][0], s[r][0]);
-      s[r][1] = _mm512_fmadd_ps(xk, panel[i][1], s[r][1]);
-    }
+  auto add_row = [&](int r, int64_t i) GROKIT_AVX512_INLINE_LAMBDA {
+    const __m512 xk = _mm512_set1_ps(x[r * ldx + i]);
+    s[r][0] = _mm512_fmadd_ps(xk, panel[i][0], s[r][0]);
+    s[r][1] = _mm512_fmadd_ps(xk, panel[i][1], s[r][1]);
+  };
+  if constexpr (kPairOrder) {
+    // bf16 x: each pair (k, k + 1) as vdpbf16ps adds it, k + 1 first (a missing k + 1 adds
+    // nothing: a sum started at +0 is never -0, so skipping it changes no bit).
+    for (int64_t i = 0; i < rows; i += 2)
+      for (int r = 0; r < R; ++r) {
+        if (i + 1 < rows) add_row(r, i + 1);
+        add_row(r, i);
+      }
+  } else {
+    for (int64_t i = 0; i < rows; ++i)
+      for (int r = 0; r < R; ++r) add_row(r, i);
   }
   for (int r = 0; r < R; ++r) {
     store_f32(ap + r * acc_ld, s[r][0], full, ml);
     store_f32(ap + r * acc_ld + 16, s[r][1], full, mh);
   }
 }
+template <bool kPairOrder>
 GROKIT_AVX512 void fma_panels_avx512(const float* x, int64_t M, int64_t ldx, const int8_t* codes,
                                      const float* scale_table, int64_t N, int64_t rpb, int64_t k0, int64_t k1,
                                      int64_t c0, int64_t c1, float* acc, int64_t acc_ld) {
@@ -438,7 +449,7 @@ GROKIT_AVX512 void fma_panels_avx512(const float* x, int64_t M, int64_t ldx, con
       const float* xk = x + kb;
       float* ap = acc + (c - c0);
       for_row_blocks(M, [&](auto R, int64_t m) GROKIT_AVX512_INLINE_LAMBDA {
-        fma_panel_block<decltype(R)::value>(xk + m * ldx, ldx, panel, rows, full, ml, mh, ap + m * acc_ld, acc_ld,
+        fma_panel_block<decltype(R)::value, kPairOrder>(xk + m * ldx, ldx, panel, rows, full, ml, mh, ap + m * acc_ld, acc_ld,
                                             kb == k0);
       });
     }
@@ -455,7 +466,7 @@ GROKIT_AVX512 void fma_panels_avx512(const float* x, int64_t M, int64_t ldx, con
 // without the chains' sums ever being stored (at M = 1024 they were twice the L2).
 // Every chain has an even number of rows here (K = chains * sum_rows, sum_rows even).
 constexpr int kTreeDepth = 8;  // chains < 2^7
-template <bool kPairs, class F>
+template <bool kPairs, bool kFmaPairs, class F>
 GROKIT_AVX512 inline void tile_chains_body(const uint32_t* xpairs, int64_t kp, const float* x, int64_t ldx, int64_t M,
                                            int64_t K, const int8_t* codes, const float* scale_table, int64_t N,
                                            int64_t rpb, int64_t sr, int64_t c, F full, __mmask16 ml, __mmask16 mh,
@@ -469,17 +480,16 @@ GROKIT_AVX512 inline void tile_chains_body(const uint32_t* xpairs, int64_t kp, c
   const int64_t chains = K / sr, pairs_per_chain = sr / 2;
   alignas(64) float tree[kTreeDepth][8][32];
   int64_t size[kTreeDepth];
-  for (int64_t m0 = 0; m0 < M; m0 += 8) {
-    const int R = static_cast<int>(std::min<int64_t>(8, M - m0));
+  for_row_blocks(M, [&](auto rows, int64_t m0) GROKIT_AVX512_INLINE_LAMBDA {
+    constexpr int R = decltype(rows)::value;
     int depth = 0;
     for (int64_t ch = 0; ch < chains; ++ch) {
-      __m512 acc[8][2];
-      for (int r = 0; r < 8; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+      __m512 acc[R][2];
+      for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
       for (int64_t i = ch * pairs_per_chain; i < (ch + 1) * pairs_per_chain; ++i) {
-        if constexpr (kPairs) {
+        if constexpr (kPairs && !kFmaPairs) {
           const __m512bh lo = reinterpret_cast<__m512bh>(panel[i][0]), hi = reinterpret_cast<__m512bh>(panel[i][1]);
-          for (int r = 0; r < 8; ++r) {
-            if (r >= R) break;
+          for (int r = 0; r < R; ++r) {
             const __m512bh xb = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(xpairs[(m0 + r) * kp + i])));
             acc[r][0] = _mm512_dpbf16_ps(acc[r][0], lo, xb);
             acc[r][1] = _mm512_dpbf16_ps(acc[r][1], hi, xb);
@@ -489,12 +499,16 @@ GROKIT_AVX512 inline void tile_chains_body(const uint32_t* xpairs, int64_t kp, c
           const __m512 w0h = _mm512_castsi512_ps(_mm512_slli_epi32(panel[i][1], 16));
           const __m512 w1l = _mm512_castsi512_ps(_mm512_and_si512(panel[i][0], high_half));
           const __m512 w1h = _mm512_castsi512_ps(_mm512_and_si512(panel[i][1], high_half));
-          for (int r = 0; r < 8; ++r) {
-            if (r >= R) break;
+          for (int r = 0; r < R; ++r) {
             const float* xr = x + (m0 + r) * ldx + 2 * i;
             const __m512 xa = _mm512_set1_ps(xr[0]), xb = _mm512_set1_ps(xr[1]);
-            acc[r][0] = _mm512_fmadd_ps(xb, w1l, _mm512_fmadd_ps(xa, w0l, acc[r][0]));
-            acc[r][1] = _mm512_fmadd_ps(xb, w1h, _mm512_fmadd_ps(xa, w0h, acc[r][1]));
+            if constexpr (kPairs) {  // the pair order: k + 1, then k
+              acc[r][0] = _mm512_fmadd_ps(xa, w0l, _mm512_fmadd_ps(xb, w1l, acc[r][0]));
+              acc[r][1] = _mm512_fmadd_ps(xa, w0h, _mm512_fmadd_ps(xb, w1h, acc[r][1]));
+            } else {  // k order
+              acc[r][0] = _mm512_fmadd_ps(xb, w1l, _mm512_fmadd_ps(xa, w0l, acc[r][0]));
+              acc[r][1] = _mm512_fmadd_ps(xb, w1h, _mm512_fmadd_ps(xa, w0h, acc[r][1]));
+            }
           }
         }
       }
@@ -524,9 +538,9 @@ GROKIT_AVX512 inline void tile_chains_body(const uint32_t* xpairs, int64_t kp, c
       store_f32(y + (m0 + r) * ldy + c, _mm512_load_ps(tree[0][r]), full, ml);
       store_f32(y + (m0 + r) * ldy + c + 16, _mm512_load_ps(tree[0][r] + 16), full, mh);
     }
-  }
+  });
 }
-template <bool kPairs>
+template <bool kPairs, bool kFmaPairs>
 GROKIT_AVX512 void tile_chains_avx512(const uint32_t* xpairs, int64_t kp, const float* x, int64_t ldx, int64_t M,
                                       int64_t K, const int8_t* codes, const float* scale_table, int64_t N, int64_t rpb,
                                       int64_t sr, int64_t c, float* y, int64_t ldy, std::vector<float>& panel) {
@@ -534,7 +548,7 @@ GROKIT_AVX512 void tile_chains_avx512(const uint32_t* xpairs, int64_t kp, const 
   const uintptr_t at = (reinterpret_cast<uintptr_t>(panel.data()) + 63) & ~uintptr_t{63};
   auto* pp = reinterpret_cast<__m512i(*)[2]>(at);
   for_each_tile(c, std::min(N, c + 32), [&](auto full, int64_t cc, __mmask16 ml, __mmask16 mh) GROKIT_AVX512_INLINE_LAMBDA {
-    tile_chains_body<kPairs>(xpairs, kp, x, ldx, M, K, codes, scale_table, N, rpb, sr, cc, full, ml, mh, pp, y, ldy);
+    tile_chains_body<kPairs, kFmaPairs>(xpairs, kp, x, ldx, M, K, codes, scale_table, N, rpb, sr, cc, full, ml, mh, pp, y, ldy);
   });
 }
 
@@ -567,6 +581,9 @@ Status impl(const float* x, int64_t M, int64_t K, int64_t ldx, const Q8Operand* 
     }
   }
   if (kLevel == Level::kAvx512 && kPairs) stage_x_pairs(x, M, K, ldx, xpairs);
+  // Prefill's bf16 products (panels of 3+ rows of x) by two fmas where they beat one
+  // vdpbf16ps (detail::bf16_products_by_fma): the same sums in the same order.
+  const bool fma_pairs = kLevel == Level::kAvx512 && kPairs && M >= kPanelMinRows && bf16_products_by_fma();
   // One chain of operand p over rows [k0, k1) of columns [c0, c1) into out ([M][ld], c0
   // at out[0]): whole 32-column tiles by SIMD, the rest by the scalar twin.
   auto chain_part = [&](int64_t p, int64_t k0, int64_t k1, int64_t c0, int64_t c1, float* out, int64_t ld) {
@@ -582,10 +599,12 @@ Status impl(const float* x, int64_t M, int64_t K, int64_t ldx, const Q8Operand* 
       if constexpr (kLevel == Level::kAvx512) {
         // Row by row over the columns: sequential reads, the sums in L1.
         const float* table = scale_tables[static_cast<size_t>(p)].data();
-        if (kPairs && M >= kPanelMinRows)
+        if (kPairs && M >= kPanelMinRows && fma_pairs)
+          fma_panels_avx512<true>(x, M, ldx, codes, table, N, rpb, k0, k1, c0, vec_end, out, ld);
+        else if (kPairs && M >= kPanelMinRows)
           pairs_panels_avx512(xpairs.data(), M, kp, K, codes, table, N, rpb, k0, k1, c0, vec_end, out, ld);
         else if (kPairs) pairs_rows_avx512(xpairs.data(), M, kp, K, codes, table, N, rpb, k0, k1, c0, vec_end, out, ld);
-        else if (M >= kPanelMinRows) fma_panels_avx512(x, M, ldx, codes, table, N, rpb, k0, k1, c0, vec_end, out, ld);
+        else if (M >= kPanelMinRows) fma_panels_avx512<false>(x, M, ldx, codes, table, N, rpb, k0, k1, c0, vec_end, out, ld);
         else fma_rows_avx512(x, M, ldx, codes, table, N, rpb, k0, k1, c0, vec_end, out, ld);
       } else if constexpr (kLevel == Level::kAvx2) {
         for (int64_t b0 = k0; b0 < k1; b0 += kRowBlock) {
@@ -609,8 +628,13 @@ Status impl(const float* x, int64_t M, int64_t K, int64_t ldx, const Q8Operand* 
       const float* table = scale_tables[static_cast<size_t>(p)].data();
       for_each(pool, static_cast<size_t>((op.N + 31) / 32), [&](size_t t) {
         thread_local std::vector<float> panel;
-        tile_chains_avx512<kPairs>(xpairs.data(), kp, x, ldx, M, K, op.codes, table, op.N, K / op.blocks, sr,
-                                   static_cast<int64_t>(t) * 32, op.y, op.ldy, panel);
+        const int64_t c = static_cast<int64_t>(t) * 32;
+        if (kPairs && fma_pairs)
+          tile_chains_avx512<kPairs, true>(xpairs.data(), kp, x, ldx, M, K, op.codes, table, op.N, K / op.blocks, sr,
+                                           c, op.y, op.ldy, panel);
+        else
+          tile_chains_avx512<kPairs, false>(xpairs.data(), kp, x, ldx, M, K, op.codes, table, op.N, K / op.blocks, sr,
+                                            c, op.y, op.ldy, panel);
       });
     }
   }

@@ -2034,20 +2034,23 @@ TEST(KernelBatching, AttentionRowEqualsTheRowAlone) {
 // kernels are checked on machines that also have AVX-512 (and the other way round
 // nothing is lost: a forced level the CPU lacks falls back to a lower one).
 
-// Runs this binary with GROKIT_KERNELS=level (and no GTEST_* variables, so that an
-// output file of the parent is not overwritten) on `filter`; returns the wait status.
-int run_self(const std::string& level, const std::string& filter) {
+// Runs this binary with `setting` (NAME=value: GROKIT_KERNELS or GROKIT_BF16_PRODUCTS)
+// in place of the parent's, and no GTEST_* variables (so that an output file of the
+// parent is not overwritten), on `filter`; returns the wait status.
+int run_self(const std::string& setting, const std::string& filter) {
   std::vector<char> self(4096, '\0');
   ssize_t len = readlink("/proc/self/exe", self.data(), self.size() - 1);
   if (len <= 0) return -1;
   std::vector<std::string> env;
   for (char** e = environ; *e != nullptr; ++e) {
     std::string_view v(*e);
-    if (v.starts_with("GROKIT_KERNELS=") || v.starts_with("GTEST_")) continue;
+    if (v.starts_with("GROKIT_KERNELS=") || v.starts_with("GROKIT_BF16_PRODUCTS=") || v.starts_with("GTEST_"))
+      continue;
     env.emplace_back(v);
   }
-  env.push_back("GROKIT_KERNELS=" + level);
-  std::vector<std::string> args = {self.data(), "--gtest_filter=" + filter, "--gtest_brief=1"};
+  env.push_back(setting);
+  std::vector<std::string> args = {self.data(), "--gtest_filter=" + filter, "--gtest_also_run_disabled_tests",
+                                   "--gtest_brief=1"};
   std::vector<char*> argv, envp;
   for (auto& a : args) argv.push_back(a.data());
   argv.push_back(nullptr);
@@ -2063,11 +2066,33 @@ int run_self(const std::string& level, const std::string& filter) {
 TEST(KernelLevels, LowerLevelsMatchTheScalarTwinsInChildProcesses) {
   if (std::getenv("GROKIT_KERNELS") != nullptr) GTEST_SKIP() << "a child run (GROKIT_KERNELS is set)";
   for (const char* level : {"avx2", "scalar"}) {
-    int status = run_self(level, "Ops/KernelParity.*:KernelNumerics.*:KernelBatching.*:KernelLevels.ForcedLevelIsHonoured");
+    int status = run_self(std::string("GROKIT_KERNELS=") + level,
+                          "Ops/KernelParity.*:KernelNumerics.*:KernelBatching.*:KernelLevels.ForcedLevelIsHonoured");
     EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0)
         << "the kernel tests fail with GROKIT_KERNELS=" << level << " (wait status " << status
         << "); rerun with that variable to see which";
   }
+}
+
+// Prefill's bf16 products take one of two forms on AVX-512 (detail::bf16_products_by_fma,
+// chosen by timing): this process checks the one it chose, a child process the other.
+TEST(KernelLevels, TheOtherBf16ProductFormMatchesTheScalarTwinsInAChildProcess) {
+  if (std::getenv("GROKIT_KERNELS") != nullptr || std::getenv("GROKIT_BF16_PRODUCTS") != nullptr)
+    GTEST_SKIP() << "a child run";
+  if (!detail::use_avx512()) GTEST_SKIP() << "no AVX-512 BF16 here: the bf16 products have one form";
+  const std::string other = detail::bf16_products_by_fma() ? "vdpbf16ps" : "fma";
+  int status = run_self("GROKIT_BF16_PRODUCTS=" + other,
+                        "Ops/KernelParity.*matmul_q8*:KernelBatching.*:KernelLevelsChild.DISABLED_ForcedBf16FormIsHonoured");
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0)
+      << "the int8 products fail with GROKIT_BF16_PRODUCTS=" << other << " (wait status " << status
+      << "); rerun with that variable to see which";
+}
+
+// Run only by the test above, in its child (a plain run does not list it).
+TEST(KernelLevelsChild, DISABLED_ForcedBf16FormIsHonoured) {
+  const char* forced = std::getenv("GROKIT_BF16_PRODUCTS");
+  ASSERT_NE(forced, nullptr) << "run by TheOtherBf16ProductFormMatchesTheScalarTwinsInAChildProcess";
+  EXPECT_EQ(detail::bf16_products_by_fma(), std::string_view(forced) == "fma") << forced;
 }
 
 TEST(KernelLevels, ForcedLevelIsHonoured) {
