@@ -288,11 +288,14 @@ GROKIT_AVX512 void pairs_panels_avx512(const uint32_t* xpairs, int64_t M, int64_
                                        const int8_t* codes, const float* scale_table, int64_t N, int64_t rpb,
                                        int64_t k0, int64_t k1, int64_t c0, int64_t c1, float* acc, int64_t acc_ld) {
   alignas(64) __m512i panel[kPanelPairs][2];
-  for_each_tile(c0, c1, [&](auto full, int64_t c, __mmask16 ml, __mmask16 mh) GROKIT_AVX512_INLINE_LAMBDA {
-    for (int64_t kb = k0; kb < k1; kb += 2 * kPanelPairs) {
-      const int64_t ke = std::min(k1, kb + 2 * kPanelPairs), npairs = (ke - kb + 1) / 2;
-      // The panel walks down a column strip: the next strip's lines are requested a line
-      // ahead (two tiles share a line).
+  // A band of 64 rows at a time across the columns, so that x's slice of the band stays
+  // in cache while every tile uses it (x has M * K values: tiles walking all of K each
+  // streamed the whole of x once per tile, from memory for a long K).
+  for (int64_t kb = k0; kb < k1; kb += 2 * kPanelPairs) {
+    const int64_t ke = std::min(k1, kb + 2 * kPanelPairs), npairs = (ke - kb + 1) / 2;
+    for_each_tile(c0, c1, [&](auto full, int64_t c, __mmask16 ml, __mmask16 mh) GROKIT_AVX512_INLINE_LAMBDA {
+      // The next tiles' lines of the band are requested a line ahead (two tiles share a
+      // line).
       if (((c - c0) & 63) == 0 && c + 64 < c1)
         for (int64_t k = kb; k < ke; ++k) prefetch_line(reinterpret_cast<const char*>(codes + k * N + c + 64));
       for (int64_t i = 0; i < npairs; ++i) {
@@ -308,8 +311,8 @@ GROKIT_AVX512 void pairs_panels_avx512(const uint32_t* xpairs, int64_t M, int64_
         pairs_panel_block<decltype(R)::value>(xp + m * kp_stride, kp_stride, panel, npairs, full, ml, mh,
                                               ap + m * acc_ld, acc_ld, kb == k0);
       });
-    }
-  });
+    });
+  }
 }
 
 // fp32 activations, four rows at a time: each 32-column tile of a pair of rows is
@@ -428,9 +431,9 @@ GROKIT_AVX512 void fma_panels_avx512(const float* x, int64_t M, int64_t ldx, con
                                      int64_t c0, int64_t c1, float* acc, int64_t acc_ld) {
   const __m512i high_half = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
   alignas(64) __m512 panel[2 * kPanelPairs][2];
-  for_each_tile(c0, c1, [&](auto full, int64_t c, __mmask16 ml, __mmask16 mh) GROKIT_AVX512_INLINE_LAMBDA {
-    for (int64_t kb = k0; kb < k1; kb += 2 * kPanelPairs) {
-      const int64_t ke = std::min(k1, kb + 2 * kPanelPairs);
+  for (int64_t kb = k0; kb < k1; kb += 2 * kPanelPairs) {  // bands of rows, as pairs_panels_avx512
+    const int64_t ke = std::min(k1, kb + 2 * kPanelPairs);
+    for_each_tile(c0, c1, [&](auto full, int64_t c, __mmask16 ml, __mmask16 mh) GROKIT_AVX512_INLINE_LAMBDA {
       if (((c - c0) & 63) == 0 && c + 64 < c1)  // as pairs_panels_avx512
         for (int64_t k = kb; k < ke; ++k) prefetch_line(reinterpret_cast<const char*>(codes + k * N + c + 64));
       for (int64_t k = kb; k < ke; k += 2) {
@@ -452,8 +455,8 @@ GROKIT_AVX512 void fma_panels_avx512(const float* x, int64_t M, int64_t ldx, con
         fma_panel_block<decltype(R)::value, kPairOrder>(xk + m * ldx, ldx, panel, rows, full, ml, mh, ap + m * acc_ld, acc_ld,
                                             kb == k0);
       });
-    }
-  });
+    });
+  }
 }
 
 // Prefill with chains (3+ rows of x, more chains' sums than the decode plan keeps): one
