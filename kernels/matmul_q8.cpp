@@ -395,6 +395,7 @@ GROKIT_AVX512 void fma_rows_avx512(const float* x, int64_t M, int64_t ldx, const
 // The fp32-x twin of pairs_panels_avx512 (prefill's down projection): panels of 64 rows of
 // fp32 weights (each pair dequantized and bf16-rounded as fma_rows_avx512 does), then
 // blocks of up to 8 rows of x with acc = fma(x[k], w[k], acc) in k order in registers.
+// kPairOrder: bf16 x in vdpbf16ps's order (detail::bf16_products_by_fma).
 template <int R, bool kPairOrder, class F>
 GROKIT_AVX512 inline void fma_panel_block(const float* x, int64_t ldx, const __m512 (*panel)[2], int64_t rows, F full,
                                           __mmask16 ml, __mmask16 mh, float* ap, int64_t acc_ld, bool first) {
@@ -452,8 +453,8 @@ GROKIT_AVX512 void fma_panels_avx512(const float* x, int64_t M, int64_t ldx, con
       const float* xk = x + kb;
       float* ap = acc + (c - c0);
       for_row_blocks(M, [&](auto R, int64_t m) GROKIT_AVX512_INLINE_LAMBDA {
-        fma_panel_block<decltype(R)::value, kPairOrder>(xk + m * ldx, ldx, panel, rows, full, ml, mh, ap + m * acc_ld, acc_ld,
-                                            kb == k0);
+        fma_panel_block<decltype(R)::value, kPairOrder>(xk + m * ldx, ldx, panel, rows, full, ml, mh,
+                                                        ap + m * acc_ld, acc_ld, kb == k0);
       });
     });
   }
@@ -602,13 +603,16 @@ Status impl(const float* x, int64_t M, int64_t K, int64_t ldx, const Q8Operand* 
       if constexpr (kLevel == Level::kAvx512) {
         // Row by row over the columns: sequential reads, the sums in L1.
         const float* table = scale_tables[static_cast<size_t>(p)].data();
-        if (kPairs && M >= kPanelMinRows && fma_pairs)
+        if (fma_pairs)
           fma_panels_avx512<true>(x, M, ldx, codes, table, N, rpb, k0, k1, c0, vec_end, out, ld);
         else if (kPairs && M >= kPanelMinRows)
           pairs_panels_avx512(xpairs.data(), M, kp, K, codes, table, N, rpb, k0, k1, c0, vec_end, out, ld);
-        else if (kPairs) pairs_rows_avx512(xpairs.data(), M, kp, K, codes, table, N, rpb, k0, k1, c0, vec_end, out, ld);
-        else if (M >= kPanelMinRows) fma_panels_avx512<false>(x, M, ldx, codes, table, N, rpb, k0, k1, c0, vec_end, out, ld);
-        else fma_rows_avx512(x, M, ldx, codes, table, N, rpb, k0, k1, c0, vec_end, out, ld);
+        else if (kPairs)
+          pairs_rows_avx512(xpairs.data(), M, kp, K, codes, table, N, rpb, k0, k1, c0, vec_end, out, ld);
+        else if (M >= kPanelMinRows)
+          fma_panels_avx512<false>(x, M, ldx, codes, table, N, rpb, k0, k1, c0, vec_end, out, ld);
+        else
+          fma_rows_avx512(x, M, ldx, codes, table, N, rpb, k0, k1, c0, vec_end, out, ld);
       } else if constexpr (kLevel == Level::kAvx2) {
         for (int64_t b0 = k0; b0 < k1; b0 += kRowBlock) {
           const int64_t b1 = std::min(k1, b0 + kRowBlock);
@@ -632,9 +636,9 @@ Status impl(const float* x, int64_t M, int64_t K, int64_t ldx, const Q8Operand* 
       for_each(pool, static_cast<size_t>((op.N + 31) / 32), [&](size_t t) {
         thread_local std::vector<float> panel;
         const int64_t c = static_cast<int64_t>(t) * 32;
-        if (kPairs && fma_pairs)
-          tile_chains_avx512<kPairs, true>(xpairs.data(), kp, x, ldx, M, K, op.codes, table, op.N, K / op.blocks, sr,
-                                           c, op.y, op.ldy, panel);
+        if (fma_pairs)
+          tile_chains_avx512<kPairs, kPairs>(xpairs.data(), kp, x, ldx, M, K, op.codes, table, op.N, K / op.blocks, sr,
+                                             c, op.y, op.ldy, panel);
         else
           tile_chains_avx512<kPairs, false>(xpairs.data(), kp, x, ldx, M, K, op.codes, table, op.N, K / op.blocks, sr,
                                             c, op.y, op.ldy, panel);
