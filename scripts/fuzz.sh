@@ -4,6 +4,8 @@
 # .npy files of the dtypes and versions grokit reads.
 # Usage: scripts/fuzz.sh [SECONDS_PER_TARGET]   (default 600; CI runs 20)
 # Crashes are written to build-fuzz/crashes/<target>/ and make the script fail.
+# GROKIT_SEED_CONVERTER: a grokit binary already built (CI passes build/bin/grokit) to
+# convert the seeds with; otherwise grokit is built here too, instrumented.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECONDS_PER_TARGET=${1:-600}
@@ -12,9 +14,15 @@ if [ ! -f "$B/build.ninja" ]; then
   CC=clang CXX=clang++ cmake -S . -B "$B" -G Ninja -DGROKIT_FUZZ=ON -DGROKIT_CUDA=OFF \
     -DGROKIT_BUILD_TESTS=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
 fi
-cmake --build "$B" -j "$(nproc)" --target fuzz_pickle fuzz_shard fuzz_manifest fuzz_npy grokit >/dev/null
+CONVERTER=${GROKIT_SEED_CONVERTER:-}
+if [ -z "$CONVERTER" ]; then
+  cmake --build "$B" -j "$(nproc)" --target fuzz_pickle fuzz_shard fuzz_manifest fuzz_npy grokit >/dev/null
+  CONVERTER=$B/bin/grokit
+else
+  cmake --build "$B" -j "$(nproc)" --target fuzz_pickle fuzz_shard fuzz_manifest fuzz_npy >/dev/null
+fi
 
-# Seeds: a small checkpoint, converted at TP 1 and 2 (the grokit built here is instrumented too).
+# Seeds: a small checkpoint, converted at TP 1 and 2.
 SEEDS=$B/seeds
 if [ ! -d "$SEEDS/npy" ]; then
   rm -rf "$SEEDS"
@@ -22,7 +30,7 @@ if [ ! -d "$SEEDS/npy" ]; then
   python3 scripts/make_checkpoint.py "$SEEDS/ck" --vocab 32 --emb 16 --layers 1 --q-heads 2 \
     --kv-heads 2 --key-size 8 --experts 2 --selected 1 --widening-factor 6 --force >/dev/null 2>&1
   for tp in 1 2; do
-    "$B/bin/grokit" convert "$SEEDS/ck/ckpt-0" "$SEEDS/m$tp" --tp $tp --no-progress 2>/dev/null
+    "$CONVERTER" convert "$SEEDS/ck/ckpt-0" "$SEEDS/m$tp" --tp $tp --no-progress 2>/dev/null
     cp "$SEEDS/m$tp/manifest.json" "$SEEDS/manifest/tp$tp.json"
     for f in "$SEEDS/m$tp"/shard-*.gkt; do cp "$f" "$SEEDS/shard/tp$tp-$(basename "$f")"; done
   done
