@@ -24,7 +24,8 @@ int cmd_quantize(int argc, char** argv) {
       ("override", "PATTERN=SCHEME for the weights whose names match the glob, e.g. 'layer.*.attn.*=int8' "
        "(repeatable; the first match wins) (default: none)", cxxopts::value<std::vector<std::string>>())
       ("tp", "tensor-parallel degree of the output (0: the input's)", cxxopts::value<int>()->default_value("0"))
-      ("threads", "tensors quantized at once", cxxopts::value<unsigned>()->default_value("2"))
+      ("threads", "worker threads, default every core (each tensor is spread over them; the output does not "
+       "depend on the count)", cxxopts::value<unsigned>()->default_value(std::to_string(hardware_threads())))
       ("json", "print the report as JSON instead of a table (default: off)",
        cxxopts::value<bool>()->default_value("false")->implicit_value("true"))
       ("force", "replace a grokit model in <out dir> (default: off)",

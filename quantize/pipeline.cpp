@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <functional>
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <thread>
@@ -278,7 +279,16 @@ class Quantizer {
  private:
   Status prepare_output();
   Status remove_state_dir();
+  // One item's output: payload bytes, their error stats, and the input bytes they cover.
+  struct ItemOut {
+    std::vector<uint8_t> bytes;
+    ErrorStats stats;
+    uint64_t input_bytes = 0;
+  };
   Status process(size_t t, uint8_t* staging, size_t staging_bytes);
+  Status ordered(size_t n, size_t item_bytes, const std::function<void(size_t, ItemOut&)>& compute,
+                 format::PayloadWriter& w, ErrorStats& st);
+  void parallel_items(size_t n, const std::function<void(size_t)>& fn) { pool_->run(n, fn); }
   Status write_weight(size_t t, size_t r, format::PayloadWriter& w, ErrorStats& st);
   Status write_plain(size_t t, size_t r, format::PayloadWriter& w);
 
@@ -292,7 +302,17 @@ class Quantizer {
   std::vector<std::vector<uint64_t>> sums_;  // [rank][tensor]
   QuantizeReport report_;
   std::unique_ptr<Progress> progress_;
+  std::unique_ptr<ThreadPool> pool_;
 };
+
+// A per-thread scratch buffer (slot 0..2) of at least n elements of T.
+template <class T>
+T* scratch(int slot, size_t n) {
+  thread_local std::vector<T> buffers[3];
+  std::vector<T>& b = buffers[slot];
+  if (b.size() < n) b.resize(n);
+  return b.data();
+}
 
 Status Quantizer::remove_state_dir() { return remove_directory_files(state_dir_); }
 
@@ -319,6 +339,39 @@ Status Quantizer::prepare_output() {
 }
 
 // A weight matrix's payload for output rank r, in the order its layout stores it.
+// Items [0, n) of one payload: compute(i, out) runs on the pool, and the items' bytes are
+// appended (and their stats merged) in item order by one thread at a time, so the
+// payload, its checksum and the report do not depend on the thread count. While one
+// window of items is computed, the previous window is appended by whichever thread takes
+// that task first. Memory: two windows of item outputs.
+Status Quantizer::ordered(size_t n, size_t item_bytes, const std::function<void(size_t, ItemOut&)>& compute,
+                          format::PayloadWriter& w, ErrorStats& st) {
+  const size_t threads = pool_->size();
+  const size_t window = std::clamp<size_t>((256u << 20) / (2 * std::max<size_t>(item_bytes, 1)), threads, 4 * threads);
+  std::vector<ItemOut> slots(2 * window);
+  Status status;
+  for (size_t w0 = 0; w0 < n + window && status.ok(); w0 += window) {
+    const size_t count = w0 < n ? std::min(window, n - w0) : 0;
+    pool_->run(count + 1, [&](size_t task) {
+      if (task == 0) {
+        for (size_t i = w0 >= window ? w0 - window : w0; i < std::min(w0, n) && status.ok(); ++i) {
+          ItemOut& o = slots[i % slots.size()];
+          status = w.append(o.bytes.data(), o.bytes.size());
+          st.merge(o.stats);
+          progress_->add(o.input_bytes);
+        }
+        return;
+      }
+      ItemOut& o = slots[(w0 + task - 1) % slots.size()];
+      o.bytes.clear();
+      o.stats = ErrorStats{};
+      o.input_bytes = 0;
+      compute(w0 + task - 1, o);
+    });
+  }
+  return status;
+}
+
 Status Quantizer::write_weight(size_t t, size_t r, format::PayloadWriter& w, ErrorStats& st) {
   const InputTensor& in = inputs_[t];
   const TensorSpec& spec = plan_.specs[t];
@@ -330,27 +383,37 @@ Status Quantizer::write_weight(size_t t, size_t r, format::PayloadWriter& w, Err
   const bool row_split = sl.axis == static_cast<int32_t>(nd) - 2, col_split = sl.axis == static_cast<int32_t>(nd) - 1;
   const int64_t k_begin = row_split ? sl.start : 0, k_end = row_split ? sl.start + sl.length : K;
   const int64_t c0 = col_split ? sl.start : 0, c1 = col_split ? sl.start + sl.length : N, width = c1 - c0;
+  const int64_t rows = k_end - k_begin;
   const Scheme sc = plan_.schemes[t];
-  std::vector<int8_t> codes(static_cast<size_t>(kRowBlock * width));
-  std::vector<uint16_t> scales(static_cast<size_t>(B * width));
-  auto load_scales = [&](int64_t e) {
-    for (int64_t b = 0; b < B; ++b) in.scales(e, b, c0, c1, scales.data() + b * width);
+  // Expert e's scale rows, columns [a, b), into a per-thread buffer.
+  auto expert_scales = [&](int64_t e, int64_t a, int64_t b) {
+    uint16_t* p = scratch<uint16_t>(1, static_cast<size_t>(B * (b - a)));
+    for (int64_t bl = 0; bl < B; ++bl) in.scales(e, bl, a, b, p + bl * (b - a));
+    return p;
   };
-  auto source = [&](int64_t k0, int64_t rows) {
-    return Int8Source{codes.data(), scales.data(), rows, width, width, B, k0, K};
+  // Items of kRowBlock rows of the rank's rows, expert after expert.
+  const int64_t blocks_per_expert = (rows + kRowBlock - 1) / kRowBlock;
+  auto row_block = [&](size_t i, int64_t* e, int64_t* k0, int64_t* k1) {
+    *e = static_cast<int64_t>(i) / blocks_per_expert;
+    *k0 = k_begin + (static_cast<int64_t>(i) % blocks_per_expert) * kRowBlock;
+    *k1 = std::min(k_end, *k0 + kRowBlock);
   };
+  const size_t row_items = static_cast<size_t>(E * blocks_per_expert);
   switch (sc) {
     case Scheme::kInt8: {
       // The release's codes and scales, bit for bit: codes of every expert, pad, scales.
-      for (int64_t e = 0; e < E; ++e) {
-        for (int64_t k0 = k_begin; k0 < k_end; k0 += kRowBlock) {
-          int64_t k1 = std::min(k_end, k0 + kRowBlock);
-          in.codes(e, k0, k1, c0, c1, codes.data());
-          GROKIT_TRY(w.append(codes.data(), static_cast<size_t>((k1 - k0) * width)));
-          progress_->add(static_cast<uint64_t>((k1 - k0) * width));
-        }
-      }
+      GROKIT_TRY(ordered(
+          row_items, static_cast<size_t>(kRowBlock * width),
+          [&](size_t i, ItemOut& o) {
+            int64_t e, k0, k1;
+            row_block(i, &e, &k0, &k1);
+            o.bytes.resize(static_cast<size_t>((k1 - k0) * width));
+            in.codes(e, k0, k1, c0, c1, reinterpret_cast<int8_t*>(o.bytes.data()));
+            o.input_bytes = o.bytes.size();
+          },
+          w, st));
       GROKIT_TRY(w.zeros(format::q8_scales_offset(en.shape) - w.written()));
+      std::vector<uint16_t> scales(static_cast<size_t>(width));
       for (int64_t e = 0; e < E; ++e) {
         for (uint32_t b = 0; b < sl.blocks; ++b) {
           in.scales(e, sl.block_start + b, c0, c1, scales.data());
@@ -360,64 +423,74 @@ Status Quantizer::write_weight(size_t t, size_t r, format::PayloadWriter& w, Err
       return {};
     }
     case Scheme::kInt4: {
-      const int64_t G = o_.group_size;
-      std::vector<uint8_t> out(format::q4g_group_bytes(G, width));
-      std::vector<int8_t> group_codes(static_cast<size_t>(G * width));
-      for (int64_t e = 0; e < E; ++e) {
-        load_scales(e);
-        for (int64_t k0 = k_begin; k0 < k_end; k0 += G) {
-          in.codes(e, k0, k0 + G, c0, c1, group_codes.data());
-          Int8Source s{group_codes.data(), scales.data(), G, width, width, B, k0, K};
-          quantize_q4g(s, G, o_.search, out.data(), &st);
-          GROKIT_TRY(w.append(out.data(), out.size()));
-          progress_->add(static_cast<uint64_t>(G * width));
-        }
-      }
-      return {};
+      // One item per group of rows (plan_ checked that G divides the rank's rows).
+      const int64_t G = o_.group_size, groups = rows / G;
+      const size_t gbytes = format::q4g_group_bytes(G, width);
+      return ordered(
+          static_cast<size_t>(E * groups), gbytes,
+          [&](size_t i, ItemOut& o) {
+            const int64_t e = static_cast<int64_t>(i) / groups, k0 = k_begin + (static_cast<int64_t>(i) % groups) * G;
+            int8_t* codes = scratch<int8_t>(0, static_cast<size_t>(G * width));
+            in.codes(e, k0, k0 + G, c0, c1, codes);
+            Int8Source s{codes, expert_scales(e, c0, c1), G, width, width, B, k0, K};
+            o.bytes.resize(gbytes);
+            quantize_q4g(s, G, o_.search, o.bytes.data(), &o.stats);
+            o.input_bytes = static_cast<uint64_t>(G * width);
+          },
+          w, st);
     }
     case Scheme::kFp8: {
-      // Column scales over all K rows (every rank of a row split holds the same ones).
-      std::vector<float> absmax(static_cast<size_t>(width));
-      std::vector<uint16_t> col_scales(static_cast<size_t>(width));
-      const int64_t pad = static_cast<int64_t>(format::f8col_matrix_bytes(32, width)) - 32 * width;
-      std::vector<uint8_t> out(static_cast<size_t>(32 * kRowBlock / 32 * width + pad));
-      for (int64_t e = 0; e < E; ++e) {
-        load_scales(e);
-        std::fill(absmax.begin(), absmax.end(), 0.0f);
+      // Column scales over all K rows of each expert (every rank of a row split holds the
+      // same ones), one item per expert and window of columns.
+      constexpr int64_t kColumns = 1024;
+      const int64_t windows = (width + kColumns - 1) / kColumns;
+      std::vector<uint16_t> col_scales(static_cast<size_t>(E * width));
+      parallel_items(static_cast<size_t>(E * windows), [&](size_t i) {
+        const int64_t e = static_cast<int64_t>(i) / windows, a = c0 + (static_cast<int64_t>(i) % windows) * kColumns;
+        const int64_t b = std::min(c1, a + kColumns);
+        float* absmax = scratch<float>(2, static_cast<size_t>(b - a));
+        std::fill(absmax, absmax + (b - a), 0.0f);
+        const uint16_t* scales = expert_scales(e, a, b);
+        int8_t* codes = scratch<int8_t>(0, static_cast<size_t>(kRowBlock * (b - a)));
         for (int64_t k0 = 0; k0 < K; k0 += kRowBlock) {
-          int64_t k1 = std::min(K, k0 + kRowBlock);
-          in.codes(e, k0, k1, c0, c1, codes.data());
-          column_absmax(source(k0, k1 - k0), absmax.data());
+          const int64_t k1 = std::min(K, k0 + kRowBlock);
+          in.codes(e, k0, k1, a, b, codes);
+          column_absmax(Int8Source{codes, scales, k1 - k0, b - a, b - a, B, k0, K}, absmax);
         }
-        f8_column_scales(absmax.data(), width, col_scales.data());
-        std::vector<uint8_t> tail;
-        for (int64_t k0 = k_begin; k0 < k_end; k0 += kRowBlock) {
-          int64_t k1 = std::min(k_end, k0 + kRowBlock);
-          in.codes(e, k0, k1, c0, c1, codes.data());
-          quantize_f8col(source(k0, k1 - k0), col_scales.data(), out.data(), &st);
-          const size_t code_bytes = static_cast<size_t>((k1 - k0) * width);
-          GROKIT_TRY(w.append(out.data(), code_bytes));  // the codes; the scales go last
-          tail.assign(out.begin() + static_cast<std::ptrdiff_t>(code_bytes),
-                      out.begin() + static_cast<std::ptrdiff_t>(code_bytes + static_cast<size_t>(pad)));
-          progress_->add(code_bytes);
-        }
-        GROKIT_TRY(w.append(tail.data(), tail.size()));
-      }
-      return {};
+        f8_column_scales(absmax, b - a, col_scales.data() + e * width + (a - c0));
+      });
+      const size_t tail = format::f8col_matrix_bytes(32, width) - static_cast<size_t>(32 * width);
+      return ordered(
+          row_items, static_cast<size_t>(kRowBlock * width),
+          [&](size_t i, ItemOut& o) {
+            int64_t e, k0, k1;
+            row_block(i, &e, &k0, &k1);
+            int8_t* codes = scratch<int8_t>(0, static_cast<size_t>((k1 - k0) * width));
+            in.codes(e, k0, k1, c0, c1, codes);
+            const size_t code_bytes = static_cast<size_t>((k1 - k0) * width);
+            o.bytes.resize(code_bytes + tail);
+            Int8Source s{codes, expert_scales(e, c0, c1), k1 - k0, width, width, B, k0, K};
+            quantize_f8col(s, col_scales.data() + e * width, o.bytes.data(), &o.stats);
+            // The codes; the column scales (with their padding) follow the expert's last block.
+            if (k1 != k_end) o.bytes.resize(code_bytes);
+            o.input_bytes = code_bytes;
+          },
+          w, st);
     }
     case Scheme::kBf16: {
-      std::vector<uint16_t> out(static_cast<size_t>(kRowBlock * width));
-      for (int64_t e = 0; e < E; ++e) {
-        load_scales(e);
-        for (int64_t k0 = k_begin; k0 < k_end; k0 += kRowBlock) {
-          int64_t k1 = std::min(k_end, k0 + kRowBlock);
-          in.codes(e, k0, k1, c0, c1, codes.data());
-          dequantize_bf16(source(k0, k1 - k0), out.data(), &st);
-          GROKIT_TRY(w.append(out.data(), sizeof(uint16_t) * static_cast<size_t>((k1 - k0) * width)));
-          progress_->add(static_cast<uint64_t>((k1 - k0) * width));
-        }
-      }
-      return {};
+      return ordered(
+          row_items, static_cast<size_t>(2 * kRowBlock * width),
+          [&](size_t i, ItemOut& o) {
+            int64_t e, k0, k1;
+            row_block(i, &e, &k0, &k1);
+            int8_t* codes = scratch<int8_t>(0, static_cast<size_t>((k1 - k0) * width));
+            in.codes(e, k0, k1, c0, c1, codes);
+            o.bytes.resize(static_cast<size_t>(2 * (k1 - k0) * width));
+            Int8Source s{codes, expert_scales(e, c0, c1), k1 - k0, width, width, B, k0, K};
+            dequantize_bf16(s, reinterpret_cast<uint16_t*>(o.bytes.data()), &o.stats);
+            o.input_bytes = static_cast<uint64_t>((k1 - k0) * width);
+          },
+          w, st);
     }
   }
   return {};
@@ -546,25 +619,18 @@ Result<QuantizeReport> Quantizer::run() {
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
     }
   });
-  std::mutex mu;
+  // Tensors one after another, each spread over the pool (ordered()), so that a model
+  // of a few large matrices keeps every thread busy.
+  pool_ = std::make_unique<ThreadPool>(std::max(1u, o_.threads));
   std::optional<Error> first;
-  std::atomic<size_t> next{0};
-  const size_t staging_bytes = 8u << 20;
-  std::vector<std::thread> pool;
-  for (unsigned w = 0; w < std::max(1u, o_.threads); ++w) {
-    pool.emplace_back([&] {
-      std::vector<uint8_t> staging(staging_bytes);
-      for (size_t t = next.fetch_add(1); t < plan_.specs.size(); t = next.fetch_add(1)) {
-        Status s = process(t, staging.data(), staging.size());
-        if (!s.ok()) {
-          std::lock_guard<std::mutex> lock(mu);
-          if (!first) first = s.take_error();
-          next.store(plan_.specs.size());
-        }
-      }
-    });
+  {
+    std::vector<uint8_t> staging(8u << 20);
+    for (size_t t = 0; t < plan_.specs.size() && !first; ++t) {
+      Status s = process(t, staging.data(), staging.size());
+      if (!s.ok()) first = s.take_error();
+    }
   }
-  for (auto& th : pool) th.join();
+  pool_.reset();
   progress_->finish();
   sampling.store(false);
   sampler.join();

@@ -224,12 +224,20 @@ class Quantize(unittest.TestCase):
         self.assertIn("refusing to overwrite", p.stderr)
 
     def test_deterministic(self):
-        a, _ = self.quantize("q-det-a", "--scheme", "int4", "--group-size", "32", "--threads", "1")
-        b, _ = self.quantize("q-det-b", "--scheme", "int4", "--group-size", "32", "--threads", "2")
-        for f in sorted(os.listdir(a)):
-            with open(os.path.join(a, f), "rb") as x, open(os.path.join(b, f), "rb") as y:
-                self.assertEqual(x.read(), y.read(), f)
+        # Each tensor is spread over the threads in windows of items (2 to 4 per thread):
+        # the bytes and every reported statistic must not depend on how many there are.
+        def strip(report):
+            return [{k: v for k, v in t.items()} for t in report["tensors"]]
 
+        for scheme, flags, threads in (("int4", ("--group-size", "32"), (1, 2, 5)), ("fp8", (), (1, 3)),
+                                       ("bf16", (), (1, 3))):
+            runs = [self.quantize(f"q-det-{scheme}-{n}", "--scheme", scheme, *flags, "--threads", n) for n in threads]
+            (a, ra) = runs[0]
+            for b, rb in runs[1:]:
+                self.assertEqual(strip(ra), strip(rb), (scheme, b))
+                for f in sorted(os.listdir(a)):
+                    with open(os.path.join(a, f), "rb") as x, open(os.path.join(b, f), "rb") as y:
+                        self.assertEqual(x.read(), y.read(), (scheme, b, f))
 
 if __name__ == "__main__":
     unittest.main()
