@@ -70,7 +70,8 @@ bool glob_match(std::string_view p, std::string_view s) {
 namespace {
 
 constexpr const char* kStateDir = ".grokit-quantize";
-constexpr int64_t kRowBlock = 256;  // rows of a matrix handled at a time (bounded memory)
+constexpr int64_t kRowBlock = 256;       // rows of a matrix handled at a time (bounded memory)
+constexpr int64_t kItemBytes = 1 << 20;  // int8 bytes per row-block item, about (see ordered())
 
 // ---------------------------------------------------------------------------------
 // One logical tensor of the input, spread over its ranks: gathers any region of it.
@@ -391,19 +392,21 @@ Status Quantizer::write_weight(size_t t, size_t r, format::PayloadWriter& w, Err
     for (int64_t bl = 0; bl < B; ++bl) in.scales(e, bl, a, b, p + bl * (b - a));
     return p;
   };
-  // Items of kRowBlock rows of the rank's rows, expert after expert.
-  const int64_t blocks_per_expert = (rows + kRowBlock - 1) / kRowBlock;
+  // Items of the rank's rows, expert after expert: 32 to 256 rows (a multiple of 32, as
+  // f8col needs), about kItemBytes of codes, so that many threads' windows stay small.
+  const int64_t item_rows = std::clamp<int64_t>(kItemBytes / std::max<int64_t>(width, 1) / 32 * 32, 32, kRowBlock);
+  const int64_t blocks_per_expert = (rows + item_rows - 1) / item_rows;
   auto row_block = [&](size_t i, int64_t* e, int64_t* k0, int64_t* k1) {
     *e = static_cast<int64_t>(i) / blocks_per_expert;
-    *k0 = k_begin + (static_cast<int64_t>(i) % blocks_per_expert) * kRowBlock;
-    *k1 = std::min(k_end, *k0 + kRowBlock);
+    *k0 = k_begin + (static_cast<int64_t>(i) % blocks_per_expert) * item_rows;
+    *k1 = std::min(k_end, *k0 + item_rows);
   };
   const size_t row_items = static_cast<size_t>(E * blocks_per_expert);
   switch (sc) {
     case Scheme::kInt8: {
       // The release's codes and scales, bit for bit: codes of every expert, pad, scales.
       GROKIT_TRY(ordered(
-          row_items, static_cast<size_t>(kRowBlock * width),
+          row_items, static_cast<size_t>(item_rows * width),
           [&](size_t i, ItemOut& o) {
             int64_t e, k0, k1;
             row_block(i, &e, &k0, &k1);
@@ -461,7 +464,7 @@ Status Quantizer::write_weight(size_t t, size_t r, format::PayloadWriter& w, Err
       });
       const size_t tail = format::f8col_matrix_bytes(32, width) - static_cast<size_t>(32 * width);
       return ordered(
-          row_items, static_cast<size_t>(kRowBlock * width),
+          row_items, static_cast<size_t>(item_rows * width),
           [&](size_t i, ItemOut& o) {
             int64_t e, k0, k1;
             row_block(i, &e, &k0, &k1);
@@ -479,7 +482,7 @@ Status Quantizer::write_weight(size_t t, size_t r, format::PayloadWriter& w, Err
     }
     case Scheme::kBf16: {
       return ordered(
-          row_items, static_cast<size_t>(2 * kRowBlock * width),
+          row_items, static_cast<size_t>(2 * item_rows * width),
           [&](size_t i, ItemOut& o) {
             int64_t e, k0, k1;
             row_block(i, &e, &k0, &k1);
