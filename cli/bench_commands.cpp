@@ -13,6 +13,7 @@
 
 #include "cli/cli.h"
 #include "format/format.h"
+#include "kernels/kernels.h"
 #include "runner/runner.h"
 
 namespace grokit::cli {
@@ -261,8 +262,10 @@ int cmd_bench(int argc, char** argv) {
                 all_times.size(), steps_total / static_cast<double>(all_times.size()) * 1e3);
     print_profile(stdout, eng.profile(), static_cast<double>(all_times.size()), "ms");
   }
-  std::fprintf(stderr, "%s: %.2f tok/s, roofline %.2f, kernels %s\n", prog, 1.0 / median, ratio,
-               std::getenv("GROKIT_KERNELS") ? std::getenv("GROKIT_KERNELS") : "auto");
+  const bool pair_form = eo.device == "cpu" && *kernels::cpu_bf16_pair_form() != 0;
+  std::fprintf(stderr, "%s: %.2f tok/s, roofline %.2f, kernels %s%s%s%s\n", prog, 1.0 / median, ratio,
+               kernels::cpu_kernel_path(), pair_form ? " (bf16 pairs by " : "",
+               pair_form ? kernels::cpu_bf16_pair_form() : "", pair_form ? ")" : "");
   return kExitOk;
 }
 

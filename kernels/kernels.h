@@ -27,6 +27,10 @@ using Pool = ThreadPool*;
 // Which SIMD path the dispatching ops use ("avx2" or "scalar"); GROKIT_KERNELS=scalar
 // in the environment forces the scalar twins.
 const char* cpu_kernel_path();
+// How the AVX-512 products of 3+ rows of bf16 x add each pair of terms, "vdpbf16ps" or
+// "fma" (the same sums in the same order; timed once per process, the faster one on this
+// core; GROKIT_BF16_PRODUCTS=fma|vdpbf16ps forces one); "" on other paths.
+const char* cpu_bf16_pair_form();
 
 // ---------------------------------------------------------------------------------
 // Matrix products accumulate in fp32 in a pinned order, the order of the AVX-512 bf16

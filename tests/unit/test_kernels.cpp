@@ -2093,6 +2093,7 @@ TEST(KernelLevelsChild, DISABLED_ForcedBf16FormIsHonoured) {
   const char* forced = std::getenv("GROKIT_BF16_PRODUCTS");
   ASSERT_NE(forced, nullptr) << "run by TheOtherBf16ProductFormMatchesTheScalarTwinsInAChildProcess";
   EXPECT_EQ(detail::bf16_products_by_fma(), std::string_view(forced) == "fma") << forced;
+  EXPECT_STREQ(cpu_bf16_pair_form(), forced);  // what `grokit bench` reports
 }
 
 TEST(KernelLevels, ForcedLevelIsHonoured) {
