@@ -241,14 +241,25 @@ Result<Plan> make_plan(const format::Model& in, const QuantizeOptions& o) {
           case Scheme::kInt8: e.param = s.blocks; break;
           case Scheme::kInt4:
             e.param = static_cast<uint32_t>(o.group_size);
-            if (K % 32 != 0 || rows % o.group_size != 0)
-              return make_error(spec.name, ": ", row_split ? str_cat("each of the ", p.tp, " ranks holds ") : std::string(),
-                                rows, " rows, which int4 groups of ", o.group_size,
-                                " rows do not divide (choose --group-size 32 or 64, or a smaller TP degree)");
+            if (K % 32 != 0 || rows % o.group_size != 0) {
+              std::string fits;
+              for (int64_t g : {32, 64, 128}) {
+                if (K % 32 == 0 && rows % g == 0) fits += str_cat(fits.empty() ? "" : " or ", g);
+              }
+              const std::string advice =
+                  fits.empty() ? str_cat("no group size does; keep it in another scheme, e.g. --override '", spec.name,
+                                         "=int8'", row_split && p.tp > 1 ? ", or choose a smaller TP degree" : "")
+                               : str_cat("choose --group-size ", fits, row_split && p.tp > 1 ? ", or a smaller TP degree" : "");
+              return make_error(spec.name, ": ", row_split && p.tp > 1 ? str_cat("each of the ", p.tp, " ranks holds ") : std::string(),
+                                rows, " rows, which int4 groups of ", o.group_size, " rows do not divide (", advice, ")");
+            }
             break;
           case Scheme::kFp8:
             if (K % 32 != 0 || rows % 32 != 0)
-              return make_error(spec.name, ": ", rows, " rows per rank are not a multiple of 32, as fp8's 32-row chunks need");
+              return make_error(spec.name, ": ", rows,
+                                " rows per rank are not a multiple of 32, as fp8's 32-row chunks need (keep it in "
+                                "another scheme, e.g. --override '", spec.name, "=int8'",
+                                row_split && p.tp > 1 ? ", or choose a smaller TP degree)" : ")");
             break;
           case Scheme::kBf16: break;
         }

@@ -207,7 +207,17 @@ class Quantize(unittest.TestCase):
         self.assertFalse(os.path.exists(self.path("bad-o")))
         p = run("quantize", self.int8, self.path("bad-g"), "--scheme", "int4", "--group-size", "128", "--tp", 8)
         self.assertEqual(p.returncode, 1)
-        self.assertIn("int4 groups of 128 rows do not divide", p.stderr)
+        self.assertIn("each of the 8 ranks holds 64 rows, which int4 groups of 128 rows do not divide "
+                      "(choose --group-size 32 or 64, or a smaller TP degree)", p.stderr)
+        # Rows that no group size divides (emb 72): the advice is another scheme for the tensor.
+        odd = self.path("odd-int8")
+        run("convert", write_checkpoint(self.path("odd-ck"), tiny_config(emb=72, layers=1)), odd, "--no-progress",
+            check=0)
+        p = run("quantize", odd, self.path("bad-odd"), "--scheme", "int4", "--group-size", "32")
+        self.assertEqual(p.returncode, 1)
+        self.assertIn("layer.0.moe.gate: 72 rows, which int4 groups of 32 rows do not divide (no group size does; "
+                      "keep it in another scheme, e.g. --override 'layer.0.moe.gate=int8')", p.stderr)
+        self.assertFalse(os.path.exists(self.path("bad-odd")))
         q4, _ = self.quantize("q-int4-again", "--scheme", "int4", "--group-size", "32")
         p = run("quantize", q4, self.path("twice"), "--scheme", "fp8")
         self.assertEqual(p.returncode, 1)
