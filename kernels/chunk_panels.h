@@ -233,7 +233,10 @@ constexpr int64_t kChunkPanelBytes = 16384;  // a panel's decoded weights (L1)
 
 // Rows [m, m + R) of x down panel rows [0, steps) (chunk t0 first), the sums started from
 // zero (first) or from park; left in park (more chunks of the chain follow: returns zero)
-// or returned halved (row m + r, column j in lane 8 r + j).
+// or returned halved (row m + r, column j in lane 8 r + j). The panel: pairs, one vector
+// per column and chunk (word r = row r) for vdpbf16ps (V = 1) or two for fmas (V = 2:
+// rows 2i and 2i + 1 of lane i as fp32); fp32 x, two (rows i and 16 + i of lane i).
+// Every form adds the same products in the same order, so every form gets the same bits.
 template <int R, bool kPairs, int64_t V>
 GROKIT_AVX512 __attribute__((always_inline)) inline __m512 chunk_panel_block(
     const __m512i (*panel)[kChunkPanelColumns][V], int64_t steps, const uint16_t* xb, int64_t K, const float* x,
@@ -244,7 +247,20 @@ GROKIT_AVX512 __attribute__((always_inline)) inline __m512 chunk_panel_block(
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < NC; ++j) acc[r][j] = first ? _mm512_setzero_ps() : park[r * NC + j];
   for (int64_t t = 0; t < steps; ++t) {
-    if constexpr (kPairs) {
+    if constexpr (kPairs && V == 2) {
+      // By fmas: x's pairs split like the panel's, row 2i + 1 added first, then row 2i.
+      const __m512i high = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+      __m512 xe[R], xo[R];
+      for (int r = 0; r < R; ++r) {
+        const __m512i v = _mm512_loadu_si512(xb + (m + r) * K + 32 * (t0 + t));
+        xe[r] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+        xo[r] = _mm512_castsi512_ps(_mm512_and_si512(v, high));
+      }
+      for (int j = 0; j < NC; ++j)
+        for (int r = 0; r < R; ++r)
+          acc[r][j] = _mm512_fmadd_ps(xe[r], _mm512_castsi512_ps(panel[t][j][0]),
+                                      _mm512_fmadd_ps(xo[r], _mm512_castsi512_ps(panel[t][j][1]), acc[r][j]));
+    } else if constexpr (kPairs) {
       __m512bh xv[R];
       for (int r = 0; r < R; ++r) xv[r] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(xb + (m + r) * K + 32 * (t0 + t)));
       for (int j = 0; j < NC; ++j)
@@ -288,12 +304,17 @@ inline bool chunk_panels_take(bool pairs, int64_t M, int64_t chains) {
 //   dec.column(n, t0, t1, dst, stride): dst[(t - t0) * stride] = the bf16 weights of chunk
 //     t of column n, word r = row r;
 //   dec.prefetch(t, n, nc): requests chunk t of columns [n, n + nc) (and its scales).
-template <bool kPairs, class Decoder>
+// kFmaPairs (with kPairs): bf16 x by two fmas per pair where they beat one vdpbf16ps on
+// this core (bf16_products_by_fma), the panel holding each pair split into fp32.
+template <bool kPairs, bool kFmaPairs, class Decoder>
 GROKIT_AVX512 void chunk_panels_avx512(const Decoder& dec, const uint16_t* xb, int64_t K, const float* x, int64_t ldx,
                                        int64_t M, int64_t chains, int64_t cpc, int64_t c0, int64_t c1, float* y,
                                        int64_t ldy) {
   constexpr int NC = kChunkPanelColumns, R = 2;
-  constexpr int64_t V = kPairs ? 1 : 2;  // vectors per column and chunk: the pairs, or the rows i and 16 + i as fp32
+  static_assert(kPairs || !kFmaPairs);
+  // Vectors per column and chunk: the pairs, or as fp32 rows 2i and 2i + 1 (fma pairs), or
+  // rows i and 16 + i (fp32 x).
+  constexpr int64_t V = kPairs && !kFmaPairs ? 1 : 2;
   constexpr int64_t T = kChunkPanelBytes / (NC * 64 * V);
   constexpr int64_t kBlocks = kChunkPanelRows / R;
   GROKIT_CHECK(chains < (int64_t{1} << (kChunkTreeDepth - 1)));
@@ -332,7 +353,13 @@ GROKIT_AVX512 void chunk_panels_avx512(const Decoder& dec, const uint16_t* xb, i
               continue;
             }
             dec.column(n0 + j, t0, t1, &panel[0][j][0], NC * V);
-            if constexpr (!kPairs) {
+            if constexpr (kFmaPairs) {
+              for (int64_t t = 0; t < steps; ++t) {
+                const __m512i w = panel[t][j][0];
+                panel[t][j][0] = _mm512_slli_epi32(w, 16);
+                panel[t][j][1] = _mm512_and_si512(w, high_half);
+              }
+            } else if constexpr (!kPairs) {
               for (int64_t t = 0; t < steps; ++t) {
                 const __m512i w = _mm512_permutexvar_epi16(interleave, panel[t][j][0]);
                 panel[t][j][0] = _mm512_slli_epi32(w, 16);
@@ -376,14 +403,14 @@ GROKIT_AVX512 void chunk_panels_avx512(const Decoder& dec, const uint16_t* xb, i
 }
 
 // The whole product (chunk_panels_take): tasks over columns, each taking every chain.
-template <bool kPairs, class Decoder>
+template <bool kPairs, bool kFmaPairs, class Decoder>
 void run_chunk_panels(Pool pool, const Decoder& dec, const uint16_t* xb, int64_t K, const float* x, int64_t ldx,
                       int64_t M, int64_t N, int64_t chains, int64_t cpc, float* y, int64_t ldy) {
   const int64_t chunk = chunk_size(N, task_count(pool), kChunkPanelColumns);
   const int64_t tasks = (N + chunk - 1) / chunk;
   for_each(pool, static_cast<size_t>(tasks), [&](size_t t) {
     const int64_t c0 = static_cast<int64_t>(t) * chunk, c1 = std::min(N, c0 + chunk);
-    chunk_panels_avx512<kPairs>(dec, xb, K, x, ldx, M, chains, cpc, c0, c1, y + c0, ldy);
+    chunk_panels_avx512<kPairs, kFmaPairs>(dec, xb, K, x, ldx, M, chains, cpc, c0, c1, y + c0, ldy);
   });
 }
 
@@ -411,7 +438,10 @@ void run_chunked(const float* x, int64_t M, int64_t K, int64_t ldx, const Layout
   if (kLevel == Level::kAvx512 && kPairs) stage_x_bf16(x, M, K, ldx, xb);
   if (kLevel == Level::kAvx2) stage_x_chunk_lanes(x, M, K, ldx, xa);
   if (kLevel == Level::kAvx512 && chunk_panels_take(kPairs, M, chains)) {
-    run_chunk_panels<kPairs>(pool, panel_columns(L), xb.data(), K, x, ldx, M, N, chains, cpc, y, ldy);
+    if (kPairs && bf16_products_by_fma())
+      run_chunk_panels<kPairs, kPairs>(pool, panel_columns(L), xb.data(), K, x, ldx, M, N, chains, cpc, y, ldy);
+    else
+      run_chunk_panels<kPairs, false>(pool, panel_columns(L), xb.data(), K, x, ldx, M, N, chains, cpc, y, ldy);
     return;
   }
   // One chain over columns [c0, c1) into out ([M][ld], c0 at out[0]).
