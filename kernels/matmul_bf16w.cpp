@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "kernels/internal.h"
+#include "kernels/pair_panels.h"
 
 // GCC 12's avx512fintrin.h trips -Wmaybe-uninitialized on its own _mm512_undefined values.
 #if defined(__GNUC__) && !defined(__clang__)
@@ -146,6 +147,36 @@ GROKIT_AVX512 void pairs_rows_avx512(const uint32_t* xpairs, int64_t M, int64_t 
   }
 }
 
+// The panels' pairs of this layout (pair_panels.h): rows k and k + 1 of a tile interleaved
+// into dwords, as pairs_rows_avx512 does it; a narrower last tile's loads masked.
+struct Bf16Pairs {
+  const uint16_t* w;
+  int64_t N;
+  template <class F>
+  GROKIT_AVX512 __attribute__((always_inline)) void pair(int64_t k, int64_t c, F full, __mmask16 ml, __mmask16 mh,
+                                                         bool second, __m512i& lo, __m512i& hi) const {
+    (void)full;
+    const __m512i lo_idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+    const __m512i hi_idx = _mm512_set_epi16(63, 31, 62, 30, 61, 29, 60, 28, 59, 27, 58, 26, 57, 25, 56, 24, 55, 23, 54, 22, 53, 21, 52, 20, 51, 19, 50, 18, 49, 17, 48, 16);
+    const uint16_t* r0 = w + k * N + c;
+    const __mmask32 m = static_cast<__mmask32>(ml) | (static_cast<__mmask32>(mh) << 16);
+    __m512i a, b = _mm512_setzero_si512();
+    if constexpr (F::value) {
+      a = _mm512_loadu_si512(r0);
+      if (second) b = _mm512_loadu_si512(r0 + N);
+    } else {
+      a = _mm512_maskz_loadu_epi16(m, r0);
+      if (second) b = _mm512_maskz_loadu_epi16(m, r0 + N);
+    }
+    lo = _mm512_permutex2var_epi16(a, lo_idx, b);
+    hi = _mm512_permutex2var_epi16(a, hi_idx, b);
+  }
+  void prefetch64(int64_t k, int64_t c) const {
+    prefetch_line(reinterpret_cast<const char*>(w + k * N + c));
+    prefetch_line(reinterpret_cast<const char*>(w + k * N + c + 32));
+  }
+};
+
 // fp32 activations, two rows at a time: each 32-column tile of a row widened to fp32 once,
 // then acc = fma(x[k], w[k], acc) in k order for every row of x.
 GROKIT_AVX512 void fma_rows_avx512(const float* x, int64_t M, int64_t ldx, const uint16_t* w, int64_t N, int64_t k0,
@@ -203,9 +234,35 @@ Status impl(const float* x, int64_t M, int64_t K, int64_t ldx, const uint16_t* w
   static thread_local std::vector<uint32_t> xpairs_storage;
   std::vector<uint32_t>& xpairs = xpairs_storage;
   if (kLevel == Level::kAvx512 && kPairs) stage_x_pairs(x, M, K, ldx, xpairs);
+  // Prefill (3+ rows of x) takes the panels (pair_panels.h), as the int8 products do, with
+  // bf16 x's pairs by two fmas where they beat one vdpbf16ps: the same sums in the same order.
+  const bool panels = kLevel == Level::kAvx512 && M >= kPanelMinRows;
+  const bool fma_pairs = panels && kPairs && bf16_products_by_fma();
+  const Bf16Pairs src{w, N};
+  if constexpr (kLevel == Level::kAvx512) {
+    // With chains: one 32-column tile per task, walking the chains and their tree itself.
+    if (panels && chains > 1 && K <= kTileChainsMaxRows && !decode_plan_fits(M, N, chains)) {
+      for_each(pool, static_cast<size_t>((N + 31) / 32), [&](size_t t) {
+        thread_local std::vector<float> panel;
+        const int64_t c = static_cast<int64_t>(t) * 32;
+        if (fma_pairs) tile_chains_avx512<kPairs, kPairs>(xpairs.data(), kp, x, ldx, M, K, src, N, sr, c, y, ldy, panel);
+        else tile_chains_avx512<kPairs, false>(xpairs.data(), kp, x, ldx, M, K, src, N, sr, c, y, ldy, panel);
+      });
+      return {};
+    }
+  }
   // One chain over rows [k0, k1) of columns [c0, c1) into out ([M][ld], c0 at out[0]):
-  // whole 32-column tiles by SIMD, the rest by the scalar twin.
+  // whole 32-column tiles by SIMD (every column, the last tile masked, in the panels),
+  // the rest by the scalar twin.
   auto chain_part = [&](int64_t k0, int64_t k1, int64_t c0, int64_t c1, float* out, int64_t ld) {
+    if constexpr (kLevel == Level::kAvx512) {
+      if (panels) {  // the panels start the sums from zero themselves
+        if (fma_pairs) fma_panels_avx512<true>(x, M, ldx, src, k0, k1, c0, c1, out, ld);
+        else if (kPairs) pairs_panels_avx512(xpairs.data(), M, kp, src, k0, k1, c0, c1, out, ld);
+        else fma_panels_avx512<false>(x, M, ldx, src, k0, k1, c0, c1, out, ld);
+        return;
+      }
+    }
     const int64_t vec_end = kLevel == Level::kScalar ? c0 : c0 + (c1 - c0) / 32 * 32;
     if (vec_end > c0) {
       for (int64_t m = 0; m < M; ++m) std::fill(out + m * ld, out + m * ld + (vec_end - c0), 0.0f);
