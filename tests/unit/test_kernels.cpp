@@ -2084,6 +2084,7 @@ TEST(KernelLevels, TheOtherBf16ProductFormMatchesTheScalarTwinsInAChildProcess) 
   const std::string other = detail::bf16_products_by_fma() ? "vdpbf16ps" : "fma";
   int status = run_self("GROKIT_BF16_PRODUCTS=" + other,
                         "Ops/KernelParity.*matmul_q8*:Ops/KernelParity.*matmul_q4*:Ops/KernelParity.*matmul_f8*:"
+                        "Ops/KernelParity.*matmul_bf16*:"
                         "KernelBatching.*:KernelNumerics.*Chunked*:KernelNumerics.MatmulF8*:"
                         "KernelLevelsChild.DISABLED_ForcedBf16FormIsHonoured");
   EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0)
