@@ -1,5 +1,5 @@
 """The runner memory-maps the weights: its anonymous memory (RssAnon) stays far below the
-size of the model it runs, whatever that size."""
+size of the model it runs, whatever that size; the quantizer's too."""
 import os
 import shutil
 import subprocess
@@ -34,7 +34,7 @@ class Memory(unittest.TestCase):
         than the weights do (the baseline itself, sanitizer runtimes included, cancels)."""
         tmp = tempfile.mkdtemp(prefix="grokit-mem-")
         try:
-            peaks, sizes = [], []
+            peaks, sizes, quant_peaks = [], [], {}
             for name, emb in (("small", 128), ("large", 512)):
                 ckpt = write_checkpoint(os.path.join(tmp, name), tiny_config(emb=emb, layers=4, key_size=emb // 8))
                 model = os.path.join(tmp, name + "-m")
@@ -47,10 +47,19 @@ class Memory(unittest.TestCase):
                 self.assertEqual(rc, 0, err)
                 self.assertGreater(peak, 0)
                 peaks.append(peak)
+                # The quantizer streams too: its buffers are a few items per thread.
+                for scheme in ("fp8", "int4"):
+                    rc, peak, err = peak_rss_anon_kib(["quantize", model, f"{model}-{scheme}", "--scheme", scheme,
+                                                       "--group-size", 32, "--threads", 2, "--no-progress"])
+                    self.assertEqual(rc, 0, err)
+                    quant_peaks.setdefault(scheme, []).append(peak)
             grown, weights = peaks[1] - peaks[0], sizes[1] - sizes[0]
             self.assertGreater(weights, 30 * 1024)
             self.assertLess(grown, weights // 4,
                             f"RssAnon {peaks} KiB for weights {sizes} KiB: grew {grown} KiB for {weights} KiB")
+            for scheme, qp in quant_peaks.items():
+                self.assertLess(qp[1] - qp[0], weights // 4,
+                                f"quantize {scheme}: RssAnon {qp} KiB for weights {sizes} KiB")
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
