@@ -1,7 +1,8 @@
 // y = x @ W for bf16 weights [K, N] row-major (the bf16 scheme): the int8 products' orders
 // exactly (matmul_q8.cpp) with the stored value in place of the dequantized one: per
 // column, the pinned pair order of kernels.h (bf16 activations) or fma in k order (fp32
-// ones), in chains of sum_rows rows that meet in tree_sum.
+// ones), in chains of sum_rows rows that meet in tree_sum. Prefill (3+ rows of x) takes
+// the int8 products' panels (pair_panels.h) with this layout's pairs.
 #include <vector>
 
 #include "kernels/internal.h"

@@ -52,12 +52,12 @@ GROKIT_AVX512 __attribute__((always_inline)) inline void for_each_tile(int64_t c
   if (c < c1) tile(Partial{}, c, mask_lo(c, c1), mask_hi(c, c1));
 }
 
-// Many rows of x (prefill): each 32-column tile's rows are dequantized a panel of 64 rows
-// (32 pairs) at a time into L1, as pairs_rows_avx512 dequantizes them, then every block
-// of up to 8 rows of x runs down the panel with its sums in registers: per (row of x,
-// column) the same vdpbf16ps sequence in k order, so the same bits, with the sums loaded
-// and stored once per panel instead of once per four rows (the first panel of the chain
-// starts them from zero: acc need not be cleared).
+// Many rows of x (prefill): each 32-column tile's rows are made into pairs (src.pair) a
+// panel of 64 rows (32 pairs) at a time into L1, then every block of up to 8 rows of x
+// runs down the panel with its sums in registers: per (row of x, column) the same
+// vdpbf16ps sequence in k order as the decode walks, so the same bits, with the sums
+// loaded and stored once per panel instead of once per four rows (the first panel of the
+// chain starts them from zero: acc need not be cleared).
 constexpr int64_t kPanelPairs = 32;
 // Runs block(R, m) over the rows of x in blocks of R = 8, then the rest, R a compile-time
 // constant (std::integral_constant) so that a block's sums stay in registers.
@@ -79,7 +79,7 @@ GROKIT_AVX512 __attribute__((always_inline)) inline void for_row_blocks(int64_t 
 // From 3 rows of x on, the panels win (measured, K 1024, N 5464, from memory: 3 rows
 // 17.8 against 16.5 GB/s, 8 rows 13.5 against 8.8; 2 rows 18 against 25).
 constexpr int64_t kPanelMinRows = 3;
-// tile_chains_avx512 keeps a tile's whole column of rows dequantized (64 bytes a row):
+// tile_chains_avx512 keeps a tile's whole column of rows as pairs (64 bytes a row):
 // up to 1 MiB.
 constexpr int64_t kTileChainsMaxRows = 16384;
 template <int R, class F>
@@ -134,7 +134,7 @@ GROKIT_AVX512 void pairs_panels_avx512(const uint32_t* xpairs, int64_t M, int64_
 }
 
 // The fp32-x twin of pairs_panels_avx512 (prefill's down projection): panels of 64 rows of
-// fp32 weights (each pair dequantized and bf16-rounded as fma_rows_avx512 does), then
+// fp32 weights (each pair from src.pair, split into fp32 by a shift and a mask), then
 // blocks of up to 8 rows of x with acc = fma(x[k], w[k], acc) in k order in registers.
 // kPairOrder: bf16 x in vdpbf16ps's order (detail::bf16_products_by_fma).
 template <int R, bool kPairOrder, class F>
@@ -199,8 +199,8 @@ GROKIT_AVX512 void fma_panels_avx512(const float* x, int64_t M, int64_t ldx, con
 }
 
 // Prefill with chains (3+ rows of x, more chains' sums than the decode plan keeps): one
-// 32-column tile per call. Its rows [0, K) are dequantized once into a panel (bf16 pairs,
-// as pair_tile makes them), then each block of up to 8 rows of x walks the chains with
+// 32-column tile per call. Its rows [0, K) are made into a panel of bf16 pairs once
+// (src.pair), then each block of up to 8 rows of x walks the chains with
 // its sums in registers and adds each finished chain into the chains' tree at once: two
 // subtrees of the same size are added (the earlier one on the left), and what is left at
 // the end is added from the last one back. Those are the adds of tree_sum's

@@ -7,7 +7,6 @@
 #include <cmath>
 #include <cstdio>
 #include <functional>
-#include <mutex>
 #include <nlohmann/json.hpp>
 #include <thread>
 
@@ -350,7 +349,6 @@ Status Quantizer::prepare_output() {
   return remove_state_dir();
 }
 
-// A weight matrix's payload for output rank r, in the order its layout stores it.
 // Items [0, n) of one payload: compute(i, out) runs on the pool, and the items' bytes are
 // appended (and their stats merged) in item order by one thread at a time, so the
 // payload, its checksum and the report do not depend on the thread count. While one
@@ -384,6 +382,7 @@ Status Quantizer::ordered(size_t n, size_t item_bytes, const std::function<void(
   return status;
 }
 
+// A weight matrix's payload for output rank r, in the order its layout stores it.
 Status Quantizer::write_weight(size_t t, size_t r, format::PayloadWriter& w, ErrorStats& st) {
   const InputTensor& in = inputs_[t];
   const TensorSpec& spec = plan_.specs[t];
