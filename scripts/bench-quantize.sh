@@ -6,7 +6,7 @@
 #   (quantize GB/s / threads) / (memcpy GB/s).   Target: >= 0.5.
 # Also `cp` of the same file, the pass a converter cannot beat on its file system.
 # The int4 scale search (the default) and plain RTN (--no-search) are both timed, and
-# fp8 for comparison. Output goes to a scratch directory that is removed afterwards.
+# fp8 for comparison; last, the kernels alone (one thread, data in cache, no file I/O). Output goes to a scratch directory that is removed afterwards.
 # Usage: scripts/bench-quantize.sh [WORK_DIR] [THREADS]   (default: build/bench-quantize,
 #        every core; needs ~12 GB of disk)
 set -euo pipefail
@@ -72,11 +72,18 @@ FP8=$(run fp8 --scheme fp8)
 rm -rf "$WORK/out"
 tail -n 1 "$WORK/int4-search.log" >&2
 
-awk -v m="$MEMCPY" -v c="$CP" -v s="$SEARCH" -v r="$RTN" -v f="$FP8" -v t="$THREADS" 'BEGIN {
+# The kernels alone, one thread, on data in cache at the best SIMD level (no file I/O):
+# what the pipeline's page-cache reads and writes leave of them.
+KERNEL=$(build/bin/test_quantize --gtest_also_run_disabled_tests --gtest_filter='*Throughput*' 2>/dev/null |
+  awk '/^memcpy/ {m = $2} /^q4g g128 search/ {s = $5} /^q4g g128 rtn/ {r = $5} /^f8col/ {f = $3}
+       END {printf "memcpy %.2f, int4 search %.2f, RTN %.2f, fp8 %.2f GB/s", m, s, r, f}')
+
+awk -v m="$MEMCPY" -v c="$CP" -v s="$SEARCH" -v r="$RTN" -v f="$FP8" -v t="$THREADS" -v k="$KERNEL" 'BEGIN {
   printf "\nbench-quantize: real-width slice, %d threads\n", t
   printf "  memcpy (1 thread)      : %7.2f GB/s\n", m
   printf "  cp of the same file    : %7.2f GB/s\n", c
   printf "  int4 g128, scale search: %7.2f GB/s  ratio per core %.3f (target >= 0.5), against cp %.2f\n", s, s / t / m, s / c
   printf "  int4 g128, plain RTN   : %7.2f GB/s  ratio per core %.3f, against cp %.2f\n", r, r / t / m, r / c
   printf "  fp8                    : %7.2f GB/s  ratio per core %.3f, against cp %.2f\n", f, f / t / m, f / c
+  printf "  kernels alone, 1 thread: %s\n", k
 }'
