@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdio>
 #include <functional>
+#include <span>
 #include <nlohmann/json.hpp>
 #include <thread>
 
@@ -314,6 +315,8 @@ class Quantizer {
   QuantizeReport report_;
   std::unique_ptr<Progress> progress_;
   std::unique_ptr<ThreadPool> pool_;
+  std::vector<ItemOut> slots_;       // ordered()'s item outputs
+  std::vector<uint8_t> plain_rows_;  // write_plain()'s buffer
 };
 
 // A per-thread scratch buffer (slot 0..2) of at least n elements of T.
@@ -358,7 +361,9 @@ Status Quantizer::ordered(size_t n, size_t item_bytes, const std::function<void(
                           format::PayloadWriter& w, ErrorStats& st) {
   const size_t threads = pool_->size();
   const size_t window = std::clamp<size_t>((256u << 20) / (2 * std::max<size_t>(item_bytes, 1)), threads, 4 * threads);
-  std::vector<ItemOut> slots(2 * window);
+  // The slots live as long as the run: their buffers are reused, tensor after tensor.
+  if (slots_.size() < 2 * window) slots_.resize(2 * window);
+  std::span<ItemOut> slots(slots_.data(), 2 * window);
   Status status;
   for (size_t w0 = 0; w0 < n + window && status.ok(); w0 += window) {
     const size_t count = w0 < n ? std::min(window, n - w0) : 0;
@@ -519,7 +524,8 @@ Status Quantizer::write_plain(size_t t, size_t r, format::PayloadWriter& w) {
   for (size_t d = 1; d < spec.shape.size(); ++d) row_bytes *= static_cast<uint64_t>(spec.shape[d]);
   const int64_t r0 = sl.axis == 0 ? sl.start : 0, r1 = sl.axis == 0 ? sl.start + sl.length : spec.shape[0];
   const int64_t step = std::max<int64_t>(1, static_cast<int64_t>((8u << 20) / row_bytes));
-  std::vector<uint8_t> buf(static_cast<size_t>(std::min(step, r1 - r0)) * row_bytes);
+  std::vector<uint8_t>& buf = plain_rows_;
+  buf.resize(std::max(buf.size(), static_cast<size_t>(std::min(step, r1 - r0)) * row_bytes));
   for (int64_t a = r0; a < r1; a += step) {
     int64_t b = std::min(r1, a + step);
     in.plain_rows(a, b, buf.data(), row_bytes);
