@@ -81,6 +81,9 @@ int cmd_convert(int argc, char** argv) {
       ("threads", "source files converted at once", cxxopts::value<unsigned>()->default_value("4"))
       ("staging-mb", "staging buffer per thread, MiB (bounds anonymous memory)", cxxopts::value<unsigned>()->default_value("32"))
       ("dry-run", "check the checkpoint and print the plan; write nothing (default: off)", cxxopts::value<bool>()->default_value("false")->implicit_value("true"))
+      ("no-direct-io", "write the shards through the page cache (default: off: direct I/O where the file system "
+       "allows it, so a large output neither costs a copy nor evicts other files)",
+       cxxopts::value<bool>()->default_value("false")->implicit_value("true"))
       ("no-progress", "no progress bar (default: off)", cxxopts::value<bool>()->default_value("false")->implicit_value("true"));
   ParsedArgs p;
   if (auto rc = parse_args(opts, argc, argv, 2, 2, p)) return *rc;
@@ -112,6 +115,7 @@ int cmd_convert(int argc, char** argv) {
   o.staging_bytes = uint64_t{mb} << 20;
   o.dry_run = r["dry-run"].as<bool>();
   o.progress = !r["no-progress"].as<bool>();
+  o.direct_io = !r["no-direct-io"].as<bool>();
   auto rep = convert::convert_checkpoint(o);
   if (!rep.ok()) return fail("grokit convert", rep.error());
   if (o.dry_run) {

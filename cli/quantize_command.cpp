@@ -32,6 +32,9 @@ int cmd_quantize(int argc, char** argv) {
        cxxopts::value<bool>()->default_value("false")->implicit_value("true"))
       ("dry-run", "check and plan; write nothing (default: off)",
        cxxopts::value<bool>()->default_value("false")->implicit_value("true"))
+      ("no-direct-io", "write the shards through the page cache (default: off: direct I/O where the file "
+       "system allows it, so a large output neither costs a copy nor evicts other files)",
+       cxxopts::value<bool>()->default_value("false")->implicit_value("true"))
       ("no-progress", "no progress bar (default: off)", cxxopts::value<bool>()->default_value("false")->implicit_value("true"))
 ;
   ParsedArgs parsed;
@@ -67,6 +70,7 @@ int cmd_quantize(int argc, char** argv) {
   o.force = r["force"].as<bool>();
   o.dry_run = r["dry-run"].as<bool>();
   o.progress = !r["no-progress"].as<bool>();
+  o.direct_io = !r["no-direct-io"].as<bool>();
   auto rep = quantize::quantize_model(o);
   if (!rep.ok()) return std::fprintf(stderr, "%s: error: %s\n", prog, rep.error().message.c_str()), kExitFailure;
   if (o.dry_run) {

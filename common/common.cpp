@@ -123,17 +123,75 @@ void MappedFile::advise_dontneed(uint64_t offset, uint64_t length) const {
 }
 
 // ---------------------------------------------------------------------------------
+AlignedBuffer::AlignedBuffer(size_t size, size_t alignment) : size_(size) {
+  GROKIT_CHECK(alignment != 0 && (alignment & (alignment - 1)) == 0);
+  p_.reset(static_cast<uint8_t*>(std::aligned_alloc(alignment, align_up(std::max<size_t>(size, 1), alignment))));
+  GROKIT_CHECK_MSG(p_ != nullptr, str_cat("out of memory allocating ", size, " bytes"));
+}
+
+static Error write_error(const std::string& path, uint64_t offset, size_t size, int err) {
+  std::string hint;
+  if (err == ENOSPC) hint = " (the disk is full)";
+  if (err == EFBIG) hint = " (file size limit reached)";
+  if (err == EDQUOT) hint = " (disk quota exceeded)";
+  return make_error(path, ": write of ", size, " bytes at offset ", offset, " failed: ", errno_text(err), hint);
+}
+
 OutputFile::~OutputFile() {
   if (fd_ >= 0) ::close(fd_);
+  if (direct_fd_ >= 0) ::close(direct_fd_);
 }
-OutputFile::OutputFile(OutputFile&& o) noexcept : path_(std::move(o.path_)), fd_(std::exchange(o.fd_, -1)) {}
+OutputFile::OutputFile(OutputFile&& o) noexcept
+    : path_(std::move(o.path_)), fd_(std::exchange(o.fd_, -1)), direct_fd_(std::exchange(o.direct_fd_, -1)) {
+  direct_ok_.store(o.direct_ok_.exchange(false));
+}
 OutputFile& OutputFile::operator=(OutputFile&& o) noexcept {
   if (this != &o) {
     if (fd_ >= 0) ::close(fd_);
+    if (direct_fd_ >= 0) ::close(direct_fd_);
     path_ = std::move(o.path_);
     fd_ = std::exchange(o.fd_, -1);
+    direct_fd_ = std::exchange(o.direct_fd_, -1);
+    direct_ok_.store(o.direct_ok_.exchange(false));
   }
   return *this;
+}
+
+bool OutputFile::enable_direct_io() {
+  if (direct_fd_ >= 0) return direct_io();
+  if (fd_ < 0) return false;
+  // The same open file, not the path: a rename between the two opens cannot split them.
+  std::string self = "/proc/self/fd/" + std::to_string(fd_);
+  int fd = ::open(self.c_str(), O_WRONLY | O_CLOEXEC | O_DIRECT);
+  if (fd < 0) return false;
+  direct_fd_ = fd;
+  direct_ok_.store(true);
+  return true;
+}
+
+Status OutputFile::pwrite_direct(uint64_t offset, const void* data, size_t size) const {
+  const auto* p = static_cast<const uint8_t*>(data);
+  const bool aligned = offset % kDirectIoAlign == 0 && size % kDirectIoAlign == 0 &&
+                       reinterpret_cast<uintptr_t>(p) % kDirectIoAlign == 0;
+  if (!aligned || !direct_io()) return pwrite_all(offset, data, size);
+  size_t done = 0;
+  while (done < size) {
+    // Chunks of 1 GiB keep every piece aligned.
+    ssize_t n = ::pwrite(direct_fd_, p + done, std::min<size_t>(size - done, size_t{1} << 30),
+                         static_cast<off_t>(offset + done));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      if (errno == EINVAL) {  // alignment the device does not take: page cache from now on
+        direct_ok_.store(false);
+        return pwrite_all(offset + done, p + done, size - done);
+      }
+      return write_error(path_, offset + done, size - done, errno);
+    }
+    if (n == 0) return write_error(path_, offset + done, size - done, ENOSPC);
+    done += static_cast<size_t>(n);
+    if (done % kDirectIoAlign != 0) return pwrite_all(offset + done, p + done, size - done);  // short write
+  }
+  return {};
 }
 
 Result<OutputFile> OutputFile::open(const std::string& path, Mode mode) {
@@ -151,13 +209,6 @@ Result<OutputFile> OutputFile::open(const std::string& path, Mode mode) {
   return f;
 }
 
-static Error write_error(const std::string& path, uint64_t offset, size_t size, int err) {
-  std::string hint;
-  if (err == ENOSPC) hint = " (the disk is full)";
-  if (err == EFBIG) hint = " (file size limit reached)";
-  if (err == EDQUOT) hint = " (disk quota exceeded)";
-  return make_error(path, ": write of ", size, " bytes at offset ", offset, " failed: ", errno_text(err), hint);
-}
 
 Status OutputFile::pwrite_all(uint64_t offset, const void* data, size_t size) const {
   const auto* p = static_cast<const uint8_t*>(data);

@@ -11,7 +11,9 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <cstdlib>
 #include <functional>
+#include <memory>
 #include <optional>
 #include <sstream>
 #include <string>
@@ -197,10 +199,36 @@ class MappedFile {
   uint64_t size_ = 0;
 };
 
+// A heap buffer of `size` bytes whose address is a multiple of `alignment` (a power of
+// two), for direct I/O staging.
+class AlignedBuffer {
+ public:
+  AlignedBuffer() = default;
+  AlignedBuffer(size_t size, size_t alignment);
+  uint8_t* data() const { return p_.get(); }
+  size_t size() const { return size_; }
+
+ private:
+  struct Free {
+    void operator()(uint8_t* p) const { std::free(p); }
+  };
+  std::unique_ptr<uint8_t, Free> p_;
+  size_t size_ = 0;
+};
+
 // An owned file descriptor for writing, with positional writes that retry short
 // writes and report ENOSPC/EFBIG with the path and offset.
+//
+// Direct I/O. Outputs of hundreds of GB gain nothing from the page cache: copying them
+// into it costs a core, and they evict what the reader needs. enable_direct_io() opens a
+// second descriptor with O_DIRECT (false where the file system refuses it);
+// pwrite_direct() writes through it when offset, size and address are multiples of
+// kDirectIoAlign, through the page cache otherwise, and for good after the kernel
+// refuses a direct write (EINVAL: a device with larger blocks), so callers need no
+// fallback of their own.
 class OutputFile {
  public:
+  static constexpr size_t kDirectIoAlign = 4096;
   OutputFile() = default;
   ~OutputFile();
   OutputFile(OutputFile&& o) noexcept;
@@ -211,6 +239,9 @@ class OutputFile {
   enum class Mode { kCreateExclusive, kCreateOrTruncate, kOpenExisting };
   static Result<OutputFile> open(const std::string& path, Mode mode);
   Status pwrite_all(uint64_t offset, const void* data, size_t size) const;
+  bool enable_direct_io();
+  bool direct_io() const { return direct_fd_ >= 0 && direct_ok_.load(std::memory_order_relaxed); }
+  Status pwrite_direct(uint64_t offset, const void* data, size_t size) const;
   Status pread_all(uint64_t offset, void* data, size_t size) const;
   Status sync() const;            // fsync
   Status truncate(uint64_t size) const;
@@ -222,6 +253,8 @@ class OutputFile {
  private:
   std::string path_;
   int fd_ = -1;
+  int direct_fd_ = -1;                        // O_DIRECT, or -1
+  mutable std::atomic<bool> direct_ok_{false};  // cleared by a refused direct write
 };
 
 bool path_exists(const std::string& path);

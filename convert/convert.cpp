@@ -319,6 +319,7 @@ Status Converter::open_partials(bool keep) {
     bool exists = keep && path_exists(rp.partial_path);
     GROKIT_ASSIGN_OR_RETURN(files_[r], OutputFile::open(rp.partial_path, exists ? OutputFile::Mode::kOpenExisting
                                                                                  : OutputFile::Mode::kCreateOrTruncate));
+    if (o_.direct_io) files_[r].enable_direct_io();
     GROKIT_ASSIGN_OR_RETURN(uint64_t size, files_[r].size());
     if (size != rp.header.file_size) {
       if (size != 0) GROKIT_TRY(files_[r].truncate(0));
@@ -572,21 +573,21 @@ Result<ConvertReport> Converter::run() {
   std::mutex err_mu;
   std::optional<Error> first_error;
   const unsigned workers = std::max(1u, std::min<unsigned>(o_.threads, static_cast<unsigned>(std::max<size_t>(todo.size(), 1))));
-  std::vector<std::unique_ptr<uint8_t[]>> staging(workers);
+  std::vector<AlignedBuffer> staging(workers);  // aligned for direct I/O (PayloadWriter)
   std::atomic<size_t> next{0};
   std::vector<std::thread> pool;
   for (unsigned w = 0; w < workers; ++w) {
     pool.emplace_back([&, w] {
-      staging[w].reset(new uint8_t[o_.staging_bytes + (64u << 10) * plan_.ranks.size()]);
+      staging[w] = AlignedBuffer(o_.staging_bytes + (64u << 10) * plan_.ranks.size(), OutputFile::kDirectIoAlign);
       for (size_t k = next.fetch_add(1); k < todo.size() && !failed.load(); k = next.fetch_add(1)) {
-        Status s = convert_tensor(todo[k], staging[w].get());
+        Status s = convert_tensor(todo[k], staging[w].data());
         if (!s.ok()) {
           std::lock_guard<std::mutex> lock(err_mu);
           if (!first_error) first_error = s.take_error();
           failed.store(true);
         }
       }
-      staging[w].reset();
+      staging[w] = AlignedBuffer();
     });
   }
   for (auto& t : pool) t.join();

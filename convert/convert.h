@@ -72,6 +72,7 @@ struct ConvertOptions {
   unsigned threads = 4;        // source files in flight
   uint64_t staging_bytes = 32u << 20;  // per thread
   bool progress = true;
+  bool direct_io = true;       // write the shards past the page cache where the file system can
   bool dry_run = false;        // check and plan, write nothing
 };
 

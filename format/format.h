@@ -199,6 +199,12 @@ bool is_shard_file_name(const std::string& name);
 // Writes one entry's payload sequentially at its planned offset in a shard being built,
 // through a caller's staging buffer (large runs bypass it), hashing as it goes and
 // starting writeback early so dirty pages do not pile up until the final fsync.
+// On a file with direct I/O (OutputFile::enable_direct_io) and a staging buffer whose
+// address and capacity are multiples of OutputFile::kDirectIoAlign, the payload bypasses
+// the page cache: runs from unaligned memory go through the staging buffer, and the last
+// flush pads the tail with zeros to a whole block. The padding stays inside the entry's
+// alignment gap (payload offsets are multiples of the shard alignment, at least 4096) or
+// past the end of the file, which write_shard_tail() cuts back to the header's size.
 class PayloadWriter {
  public:
   PayloadWriter(const OutputFile* file, uint64_t offset, uint8_t* staging, size_t capacity);
@@ -211,6 +217,7 @@ class PayloadWriter {
 
  private:
   Status write_out(const uint8_t* p, size_t n);
+  bool direct_run(const uint8_t* p, size_t n) const;  // whether p[0, n) may go direct
   const OutputFile* file_;
   uint64_t start_, pos_;
   uint8_t* buf_;

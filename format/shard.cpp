@@ -324,9 +324,16 @@ void layout_shard(std::vector<IndexEntry>& entries, ShardHeader& h) {
 PayloadWriter::PayloadWriter(const OutputFile* file, uint64_t offset, uint8_t* staging, size_t capacity)
     : file_(file), start_(offset), pos_(offset), buf_(staging), cap_(capacity) {}
 
+bool PayloadWriter::direct_run(const uint8_t* p, size_t n) const {
+  constexpr size_t a = OutputFile::kDirectIoAlign;
+  return file_->direct_io() && pos_ % a == 0 && n % a == 0 && reinterpret_cast<uintptr_t>(p) % a == 0;
+}
+
 Status PayloadWriter::append(const void* data, size_t n) {
   const auto* p = static_cast<const uint8_t*>(data);
-  if (used_ == 0 && n >= cap_) return write_out(p, n);
+  // A large run goes straight from the caller's memory, unless direct I/O needs it
+  // copied into the aligned staging buffer.
+  if (used_ == 0 && n >= cap_ && (!file_->direct_io() || direct_run(p, n))) return write_out(p, n);
   while (n > 0) {
     size_t k = std::min(n, cap_ - used_);
     std::memcpy(buf_ + used_, p, k);
@@ -370,13 +377,27 @@ Status PayloadWriter::flush() {
   if (used_ == 0) return {};
   size_t n = used_;
   used_ = 0;
+  constexpr size_t a = OutputFile::kDirectIoAlign;
+  const size_t padded = align_up(n, a);
+  if (n % a != 0 && padded <= cap_ && direct_run(buf_, padded)) {
+    // The tail as a whole block: zeros past the payload, which is hashed without them.
+    std::memset(buf_ + n, 0, padded - n);
+    hash_.update(buf_, n);
+    GROKIT_TRY(file_->pwrite_direct(pos_, buf_, padded));
+    pos_ += n;
+    return {};
+  }
   return write_out(buf_, n);
 }
 
 Status PayloadWriter::write_out(const uint8_t* p, size_t n) {
   hash_.update(p, n);
-  GROKIT_TRY(file_->pwrite_all(pos_, p, n));
-  sync_file_range(file_->fd(), static_cast<off_t>(pos_), static_cast<off_t>(n), SYNC_FILE_RANGE_WRITE);
+  if (direct_run(p, n)) {
+    GROKIT_TRY(file_->pwrite_direct(pos_, p, n));
+  } else {
+    GROKIT_TRY(file_->pwrite_all(pos_, p, n));
+    sync_file_range(file_->fd(), static_cast<off_t>(pos_), static_cast<off_t>(n), SYNC_FILE_RANGE_WRITE);
+  }
   pos_ += n;
   return {};
 }
@@ -387,6 +408,7 @@ Status write_shard_tail(const OutputFile& file, ShardHeader& header, const std::
   std::string bytes = serialize_header(header);
   GROKIT_TRY(file.pwrite_all(header.index_offset, index.data(), index.size()));
   GROKIT_TRY(file.pwrite_all(0, bytes.data(), bytes.size()));
+  GROKIT_TRY(file.truncate(header.file_size));  // a direct write's padded tail may reach past it
   return file.sync();
 }
 

@@ -359,7 +359,7 @@ Status Quantizer::prepare_output() {
 // that task first. Memory: two windows of item outputs.
 Status Quantizer::ordered(size_t n, size_t item_bytes, const std::function<void(size_t, ItemOut&)>& compute,
                           format::PayloadWriter& w, ErrorStats& st) {
-  const size_t threads = pool_->size();
+  const size_t threads = std::max(1u, o_.threads);
   const size_t window = std::clamp<size_t>((256u << 20) / (2 * std::max<size_t>(item_bytes, 1)), threads, 4 * threads);
   // The slots live as long as the run: their buffers are reused, tensor after tensor.
   if (slots_.size() < 2 * window) slots_.resize(2 * window);
@@ -616,6 +616,7 @@ Result<QuantizeReport> Quantizer::run() {
   for (size_t r = 0; r < files_.size(); ++r) {
     partial[r] = path_join(state_dir_, format::shard_file_name(static_cast<uint32_t>(r), static_cast<uint32_t>(plan_.tp)));
     GROKIT_ASSIGN_OR_RETURN(files_[r], OutputFile::open(partial[r], OutputFile::Mode::kCreateOrTruncate));
+    if (o_.direct_io) files_[r].enable_direct_io();
     int rc = ::posix_fallocate(files_[r].fd(), 0, static_cast<off_t>(plan_.headers[r].file_size));
     if (rc == ENOSPC || rc == EFBIG)
       return make_error(partial[r], ": cannot reserve ", plan_.headers[r].file_size, " bytes: ", std::strerror(rc));
@@ -640,10 +641,16 @@ Result<QuantizeReport> Quantizer::run() {
   });
   // Tensors one after another, each spread over the pool (ordered()), so that a model
   // of a few large matrices keeps every thread busy.
-  pool_ = std::make_unique<ThreadPool>(std::max(1u, o_.threads));
+  // With direct I/O the task that writes mostly waits on the disk: one more thread keeps
+  // every core computing meanwhile.
+  bool direct = !files_.empty();
+  for (const auto& f : files_) direct = direct && f.direct_io();
+  pool_ = std::make_unique<ThreadPool>(std::max(1u, o_.threads) + (direct ? 1 : 0));
   std::optional<Error> first;
   {
-    std::vector<uint8_t> staging(8u << 20);
+    // Aligned for direct I/O (PayloadWriter).
+    constexpr size_t kStaging = 8u << 20;
+    AlignedBuffer staging(kStaging, OutputFile::kDirectIoAlign);
     for (size_t t = 0; t < plan_.specs.size() && !first; ++t) {
       Status s = process(t, staging.data(), staging.size());
       if (!s.ok()) first = s.take_error();

@@ -48,6 +48,7 @@ struct QuantizeOptions {
   bool force = false;
   bool progress = true;
   bool dry_run = false;
+  bool direct_io = true;      // write the shards past the page cache where the file system can
 };
 
 struct TensorReport {

@@ -148,13 +148,21 @@ QI void transpose16(const uint8_t* in, ptrdiff_t in_stride, uint8_t* out, ptrdif
   __m128i t[16], n[16];
   for (int i = 0; i < 16; ++i) t[i] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(in + in_stride * i));
   // Interleaving row i with row i + 8 rotates the 8-bit (row, column) index left by one;
-  // four rounds swap row and column.
-  for (int round = 0; round < 4; ++round) {
+  // four rounds swap row and column. The rounds alternate between the two arrays (a copy
+  // back after each round became a 256-byte rep movs through the stack).
+  auto round = [](const __m128i* a, __m128i* b) {
     for (int i = 0; i < 8; ++i) {
-      n[2 * i] = _mm_unpacklo_epi8(t[i], t[i + 8]);
-      n[2 * i + 1] = _mm_unpackhi_epi8(t[i], t[i + 8]);
+      b[2 * i] = _mm_unpacklo_epi8(a[i], a[i + 8]);
+      b[2 * i + 1] = _mm_unpackhi_epi8(a[i], a[i + 8]);
     }
-    for (int i = 0; i < 16; ++i) t[i] = n[i];
+  };
+  round(t, n);
+  round(n, t);
+  round(t, n);
+  round(n, t);
+  if (ncols == 16) {
+    for (int c = 0; c < 16; ++c) _mm_storeu_si128(reinterpret_cast<__m128i*>(out + c * out_stride), t[c]);
+    return;
   }
   for (int c = 0; c < ncols; ++c) _mm_storeu_si128(reinterpret_cast<__m128i*>(out + c * out_stride), t[c]);
 #else

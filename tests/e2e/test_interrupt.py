@@ -68,6 +68,14 @@ class Interruption(unittest.TestCase):
         self.assertGreaterEqual(interrupted, KILLS, f"only {interrupted} kills landed in {rounds} rounds")
         run("verify", out, "--no-progress", check=0)
 
+    def test_writes_through_the_page_cache_give_the_same_files(self):
+        """--no-direct-io changes how the shards reach the disk, not a byte of them."""
+        out = os.path.join(self.tmp, "buffered")
+        shutil.rmtree(out, ignore_errors=True)
+        run("convert", self.ckpt, out, "--tp", 4, "--threads", 2, "--staging-mb", 1, "--no-direct-io",
+            "--no-progress", check=0)
+        self.assertEqual(files_of(out), files_of(self.ref))
+
     def test_resume_recheck_redoes_a_damaged_kept_tensor(self):
         """A tensor the journal says is done, but whose bytes were damaged, is redone."""
         out = os.path.join(self.tmp, "damaged")
