@@ -99,6 +99,32 @@ QI float bf16_any(float x) {
 }
 QI float bf16_value(uint16_t h) { return f32_of_bits(static_cast<uint32_t>(h) << 16); }
 
+// The screening of the int4 scale search in code units (quantizers.h, search step 4):
+// a candidate's step r = scale / s8 in 16-bit fixed point, R = rne(256 r) and
+// INV = rne(32768 / r); usable for 1 <= r <= 4681 / 256 (so 7 R and INV fit in int16).
+constexpr int kScreenMinCodes = 32;   // a column's largest |code| in the group, at least
+constexpr float kScreenMaxStep = 4681.0f / 256.0f;
+QI bool screen_step(float scale, float s8, int32_t* R, int32_t* INV) {
+  const float r = scale / s8;
+  if (!(r >= 1.0f && r <= kScreenMaxStep)) return false;
+  const float inv = rne_small(32768.0f / r);
+  if (!(inv <= 32767.0f)) return false;
+  *R = static_cast<int32_t>(rne_small(r * 256.0f));
+  *INV = static_cast<int32_t>(inv);
+  return true;
+}
+// q of a code at the fixed-point step: round half up of c / r, clamped (x86 pmulhrsw).
+QI int32_t screen_q(int32_t c, int32_t INV) {
+  const int32_t q = (c * INV + 16384) >> 15;
+  return q < -7 ? -7 : (q > 7 ? 7 : q);
+}
+// The error of codes c[0], c[stride] at the step: (256 c - q R)^2 summed over the pair,
+// exact in int32 (each |256 c - q R| < 2^15, and not both at -2^15).
+QI int32_t screen_pair(int32_t c0, int32_t c1, int32_t R, int32_t INV) {
+  const int32_t d0 = 256 * c0 - screen_q(c0, INV) * R, d1 = 256 * c1 - screen_q(c1, INV) * R;
+  return d0 * d0 + d1 * d1;
+}
+
 // E4M3 code of x (f32_to_e4m3) and its value, branch-free.
 QI uint32_t e4m3_encode(float x, float* value) {
   const uint32_t u = bits_of_f32(x), sign = u & 0x80000000u;
@@ -204,6 +230,9 @@ struct Q4Panel {
   alignas(64) int32_t camax[kP], cmin[kP], nonfin[kP], zero[kP], exact[kP], searching[kP], from_buf[kP], bad[kP];
   alignas(64) float ref2[kP], err2[kP], cross[kP], out2[kP], maxd[kP];
   alignas(64) int32_t clipped[kP], nonfinite[kP];
+  // The screening in code units (search step 4).
+  alignas(64) int32_t uniform[kP], screened[kP], sok[kP], sR[kP], sINV[kP], cINV[kP], inum[kP], iden[kP];
+  alignas(64) float ce[kP], cs[kP];
 };
 
 // P.e = sum over the group of (bf16(q * sj) - w)^2 with q = rne(clamp(w * inv)).
@@ -215,6 +244,72 @@ QI void q4_error(Q4Panel& P, int64_t G) {
       const float d = bf16_finite(rne_small(clamp7(w * P.inv[j])) * P.sj[j]) - w;
       P.e[j] += d * d;
     }
+}
+
+// P.e = the screened error at the fixed-point steps P.sR / P.sINV, pairs of rows in order.
+QI void q4_screen_error(Q4Panel& P, int64_t G) {
+  for (int j = 0; j < kP; ++j) P.e[j] = 0.0f;
+  for (int64_t k = 0; k < G; k += 2)
+    for (int j = 0; j < kP; ++j)
+      P.e[j] += static_cast<float>(screen_pair(P.code[k][j], P.code[k + 1][j], P.sR[j], P.sINV[j]));
+}
+
+// Search step 4 for the screened columns: the candidates by their error in code units,
+// the least-squares step of the winner's q, then the winner against RTN in the true error.
+QI void q4_screen(Q4Panel& P, int64_t G) {
+  for (int j = 0; j < kP; ++j) {
+    P.ce[j] = std::numeric_limits<float>::infinity();
+    P.cs[j] = 0.0f;
+    P.cINV[j] = 0;
+  }
+  for (int c = 0; c < kCandidates; ++c) {
+    for (int j = 0; j < kP; ++j) {
+      P.sj[j] = bf16_any(P.a7[j] * kFactors[c]);
+      int32_t R = 0, INV = 0;
+      P.sok[j] = P.screened[j] && screen_step(P.sj[j], P.s8_first[j], &R, &INV) ? 1 : 0;
+      P.sR[j] = R;
+      P.sINV[j] = INV;
+    }
+    q4_screen_error(P, G);
+    for (int j = 0; j < kP; ++j) {
+      const bool better = P.sok[j] && P.e[j] < P.ce[j];
+      P.ce[j] = better ? P.e[j] : P.ce[j];
+      P.cs[j] = better ? P.sj[j] : P.cs[j];
+      P.cINV[j] = better ? P.sINV[j] : P.cINV[j];
+    }
+  }
+  for (int j = 0; j < kP; ++j) P.inum[j] = P.iden[j] = 0;
+  for (int64_t k = 0; k < G; ++k)
+    for (int j = 0; j < kP; ++j) {
+      const int32_t c = P.code[k][j], q = screen_q(c, P.cINV[j]);
+      P.inum[j] += c * q;
+      P.iden[j] += q * q;
+    }
+  for (int j = 0; j < kP; ++j) {
+    const float sl =
+        bf16_any(static_cast<float>(P.inum[j]) / static_cast<float>(P.iden[j] > 0 ? P.iden[j] : 1) * P.s8_first[j]);
+    int32_t R = 0, INV = 0;
+    P.sj[j] = sl;
+    P.sok[j] = P.cs[j] > 0.0f && P.iden[j] > 0 && sl > 0.0f && finite_bits(sl) && sl != P.cs[j] &&
+                       screen_step(sl, P.s8_first[j], &R, &INV)
+                   ? 1
+                   : 0;
+    P.sR[j] = R;
+    P.sINV[j] = INV;
+  }
+  q4_screen_error(P, G);
+  for (int j = 0; j < kP; ++j) {
+    P.cs[j] = P.sok[j] && P.e[j] < P.ce[j] ? P.sj[j] : P.cs[j];
+    P.sj[j] = P.cs[j] > 0.0f ? P.cs[j] : 1.0f;
+    P.inv[j] = 1.0f / P.sj[j];
+  }
+  q4_error(P, G);
+  for (int j = 0; j < kP; ++j) {
+    const bool take = P.screened[j] && P.cs[j] > 0.0f && P.e[j] < P.re[j];
+    P.best_s[j] = take ? P.cs[j] : P.best_s[j];
+    P.best_inv[j] = take ? P.inv[j] : P.best_inv[j];
+    P.from_buf[j] = take ? 0 : P.from_buf[j];
+  }
 }
 
 // Group g, columns [p0, p0 + np): nibbles and scales into gout, stats into st.
@@ -276,8 +371,9 @@ QI void q4g_panel(const Int8Source& s, int64_t g, int64_t G, bool search, int64_
       P.rd[j] += q * q;
     }
 
-  int32_t any_search = 0;
+  int32_t any_search = 0, any_screened = 0;
   for (int j = 0; j < kP; ++j) {
+    P.screened[j] = 0;
     P.zero[j] = P.amax[j] == 0.0f ? 1 : 0;
     P.exact[j] = 0;
     P.exact_scale[j] = 0.0f;
@@ -288,24 +384,31 @@ QI void q4g_panel(const Int8Source& s, int64_t g, int64_t G, bool search, int64_
   }
   if (search) {
     // Exact grid, column by column (the gcd usually fails within a few codes).
+    for (int j = 0; j < kP; ++j) {
+      bool uniform = j < np;
+      for (int64_t bb = b_first + 1; bb <= b_last && uniform; ++bb)
+        uniform = s.scales[bb * ld + p0 + j] == s.scales[b_first * ld + p0 + j];
+      P.uniform[j] = uniform ? 1 : 0;
+    }
     for (int j = 0; j < np; ++j) {
       // On a grid of step m >= ceil(camax / 7) every non-zero |code| is at least m.
       if (P.zero[j] || P.nonfin[j] || P.camax[j] > 7 * P.cmin[j]) continue;
-      bool uniform = true;
-      for (int64_t bb = b_first + 1; bb <= b_last && uniform; ++bb)
-        uniform = s.scales[bb * ld + p0 + j] == s.scales[b_first * ld + p0 + j];
       int m = 0;
-      if (!uniform || !exact_grid(&P.code[0][j], kP, G, P.camax[j], P.s8_first[j], &m)) continue;
+      if (!P.uniform[j] || !exact_grid(&P.code[0][j], kP, G, P.camax[j], P.s8_first[j], &m)) continue;
       P.exact[j] = 1;
       P.exact_scale[j] = P.s8_first[j] * static_cast<float>(m);
       for (int64_t k = 0; k < G; ++k) P.q[k][j] = static_cast<int8_t>(P.code[k][j] / m);
     }
     for (int j = 0; j < kP; ++j) {
       P.searching[j] = (1 - P.zero[j]) & (1 - P.nonfin[j]) & (1 - P.exact[j]);
-      any_search |= P.searching[j];
+      P.screened[j] = P.searching[j] & P.uniform[j] & (P.camax[j] >= kScreenMinCodes ? 1 : 0) &
+                      (P.s8_first[j] >= std::numeric_limits<float>::min() ? 1 : 0);
+      any_search |= P.searching[j] & (1 - P.screened[j]);
+      any_screened |= P.screened[j];
     }
   }
-  if (any_search) {
+  if (any_screened) q4_screen(P, G);
+  if (any_search) {  // the columns search step 4 does not screen: every candidate's true error
     for (int c = 0; c < kCandidates; ++c) {
       for (int j = 0; j < kP; ++j) {
         P.sj[j] = bf16_any(P.a7[j] * kFactors[c]);
@@ -314,7 +417,7 @@ QI void q4g_panel(const Int8Source& s, int64_t g, int64_t G, bool search, int64_
       }
       q4_error(P, G);
       for (int j = 0; j < kP; ++j) {
-        const bool better = P.e[j] < P.best_e[j] && !P.bad[j];
+        const bool better = P.e[j] < P.best_e[j] && !P.bad[j] && !P.screened[j];
         P.best_e[j] = better ? P.e[j] : P.best_e[j];
         P.best_s[j] = better ? P.sj[j] : P.best_s[j];
         P.best_inv[j] = better ? P.inv[j] : P.best_inv[j];
@@ -326,7 +429,7 @@ QI void q4g_panel(const Int8Source& s, int64_t g, int64_t G, bool search, int64_
     for (int j = 0; j < kP; ++j) {
       P.num[j] = P.rn[j];
       P.den[j] = P.rd[j];
-      need |= (1 - P.from_buf[j]) & P.searching[j];
+      need |= (1 - P.from_buf[j]) & P.searching[j] & (1 - P.screened[j]);
     }
     if (need) {
       for (int j = 0; j < kP; ++j) P.sj[j] = P.e[j] = 0.0f;  // sums of w*q and q*q
@@ -350,7 +453,7 @@ QI void q4g_panel(const Int8Source& s, int64_t g, int64_t G, bool search, int64_
     }
     q4_error(P, G);
     for (int j = 0; j < kP; ++j) {
-      const bool better = P.e[j] < P.best_e[j] && !P.bad[j];
+      const bool better = P.e[j] < P.best_e[j] && !P.bad[j] && !P.screened[j];
       P.best_s[j] = better ? P.sj[j] : P.best_s[j];
       P.best_inv[j] = better ? P.inv[j] : P.best_inv[j];
       P.from_buf[j] = (better ? 0 : P.from_buf[j]) | (1 - P.searching[j]);
@@ -634,6 +737,19 @@ QA bool any(vi m) { return _mm256_movemask_ps((__m256)m) != 0; }
 QA vi vabs_i(vi v) { return (vi)_mm256_abs_epi32((__m256i)v); }
 QA vi vmax_i(vi a, vi b) { return (vi)_mm256_max_epi32((__m256i)a, (__m256i)b); }
 QA vi vmin_i(vi a, vi b) { return (vi)_mm256_min_epi32((__m256i)a, (__m256i)b); }
+// int16 pairs (quantize_lanes.inc, the screening): rows a and b of 8 columns, interleaved.
+QA vi pair_rows16(const int8_t* a, const int8_t* b) {
+  return (vi)_mm256_cvtepi8_epi16(_mm_unpacklo_epi8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(a)),
+                                                    _mm_loadl_epi64(reinterpret_cast<const __m128i*>(b))));
+}
+QA vi mulhrs16(vi a, vi b) { return (vi)_mm256_mulhrs_epi16((__m256i)a, (__m256i)b); }
+QA vi madd16(vi a, vi b) { return (vi)_mm256_madd_epi16((__m256i)a, (__m256i)b); }
+QA vi clamp7_16(vi a) {
+  return (vi)_mm256_min_epi16(_mm256_max_epi16((__m256i)a, _mm256_set1_epi16(-7)), _mm256_set1_epi16(7));
+}
+QA vi screen_d16(vi x, vi q, vi R2) {  // 256 x - q R
+  return (vi)_mm256_sub_epi16(_mm256_slli_epi16((__m256i)x, 8), _mm256_mullo_epi16((__m256i)q, (__m256i)R2));
+}
 
 #include "quantize/quantize_lanes.inc"
 
@@ -671,6 +787,19 @@ QA bool any(vi m) { return _mm512_movepi32_mask((__m512i)m) != 0; }
 QA vi vabs_i(vi v) { return (vi)_mm512_abs_epi32((__m512i)v); }
 QA vi vmax_i(vi a, vi b) { return (vi)_mm512_max_epi32((__m512i)a, (__m512i)b); }
 QA vi vmin_i(vi a, vi b) { return (vi)_mm512_min_epi32((__m512i)a, (__m512i)b); }
+QA vi pair_rows16(const int8_t* a, const int8_t* b) {
+  const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a)),
+                y = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b));
+  return (vi)_mm512_cvtepi8_epi16(_mm256_set_m128i(_mm_unpackhi_epi8(x, y), _mm_unpacklo_epi8(x, y)));
+}
+QA vi mulhrs16(vi a, vi b) { return (vi)_mm512_mulhrs_epi16((__m512i)a, (__m512i)b); }
+QA vi madd16(vi a, vi b) { return (vi)_mm512_madd_epi16((__m512i)a, (__m512i)b); }
+QA vi clamp7_16(vi a) {
+  return (vi)_mm512_min_epi16(_mm512_max_epi16((__m512i)a, _mm512_set1_epi16(-7)), _mm512_set1_epi16(7));
+}
+QA vi screen_d16(vi x, vi q, vi R2) {
+  return (vi)_mm512_sub_epi16(_mm512_slli_epi16((__m512i)x, 8), _mm512_mullo_epi16((__m512i)q, (__m512i)R2));
+}
 
 #include "quantize/quantize_lanes.inc"
 
@@ -866,6 +995,51 @@ void quantize_q4g_ref(const Int8Source& s, int64_t group, bool search, uint8_t* 
           exact = true;
           scale = s8 * static_cast<float>(m);
           for (int64_t k = 0; k < G; ++k) q[k] = code[k] / m;
+        } else if (uniform && camax >= kScreenMinCodes && s8 >= std::numeric_limits<float>::min()) {
+          // Screened in code units: the candidates by their fixed-point error, then the
+          // winner against RTN by the true one.
+          auto screen = [&](int32_t R, int32_t INV) {
+            float e = 0;
+            for (int64_t k = 0; k < G; k += 2) e += static_cast<float>(screen_pair(code[k], code[k + 1], R, INV));
+            return e;
+          };
+          float ce = std::numeric_limits<float>::infinity(), cs = 0;
+          int32_t cINV = 0;
+          for (int j = 0; j < kCandidates; ++j) {
+            const float sj = round_bf16(a7 * kFactors[j]);
+            int32_t R = 0, INV = 0;
+            if (!screen_step(sj, s8, &R, &INV)) continue;
+            const float e = screen(R, INV);
+            if (e < ce) {
+              ce = e;
+              cs = sj;
+              cINV = INV;
+            }
+          }
+          if (cs > 0.0f) {
+            int32_t num = 0, den = 0;  // least squares in code units: sum(c q) / sum(q q)
+            for (int64_t k = 0; k < G; ++k) {
+              const int32_t qc = screen_q(code[k], cINV);
+              num += code[k] * qc;
+              den += qc * qc;
+            }
+            const float sl = round_bf16(static_cast<float>(num) / static_cast<float>(den > 0 ? den : 1) * s8);
+            int32_t R = 0, INV = 0;
+            if (den > 0 && sl > 0.0f && finite_bits(sl) && sl != cs && screen_step(sl, s8, &R, &INV)) {
+              if (screen(R, INV) < ce) cs = sl;
+            }
+            const float inv = 1.0f / cs;
+            float e = 0;
+            for (int64_t k = 0; k < G; ++k) {
+              const float d = round_bf16(rne_small(clamp7(w[k] * inv)) * cs) - w[k];
+              e += d * d;
+            }
+            if (e < re) {
+              improved = true;
+              scale = cs;
+              for (int64_t k = 0; k < G; ++k) q[k] = static_cast<int>(rne_small(clamp7(w[k] * inv)));
+            }
+          }
         } else {
           auto eval = [&](float sj, float inv) {
             float e = 0;

@@ -298,6 +298,16 @@ TEST(QuantizeQ4g, MatchesScalarReferenceOnEveryPath) {
       r.scales[3] = 0;
       r.scales[(c.B - 1) * c.N + 5] = 0x7fc0;
     }
+    // The screening's edges (search step 4a): small codes (|code| < 32, not screened),
+    // a negative int8 scale (not screened), and codes at -128 / 127 (the fixed-point
+    // residuals near -2^15).
+    if (c.N > 9) {
+      for (int64_t k = 0; k < c.K; ++k) {
+        r.codes[k * c.N + 6] = static_cast<int8_t>(r.codes[k * c.N + 6] / 5);
+        r.codes[k * c.N + 8] = static_cast<int8_t>(k % 3 == 0 ? -128 : (k % 3 == 1 ? 127 : (k * 37) % 61 - 30));
+      }
+      for (int64_t b = 0; b < c.B; ++b) r.scales[b * c.N + 7] |= 0x8000;
+    }
     for (bool search : {false, true}) {
       SCOPED_TRACE(testing::Message() << c.K << "x" << c.N << " B " << c.B << " G " << c.G << " search " << search);
       ErrorStats sr;
