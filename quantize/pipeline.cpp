@@ -100,6 +100,18 @@ class InputTensor {
       }
     }
   }
+  // Rows [k0, k1) x columns [c0, c1) of expert e's codes where they lie in one input
+  // rank's payload: a pointer into the mapped shard and its row stride (*ld), with no
+  // copy; nullptr where the region spans ranks (then codes() gathers it).
+  const int8_t* codes_view(int64_t e, int64_t k0, int64_t k1, int64_t c0, int64_t c1, int64_t* ld) const {
+    const Part& p = find(k0, c0, /*scale=*/false);
+    const IndexEntry& en = *p.entry;
+    const int64_t R = en.shape[en.shape.size() - 2], C = en.shape.back();
+    const int64_t r0 = row_origin(en), cstart = col_origin(en);
+    if (k1 > r0 + R || c1 > cstart + C) return nullptr;
+    *ld = C;
+    return reinterpret_cast<const int8_t*>(p.shard->stored(en)) + (e * R + (k0 - r0)) * C + (c0 - cstart);
+  }
   // Scale row b (a global block) of expert e, columns [c0, c1), as bf16 bits.
   void scales(int64_t e, int64_t b, int64_t c0, int64_t c1, uint16_t* out) const {
     for (int64_t c = c0; c < c1;) {
@@ -407,6 +419,19 @@ Status Quantizer::write_weight(size_t t, size_t r, format::PayloadWriter& w, Err
     for (int64_t bl = 0; bl < B; ++bl) in.scales(e, bl, a, b, p + bl * (b - a));
     return p;
   };
+  // Rows [k0, k1) of expert e as an Int8Source: in place in the mapped input where one
+  // rank holds them all (the usual case), else gathered into per-thread scratch.
+  auto source = [&](int64_t e, int64_t k0, int64_t k1) {
+    int64_t ld = 0;
+    const int8_t* codes = in.codes_view(e, k0, k1, c0, c1, &ld);
+    if (codes == nullptr) {
+      int8_t* buf = scratch<int8_t>(0, static_cast<size_t>((k1 - k0) * width));
+      in.codes(e, k0, k1, c0, c1, buf);
+      codes = buf;
+      ld = width;
+    }
+    return Int8Source{codes, expert_scales(e, c0, c1), k1 - k0, width, ld, B, k0, K};
+  };
   // Items of the rank's rows, expert after expert: 32 to 256 rows (a multiple of 32, as
   // f8col needs), about kItemBytes of codes, so that many threads' windows stay small.
   const int64_t item_rows = std::clamp<int64_t>(kItemBytes / std::max<int64_t>(width, 1) / 32 * 32, 32, kRowBlock);
@@ -448,9 +473,7 @@ Status Quantizer::write_weight(size_t t, size_t r, format::PayloadWriter& w, Err
           static_cast<size_t>(E * groups), gbytes,
           [&](size_t i, ItemOut& o) {
             const int64_t e = static_cast<int64_t>(i) / groups, k0 = k_begin + (static_cast<int64_t>(i) % groups) * G;
-            int8_t* codes = scratch<int8_t>(0, static_cast<size_t>(G * width));
-            in.codes(e, k0, k0 + G, c0, c1, codes);
-            Int8Source s{codes, expert_scales(e, c0, c1), G, width, width, B, k0, K};
+            const Int8Source s = source(e, k0, k0 + G);
             o.bytes.resize(gbytes);
             quantize_q4g(s, G, o_.search, o.bytes.data(), &o.stats);
             o.input_bytes = static_cast<uint64_t>(G * width);
@@ -483,11 +506,9 @@ Status Quantizer::write_weight(size_t t, size_t r, format::PayloadWriter& w, Err
           [&](size_t i, ItemOut& o) {
             int64_t e, k0, k1;
             row_block(i, &e, &k0, &k1);
-            int8_t* codes = scratch<int8_t>(0, static_cast<size_t>((k1 - k0) * width));
-            in.codes(e, k0, k1, c0, c1, codes);
             const size_t code_bytes = static_cast<size_t>((k1 - k0) * width);
             o.bytes.resize(code_bytes + tail);
-            Int8Source s{codes, expert_scales(e, c0, c1), k1 - k0, width, width, B, k0, K};
+            const Int8Source s = source(e, k0, k1);
             quantize_f8col(s, col_scales.data() + e * width, o.bytes.data(), &o.stats);
             // The codes; the column scales (with their padding) follow the expert's last block.
             if (k1 != k_end) o.bytes.resize(code_bytes);
@@ -501,10 +522,8 @@ Status Quantizer::write_weight(size_t t, size_t r, format::PayloadWriter& w, Err
           [&](size_t i, ItemOut& o) {
             int64_t e, k0, k1;
             row_block(i, &e, &k0, &k1);
-            int8_t* codes = scratch<int8_t>(0, static_cast<size_t>((k1 - k0) * width));
-            in.codes(e, k0, k1, c0, c1, codes);
             o.bytes.resize(static_cast<size_t>(2 * (k1 - k0) * width));
-            Int8Source s{codes, expert_scales(e, c0, c1), k1 - k0, width, width, B, k0, K};
+            const Int8Source s = source(e, k0, k1);
             dequantize_bf16(s, reinterpret_cast<uint16_t*>(o.bytes.data()), &o.stats);
             o.input_bytes = static_cast<uint64_t>((k1 - k0) * width);
           },

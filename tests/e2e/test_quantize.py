@@ -159,6 +159,25 @@ class Quantize(unittest.TestCase):
                 self.assertEqual(joined.shape, whole.shape, f"{scheme} {name}")
                 np.testing.assert_array_equal(joined, whole, f"{scheme} {name}")
 
+    def test_the_input_tp_does_not_matter(self):
+        # From a TP 8 input the TP 1 output's column-split matrices are gathered from eight
+        # ranks; from a TP 1 input they are read in place. Same bytes.
+        int8_tp8 = self.path("int8-tp8")
+        if not os.path.exists(int8_tp8):
+            run("convert", self.ckpt, int8_tp8, "--tp", 8, "--no-progress", check=0)
+        for scheme, flags in (("int4", ["--group-size", "32"]), ("fp8", []), ("bf16", [])):
+            a, ra = self.quantize(f"q-in1-{scheme}", "--scheme", scheme, *flags, tp=1)
+            b = self.path(f"q-in8-{scheme}")
+            p = run("quantize", int8_tp8, b, "--tp", 1, "--json", "--no-progress", "--force", "--scheme", scheme,
+                    *flags, check=0)
+            def stats(report):  # bytes_in counts the input's replicas: eight of each norm at TP 8
+                return [{k: v for k, v in t.items() if k != "bytes_in"} for t in report["tensors"]]
+
+            self.assertEqual(stats(ra), stats(json.loads(p.stdout)), scheme)
+            for f in sorted(os.listdir(a)):
+                with open(os.path.join(a, f), "rb") as x, open(os.path.join(b, f), "rb") as y:
+                    self.assertEqual(x.read(), y.read(), (scheme, f))
+
     def test_search_beats_rtn_on_every_tensor_and_in_kl(self):
         searched, rep_s = self.quantize("q-int4-search", "--scheme", "int4", "--group-size", "64")
         rtn, rep_r = self.quantize("q-int4-rtn", "--scheme", "int4", "--group-size", "64", "--no-search")
