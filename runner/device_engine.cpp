@@ -76,7 +76,7 @@ struct DevSequence {
 // every tensor's checksum computed from the staged bytes. "cufile": GPUDirect Storage
 // straight to the device, then the checksums from the file on the host (the bytes never
 // pass through host memory on the way in).
-Status load_shard(DevRank& R, const EngineOptions& options, Progress& progress) {
+Status load_shard(DevRank& R, const EngineOptions& options, Progress& progress, unsigned readers) {
   const format::ShardHeader& h = R.shard.header();
   const std::string& path = R.shard.path();
   for (const auto& e : R.shard.entries()) {
@@ -103,7 +103,7 @@ Status load_shard(DevRank& R, const EngineOptions& options, Progress& progress) 
   }
   LoadStats stats;
   GROKIT_TRY(load_file_to_device(R.ops, R.stream, path, h.data_offset, h.data_size, R.weights.get(), ranges,
-                                 &progress, &stats));
+                                 &progress, &stats, size_t{32} << 20, readers));
   R.load_seconds = stats.seconds;
   return {};
 }
@@ -370,7 +370,9 @@ Status DeviceEngine::load(const std::string& dir, const EngineOptions& options, 
     } else {
       DEV_TRY(ops_, ops_->stream_create(&R.stream));
     }
-    return load_shard(R, options, progress);
+    // The rank's share of the host's threads read its shard (8 at most: past that the
+    // page cache, not the threads, sets the pace).
+    return load_shard(R, options, progress, std::min(8u, threads_per_rank_));
   }));
   progress.finish();
 

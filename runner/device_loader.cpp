@@ -5,9 +5,14 @@
 #include <xxhash.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <chrono>
+#include <condition_variable>
 #include <cstring>
+#include <mutex>
+#include <optional>
+#include <thread>
 
 namespace grokit::runner {
 
@@ -24,23 +29,119 @@ Status op_status(const GrokitOps* ops, int rc, const char* what) {
 struct Staging {
   const GrokitOps* ops;
   GrokitStream stream;
-  void* buf[2] = {nullptr, nullptr};
-  void* ev[2] = {nullptr, nullptr};
+  std::vector<void*> buf, ev;
   ~Staging() {
-    if (buf[0] != nullptr || buf[1] != nullptr) (void)ops->stream_sync(stream);
-    for (int b = 0; b < 2; ++b) {
-      if (ev[b] != nullptr) ops->event_destroy(ev[b]);
-      if (buf[b] != nullptr) ops->free_pinned(buf[b]);
+    bool any = false;
+    for (void* b : buf) any = any || b != nullptr;
+    if (any) (void)ops->stream_sync(stream);
+    for (void* e : ev)
+      if (e != nullptr) ops->event_destroy(e);
+    for (void* b : buf)
+      if (b != nullptr) ops->free_pinned(b);
+  }
+};
+
+// The reader threads' side: chunk i goes into buffer i % slots once the calling thread
+// has seen the copy out of that buffer (chunk i - slots) finish.
+class Readers {
+ public:
+  Readers(int fd, const std::string& path, uint64_t file_offset, uint64_t bytes, size_t chunk,
+          const std::vector<void*>& bufs)
+      : fd_(fd), path_(path), file_offset_(file_offset), bytes_(bytes), chunk_(chunk), bufs_(bufs),
+        read_(bufs.size(), UINT64_MAX) {}
+  ~Readers() { stop(); }
+
+  void start(unsigned n) {
+    for (unsigned t = 0; t < n; ++t) threads_.emplace_back([this] { run(); });
+  }
+  void stop() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stopping_ = true;
+    }
+    cv_.notify_all();
+    for (auto& t : threads_) t.join();
+    threads_.clear();
+  }
+  // Waits until chunk i is in its buffer; an error if a read failed.
+  Status wait_read(uint64_t i) {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [&] { return read_[i % bufs_.size()] == i || error_.has_value(); });
+    if (error_) return *error_;
+    return {};
+  }
+  // The copy out of chunk i's buffer is done: the buffer may take chunk i + slots.
+  void release(uint64_t i) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      released_ = i + 1;
+    }
+    cv_.notify_all();
+  }
+  double read_seconds() const { return read_ns_.load() * 1e-9; }
+
+ private:
+  void run() {
+    const uint64_t slots = bufs_.size(), chunks = (bytes_ + chunk_ - 1) / chunk_;
+    for (uint64_t i = next_.fetch_add(1); i < chunks; i = next_.fetch_add(1)) {
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait(lock, [&] { return stopping_ || i < released_ + slots; });
+        if (stopping_) return;
+      }
+      const uint64_t done = i * chunk_;
+      const size_t len = static_cast<size_t>(std::min<uint64_t>(chunk_, bytes_ - done));
+      auto* buf = static_cast<uint8_t*>(bufs_[i % slots]);
+      const auto t0 = std::chrono::steady_clock::now();
+      std::optional<Error> err;
+      for (size_t got = 0; got < len;) {
+        ssize_t r = ::pread(fd_, buf + got, len - got, static_cast<off_t>(file_offset_ + done + got));
+        if (r < 0 && errno == EINTR) continue;
+        if (r < 0) {
+          err = Error{str_cat(path_, ": read failed at byte ", file_offset_ + done + got, ": ", std::strerror(errno))};
+          break;
+        }
+        if (r == 0) {
+          err = Error{str_cat(path_, ": the file ends at byte ", file_offset_ + done + got, ", before byte ",
+                              file_offset_ + bytes_, " that was to be loaded")};
+          break;
+        }
+        got += static_cast<size_t>(r);
+      }
+      read_ns_.fetch_add(static_cast<uint64_t>(
+          std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count()));
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (err && !error_) error_ = std::move(err);
+        if (!err) read_[i % slots] = i;
+      }
+      cv_.notify_all();
+      if (err) return;
     }
   }
+
+  const int fd_;
+  const std::string& path_;
+  const uint64_t file_offset_, bytes_;
+  const size_t chunk_;
+  const std::vector<void*>& bufs_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<uint64_t> read_;  // per buffer: the chunk it holds, once read
+  uint64_t released_ = 0;       // chunks whose copies are done
+  bool stopping_ = false;
+  std::optional<Error> error_;
+  std::atomic<uint64_t> next_{0}, read_ns_{0};
+  std::vector<std::thread> threads_;
 };
 
 }  // namespace
 
 Status load_file_to_device(const GrokitOps* ops, GrokitStream stream, const std::string& path, uint64_t file_offset,
                            uint64_t bytes, void* dst, const std::vector<HashedRange>& ranges, Progress* progress,
-                           LoadStats* stats, size_t staging_bytes) {
+                           LoadStats* stats, size_t staging_bytes, unsigned readers) {
   GROKIT_CHECK(staging_bytes > 0);
+  readers = std::max(1u, readers);
   int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) return make_error("cannot open ", path, ": ", std::strerror(errno));
   struct Closer {
@@ -50,8 +151,11 @@ Status load_file_to_device(const GrokitOps* ops, GrokitStream stream, const std:
   (void)posix_fadvise(fd, static_cast<off_t>(file_offset), static_cast<off_t>(bytes), POSIX_FADV_SEQUENTIAL);
 
   const size_t chunk = static_cast<size_t>(std::min<uint64_t>(staging_bytes, std::max<uint64_t>(bytes, 1)));
-  Staging st{ops, stream};
-  for (int b = 0; b < 2; ++b) {
+  const uint64_t chunks = (bytes + chunk - 1) / chunk;
+  readers = static_cast<unsigned>(std::min<uint64_t>(readers, std::max<uint64_t>(chunks, 1)));
+  const size_t slots = static_cast<size_t>(std::min<uint64_t>(readers + 2, std::max<uint64_t>(chunks, 1)));
+  Staging st{ops, stream, std::vector<void*>(slots, nullptr), std::vector<void*>(slots, nullptr)};
+  for (size_t b = 0; b < slots; ++b) {
     if (ops->alloc_pinned(&st.buf[b], chunk) != GROKIT_OK)
       return make_error("cannot allocate ", human_bytes(static_cast<double>(chunk)), " of pinned staging memory: ",
                         ops->error_message());
@@ -71,24 +175,15 @@ Status load_file_to_device(const GrokitOps* ops, GrokitStream stream, const std:
   bool hashing = false;
 
   const auto t0 = std::chrono::steady_clock::now();
-  double read_s = 0;
-  uint64_t done = 0;
-  for (int i = 0; done < bytes; ++i) {
-    const int b = i % 2;
-    // The copy out of this buffer (two chunks ago) must be done before it is refilled.
-    if (i >= 2) GROKIT_TRY(op_status(ops, ops->event_sync(st.ev[b]), "event_sync"));
+  // Declared after the staging: stopped (joined) before its buffers are freed.
+  Readers rd(fd, path, file_offset, bytes, chunk, st.buf);
+  rd.start(readers);
+  for (uint64_t i = 0; i < chunks; ++i) {
+    const size_t b = i % slots;
+    const uint64_t done = i * chunk;
     const size_t len = static_cast<size_t>(std::min<uint64_t>(chunk, bytes - done));
-    uint8_t* buf = static_cast<uint8_t*>(st.buf[b]);
-    const auto r0 = std::chrono::steady_clock::now();
-    for (size_t got = 0; got < len;) {
-      ssize_t r = ::pread(fd, buf + got, len - got, static_cast<off_t>(file_offset + done + got));
-      if (r < 0 && errno == EINTR) continue;
-      if (r < 0) return make_error(path, ": read failed at byte ", file_offset + done + got, ": ", std::strerror(errno));
-      if (r == 0) return make_error(path, ": the file ends at byte ", file_offset + done + got, ", before byte ",
-                                    file_offset + bytes, " that was to be loaded");
-      got += static_cast<size_t>(r);
-    }
-    read_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - r0).count();
+    GROKIT_TRY(rd.wait_read(i));
+    const uint8_t* buf = static_cast<const uint8_t*>(st.buf[b]);
     GROKIT_TRY(op_status(ops, ops->copy(static_cast<uint8_t*>(dst) + done, buf, len, GROKIT_COPY_H2D, stream), "copy"));
     GROKIT_TRY(op_status(ops, ops->event_record(st.ev[b], stream), "event_record"));
     // Hash [done, done + len) into the ranges it overlaps while the device copies it.
@@ -112,16 +207,20 @@ Status load_file_to_device(const GrokitOps* ops, GrokitStream stream, const std:
                           " of the file) has checksum ", hex64(got), ", the index records ", hex64(e.xxh3),
                           ": the file is corrupt");
     }
-    done += len;
+    // The buffer goes back to the readers once its copy is done (by now, usually).
+    GROKIT_TRY(op_status(ops, ops->event_sync(st.ev[b]), "event_sync"));
+    rd.release(i);
     if (progress != nullptr) progress->add(len);
   }
   GROKIT_TRY(op_status(ops, ops->stream_sync(stream), "stream_sync"));
+  rd.stop();
   if (next < order.size())
     return make_error(path, ": tensor '", order[next]->name, "' lies outside the ", bytes, " bytes loaded");
   if (stats != nullptr) {
     stats->seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    stats->read_seconds = read_s;
+    stats->read_seconds = rd.read_seconds();
     stats->bytes = bytes;
+    stats->readers = readers;
   }
   return {};
 }

@@ -1,6 +1,8 @@
-// Loading files into device memory (kernels/ops.h backends): a few large reads into two
-// pinned staging buffers, each buffer's copy to the device overlapping the read into the
-// other, XXH3-64 of named byte ranges computed from the staged bytes on the way.
+// Loading files into device memory (kernels/ops.h backends): large reads into pinned
+// staging buffers by `readers` threads at once (one thread's reads from the page cache run
+// at a fraction of a host-to-device copy), each buffer's copy to the device overlapping
+// the reads into the others, XXH3-64 of named byte ranges computed from the staged bytes
+// on the way. Only the calling thread touches the device (copies, events).
 #pragma once
 
 #include <string>
@@ -20,15 +22,17 @@ struct HashedRange {
 
 struct LoadStats {
   double seconds = 0;         // from the first read to the last copy done
-  double read_seconds = 0;    // in pread
+  double read_seconds = 0;    // in pread, summed over the reader threads
   uint64_t bytes = 0;
+  unsigned readers = 0;
 };
 
 // Copies bytes [file_offset, file_offset + bytes) of `path` to dst (device memory) on
-// `stream`, returning when the device holds them. staging_bytes: each of the two pinned
-// buffers. Ranges must not overlap.
+// `stream`, returning when the device holds them. staging_bytes: each pinned buffer (one
+// chunk); readers: threads reading chunks at once (readers + 2 buffers). Ranges must not
+// overlap.
 Status load_file_to_device(const GrokitOps* ops, GrokitStream stream, const std::string& path, uint64_t file_offset,
                            uint64_t bytes, void* dst, const std::vector<HashedRange>& ranges, Progress* progress,
-                           LoadStats* stats, size_t staging_bytes = size_t{64} << 20);
+                           LoadStats* stats, size_t staging_bytes = size_t{32} << 20, unsigned readers = 1);
 
 }  // namespace grokit::runner

@@ -121,6 +121,9 @@ class HostDevice(DeviceCases, unittest.TestCase):
                      "decode step, int4, batch 1", "bf16 matrix product (peak)", "prefill 80 tokens, int8",
                      "file read (page cache)", "shard load (page cache)", "the same load"):
             self.assertIn(what, rows, p.stdout)
+        # The file read again by as many threads as the loader's readers.
+        self.assertTrue(any(k.startswith("file read, ") and k.endswith(" threads") for k in rows), p.stdout)
+        self.assertRegex(rows["shard load (page cache)"], r"GB/s, [1-8] readers")
         for what in ("decode step, int8, batch 1", "decode step, int4, batch 1", "prefill 80 tokens, int8",
                      "shard load (page cache)"):
             ratio = float(rows[what].split()[-3])  # ... ratio ">=" target
