@@ -1,0 +1,102 @@
+// Tests of the staged device loader (runner/device_loader.h) on the host backend, whose
+// device memory is host memory: every byte lands, with one reader thread or several, at
+// any chunk size; checksums name the tensor they fail; a short file is named.
+#include <gtest/gtest.h>
+#include <xxhash.h>
+
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "common/common.h"
+#include "kernels/ops.h"
+#include "runner/device_loader.h"
+#include "tests/unit/temp_dir.h"
+
+namespace grokit::runner {
+namespace {
+
+const GrokitOps* ops() { return grokit_host_ops(); }
+
+struct File {
+  testing::TempDir dir{"loader"};
+  std::string path = dir.file("shard.bin");
+  std::vector<uint8_t> bytes;
+  explicit File(size_t n) : bytes(n) {
+    std::mt19937_64 rng(n);
+    for (auto& b : bytes) b = static_cast<uint8_t>(rng());
+    auto f = OutputFile::open(path, OutputFile::Mode::kCreateExclusive);
+    EXPECT_TRUE(f.ok());
+    EXPECT_TRUE(f->pwrite_all(0, bytes.data(), bytes.size()).ok());
+    EXPECT_TRUE(f->close().ok());
+  }
+  // A range of a load that starts at byte `base` of the file (offsets relative to it).
+  HashedRange range(const char* name, uint64_t offset, uint64_t size, uint64_t base = 0) const {
+    return {name, offset, size, XXH3_64bits(bytes.data() + base + offset, size)};
+  }
+};
+
+TEST(DeviceLoader, EveryByteLandsWithAnyReadersAndChunks) {
+  const File f(3 * 1000 * 1000 + 123);
+  const uint64_t offset = 4096 + 7, bytes = f.bytes.size() - offset - 99;
+  // Ranges that start and end inside chunks, span several, and one of a single byte.
+  const std::vector<HashedRange> ranges = {f.range("a", 0, 1000, offset), f.range("b", 1000, 1500000, offset),
+                                           f.range("c", 1500000, 1, offset),
+                                           f.range("d", 1600000, bytes - 1600000, offset)};
+  for (unsigned readers : {1u, 2u, 3u, 8u}) {
+    for (size_t staging : {size_t{65536}, size_t{1} << 20, size_t{64} << 20}) {
+      SCOPED_TRACE(::testing::Message() << readers << " readers, staging " << staging);
+      std::vector<uint8_t> device(bytes, 0xee);
+      LoadStats st;
+      Status s = load_file_to_device(ops(), nullptr, f.path, offset, bytes, device.data(), ranges, nullptr, &st,
+                                     staging, readers);
+      ASSERT_TRUE(s.ok()) << s.error().message;
+      EXPECT_EQ(0, std::memcmp(device.data(), f.bytes.data() + offset, bytes));
+      EXPECT_EQ(st.bytes, bytes);
+      EXPECT_GE(st.readers, 1u);
+      EXPECT_LE(st.readers, readers);
+    }
+  }
+}
+
+TEST(DeviceLoader, AChecksumMismatchNamesTheTensor) {
+  const File f(2 << 20);
+  std::vector<HashedRange> ranges = {f.range("good", 0, 1 << 20), f.range("layer.3.bad", 1 << 20, 1 << 20)};
+  ranges[1].xxh3 ^= 1;
+  for (unsigned readers : {1u, 4u}) {
+    std::vector<uint8_t> device(f.bytes.size());
+    Status s = load_file_to_device(ops(), nullptr, f.path, 0, f.bytes.size(), device.data(), ranges, nullptr, nullptr,
+                                   size_t{1} << 18, readers);
+    ASSERT_FALSE(s.ok());
+    EXPECT_NE(s.error().message.find("tensor 'layer.3.bad'"), std::string::npos) << s.error().message;
+    EXPECT_NE(s.error().message.find("corrupt"), std::string::npos) << s.error().message;
+  }
+}
+
+TEST(DeviceLoader, AShortFileIsNamedWithTheByte) {
+  const File f(1 << 20);
+  for (unsigned readers : {1u, 3u}) {
+    std::vector<uint8_t> device(2 << 20);
+    Status s = load_file_to_device(ops(), nullptr, f.path, 0, 2 << 20, device.data(), {}, nullptr, nullptr,
+                                   size_t{1} << 16, readers);
+    ASSERT_FALSE(s.ok());
+    EXPECT_NE(s.error().message.find("the file ends at byte 1048576"), std::string::npos) << s.error().message;
+  }
+  Status s = load_file_to_device(ops(), nullptr, f.dir.file("missing"), 0, 16, nullptr, {}, nullptr, nullptr);
+  ASSERT_FALSE(s.ok());
+  EXPECT_NE(s.error().message.find("cannot open"), std::string::npos) << s.error().message;
+}
+
+TEST(DeviceLoader, ARangeOutsideTheLoadIsAnError) {
+  const File f(1 << 16);
+  std::vector<uint8_t> device(1 << 16);
+  Status s = load_file_to_device(ops(), nullptr, f.path, 0, 1 << 16, device.data(), {f.range("x", 1 << 15, 1 << 15),
+                                                                                     {"past", 1 << 16, 8, 0}},
+                                 nullptr, nullptr, size_t{1} << 12, 2);
+  ASSERT_FALSE(s.ok());
+  EXPECT_NE(s.error().message.find("tensor 'past' lies outside"), std::string::npos) << s.error().message;
+}
+
+}  // namespace
+}  // namespace grokit::runner
