@@ -209,7 +209,6 @@ Result<OutputFile> OutputFile::open(const std::string& path, Mode mode) {
   return f;
 }
 
-
 Status OutputFile::pwrite_all(uint64_t offset, const void* data, size_t size) const {
   const auto* p = static_cast<const uint8_t*>(data);
   size_t done = 0;

@@ -419,17 +419,19 @@ Status Quantizer::write_weight(size_t t, size_t r, format::PayloadWriter& w, Err
     for (int64_t bl = 0; bl < B; ++bl) in.scales(e, bl, a, b, p + bl * (b - a));
     return p;
   };
-  // Rows [k0, k1) of expert e as an Int8Source: in place in the mapped input where one
-  // rank holds them all (the usual case), else gathered into per-thread scratch.
+  // Rows [k0, k1) x columns [a, b) of expert e's codes, row stride *ld: in place in the
+  // mapped input where one rank holds them all (the usual case), else gathered into
+  // per-thread scratch.
+  auto codes_of = [&](int64_t e, int64_t k0, int64_t k1, int64_t a, int64_t b, int64_t* ld) -> const int8_t* {
+    if (const int8_t* view = in.codes_view(e, k0, k1, a, b, ld)) return view;
+    int8_t* buf = scratch<int8_t>(0, static_cast<size_t>((k1 - k0) * (b - a)));
+    in.codes(e, k0, k1, a, b, buf);
+    *ld = b - a;
+    return buf;
+  };
   auto source = [&](int64_t e, int64_t k0, int64_t k1) {
     int64_t ld = 0;
-    const int8_t* codes = in.codes_view(e, k0, k1, c0, c1, &ld);
-    if (codes == nullptr) {
-      int8_t* buf = scratch<int8_t>(0, static_cast<size_t>((k1 - k0) * width));
-      in.codes(e, k0, k1, c0, c1, buf);
-      codes = buf;
-      ld = width;
-    }
+    const int8_t* codes = codes_of(e, k0, k1, c0, c1, &ld);
     return Int8Source{codes, expert_scales(e, c0, c1), k1 - k0, width, ld, B, k0, K};
   };
   // Items of the rank's rows, expert after expert: 32 to 256 rows (a multiple of 32, as
@@ -492,11 +494,11 @@ Status Quantizer::write_weight(size_t t, size_t r, format::PayloadWriter& w, Err
         float* absmax = scratch<float>(2, static_cast<size_t>(b - a));
         std::fill(absmax, absmax + (b - a), 0.0f);
         const uint16_t* scales = expert_scales(e, a, b);
-        int8_t* codes = scratch<int8_t>(0, static_cast<size_t>(kRowBlock * (b - a)));
         for (int64_t k0 = 0; k0 < K; k0 += kRowBlock) {
           const int64_t k1 = std::min(K, k0 + kRowBlock);
-          in.codes(e, k0, k1, a, b, codes);
-          column_absmax(Int8Source{codes, scales, k1 - k0, b - a, b - a, B, k0, K}, absmax);
+          int64_t ld = 0;
+          const int8_t* codes = codes_of(e, k0, k1, a, b, &ld);
+          column_absmax(Int8Source{codes, scales, k1 - k0, b - a, ld, B, k0, K}, absmax);
         }
         f8_column_scales(absmax, b - a, col_scales.data() + e * width + (a - c0));
       });
