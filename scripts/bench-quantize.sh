@@ -4,9 +4,11 @@
 # matrices), against a single-threaded memcpy of the same shard bytes from the same page
 # cache, in the same run. Prints GB/s of int8 input and the ratio per core used:
 #   (quantize GB/s / threads) / (memcpy GB/s).   Target: >= 0.5.
-# Also `cp` of the same file, the pass a converter cannot beat on its file system.
+# Also `cp` of the same file, the pass a converter cannot beat through the page cache, and
+# 1 GiB of direct writes, the disk's rate for the shards quantize writes (O_DIRECT).
 # The int4 scale search (the default) and plain RTN (--no-search) are both timed, and
-# fp8 for comparison; last, the kernels alone (one thread, data in cache, no file I/O). Output goes to a scratch directory that is removed afterwards.
+# fp8 for comparison; last, the kernels alone (one thread, data in cache, no file I/O).
+# Output goes to a scratch directory that is removed afterwards.
 # Usage: scripts/bench-quantize.sh [WORK_DIR] [THREADS]   (default: build/bench-quantize,
 #        every core; needs ~12 GB of disk)
 set -euo pipefail
@@ -59,6 +61,34 @@ print(f"{best / 1e9:.3f}")
 PY
 )
 
+# The disk's rate for what quantize writes: 1 GiB in 8 MiB direct (O_DIRECT) writes, as
+# its shards are written, then fsync (best of 2; 0 where the file system refuses
+# O_DIRECT). int4 writes about half as many bytes as it reads.
+DIRECT=$(python3 - "$WORK/direct-probe" <<'PY'
+import mmap, os, sys, time
+path, chunk, total = sys.argv[1], 8 << 20, 1 << 30
+buf = mmap.mmap(-1, chunk)  # page-aligned, as O_DIRECT needs
+buf.write(os.urandom(chunk))
+best = 0.0
+for _ in range(2):
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+    except OSError:
+        break
+    t0 = time.perf_counter()
+    try:
+        for off in range(0, total, chunk):
+            os.pwritev(fd, [buf], off)
+        os.fsync(fd)
+        best = max(best, total / (time.perf_counter() - t0))
+    except OSError:
+        pass
+    os.close(fd)
+    os.remove(path)
+print(f"{best / 1e9:.3f}")
+PY
+)
+
 run() {  # name, flags... -> "GB/s" of int8 input, parsed from the one-line summary
   local name=$1
   shift
@@ -78,10 +108,11 @@ KERNEL=$(build/bin/test_quantize --gtest_also_run_disabled_tests --gtest_filter=
   awk '/^memcpy/ {m = $2} /^q4g g128 search/ {s = $5} /^q4g g128 rtn/ {r = $5} /^f8col/ {f = $3}
        END {printf "memcpy %.2f, int4 search %.2f, RTN %.2f, fp8 %.2f GB/s", m, s, r, f}')
 
-awk -v m="$MEMCPY" -v c="$CP" -v s="$SEARCH" -v r="$RTN" -v f="$FP8" -v t="$THREADS" -v k="$KERNEL" 'BEGIN {
+awk -v m="$MEMCPY" -v c="$CP" -v d="$DIRECT" -v s="$SEARCH" -v r="$RTN" -v f="$FP8" -v t="$THREADS" -v k="$KERNEL" 'BEGIN {
   printf "\nbench-quantize: real-width slice, %d threads\n", t
   printf "  memcpy (1 thread)      : %7.2f GB/s\n", m
   printf "  cp of the same file    : %7.2f GB/s\n", c
+  printf "  direct write + fsync   : %7.2f GB/s  (int4 at this rate of output: %.2f GB/s of input)\n", d, 2 * d
   printf "  int4 g128, scale search: %7.2f GB/s  ratio per core %.3f (target >= 0.5), against cp %.2f\n", s, s / t / m, s / c
   printf "  int4 g128, plain RTN   : %7.2f GB/s  ratio per core %.3f, against cp %.2f\n", r, r / t / m, r / c
   printf "  fp8                    : %7.2f GB/s  ratio per core %.3f, against cp %.2f\n", f, f / t / m, f / c
