@@ -14,6 +14,7 @@
 #include <cstdlib>
 #include <functional>
 #include <memory>
+#include <new>
 #include <optional>
 #include <sstream>
 #include <string>
@@ -214,6 +215,23 @@ class AlignedBuffer {
   };
   std::unique_ptr<uint8_t, Free> p_;
   size_t size_ = 0;
+};
+
+// An allocator whose blocks start at multiples of A (a power of two), for containers that
+// direct I/O writes from.
+template <class T, size_t A>
+struct AlignedAllocator {
+  using value_type = T;
+  template <class U>
+  struct rebind {
+    using other = AlignedAllocator<U, A>;
+  };
+  AlignedAllocator() = default;
+  template <class U>
+  AlignedAllocator(const AlignedAllocator<U, A>&) noexcept {}
+  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(A))); }
+  void deallocate(T* p, size_t) noexcept { ::operator delete(p, std::align_val_t(A)); }
+  friend bool operator==(const AlignedAllocator&, const AlignedAllocator&) { return true; }
 };
 
 // An owned file descriptor for writing, with positional writes that retry short

@@ -201,8 +201,8 @@ bool is_shard_file_name(const std::string& name);
 // starting writeback early so dirty pages do not pile up until the final fsync.
 // On a file with direct I/O (OutputFile::enable_direct_io) and a staging buffer whose
 // address and capacity are multiples of OutputFile::kDirectIoAlign, the payload bypasses
-// the page cache: runs from unaligned memory go through the staging buffer, and the last
-// flush pads the tail with zeros to a whole block. The padding stays inside the entry's
+// the page cache: runs of whole aligned blocks go from the caller's memory, others through
+// the staging buffer, and the last flush pads the tail with zeros to a whole block. The padding stays inside the entry's
 // alignment gap (payload offsets are multiples of the shard alignment, at least 4096) or
 // past the end of the file, which write_shard_tail() cuts back to the header's size.
 class PayloadWriter {

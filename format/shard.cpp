@@ -331,9 +331,10 @@ bool PayloadWriter::direct_run(const uint8_t* p, size_t n) const {
 
 Status PayloadWriter::append(const void* data, size_t n) {
   const auto* p = static_cast<const uint8_t*>(data);
-  // A large run goes straight from the caller's memory, unless direct I/O needs it
-  // copied into the aligned staging buffer.
-  if (used_ == 0 && n >= cap_ && (!file_->direct_io() || direct_run(p, n))) return write_out(p, n);
+  // A run goes straight from the caller's memory when it is large (through the page
+  // cache) or, with direct I/O, of whole aligned blocks (64 KiB at least); else it is
+  // copied into the staging buffer.
+  if (used_ == 0 && (file_->direct_io() ? n >= (64u << 10) && direct_run(p, n) : n >= cap_)) return write_out(p, n);
   while (n > 0) {
     size_t k = std::min(n, cap_ - used_);
     std::memcpy(buf_ + used_, p, k);

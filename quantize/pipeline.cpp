@@ -305,7 +305,8 @@ class Quantizer {
   Status remove_state_dir();
   // One item's output: payload bytes, their error stats, and the input bytes they cover.
   struct ItemOut {
-    std::vector<uint8_t> bytes;
+    // Aligned, so that with direct I/O a payload of whole blocks goes to disk from here.
+    std::vector<uint8_t, AlignedAllocator<uint8_t, OutputFile::kDirectIoAlign>> bytes;
     ErrorStats stats;
     uint64_t input_bytes = 0;
   };

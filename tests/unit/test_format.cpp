@@ -762,7 +762,9 @@ static std::string write_ragged_shard(const std::string& path, bool use_direct, 
   }
   Status s = write_shard_tail(*f, h, entries);
   EXPECT_TRUE(s.ok()) << s.error().message;
-  if (*direct) EXPECT_TRUE(f->direct_io()) << "the kernel refused an aligned direct write";
+  if (*direct) {
+    EXPECT_TRUE(f->direct_io()) << "the kernel refused an aligned direct write";
+  }
   EXPECT_TRUE(f->close().ok());
   std::ifstream in(path, std::ios::binary);
   return std::string(std::istreambuf_iterator<char>(in), {});
