@@ -719,12 +719,13 @@ TEST(ShardCorrupt, NotAFile) {
 // =================================================================================
 // PayloadWriter: direct I/O and the page cache write the same shard.
 
-// Three payloads with ragged ends, written through every path of the writer: small
+// Four payloads with ragged ends, written through every path of the writer: small
 // appends through the staging buffer, large runs from aligned and from unaligned memory,
 // zeros, bf16 of f32. Returns the file's bytes; *direct says whether it went direct.
 static std::string write_ragged_shard(const std::string& path, bool use_direct, bool* direct) {
   std::vector<IndexEntry> entries;
-  for (auto [name, n] : {std::pair<const char*, int64_t>{"a", 5000}, {"b", 3 * 8192 + 17}, {"c", 100}}) {
+  for (auto [name, n] :
+       {std::pair<const char*, int64_t>{"a", 5000}, {"b", 3 * 8192 + 17}, {"c", 100}, {"d", 3 * 65536 + 5}}) {
     IndexEntry e;
     e.name = name;
     e.dtype = DType::kI8;
@@ -738,11 +739,12 @@ static std::string write_ragged_shard(const std::string& path, bool use_direct, 
   EXPECT_TRUE(f.ok()) << f.error().message;
   if (!f.ok()) return {};
   *direct = use_direct && f->enable_direct_io();
-  AlignedBuffer staging(8192, OutputFile::kDirectIoAlign);
-  AlignedBuffer source(40000, OutputFile::kDirectIoAlign);
+  AlignedBuffer staging(8192, OutputFile::kDirectIoAlign), big_staging(1 << 20, OutputFile::kDirectIoAlign);
+  AlignedBuffer source(3 * 65536 + 4096, OutputFile::kDirectIoAlign);
   for (size_t i = 0; i < source.size(); ++i) source.data()[i] = static_cast<uint8_t>(i * 7 + 3);
   for (size_t i = 0; i < entries.size(); ++i) {
-    PayloadWriter w(&*f, h.data_offset + entries[i].offset, staging.data(), staging.size());
+    const AlignedBuffer& st = i == 3 ? big_staging : staging;
+    PayloadWriter w(&*f, h.data_offset + entries[i].offset, st.data(), st.size());
     const uint64_t n = entries[i].size;
     if (i == 0) {  // small pieces, then bf16 of f32, then zeros
       for (size_t k = 0; k < 4000; k += 1000) EXPECT_TRUE(w.append(source.data() + k, 1000).ok());
@@ -753,8 +755,11 @@ static std::string write_ragged_shard(const std::string& path, bool use_direct, 
     } else if (i == 1) {  // a large aligned run, then a large unaligned one
       EXPECT_TRUE(w.append(source.data(), 2 * 8192).ok());
       EXPECT_TRUE(w.append(source.data() + 1, n - 2 * 8192).ok());
-    } else {
+    } else if (i == 2) {
       EXPECT_TRUE(w.append(source.data() + 5, n).ok());
+    } else {  // whole aligned blocks smaller than the staging buffer, then a ragged rest
+      EXPECT_TRUE(w.append(source.data(), 2 * 65536).ok());
+      EXPECT_TRUE(w.append(source.data() + 3, n - 2 * 65536).ok());
     }
     EXPECT_TRUE(w.flush().ok());
     EXPECT_EQ(w.written(), n) << entries[i].name;
