@@ -254,6 +254,15 @@ Status OutputFile::truncate(uint64_t size) const {
   return {};
 }
 
+Status OutputFile::reserve(uint64_t size) const {
+  const int rc = ::posix_fallocate(fd_, 0, static_cast<off_t>(size));
+  if (rc == ENOSPC || rc == EFBIG || rc == EDQUOT) {
+    return make_error(path_, ": cannot reserve ", size, " bytes: ", errno_text(rc),
+                      rc == ENOSPC ? " (the disk is full)" : rc == EFBIG ? " (file size limit reached)" : " (disk quota exceeded)");
+  }
+  return rc == 0 ? Status{} : truncate(size);
+}
+
 Result<uint64_t> OutputFile::size() const {
   struct stat st {};
   if (fstat(fd_, &st) != 0) return make_error(path_, ": cannot stat: ", errno_text(errno));
@@ -473,6 +482,50 @@ void ThreadPool::run(size_t n, const std::function<void(size_t)>& fn) {
     s->done.wait(lock, [&] { return s->busy.load() == 0; });
   }
   s->fn = nullptr;
+}
+
+Status run_in_order(ThreadPool& pool, size_t n, size_t slots, const std::function<void(size_t, size_t)>& produce,
+                    const std::function<Status(size_t, size_t)>& consume) {
+  GROKIT_CHECK(slots >= 1);
+  std::mutex m;
+  std::condition_variable slot_freed;
+  std::vector<char> ready(slots, 0);
+  size_t next = 0, consumed = 0;
+  bool consuming = false;
+  Status status;  // the first failed consume; all of these guarded by m
+  pool.run(pool.size(), [&](size_t) {
+    std::unique_lock lk(m);
+    while (status.ok()) {
+      if (!consuming && consumed < n && ready[consumed % slots]) {
+        consuming = true;
+        while (consumed < n && ready[consumed % slots] && status.ok()) {
+          const size_t i = consumed;
+          lk.unlock();
+          Status s = consume(i, i % slots);
+          lk.lock();
+          if (!s.ok()) status = std::move(s);
+          ready[i % slots] = 0;
+          ++consumed;
+          slot_freed.notify_all();
+        }
+        consuming = false;
+        continue;
+      }
+      if (next >= n) break;  // items still in flight are consumed by whoever finishes them
+      if (next >= consumed + slots) {
+        slot_freed.wait(lk);
+        continue;
+      }
+      const size_t i = next++;
+      lk.unlock();
+      produce(i, i % slots);
+      lk.lock();
+      ready[i % slots] = 1;
+    }
+  });
+  GROKIT_TRY(status);
+  GROKIT_CHECK(consumed == n);
+  return {};
 }
 
 // ---------------------------------------------------------------------------------

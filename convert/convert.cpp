@@ -324,11 +324,7 @@ Status Converter::open_partials(bool keep) {
     if (size != rp.header.file_size) {
       if (size != 0) GROKIT_TRY(files_[r].truncate(0));
       // Reserve the space now: a full disk fails here, before data is written.
-      int rc = ::posix_fallocate(files_[r].fd(), 0, static_cast<off_t>(rp.header.file_size));
-      if (rc == ENOSPC || rc == EFBIG || rc == EDQUOT)
-        return make_error(rp.partial_path, ": cannot reserve ", rp.header.file_size, " bytes: ", std::strerror(rc),
-                          rc == ENOSPC ? " (the disk is full)" : rc == EFBIG ? " (file size limit)" : "");
-      if (rc != 0) GROKIT_TRY(files_[r].truncate(rp.header.file_size));
+      GROKIT_TRY(files_[r].reserve(rp.header.file_size));
       for (auto& d : done_) {
         if (d) d.reset();  // a shard that had to be recreated keeps nothing
       }

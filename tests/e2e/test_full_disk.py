@@ -1,4 +1,4 @@
-"""Full disks: converting under a file-size limit (prlimit --fsize) or onto a filesystem
+"""Full disks: converting (and quantizing) under a file-size limit (prlimit --fsize) or onto a filesystem
 that is too small fails with a clear error and leaves nothing that looks complete; once
 there is room, --resume finishes with the same bytes as an unhindered conversion."""
 import os
@@ -38,6 +38,20 @@ class FullDisk(unittest.TestCase):
         self.assertIn("incomplete conversion", v.stderr)
         run("convert", self.ckpt, out, "--tp", 2, "--resume", "--no-progress", check=0)
         self.assertEqual(files_of(out), files_of(self.ref))
+
+    def test_quantize_under_a_file_size_limit(self):
+        """The failed write stops every thread of the quantize pipeline: a clear error, no
+        manifest, and the output directory is not taken for a model."""
+        if shutil.which("prlimit") is None:
+            self.skipTest("prlimit (util-linux) is not installed")
+        out = os.path.join(self.tmp, "q-fsize")
+        p = subprocess.run(["prlimit", f"--fsize={self.shard_size // 8}", GROKIT, "quantize", self.ref, out,
+                            "--scheme", "bf16", "--threads", "3", "--no-progress"], capture_output=True, text=True)
+        self.assertEqual(p.returncode, 1, p.stderr)
+        self.assertIn("file size limit", p.stderr)
+        self.assertFalse(os.path.exists(os.path.join(out, "manifest.json")))
+        v = run("verify", out, "--no-progress")
+        self.assertEqual(v.returncode, 1)
 
     def test_small_filesystem(self):
         """A tmpfs in a private mount namespace: too small, then grown."""

@@ -253,7 +253,7 @@ class Quantize(unittest.TestCase):
         self.assertIn("refusing to overwrite", p.stderr)
 
     def test_deterministic(self):
-        # Each tensor is spread over the threads in windows of items (2 to 4 per thread):
+        # Each tensor is spread over the threads, item by item, on a ring of output slots:
         # the bytes and every reported statistic must not depend on how many there are,
         # nor on whether the shards are written with direct I/O.
         def strip(report):

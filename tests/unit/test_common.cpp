@@ -1,0 +1,96 @@
+// common: run_in_order, the ordered producer/consumer pipeline that quantize writes its
+// payloads with.
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <chrono>
+#include <random>
+#include <thread>
+#include <vector>
+
+#include "common/common.h"
+
+namespace grokit {
+namespace {
+
+// Sleeps a few microseconds, differently per item, so that items finish out of order.
+void jitter(size_t i, unsigned seed) {
+  std::mt19937 rng(static_cast<unsigned>(i) * 7919u + seed);
+  std::this_thread::sleep_for(std::chrono::microseconds(rng() % 200));
+}
+
+TEST(RunInOrder, ConsumesEveryItemInOrderFromItsOwnSlot) {
+  for (unsigned threads : {1u, 2u, 3u, 5u}) {
+    ThreadPool pool(threads);
+    for (size_t slots : {1u, 2u, 3u, 8u}) {
+      for (size_t n : {0u, 1u, 7u, 40u}) {
+        SCOPED_TRACE(testing::Message() << threads << " threads, " << slots << " slots, " << n << " items");
+        std::vector<std::atomic<int64_t>> held(slots);  // the item a slot holds, -1 free
+        for (auto& h : held) h = -1;
+        std::atomic<int> consumers{0}, in_slots{0}, max_in_slots{0};
+        std::vector<size_t> order;
+        bool overwrote = false, overlapped = false, wrong_item = false;
+        Status st = run_in_order(
+            pool, n, slots,
+            [&](size_t i, size_t slot) {
+              if (slot != i % slots) wrong_item = true;
+              int64_t expected = -1;
+              if (!held[slot].compare_exchange_strong(expected, static_cast<int64_t>(i))) overwrote = true;
+              const int now = ++in_slots;
+              for (int m = max_in_slots.load(); now > m && !max_in_slots.compare_exchange_weak(m, now);) {
+              }
+              jitter(i, threads);
+            },
+            [&](size_t i, size_t slot) {
+              if (++consumers != 1) overlapped = true;
+              if (held[slot].load() != static_cast<int64_t>(i)) wrong_item = true;
+              order.push_back(i);
+              held[slot] = -1;
+              --in_slots;
+              --consumers;
+              return Status{};
+            });
+        ASSERT_TRUE(st.ok()) << st.error().message;
+        ASSERT_EQ(order.size(), n);
+        for (size_t i = 0; i < n; ++i) ASSERT_EQ(order[i], i);
+        EXPECT_FALSE(overwrote) << "an item was produced into a slot not yet consumed";
+        EXPECT_FALSE(overlapped) << "two consumes ran at once";
+        EXPECT_FALSE(wrong_item);
+        EXPECT_LE(max_in_slots.load(), static_cast<int>(slots));
+      }
+    }
+  }
+}
+
+TEST(RunInOrder, StopsAtTheFirstFailedConsume) {
+  for (unsigned threads : {1u, 3u}) {
+    ThreadPool pool(threads);
+    const size_t n = 200, slots = 4, fail_at = 37;
+    std::atomic<size_t> produced{0};
+    std::vector<size_t> consumed;
+    Status st = run_in_order(
+        pool, n, slots,
+        [&](size_t i, size_t) {
+          ++produced;
+          jitter(i, 1);
+        },
+        [&](size_t i, size_t) -> Status {
+          consumed.push_back(i);
+          if (i == fail_at) {
+            // Late, so that the next items are ready by then: they must not be consumed.
+            std::this_thread::sleep_for(std::chrono::milliseconds(threads > 1 ? 20 : 0));
+            return make_error("item ", i, ": no space");
+          }
+          return {};
+        });
+    ASSERT_FALSE(st.ok());
+    EXPECT_EQ(st.error().message, "item 37: no space");
+    ASSERT_EQ(consumed.size(), fail_at + 1);
+    EXPECT_EQ(consumed.back(), fail_at);
+    // Nothing past the slots that were in flight when it failed.
+    EXPECT_LE(produced.load(), fail_at + 1 + slots);
+  }
+}
+
+}  // namespace
+}  // namespace grokit
