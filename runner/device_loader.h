@@ -1,8 +1,10 @@
 // Loading files into device memory (kernels/ops.h backends): large reads into pinned
 // staging buffers by `readers` threads at once (one thread's reads from the page cache run
 // at a fraction of a host-to-device copy), each buffer's copy to the device overlapping
-// the reads into the others, XXH3-64 of named byte ranges computed from the staged bytes
-// on the way. Only the calling thread touches the device (copies, events).
+// the reads into the others. The XXH3-64 of named byte ranges is computed from the staged
+// bytes by the thread that read them (a range is read by one thread, in order), so the
+// checksums cost no more time than the reads. Only the calling thread touches the device
+// (copies, events).
 #pragma once
 
 #include <string>
@@ -23,6 +25,7 @@ struct HashedRange {
 struct LoadStats {
   double seconds = 0;         // from the first read to the last copy done
   double read_seconds = 0;    // in pread, summed over the reader threads
+  double hash_seconds = 0;    // in XXH3, summed over the reader threads
   uint64_t bytes = 0;
   unsigned readers = 0;
 };

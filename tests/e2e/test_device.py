@@ -123,7 +123,10 @@ class HostDevice(DeviceCases, unittest.TestCase):
             self.assertIn(what, rows, p.stdout)
         # The file read again by as many threads as the loader's readers.
         self.assertTrue(any(k.startswith("file read, ") and k.endswith(" threads") for k in rows), p.stdout)
-        self.assertRegex(rows["shard load (page cache)"], r"GB/s, [1-8] readers")
+        # The load as `grokit run` does it (checksums verified by the readers), then without.
+        self.assertRegex(rows["shard load (page cache)"], r"GB/s, [1-8] readers, checksums")
+        self.assertRegex(rows["readers' time in XXH3"], r" \d+ %")
+        self.assertGreater(float(rows["without checksums"].split()[-1]), 0, p.stdout)
         for what in ("decode step, int8, batch 1", "decode step, int4, batch 1", "prefill 80 tokens, int8",
                      "shard load (page cache)"):
             ratio = float(rows[what].split()[-3])  # ... ratio ">=" target

@@ -1,9 +1,11 @@
 // Tests of the staged device loader (runner/device_loader.h) on the host backend, whose
 // device memory is host memory: every byte lands, with one reader thread or several, at
-// any chunk size; checksums name the tensor they fail; a short file is named.
+// any chunk size, with tensors of every size; checksums name the tensor they fail; a short
+// file, overlapping tensors and one outside the load are named.
 #include <gtest/gtest.h>
 #include <xxhash.h>
 
+#include <algorithm>
 #include <cstring>
 #include <random>
 #include <string>
@@ -41,7 +43,7 @@ TEST(DeviceLoader, EveryByteLandsWithAnyReadersAndChunks) {
   const File f(3 * 1000 * 1000 + 123);
   const uint64_t offset = 4096 + 7, bytes = f.bytes.size() - offset - 99;
   // Ranges that start and end inside chunks, span several, and one of a single byte.
-  const std::vector<HashedRange> ranges = {f.range("a", 0, 1000, offset), f.range("b", 1000, 1500000, offset),
+  const std::vector<HashedRange> ranges = {f.range("a", 0, 1000, offset), f.range("b", 1000, 1499000, offset),
                                            f.range("c", 1500000, 1, offset),
                                            f.range("d", 1600000, bytes - 1600000, offset)};
   for (unsigned readers : {1u, 2u, 3u, 8u}) {
@@ -58,6 +60,58 @@ TEST(DeviceLoader, EveryByteLandsWithAnyReadersAndChunks) {
       EXPECT_LE(st.readers, readers);
     }
   }
+}
+
+// Many small tensors with gaps between them (packed several to a job), large ones (a
+// job each, read chunk by chunk by one reader) and empty ones: every byte lands, every
+// checksum is checked (a wrong one anywhere is found and named).
+TEST(DeviceLoader, ManyTensorsOfEverySize) {
+  const File f(5 << 20);
+  std::mt19937_64 rng(7);
+  std::vector<HashedRange> ranges;
+  uint64_t at = 0;
+  for (int i = 0; at < f.bytes.size(); ++i) {
+    at += rng() % 3 == 0 ? rng() % 5000 : 0;  // a gap, sometimes
+    const uint64_t size = i % 17 == 5 ? 0 : i % 23 == 7 ? 300000 + rng() % 700000 : 1 + rng() % 20000;
+    if (at + size > f.bytes.size()) break;
+    ranges.push_back(f.range(("t" + std::to_string(i)).c_str(), at, size));
+    at += size;
+  }
+  ASSERT_GT(ranges.size(), 100u);
+  std::shuffle(ranges.begin(), ranges.end(), rng);  // the loader sorts them
+  for (unsigned readers : {1u, 3u, 8u}) {
+    for (size_t staging : {size_t{4096}, size_t{65536}, size_t{1} << 20}) {
+      SCOPED_TRACE(::testing::Message() << readers << " readers, staging " << staging);
+      std::vector<uint8_t> device(f.bytes.size(), 0xee);
+      Status s = load_file_to_device(ops(), nullptr, f.path, 0, f.bytes.size(), device.data(), ranges, nullptr,
+                                     nullptr, staging, readers);
+      ASSERT_TRUE(s.ok()) << s.error().message;
+      EXPECT_EQ(0, std::memcmp(device.data(), f.bytes.data(), f.bytes.size()));
+      for (size_t bad : {size_t{0}, ranges.size() / 2, ranges.size() - 1}) {
+        if (ranges[bad].size == 0) continue;
+        std::vector<HashedRange> wrong = ranges;
+        wrong[bad].xxh3 ^= 1 << 20;
+        s = load_file_to_device(ops(), nullptr, f.path, 0, f.bytes.size(), device.data(), wrong, nullptr, nullptr,
+                                staging, readers);
+        ASSERT_FALSE(s.ok());
+        EXPECT_NE(s.error().message.find("tensor '" + ranges[bad].name + "'"), std::string::npos)
+            << s.error().message;
+      }
+    }
+  }
+}
+
+TEST(DeviceLoader, OverlappingOrEmptyButCorruptRangesAreErrors) {
+  const File f(1 << 16);
+  std::vector<uint8_t> device(1 << 16);
+  Status s = load_file_to_device(ops(), nullptr, f.path, 0, 1 << 16, device.data(),
+                                 {f.range("x", 0, 5000), f.range("y", 4096, 100)}, nullptr, nullptr, 4096, 2);
+  ASSERT_FALSE(s.ok());
+  EXPECT_NE(s.error().message.find("tensor 'y' overlaps tensor 'x'"), std::string::npos) << s.error().message;
+  s = load_file_to_device(ops(), nullptr, f.path, 0, 1 << 16, device.data(), {{"empty", 100, 0, 12345}}, nullptr,
+                          nullptr, 4096, 2);
+  ASSERT_FALSE(s.ok());
+  EXPECT_NE(s.error().message.find("tensor 'empty' is empty"), std::string::npos) << s.error().message;
 }
 
 TEST(DeviceLoader, AChecksumMismatchNamesTheTensor) {
