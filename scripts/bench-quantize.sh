@@ -7,7 +7,8 @@
 # Also `cp` of the same file, the pass a converter cannot beat through the page cache, and
 # 1 GiB of direct writes, the disk's rate for the shards quantize writes (O_DIRECT).
 # The int4 scale search (the default) and plain RTN (--no-search) are both timed, and
-# fp8 for comparison; last, the kernels alone (one thread, data in cache, no file I/O).
+# fp8 for comparison, each with the cores it kept busy ((user + system) / wall time); last,
+# the kernels alone (one thread, data in cache, no file I/O).
 # Output goes to a scratch directory that is removed afterwards.
 # Usage: scripts/bench-quantize.sh [WORK_DIR] [THREADS]   (default: build/bench-quantize,
 #        every core; needs ~12 GB of disk)
@@ -89,16 +90,21 @@ print(f"{best / 1e9:.3f}")
 PY
 )
 
-run() {  # name, flags... -> "GB/s" of int8 input, parsed from the one-line summary
+run() {  # name, flags... -> "GB/s cores-busy": GB/s of int8 input, parsed from the
+          # one-line summary, and (user + system time) / wall time
   local name=$1
   shift
   rm -rf "$WORK/out"
-  "$GROKIT" quantize "$WORK/model" "$WORK/out" --threads "$THREADS" --no-progress "$@" > "$WORK/$name.txt" 2> "$WORK/$name.log"
-  sed -n 's/.*(\([0-9.]*\) GB\/s of input).*/\1/p' "$WORK/$name.log"
+  local TIMEFORMAT="%R %U %S"
+  { time "$GROKIT" quantize "$WORK/model" "$WORK/out" --threads "$THREADS" --no-progress "$@" \
+      > "$WORK/$name.txt" 2> "$WORK/$name.log"; } 2> "$WORK/$name.time"
+  local rate
+  rate=$(sed -n 's/.*(\([0-9.]*\) GB\/s of input).*/\1/p' "$WORK/$name.log")
+  awk -v r="$rate" '{ printf "%s %.2f\n", r, ($2 + $3) / $1 }' "$WORK/$name.time"
 }
-SEARCH=$(run int4-search --scheme int4)
-RTN=$(run int4-rtn --scheme int4 --no-search)
-FP8=$(run fp8 --scheme fp8)
+read -r SEARCH SEARCH_BUSY < <(run int4-search --scheme int4)
+read -r RTN RTN_BUSY < <(run int4-rtn --scheme int4 --no-search)
+read -r FP8 FP8_BUSY < <(run fp8 --scheme fp8)
 rm -rf "$WORK/out"
 tail -n 1 "$WORK/int4-search.log" >&2
 
@@ -108,13 +114,14 @@ KERNEL=$(build/bin/test_quantize --gtest_also_run_disabled_tests --gtest_filter=
   awk '/^memcpy/ {m = $2} /^q4g g128 search/ {s = $5} /^q4g g128 rtn/ {r = $5} /^f8col/ {f = $3}
        END {printf "memcpy %.2f, int4 search %.2f, RTN %.2f, fp8 %.2f GB/s", m, s, r, f}')
 
-awk -v m="$MEMCPY" -v c="$CP" -v d="$DIRECT" -v s="$SEARCH" -v r="$RTN" -v f="$FP8" -v t="$THREADS" -v k="$KERNEL" 'BEGIN {
+awk -v m="$MEMCPY" -v c="$CP" -v d="$DIRECT" -v s="$SEARCH" -v r="$RTN" -v f="$FP8" -v t="$THREADS" -v k="$KERNEL" \
+    -v sb="$SEARCH_BUSY" -v rb="$RTN_BUSY" -v fb="$FP8_BUSY" 'BEGIN {
   printf "\nbench-quantize: real-width slice, %d threads\n", t
   printf "  memcpy (1 thread)      : %7.2f GB/s\n", m
   printf "  cp of the same file    : %7.2f GB/s\n", c
   printf "  direct write + fsync   : %7.2f GB/s  (int4 at this rate of output: %.2f GB/s of input)\n", d, 2 * d
-  printf "  int4 g128, scale search: %7.2f GB/s  ratio per core %.3f (target >= 0.5), against cp %.2f\n", s, s / t / m, s / c
-  printf "  int4 g128, plain RTN   : %7.2f GB/s  ratio per core %.3f, against cp %.2f\n", r, r / t / m, r / c
-  printf "  fp8                    : %7.2f GB/s  ratio per core %.3f, against cp %.2f\n", f, f / t / m, f / c
+  printf "  int4 g128, scale search: %7.2f GB/s  ratio per core %.3f (target >= 0.5), against cp %.2f; cores busy %.2f\n", s, s / t / m, s / c, sb
+  printf "  int4 g128, plain RTN   : %7.2f GB/s  ratio per core %.3f, against cp %.2f; cores busy %.2f\n", r, r / t / m, r / c, rb
+  printf "  fp8                    : %7.2f GB/s  ratio per core %.3f, against cp %.2f; cores busy %.2f\n", f, f / t / m, f / c, fb
   printf "  kernels alone, 1 thread: %s\n", k
 }'
