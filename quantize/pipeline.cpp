@@ -7,7 +7,6 @@
 #include <cmath>
 #include <cstdio>
 #include <functional>
-#include <span>
 #include <nlohmann/json.hpp>
 #include <thread>
 
