@@ -63,7 +63,8 @@ void add_engine_options(cxxopts::Options& opts) {
        cxxopts::value<std::string>()->default_value("auto"))
       ("no-graphs", "run decode steps op by op instead of replaying CUDA graphs (default: off)",
        cxxopts::value<bool>()->default_value("false")->implicit_value("true"))
-      ("loader", "how shards reach the GPUs: staged (pinned double-buffered reads), cufile (GPUDirect Storage, where "
+      ("loader", "how shards reach the GPUs: staged (pinned double-buffered reads), mapped (the page cache registered "
+       "with the GPU and copied from directly, where the driver allows it), cufile (GPUDirect Storage, where "
        "installed)", cxxopts::value<std::string>()->default_value("staged"))
       ("hosts", "several hosts: the leader's address host:port; empty: one host",
        cxxopts::value<std::string>()->default_value(""))

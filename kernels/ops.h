@@ -35,8 +35,8 @@
 // built against another. 1: the first; 2: GrokitCollectives.comm_abort;
 // 3: GrokitOps.take_device_errors, GrokitCollectives.comm_async_error;
 // 4: GrokitOps.residual_norm, rope_store and matmul_multi, GrokitOps.matmul's flags (was
-// x_fp32; ROUND_BF16, GELU_MUL).
-#define GROKIT_OPS_ABI_VERSION 4
+// x_fp32; ROUND_BF16, GELU_MUL); 5: GrokitOps.host_register, host_unregister.
+#define GROKIT_OPS_ABI_VERSION 5
 
 #ifdef __cplusplus
 extern "C" {
@@ -126,6 +126,12 @@ typedef struct GrokitOps {
   int (*free)(void* ptr);
   int (*alloc_pinned)(void** ptr, size_t bytes);   // host memory the device copies from fast
   int (*free_pinned)(void* ptr);
+  // Page-locks existing host memory that the host only reads (a read-only mapping of a
+  // file: the device copies straight from the page cache), until host_unregister(ptr).
+  // ptr and bytes are page-aligned; a registered range must not overlap another.
+  // GROKIT_ERR_UNSUPPORTED where the device or the system cannot (the caller stages).
+  int (*host_register)(void* ptr, size_t bytes);
+  int (*host_unregister)(void* ptr);
   int (*copy)(void* dst, const void* src, size_t bytes, int kind, GrokitStream stream);
   int (*fill)(void* dst, int byte, size_t bytes, GrokitStream stream);
   int (*stream_create)(GrokitStream* stream);

@@ -9,6 +9,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <map>
+#include <mutex>
 #include <vector>
 
 #include "kernels/kernels.h"
@@ -84,6 +86,41 @@ int alloc(void** ptr, size_t bytes) { return alloc_impl("alloc", ptr, bytes); }
 int alloc_pinned(void** ptr, size_t bytes) { return alloc_impl("alloc_pinned", ptr, bytes); }
 int free_memory(void* ptr) {
   std::free(ptr);
+  return GROKIT_OK;
+}
+
+// Host memory is the host backend's device memory, so registering changes nothing; the
+// ranges are still kept and checked as CUDA checks them (page alignment, no overlap, no
+// unregistering what is not registered), so that the callers' bookkeeping is tested here.
+struct Registrations {
+  std::mutex mu;
+  std::map<uintptr_t, size_t> ranges;  // start -> bytes
+};
+Registrations& registrations() {
+  static Registrations r;
+  return r;
+}
+int host_register(void* ptr, size_t bytes) {
+  const auto page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const auto at = reinterpret_cast<uintptr_t>(ptr);
+  if (ptr == nullptr || bytes == 0) return invalid("host_register", "ptr is NULL or bytes is 0");
+  if (at % page != 0 || bytes % page != 0)
+    return invalid("host_register", "ptr ", ptr, " or bytes ", bytes, " is not a multiple of the page size ", page);
+  if (bytes > UINTPTR_MAX - at) return invalid("host_register", bytes, " bytes at ", ptr, " wrap around");
+  Registrations& r = registrations();
+  std::lock_guard<std::mutex> lock(r.mu);
+  auto next = r.ranges.lower_bound(at);
+  const bool overlaps = (next != r.ranges.end() && next->first < at + bytes) ||
+                        (next != r.ranges.begin() && std::prev(next)->first + std::prev(next)->second > at);
+  if (overlaps) return invalid("host_register", bytes, " bytes at ", ptr, " overlap a registered range");
+  r.ranges.emplace(at, bytes);
+  return GROKIT_OK;
+}
+int host_unregister(void* ptr) {
+  Registrations& r = registrations();
+  std::lock_guard<std::mutex> lock(r.mu);
+  if (r.ranges.erase(reinterpret_cast<uintptr_t>(ptr)) == 0)
+    return invalid("host_unregister", ptr, " is not the start of a registered range");
   return GROKIT_OK;
 }
 
@@ -626,6 +663,8 @@ const GrokitOps kHostOps = [] {
   t.free = free_memory;
   t.alloc_pinned = alloc_pinned;
   t.free_pinned = free_memory;
+  t.host_register = host_register;
+  t.host_unregister = host_unregister;
   t.copy = copy;
   t.fill = fill;
   t.stream_create = stream_create;

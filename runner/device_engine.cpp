@@ -72,8 +72,9 @@ struct DevSequence {
   int64_t capacity = 0, length = 0;
 };
 
-// Loading: a rank's shard into its device's memory. "staged" (runner/device_loader.h):
-// every tensor's checksum computed from the staged bytes. "cufile": GPUDirect Storage
+// Loading: a rank's shard into its device's memory. "staged" and "mapped"
+// (runner/device_loader.h): every tensor's checksum computed by the readers on the way
+// (mapped: 256 MiB registered at a time, 3 windows at most). "cufile": GPUDirect Storage
 // straight to the device, then the checksums from the file on the host (the bytes never
 // pass through host memory on the way in).
 Status load_shard(DevRank& R, const EngineOptions& options, Progress& progress, unsigned readers) {
@@ -112,8 +113,12 @@ Status load_shard(DevRank& R, const EngineOptions& options, Progress& progress, 
     for (const auto& e : R.shard.entries()) ranges.push_back({e.name, e.offset, e.stored_size, e.xxh3});
   }
   LoadStats stats;
-  GROKIT_TRY(load_file_to_device(R.ops, R.stream, path, h.data_offset, h.data_size, R.weights.get(), ranges,
-                                 &progress, &stats, size_t{32} << 20, readers));
+  const bool mapped = options.loader == "mapped";
+  Status s = load_file_to_device(R.ops, R.stream, path, h.data_offset, h.data_size, R.weights.get(), ranges,
+                                 &progress, &stats, mapped ? kMappedWindowBytes : kStagingBytes, readers,
+                                 mapped ? LoadSource::kMapped : LoadSource::kStaged);
+  if (!s.ok() && mapped) return make_error("--loader mapped: ", s.error().message, " (--loader staged works everywhere)");
+  GROKIT_TRY(std::move(s));
   R.load_seconds = stats.seconds;
   return {};
 }
@@ -248,8 +253,8 @@ Status DeviceEngine::load(const std::string& dir, const EngineOptions& options, 
   const auto t0 = std::chrono::steady_clock::now();
   options_ = options;
   GROKIT_ASSIGN_OR_RETURN(ops_, device_ops(options.device));
-  if (options.loader != "staged" && options.loader != "cufile")
-    return make_error("unknown loader '", options.loader, "' (staged, cufile)");
+  if (options.loader != "staged" && options.loader != "mapped" && options.loader != "cufile")
+    return make_error("unknown loader '", options.loader, "' (staged, mapped, cufile)");
   if (options.loader == "cufile" && std::string(ops_->backend) != "cuda")
     return make_error("--loader cufile reads into CUDA device memory: it needs --device cuda");
   GROKIT_ASSIGN_OR_RETURN(model_, format::Model::open(dir));

@@ -1,6 +1,7 @@
 #include "runner/device_loader.h"
 
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #include <xxhash.h>
@@ -96,10 +97,13 @@ class Readers {
  public:
   static constexpr uint64_t kPiece = uint64_t{1} << 20;  // read, then hashed from cache
 
+  // mapped: the load's bytes in a mapping of the file; the readers then only hash them
+  // (no buffers, nothing staged).
   Readers(int fd, const std::string& path, uint64_t file_offset, uint64_t bytes, size_t chunk,
-          const std::vector<void*>& bufs, const std::vector<Job>& jobs, const std::vector<const HashedRange*>& order)
+          const std::vector<void*>& bufs, const std::vector<Job>& jobs, const std::vector<const HashedRange*>& order,
+          const uint8_t* mapped = nullptr)
       : fd_(fd), path_(path), file_offset_(file_offset), bytes_(bytes), chunk_(chunk), bufs_(bufs), jobs_(jobs),
-        order_(order) {
+        order_(order), mapped_(mapped) {
     for (size_t b = 0; b < bufs.size(); ++b) free_.push_back(b);
   }
   ~Readers() { stop(); }
@@ -112,9 +116,22 @@ class Readers {
       std::lock_guard<std::mutex> lock(mu_);
       stopping_ = true;
     }
+    halt_.store(true);
     cv_.notify_all();
     for (auto& t : threads_) t.join();
     threads_.clear();
+  }
+  // Mapped: waits for every job to be hashed; the first mismatch, if any.
+  Status finish() {
+    for (auto& t : threads_) t.join();
+    threads_.clear();
+    std::lock_guard<std::mutex> lock(mu_);
+    if (error_) return *error_;
+    return {};
+  }
+  bool failed() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return error_.has_value();
   }
   // The next staged chunk, in any order; nothing when `wait` is false and none is ready.
   // An error if a read or a checksum failed.
@@ -148,6 +165,7 @@ class Readers {
       std::lock_guard<std::mutex> lock(mu_);
       if (!error_) error_ = std::move(e);
     }
+    halt_.store(true);
     cv_.notify_all();
   }
   std::optional<Error> read_into(uint8_t* buf, uint64_t at, size_t len) {
@@ -173,6 +191,41 @@ class Readers {
       const Job& job = jobs_[j];
       size_t next = job.first;  // the range being hashed or next to be
       bool hashing = false;
+      // Load bytes [plo, phi), at p, into the ranges they overlap; false on a mismatch.
+      auto hash = [&](const uint8_t* p, uint64_t plo, uint64_t phi) {
+        const auto t0 = std::chrono::steady_clock::now();
+        while (next < job.last) {
+          const HashedRange& e = *order_[next];
+          const uint64_t e_end = e.offset + e.size;
+          if (e.offset >= phi) break;
+          if (!hashing) {
+            XXH3_64bits_reset(state);
+            hashing = true;
+          }
+          const uint64_t a = std::max(plo, e.offset), z = std::min(phi, e_end);
+          if (z > a) XXH3_64bits_update(state, p + (a - plo), static_cast<size_t>(z - a));
+          if (e_end > phi) break;
+          const uint64_t got = XXH3_64bits_digest(state);
+          hashing = false;
+          ++next;
+          if (got != e.xxh3) {
+            fail(Error{str_cat(path_, ": tensor '", e.name, "' (bytes ", file_offset_ + e.offset, "..",
+                               file_offset_ + e_end, " of the file) has checksum ", hex64(got), ", the index records ",
+                               hex64(e.xxh3), ": the file is corrupt")});
+            return false;
+          }
+        }
+        hash_ns_.fetch_add(ns_since(t0));
+        return true;
+      };
+      if (mapped_ != nullptr) {
+        for (uint64_t plo = job.begin; plo < job.end && !halt_.load(std::memory_order_relaxed);) {
+          const uint64_t phi = std::min(job.end, plo + kPiece);
+          if (!hash(mapped_ + plo, plo, phi)) return;
+          plo = phi;
+        }
+        continue;
+      }
       for (uint64_t lo = job.begin; lo < job.end;) {
         const size_t len = static_cast<size_t>(std::min<uint64_t>(chunk_, job.end - lo));
         const uint64_t hi = lo + len;
@@ -189,31 +242,10 @@ class Readers {
         // core's cache, so the staged bytes cross the memory bus once less.
         for (uint64_t plo = lo; plo < hi;) {
           const uint64_t phi = std::min(hi, plo + kPiece);
-          auto t0 = std::chrono::steady_clock::now();
+          const auto t0 = std::chrono::steady_clock::now();
           if (auto err = read_into(buf + (plo - lo), plo, static_cast<size_t>(phi - plo))) return fail(std::move(*err));
           read_ns_.fetch_add(ns_since(t0));
-          t0 = std::chrono::steady_clock::now();
-          // [plo, phi) into the ranges it overlaps.
-          while (next < job.last) {
-            const HashedRange& e = *order_[next];
-            const uint64_t e_end = e.offset + e.size;
-            if (e.offset >= phi) break;
-            if (!hashing) {
-              XXH3_64bits_reset(state);
-              hashing = true;
-            }
-            const uint64_t a = std::max(plo, e.offset), z = std::min(phi, e_end);
-            if (z > a) XXH3_64bits_update(state, buf + (a - lo), static_cast<size_t>(z - a));
-            if (e_end > phi) break;
-            const uint64_t got = XXH3_64bits_digest(state);
-            hashing = false;
-            ++next;
-            if (got != e.xxh3)
-              return fail(Error{str_cat(path_, ": tensor '", e.name, "' (bytes ", file_offset_ + e.offset, "..",
-                                        file_offset_ + e_end, " of the file) has checksum ", hex64(got),
-                                        ", the index records ", hex64(e.xxh3), ": the file is corrupt")});
-          }
-          hash_ns_.fetch_add(ns_since(t0));
+          if (!hash(buf + (plo - lo), plo, phi)) return;
           plo = phi;
         }
         {
@@ -233,6 +265,7 @@ class Readers {
   const std::vector<void*>& bufs_;
   const std::vector<Job>& jobs_;
   const std::vector<const HashedRange*>& order_;
+  const uint8_t* const mapped_;
   std::mutex mu_;
   std::condition_variable cv_;
   std::deque<size_t> free_;    // staging buffers no chunk holds
@@ -240,15 +273,121 @@ class Readers {
   bool stopping_ = false;
   std::optional<Error> error_;
   std::atomic<size_t> next_job_{0};
+  std::atomic<bool> halt_{false};  // mapped readers stop between pieces (stopped, or one failed)
   std::atomic<uint64_t> read_ns_{0}, hash_ns_{0};
   std::vector<std::thread> threads_;
 };
+
+// The mapped load: windows of the mapping registered with the device in turn (at most
+// kWindows at once, each unregistered once its copy is done), copied straight from the
+// page cache, while the readers hash the jobs from the same mapping.
+Status load_mapped(const GrokitOps* ops, GrokitStream stream, int fd, const std::string& path, uint64_t file_offset,
+                   uint64_t bytes, void* dst, const std::vector<Job>& jobs, const std::vector<const HashedRange*>& order,
+                   Progress* progress, LoadStats* stats, size_t window_bytes, unsigned readers) {
+  constexpr size_t kWindows = 3;
+  if (ops->host_register == nullptr || ops->host_unregister == nullptr)
+    return make_error("the ", ops->backend, " backend cannot register host memory for a mapped load");
+  const long page_size = ::sysconf(_SC_PAGESIZE);
+  GROKIT_CHECK(page_size > 0);
+  const uint64_t page = static_cast<uint64_t>(page_size);
+  const auto t0 = std::chrono::steady_clock::now();
+  if (bytes == 0) {
+    if (stats != nullptr) *stats = LoadStats{};
+    return {};
+  }
+  // The mapping starts at the page holding file_offset; `lead` bytes of it come before.
+  const uint64_t lead = file_offset % page, map_len = lead + bytes;
+  if (map_len > SIZE_MAX) return make_error(path, ": ", bytes, " bytes cannot be mapped on this host");
+  void* m = ::mmap(nullptr, static_cast<size_t>(map_len), PROT_READ, MAP_SHARED, fd,
+                   static_cast<off_t>(file_offset - lead));
+  if (m == MAP_FAILED)
+    return make_error("cannot map ", human_bytes(static_cast<double>(bytes)), " of ", path, " at byte ", file_offset,
+                      ": ", std::strerror(errno));
+  struct Unmap {
+    void* p;
+    size_t n;
+    ~Unmap() { ::munmap(p, n); }
+  } unmap{m, static_cast<size_t>(map_len)};
+  auto* map = static_cast<uint8_t*>(m);
+  const uint64_t window = align_up(std::max<uint64_t>(window_bytes, page), page);
+  const uint64_t windows = (map_len + window - 1) / window;
+
+  // Registered windows and their copies' events; on an early return the copies still
+  // queued are waited for before the windows are unregistered and the file unmapped.
+  struct Registered {
+    const GrokitOps* ops;
+    GrokitStream stream;
+    std::vector<void*> ev;
+    std::deque<std::pair<void*, size_t>> live;  // window start, its event
+    ~Registered() {
+      if (!live.empty()) (void)ops->stream_sync(stream);
+      for (auto& w : live) (void)ops->host_unregister(w.first);
+      for (void* e : ev)
+        if (e != nullptr) ops->event_destroy(e);
+    }
+  } reg{ops, stream, std::vector<void*>(kWindows, nullptr), {}};
+  for (void*& e : reg.ev) GROKIT_TRY(op_status(ops, ops->event_create(&e), "event_create"));
+  double register_seconds = 0;
+  auto timed = [&](auto&& fn) {
+    const auto r0 = std::chrono::steady_clock::now();
+    const int rc = fn();
+    register_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - r0).count();
+    return rc;
+  };
+  auto retire_oldest = [&]() -> Status {
+    auto [at, e] = reg.live.front();
+    GROKIT_TRY(op_status(ops, ops->event_sync(reg.ev[e]), "event_sync"));
+    reg.live.pop_front();
+    return op_status(ops, timed([&] { return ops->host_unregister(at); }), "host_unregister");
+  };
+
+  // Declared after the mapping and the windows: joined before either goes away.
+  static const std::vector<void*> kNoBuffers;
+  Readers rd(fd, path, file_offset, bytes, window, kNoBuffers, jobs, order, map + lead);
+  rd.start(readers);
+  for (uint64_t w = 0; w < windows; ++w) {
+    const uint64_t lo = w * window, hi = std::min(map_len, lo + window);  // in the mapping
+    if (w + 1 < windows) {  // the next window's pages, read ahead while this one copies
+      const uint64_t nlo = hi, nhi = std::min(map_len, nlo + window);
+      (void)::madvise(map + nlo, static_cast<size_t>(nhi - nlo), MADV_WILLNEED);
+    }
+    if (reg.live.size() == kWindows) GROKIT_TRY(retire_oldest());
+    if (rd.failed()) break;  // a checksum failed: no point copying on
+    const size_t e = static_cast<size_t>(w % kWindows);
+    const size_t extent = static_cast<size_t>(align_up(hi, page) - lo);
+    const int rc = timed([&] { return ops->host_register(map + lo, extent); });
+    if (rc != GROKIT_OK)
+      return make_error(path, ": cannot register ", human_bytes(static_cast<double>(extent)), " of its mapping at byte ",
+                        file_offset - lead + lo, " with the ", ops->backend, " backend",
+                        rc == GROKIT_ERR_UNSUPPORTED ? " (unsupported here)" : "", ": ", ops->error_message());
+    reg.live.emplace_back(map + lo, e);
+    // Load bytes [a, z) of this window (the lead is not loaded).
+    const uint64_t a = std::max(lo, lead) - lead, z = hi - lead;
+    GROKIT_TRY(op_status(
+        ops, ops->copy(static_cast<uint8_t*>(dst) + a, map + lead + a, static_cast<size_t>(z - a), GROKIT_COPY_H2D, stream),
+        "copy"));
+    GROKIT_TRY(op_status(ops, ops->event_record(reg.ev[e], stream), "event_record"));
+    if (progress != nullptr) progress->add(z - a);
+  }
+  while (!reg.live.empty()) GROKIT_TRY(retire_oldest());
+  GROKIT_TRY(rd.finish());
+  GROKIT_TRY(op_status(ops, ops->stream_sync(stream), "stream_sync"));
+  if (stats != nullptr) {
+    stats->seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    stats->read_seconds = 0;
+    stats->hash_seconds = rd.hash_seconds();
+    stats->register_seconds = register_seconds;
+    stats->bytes = bytes;
+    stats->readers = readers;
+  }
+  return {};
+}
 
 }  // namespace
 
 Status load_file_to_device(const GrokitOps* ops, GrokitStream stream, const std::string& path, uint64_t file_offset,
                            uint64_t bytes, void* dst, const std::vector<HashedRange>& ranges, Progress* progress,
-                           LoadStats* stats, size_t staging_bytes, unsigned readers) {
+                           LoadStats* stats, size_t staging_bytes, unsigned readers, LoadSource source) {
   GROKIT_CHECK(staging_bytes > 0);
   readers = std::max(1u, readers);
   int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
@@ -290,6 +429,9 @@ Status load_file_to_device(const GrokitOps* ops, GrokitStream stream, const std:
   for (size_t j = 0; j < jobs.size(); ++j) GROKIT_CHECK(jobs[j].begin == (j == 0 ? 0 : jobs[j - 1].end));
   GROKIT_CHECK(jobs.empty() || jobs.back().end == bytes);
   readers = static_cast<unsigned>(std::min<uint64_t>(readers, std::max<size_t>(jobs.size(), 1)));
+  if (source == LoadSource::kMapped)
+    return load_mapped(ops, stream, fd, path, file_offset, bytes, dst, jobs, order, progress, stats, staging_bytes,
+                       order.empty() ? 0 : readers);
   const size_t slots = static_cast<size_t>(std::min<uint64_t>(readers + 2, std::max<uint64_t>(chunks, 1)));
   Staging st{ops, stream, std::vector<void*>(slots, nullptr), std::vector<void*>(slots, nullptr)};
   for (size_t b = 0; b < slots; ++b) {

@@ -63,8 +63,10 @@ struct EngineOptions {
   std::string comm = "auto";     // device collectives: auto, nccl, local (in-process)
   bool graphs = true;            // replay decode steps as CUDA graphs where possible
   // How shards reach device memory: "staged" (pread into pinned double buffers, copies
-  // overlapped) or "cufile" (GPUDirect Storage; CUDA only, fails with the reason where
-  // cuFile cannot serve the file; checksums are then verified from the file on the host).
+  // overlapped), "mapped" (the shard's mapping registered with the device, copied
+  // straight from the page cache; fails with the reason where the device cannot register
+  // it) or "cufile" (GPUDirect Storage; CUDA only, fails with the reason where cuFile
+  // cannot serve the file; checksums are then verified from the file on the host).
   std::string loader = "staged";
   // Several hosts (device engine with NCCL): "leader-host:port", this host's index,
   // and how many hosts; each host drives tensor_parallel / host_count ranks.

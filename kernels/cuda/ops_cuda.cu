@@ -93,6 +93,33 @@ int alloc_pinned(void** ptr, size_t bytes) {
 
 int free_pinned(void* ptr) { return ptr == nullptr ? GROKIT_OK : call(cudaFreeHost(ptr), "cudaFreeHost"); }
 
+// Read-only registration: the driver pins the pages without asking for write access,
+// which a PROT_READ mapping of a file refuses. Portable, like the staging buffers.
+int host_register(void* ptr, size_t bytes) {
+  if (ptr == nullptr || bytes == 0) return set_error(GROKIT_ERR_INVALID, "host_register: null ptr or 0 bytes");
+  int device = 0, read_only = 0, supported = 0;
+  if (int rc = call(cudaGetDevice(&device), "cudaGetDevice"); rc != GROKIT_OK) return rc;
+  (void)cudaDeviceGetAttribute(&supported, cudaDevAttrHostRegisterSupported, device);
+  (void)cudaDeviceGetAttribute(&read_only, cudaDevAttrHostRegisterReadOnlySupported, device);
+  (void)cudaGetLastError();
+  if (supported == 0 || read_only == 0)
+    return set_error(GROKIT_ERR_UNSUPPORTED,
+                     "device %d cannot register read-only host memory (cudaDevAttrHostRegisterSupported %d, "
+                     "cudaDevAttrHostRegisterReadOnlySupported %d)",
+                     device, supported, read_only);
+  const cudaError_t e = cudaHostRegister(ptr, bytes, cudaHostRegisterPortable | cudaHostRegisterReadOnly);
+  if (e != cudaSuccess) {
+    (void)cudaGetLastError();
+    return set_error(e == cudaErrorNotSupported || e == cudaErrorNotPermitted ? GROKIT_ERR_UNSUPPORTED
+                     : e == cudaErrorMemoryAllocation                          ? GROKIT_ERR_MEMORY
+                                                                               : GROKIT_ERR_DEVICE,
+                     "cudaHostRegister (read-only) of %zu bytes: %s (%s)", bytes, cudaGetErrorString(e),
+                     cudaGetErrorName(e));
+  }
+  return GROKIT_OK;
+}
+int host_unregister(void* ptr) { return call(cudaHostUnregister(ptr), "cudaHostUnregister"); }
+
 int copy(void* dst, const void* src, size_t bytes, int kind, GrokitStream stream) {
   cudaMemcpyKind k;
   switch (kind) {
@@ -241,6 +268,8 @@ GrokitOps make_table() {
   t.free = free_device;
   t.alloc_pinned = alloc_pinned;
   t.free_pinned = free_pinned;
+  t.host_register = host_register;
+  t.host_unregister = host_unregister;
   t.copy = copy;
   t.fill = fill;
   t.stream_create = stream_create;

@@ -195,6 +195,19 @@ class DeviceCases:
                     self.assertLess(top[-1] - top[-2], NEAR_TIE, f"row {b}: batch and alone part at token {s}, "
                                     f"not a near-tie (margin {top[-1] - top[-2]:.3f})")
 
+    def test_mapped_loader_gives_the_bits_of_the_staged_one(self):
+        # --loader mapped: each shard's mapping registered with the device and copied from
+        # directly. Where the device cannot register it, the error says so (CUDA only).
+        staged = np.load(self.logits(2, "loader_staged.npy"))
+        out = self.path("loader_mapped.npy")
+        p = run("logits", self.model[2], "--tokens", self.tokens_path, "--out", out, "--force", "--no-progress",
+                *self.device_flags(), "--loader", "mapped")
+        if p.returncode != 0 and self.DEVICE != "host" and "--loader mapped: " in p.stderr and "cannot register" in p.stderr:
+            self.skipTest("the device cannot register the page cache here: " + p.stderr.strip().splitlines()[-1])
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertIn(", mapped)", p.stderr)  # the load's summary names its loader
+        np.testing.assert_array_equal(np.load(out), staged)
+
     def test_graph_replay_equals_op_by_op_decoding(self):
         a = self.generate(1, self.tokens_path, "graphs.npy")
         b = self.generate(1, self.tokens_path, "nographs.npy", "--no-graphs")

@@ -73,8 +73,9 @@ class Corruption(unittest.TestCase):
             self.assertIn(f"rank {rank}  {e['name']}: ", r["validate"].stdout)
 
     def test_the_device_loader_names_a_flipped_tensor(self):
-        # The device engine hashes the staged bytes on their way to the device (here the
-        # host backend): a flip fails the load with the tensor's name, before any output.
+        # The device engine hashes the bytes on their way to the device (here the host
+        # backend), staged or mapped: a flip fails the load with the tensor's name, before
+        # any output.
         tokens = os.path.join(self.tmp, "tokens.npy")
         np.save(tokens, np.array([[5, 6, 7, 8]], dtype=np.int32))
         for _ in range(3):
@@ -85,11 +86,13 @@ class Corruption(unittest.TestCase):
             out = os.path.join(self.tmp, "never.npy")
             if os.path.exists(out):
                 os.remove(out)
-            p = run("logits", model, "--tokens", tokens, "--out", out, "--force", "--no-progress", "--device", "host")
-            self.assertEqual(p.returncode, 1, p.stderr)
-            self.assertIn(e["name"], p.stderr)
-            self.assertIn("checksum", p.stderr)
-            self.assertFalse(os.path.exists(out), "a failed run left an output file")
+            for loader in ("staged", "mapped"):
+                p = run("logits", model, "--tokens", tokens, "--out", out, "--force", "--no-progress", "--device",
+                        "host", "--loader", loader)
+                self.assertEqual(p.returncode, 1, p.stderr)
+                self.assertIn(e["name"], p.stderr)
+                self.assertIn("checksum", p.stderr)
+                self.assertFalse(os.path.exists(out), "a failed run left an output file")
             p = run("logits", model, "--tokens", tokens, "--out", out, "--force", "--no-progress", "--device", "host",
                     "--no-verify")
             self.assertEqual(p.returncode, 0, p.stderr)  # unchecked: the flip goes through

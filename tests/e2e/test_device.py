@@ -127,8 +127,12 @@ class HostDevice(DeviceCases, unittest.TestCase):
         self.assertRegex(rows["shard load (page cache)"], r"GB/s, [1-8] readers, checksums")
         self.assertRegex(rows["readers' time in XXH3"], r" \d+ %")
         self.assertGreater(float(rows["without checksums"].split()[-1]), 0, p.stdout)
+        # Mapped (--loader mapped): the host backend registers anything, so it runs here.
+        self.assertRegex(rows["shard load (mapped)"], r"GB/s, [1-8] readers, checksums")
+        self.assertRegex(rows["in host_register"], r" \d+ %")
+        self.assertGreater(float(rows["without checksums (mapped)"].split()[-1]), 0, p.stdout)
         for what in ("decode step, int8, batch 1", "decode step, int4, batch 1", "prefill 80 tokens, int8",
-                     "shard load (page cache)"):
+                     "shard load (page cache)", "shard load (mapped)"):
             ratio = float(rows[what].split()[-3])  # ... ratio ">=" target
             self.assertGreater(ratio, 0, rows[what])
         self.assertGreater(float(rows["the same load"].split()[-1]), 0, rows["the same load"])  # vs the file read

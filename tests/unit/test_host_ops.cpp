@@ -69,6 +69,8 @@ TEST(HostOps, TableIsCompleteAndSaysHost) {
                        reinterpret_cast<const void*>(t.free),
                        reinterpret_cast<const void*>(t.alloc_pinned),
                        reinterpret_cast<const void*>(t.free_pinned),
+                       reinterpret_cast<const void*>(t.host_register),
+                       reinterpret_cast<const void*>(t.host_unregister),
                        reinterpret_cast<const void*>(t.copy),
                        reinterpret_cast<const void*>(t.fill),
                        reinterpret_cast<const void*>(t.stream_create),
