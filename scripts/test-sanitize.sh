@@ -2,8 +2,8 @@
 # Builds everything with AddressSanitizer + UndefinedBehaviorSanitizer (CUDA off) into
 # build-asan/ and runs the unit and end-to-end tests against the instrumented binaries.
 # --unit-only: only the unit tests (every library, no grokit binary, no end-to-end runs):
-# what CI runs, since the whole build and the end-to-end runs under the sanitizers take
-# over 20 minutes on a 2-core host.
+# what CI runs, about 5.5 minutes on a 2-core host; the whole build and the end-to-end
+# runs take about 11.
 # Usage: scripts/test-sanitize.sh [--unit-only] [ctest arguments...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
