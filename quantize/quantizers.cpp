@@ -101,7 +101,7 @@ QI float bf16_value(uint16_t h) { return f32_of_bits(static_cast<uint32_t>(h) <<
 
 // The screening of the int4 scale search in code units (quantizers.h, search step 4):
 // a candidate's step r = scale / s8 in 16-bit fixed point, R = rne(256 r) and
-// INV = rne(32768 / r); usable for 1 <= r <= 4681 / 256 (so 7 R and INV fit in int16).
+// INV = rne(32768 / r); usable for 1 <= r <= 4681 / 256 (INV fits in int16).
 constexpr int kScreenMinCodes = 32;   // a column's largest |code| in the group, at least
 constexpr float kScreenMaxStep = 4681.0f / 256.0f;
 QI bool screen_step(float scale, float s8, int32_t* R, int32_t* INV) {
@@ -113,16 +113,16 @@ QI bool screen_step(float scale, float s8, int32_t* R, int32_t* INV) {
   *INV = static_cast<int32_t>(inv);
   return true;
 }
-// q of a code at the fixed-point step: round half up of c / r, clamped (x86 pmulhrsw).
-QI int32_t screen_q(int32_t c, int32_t INV) {
-  const int32_t q = (c * INV + 16384) >> 15;
-  return q < -7 ? -7 : (q > 7 ? 7 : q);
+// |q| of a code of magnitude a = |c| at the fixed-point step: round half up of a / r,
+// at most 7 (x86 pmulhrsw); q takes the sign of c, so c q = a |q|.
+QI int32_t screen_q(int32_t a, int32_t INV) {
+  const int32_t q = (a * INV + 16384) >> 15;
+  return q > 7 ? 7 : q;
 }
-// The error of codes c[0], c[stride] at the step: (256 c - q R)^2 summed over the pair,
-// exact in int32 (each |256 c - q R| < 2^15, and not both at -2^15).
-QI int32_t screen_pair(int32_t c0, int32_t c1, int32_t R, int32_t INV) {
-  const int32_t d0 = 256 * c0 - screen_q(c0, INV) * R, d1 = 256 * c1 - screen_q(c1, INV) * R;
-  return d0 * d0 + d1 * d1;
+// sum (256 a - q R)^2 less its constant 65536 sum a^2, from num = sum a q and
+// den = sum q q: R (R den - 512 num), exact (|R den - 512 num| < 2^27, the product < 2^40).
+QI int64_t screen_error(int32_t R, int32_t num, int32_t den) {
+  return static_cast<int64_t>(R) * (R * den - 512 * num);
 }
 
 // E4M3 code of x (f32_to_e4m3) and its value, branch-free.
@@ -231,8 +231,9 @@ struct Q4Panel {
   alignas(64) float ref2[kP], err2[kP], cross[kP], out2[kP], maxd[kP];
   alignas(64) int32_t clipped[kP], nonfinite[kP];
   // The screening in code units (search step 4).
-  alignas(64) int32_t uniform[kP], screened[kP], sok[kP], sR[kP], sINV[kP], cINV[kP], inum[kP], iden[kP];
-  alignas(64) float ce[kP], cs[kP];
+  alignas(64) int32_t uniform[kP], screened[kP], sok[kP], sR[kP], sINV[kP], inum[kP], iden[kP], cnum[kP], cden[kP];
+  alignas(64) int64_t se[kP], ce[kP];
+  alignas(64) float cs[kP];
 };
 
 // P.e = sum over the group of (bf16(q * sj) - w)^2 with q = rne(clamp(w * inv)).
@@ -246,21 +247,25 @@ QI void q4_error(Q4Panel& P, int64_t G) {
     }
 }
 
-// P.e = the screened error at the fixed-point steps P.sR / P.sINV, pairs of rows in order.
+// P.se = the screened error at the fixed-point steps P.sR / P.sINV, from the sums
+// P.inum = sum |c| q and P.iden = sum q q.
 QI void q4_screen_error(Q4Panel& P, int64_t G) {
-  for (int j = 0; j < kP; ++j) P.e[j] = 0.0f;
-  for (int64_t k = 0; k < G; k += 2)
-    for (int j = 0; j < kP; ++j)
-      P.e[j] += static_cast<float>(screen_pair(P.code[k][j], P.code[k + 1][j], P.sR[j], P.sINV[j]));
+  for (int j = 0; j < kP; ++j) P.inum[j] = P.iden[j] = 0;
+  for (int64_t k = 0; k < G; ++k)
+    for (int j = 0; j < kP; ++j) {
+      const int32_t a = P.code[k][j] < 0 ? -P.code[k][j] : P.code[k][j], q = screen_q(a, P.sINV[j]);
+      P.inum[j] += a * q;
+      P.iden[j] += q * q;
+    }
+  for (int j = 0; j < kP; ++j) P.se[j] = screen_error(P.sR[j], P.inum[j], P.iden[j]);
 }
-
 // Search step 4 for the screened columns: the candidates by their error in code units,
 // the least-squares step of the winner's q, then the winner against RTN in the true error.
 QI void q4_screen(Q4Panel& P, int64_t G) {
   for (int j = 0; j < kP; ++j) {
-    P.ce[j] = std::numeric_limits<float>::infinity();
+    P.ce[j] = std::numeric_limits<int64_t>::max();
     P.cs[j] = 0.0f;
-    P.cINV[j] = 0;
+    P.cnum[j] = P.cden[j] = 0;
   }
   for (int c = 0; c < kCandidates; ++c) {
     for (int j = 0; j < kP; ++j) {
@@ -272,25 +277,19 @@ QI void q4_screen(Q4Panel& P, int64_t G) {
     }
     q4_screen_error(P, G);
     for (int j = 0; j < kP; ++j) {
-      const bool better = P.sok[j] && P.e[j] < P.ce[j];
-      P.ce[j] = better ? P.e[j] : P.ce[j];
+      const bool better = P.sok[j] && P.se[j] < P.ce[j];
+      P.ce[j] = better ? P.se[j] : P.ce[j];
       P.cs[j] = better ? P.sj[j] : P.cs[j];
-      P.cINV[j] = better ? P.sINV[j] : P.cINV[j];
+      P.cnum[j] = better ? P.inum[j] : P.cnum[j];
+      P.cden[j] = better ? P.iden[j] : P.cden[j];
     }
   }
-  for (int j = 0; j < kP; ++j) P.inum[j] = P.iden[j] = 0;
-  for (int64_t k = 0; k < G; ++k)
-    for (int j = 0; j < kP; ++j) {
-      const int32_t c = P.code[k][j], q = screen_q(c, P.cINV[j]);
-      P.inum[j] += c * q;
-      P.iden[j] += q * q;
-    }
   for (int j = 0; j < kP; ++j) {
     const float sl =
-        bf16_any(static_cast<float>(P.inum[j]) / static_cast<float>(P.iden[j] > 0 ? P.iden[j] : 1) * P.s8_first[j]);
+        bf16_any(static_cast<float>(P.cnum[j]) / static_cast<float>(P.cden[j] > 0 ? P.cden[j] : 1) * P.s8_first[j]);
     int32_t R = 0, INV = 0;
     P.sj[j] = sl;
-    P.sok[j] = P.cs[j] > 0.0f && P.iden[j] > 0 && sl > 0.0f && finite_bits(sl) && sl != P.cs[j] &&
+    P.sok[j] = P.cs[j] > 0.0f && P.cden[j] > 0 && sl > 0.0f && finite_bits(sl) && sl != P.cs[j] &&
                        screen_step(sl, P.s8_first[j], &R, &INV)
                    ? 1
                    : 0;
@@ -299,7 +298,7 @@ QI void q4_screen(Q4Panel& P, int64_t G) {
   }
   q4_screen_error(P, G);
   for (int j = 0; j < kP; ++j) {
-    P.cs[j] = P.sok[j] && P.e[j] < P.ce[j] ? P.sj[j] : P.cs[j];
+    P.cs[j] = P.sok[j] && P.se[j] < P.ce[j] ? P.sj[j] : P.cs[j];
     P.sj[j] = P.cs[j] > 0.0f ? P.cs[j] : 1.0f;
     P.inv[j] = 1.0f / P.sj[j];
   }
@@ -737,18 +736,39 @@ QA bool any(vi m) { return _mm256_movemask_ps((__m256)m) != 0; }
 QA vi vabs_i(vi v) { return (vi)_mm256_abs_epi32((__m256i)v); }
 QA vi vmax_i(vi a, vi b) { return (vi)_mm256_max_epi32((__m256i)a, (__m256i)b); }
 QA vi vmin_i(vi a, vi b) { return (vi)_mm256_min_epi32((__m256i)a, (__m256i)b); }
-// int16 pairs (quantize_lanes.inc, the screening): rows a and b of 8 columns, interleaved.
-QA vi pair_rows16(const int8_t* a, const int8_t* b) {
-  return (vi)_mm256_cvtepi8_epi16(_mm_unpacklo_epi8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(a)),
-                                                    _mm_loadl_epi64(reinterpret_cast<const __m128i*>(b))));
+// int16 pairs (quantize_lanes.inc, the screening): |code| of rows a and b of 8 columns,
+// interleaved.
+QA vi pair_abs16(const int8_t* a, const int8_t* b) {
+  return (vi)_mm256_abs_epi16(_mm256_cvtepi8_epi16(_mm_unpacklo_epi8(
+      _mm_loadl_epi64(reinterpret_cast<const __m128i*>(a)), _mm_loadl_epi64(reinterpret_cast<const __m128i*>(b)))));
 }
 QA vi mulhrs16(vi a, vi b) { return (vi)_mm256_mulhrs_epi16((__m256i)a, (__m256i)b); }
 QA vi madd16(vi a, vi b) { return (vi)_mm256_madd_epi16((__m256i)a, (__m256i)b); }
-QA vi clamp7_16(vi a) {
-  return (vi)_mm256_min_epi16(_mm256_max_epi16((__m256i)a, _mm256_set1_epi16(-7)), _mm256_set1_epi16(7));
+QA vi min7_16(vi a) { return (vi)_mm256_min_epi16((__m256i)a, _mm256_set1_epi16(7)); }
+// The screened errors of 8 columns as doubles, lanes 0-3 and 4-7.
+struct ScreenError {
+  __m256d lo, hi;
+};
+QA ScreenError screen_product(vi a, vi b) {  // a * b, exact below 2^53
+  const __m256i x = (__m256i)a, y = (__m256i)b;
+  return {_mm256_mul_pd(_mm256_cvtepi32_pd(_mm256_castsi256_si128(x)), _mm256_cvtepi32_pd(_mm256_castsi256_si128(y))),
+          _mm256_mul_pd(_mm256_cvtepi32_pd(_mm256_extracti128_si256(x, 1)),
+                        _mm256_cvtepi32_pd(_mm256_extracti128_si256(y, 1)))};
 }
-QA vi screen_d16(vi x, vi q, vi R2) {  // 256 x - q R
-  return (vi)_mm256_sub_epi16(_mm256_slli_epi16((__m256i)x, 8), _mm256_mullo_epi16((__m256i)q, (__m256i)R2));
+QA ScreenError screen_infinity() {
+  const __m256d inf = _mm256_set1_pd(std::numeric_limits<double>::infinity());
+  return {inf, inf};
+}
+QA vi screen_less(const ScreenError& a, const ScreenError& b) {  // -1 / 0
+  const int m = _mm256_movemask_pd(_mm256_cmp_pd(a.lo, b.lo, _CMP_LT_OQ)) |
+                (_mm256_movemask_pd(_mm256_cmp_pd(a.hi, b.hi, _CMP_LT_OQ)) << 4);
+  const vi bit = {1, 2, 4, 8, 16, 32, 64, 128};
+  return (bit & m) != 0;
+}
+QA ScreenError screen_select(vi m, const ScreenError& a, const ScreenError& b) {
+  const __m256i x = (__m256i)m;
+  return {_mm256_blendv_pd(b.lo, a.lo, _mm256_castsi256_pd(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(x)))),
+          _mm256_blendv_pd(b.hi, a.hi, _mm256_castsi256_pd(_mm256_cvtepi32_epi64(_mm256_extracti128_si256(x, 1))))};
 }
 
 #include "quantize/quantize_lanes.inc"
@@ -787,18 +807,36 @@ QA bool any(vi m) { return _mm512_movepi32_mask((__m512i)m) != 0; }
 QA vi vabs_i(vi v) { return (vi)_mm512_abs_epi32((__m512i)v); }
 QA vi vmax_i(vi a, vi b) { return (vi)_mm512_max_epi32((__m512i)a, (__m512i)b); }
 QA vi vmin_i(vi a, vi b) { return (vi)_mm512_min_epi32((__m512i)a, (__m512i)b); }
-QA vi pair_rows16(const int8_t* a, const int8_t* b) {
+QA vi pair_abs16(const int8_t* a, const int8_t* b) {
   const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a)),
                 y = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b));
-  return (vi)_mm512_cvtepi8_epi16(_mm256_set_m128i(_mm_unpackhi_epi8(x, y), _mm_unpacklo_epi8(x, y)));
+  return (vi)_mm512_abs_epi16(_mm512_cvtepi8_epi16(_mm256_set_m128i(_mm_unpackhi_epi8(x, y), _mm_unpacklo_epi8(x, y))));
 }
 QA vi mulhrs16(vi a, vi b) { return (vi)_mm512_mulhrs_epi16((__m512i)a, (__m512i)b); }
 QA vi madd16(vi a, vi b) { return (vi)_mm512_madd_epi16((__m512i)a, (__m512i)b); }
-QA vi clamp7_16(vi a) {
-  return (vi)_mm512_min_epi16(_mm512_max_epi16((__m512i)a, _mm512_set1_epi16(-7)), _mm512_set1_epi16(7));
+QA vi min7_16(vi a) { return (vi)_mm512_min_epi16((__m512i)a, _mm512_set1_epi16(7)); }
+struct ScreenError {  // lanes 0-7 and 8-15
+  __m512d lo, hi;
+};
+QA ScreenError screen_product(vi a, vi b) {
+  const __m512i x = (__m512i)a, y = (__m512i)b;
+  return {_mm512_mul_pd(_mm512_cvtepi32_pd(_mm512_castsi512_si256(x)), _mm512_cvtepi32_pd(_mm512_castsi512_si256(y))),
+          _mm512_mul_pd(_mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(x, 1)),
+                        _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(y, 1)))};
 }
-QA vi screen_d16(vi x, vi q, vi R2) {
-  return (vi)_mm512_sub_epi16(_mm512_slli_epi16((__m512i)x, 8), _mm512_mullo_epi16((__m512i)q, (__m512i)R2));
+QA ScreenError screen_infinity() {
+  const __m512d inf = _mm512_set1_pd(std::numeric_limits<double>::infinity());
+  return {inf, inf};
+}
+QA vi screen_less(const ScreenError& a, const ScreenError& b) {
+  const __mmask16 m = static_cast<__mmask16>(_mm512_cmp_pd_mask(a.lo, b.lo, _CMP_LT_OQ) |
+                                             (_mm512_cmp_pd_mask(a.hi, b.hi, _CMP_LT_OQ) << 8));
+  return (vi)_mm512_movm_epi32(m);
+}
+QA ScreenError screen_select(vi m, const ScreenError& a, const ScreenError& b) {
+  const __mmask16 k = _mm512_movepi32_mask((__m512i)m);
+  return {_mm512_mask_blend_pd(static_cast<__mmask8>(k), b.lo, a.lo),
+          _mm512_mask_blend_pd(static_cast<__mmask8>(k >> 8), b.hi, a.hi)};
 }
 
 #include "quantize/quantize_lanes.inc"
@@ -998,35 +1036,38 @@ void quantize_q4g_ref(const Int8Source& s, int64_t group, bool search, uint8_t* 
         } else if (uniform && camax >= kScreenMinCodes && s8 >= std::numeric_limits<float>::min()) {
           // Screened in code units: the candidates by their fixed-point error, then the
           // winner against RTN by the true one.
-          auto screen = [&](int32_t R, int32_t INV) {
-            float e = 0;
-            for (int64_t k = 0; k < G; k += 2) e += static_cast<float>(screen_pair(code[k], code[k + 1], R, INV));
-            return e;
+          auto screen = [&](int32_t R, int32_t INV, int32_t* num, int32_t* den) {
+            int32_t sn = 0, sd = 0;  // sum |c| q, sum q q
+            for (int64_t k = 0; k < G; ++k) {
+              const int32_t a = code[k] < 0 ? -code[k] : code[k], qa = screen_q(a, INV);
+              sn += a * qa;
+              sd += qa * qa;
+            }
+            *num = sn;
+            *den = sd;
+            return screen_error(R, sn, sd);
           };
-          float ce = std::numeric_limits<float>::infinity(), cs = 0;
-          int32_t cINV = 0;
+          int64_t ce = std::numeric_limits<int64_t>::max();
+          float cs = 0;
+          int32_t cnum = 0, cden = 0;
           for (int j = 0; j < kCandidates; ++j) {
             const float sj = round_bf16(a7 * kFactors[j]);
-            int32_t R = 0, INV = 0;
+            int32_t R = 0, INV = 0, num = 0, den = 0;
             if (!screen_step(sj, s8, &R, &INV)) continue;
-            const float e = screen(R, INV);
+            const int64_t e = screen(R, INV, &num, &den);
             if (e < ce) {
               ce = e;
               cs = sj;
-              cINV = INV;
+              cnum = num;
+              cden = den;
             }
           }
           if (cs > 0.0f) {
-            int32_t num = 0, den = 0;  // least squares in code units: sum(c q) / sum(q q)
-            for (int64_t k = 0; k < G; ++k) {
-              const int32_t qc = screen_q(code[k], cINV);
-              num += code[k] * qc;
-              den += qc * qc;
-            }
-            const float sl = round_bf16(static_cast<float>(num) / static_cast<float>(den > 0 ? den : 1) * s8);
-            int32_t R = 0, INV = 0;
-            if (den > 0 && sl > 0.0f && finite_bits(sl) && sl != cs && screen_step(sl, s8, &R, &INV)) {
-              if (screen(R, INV) < ce) cs = sl;
+            // Least squares in code units from the winner's sums: sum(c q) / sum(q q).
+            const float sl = round_bf16(static_cast<float>(cnum) / static_cast<float>(cden > 0 ? cden : 1) * s8);
+            int32_t R = 0, INV = 0, num = 0, den = 0;
+            if (cden > 0 && sl > 0.0f && finite_bits(sl) && sl != cs && screen_step(sl, s8, &R, &INV)) {
+              if (screen(R, INV, &num, &den) < ce) cs = sl;
             }
             const float inv = 1.0f / cs;
             float e = 0;

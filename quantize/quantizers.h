@@ -42,16 +42,16 @@
 //               smaller than RTN's, so search is never worse than RTN on any group.
 //               a. Screened, where every row uses one int8 scale s8 (a normal positive
 //                  float) and the group's largest |code| is at least 32: each candidate
-//                  by its error in code units, computed in 16-bit fixed point from the
-//                  codes c (x86 pmulhrsw / pmaddwd, the same integers on every path):
-//                  the step r = fp32(scale / s8) must lie in [1, 4681 / 256];
-//                  R = rne(256 r), INV = rne(32768 / r) (at most 32767);
-//                  q = clamp((c * INV + 2^14) >> 15, -7, 7);
-//                  error = sum over row pairs, in order, of fp32(int32 (256 c - q R)^2
-//                  of the pair's two rows). The least error wins (ties: the earlier).
-//                  Refinement: bf16(fp32(sum(c q)) / fp32(sum(q q)) * s8) with the
-//                  winner's q (int32 sums), where it is a different positive scale in
-//                  range and its error is smaller.
+//                  by its exact squared error in code units, from the codes' magnitudes
+//                  a = |c| in 16-bit fixed point (x86 pmulhrsw / pmaddwd, the same
+//                  integers on every path): the step r = fp32(scale / s8) must lie in
+//                  [1, 4681 / 256]; R = rne(256 r), INV = rne(32768 / r) (at most 32767);
+//                  |q| = min((a * INV + 2^14) >> 15, 7), q with the sign of c;
+//                  num = sum a |q|, den = sum q q (int32); error = R (R den - 512 num),
+//                  which is sum (256 c - q R)^2 less its constant 65536 sum c^2 (int64).
+//                  The least error wins (ties: the earlier). Refinement:
+//                  bf16(fp32(num) / fp32(den) * s8) with the winner's sums, where it is a
+//                  different positive scale in range and its error is smaller.
 //               b. Otherwise (mixed int8 scales, small codes): the least true error
 //                  among the RTN scale, the five candidates, then the refinement
 //                  bf16(sum(w*q) / sum(q*q)) of the best so far (fp32 sums; skipped
