@@ -429,6 +429,8 @@ TEST(QuantizeQ4g, ZeroAndNonFiniteGroups) {
   for (int64_t k = 0; k < 128; ++k) r.codes[k * 20 + 4] = 0;  // column 4: zero codes
   r.scales[7] = 0;                                            // column 7, block 0: zero scale
   r.scales[20 + 9] = 0x7f80;                                   // column 9, block 1: +inf
+  r.scales[11] = 0xffff;       // column 11, block 0: a negative NaN, every payload bit set
+  r.scales[20 + 13] = 0x7f81;  // column 13, block 1: a signaling NaN
   for (bool search : {false, true}) {
     ErrorStats st;
     std::vector<uint8_t> p = run_q4g(r.view(), 64, search, &st);
@@ -450,7 +452,11 @@ TEST(QuantizeQ4g, ZeroAndNonFiniteGroups) {
     EXPECT_EQ(scale_bits(1, 9), 0x7fc0);  // a non-finite group: NaN scale, q 0, counted
     EXPECT_TRUE(codes_zero(1, 9));
     EXPECT_NE(scale_bits(0, 9), 0x7fc0);
-    EXPECT_EQ(st.nonfinite_count, 64);
+    EXPECT_EQ(scale_bits(0, 11), 0x7fc0);
+    EXPECT_TRUE(codes_zero(0, 11));
+    EXPECT_EQ(scale_bits(1, 13), 0x7fc0);
+    EXPECT_TRUE(codes_zero(1, 13));
+    EXPECT_EQ(st.nonfinite_count, 3 * 64);
     EXPECT_TRUE(std::isfinite(st.sum_err2) && std::isfinite(st.rtn_err2) && std::isfinite(st.max_steps));
     EXPECT_EQ(run_q4g_ref(r.view(), 64, search), p);
   }
