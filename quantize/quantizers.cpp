@@ -728,6 +728,17 @@ QA void store_u8(uint8_t* p, vi v) {
   __m128i w = _mm_packs_epi32(_mm256_castsi256_si128((__m256i)v), _mm256_extracti128_si256((__m256i)v, 1));
   _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm_packus_epi16(w, w));
 }
+// A lane mask (-1 / 0) as L bytes, and L bytes of src into dst where it is set.
+using ByteMask = __m128i;
+QA ByteMask byte_mask(vi m) {
+  const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128((__m256i)m), _mm256_extracti128_si256((__m256i)m, 1));
+  return _mm_packs_epi16(w, w);
+}
+QA void blend_u8(uint8_t* dst, const uint8_t* src, ByteMask k) {
+  const __m128i d = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(dst)),
+                s = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src));
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(dst), _mm_blendv_epi8(d, s, k));
+}
 QA vf vmax(vf a, vf b) { return (vf)_mm256_max_ps((__m256)a, (__m256)b); }
 QA vf vclamp7(vf t) {
   return (vf)_mm256_min_ps(_mm256_max_ps((__m256)t, _mm256_set1_ps(-7.0f)), _mm256_set1_ps(7.0f));
@@ -798,6 +809,13 @@ QA void store_i8(int8_t* p, vi v) {
 }
 QA void store_u8(uint8_t* p, vi v) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtusepi32_epi8((__m512i)v));
+}
+using ByteMask = __mmask16;
+QA ByteMask byte_mask(vi m) { return _mm512_movepi32_mask((__m512i)m); }
+QA void blend_u8(uint8_t* dst, const uint8_t* src, ByteMask k) {
+  const __m128i d = _mm_loadu_si128(reinterpret_cast<const __m128i*>(dst)),
+                s = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm_mask_blend_epi8(k, d, s));
 }
 QA vf vmax(vf a, vf b) { return (vf)_mm512_max_ps((__m512)a, (__m512)b); }
 QA vf vclamp7(vf t) {
