@@ -462,6 +462,23 @@ TEST(QuantizeQ4g, ZeroAndNonFiniteGroups) {
   }
 }
 
+// Scales of one bf16 subnormal step u and codes up to 10: RTN's scale bf16(amax / 7) is
+// u where amax is 8u to 10u, so 7.5u does not reach the largest weights and RTN clips
+// (the only way it can).
+TEST(QuantizeQ4g, SubnormalScalesClipUnderRtn) {
+  Release r = make_release(64, 24, 1, 5);
+  for (auto& c : r.codes) c = static_cast<int8_t>(c % 11);
+  for (auto& sc : r.scales) sc = 0x0001;
+  for (bool search : {false, true}) {
+    for_each_simd_level([&](int) {
+      ErrorStats st, st_ref;
+      EXPECT_EQ(run_q4g(r.view(), 32, search, &st), run_q4g_ref(r.view(), 32, search, &st_ref));
+      expect_stats_near(st, st_ref);
+      if (!search) EXPECT_GT(st.clipped_count, 0);
+    });
+  }
+}
+
 // ---------------------------------------------------------------------------------
 // Slices: rows of a row-split matrix, and columns.
 TEST(QuantizeSlices, RowSliceOfRowSplitMatrixUsesItsBlocks) {
