@@ -474,7 +474,9 @@ TEST(QuantizeQ4g, SubnormalScalesClipUnderRtn) {
       ErrorStats st, st_ref;
       EXPECT_EQ(run_q4g(r.view(), 32, search, &st), run_q4g_ref(r.view(), 32, search, &st_ref));
       expect_stats_near(st, st_ref);
-      if (!search) EXPECT_GT(st.clipped_count, 0);
+      if (!search) {
+        EXPECT_GT(st.clipped_count, 0);
+      }
     });
   }
 }
