@@ -744,9 +744,6 @@ QA vf vclamp7(vf t) {
   return (vf)_mm256_min_ps(_mm256_max_ps((__m256)t, _mm256_set1_ps(-7.0f)), _mm256_set1_ps(7.0f));
 }
 QA bool any(vi m) { return _mm256_movemask_ps((__m256)m) != 0; }
-QA vi vabs_i(vi v) { return (vi)_mm256_abs_epi32((__m256i)v); }
-QA vi vmax_i(vi a, vi b) { return (vi)_mm256_max_epi32((__m256i)a, (__m256i)b); }
-QA vi vmin_i(vi a, vi b) { return (vi)_mm256_min_epi32((__m256i)a, (__m256i)b); }
 // int16 pairs (quantize_lanes.inc, the screening): |code| of rows a and b of 8 columns,
 // interleaved.
 QA vi pair_abs16(const int8_t* a, const int8_t* b) {
@@ -822,9 +819,6 @@ QA vf vclamp7(vf t) {
   return (vf)_mm512_min_ps(_mm512_max_ps((__m512)t, _mm512_set1_ps(-7.0f)), _mm512_set1_ps(7.0f));
 }
 QA bool any(vi m) { return _mm512_movepi32_mask((__m512i)m) != 0; }
-QA vi vabs_i(vi v) { return (vi)_mm512_abs_epi32((__m512i)v); }
-QA vi vmax_i(vi a, vi b) { return (vi)_mm512_max_epi32((__m512i)a, (__m512i)b); }
-QA vi vmin_i(vi a, vi b) { return (vi)_mm512_min_epi32((__m512i)a, (__m512i)b); }
 QA vi pair_abs16(const int8_t* a, const int8_t* b) {
   const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a)),
                 y = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b));
