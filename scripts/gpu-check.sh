@@ -15,6 +15,10 @@
 #                                     kernels timed alone (profile.txt, ranked by
 #                                     scripts/ncu_summary.py); a short table last. Full
 #                                     logs under $OUT (else ./gpu-check-out), 8 files at most.
+#   scripts/gpu-check.sh --steps bench,profile
+#                                     only those steps (of devices, parity, host-ops, e2e,
+#                                     bench, profile): a second run that takes what the
+#                                     first left undone, in less of the device's time
 # Runs in well under 5 minutes on an H100/H200; each step has a time limit, and the summary
 # is written however the script ends. Exit status: non-zero if a check failed, 2 if the
 # carried binaries were built from other sources than this tree.
@@ -56,6 +60,21 @@ if [ "${1:-}" = "--prepare" ]; then
   exit 0
 fi
 
+STEPS=(devices parity host-ops e2e bench profile)
+SELECTED=" ${STEPS[*]} "
+if [ "${1:-}" = "--steps" ]; then
+  SELECTED=" ${2//,/ } "
+  for k in $SELECTED; do
+    case " ${STEPS[*]} " in
+      *" $k "*) ;;
+      *) echo "gpu-check: --steps: unknown step '$k' (the steps: ${STEPS[*]})" >&2; exit 2 ;;
+    esac
+  done
+elif [ $# -gt 0 ]; then
+  echo "usage: scripts/gpu-check.sh [--prepare | --steps STEP,STEP...]" >&2
+  exit 2
+fi
+
 OUT=${OUT:-$ROOT/gpu-check-out}
 mkdir -p "$OUT"
 if [ ! -x "$CARRY/bin/grokit" ]; then
@@ -90,10 +109,13 @@ for m in ("nvidia.cublas", "nvidia.nccl", "nvidia.cu13"):
 done
 
 declare -A RESULT
-STEPS=(devices parity host-ops e2e bench profile)
 step() {  # name, log, time limit (s), command...: a step that hangs is killed, the rest still run
   local name=$1 log=$2 limit=$3
   shift 3
+  if [[ $SELECTED != *" $name "* ]]; then
+    RESULT[$name]="not selected (--steps)"
+    return 0
+  fi
   local t0=$SECONDS
   echo "== $name" >&2
   timeout -k 10 "$limit" "$@" > "$OUT/$log" 2>&1
@@ -142,7 +164,9 @@ step bench bench.txt 120 "$GROKIT_BIN" bench-device --device cuda --sweep --work
 # runs, one section each. Caches are not flushed between kernels (--cache-control none),
 # as in a replayed step, where a cold TLB and L2 would make every small kernel look slow.
 NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
-if [ -n "$NCU" ]; then
+if [[ $SELECTED != *" profile "* ]]; then
+  RESULT[profile]="not selected (--steps)"
+elif [ -n "$NCU" ]; then
   step profile profile.txt 180 env NCU="$NCU" GROKIT_BIN="$GROKIT_BIN" bash -c '
     for part in decode prefill; do
       echo "### section: $part"
