@@ -62,7 +62,7 @@ fi
 
 STEPS=(devices parity host-ops e2e bench profile)
 SELECTED=" ${STEPS[*]} "
-if [ "${1:-}" = "--steps" ]; then
+if [ "${1:-}" = "--steps" ] && [ -n "${2:-}" ]; then
   SELECTED=" ${2//,/ } "
   for k in $SELECTED; do
     case " ${STEPS[*]} " in
@@ -74,6 +74,8 @@ elif [ $# -gt 0 ]; then
   echo "usage: scripts/gpu-check.sh [--prepare | --steps STEP,STEP...]" >&2
   exit 2
 fi
+
+selected() { [[ $SELECTED == *" $1 "* ]]; }
 
 OUT=${OUT:-$ROOT/gpu-check-out}
 mkdir -p "$OUT"
@@ -112,7 +114,7 @@ declare -A RESULT
 step() {  # name, log, time limit (s), command...: a step that hangs is killed, the rest still run
   local name=$1 log=$2 limit=$3
   shift 3
-  if [[ $SELECTED != *" $name "* ]]; then
+  if ! selected "$name"; then
     RESULT[$name]="not selected (--steps)"
     return 0
   fi
@@ -164,9 +166,7 @@ step bench bench.txt 120 "$GROKIT_BIN" bench-device --device cuda --sweep --work
 # runs, one section each. Caches are not flushed between kernels (--cache-control none),
 # as in a replayed step, where a cold TLB and L2 would make every small kernel look slow.
 NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
-if [[ $SELECTED != *" profile "* ]]; then
-  RESULT[profile]="not selected (--steps)"
-elif [ -n "$NCU" ]; then
+if [ -n "$NCU" ] || ! selected profile; then
   step profile profile.txt 180 env NCU="$NCU" GROKIT_BIN="$GROKIT_BIN" bash -c '
     for part in decode prefill; do
       echo "### section: $part"
