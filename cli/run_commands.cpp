@@ -193,13 +193,12 @@ int cmd_logits(int argc, char** argv) {
   const bool force = r["force"].as<bool>();
   auto rows = read_token_rows(r["tokens"].as<std::string>(), false);
   if (!rows.ok()) return fail(prog, rows.error());
-  auto engine = load_engine(pos[0], r, prog);
-  if (!engine.ok()) return fail(prog, engine.error());
-  runner::Engine& eng = **engine;
-  const auto& cfg = eng.config();
+  // The tokens and the outputs are checked before the weights load (minutes for Grok-1).
+  auto model = format::Model::open(pos[0]);
+  if (!model.ok()) return fail(prog, model.error());
+  const format::ModelConfig cfg = model->config();
+  if (auto s = runner::check_prompts(cfg, *rows, 0); !s.ok()) return fail(prog, s.error());
   const int64_t B = static_cast<int64_t>(rows->size()), T = static_cast<int64_t>((*rows)[0].size());
-  if (T > cfg.sequence_len)
-    return fail(prog, make_error(T, " positions are more than the model's sequence_len of ", cfg.sequence_len));
   std::vector<int64_t> shape{B, T, cfg.vocab_size};
   auto out = npy::Writer::create(r["out"].as<std::string>(), "<f4", shape, force);
   if (!out.ok()) return fail(prog, out.error());
@@ -224,6 +223,9 @@ int cmd_logits(int argc, char** argv) {
       routing_dumps.push_back(std::move(*w));
     }
   }
+  auto engine = load_engine(pos[0], r, prog);
+  if (!engine.ok()) return fail(prog, engine.error());
+  runner::Engine& eng = **engine;
   runner::StepTaps taps;
   taps.hidden = [&](int index, size_t, int64_t, int64_t n, const float* x) {
     return dumps[static_cast<size_t>(index)].write(x, sizeof(float) * static_cast<size_t>(n * cfg.emb_size));
@@ -319,13 +321,13 @@ int cmd_run(int argc, char** argv) {
     if (!t.ok()) return fail(prog, t.error());
     tok.emplace(std::move(*t));
   }
-  if (tok && !tok_flag.empty()) {  // checked before the weights load
-    auto model = format::Model::open(pos[0]);
-    if (!model.ok()) return fail(prog, model.error());
-    if (tok->vocab_size() > model->config().vocab_size)
-      return fail(prog, make_error(tok_path, ": ", tok->vocab_size(), " pieces, more than the model's vocabulary of ",
-                                   model->config().vocab_size, " (another model's tokenizer?)"));
-  }
+  // The input is checked against the config before the weights load (minutes for Grok-1).
+  auto model = format::Model::open(pos[0]);
+  if (!model.ok()) return fail(prog, model.error());
+  const format::ModelConfig& cfg = model->config();
+  if (tok && !tok_flag.empty() && tok->vocab_size() > cfg.vocab_size)
+    return fail(prog, make_error(tok_path, ": ", tok->vocab_size(), " pieces, more than the model's vocabulary of ",
+                                 cfg.vocab_size, " (another model's tokenizer?)"));
   std::vector<std::vector<int32_t>> prompts;
   if (r.count("tokens-in")) {
     auto rows = read_token_rows(r["tokens-in"].as<std::string>(), true);
@@ -357,6 +359,7 @@ int cmd_run(int argc, char** argv) {
       prompts.push_back(std::move(*ids));
     }
   }
+  if (auto s = runner::check_prompts(cfg, prompts, go.max_tokens); !s.ok()) return fail(prog, s.error());
   std::string tokens_out = r["tokens-out"].as<std::string>();
   std::optional<npy::Writer> ids_writer;
   if (!tokens_out.empty()) {

@@ -5,25 +5,42 @@
 
 namespace grokit::runner {
 
+Status check_prompts(const format::ModelConfig& cfg, const std::vector<std::vector<int32_t>>& prompts,
+                     int64_t max_tokens) {
+  if (max_tokens < 0) return make_error("max_tokens must not be negative");
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    const auto& p = prompts[i];
+    if (p.empty()) return make_error("prompt ", i, " is empty");
+    for (size_t k = 0; k < p.size(); ++k)
+      if (p[k] < 0 || p[k] >= cfg.vocab_size)
+        return make_error("prompt ", i, ", token ", k, ": id ", p[k], " is outside the vocabulary [0, ", cfg.vocab_size,
+                          ")");
+    const int64_t need = static_cast<int64_t>(p.size()) + max_tokens;
+    if (need > cfg.sequence_len) {
+      if (max_tokens == 0)
+        return make_error("prompt ", i, ": ", p.size(), " positions, more than the model's sequence_len of ",
+                          cfg.sequence_len);
+      return make_error("prompt ", i, ": ", p.size(), " tokens + max_tokens ", max_tokens, " = ", need,
+                        " positions, more than the model's sequence_len of ", cfg.sequence_len);
+    }
+  }
+  return {};
+}
+
 Result<std::vector<std::vector<int32_t>>> generate(Engine& engine, const std::vector<std::vector<int32_t>>& prompts,
                                                    const GenerateOptions& options,
                                                    const std::function<void(size_t, int32_t)>& on_token,
                                                    GenerateStats* stats) {
   const auto& cfg = engine.config();
   if (options.max_tokens < 1) return make_error("max_tokens must be at least 1");
+  GROKIT_TRY(check_prompts(cfg, prompts, options.max_tokens));
   GenerateStats st;
   std::vector<int> slots;
   auto close_all = [&] {
     for (int s : slots) engine.close_sequence(s);
   };
   for (size_t i = 0; i < prompts.size(); ++i) {
-    int64_t need = static_cast<int64_t>(prompts[i].size()) + options.max_tokens;
-    if (prompts[i].empty()) return close_all(), make_error("prompt ", i, " is empty");
-    if (need > cfg.sequence_len) {
-      close_all();
-      return make_error("prompt ", i, ": ", prompts[i].size(), " tokens + max_tokens ", options.max_tokens, " = ", need,
-                        " positions, more than the model's sequence_len of ", cfg.sequence_len);
-    }
+    const int64_t need = static_cast<int64_t>(prompts[i].size()) + options.max_tokens;
     auto slot = engine.open_sequence(need);
     if (!slot.ok()) return close_all(), slot.take_error();
     slots.push_back(*slot);

@@ -190,6 +190,12 @@ struct GenerateStats {
   double first_token_seconds = 0;
   uint64_t kv_bytes = 0;         // per rank, all sequences
 };
+// What generate() checks before its first step: every prompt has tokens, each id lies in
+// the vocabulary, and prompt + max_tokens fits in sequence_len (max_tokens 0: the prompt
+// alone, as `grokit logits` runs it). It needs only the config, so a command checks its
+// input before it loads the weights (minutes for Grok-1), not after.
+Status check_prompts(const format::ModelConfig& cfg, const std::vector<std::vector<int32_t>>& prompts,
+                     int64_t max_tokens);
 // on_token(prompt index, token) is called as tokens are chosen.
 Result<std::vector<std::vector<int32_t>>> generate(Engine& engine, const std::vector<std::vector<int32_t>>& prompts,
                                                    const GenerateOptions& options,

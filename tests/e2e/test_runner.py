@@ -419,11 +419,31 @@ class Runner(unittest.TestCase):
         p = run("logits", self.model[1], "--tokens", self.tokens_path, "--out", out, "--no-progress")
         self.assertEqual(p.returncode, 1, p.stderr)
         self.assertRegex(p.stderr, r"(?i)exists|overwrite")
+        self.assertNotIn("of weights", p.stderr)  # refused before the weights load
         with open(out, "rb") as fh:
             self.assertEqual(fh.read(), b"precious")
         run("logits", self.model[1], "--tokens", self.tokens_path, "--out", out, "--force",
             "--no-progress", check=0)
         np.testing.assert_array_equal(np.load(out), np.load(self.logits[1]))
+
+    def test_bad_prompts_refused_before_loading(self):
+        """An empty prompt or an id outside the vocabulary fails from the config alone:
+        with Grok-1 the load it would otherwise wait for takes minutes."""
+        bad = self.path("bad_ids.npy")
+        np.save(bad, np.array([[3, 4, 5], [6, 512, 7]], dtype=np.int32))  # vocab 512
+        out = self.path("bad_out.npy")
+        cases = [("run", "--prompt", "", "prompt 0 is empty"),
+                 ("run", "--tokens-in", bad, "prompt 1, token 1: id 512 is outside the vocabulary [0, 512)"),
+                 ("logits", "--tokens", bad, "prompt 1, token 1: id 512 is outside the vocabulary [0, 512)")]
+        for cmd, flag, value, message in cases:
+            with self.subTest(cmd=cmd, flag=flag):
+                extra = ["--out", out] if cmd == "logits" else []
+                p = run(cmd, self.model[2], flag, value, *extra, "--no-progress")
+                self.assertEqual(p.returncode, 1, p.stderr)
+                self.assertIn(message, p.stderr)
+                self.assertNotIn("of weights", p.stderr)
+                self.assertEqual(p.stdout, "")
+                self.assertFalse(os.path.exists(out))
 
 
 class LongContext(unittest.TestCase):
@@ -467,6 +487,7 @@ class LongContext(unittest.TestCase):
         self.assertIn("sequence_len", p.stderr)
         self.assertIn("8192", p.stderr)
         self.assertIn("8198", p.stderr)  # 8190 + 8: the message says how far over it is
+        self.assertNotIn("of weights", p.stderr)  # refused before the weights load
         self.assertEqual(p.stdout, "")
         self.assertFalse(os.path.exists(out))
 
@@ -492,6 +513,9 @@ class LongContext(unittest.TestCase):
             p = run("logits", model, "--tokens", toks, "--out", os.path.join(self.tmp, f"l{T}.npy"),
                     "--no-progress")
             self.assertEqual(p.returncode, rc, p.stderr)
+            if rc:
+                self.assertIn("65 positions, more than the model's sequence_len of 64", p.stderr)
+                self.assertNotIn("of weights", p.stderr)
 
 
 if __name__ == "__main__":

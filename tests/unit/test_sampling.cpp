@@ -1,7 +1,7 @@
 // Tests of sampling (runner/runner.h): the nucleus filter against the official rule
 // (xai-org/grok-1 runners.py top_p_filter) transcribed independently below and against
 // hand-computed cases, top-k, argmax, and the Sampler's determinism, greedy limits and
-// distribution.
+// distribution; and the prompt checks generation makes before its first step.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -416,6 +416,28 @@ TEST(Sampler, FilteredTokensAreNeverDrawn) {
   std::vector<float> both = official_top_p(top_k(scaled, 3), 0.6f);
   ASSERT_EQ(kept(both), std::vector<bool>({false, false, true, false, false, true}));
   expect_distribution(p, l, softmax(both));
+}
+
+// check_prompts: each failure names the prompt, and the boundaries are exact.
+TEST(CheckPrompts, RefusesEmptyOutOfVocabularyAndTooLongPrompts) {
+  format::ModelConfig cfg;
+  cfg.vocab_size = 32;
+  cfg.sequence_len = 16;
+  auto message = [&](const std::vector<std::vector<int32_t>>& prompts, int64_t max_tokens) {
+    Status s = check_prompts(cfg, prompts, max_tokens);
+    return s.ok() ? std::string("ok") : s.error().message;
+  };
+  const std::vector<int32_t> twelve(12, 5);
+  EXPECT_EQ(message({{1, 2, 31}, twelve}, 4), "ok");          // 12 + 4 = 16: exactly full
+  EXPECT_EQ(message({std::vector<int32_t>(16, 3)}, 0), "ok");  // logits: the prompt alone
+  EXPECT_EQ(message({{1}, {}}, 1), "prompt 1 is empty");
+  EXPECT_EQ(message({{1}, {4, 32}}, 1), "prompt 1, token 1: id 32 is outside the vocabulary [0, 32)");
+  EXPECT_EQ(message({{-1}}, 1), "prompt 0, token 0: id -1 is outside the vocabulary [0, 32)");
+  EXPECT_EQ(message({twelve}, 5), "prompt 0: 12 tokens + max_tokens 5 = 17 positions, more than the model's "
+                                  "sequence_len of 16");
+  EXPECT_EQ(message({{1}, std::vector<int32_t>(17, 3)}, 0),
+            "prompt 1: 17 positions, more than the model's sequence_len of 16");
+  EXPECT_NE(message({{1}}, -1), "ok");
 }
 
 }  // namespace
