@@ -335,8 +335,8 @@ Status load_mapped(const GrokitOps* ops, GrokitStream stream, int fd, const std:
     return rc;
   };
   auto retire_oldest = [&]() -> Status {
-    auto [at, e] = reg.live.front();
-    GROKIT_TRY(op_status(ops, ops->event_sync(reg.ev[e]), "event_sync"));
+    void* const at = reg.live.front().first;  // not a structured binding: clang 14 cannot capture one
+    GROKIT_TRY(op_status(ops, ops->event_sync(reg.ev[reg.live.front().second]), "event_sync"));
     reg.live.pop_front();
     return op_status(ops, timed([&] { return ops->host_unregister(at); }), "host_unregister");
   };
