@@ -189,7 +189,9 @@ GROKIT_AVX512 __attribute__((always_inline)) inline void chunk_walk_avx512(int64
       WalkPrefetch<NC> prefetch(t0, t1, b0, b1);
       for (int64_t n0 = b0; n0 < b1; n0 += NC) {
         const int nc = static_cast<int>(std::min<int64_t>(NC, b1 - n0));
-        float* parked = park + (n0 - b0) / NC * (MB * NC * 16);
+        // Sums are parked only when the chain is walked in tiles; a chain in registers walks
+        // all of [c0, c1) as one block, past the park's end, so it points nowhere else.
+        float* parked = tile_chunks == ch1 - ch0 ? park : park + (n0 - b0) / NC * (MB * NC * 16);
         __m512 acc[MB][NC];
         auto restart = [&]() GROKIT_AVX512_INLINE_LAMBDA {
           for (int mm = 0; mm < MB; ++mm)
