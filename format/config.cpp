@@ -14,7 +14,10 @@ ModelConfig ModelConfig::grok1() { return ModelConfig{}; }
 int64_t ModelConfig::ffn() const {
   if (ffn_size > 0) return ffn_size;
   // The official code: int(widening_factor * emb_size) * 2 // 3, rounded up to 8.
-  auto f = static_cast<int64_t>(widening_factor * static_cast<double>(emb_size)) * 2 / 3;
+  // A factor from a hostile file may not fit int64: -1 then, which validate() refuses.
+  const double product = widening_factor * static_cast<double>(emb_size);
+  if (!(product >= 0 && product < 0x1p62)) return -1;
+  auto f = static_cast<int64_t>(product) * 2 / 3;
   return f + ((8 - f % 8) % 8);
 }
 
@@ -154,7 +157,9 @@ Status ModelConfig::validate() const {
   if (num_selected_experts > num_experts)
     return make_error("num_selected_experts ", num_selected_experts, " exceeds num_experts ", num_experts);
   if (key_size % 2 != 0) return make_error("key_size ", key_size, " must be even (RoPE rotates halves)");
-  if (ffn() <= 0 || ffn() > kMaxDim) return make_error("ffn size ", ffn(), " derived from widening_factor is out of range");
+  if (ffn() <= 0 || ffn() > kMaxDim)
+    return make_error("the ffn size derived from widening_factor ", widening_factor, " x emb_size ", emb_size,
+                      " is out of range");
   if ((num_q_heads * key_size) % attn_output_scale_blocks != 0)
     return make_error("attention output rows ", num_q_heads * key_size, " do not split into ",
                       attn_output_scale_blocks, " scale blocks");

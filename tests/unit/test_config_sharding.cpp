@@ -139,6 +139,12 @@ TEST(ModelConfigTest, ValidateErrors) {
   refused(R"({"vocab_size": 2})", "pad_token and eos_token must be below vocab_size 2");
   refused(R"({"rms_norm_eps": 0})", "'rms_norm_eps' must be a positive finite number, found 0");
   refused(R"({"widening_factor": -8})", "'widening_factor' must be a positive finite number");
+  // Too large for int64 once multiplied by emb_size (found by fuzz_manifest: the
+  // conversion was undefined), and large enough to exceed 2^31 rows only.
+  refused(R"({"num_kv_heads": 2, "num_layers": 1, "widening_factor": 3535533845424652})",
+          "the ffn size derived from widening_factor 3.53553e+15 x emb_size 6144 is out of range");
+  refused(R"({"widening_factor": 1e300})", "the ffn size derived from widening_factor 1e+300 x emb_size 6144");
+  refused(R"({"widening_factor": 600000})", "the ffn size derived from widening_factor 600000 x emb_size 6144");
   refused(R"({"attn_logit_cap": 1e400})", "not valid JSON");  // out of double range
   refused(R"({"attn_output_scale_blocks": 7})", "attention output rows 6144 do not split into 7 scale blocks");
   refused(R"({"moe_down_scale_blocks": 3})", "expert ffn size 32768 does not split into 3 scale blocks");
