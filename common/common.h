@@ -292,6 +292,9 @@ class OutputFile {
 
 bool path_exists(const std::string& path);
 bool is_directory(const std::string& path);
+// Both paths exist and name the same file or directory (same device and inode, through
+// symbolic and hard links): how a command tells that an output would overwrite an input.
+bool same_file(const std::string& a, const std::string& b);
 Result<uint64_t> file_size(const std::string& path);
 Status make_directory(const std::string& path);      // one level; ok if it exists as a directory
 Status fsync_directory(const std::string& path);

@@ -228,6 +228,7 @@ class Converter {
   Status convert_tensor(size_t i, uint8_t* staging);
   Status finalize_raw(RankPlan& rp, OutputFile& f);
   Status finalize_compressed(RankPlan& rp);
+  Status read_tokenizer();
   Status write_tokenizer(format::Manifest& m);
   Status remove_state_dir();
 
@@ -241,6 +242,7 @@ class Converter {
   std::optional<Journal> journal_;
   std::unique_ptr<Progress> progress_;
   std::atomic<uint64_t> written_{0};
+  std::optional<std::string> tokenizer_;  // its bytes, read before the output is touched
 };
 
 Status Converter::prepare_output_dir(bool& already_complete) {
@@ -482,7 +484,9 @@ Status Converter::finalize_compressed(RankPlan& rp) {
   return {};
 }
 
-Status Converter::write_tokenizer(format::Manifest& m) {
+// Read first, so that a wrong --tokenizer stops the run before it clears an output or
+// converts for an hour, and a tokenizer kept in the output directory survives --force.
+Status Converter::read_tokenizer() {
   std::optional<std::string> path = o_.tokenizer_file;
   if (!path) {
     std::string beside = path_join(path_dirname(o_.ckpt_dir), format::kTokenizerFile);
@@ -494,9 +498,15 @@ Status Converter::write_tokenizer(format::Manifest& m) {
   }
   GROKIT_ASSIGN_OR_RETURN(std::string bytes, read_small_file(*path, 256u << 20));
   if (bytes.empty()) return make_error(*path, ": empty tokenizer file");
-  GROKIT_TRY(write_file_atomic(path_join(o_.out_dir, format::kTokenizerFile), bytes));
-  m.tokenizer = format::FileInfo{format::kTokenizerFile, bytes.size(), xxh3_64(bytes.data(), bytes.size()), ""};
+  tokenizer_ = std::move(bytes);
   report_.tokenizer_source = *path;
+  return {};
+}
+
+Status Converter::write_tokenizer(format::Manifest& m) {
+  if (!tokenizer_) return {};
+  GROKIT_TRY(write_file_atomic(path_join(o_.out_dir, format::kTokenizerFile), *tokenizer_));
+  m.tokenizer = format::FileInfo{format::kTokenizerFile, tokenizer_->size(), xxh3_64(tokenizer_->data(), tokenizer_->size()), ""};
   return {};
 }
 
@@ -509,6 +519,7 @@ Result<ConvertReport> Converter::run() {
   const bool lc_is_file = path_exists(lc.source);
   std::fprintf(stderr, "config: %s\n", lc.source.c_str());
 
+  GROKIT_TRY(read_tokenizer());
   bool already_complete = false;
   GROKIT_TRY(prepare_output_dir(already_complete));
   if (already_complete) {

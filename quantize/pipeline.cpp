@@ -318,6 +318,7 @@ class Quantizer {
 
   const QuantizeOptions& o_;
   std::optional<format::Model> in_;
+  std::string tokenizer_;  // the input's tokenizer bytes, checked against its manifest
   std::vector<format::ShardReader> in_shards_;
   std::vector<InputTensor> inputs_;
   Plan plan_;
@@ -580,9 +581,19 @@ Result<QuantizeReport> Quantizer::run() {
   GROKIT_ASSIGN_OR_RETURN(format::Model model, format::Model::open(o_.in_dir));
   in_.emplace(std::move(model));
   const auto& m = in_->manifest();
+  // --force clears the output directory first: never the input itself (or a link to it).
+  if (same_file(o_.out_dir, o_.in_dir))
+    return make_error(o_.out_dir, ": is the input model's own directory; write the requantized model to another one");
   if (m.scheme != "int8")
     return make_error(o_.in_dir, ": its weights are already requantized (scheme '", m.scheme,
                       "'); quantize the int8 model that convert wrote");
+  // Every input is read and checked before the output is touched.
+  if (m.tokenizer) {
+    const std::string p = path_join(o_.in_dir, m.tokenizer->name);
+    GROKIT_ASSIGN_OR_RETURN(tokenizer_, read_small_file(p, 256u << 20));
+    if (tokenizer_.size() != m.tokenizer->size || xxh3_64(tokenizer_.data(), tokenizer_.size()) != m.tokenizer->xxh3)
+      return make_error(p, ": does not match the checksum its manifest records (", tokenizer_.size(), " bytes)");
+  }
   if (o_.scheme == Scheme::kInt4 && o_.group_size != 32 && o_.group_size != 64 && o_.group_size != 128)
     return make_error("--group-size must be 32, 64 or 128 (got ", o_.group_size, ")");
   GROKIT_ASSIGN_OR_RETURN(plan_, make_plan(*in_, o_));
@@ -698,8 +709,7 @@ Result<QuantizeReport> Quantizer::run() {
                           static_cast<uint32_t>(r), plan_.headers[r].file_size, plan_.entries[r].size(),
                           plan_.headers[r].index_xxh3});
   if (m.tokenizer) {
-    GROKIT_ASSIGN_OR_RETURN(std::string bytes, read_small_file(path_join(o_.in_dir, m.tokenizer->name), 256u << 20));
-    GROKIT_TRY(write_file_atomic(path_join(o_.out_dir, format::kTokenizerFile), bytes));
+    GROKIT_TRY(write_file_atomic(path_join(o_.out_dir, format::kTokenizerFile), tokenizer_));
     out.tokenizer = *m.tokenizer;
   }
   GROKIT_TRY(write_file_atomic(path_join(o_.out_dir, format::kManifestFile), out.to_json()));

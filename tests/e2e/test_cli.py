@@ -91,6 +91,28 @@ class Convert(unittest.TestCase):
         self.assertNotIn("shard-00000-of-00002.gkt", os.listdir(out))
         run("verify", out, "--no-progress", check=0)
 
+    def test_tokenizer_is_read_before_the_output_is_cleared(self):
+        # A tokenizer kept in the output directory survives --force, and a wrong path stops
+        # the run before the old model is touched (or the whole checkpoint converted).
+        out = self.out("tok")
+        tok = os.path.join(self.tmp, "tok.model")
+        with open(tok, "wb") as f:
+            f.write(b"tokenizer bytes")
+        run("convert", self.ckpt, out, "--tp", 2, "--tokenizer", tok, "--no-progress", check=0)
+        own = os.path.join(out, "tokenizer.model")
+        p = run("convert", self.ckpt, out, "--tp", 1, "--tokenizer", own, "--force", "--no-progress", check=0)
+        self.assertIn("shard-00000-of-00001.gkt", os.listdir(out))
+        with open(own, "rb") as f:
+            self.assertEqual(f.read(), b"tokenizer bytes")
+        run("verify", out, "--no-progress", check=0)
+        before = files_of(out)
+        missing = os.path.join(self.tmp, "no-such-tokenizer.model")
+        p = run("convert", self.ckpt, out, "--tp", 2, "--tokenizer", missing, "--force", "--no-progress")
+        self.assertEqual(p.returncode, 1, p.stderr)
+        self.assertIn(missing + ": cannot stat", p.stderr)
+        self.assertNotIn("plan:", p.stderr)  # before the checkpoint was even indexed
+        self.assertEqual(files_of(out), before)
+
     def test_refuses_a_foreign_directory(self):
         out = self.out("foreign")
         os.makedirs(out)

@@ -20,7 +20,7 @@ import unittest
 import ml_dtypes
 import numpy as np
 
-from e2e_util import SOURCE_DIR, run, tiny_config, write_checkpoint
+from e2e_util import SOURCE_DIR, files_of, run, tiny_config, write_checkpoint
 
 sys.path.insert(0, os.path.join(SOURCE_DIR, "tests", "python"))
 import grokit_format  # noqa: E402
@@ -251,6 +251,23 @@ class Quantize(unittest.TestCase):
         p = run("quantize", self.int8, self.path("occupied"), "--scheme", "fp8")
         self.assertEqual(p.returncode, 1)
         self.assertIn("refusing to overwrite", p.stderr)
+
+    def test_refuses_to_write_over_its_input(self):
+        # --force clears the output directory first: the input itself, or a link to it,
+        # must be refused before anything is touched.
+        model = self.path("self-int8")
+        shutil.rmtree(model, ignore_errors=True)
+        shutil.copytree(self.int8, model)
+        os.symlink(model, self.path("self-link"))
+        before = files_of(model)
+        for src, out in ((model, model), (self.path("self-link"), model), (model, self.path("self-link") + "/")):
+            with self.subTest(src=src, out=out):
+                p = run("quantize", src, out, "--scheme", "fp8", "--force", "--no-progress")
+                self.assertEqual(p.returncode, 1, p.stderr)
+                self.assertIn(": is the input model's own directory; write the requantized model to another one",
+                              p.stderr)
+                self.assertEqual(files_of(model), before)
+        run("verify", model, "--no-progress", check=0)
 
     def test_deterministic(self):
         # Each tensor is spread over the threads, item by item, on a ring of output slots:

@@ -1,6 +1,7 @@
 // common: run_in_order, the ordered producer/consumer pipeline that quantize writes its
-// payloads with.
+// payloads with; same_file, which the commands use to refuse an output over an input.
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <chrono>
@@ -9,6 +10,7 @@
 #include <vector>
 
 #include "common/common.h"
+#include "temp_dir.h"
 
 namespace grokit {
 namespace {
@@ -24,7 +26,7 @@ TEST(RunInOrder, ConsumesEveryItemInOrderFromItsOwnSlot) {
     ThreadPool pool(threads);
     for (size_t slots : {1u, 2u, 3u, 8u}) {
       for (size_t n : {0u, 1u, 7u, 40u}) {
-        SCOPED_TRACE(testing::Message() << threads << " threads, " << slots << " slots, " << n << " items");
+        SCOPED_TRACE(::testing::Message() << threads << " threads, " << slots << " slots, " << n << " items");
         std::vector<std::atomic<int64_t>> held(slots);  // the item a slot holds, -1 free
         for (auto& h : held) h = -1;
         std::atomic<int> consumers{0}, in_slots{0}, max_in_slots{0};
@@ -90,6 +92,24 @@ TEST(RunInOrder, StopsAtTheFirstFailedConsume) {
     // Nothing past the slots that were in flight when it failed.
     EXPECT_LE(produced.load(), fail_at + 1 + slots);
   }
+}
+
+TEST(SameFile, SeesThroughLinksAndTellsFilesApart) {
+  testing::TempDir d("same_file");
+  ASSERT_TRUE(make_directory(d.file("model")).ok());
+  ASSERT_TRUE(write_file_atomic(d.file("model/a"), "a").ok());
+  ASSERT_TRUE(write_file_atomic(d.file("model/b"), "a").ok());  // same bytes, another file
+  ASSERT_EQ(::symlink("model", d.file("alias").c_str()), 0);
+  ASSERT_EQ(::link(d.file("model/a").c_str(), d.file("hard").c_str()), 0);
+  EXPECT_TRUE(same_file(d.file("model"), d.file("model")));
+  EXPECT_TRUE(same_file(d.file("model"), d.file("alias")));
+  EXPECT_TRUE(same_file(d.file("model"), d.file("model/../model/.")));
+  EXPECT_TRUE(same_file(d.file("alias/a"), d.file("model/a")));
+  EXPECT_TRUE(same_file(d.file("hard"), d.file("model/a")));
+  EXPECT_FALSE(same_file(d.file("model/a"), d.file("model/b")));
+  EXPECT_FALSE(same_file(d.file("model"), d.file("model/a")));
+  EXPECT_FALSE(same_file(d.file("model/missing"), d.file("model/missing")));  // neither exists
+  EXPECT_FALSE(same_file(d.file("model/a"), d.file("model/missing")));
 }
 
 }  // namespace
