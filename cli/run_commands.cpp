@@ -49,6 +49,22 @@ int fail(const char* program, const Error& e) {
   return kExitFailure;
 }
 
+// An output never replaces one of the run's inputs, --force or not: a file of the model
+// (manifest, shards, tokenizer) or another input file the command reads.
+Status refuse_overwriting_inputs(const std::string& out, const format::Model& model,
+                                 const std::vector<std::string>& other_inputs) {
+  std::vector<std::string> inputs = other_inputs;
+  inputs.push_back(path_join(model.dir(), format::kManifestFile));
+  for (uint32_t r = 0; r < model.manifest().tp; ++r) inputs.push_back(model.shard_path(r));
+  if (model.manifest().tokenizer) inputs.push_back(path_join(model.dir(), model.manifest().tokenizer->name));
+  for (const auto& in : inputs) {
+    if (in.empty() || !same_file(out, in)) continue;
+    if (in == out) return make_error(out, ": is an input of this run; choose another output");
+    return make_error(out, ": is an input of this run (as ", in, "); choose another output");
+  }
+  return {};
+}
+
 void add_engine_options(cxxopts::Options& opts) {
   opts.add_options()
       ("threads", "threads in all (0: every core)", cxxopts::value<unsigned>()->default_value("0"))
@@ -200,6 +216,8 @@ int cmd_logits(int argc, char** argv) {
   if (auto s = runner::check_prompts(cfg, *rows, 0); !s.ok()) return fail(prog, s.error());
   const int64_t B = static_cast<int64_t>(rows->size()), T = static_cast<int64_t>((*rows)[0].size());
   std::vector<int64_t> shape{B, T, cfg.vocab_size};
+  const std::vector<std::string> inputs{r["tokens"].as<std::string>()};
+  if (auto s = refuse_overwriting_inputs(r["out"].as<std::string>(), *model, inputs); !s.ok()) return fail(prog, s.error());
   auto out = npy::Writer::create(r["out"].as<std::string>(), "<f4", shape, force);
   if (!out.ok()) return fail(prog, out.error());
   std::vector<npy::Writer> dumps, routing_dumps;
@@ -210,6 +228,7 @@ int cmd_logits(int argc, char** argv) {
     for (int64_t i = 0; i <= cfg.num_layers; ++i) {
       char name[32];
       std::snprintf(name, sizeof name, "hidden_%03ld.npy", static_cast<long>(i));
+      if (auto s = refuse_overwriting_inputs(path_join(dump_dir, name), *model, inputs); !s.ok()) return fail(prog, s.error());
       auto w = npy::Writer::create(path_join(dump_dir, name), "<f4", hshape, force);
       if (!w.ok()) return fail(prog, w.error());
       dumps.push_back(std::move(*w));
@@ -218,6 +237,7 @@ int cmd_logits(int argc, char** argv) {
     for (int64_t i = 0; i < cfg.num_layers; ++i) {
       char name[32];
       std::snprintf(name, sizeof name, "experts_%03ld.npy", static_cast<long>(i));
+      if (auto s = refuse_overwriting_inputs(path_join(dump_dir, name), *model, inputs); !s.ok()) return fail(prog, s.error());
       auto w = npy::Writer::create(path_join(dump_dir, name), "<i4", eshape, force);
       if (!w.ok()) return fail(prog, w.error());
       routing_dumps.push_back(std::move(*w));
@@ -363,6 +383,9 @@ int cmd_run(int argc, char** argv) {
   std::string tokens_out = r["tokens-out"].as<std::string>();
   std::optional<npy::Writer> ids_writer;
   if (!tokens_out.empty()) {
+    const std::vector<std::string> inputs{r.count("tokens-in") ? r["tokens-in"].as<std::string>() : "",
+                                          r.count("prompt-file") ? r["prompt-file"].as<std::string>() : "", tok_path};
+    if (auto s = refuse_overwriting_inputs(tokens_out, *model, inputs); !s.ok()) return fail(prog, s.error());
     std::vector<int64_t> shape{static_cast<int64_t>(prompts.size()), go.max_tokens};
     auto w = npy::Writer::create(tokens_out, "<i4", shape, r["force"].as<bool>());
     if (!w.ok()) return fail(prog, w.error());

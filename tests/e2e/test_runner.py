@@ -16,7 +16,7 @@ import unittest
 import ml_dtypes
 import numpy as np
 
-from e2e_util import GROKIT, SOURCE_DIR, run, tiny_config, write_checkpoint
+from e2e_util import GROKIT, SOURCE_DIR, files_of, run, tiny_config, write_checkpoint
 
 SCRIPTS = os.path.join(SOURCE_DIR, "scripts")
 REFERENCE_PY = os.path.join(SCRIPTS, "reference.py")
@@ -425,6 +425,30 @@ class Runner(unittest.TestCase):
         run("logits", self.model[1], "--tokens", self.tokens_path, "--out", out, "--force",
             "--no-progress", check=0)
         np.testing.assert_array_equal(np.load(out), np.load(self.logits[1]))
+
+    def test_outputs_never_replace_inputs(self):
+        # --force lets an output replace an earlier output, never a file the run reads:
+        # the tokens, or a file of the model (through a symbolic link too).
+        m = self.model[2]
+        link = self.path("m2-link")
+        if not os.path.exists(link):
+            os.symlink(m, link)
+        shard = os.path.join(m, "shard-00000-of-00002.gkt")
+        model_before, tokens_before = files_of(m), np.load(self.tokens_path)
+        cases = [("logits", "--tokens", self.tokens_path, "--out", self.tokens_path),
+                 ("logits", "--tokens", self.tokens_path, "--out", shard),
+                 ("logits", "--tokens", self.tokens_path, "--out", os.path.join(link, "manifest.json")),
+                 ("run", "--tokens-in", self.tokens_path, "--tokens-out", self.tokens_path),
+                 ("run", "--prompt", "a b", "--tokens-out", os.path.join(link, "tokenizer.model")),
+                 ("run", "--prompt", "a b", "--tokenizer", self.tokenizer, "--tokens-out", self.tokenizer)]
+        for cmd, *args in cases:
+            with self.subTest(cmd=cmd, args=args):
+                p = run(cmd, m, *args, "--force", "--no-progress")
+                self.assertEqual(p.returncode, 1, p.stderr)
+                self.assertRegex(p.stderr, r": is an input of this run( \(as .*\))?; choose another output")
+                self.assertNotIn("of weights", p.stderr)  # refused before the weights load
+        self.assertEqual(files_of(m), model_before)
+        np.testing.assert_array_equal(np.load(self.tokens_path), tokens_before)
 
     def test_bad_prompts_refused_before_loading(self):
         """An empty prompt or an id outside the vocabulary fails from the config alone:
