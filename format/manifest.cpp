@@ -173,6 +173,11 @@ Result<Model> Model::open(const std::string& dir) {
   if (!is_directory(dir)) return make_error(dir, ": not a directory");
   std::string manifest_path = path_join(dir, kManifestFile);
   if (!path_exists(manifest_path)) {
+    // quantize's state without a manifest: an interrupted quantization (its shards are
+    // renamed into place just before the manifest is written).
+    if (path_exists(path_join(dir, ".grokit-quantize")))
+      return make_error(dir, ": no ", kManifestFile,
+                        ": this is an incomplete quantization (interrupted?); run 'grokit quantize' again with --force");
     // Shards or convert state without a manifest: an interrupted or failed conversion.
     bool partial = path_exists(path_join(dir, ".grokit-convert"));
     for (const auto& n : list_directory(dir)) partial = partial || is_shard_file_name(n);

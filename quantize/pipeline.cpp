@@ -352,7 +352,11 @@ Status Quantizer::prepare_output() {
   if (!is_directory(out)) return make_error(out, ": exists and is not a directory");
   const std::vector<std::string> names = list_directory(out);
   if (names.empty()) return {};
-  if (!o_.force) return make_error(out, ": not empty; refusing to overwrite it (pass --force to replace a grokit model there)");
+  if (!o_.force) {
+    if (std::find(names.begin(), names.end(), kStateDir) != names.end())
+      return make_error(out, ": holds an interrupted quantization (", kStateDir, "); pass --force to start over");
+    return make_error(out, ": not empty; refusing to overwrite it (pass --force to replace a grokit model there)");
+  }
   for (const auto& n : names) {
     bool mine = n == format::kManifestFile || n == format::kTokenizerFile || n == kStateDir ||
                 format::is_shard_file_name(n);

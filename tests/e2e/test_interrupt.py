@@ -1,6 +1,7 @@
 """Interruption: grokit convert killed with SIGKILL at random points, resumed each time
 with --resume, ends byte-identical to an uninterrupted conversion; an interrupted
-directory is never accepted as complete."""
+directory is never accepted as complete. grokit quantize killed likewise leaves a
+directory that is refused as incomplete and named so until --force starts it over."""
 import os
 import random
 import shutil
@@ -109,6 +110,48 @@ class Interruption(unittest.TestCase):
         p = run("convert", self.ckpt, out, "--tp", 4, "--resume", "--no-progress", check=0)
         self.assertRegex(p.stderr, r"resume: \d+ tensors kept after re-checking their checksums, [1-9]\d* to redo")
         self.assertEqual(files_of(out), files_of(self.ref))
+
+    def test_killed_quantize_is_refused_until_forced(self):
+        rng = random.Random(20261202)
+        q_ref = os.path.join(self.tmp, "q-ref")
+        shutil.rmtree(q_ref, ignore_errors=True)
+        t0 = time.monotonic()
+        run("quantize", self.ref, q_ref, "--scheme", "int4", "--group-size", 32, "--threads", 2, "--no-progress",
+            check=0)
+        seconds = time.monotonic() - t0
+        out = os.path.join(self.tmp, "q-killed")
+        interrupted = with_state = 0
+        for _ in range(40):
+            shutil.rmtree(out, ignore_errors=True)
+            cmd = [GROKIT, "quantize", self.ref, out, "--scheme", "int4", "--group-size", "32", "--threads", "2",
+                   "--no-progress"]
+            p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            time.sleep(rng.uniform(seconds * 0.1, seconds * 0.8))
+            was_running = p.poll() is None
+            p.kill()
+            _, err = p.communicate()
+            if not (was_running and p.returncode == -9):
+                continue
+            if os.path.exists(os.path.join(out, "manifest.json")) or not os.path.isdir(out):
+                continue  # killed after the commit point, or before the directory existed
+            interrupted += 1
+            if os.path.exists(os.path.join(out, ".grokit-quantize")):
+                with_state += 1
+                for args in (["verify", out, "--no-progress"], ["inspect", out]):
+                    p = run(*args)
+                    self.assertEqual(p.returncode, 1, f"{args}: an interrupted quantization was accepted")
+                    self.assertIn("this is an incomplete quantization (interrupted?); run 'grokit quantize' again "
+                                  "with --force", p.stderr)
+                p = run("quantize", self.ref, out, "--scheme", "int4", "--group-size", 32, "--no-progress")
+                self.assertEqual(p.returncode, 1, p.stderr)
+                self.assertIn("holds an interrupted quantization (.grokit-quantize); pass --force to start over",
+                              p.stderr)
+            run("quantize", self.ref, out, "--scheme", "int4", "--group-size", 32, "--force", "--no-progress",
+                check=0)
+            self.assertEqual(files_of(out), files_of(q_ref))
+            if with_state >= 4:
+                break
+        self.assertGreaterEqual(with_state, 4, f"could not stop quantize part way on this machine ({interrupted} kills)")
 
 
 if __name__ == "__main__":

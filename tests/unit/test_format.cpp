@@ -1140,6 +1140,13 @@ TEST(ModelDirTest, ShardsWithoutManifestAreAnIncompleteConversion) {
   TempDir d3;
   write_file(d3.file("shard-00002-of-00003.gkt"), "x");
   EXPECT_ERROR_HAS(Model::open(d3.path()), "incomplete conversion");
+  // quantize's state, with or without shards renamed into place.
+  TempDir d5;
+  ASSERT_EQ(::mkdir(d5.file(".grokit-quantize").c_str(), 0755), 0);
+  EXPECT_ERROR_HAS(Model::open(d5.path()), d5.path(), "no manifest.json", "incomplete quantization",
+                   "'grokit quantize' again with --force");
+  write_file(d5.file("shard-00000-of-00001.gkt"), "x");
+  EXPECT_ERROR_HAS(Model::open(d5.path()), "incomplete quantization");
   // Other files alone are not a conversion.
   TempDir d4;
   write_file(d4.file("tokenizer.model"), "x");
