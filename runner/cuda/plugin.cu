@@ -1,5 +1,6 @@
 // libgrokit_cuda.so: the CUDA backend, opened at run time by the grokit binary.
 #include <cuda_runtime.h>
+#include <dlfcn.h>
 
 #include <cstdio>
 #include <cstring>
@@ -7,6 +8,37 @@
 #include "kernels/cuda/nccl.h"
 #include "kernels/cuda/ops_cuda.h"
 #include "runner/cuda/plugin_abi.h"
+
+namespace {
+
+// cudart reports a machine without any NVIDIA driver as cudaErrorInsufficientDriver, the
+// same as a driver too old for it: tell the two apart by asking the driver library itself.
+void describe_driver_error(cudaError_t e, char* err, size_t err_len) {
+  const int rt = CUDART_VERSION;
+  if (e == cudaErrorInsufficientDriver) {
+    void* h = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+    if (h == nullptr) {
+      const char* why = dlerror();
+      std::snprintf(err, err_len, "no NVIDIA driver is installed (libcuda.so.1 cannot be loaded: %s)",
+                    why != nullptr ? why : "not found");
+      return;
+    }
+    auto version = reinterpret_cast<int (*)(int*)>(dlsym(h, "cuDriverGetVersion"));
+    int v = 0;
+    if (version != nullptr && version(&v) == 0 && v > 0) {
+      std::snprintf(err, err_len,
+                    "the NVIDIA driver supports CUDA up to %d.%d; this backend was built with CUDA %d.%d: update "
+                    "the driver (%s)",
+                    v / 1000, v % 1000 / 10, rt / 1000, rt % 1000 / 10, cudaGetErrorName(e));
+      dlclose(h);
+      return;
+    }
+    dlclose(h);
+  }
+  std::snprintf(err, err_len, "%s (%s)", cudaGetErrorString(e), cudaGetErrorName(e));
+}
+
+}  // namespace
 
 extern "C" {
 
@@ -16,7 +48,7 @@ __attribute__((visibility("default"))) int grokit_cuda_device_count(char* err, s
   int n = 0;
   cudaError_t e = cudaGetDeviceCount(&n);
   if (e != cudaSuccess) {
-    std::snprintf(err, err_len, "%s (%s)", cudaGetErrorString(e), cudaGetErrorName(e));
+    describe_driver_error(e, err, err_len);
     return -1;
   }
   if (n == 0) {

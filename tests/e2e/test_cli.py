@@ -1,5 +1,6 @@
 """The grokit command line: help, bad arguments, refusals, pre-write checks on the real
 model's sizes (sparse files), and the run-time-loaded CUDA backend."""
+import ctypes
 import json
 import os
 import re
@@ -36,6 +37,11 @@ class Binary(unittest.TestCase):
         else:
             self.assertEqual(p.returncode, 1)
             self.assertRegex(p.stderr, r"CUDA (is not usable|backend is not installed)")
+            try:
+                ctypes.CDLL("libcuda.so.1")
+            except OSError:  # no driver at all: said so, not as a driver too old for the runtime
+                if "backend is not installed" not in p.stderr:
+                    self.assertIn("no NVIDIA driver is installed (libcuda.so.1 cannot be loaded: ", p.stderr)
 
     def test_help_lists_every_flag_with_default(self):
         for cmd in COMMANDS:
