@@ -86,6 +86,8 @@ void add_engine_options(cxxopts::Options& opts) {
        cxxopts::value<std::string>()->default_value(""))
       ("host-rank", "this host's index among --host-count hosts; 0 is the leader", cxxopts::value<int>()->default_value("0"))
       ("host-count", "hosts in all; each drives tensor_parallel / host-count ranks", cxxopts::value<int>()->default_value("1"))
+      ("host-join-timeout", "seconds the leader waits for every host to join, and a host for the leader",
+       cxxopts::value<int>()->default_value("120"))
       ("profile", "at the end, print on stderr where the forward steps went, op by op, with the weight products' "
        "GB/s (rank 0; --device cpu) (default: off)", cxxopts::value<bool>()->default_value("false")->implicit_value("true"));
 }
@@ -135,6 +137,7 @@ Result<std::unique_ptr<runner::Engine>> load_engine(const std::string& dir, cons
   eo.hosts = r["hosts"].as<std::string>();
   eo.host_rank = r["host-rank"].as<int>();
   eo.host_count = r["host-count"].as<int>();
+  eo.host_join_seconds = r["host-join-timeout"].as<int>();
   eo.profile = r["profile"].as<bool>();
   runner::LoadReport rep;
   GROKIT_ASSIGN_OR_RETURN(auto engine, runner::Engine::load(dir, eo, &rep));

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstdio>
 #include <cstring>
 #include <map>
 #include <mutex>
@@ -267,6 +268,8 @@ Status DeviceEngine::load(const std::string& dir, const EngineOptions& options, 
   if (options.hosts.empty() && hosts != 1) return make_error("--host-count ", hosts, " needs --hosts leader:port");
   if (tp_ % hosts != 0)
     return make_error("the model's ", tp_, " ranks do not divide over ", hosts, " hosts");
+  if (hosts > 1 && options.host_join_seconds < 1)
+    return make_error("--host-join-timeout must be at least 1 second (got ", options.host_join_seconds, ")");
   if (options.host_rank < 0 || options.host_rank >= hosts)
     return make_error("host rank ", options.host_rank, " is outside [0, ", hosts, ")");
   const int local = tp_ / hosts, first = options.host_rank * local;
@@ -324,6 +327,7 @@ Status DeviceEngine::load(const std::string& dir, const EngineOptions& options, 
     // Hosts load their shards between commands, which can take minutes at full size; a
     // host that dies is noticed by the heartbeats, not by this timeout.
     co.message_timeout = std::chrono::milliseconds(3600 * 1000);
+    co.join_timeout = std::chrono::seconds(options.host_join_seconds);
     HostHello hello;
     hello.model_id = hex64(model_.manifest().model_id);
     hello.tp = tp_;
@@ -336,6 +340,13 @@ Status DeviceEngine::load(const std::string& dir, const EngineOptions& options, 
     GROKIT_ASSIGN_OR_RETURN(cluster_, Cluster::open(co));
     std::vector<uint8_t> payload;
     if (leader_) payload.assign(nccl_id.bytes, nccl_id.bytes + sizeof nccl_id.bytes);
+    // Said before the wait, which lasts until the last host starts (or the timeout).
+    if (leader_)
+      std::fprintf(stderr, "cluster: leader at %s: waiting up to %d s for %d other host%s to join\n",
+                   options.hosts.c_str(), options.host_join_seconds, hosts - 1, hosts == 2 ? "" : "s");
+    else
+      std::fprintf(stderr, "cluster: host %d of %d: joining the leader at %s (waiting up to %d s)\n",
+                   options.host_rank, hosts, options.hosts.c_str(), options.host_join_seconds);
     GROKIT_ASSIGN_OR_RETURN(JoinResult joined, cluster_->join(hello, payload));
     if (!leader_) {
       const auto& got = joined.payload;

@@ -73,6 +73,7 @@ struct EngineOptions {
   std::string hosts;
   int host_rank = 0;
   int host_count = 1;
+  int host_join_seconds = 120;  // how long the hosts wait for each other to start
   // Time every op of rank 0's forward steps (the CPU engine; Engine::profile). The clock
   // is read once per op: a few tens of nanoseconds against tens of microseconds.
   bool profile = false;

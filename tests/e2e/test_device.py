@@ -71,6 +71,28 @@ class HostDevice(DeviceCases, unittest.TestCase):
                     self.assertIn("the leader finished", err)
                 np.testing.assert_array_equal(np.load(out), one)
 
+    def test_hosts_say_they_wait_and_give_up_after_the_join_timeout(self):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        common = ["--device", "host", "--hosts", f"127.0.0.1:{port}", "--host-count", "2", "--host-join-timeout", "2",
+                  "--no-progress"]
+        prompt = self.path("join_prompt.npy")
+        np.save(prompt, np.array([[5, 6, 7]], np.int32))
+        t0 = time.monotonic()
+        p = run("run", self.model[4], "--tokens-in", prompt, *common, timeout=60)
+        self.assertEqual(p.returncode, 1, p.stderr)
+        self.assertIn(f"cluster: leader at 127.0.0.1:{port}: waiting up to 2 s for 1 other host to join", p.stderr)
+        self.assertIn("host 1 did not join within 2 s (joined: none)", p.stderr)
+        p = run("run", self.model[4], *common, "--host-rank", "1", timeout=60)
+        self.assertEqual(p.returncode, 1, p.stderr)
+        self.assertIn(f"cluster: host 1 of 2: joining the leader at 127.0.0.1:{port} (waiting up to 2 s)", p.stderr)
+        self.assertIn("no welcome from the leader", p.stderr)
+        self.assertLess(time.monotonic() - t0, 30)
+        p = run("run", self.model[4], "--tokens-in", prompt, *common[:-3], "--host-join-timeout", "0")
+        self.assertEqual(p.returncode, 1, p.stderr)
+        self.assertIn("--host-join-timeout must be at least 1 second (got 0)", p.stderr)
+
     def test_a_host_that_dies_ends_the_leaders_run_with_an_error(self):
         # A follower killed mid-generation: the leader stops with an error naming the lost
         # host, instead of waiting in a collective for ever.
