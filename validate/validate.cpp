@@ -180,6 +180,12 @@ Result<TensorValidateReport> validate_tensors(const std::string& ckpt_dir, const
   auto t0 = std::chrono::steady_clock::now();
   GROKIT_ASSIGN_OR_RETURN(format::Model model, format::Model::open(model_dir));
   const auto& m = model.manifest();
+  // A requantized model differs from its source by design: say so once, instead of a
+  // mismatch per tensor (and before the whole checkpoint is read).
+  if (m.scheme != "int8")
+    return make_error(model_dir, ": its weights are requantized (scheme '", m.scheme,
+                      "'), so they cannot equal the source bit for bit; validate the int8 model that convert "
+                      "wrote, and compare this one by its logits (grokit validate logits) and its quantize report");
   GROKIT_ASSIGN_OR_RETURN(convert::Checkpoint ck, convert::index_checkpoint(ckpt_dir, m.config, threads));
   if (ck.config.to_json() != m.config.to_json())
     return make_error(model_dir, ": the model's config differs from the shapes found in ", ckpt_dir);

@@ -241,6 +241,11 @@ class Quantize(unittest.TestCase):
         p = run("quantize", q4, self.path("twice"), "--scheme", "fp8")
         self.assertEqual(p.returncode, 1)
         self.assertIn("already requantized", p.stderr)
+        p = run("validate", "tensors", self.ckpt, q4, "--no-progress")
+        self.assertEqual(p.returncode, 1)
+        self.assertIn(": its weights are requantized (scheme 'int4-g32'), so they cannot equal the source bit for bit",
+                      p.stderr)
+        self.assertEqual(p.stdout, "")  # not a mismatch per tensor
         p = run("quantize", self.int8, self.path("x"), "--scheme", "int3")
         self.assertEqual(p.returncode, 2)
         p = run("quantize", self.int8, self.path("x"), "--override", "nonsense")
