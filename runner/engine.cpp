@@ -1,7 +1,11 @@
 // The forward pass over tensor-parallel ranks (one thread each), with KV caches.
+#include <unistd.h>
+
 #include <algorithm>
 #include <chrono>
 #include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
 #include <mutex>
 #include <thread>
 
@@ -240,6 +244,29 @@ Result<RankWeights> rank_weights(const format::ShardReader& shard, const format:
   return out;
 }
 
+std::string weights_memory_warning(uint64_t weight_bytes, uint64_t memory_bytes) {
+  if (memory_bytes == 0 || static_cast<double>(weight_bytes) <= 0.9 * static_cast<double>(memory_bytes)) return {};
+  const std::string w = human_bytes(static_cast<double>(weight_bytes)), m = human_bytes(static_cast<double>(memory_bytes));
+  if (weight_bytes > memory_bytes)
+    return str_cat("warning: the weights (", w, ") exceed this machine's memory (", m,
+                   "): every step reads them from the disk again, which takes seconds to minutes per token; use a "
+                   "smaller scheme (grokit quantize) or --device cuda");
+  return str_cat("warning: the weights (", w, ") take more than 90 % of this machine's memory (", m,
+                 "): steps may read some of them from the disk again");
+}
+
+uint64_t usable_memory_bytes() {
+  const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+  uint64_t m = pages > 0 && page > 0 ? static_cast<uint64_t>(pages) * static_cast<uint64_t>(page) : 0;
+  // cgroup v2: a container's limit (mapped file pages count against it), "max" where none.
+  if (auto limit = read_small_file("/sys/fs/cgroup/memory.max", 64); limit.ok()) {
+    char* end = nullptr;
+    const unsigned long long v = std::strtoull(limit->c_str(), &end, 10);
+    if (end != limit->c_str() && v > 0 && (m == 0 || v < m)) m = v;
+  }
+  return m;
+}
+
 Status CpuImpl::load(const std::string& dir, LoadReport* report) {
   auto t0 = std::chrono::steady_clock::now();
   GROKIT_ASSIGN_OR_RETURN(model, format::Model::open(dir));
@@ -268,6 +295,8 @@ Status CpuImpl::load(const std::string& dir, LoadReport* report) {
     R.layers = std::move(w.layers);
     for (const auto& e : R.shard.entries()) bytes += e.stored_size;
   }
+  // Said before the checksums are verified, which reads every byte once.
+  if (std::string w = weights_memory_warning(bytes, usable_memory_bytes()); !w.empty()) std::fprintf(stderr, "%s\n", w.c_str());
   if (options.verify) {
     // Every checksum, in parallel: a corrupt shard is named here, not met as garbage output.
     std::vector<std::pair<const format::ShardReader*, const format::IndexEntry*>> work;

@@ -197,6 +197,12 @@ struct GenerateStats {
 // input before it loads the weights (minutes for Grok-1), not after.
 Status check_prompts(const format::ModelConfig& cfg, const std::vector<std::vector<int32_t>>& prompts,
                      int64_t max_tokens);
+// The CPU engine maps the shards: weights larger than the memory this process may use are
+// read from the disk again at every step. The warning the load prints then (empty where the
+// weights fit in 90 % of the memory), and the memory: the machine's, or the cgroup's limit
+// where one is set.
+std::string weights_memory_warning(uint64_t weight_bytes, uint64_t memory_bytes);
+uint64_t usable_memory_bytes();
 // on_token(prompt index, token) is called as tokens are chosen.
 Result<std::vector<std::vector<int32_t>>> generate(Engine& engine, const std::vector<std::vector<int32_t>>& prompts,
                                                    const GenerateOptions& options,

@@ -3,6 +3,7 @@
 // hand-computed cases, top-k, argmax, and the Sampler's determinism, greedy limits and
 // distribution; and the prompt checks generation makes before its first step.
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -438,6 +439,24 @@ TEST(CheckPrompts, RefusesEmptyOutOfVocabularyAndTooLongPrompts) {
   EXPECT_EQ(message({{1}, std::vector<int32_t>(17, 3)}, 0),
             "prompt 1: 17 positions, more than the model's sequence_len of 16");
   EXPECT_NE(message({{1}}, -1), "ok");
+}
+
+TEST(WeightsMemoryWarning, OnlyWhereTheWeightsCrowdTheMemory) {
+  const uint64_t GiB = 1ull << 30;
+  EXPECT_EQ(weights_memory_warning(10 * GiB, 64 * GiB), "");
+  EXPECT_EQ(weights_memory_warning(57 * GiB, 64 * GiB), "");  // under 90 %
+  EXPECT_EQ(weights_memory_warning(300 * GiB, 0), "");         // memory unknown: no guess
+  const std::string near = weights_memory_warning(60 * GiB, 64 * GiB);
+  EXPECT_NE(near.find("take more than 90 % of this machine's memory"), std::string::npos) << near;
+  const std::string over = weights_memory_warning(296 * GiB, 256 * GiB);
+  EXPECT_NE(over.find("exceed this machine's memory"), std::string::npos) << over;
+  EXPECT_NE(over.find("reads them from the disk again"), std::string::npos) << over;
+  EXPECT_NE(over.find(human_bytes(296.0 * GiB)), std::string::npos) << over;
+  // The memory this process may use: at most the machine's, and more than nothing.
+  const uint64_t usable = usable_memory_bytes();
+  EXPECT_GT(usable, 0u);
+  const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+  EXPECT_LE(usable, static_cast<uint64_t>(pages) * static_cast<uint64_t>(page));
 }
 
 }  // namespace
