@@ -274,6 +274,24 @@ class Quantize(unittest.TestCase):
                 self.assertEqual(files_of(model), before)
         run("verify", model, "--no-progress", check=0)
 
+    def test_a_damaged_tokenizer_is_refused_before_the_output_is_written(self):
+        tok = self.path("tok-bytes.model")
+        with open(tok, "wb") as f:
+            f.write(b"tokenizer bytes")
+        model = self.path("with-tok")
+        run("convert", self.ckpt, model, "--tp", 1, "--tokenizer", tok, "--force", "--no-progress", check=0)
+        run("quantize", model, self.path("with-tok-fp8"), "--scheme", "fp8", "--force", "--no-progress", check=0)
+        with open(os.path.join(self.path("with-tok-fp8"), "tokenizer.model"), "rb") as f:
+            self.assertEqual(f.read(), b"tokenizer bytes")
+        with open(os.path.join(model, "tokenizer.model"), "wb") as f:
+            f.write(b"tokenizer byteZ")  # the same size, other bytes
+        out = self.path("with-bad-tok")
+        shutil.rmtree(out, ignore_errors=True)
+        p = run("quantize", model, out, "--scheme", "fp8", "--no-progress")
+        self.assertEqual(p.returncode, 1, p.stderr)
+        self.assertIn("tokenizer.model: does not match the checksum its manifest records (15 bytes)", p.stderr)
+        self.assertFalse(os.path.exists(out))
+
     def test_deterministic(self):
         # Each tensor is spread over the threads, item by item, on a ring of output slots:
         # the bytes and every reported statistic must not depend on how many there are,
