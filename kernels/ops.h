@@ -35,8 +35,9 @@
 // built against another. 1: the first; 2: GrokitCollectives.comm_abort;
 // 3: GrokitOps.take_device_errors, GrokitCollectives.comm_async_error;
 // 4: GrokitOps.residual_norm, rope_store and matmul_multi, GrokitOps.matmul's flags (was
-// x_fp32; ROUND_BF16, GELU_MUL); 5: GrokitOps.host_register, host_unregister.
-#define GROKIT_OPS_ABI_VERSION 5
+// x_fp32; ROUND_BF16, GELU_MUL); 5: GrokitOps.host_register, host_unregister;
+// 6: GrokitOps.memory_info.
+#define GROKIT_OPS_ABI_VERSION 6
 
 #ifdef __cplusplus
 extern "C" {
@@ -122,6 +123,10 @@ typedef struct GrokitOps {
   int (*device_count)(int* count);
   int (*set_device)(int device);  // for the calling thread
   int (*device_name)(int device, char* name, size_t len, uint64_t* memory_bytes);
+  // The device's memory free now and in all (CUDA: cudaMemGetInfo, which other processes'
+  // use lowers; host: the memory the kernel reports available), so that a load that cannot
+  // fit is refused before it reads a byte. Leaves the calling thread's device as it was.
+  int (*memory_info)(int device, uint64_t* free_bytes, uint64_t* total_bytes);
   int (*alloc)(void** ptr, size_t bytes);          // device memory, 256-byte aligned
   int (*free)(void* ptr);
   int (*alloc_pinned)(void** ptr, size_t bytes);   // host memory the device copies from fast

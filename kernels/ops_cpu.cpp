@@ -73,6 +73,24 @@ int device_name(int device, char* name, size_t len, uint64_t* memory_bytes) {
   return GROKIT_OK;
 }
 
+// The host's "device memory" is its memory: in all, the physical pages; free, what the
+// kernel calls available (MemAvailable: free pages and the cache it can drop).
+int memory_info(int device, uint64_t* free_bytes, uint64_t* total_bytes) {
+  if (device != 0) return invalid("memory_info", "device ", device, " does not exist (the host has device 0 only)");
+  if (free_bytes == nullptr || total_bytes == nullptr) return invalid("memory_info", "a result pointer is NULL");
+  const long pages = sysconf(_SC_PHYS_PAGES), avail = sysconf(_SC_AVPHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+  *total_bytes = pages > 0 && page > 0 ? static_cast<uint64_t>(pages) * static_cast<uint64_t>(page) : 0;
+  *free_bytes = avail > 0 && page > 0 ? static_cast<uint64_t>(avail) * static_cast<uint64_t>(page) : 0;
+  if (auto meminfo = grokit::read_small_file("/proc/meminfo", 1 << 16); meminfo.ok()) {
+    const size_t at = meminfo->find("MemAvailable:");
+    if (at != std::string::npos) {
+      const unsigned long long kib = std::strtoull(meminfo->c_str() + at + 13, nullptr, 10);
+      if (kib > 0) *free_bytes = std::min<uint64_t>(static_cast<uint64_t>(kib) * 1024, *total_bytes);
+    }
+  }
+  return GROKIT_OK;
+}
+
 int alloc_impl(const char* op, void** ptr, size_t bytes) {
   if (ptr == nullptr) return invalid(op, "ptr is NULL");
   *ptr = nullptr;
@@ -659,6 +677,7 @@ const GrokitOps kHostOps = [] {
   t.device_count = device_count;
   t.set_device = set_device;
   t.device_name = device_name;
+  t.memory_info = memory_info;
   t.alloc = alloc;
   t.free = free_memory;
   t.alloc_pinned = alloc_pinned;

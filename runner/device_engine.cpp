@@ -378,6 +378,26 @@ Status DeviceEngine::load(const std::string& dir, const EngineOptions& options, 
   }
   group_ = std::make_unique<RankGroup>(local);
 
+  // Each device's ranks' weights against its free memory, before a byte is read: a model
+  // that cannot fit is named now, not as a failed allocation minutes into the load.
+  for (int d : used) {
+    std::vector<int> on;
+    uint64_t need = 0;
+    std::string name;
+    for (const DevRank& R : ranks_) {
+      if (R.device != d) continue;
+      on.push_back(R.rank);
+      need += R.shard.header().data_size;
+      name = R.device_name;
+    }
+    uint64_t free = 0, total = 0;
+    DEV_TRY(ops_, ops_->memory_info(d, &free, &total));
+    if (std::string why = device_memory_shortfall(str_cat(ops_->backend, " device ", d, name.empty() ? "" : " (" + name + ")"),
+                                                  on, need, free, total);
+        !why.empty())
+      return make_error(why);
+  }
+
   // Every rank's tensors checked against the config before a byte is loaded.
   std::vector<RankWeights> host_views;
   for (const DevRank& R : ranks_) {

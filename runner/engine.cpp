@@ -255,6 +255,18 @@ std::string weights_memory_warning(uint64_t weight_bytes, uint64_t memory_bytes)
                  "): steps may read some of them from the disk again");
 }
 
+std::string device_memory_shortfall(const std::string& device, const std::vector<int>& ranks, uint64_t weight_bytes,
+                                    uint64_t free_bytes, uint64_t total_bytes) {
+  if (weight_bytes <= free_bytes) return {};
+  std::string who = ranks.size() == 1 ? "rank " : "ranks ";
+  for (size_t i = 0; i < ranks.size(); ++i)
+    who += str_cat(i == 0 ? "" : i + 1 == ranks.size() ? " and " : ", ", ranks[i]);
+  return str_cat(device, " cannot hold the weights of ", who, ": ", human_bytes(static_cast<double>(weight_bytes)),
+                 " against ", human_bytes(static_cast<double>(free_bytes)), " free (",
+                 human_bytes(static_cast<double>(total_bytes)),
+                 " in all); put the ranks on more devices (--gpus), or load a smaller scheme (grokit quantize)");
+}
+
 uint64_t usable_memory_bytes() {
   const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
   uint64_t m = pages > 0 && page > 0 ? static_cast<uint64_t>(pages) * static_cast<uint64_t>(page) : 0;

@@ -203,6 +203,11 @@ Status check_prompts(const format::ModelConfig& cfg, const std::vector<std::vect
 // where one is set.
 std::string weights_memory_warning(uint64_t weight_bytes, uint64_t memory_bytes);
 uint64_t usable_memory_bytes();
+// The device engine refuses, before it reads a byte, to load more weights onto a device
+// than it has free (where several ranks share one, their sum): the reason, naming the
+// device and its ranks, or empty where they fit.
+std::string device_memory_shortfall(const std::string& device, const std::vector<int>& ranks, uint64_t weight_bytes,
+                                    uint64_t free_bytes, uint64_t total_bytes);
 // on_token(prompt index, token) is called as tokens are chosen.
 Result<std::vector<std::vector<int32_t>>> generate(Engine& engine, const std::vector<std::vector<int32_t>>& prompts,
                                                    const GenerateOptions& options,

@@ -60,6 +60,20 @@ int device_name(int device, char* name, size_t len, uint64_t* memory_bytes) {
   return GROKIT_OK;
 }
 
+int memory_info(int device, uint64_t* free_bytes, uint64_t* total_bytes) {
+  if (device < 0) return set_error(GROKIT_ERR_INVALID, "memory_info: device = %d", device);
+  if (free_bytes == nullptr || total_bytes == nullptr) return set_error(GROKIT_ERR_INVALID, "memory_info: null result");
+  int previous = 0;
+  if (int rc = call(cudaGetDevice(&previous), "cudaGetDevice"); rc != GROKIT_OK) return rc;
+  if (int rc = call(cudaSetDevice(device), "cudaSetDevice"); rc != GROKIT_OK) return rc;
+  size_t free = 0, total = 0;
+  const int rc = call(cudaMemGetInfo(&free, &total), "cudaMemGetInfo");
+  (void)cudaSetDevice(previous);
+  *free_bytes = free;
+  *total_bytes = total;
+  return rc;
+}
+
 // ---- memory -------------------------------------------------------------------------
 // Zero bytes still give a distinct pointer (one byte), as the host backend does.
 int alloc(void** ptr, size_t bytes) {
@@ -264,6 +278,7 @@ GrokitOps make_table() {
   t.device_count = device_count;
   t.set_device = set_device;
   t.device_name = device_name;
+  t.memory_info = memory_info;
   t.alloc = alloc;
   t.free = free_device;
   t.alloc_pinned = alloc_pinned;

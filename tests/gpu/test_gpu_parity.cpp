@@ -1701,6 +1701,20 @@ TEST(ParityHarness, CudaBackendStatus) {
   if (!b.error.empty()) FAIL() << b.error;
   if (b.ops == nullptr) GTEST_SKIP() << b.skip;
   EXPECT_STREQ(b.ops->backend, "cuda");
+  // memory_info: about the memory device_name reports (cudaMemGetInfo may leave out what
+  // the driver keeps), some of it free.
+  uint64_t named = 0, free = 0, total = 0;
+  char name[256] = {0};
+  ASSERT_EQ(b.ops->device_name(0, name, sizeof name, &named), GROKIT_OK) << b.ops->error_message();
+  ASSERT_EQ(b.ops->set_device(0), GROKIT_OK) << b.ops->error_message();
+  ASSERT_EQ(b.ops->memory_info(0, &free, &total), GROKIT_OK) << b.ops->error_message();
+  EXPECT_GT(total, named / 2);
+  EXPECT_LE(total, named);
+  EXPECT_GT(free, 0u);
+  EXPECT_LE(free, total);
+  int count = 0;
+  ASSERT_EQ(b.ops->device_count(&count), GROKIT_OK);
+  EXPECT_NE(b.ops->memory_info(count, &free, &total), GROKIT_OK);
 }
 
 }  // namespace

@@ -65,6 +65,7 @@ TEST(HostOps, TableIsCompleteAndSaysHost) {
                        reinterpret_cast<const void*>(t.device_count),
                        reinterpret_cast<const void*>(t.set_device),
                        reinterpret_cast<const void*>(t.device_name),
+                       reinterpret_cast<const void*>(t.memory_info),
                        reinterpret_cast<const void*>(t.alloc),
                        reinterpret_cast<const void*>(t.free),
                        reinterpret_cast<const void*>(t.alloc_pinned),
@@ -117,6 +118,15 @@ TEST(HostOps, OneDeviceWithANameAndMemory) {
   ASSERT_EQ(ops().device_name(0, name, sizeof name, &mem), GROKIT_OK);
   EXPECT_NE(std::string(name).find("host"), std::string::npos) << name;
   EXPECT_GT(mem, 0u);
+  // Its memory free and in all: the machine's, some of it free.
+  uint64_t free = 0, total = 0;
+  ASSERT_EQ(ops().memory_info(0, &free, &total), GROKIT_OK) << ops().error_message();
+  EXPECT_EQ(total, mem);
+  EXPECT_GT(free, 0u);
+  EXPECT_LE(free, total);
+  EXPECT_NE(ops().memory_info(1, &free, &total), GROKIT_OK);
+  EXPECT_NE(std::string(ops().error_message()).find("device 1 does not exist"), std::string::npos);
+  EXPECT_NE(ops().memory_info(0, nullptr, &total), GROKIT_OK);
 }
 
 TEST(HostOps, MemoryIsAlignedAndCopiesAndFillsWork) {

@@ -459,5 +459,18 @@ TEST(WeightsMemoryWarning, OnlyWhereTheWeightsCrowdTheMemory) {
   EXPECT_LE(usable, static_cast<uint64_t>(pages) * static_cast<uint64_t>(page));
 }
 
+TEST(DeviceMemoryShortfall, NamesTheDeviceAndItsRanksWhereTheWeightsDoNotFit) {
+  const uint64_t GiB = 1ull << 30;
+  EXPECT_EQ(device_memory_shortfall("cuda device 0", {0}, 40 * GiB, 40 * GiB, 80 * GiB), "");  // exactly fits
+  EXPECT_EQ(device_memory_shortfall("cuda device 0", {0, 1}, 70 * GiB, 79 * GiB, 80 * GiB), "");
+  const std::string one = device_memory_shortfall("cuda device 3 (NVIDIA H100)", {3}, 40 * GiB + 1, 40 * GiB, 80 * GiB);
+  EXPECT_NE(one.find("cuda device 3 (NVIDIA H100) cannot hold the weights of rank 3: "), std::string::npos) << one;
+  EXPECT_NE(one.find(human_bytes(40.0 * GiB) + " free (" + human_bytes(80.0 * GiB) + " in all)"), std::string::npos) << one;
+  const std::string all = device_memory_shortfall("cuda device 0", {0, 2, 4, 6}, 296 * GiB, 130 * GiB, 140 * GiB);
+  EXPECT_NE(all.find("the weights of ranks 0, 2, 4 and 6: " + human_bytes(296.0 * GiB)), std::string::npos) << all;
+  EXPECT_NE(all.find("--gpus"), std::string::npos) << all;
+  EXPECT_NE(all.find("grokit quantize"), std::string::npos) << all;
+}
+
 }  // namespace
 }  // namespace grokit::runner
