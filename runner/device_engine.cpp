@@ -581,7 +581,11 @@ Status DeviceEngine::open_slot(int slot, int64_t capacity) {
     if (R.caches.size() <= static_cast<size_t>(slot)) R.caches.resize(static_cast<size_t>(slot) + 1);
     DevCache& c = R.caches[static_cast<size_t>(slot)];
     const size_t bytes = static_cast<size_t>(L * 2 * R.kv_heads * capacity * dh) * sizeof(uint16_t);
-    GROKIT_TRY(c.kv.allocate(R.ops, bytes));
+    // Each sequence's cache is allocated as it opens: a failure says which sequence size
+    // found the device full, and what would make room.
+    if (Status st = c.kv.allocate(R.ops, bytes); !st.ok())
+      return make_error("rank ", R.rank, ": the KV cache of a sequence of ", capacity, " positions: ", st.error().message,
+                        "; ask for fewer positions (shorter prompts, --max-tokens) or fewer sequences at once");
     GROKIT_TRY(c.valid.allocate(R.ops, static_cast<size_t>(capacity)));
     DEV_TRY(R.ops, R.ops->fill(c.kv.get(), 0, bytes, R.stream));
     DEV_TRY(R.ops, R.ops->fill(c.valid.get(), 0, static_cast<size_t>(capacity), R.stream));
