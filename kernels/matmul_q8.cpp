@@ -96,6 +96,84 @@ GROKIT_AVX2 void block_avx2(const float* x, int64_t M, int64_t ldx, int64_t K, c
   }
 }
 
+// Rows in the order their products are added to a column's sum: each pair's high row
+// first (bf16 x: the pinned pair order), else k order.
+template <bool kPairs, int kRows>
+constexpr int kRowOrder[4] = {kPairs && kRows > 1 ? 1 : 0, kPairs && kRows > 1 ? 0 : 1, kPairs && kRows > 3 ? 3 : 2,
+                              kPairs && kRows > 3 ? 2 : 3};
+
+// kGroups 8-column groups at column c: per row, dequantize each group (its scale an fp32
+// load), then add it to the sums of each row of x; the groups' sums are independent
+// chains, so the out-of-order core overlaps their fma latencies.
+template <bool kPairs, int kRows, int kM, int kGroups>
+GROKIT_AVX2 __attribute__((always_inline)) inline void rows_groups_avx2(const __m256 (&xv)[kM][kRows],
+                                                                        const int8_t* ra, int64_t N,
+                                                                        const float* const* s, int64_t c, float* ap,
+                                                                        int64_t acc_ld) {
+  __m256 a[kM][kGroups];
+  for (int m = 0; m < kM; ++m)
+    for (int g = 0; g < kGroups; ++g) a[m][g] = _mm256_loadu_ps(ap + m * acc_ld + 8 * g);
+  for (int i = 0; i < kRows; ++i) {
+    const int r = kRowOrder<kPairs, kRows>[i];
+    for (int g = 0; g < kGroups; ++g) {
+      const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(ra + r * N + c + 8 * g));
+      const __m256 w = round_bf16x8(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)),
+                                                  _mm256_loadu_ps(s[r] + c + 8 * g)));
+      for (int m = 0; m < kM; ++m) a[m][g] = _mm256_fmadd_ps(xv[m][r], w, a[m][g]);
+    }
+  }
+  for (int m = 0; m < kM; ++m)
+    for (int g = 0; g < kGroups; ++g) _mm256_storeu_ps(ap + m * acc_ld + 8 * g, a[m][g]);
+}
+
+template <bool kPairs, int kRows, int kM>
+GROKIT_AVX2 void rows_step_avx2(const float* x, int64_t ldx, int64_t k, const int8_t* ra, int64_t N,
+                                const float* const* s, int64_t c0, int64_t c1, BlockPrefetch& prefetch, int64_t fetch,
+                                float* acc, int64_t acc_ld) {
+  __m256 xv[kM][kRows];
+  for (int m = 0; m < kM; ++m)
+    for (int r = 0; r < kRows; ++r) xv[m][r] = _mm256_broadcast_ss(x + m * ldx + k + r);
+  int64_t c = c0;
+  for (; c + 32 <= c1; c += 32) {
+    if (((c - c0) & 63) == 0) prefetch.next(fetch);
+    rows_groups_avx2<kPairs, kRows, kM, 4>(xv, ra, N, s, c, acc + (c - c0), acc_ld);
+  }
+  for (; c < c1; c += 8) {
+    if (((c - c0) & 63) == 0) prefetch.next(fetch);
+    rows_groups_avx2<kPairs, kRows, kM, 1>(xv, ra, N, s, c, acc + (c - c0), acc_ld);
+  }
+}
+
+// AVX2, decode (fewer than kPanelMinRows rows of x): four rows of codes at a time walk the
+// task's columns in memory order, the next rows prefetched ahead as in the AVX-512 walks
+// (BlockPrefetch), each 8-column group dequantized in registers and added to every row of
+// x's sums in `acc` (read and written once per four rows), in the pinned order. The
+// panels of block_avx2 cost a store and a load per weight, and their 64-row tiles read 64
+// rows side by side.
+template <bool kPairs, int kM>
+GROKIT_AVX2 void rows_avx2(const float* x, int64_t ldx, const int8_t* codes, const float* scale_table, int64_t N,
+                           int64_t rpb, int64_t k0, int64_t k1, int64_t c0, int64_t c1, float* acc, int64_t acc_ld) {
+  GROKIT_CHECK((c1 - c0) % 8 == 0);
+  const int64_t ahead = rows_ahead(N, 4);
+  for (int64_t k = k0; k < std::min(k1, k0 + ahead); ++k)
+    for (int64_t c = c0; c < c1; c += 64) prefetch_line(reinterpret_cast<const char*>(codes + k * N + c));
+  for (int64_t k = k0; k < k1; k += 4) {
+    const int64_t rows = std::min<int64_t>(4, k1 - k);
+    const int64_t fetch = rows_to_fetch(k, ahead, k1, 4);
+    BlockPrefetch prefetch;
+    prefetch.reset((fetch > 0 ? codes + (k + ahead) * N : codes) + c0, N, c1 - c0, fetch);
+    const float* s[4];
+    for (int64_t r = 0; r < 4; ++r) s[r] = scale_table + ((k + std::min(r, rows - 1)) / rpb) * N;
+    const int8_t* ra = codes + k * N;
+    switch (rows) {
+      case 4: rows_step_avx2<kPairs, 4, kM>(x, ldx, k, ra, N, s, c0, c1, prefetch, fetch, acc, acc_ld); break;
+      case 3: rows_step_avx2<kPairs, 3, kM>(x, ldx, k, ra, N, s, c0, c1, prefetch, fetch, acc, acc_ld); break;
+      case 2: rows_step_avx2<kPairs, 2, kM>(x, ldx, k, ra, N, s, c0, c1, prefetch, fetch, acc, acc_ld); break;
+      default: rows_step_avx2<kPairs, 1, kM>(x, ldx, k, ra, N, s, c0, c1, prefetch, fetch, acc, acc_ld); break;
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------
 // AVX-512 with bf16 instructions. Pairs: a pair of code rows becomes, per column, one
 // dword of two bf16 (row k low, row k + 1 high; vcvtne2ps2bf16 does the dequantization's
@@ -321,7 +399,7 @@ Status impl(const float* x, int64_t M, int64_t K, int64_t ldx, const Q8Operand* 
   // Each operand's scales as fp32 [blocks][N], converted once per call for every task.
   static thread_local std::vector<std::vector<float>> scale_tables_storage;
   std::vector<std::vector<float>>& scale_tables = scale_tables_storage;
-  if (kLevel == Level::kAvx512) {
+  if (kLevel == Level::kAvx512 || (kLevel == Level::kAvx2 && M < kPanelMinRows)) {
     if (static_cast<int64_t>(scale_tables.size()) < count) scale_tables.resize(static_cast<size_t>(count));
     for (int64_t p = 0; p < count; ++p) {
       std::vector<float>& table = scale_tables[static_cast<size_t>(p)];
@@ -339,8 +417,12 @@ Status impl(const float* x, int64_t M, int64_t K, int64_t ldx, const Q8Operand* 
     const int8_t* codes = ops[p].codes;
     const uint16_t* scales = ops[p].scales;
     const int64_t N = ops[p].N, rpb = K / ops[p].blocks;
-    // AVX-512 takes every column (its last tile masked), AVX2 the whole 32-column tiles.
-    const int64_t vec_end = kLevel == Level::kScalar ? c0 : kLevel == Level::kAvx512 ? c1 : c0 + (c1 - c0) / 32 * 32;
+    // AVX-512 takes every column (its last tile masked); AVX2 the whole 8-column groups in
+    // decode, the whole 32-column tiles in prefill.
+    const bool avx2_rows = kLevel == Level::kAvx2 && M < kPanelMinRows;
+    const int64_t vec_end = kLevel == Level::kScalar   ? c0
+                            : kLevel == Level::kAvx512 ? c1
+                                                       : c0 + (c1 - c0) / (avx2_rows ? 8 : 32) * (avx2_rows ? 8 : 32);
     if (vec_end > c0) {
       // The panels start the sums from zero themselves.
       if (kLevel != Level::kAvx512 || M < kPanelMinRows)
@@ -359,10 +441,16 @@ Status impl(const float* x, int64_t M, int64_t K, int64_t ldx, const Q8Operand* 
         else
           fma_rows_avx512(x, M, ldx, codes, table, N, rpb, k0, k1, c0, vec_end, out, ld);
       } else if constexpr (kLevel == Level::kAvx2) {
-        for (int64_t b0 = k0; b0 < k1; b0 += kRowBlock) {
-          const int64_t b1 = std::min(k1, b0 + kRowBlock);
-          for (int64_t c = c0; c < vec_end; c += 32)
-            block_avx2<kPairs>(x, M, ldx, K, codes, scales, N, rpb, b0, b1, c, out + (c - c0), ld);
+        if (avx2_rows) {
+          const float* table = scale_tables[static_cast<size_t>(p)].data();
+          if (M == 1) rows_avx2<kPairs, 1>(x, ldx, codes, table, N, rpb, k0, k1, c0, vec_end, out, ld);
+          else rows_avx2<kPairs, 2>(x, ldx, codes, table, N, rpb, k0, k1, c0, vec_end, out, ld);
+        } else {
+          for (int64_t b0 = k0; b0 < k1; b0 += kRowBlock) {
+            const int64_t b1 = std::min(k1, b0 + kRowBlock);
+            for (int64_t c = c0; c < vec_end; c += 32)
+              block_avx2<kPairs>(x, M, ldx, K, codes, scales, N, rpb, b0, b1, c, out + (c - c0), ld);
+          }
         }
       }
     }

@@ -547,7 +547,9 @@ std::vector<KernelCase> all_cases() {
   // matmul_q8 and matmul_q8_f32: {M, K, N, blocks}; K % blocks == 0. K = 150 / B2 and
   // 560 / B8 give blocks of 75 and 70 rows (odd), so pairs of rows straddle scale blocks
   // and the kernel's 64-row tiles; N = 32, 64 are whole SIMD tiles, the others leave a
-  // masked last tile (AVX-512) or a scalar tail (AVX2); odd K leaves a last pair of one.
+  // masked last tile (AVX-512) or a scalar tail (AVX2: past the last 8-column group where
+  // M < 3, past the last 32-column tile otherwise); odd K leaves a last pair of one; the
+  // AVX2 decode walk steps four rows at a time, so K and the chains leave 1 to 3 rows.
   const int64_t q8[][4] = {{1, 1, 1, 1},     {1, 6, 17, 2},    {2, 30, 33, 1},  {3, 24, 47, 8},   {7, 150, 100, 2},
                            {33, 40, 16, 8},  {1, 560, 129, 8}, {2, 130, 32, 1}, {7, 9, 300, 1},   {33, 100, 31, 2},
                            {3, 136, 65, 8},  {1, 200, 257, 8}, {7, 2, 15, 2},   {2, 1000, 48, 8}, {33, 66, 129, 2},
