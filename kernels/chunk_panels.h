@@ -73,8 +73,9 @@ void chunk_chain_ref(const float* x, int64_t M, int64_t ldx, int64_t ch0, int64_
   }
 }
 
-// AVX2: one column at a time (column_avx2 in each layout's file), up to 4 rows of x. A
-// chunk's weights come as four vectors of 8: even rows 0..14, odd rows 1..15, even rows
+// AVX2: one column at a time (column_avx2 in each layout's file), up to 4 rows of x. In
+// the f8col walk (matmul_q4.cpp arranges its own lanes), a chunk's weights come as four
+// vectors of 8: even rows 0..14, odd rows 1..15, even rows
 // 16..30, odd rows 17..31, and x the same way per chunk (stage_x_chunk_lanes). Lanes:
 // pairs: A = lanes 0..7 (rows 2i+1 then 2i), B = lanes 8..15; fp32: A = even lanes 2j
 // (rows 2j then 16+2j), B = odd lanes 2j+1.
@@ -426,6 +427,7 @@ enum class Level { kScalar, kAvx2, kAvx512 };
 //   panel_columns(L), the panels' Decoder;
 //   groups_avx512<NC, MB, kPairs>(xb, x, ldx, L, m0, ch0, ch1, c0, c1, out, ld): AVX-512,
 //     rows [m0, m0 + MB) of x, chunks [ch0, ch1), columns [c0, c1) into out;
+//   stage_x_avx2<kPairs>(L, x, M, K, ldx, xa): x in the order column_avx2 reads it;
 //   column_avx2<MB, kPairs>(xa, K, L, ch0, ch1, n, out, ld): AVX2, one column;
 //   chain_ref<kPairs>(x, M, ldx, L, ch0, ch1, c0, c1, out, ld): the scalar walk.
 template <Level kLevel, bool kPairs, class Layout>
@@ -438,7 +440,7 @@ void run_chunked(const float* x, int64_t M, int64_t K, int64_t ldx, const Layout
   std::vector<uint16_t>& xb = xb_storage;
   std::vector<float>& xa = xa_storage;
   if (kLevel == Level::kAvx512 && kPairs) stage_x_bf16(x, M, K, ldx, xb);
-  if (kLevel == Level::kAvx2) stage_x_chunk_lanes(x, M, K, ldx, xa);
+  if (kLevel == Level::kAvx2) stage_x_avx2<kPairs>(L, x, M, K, ldx, xa);
   if (kLevel == Level::kAvx512 && chunk_panels_take(kPairs, M, chains)) {
     if (kPairs && bf16_products_by_fma())
       run_chunk_panels<kPairs, kPairs>(pool, panel_columns(L), xb.data(), K, x, ldx, M, N, chains, cpc, y, ldy);

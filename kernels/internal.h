@@ -90,6 +90,13 @@ inline void stage_x_bf16(const float* x, int64_t M, int64_t K, int64_t ldx, std:
   for (int64_t m = 0; m < M; ++m)
     for (int64_t k = 0; k < K; ++k) xb[static_cast<size_t>(m * K + k)] = f32_to_bf16_bits(x[m * ldx + k]);
 }
+// x per 32-row chunk in another order, for a layout's AVX2 decode: a[j] = x[order[j]].
+inline void stage_x_chunks(const float* x, int64_t M, int64_t K, int64_t ldx, const int* order, std::vector<float>& xa) {
+  xa.resize(static_cast<size_t>(M * K));
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t c = 0; c < K / 32; ++c)
+      for (int j = 0; j < 32; ++j) xa[static_cast<size_t>(m * K + 32 * c + j)] = x[m * ldx + 32 * c + order[j]];
+}
 inline void stage_x_chunk_lanes(const float* x, int64_t M, int64_t K, int64_t ldx, std::vector<float>& xa) {
   xa.resize(static_cast<size_t>(M * K));
   for (int64_t m = 0; m < M; ++m) {

@@ -71,6 +71,12 @@ GROKIT_AVX2_F16C inline __m256 decode8_avx2(__m128i h, __m256 s) {
   return round_bf16x8(_mm256_mul_ps(f, s));
 }
 
+// x as column_avx2 reads it (chunk_sums_avx2).
+template <bool kPairs>
+void stage_x_avx2(const F8Layout&, const float* x, int64_t M, int64_t K, int64_t ldx, std::vector<float>& xa) {
+  stage_x_chunk_lanes(x, M, K, ldx, xa);
+}
+
 template <int MB, bool kPairs>
 GROKIT_AVX2_F16C void column_avx2(const float* xa, int64_t K, const F8Layout& L, int64_t ch0, int64_t ch1, int64_t n,
                                   float* out, int64_t ld) {

@@ -1,6 +1,7 @@
 // y = x @ dequant(W) for the q4g layout (SPEC.md §4.1): int4 codes in 32-row chunks, a
 // bf16 scale per (group, column), w = bf16(q * scale). Per column, 16 fp32 lanes in the
 // order of kernels.h, halved at the end of each chain; the chains meet in tree_sum's tree.
+#include <array>
 #include <vector>
 
 #include "kernels/chunk_panels.h"
@@ -53,12 +54,37 @@ void chain_ref(const float* x, int64_t M, int64_t ldx, const Q4Layout& L, int64_
 }
 
 // ---------------------------------------------------------------------------------
-// AVX2 (chunk_sums_avx2 in chunk_panels.h): the weights of even rows 0..14 are the low
-// nibbles of bytes 0..7, odd rows 1..15 the high nibbles, and the same for rows 16..31
-// (bytes 8..15), looked up in the column's table of 16 bf16-rounded values (q = 0..7 in
-// one vector, -8..-1 in the other).
-GROKIT_AVX2 inline __m256 lookup_avx2(__m256 tlo, __m256 thi, __m256i idx, __m256i sel) {
-  return _mm256_blendv_ps(_mm256_permutevar8x32_ps(tlo, idx), _mm256_permutevar8x32_ps(thi, idx), _mm256_castsi256_ps(sel));
+// AVX2: per column, the group's 16 values bf16(q * scale) become two byte tables (low and
+// high bytes, in both 128-bit lanes), and each chunk is decoded by two vpshufb: its 16
+// bytes are spread into an index vector of nibbles (`spread` below), the lookups' bytes
+// interleaved into bf16 words, the words into fp32 (word << 16). The arrangement puts
+// distinct lanes of the pinned order in each vector, so x is staged to match (kStage):
+//   pairs: P = lanes [0..3 | 8..11], Q = lanes [4..7 | 12..15]; per chunk the odd rows of
+//          P, the even rows of P, then the same for Q (lane i: row 2i + 1, then 2i);
+//   fp32:  a = lanes [0,2,4,6 | 1,3,5,7], b = lanes [8,10,12,14 | 9,11,13,15]; rows
+//          0..15 of a, of b, then rows 16..31 of a, of b (lane i: row i, then 16 + i).
+template <bool kPairs>
+constexpr std::array<int, 32> kStage = kPairs ? std::array<int, 32>{1, 3, 5, 7, 17, 19, 21, 23, 0, 2, 4, 6, 16, 18, 20, 22,
+                                                                    9, 11, 13, 15, 25, 27, 29, 31, 8, 10, 12, 14, 24, 26, 28, 30}
+                                              : std::array<int, 32>{0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15,
+                                                                    16, 18, 20, 22, 17, 19, 21, 23, 24, 26, 28, 30, 25, 27, 29, 31};
+template <bool kPairs>
+void stage_x_avx2(const Q4Layout&, const float* x, int64_t M, int64_t K, int64_t ldx, std::vector<float>& xa) {
+  stage_x_chunks(x, M, K, ldx, kStage<kPairs>.data(), xa);
+}
+
+// bf16(q * s) for the nibbles 0..15 (q = 0..7, -8..-1): low bytes and high bytes, each
+// table in both lanes.
+GROKIT_AVX2 inline void q4_tables_avx2(float s, __m256i& tl, __m256i& th) {
+  const __m256 sv = _mm256_set1_ps(s);
+  const __m256i lo = _mm256_srli_epi32(_mm256_castps_si256(round_bf16x8(_mm256_mul_ps(_mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7), sv))), 16);
+  const __m256i hi = _mm256_srli_epi32(_mm256_castps_si256(round_bf16x8(_mm256_mul_ps(_mm256_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1), sv))), 16);
+  // Words of nibbles 0..7 | 8..15, then each lane's low bytes before its high bytes.
+  const __m256i words = _mm256_permute4x64_epi64(_mm256_packus_epi32(lo, hi), 0xd8);
+  const __m256i split = _mm256_shuffle_epi8(words, _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                                                    0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15));
+  tl = _mm256_permute4x64_epi64(split, 0x88);  // qwords 0, 2, 0, 2
+  th = _mm256_permute4x64_epi64(split, 0xdd);  // qwords 1, 3, 1, 3
 }
 
 template <int MB, bool kPairs>
@@ -66,24 +92,54 @@ GROKIT_AVX2 void column_avx2(const float* xa, int64_t K, const Q4Layout& L, int6
                              float* out, int64_t ld) {
   __m256 A[MB], B[MB];
   for (int mm = 0; mm < MB; ++mm) A[mm] = B[mm] = _mm256_setzero_ps();
-  const __m256 qlo = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7), qhi = _mm256_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1);
-  __m256 tlo = _mm256_setzero_ps(), thi = _mm256_setzero_ps();
+  // Byte j of a lane takes this byte of the chunk; the upper half of each lane (pairs) or
+  // the upper lane (fp32) the high nibbles.
+  const __m256i spread = kPairs ? _mm256_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14,
+                                                   15, 8, 9, 10, 11, 12, 13, 14, 15)
+                                : _mm256_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5,
+                                                   6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  constexpr int kHighNibbles = kPairs ? 0xcc : 0xf0;  // dwords taking the shifted bytes
+  const __m256i nibble = _mm256_set1_epi8(15), zero = _mm256_setzero_si256();
+  __m256i tl = zero, th = zero;
   for (int64_t c = ch0; c < ch1; ++c) {
-    if (c == ch0 || c % L.cpg == 0) {
-      const __m256 s = _mm256_set1_ps(L.scale(c / L.cpg, n));
-      tlo = round_bf16x8(_mm256_mul_ps(qlo, s));
-      thi = round_bf16x8(_mm256_mul_ps(qhi, s));
+    if (c == ch0 || (c & (L.cpg - 1)) == 0) q4_tables_avx2(L.scale(c >> L.log2_cpg, n), tl, th);
+    const __m256i v = _mm256_shuffle_epi8(
+        _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(L.chunk(c, n)))), spread);
+    const __m256i idx = _mm256_and_si256(_mm256_blend_epi32(v, _mm256_srli_epi16(v, 4), kHighNibbles), nibble);
+    const __m256i bl = _mm256_shuffle_epi8(tl, idx), bh = _mm256_shuffle_epi8(th, idx);
+    const __m256i w1 = _mm256_unpacklo_epi8(bl, bh), w2 = _mm256_unpackhi_epi8(bl, bh);
+    // pairs: w1 = even rows, w2 = odd rows; fp32: w1 = rows 0..15, w2 = rows 16..31.
+    const __m256 w1a = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, w1));
+    const __m256 w1b = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, w1));
+    const __m256 w2a = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, w2));
+    const __m256 w2b = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, w2));
+    for (int mm = 0; mm < MB; ++mm) {
+      const float* xp = xa + mm * K + 32 * c;
+      if (kPairs) {  // P: odd rows then even; Q the same
+        A[mm] = _mm256_fmadd_ps(_mm256_loadu_ps(xp + 8), w1a, _mm256_fmadd_ps(_mm256_loadu_ps(xp), w2a, A[mm]));
+        B[mm] = _mm256_fmadd_ps(_mm256_loadu_ps(xp + 24), w1b, _mm256_fmadd_ps(_mm256_loadu_ps(xp + 16), w2b, B[mm]));
+      } else {  // a: rows 0..15 then 16..31; b the same
+        A[mm] = _mm256_fmadd_ps(_mm256_loadu_ps(xp + 16), w2a, _mm256_fmadd_ps(_mm256_loadu_ps(xp), w1a, A[mm]));
+        B[mm] = _mm256_fmadd_ps(_mm256_loadu_ps(xp + 24), w2b, _mm256_fmadd_ps(_mm256_loadu_ps(xp + 8), w1b, B[mm]));
+      }
     }
-    const uint8_t* p = L.chunk(c, n);
-    const __m256i d0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-    const __m256i d1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8)));
-    const __m256 we0 = lookup_avx2(tlo, thi, d0, _mm256_slli_epi32(d0, 28));
-    const __m256 wo0 = lookup_avx2(tlo, thi, _mm256_srli_epi32(d0, 4), _mm256_slli_epi32(d0, 24));
-    const __m256 we1 = lookup_avx2(tlo, thi, d1, _mm256_slli_epi32(d1, 28));
-    const __m256 wo1 = lookup_avx2(tlo, thi, _mm256_srli_epi32(d1, 4), _mm256_slli_epi32(d1, 24));
-    for (int mm = 0; mm < MB; ++mm) chunk_sums_avx2<kPairs>(A[mm], B[mm], xa + mm * K + 32 * c, we0, wo0, we1, wo1);
   }
-  for (int mm = 0; mm < MB; ++mm) out[mm * ld] = chunk_halve_avx2<kPairs>(A[mm], B[mm]);
+  // The halving (lane i += lane i+8, +4, +2, +1) on the accumulators' positions.
+  for (int mm = 0; mm < MB; ++mm) {
+    __m128 v2;
+    if (kPairs) {  // v8 = [P.lo + P.hi, Q.lo + Q.hi]: lanes 0..3, 4..7
+      const __m128 v8a = _mm_add_ps(_mm256_castps256_ps128(A[mm]), _mm256_extractf128_ps(A[mm], 1));
+      const __m128 v8b = _mm_add_ps(_mm256_castps256_ps128(B[mm]), _mm256_extractf128_ps(B[mm], 1));
+      const __m128 v4 = _mm_add_ps(v8a, v8b);
+      v2 = _mm_add_ps(v4, _mm_movehl_ps(v4, v4));  // lanes 0, 1
+    } else {  // v8 = a + b at lanes [0,2,4,6 | 1,3,5,7]
+      const __m256 v8 = _mm256_add_ps(A[mm], B[mm]);
+      const __m256 v4 = _mm256_add_ps(v8, _mm256_permute_ps(v8, 0x4e));  // [v4 0, v4 2 | v4 1, v4 3]
+      const __m128 lo = _mm256_castps256_ps128(v4), hi = _mm256_extractf128_ps(v4, 1);
+      v2 = _mm_unpacklo_ps(_mm_add_ss(lo, _mm_movehdup_ps(lo)), _mm_add_ss(hi, _mm_movehdup_ps(hi)));  // v2 0, v2 1
+    }
+    out[mm * ld] = _mm_cvtss_f32(_mm_add_ss(v2, _mm_movehdup_ps(v2)));
+  }
 }
 
 // ---------------------------------------------------------------------------------
