@@ -299,6 +299,7 @@ void attention_exp_scores(float* s, int64_t n, float mx, bool simd);
 // on its own (measured: the int8 decode product twice as slow).
 #define GROKIT_AVX512_INLINE_LAMBDA \
   __attribute__((always_inline, target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma")))
+#define GROKIT_AVX2_INLINE_LAMBDA __attribute__((always_inline, target("avx2,fma")))
 
 GROKIT_AVX2 inline __m256 load_bf16x8(const uint16_t* p) {
   __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));

@@ -59,7 +59,37 @@ GROKIT_AVX2 inline __m256 dequant8_avx2(const int8_t* p, __m256 s) {
   return round_bf16x8(_mm256_mul_ps(f, s));
 }
 
-template <bool kPairs>
+// MB rows of x down a panel (rows [k0, k1) of codes, 32 columns): each panel vector
+// loaded once for the MB rows' sums (the loads, not the fmas, bound one row at a time).
+template <bool kPairs, int MB, int NV>
+GROKIT_AVX2 __attribute__((always_inline)) inline void panel_rows_avx2(const float* x, int64_t ldx, int64_t K,
+                                                                       const float (*panel)[32], int64_t k0, int64_t k1,
+                                                                       float* acc, int64_t acc_ld) {
+  __m256 a[MB][NV];
+  for (int mb = 0; mb < MB; ++mb)
+    for (int j = 0; j < NV; ++j) a[mb][j] = _mm256_loadu_ps(acc + mb * acc_ld + 8 * j);
+  auto add_row = [&](int64_t k) GROKIT_AVX2_INLINE_LAMBDA {
+    __m256 w[NV];
+    for (int j = 0; j < NV; ++j) w[j] = _mm256_load_ps(panel[k - k0] + 8 * j);
+    for (int mb = 0; mb < MB; ++mb) {
+      const __m256 xk = _mm256_broadcast_ss(x + mb * ldx + k);
+      for (int j = 0; j < NV; ++j) a[mb][j] = _mm256_fmadd_ps(xk, w[j], a[mb][j]);
+    }
+  };
+  if (kPairs) {
+    for (int64_t k = k0; k < k1; k += 2) {
+      if (k + 1 < K) add_row(k + 1);
+      add_row(k);
+    }
+  } else {
+    for (int64_t k = k0; k < k1; ++k) add_row(k);
+  }
+  for (int mb = 0; mb < MB; ++mb)
+    for (int j = 0; j < NV; ++j) _mm256_storeu_ps(acc + mb * acc_ld + 8 * j, a[mb][j]);
+}
+
+// NV 8-column vectors of columns from c (4: a whole tile; 1: the groups past the last tile).
+template <bool kPairs, int NV>
 GROKIT_AVX2 void block_avx2(const float* x, int64_t M, int64_t ldx, int64_t K, const int8_t* codes,
                             const uint16_t* scales, int64_t N, int64_t rpb, int64_t k0, int64_t k1, int64_t c,
                             float* acc, int64_t acc_ld) {
@@ -69,31 +99,11 @@ GROKIT_AVX2 void block_avx2(const float* x, int64_t M, int64_t ldx, int64_t K, c
     int64_t k = k0 + r;
     const uint16_t* sp = scales + (k / rpb) * N + c;
     const int8_t* row = codes + k * N + c;
-    for (int j = 0; j < 4; ++j) _mm256_store_ps(panel[r] + 8 * j, dequant8_avx2(row + 8 * j, load_bf16x8(sp + 8 * j)));
+    for (int j = 0; j < NV; ++j) _mm256_store_ps(panel[r] + 8 * j, dequant8_avx2(row + 8 * j, load_bf16x8(sp + 8 * j)));
   }
-  for (int64_t m = 0; m < M; ++m) {
-    const float* xr = x + m * ldx;
-    float* ap = acc + m * acc_ld;
-    __m256 a[4];
-    for (int j = 0; j < 4; ++j) a[j] = _mm256_loadu_ps(ap + 8 * j);
-    if (kPairs) {
-      for (int64_t k = k0; k < k1; k += 2) {
-        int64_t r = k - k0;
-        if (k + 1 < K) {
-          __m256 x1 = _mm256_broadcast_ss(xr + k + 1);
-          for (int j = 0; j < 4; ++j) a[j] = _mm256_fmadd_ps(x1, _mm256_load_ps(panel[r + 1] + 8 * j), a[j]);
-        }
-        __m256 x0 = _mm256_broadcast_ss(xr + k);
-        for (int j = 0; j < 4; ++j) a[j] = _mm256_fmadd_ps(x0, _mm256_load_ps(panel[r] + 8 * j), a[j]);
-      }
-    } else {
-      for (int64_t k = k0; k < k1; ++k) {
-        __m256 xk = _mm256_broadcast_ss(xr + k);
-        for (int j = 0; j < 4; ++j) a[j] = _mm256_fmadd_ps(xk, _mm256_load_ps(panel[k - k0] + 8 * j), a[j]);
-      }
-    }
-    for (int j = 0; j < 4; ++j) _mm256_storeu_ps(ap + 8 * j, a[j]);
-  }
+  int64_t m = 0;
+  for (; m + 2 <= M; m += 2) panel_rows_avx2<kPairs, 2, NV>(x + m * ldx, ldx, K, panel, k0, k1, acc + m * acc_ld, acc_ld);
+  if (m < M) panel_rows_avx2<kPairs, 1, NV>(x + m * ldx, ldx, K, panel, k0, k1, acc + m * acc_ld, acc_ld);
 }
 
 // Rows in the order their products are added to a column's sum: each pair's high row
@@ -417,12 +427,9 @@ Status impl(const float* x, int64_t M, int64_t K, int64_t ldx, const Q8Operand* 
     const int8_t* codes = ops[p].codes;
     const uint16_t* scales = ops[p].scales;
     const int64_t N = ops[p].N, rpb = K / ops[p].blocks;
-    // AVX-512 takes every column (its last tile masked); AVX2 the whole 8-column groups in
-    // decode, the whole 32-column tiles in prefill.
+    // AVX-512 takes every column (its last tile masked), AVX2 the whole 8-column groups.
     const bool avx2_rows = kLevel == Level::kAvx2 && M < kPanelMinRows;
-    const int64_t vec_end = kLevel == Level::kScalar   ? c0
-                            : kLevel == Level::kAvx512 ? c1
-                                                       : c0 + (c1 - c0) / (avx2_rows ? 8 : 32) * (avx2_rows ? 8 : 32);
+    const int64_t vec_end = kLevel == Level::kScalar ? c0 : kLevel == Level::kAvx512 ? c1 : c0 + (c1 - c0) / 8 * 8;
     if (vec_end > c0) {
       // The panels start the sums from zero themselves.
       if (kLevel != Level::kAvx512 || M < kPanelMinRows)
@@ -448,8 +455,11 @@ Status impl(const float* x, int64_t M, int64_t K, int64_t ldx, const Q8Operand* 
         } else {
           for (int64_t b0 = k0; b0 < k1; b0 += kRowBlock) {
             const int64_t b1 = std::min(k1, b0 + kRowBlock);
-            for (int64_t c = c0; c < vec_end; c += 32)
-              block_avx2<kPairs>(x, M, ldx, K, codes, scales, N, rpb, b0, b1, c, out + (c - c0), ld);
+            int64_t c = c0;
+            for (; c + 32 <= vec_end; c += 32)
+              block_avx2<kPairs, 4>(x, M, ldx, K, codes, scales, N, rpb, b0, b1, c, out + (c - c0), ld);
+            for (; c < vec_end; c += 8)
+              block_avx2<kPairs, 1>(x, M, ldx, K, codes, scales, N, rpb, b0, b1, c, out + (c - c0), ld);
           }
         }
       }
