@@ -75,8 +75,8 @@ void chunk_chain_ref(const float* x, int64_t M, int64_t ldx, int64_t ch0, int64_
 
 // AVX2: one column at a time (column_avx2 in each layout's file), up to 4 rows of x. In
 // the f8col walk (matmul_q4.cpp arranges its own lanes), a chunk's weights come as four
-// vectors of 8: even rows 0..14, odd rows 1..15, even rows
-// 16..30, odd rows 17..31, and x the same way per chunk (stage_x_chunk_lanes). Lanes:
+// vectors of 8: even rows 0..14, odd rows 1..15, even rows 16..30, odd rows 17..31, and
+// x the same way per chunk (its stage_x_avx2). Lanes:
 // pairs: A = lanes 0..7 (rows 2i+1 then 2i), B = lanes 8..15; fp32: A = even lanes 2j
 // (rows 2j then 16+2j), B = odd lanes 2j+1.
 template <bool kPairs>

@@ -83,34 +83,20 @@ inline void stage_x_pairs(const float* x, int64_t M, int64_t K, int64_t ldx, std
 }
 
 // x staged once per call for the k-chunked products (q4g, f8col): bf16 bits [M][K] for
-// the AVX-512 pair kernels; for AVX2, each 32-row chunk's values in lane order (the even
-// then the odd rows of its first 16, then of its second 16), [M][K].
+// the AVX-512 pair kernels; for AVX2, each chunk in its layout's lane order
+// (stage_x_chunks).
 inline void stage_x_bf16(const float* x, int64_t M, int64_t K, int64_t ldx, std::vector<uint16_t>& xb) {
   xb.resize(static_cast<size_t>(M * K));
   for (int64_t m = 0; m < M; ++m)
     for (int64_t k = 0; k < K; ++k) xb[static_cast<size_t>(m * K + k)] = f32_to_bf16_bits(x[m * ldx + k]);
 }
-// x per 32-row chunk in another order, for a layout's AVX2 decode: a[j] = x[order[j]].
+// For a layout's AVX2 decode, each 32-row chunk of x in the order its lanes take it:
+// a[j] = x[order[j]], [M][K].
 inline void stage_x_chunks(const float* x, int64_t M, int64_t K, int64_t ldx, const int* order, std::vector<float>& xa) {
   xa.resize(static_cast<size_t>(M * K));
   for (int64_t m = 0; m < M; ++m)
     for (int64_t c = 0; c < K / 32; ++c)
       for (int j = 0; j < 32; ++j) xa[static_cast<size_t>(m * K + 32 * c + j)] = x[m * ldx + 32 * c + order[j]];
-}
-inline void stage_x_chunk_lanes(const float* x, int64_t M, int64_t K, int64_t ldx, std::vector<float>& xa) {
-  xa.resize(static_cast<size_t>(M * K));
-  for (int64_t m = 0; m < M; ++m) {
-    for (int64_t c = 0; c < K / 32; ++c) {
-      const float* xc = x + m * ldx + 32 * c;
-      float* a = xa.data() + m * K + 32 * c;
-      for (int j = 0; j < 8; ++j) {
-        a[j] = xc[2 * j];
-        a[8 + j] = xc[2 * j + 1];
-        a[16 + j] = xc[16 + 2 * j];
-        a[24 + j] = xc[17 + 2 * j];
-      }
-    }
-  }
 }
 
 // The task plan every weight product shares. chain_part(ch, c0, c1, out, ld) writes the
