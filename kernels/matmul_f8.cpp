@@ -80,37 +80,48 @@ void stage_x_avx2(const F8Layout&, const float* x, int64_t M, int64_t K, int64_t
   stage_x_chunks(x, M, K, ldx, kChunkLanes, xa);
 }
 
-template <int MB, bool kPairs>
+// Columns [n, n + NC) side by side (chunk_panels.h): their sums are independent chains of
+// fmas, which one column alone leaves waiting on the fma latency.
+template <int MB, int NC, bool kPairs>
 GROKIT_AVX2_F16C void column_avx2(const float* xa, int64_t K, const F8Layout& L, int64_t ch0, int64_t ch1, int64_t n,
                                   float* out, int64_t ld) {
-  __m256 A[MB], B[MB];
-  for (int mm = 0; mm < MB; ++mm) A[mm] = B[mm] = _mm256_setzero_ps();
-  const float s = L.scale(n);
-  const bool big = scale_needs_care(s);
-  const __m256 sv = _mm256_set1_ps(s), sf = _mm256_set1_ps(s * kTwo8);
+  __m256 A[MB][NC], B[MB][NC];
+  for (int mm = 0; mm < MB; ++mm)
+    for (int j = 0; j < NC; ++j) A[mm][j] = B[mm][j] = _mm256_setzero_ps();
+  bool big = false;
+  __m256 sv[NC], sf[NC];
+  for (int j = 0; j < NC; ++j) {
+    const float s = L.scale(n + j);
+    big = big || scale_needs_care(s);
+    sv[j] = _mm256_set1_ps(s);
+    sf[j] = _mm256_set1_ps(s * kTwo8);
+  }
   const __m256i ones = _mm256_set1_epi8(-1), top = _mm256_set1_epi8(-128), bits = _mm256_set1_epi16(kF16Bits);
   for (int64_t c = ch0; c < ch1; ++c) {
-    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(L.chunk(c, n)));
-    // Words k of v hold rows 2k (low byte) and 2k + 1 (high byte): each sign-extended, as fp16.
-    const __m256i ev = _mm256_and_si256(_mm256_slli_epi16(_mm256_srai_epi16(_mm256_slli_epi16(v, 8), 8), 7), bits);
-    const __m256i od = _mm256_and_si256(_mm256_slli_epi16(_mm256_srai_epi16(v, 8), 7), bits);
-    const __m128i e0 = _mm256_castsi256_si128(ev), e1 = _mm256_extracti128_si256(ev, 1);
-    const __m128i o0 = _mm256_castsi256_si128(od), o1 = _mm256_extracti128_si256(od, 1);
-    __m256 we0, wo0, we1, wo1;
-    if (big || _mm256_movemask_epi8(_mm256_cmpeq_epi8(_mm256_or_si256(v, top), ones)) != 0) {
-      we0 = decode8_avx2<true>(e0, sv);
-      wo0 = decode8_avx2<true>(o0, sv);
-      we1 = decode8_avx2<true>(e1, sv);
-      wo1 = decode8_avx2<true>(o1, sv);
-    } else {
-      we0 = decode8_avx2<false>(e0, sf);
-      wo0 = decode8_avx2<false>(o0, sf);
-      we1 = decode8_avx2<false>(e1, sf);
-      wo1 = decode8_avx2<false>(o1, sf);
+    for (int j = 0; j < NC; ++j) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(L.chunk(c, n + j)));
+      // Words k of v hold rows 2k (low byte) and 2k + 1 (high byte): each sign-extended, as fp16.
+      const __m256i ev = _mm256_and_si256(_mm256_slli_epi16(_mm256_srai_epi16(_mm256_slli_epi16(v, 8), 8), 7), bits);
+      const __m256i od = _mm256_and_si256(_mm256_slli_epi16(_mm256_srai_epi16(v, 8), 7), bits);
+      const __m128i e0 = _mm256_castsi256_si128(ev), e1 = _mm256_extracti128_si256(ev, 1);
+      const __m128i o0 = _mm256_castsi256_si128(od), o1 = _mm256_extracti128_si256(od, 1);
+      __m256 we0, wo0, we1, wo1;
+      if (big || _mm256_movemask_epi8(_mm256_cmpeq_epi8(_mm256_or_si256(v, top), ones)) != 0) {
+        we0 = decode8_avx2<true>(e0, sv[j]);
+        wo0 = decode8_avx2<true>(o0, sv[j]);
+        we1 = decode8_avx2<true>(e1, sv[j]);
+        wo1 = decode8_avx2<true>(o1, sv[j]);
+      } else {
+        we0 = decode8_avx2<false>(e0, sf[j]);
+        wo0 = decode8_avx2<false>(o0, sf[j]);
+        we1 = decode8_avx2<false>(e1, sf[j]);
+        wo1 = decode8_avx2<false>(o1, sf[j]);
+      }
+      for (int mm = 0; mm < MB; ++mm) chunk_sums_avx2<kPairs>(A[mm][j], B[mm][j], xa + mm * K + 32 * c, we0, wo0, we1, wo1);
     }
-    for (int mm = 0; mm < MB; ++mm) chunk_sums_avx2<kPairs>(A[mm], B[mm], xa + mm * K + 32 * c, we0, wo0, we1, wo1);
   }
-  for (int mm = 0; mm < MB; ++mm) out[mm * ld] = chunk_halve_avx2<kPairs>(A[mm], B[mm]);
+  for (int mm = 0; mm < MB; ++mm)
+    for (int j = 0; j < NC; ++j) out[mm * ld + j] = chunk_halve_avx2<kPairs>(A[mm][j], B[mm][j]);
 }
 
 // ---------------------------------------------------------------------------------

@@ -87,11 +87,14 @@ GROKIT_AVX2 inline void q4_tables_avx2(float s, __m256i& tl, __m256i& th) {
   th = _mm256_permute4x64_epi64(split, 0xdd);  // qwords 1, 3, 1, 3
 }
 
-template <int MB, bool kPairs>
+// Columns [n, n + NC) side by side (chunk_panels.h): their sums are independent chains of
+// fmas, which one column alone leaves waiting on the fma latency.
+template <int MB, int NC, bool kPairs>
 GROKIT_AVX2 void column_avx2(const float* xa, int64_t K, const Q4Layout& L, int64_t ch0, int64_t ch1, int64_t n,
                              float* out, int64_t ld) {
-  __m256 A[MB], B[MB];
-  for (int mm = 0; mm < MB; ++mm) A[mm] = B[mm] = _mm256_setzero_ps();
+  __m256 A[MB][NC], B[MB][NC];
+  for (int mm = 0; mm < MB; ++mm)
+    for (int j = 0; j < NC; ++j) A[mm][j] = B[mm][j] = _mm256_setzero_ps();
   // Byte j of a lane takes this byte of the chunk; the upper half of each lane (pairs) or
   // the upper lane (fp32) the high nibbles.
   const __m256i spread = kPairs ? _mm256_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14,
@@ -100,46 +103,53 @@ GROKIT_AVX2 void column_avx2(const float* xa, int64_t K, const Q4Layout& L, int6
                                                    6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   constexpr int kHighNibbles = kPairs ? 0xcc : 0xf0;  // dwords taking the shifted bytes
   const __m256i nibble = _mm256_set1_epi8(15), zero = _mm256_setzero_si256();
-  __m256i tl = zero, th = zero;
+  __m256i tl[NC], th[NC];
   for (int64_t c = ch0; c < ch1; ++c) {
-    if (c == ch0 || (c & (L.cpg - 1)) == 0) q4_tables_avx2(L.scale(c >> L.log2_cpg, n), tl, th);
-    const __m256i v = _mm256_shuffle_epi8(
-        _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(L.chunk(c, n)))), spread);
-    const __m256i idx = _mm256_and_si256(_mm256_blend_epi32(v, _mm256_srli_epi16(v, 4), kHighNibbles), nibble);
-    const __m256i bl = _mm256_shuffle_epi8(tl, idx), bh = _mm256_shuffle_epi8(th, idx);
-    const __m256i w1 = _mm256_unpacklo_epi8(bl, bh), w2 = _mm256_unpackhi_epi8(bl, bh);
-    // pairs: w1 = even rows, w2 = odd rows; fp32: w1 = rows 0..15, w2 = rows 16..31.
-    const __m256 w1a = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, w1));
-    const __m256 w1b = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, w1));
-    const __m256 w2a = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, w2));
-    const __m256 w2b = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, w2));
-    for (int mm = 0; mm < MB; ++mm) {
-      const float* xp = xa + mm * K + 32 * c;
-      if (kPairs) {  // P: odd rows then even; Q the same
-        A[mm] = _mm256_fmadd_ps(_mm256_loadu_ps(xp + 8), w1a, _mm256_fmadd_ps(_mm256_loadu_ps(xp), w2a, A[mm]));
-        B[mm] = _mm256_fmadd_ps(_mm256_loadu_ps(xp + 24), w1b, _mm256_fmadd_ps(_mm256_loadu_ps(xp + 16), w2b, B[mm]));
-      } else {  // a: rows 0..15 then 16..31; b the same
-        A[mm] = _mm256_fmadd_ps(_mm256_loadu_ps(xp + 16), w2a, _mm256_fmadd_ps(_mm256_loadu_ps(xp), w1a, A[mm]));
-        B[mm] = _mm256_fmadd_ps(_mm256_loadu_ps(xp + 24), w2b, _mm256_fmadd_ps(_mm256_loadu_ps(xp + 8), w1b, B[mm]));
+    if (c == ch0 || (c & (L.cpg - 1)) == 0)
+      for (int j = 0; j < NC; ++j) q4_tables_avx2(L.scale(c >> L.log2_cpg, n + j), tl[j], th[j]);
+    for (int j = 0; j < NC; ++j) {
+      const __m256i v = _mm256_shuffle_epi8(
+          _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(L.chunk(c, n + j)))), spread);
+      const __m256i idx = _mm256_and_si256(_mm256_blend_epi32(v, _mm256_srli_epi16(v, 4), kHighNibbles), nibble);
+      const __m256i bl = _mm256_shuffle_epi8(tl[j], idx), bh = _mm256_shuffle_epi8(th[j], idx);
+      const __m256i w1 = _mm256_unpacklo_epi8(bl, bh), w2 = _mm256_unpackhi_epi8(bl, bh);
+      // pairs: w1 = even rows, w2 = odd rows; fp32: w1 = rows 0..15, w2 = rows 16..31.
+      const __m256 w1a = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, w1));
+      const __m256 w1b = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, w1));
+      const __m256 w2a = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, w2));
+      const __m256 w2b = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, w2));
+      for (int mm = 0; mm < MB; ++mm) {
+        const float* xp = xa + mm * K + 32 * c;
+        __m256& a = A[mm][j];
+        __m256& b = B[mm][j];
+        if (kPairs) {  // P: odd rows then even; Q the same
+          a = _mm256_fmadd_ps(_mm256_loadu_ps(xp + 8), w1a, _mm256_fmadd_ps(_mm256_loadu_ps(xp), w2a, a));
+          b = _mm256_fmadd_ps(_mm256_loadu_ps(xp + 24), w1b, _mm256_fmadd_ps(_mm256_loadu_ps(xp + 16), w2b, b));
+        } else {  // a: rows 0..15 then 16..31; b the same
+          a = _mm256_fmadd_ps(_mm256_loadu_ps(xp + 16), w2a, _mm256_fmadd_ps(_mm256_loadu_ps(xp), w1a, a));
+          b = _mm256_fmadd_ps(_mm256_loadu_ps(xp + 24), w2b, _mm256_fmadd_ps(_mm256_loadu_ps(xp + 8), w1b, b));
+        }
       }
     }
   }
   // The halving (lane i += lane i+8, +4, +2, +1) on the accumulators' positions.
-  for (int mm = 0; mm < MB; ++mm) {
-    __m128 v2;
-    if (kPairs) {  // v8 = [P.lo + P.hi, Q.lo + Q.hi]: lanes 0..3, 4..7
-      const __m128 v8a = _mm_add_ps(_mm256_castps256_ps128(A[mm]), _mm256_extractf128_ps(A[mm], 1));
-      const __m128 v8b = _mm_add_ps(_mm256_castps256_ps128(B[mm]), _mm256_extractf128_ps(B[mm], 1));
-      const __m128 v4 = _mm_add_ps(v8a, v8b);
-      v2 = _mm_add_ps(v4, _mm_movehl_ps(v4, v4));  // lanes 0, 1
-    } else {  // v8 = a + b at lanes [0,2,4,6 | 1,3,5,7]
-      const __m256 v8 = _mm256_add_ps(A[mm], B[mm]);
-      const __m256 v4 = _mm256_add_ps(v8, _mm256_permute_ps(v8, 0x4e));  // [v4 0, v4 2 | v4 1, v4 3]
-      const __m128 lo = _mm256_castps256_ps128(v4), hi = _mm256_extractf128_ps(v4, 1);
-      v2 = _mm_unpacklo_ps(_mm_add_ss(lo, _mm_movehdup_ps(lo)), _mm_add_ss(hi, _mm_movehdup_ps(hi)));  // v2 0, v2 1
+  for (int mm = 0; mm < MB; ++mm)
+    for (int j = 0; j < NC; ++j) {
+      const __m256 a = A[mm][j], b = B[mm][j];
+      __m128 v2;
+      if (kPairs) {  // v8 = [P.lo + P.hi, Q.lo + Q.hi]: lanes 0..3, 4..7
+        const __m128 v8a = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+        const __m128 v8b = _mm_add_ps(_mm256_castps256_ps128(b), _mm256_extractf128_ps(b, 1));
+        const __m128 v4 = _mm_add_ps(v8a, v8b);
+        v2 = _mm_add_ps(v4, _mm_movehl_ps(v4, v4));  // lanes 0, 1
+      } else {  // v8 = a + b at lanes [0,2,4,6 | 1,3,5,7]
+        const __m256 v8 = _mm256_add_ps(a, b);
+        const __m256 v4 = _mm256_add_ps(v8, _mm256_permute_ps(v8, 0x4e));  // [v4 0, v4 2 | v4 1, v4 3]
+        const __m128 lo = _mm256_castps256_ps128(v4), hi = _mm256_extractf128_ps(v4, 1);
+        v2 = _mm_unpacklo_ps(_mm_add_ss(lo, _mm_movehdup_ps(lo)), _mm_add_ss(hi, _mm_movehdup_ps(hi)));  // v2 0, v2 1
+      }
+      out[mm * ld + j] = _mm_cvtss_f32(_mm_add_ss(v2, _mm_movehdup_ps(v2)));
     }
-    out[mm * ld] = _mm_cvtss_f32(_mm_add_ss(v2, _mm_movehdup_ps(v2)));
-  }
 }
 
 // ---------------------------------------------------------------------------------
