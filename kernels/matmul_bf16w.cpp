@@ -54,32 +54,9 @@ template <bool kPairs>
 GROKIT_AVX2 void block_avx2(const float* x, int64_t M, int64_t ldx, int64_t K, const uint16_t* w, int64_t N,
                             int64_t k0, int64_t k1, int64_t c, float* acc, int64_t acc_ld) {
   alignas(32) float panel[kRowBlock][32];
-  for (int64_t k = k0; k < k1; ++k) {
+  for (int64_t k = k0; k < k1; ++k)
     for (int j = 0; j < 4; ++j) _mm256_store_ps(panel[k - k0] + 8 * j, load_bf16x8(w + k * N + c + 8 * j));
-  }
-  for (int64_t m = 0; m < M; ++m) {
-    const float* xr = x + m * ldx;
-    float* ap = acc + m * acc_ld;
-    __m256 a[4];
-    for (int j = 0; j < 4; ++j) a[j] = _mm256_loadu_ps(ap + 8 * j);
-    if (kPairs) {
-      for (int64_t k = k0; k < k1; k += 2) {
-        const int64_t r = k - k0;
-        if (k + 1 < K) {
-          const __m256 x1 = _mm256_broadcast_ss(xr + k + 1);
-          for (int j = 0; j < 4; ++j) a[j] = _mm256_fmadd_ps(x1, _mm256_load_ps(panel[r + 1] + 8 * j), a[j]);
-        }
-        const __m256 x0 = _mm256_broadcast_ss(xr + k);
-        for (int j = 0; j < 4; ++j) a[j] = _mm256_fmadd_ps(x0, _mm256_load_ps(panel[r] + 8 * j), a[j]);
-      }
-    } else {
-      for (int64_t k = k0; k < k1; ++k) {
-        const __m256 xk = _mm256_broadcast_ss(xr + k);
-        for (int j = 0; j < 4; ++j) a[j] = _mm256_fmadd_ps(xk, _mm256_load_ps(panel[k - k0] + 8 * j), a[j]);
-      }
-    }
-    for (int j = 0; j < 4; ++j) _mm256_storeu_ps(ap + 8 * j, a[j]);
-  }
+  panel_all_rows_avx2<kPairs, 4>(x, M, ldx, K, panel, k0, k1, acc, acc_ld);
 }
 
 // ---------------------------------------------------------------------------------

@@ -59,35 +59,6 @@ GROKIT_AVX2 inline __m256 dequant8_avx2(const int8_t* p, __m256 s) {
   return round_bf16x8(_mm256_mul_ps(f, s));
 }
 
-// MB rows of x down a panel (rows [k0, k1) of codes, 32 columns): each panel vector
-// loaded once for the MB rows' sums (the loads, not the fmas, bound one row at a time).
-template <bool kPairs, int MB, int NV>
-GROKIT_AVX2 __attribute__((always_inline)) inline void panel_rows_avx2(const float* x, int64_t ldx, int64_t K,
-                                                                       const float (*panel)[32], int64_t k0, int64_t k1,
-                                                                       float* acc, int64_t acc_ld) {
-  __m256 a[MB][NV];
-  for (int mb = 0; mb < MB; ++mb)
-    for (int j = 0; j < NV; ++j) a[mb][j] = _mm256_loadu_ps(acc + mb * acc_ld + 8 * j);
-  auto add_row = [&](int64_t k) GROKIT_AVX2_INLINE_LAMBDA {
-    __m256 w[NV];
-    for (int j = 0; j < NV; ++j) w[j] = _mm256_load_ps(panel[k - k0] + 8 * j);
-    for (int mb = 0; mb < MB; ++mb) {
-      const __m256 xk = _mm256_broadcast_ss(x + mb * ldx + k);
-      for (int j = 0; j < NV; ++j) a[mb][j] = _mm256_fmadd_ps(xk, w[j], a[mb][j]);
-    }
-  };
-  if (kPairs) {
-    for (int64_t k = k0; k < k1; k += 2) {
-      if (k + 1 < K) add_row(k + 1);
-      add_row(k);
-    }
-  } else {
-    for (int64_t k = k0; k < k1; ++k) add_row(k);
-  }
-  for (int mb = 0; mb < MB; ++mb)
-    for (int j = 0; j < NV; ++j) _mm256_storeu_ps(acc + mb * acc_ld + 8 * j, a[mb][j]);
-}
-
 // NV 8-column vectors of columns from c (4: a whole tile; 1: the groups past the last tile).
 template <bool kPairs, int NV>
 GROKIT_AVX2 void block_avx2(const float* x, int64_t M, int64_t ldx, int64_t K, const int8_t* codes,
@@ -101,9 +72,7 @@ GROKIT_AVX2 void block_avx2(const float* x, int64_t M, int64_t ldx, int64_t K, c
     const int8_t* row = codes + k * N + c;
     for (int j = 0; j < NV; ++j) _mm256_store_ps(panel[r] + 8 * j, dequant8_avx2(row + 8 * j, load_bf16x8(sp + 8 * j)));
   }
-  int64_t m = 0;
-  for (; m + 2 <= M; m += 2) panel_rows_avx2<kPairs, 2, NV>(x + m * ldx, ldx, K, panel, k0, k1, acc + m * acc_ld, acc_ld);
-  if (m < M) panel_rows_avx2<kPairs, 1, NV>(x + m * ldx, ldx, K, panel, k0, k1, acc + m * acc_ld, acc_ld);
+  panel_all_rows_avx2<kPairs, NV>(x, M, ldx, K, panel, k0, k1, acc, acc_ld);
 }
 
 // Rows in the order their products are added to a column's sum: each pair's high row
