@@ -73,27 +73,109 @@ void chunk_chain_ref(const float* x, int64_t M, int64_t ldx, int64_t ch0, int64_
   }
 }
 
-// AVX2: NC columns side by side (column_avx2 in each layout's file; one row of x takes 8,
-// two rows 2, more rows one column, up to 4 rows at a time): one column's fma chain alone
-// waits on the fma latency (measured: int4 decode 4.4 against 2.6 GB/s, one core). In
-// the f8col walk (matmul_q4.cpp arranges its own lanes), a chunk's weights come as four
-// vectors of 8: even rows 0..14, odd rows 1..15, even rows 16..30, odd rows 17..31, and
-// x the same way per chunk (its stage_x_avx2). Lanes:
-// pairs: A = lanes 0..7 (rows 2i+1 then 2i), B = lanes 8..15; fp32: A = even lanes 2j
-// (rows 2j then 16+2j), B = odd lanes 2j+1.
-template <bool kPairs>
-GROKIT_AVX2 inline void chunk_sums_avx2(__m256& A, __m256& B, const float* xp, __m256 we0, __m256 wo0, __m256 we1,
-                                        __m256 wo1) {
-  const __m256 xe0 = _mm256_loadu_ps(xp), xo0 = _mm256_loadu_ps(xp + 8);
-  const __m256 xe1 = _mm256_loadu_ps(xp + 16), xo1 = _mm256_loadu_ps(xp + 24);
-  if (kPairs) {
-    A = _mm256_fmadd_ps(xe0, we0, _mm256_fmadd_ps(xo0, wo0, A));
-    B = _mm256_fmadd_ps(xe1, we1, _mm256_fmadd_ps(xo1, wo1, B));
-  } else {
-    A = _mm256_fmadd_ps(xe1, we1, _mm256_fmadd_ps(xe0, we0, A));
-    B = _mm256_fmadd_ps(xo1, wo1, _mm256_fmadd_ps(xo0, wo0, B));
+// AVX2. Each layout's file supplies a chunk decoder type Dec (chunk_decoder_avx2<kPairs>(L),
+// found by argument-dependent lookup on its Layout type), with
+//   Dec::begin(L, n, c, st): column n's state st (a Dec::State) set up for chunk c, where
+//     a walk starts and where Dec::new_group(L, c) says the chunk starts a scale group;
+//   Dec::decode(L, n, c, st, w): chunk c of column n as four vectors of 8 bf16-rounded
+//     weights in fp32 lanes;
+//   Dec::kX[s]: where slot s's 8 values of x start in the chunk's 32 staged ones (its
+//     stage_x_avx2 arranges x to match): a column's 16 sums are two vectors, A taking
+//     slots 0 then 1 of each chunk, B slots 2 then 3, which is the pinned lane order;
+//   Dec::halve(A, B): the halving sum of the 16 lanes.
+// The walk takes NC columns side by side (one row of x 8, two rows 2, more rows one
+// column, up to 4 rows at a time): one column's fma chain alone waits on the fma latency
+// (measured: int4 decode 4.4 against 2.6 GB/s, one core).
+template <int MB, int NC, bool kPairs, class Layout>
+GROKIT_AVX2 void column_walk_avx2(const float* xa, int64_t K, const Layout& L, int64_t ch0, int64_t ch1, int64_t n,
+                                  float* out, int64_t ld) {
+  using Dec = decltype(chunk_decoder_avx2<kPairs>(L));
+  constexpr auto kX = Dec::kX;
+  typename Dec::State st[NC];
+  __m256 A[MB][NC], B[MB][NC];
+  for (int mm = 0; mm < MB; ++mm)
+    for (int j = 0; j < NC; ++j) A[mm][j] = B[mm][j] = _mm256_setzero_ps();
+  for (int64_t c = ch0; c < ch1; ++c) {
+    if (c == ch0 || Dec::new_group(L, c))
+      for (int j = 0; j < NC; ++j) Dec::begin(L, n + j, c, st[j]);
+    for (int j = 0; j < NC; ++j) {
+      __m256 w[4];
+      Dec::decode(L, n + j, c, st[j], w);
+      for (int mm = 0; mm < MB; ++mm) {
+        const float* xp = xa + mm * K + 32 * c;
+        A[mm][j] = _mm256_fmadd_ps(_mm256_loadu_ps(xp + kX[1]), w[1], _mm256_fmadd_ps(_mm256_loadu_ps(xp + kX[0]), w[0], A[mm][j]));
+        B[mm][j] = _mm256_fmadd_ps(_mm256_loadu_ps(xp + kX[3]), w[3], _mm256_fmadd_ps(_mm256_loadu_ps(xp + kX[2]), w[2], B[mm][j]));
+      }
+    }
+  }
+  for (int mm = 0; mm < MB; ++mm)
+    for (int j = 0; j < NC; ++j) out[mm * ld + j] = Dec::halve(A[mm][j], B[mm][j]);
+}
+
+// AVX2 panels (prefill): two columns' chunks of one chain decoded once into L1, then the
+// rows of x run down them two at a time, 8 sums in registers, slot by slot (A's first
+// slot, B's, then A's second, B's: each sum's two fmas per chunk apart). Each sum adds the
+// same products in the same order as the walk, so the same bits. Chains up to
+// kChunkPanelAvx2Chunks chunks (16 KiB of fp32 weights for the two columns).
+constexpr int64_t kChunkPanelAvx2Chunks = 64;
+inline int64_t chunk_panels_avx2_min_rows() { return 6; }
+template <int R, bool kPairs, class Dec>
+GROKIT_AVX2 __attribute__((always_inline)) inline void chunk_panel_rows_avx2(const float* xa, int64_t K,
+                                                                              const __m256 (*panel)[2][4], int64_t ch0,
+                                                                              int64_t steps, int nc, float* out,
+                                                                              int64_t ld) {
+  constexpr auto kX = Dec::kX;
+  __m256 A[R][2], B[R][2];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < 2; ++j) A[r][j] = B[r][j] = _mm256_setzero_ps();
+  for (int64_t t = 0; t < steps; ++t) {
+    const float* xp = xa + 32 * (ch0 + t);
+    auto slot = [&](int s, __m256 (&acc)[R][2]) GROKIT_AVX2_INLINE_LAMBDA {
+      __m256 xv[R];
+      for (int r = 0; r < R; ++r) xv[r] = _mm256_loadu_ps(xp + r * K + kX[s]);
+      for (int j = 0; j < 2; ++j) {
+        const __m256 wv = panel[t][j][s];
+        for (int r = 0; r < R; ++r) acc[r][j] = _mm256_fmadd_ps(xv[r], wv, acc[r][j]);
+      }
+    };
+    slot(0, A);
+    slot(2, B);
+    slot(1, A);
+    slot(3, B);
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < nc; ++j) out[r * ld + j] = Dec::halve(A[r][j], B[r][j]);
+}
+// Chain [ch0, ch1) (at most kChunkPanelAvx2Chunks chunks) of columns [c0, c1), every row
+// of x (xa staged, [M][K]), into out ([M][ld], column c0 at out[0]).
+template <bool kPairs, class Layout>
+GROKIT_AVX2 void chunk_panels_avx2(const float* xa, int64_t M, int64_t K, const Layout& L, int64_t ch0, int64_t ch1,
+                                   int64_t c0, int64_t c1, float* out, int64_t ld) {
+  using Dec = decltype(chunk_decoder_avx2<kPairs>(L));
+  const int64_t steps = ch1 - ch0;
+  GROKIT_CHECK(steps > 0 && steps <= kChunkPanelAvx2Chunks);
+  alignas(32) __m256 panel[kChunkPanelAvx2Chunks][2][4];
+  for (int64_t n = c0; n < c1; n += 2) {
+    const int nc = static_cast<int>(std::min<int64_t>(2, c1 - n));
+    for (int j = 0; j < 2; ++j) {
+      if (j >= nc) {
+        for (int64_t t = 0; t < steps; ++t)
+          for (int s = 0; s < 4; ++s) panel[t][j][s] = _mm256_setzero_ps();
+        continue;
+      }
+      typename Dec::State st;
+      for (int64_t t = 0; t < steps; ++t) {
+        if (t == 0 || Dec::new_group(L, ch0 + t)) Dec::begin(L, n + j, ch0 + t, st);
+        Dec::decode(L, n + j, ch0 + t, st, panel[t][j]);
+      }
+    }
+    float* o = out + (n - c0);
+    int64_t m = 0;
+    for (; m + 2 <= M; m += 2) chunk_panel_rows_avx2<2, kPairs, Dec>(xa + m * K, K, panel, ch0, steps, nc, o + m * ld, ld);
+    if (m < M) chunk_panel_rows_avx2<1, kPairs, Dec>(xa + m * K, K, panel, ch0, steps, nc, o + m * ld, ld);
   }
 }
+
 // The halving sum of the 16 lanes of (A, B).
 template <bool kPairs>
 GROKIT_AVX2 inline float chunk_halve_avx2(__m256 a, __m256 b) {
@@ -429,8 +511,8 @@ enum class Level { kScalar, kAvx2, kAvx512 };
 //   panel_columns(L), the panels' Decoder;
 //   groups_avx512<NC, MB, kPairs>(xb, x, ldx, L, m0, ch0, ch1, c0, c1, out, ld): AVX-512,
 //     rows [m0, m0 + MB) of x, chunks [ch0, ch1), columns [c0, c1) into out;
-//   stage_x_avx2<kPairs>(L, x, M, K, ldx, xa): x in the order column_avx2 reads it;
-//   column_avx2<MB, NC, kPairs>(xa, K, L, ch0, ch1, n, out, ld): AVX2, columns [n, n + NC);
+//   stage_x_avx2<kPairs>(L, x, M, K, ldx, xa): x in the order its AVX2 decoder's slots take it;
+//   chunk_decoder_avx2<kPairs>(L): the AVX2 decoder (above);
 //   chain_ref<kPairs>(x, M, ldx, L, ch0, ch1, c0, c1, out, ld): the scalar walk.
 template <Level kLevel, bool kPairs, class Layout>
 void run_chunked(const float* x, int64_t M, int64_t K, int64_t ldx, const Layout& L, int64_t N, float* y,
@@ -466,14 +548,18 @@ void run_chunked(const float* x, int64_t M, int64_t K, int64_t ldx, const Layout
         m += mb;
       }
     } else if constexpr (kLevel == Level::kAvx2) {
+      if (M >= chunk_panels_avx2_min_rows() && ch1 - ch0 <= kChunkPanelAvx2Chunks) {
+        chunk_panels_avx2<kPairs>(xa.data(), M, K, L, ch0, ch1, c0, c1, out, ld);
+        return;
+      }
       const int64_t nc = M == 1 ? 8 : M == 2 ? 2 : 1;
       for (int64_t n = c0; n < c1;) {
         float* o = out + (n - c0);
         if (nc > 1 && c1 - n >= nc) {
           if (nc == 8)
-            column_avx2<1, 8, kPairs>(xa.data(), K, L, ch0, ch1, n, o, ld);
+            column_walk_avx2<1, 8, kPairs>(xa.data(), K, L, ch0, ch1, n, o, ld);
           else
-            column_avx2<2, 2, kPairs>(xa.data(), K, L, ch0, ch1, n, o, ld);
+            column_walk_avx2<2, 2, kPairs>(xa.data(), K, L, ch0, ch1, n, o, ld);
           n += nc;
           continue;
         }
@@ -481,10 +567,10 @@ void run_chunked(const float* x, int64_t M, int64_t K, int64_t ldx, const Layout
           const int64_t mb = std::min<int64_t>(4, M - m);
           const float* xp = xa.data() + m * K;
           switch (mb) {
-            case 1: column_avx2<1, 1, kPairs>(xp, K, L, ch0, ch1, n, o + m * ld, ld); break;
-            case 2: column_avx2<2, 1, kPairs>(xp, K, L, ch0, ch1, n, o + m * ld, ld); break;
-            case 3: column_avx2<3, 1, kPairs>(xp, K, L, ch0, ch1, n, o + m * ld, ld); break;
-            default: column_avx2<4, 1, kPairs>(xp, K, L, ch0, ch1, n, o + m * ld, ld); break;
+            case 1: column_walk_avx2<1, 1, kPairs>(xp, K, L, ch0, ch1, n, o + m * ld, ld); break;
+            case 2: column_walk_avx2<2, 1, kPairs>(xp, K, L, ch0, ch1, n, o + m * ld, ld); break;
+            case 3: column_walk_avx2<3, 1, kPairs>(xp, K, L, ch0, ch1, n, o + m * ld, ld); break;
+            default: column_walk_avx2<4, 1, kPairs>(xp, K, L, ch0, ch1, n, o + m * ld, ld); break;
           }
           m += mb;
         }

@@ -3,6 +3,8 @@
 #include <chrono>
 #include <cstdlib>
 
+#include <cpuid.h>
+
 #include "kernels/internal.h"
 #include "kernels/vmath.h"
 
@@ -18,7 +20,10 @@ bool use_avx2() {
   static const bool yes = [] {
     if (forced_level() == "scalar") return false;
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    // F16C is CPUID.1:ECX bit 29, asked directly: clang's __builtin_cpu_supports lacks it.
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    const bool f16c = __get_cpuid(1, &a, &b, &c, &d) != 0 && (c & (1u << 29)) != 0;
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c;
   }();
   return yes;
 }

@@ -277,15 +277,16 @@ void attention_exp_scores(float* s, int64_t n, float mx, bool simd);
 #define GROKIT_UNROLL16 _Pragma("GCC unroll 16")
 #endif
 
-#define GROKIT_AVX2 __attribute__((target("avx2,fma")))
-#define GROKIT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma")))
+// AVX2 with FMA and F16C (every AVX2 CPU has both; use_avx2 checks all three).
+#define GROKIT_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define GROKIT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")))
 // A lambda inside a target function needs the target too.
-#define GROKIT_AVX512_LAMBDA __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma")))
+#define GROKIT_AVX512_LAMBDA __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")))
 // ... for a loop body: GCC does not inline a generic lambda into a target function
 // on its own (measured: the int8 decode product twice as slow).
 #define GROKIT_AVX512_INLINE_LAMBDA \
-  __attribute__((always_inline, target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma")))
-#define GROKIT_AVX2_INLINE_LAMBDA __attribute__((always_inline, target("avx2,fma")))
+  __attribute__((always_inline, target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")))
+#define GROKIT_AVX2_INLINE_LAMBDA __attribute__((always_inline, target("avx2,fma,f16c")))
 
 GROKIT_AVX2 inline __m256 load_bf16x8(const uint16_t* p) {
   __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));

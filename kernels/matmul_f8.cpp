@@ -1,10 +1,9 @@
 // y = x @ dequant(W) for the f8col layout (SPEC.md §4.1): fp8 E4M3 codes in 32-row chunks,
 // a bf16 scale per column, w = bf16(e4m3(code) * scale). Per column, 16 fp32 lanes in the
 // order of kernels.h, halved at the end of each chain; the chains meet in tree_sum's tree.
+#include <array>
 #include <limits>
 #include <vector>
-
-#include <cpuid.h>
 
 #include "kernels/chunk_panels.h"
 
@@ -55,13 +54,12 @@ void chain_ref(const float* x, int64_t M, int64_t ldx, const F8Layout& L, int64_
 }
 
 // ---------------------------------------------------------------------------------
-// AVX2 (with F16C; chunk_sums_avx2 in chunk_panels.h): words k of a chunk's 32 bytes
+// AVX2 (its F16C converts; the decoder below, the walks in chunk_panels.h): words k of a chunk's 32 bytes
 // hold rows 2k (low byte) and 2k + 1 (high byte), each decoded as fp16.
-#define GROKIT_AVX2_F16C __attribute__((target("avx2,fma,f16c")))
 
 // Eight fp16 values (e4m3 * 2^-8) to bf16-rounded weights in fp32 lanes.
 template <bool kCareful>
-GROKIT_AVX2_F16C inline __m256 decode8_avx2(__m128i h, __m256 s) {
+GROKIT_AVX2 inline __m256 decode8_avx2(__m128i h, __m256 s) {
   __m256 f = _mm256_cvtph_ps(h);
   if (kCareful) {
     f = _mm256_mul_ps(f, _mm256_set1_ps(kTwo8));
@@ -71,7 +69,7 @@ GROKIT_AVX2_F16C inline __m256 decode8_avx2(__m128i h, __m256 s) {
   return round_bf16x8(_mm256_mul_ps(f, s));
 }
 
-// x as column_avx2 reads it (chunk_sums_avx2): the even then the odd rows of the chunk's
+// x as the decoder's slots take it: the even then the odd rows of the chunk's
 // first 16, then of its second 16.
 constexpr int kChunkLanes[32] = {0,  2,  4,  6,  8,  10, 12, 14, 1,  3,  5,  7,  9,  11, 13, 15,
                                  16, 18, 20, 22, 24, 26, 28, 30, 17, 19, 21, 23, 25, 27, 29, 31};
@@ -80,48 +78,57 @@ void stage_x_avx2(const F8Layout&, const float* x, int64_t M, int64_t K, int64_t
   stage_x_chunks(x, M, K, ldx, kChunkLanes, xa);
 }
 
-// Columns [n, n + NC) side by side (chunk_panels.h): their sums are independent chains of
-// fmas, which one column alone leaves waiting on the fma latency.
-template <int MB, int NC, bool kPairs>
-GROKIT_AVX2_F16C void column_avx2(const float* xa, int64_t K, const F8Layout& L, int64_t ch0, int64_t ch1, int64_t n,
-                                  float* out, int64_t ld) {
-  __m256 A[MB][NC], B[MB][NC];
-  for (int mm = 0; mm < MB; ++mm)
-    for (int j = 0; j < NC; ++j) A[mm][j] = B[mm][j] = _mm256_setzero_ps();
-  bool big = false;
-  __m256 sv[NC], sf[NC];
-  for (int j = 0; j < NC; ++j) {
-    const float s = L.scale(n + j);
-    big = big || scale_needs_care(s);
-    sv[j] = _mm256_set1_ps(s);
-    sf[j] = _mm256_set1_ps(s * kTwo8);
+// The decoder (chunk_panels.h). A chunk's weights come as four vectors of 8: even rows
+// 0..14 (we0), odd rows 1..15 (wo0), even rows 16..30 (we1), odd rows 17..31 (wo1), and
+// x the same way per chunk (kChunkLanes). Slots: pairs, wo0, we0, wo1, we1 (A = lanes
+// 0..7, rows 2i + 1 then 2i; B = lanes 8..15); fp32, we0, we1, wo0, wo1 (A = even lanes
+// 2j, rows 2j then 16 + 2j; B = odd lanes).
+template <bool kPairs>
+struct F8DecoderAvx2 {
+  static constexpr std::array<int, 4> kX = kPairs ? std::array<int, 4>{8, 0, 24, 16} : std::array<int, 4>{0, 16, 8, 24};
+  struct State {
+    __m256 sv, sf;  // the column's scale, and folded (times 2^8)
+    bool big;       // too large to fold
+  };
+  static bool new_group(const F8Layout&, int64_t) { return false; }  // one scale per column
+  GROKIT_AVX2 __attribute__((always_inline)) static void begin(const F8Layout& L, int64_t n, int64_t, State& st) {
+    const float s = L.scale(n);
+    st.big = scale_needs_care(s);
+    st.sv = _mm256_set1_ps(s);
+    st.sf = _mm256_set1_ps(s * kTwo8);
   }
-  const __m256i ones = _mm256_set1_epi8(-1), top = _mm256_set1_epi8(-128), bits = _mm256_set1_epi16(kF16Bits);
-  for (int64_t c = ch0; c < ch1; ++c) {
-    for (int j = 0; j < NC; ++j) {
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(L.chunk(c, n + j)));
-      // Words k of v hold rows 2k (low byte) and 2k + 1 (high byte): each sign-extended, as fp16.
-      const __m256i ev = _mm256_and_si256(_mm256_slli_epi16(_mm256_srai_epi16(_mm256_slli_epi16(v, 8), 8), 7), bits);
-      const __m256i od = _mm256_and_si256(_mm256_slli_epi16(_mm256_srai_epi16(v, 8), 7), bits);
-      const __m128i e0 = _mm256_castsi256_si128(ev), e1 = _mm256_extracti128_si256(ev, 1);
-      const __m128i o0 = _mm256_castsi256_si128(od), o1 = _mm256_extracti128_si256(od, 1);
-      __m256 we0, wo0, we1, wo1;
-      if (big || _mm256_movemask_epi8(_mm256_cmpeq_epi8(_mm256_or_si256(v, top), ones)) != 0) {
-        we0 = decode8_avx2<true>(e0, sv[j]);
-        wo0 = decode8_avx2<true>(o0, sv[j]);
-        we1 = decode8_avx2<true>(e1, sv[j]);
-        wo1 = decode8_avx2<true>(o1, sv[j]);
-      } else {
-        we0 = decode8_avx2<false>(e0, sf[j]);
-        wo0 = decode8_avx2<false>(o0, sf[j]);
-        we1 = decode8_avx2<false>(e1, sf[j]);
-        wo1 = decode8_avx2<false>(o1, sf[j]);
-      }
-      for (int mm = 0; mm < MB; ++mm) chunk_sums_avx2<kPairs>(A[mm][j], B[mm][j], xa + mm * K + 32 * c, we0, wo0, we1, wo1);
+  GROKIT_AVX2 __attribute__((always_inline)) static void decode(const F8Layout& L, int64_t n, int64_t c, const State& st,
+                                                                __m256 (&w)[4]) {
+    const __m256i ones = _mm256_set1_epi8(-1), top = _mm256_set1_epi8(-128), bits = _mm256_set1_epi16(kF16Bits);
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(L.chunk(c, n)));
+    // Words k of v hold rows 2k (low byte) and 2k + 1 (high byte): each sign-extended, as fp16.
+    const __m256i ev = _mm256_and_si256(_mm256_slli_epi16(_mm256_srai_epi16(_mm256_slli_epi16(v, 8), 8), 7), bits);
+    const __m256i od = _mm256_and_si256(_mm256_slli_epi16(_mm256_srai_epi16(v, 8), 7), bits);
+    const __m128i e0 = _mm256_castsi256_si128(ev), e1 = _mm256_extracti128_si256(ev, 1);
+    const __m128i o0 = _mm256_castsi256_si128(od), o1 = _mm256_extracti128_si256(od, 1);
+    __m256 we0, wo0, we1, wo1;
+    if (st.big || _mm256_movemask_epi8(_mm256_cmpeq_epi8(_mm256_or_si256(v, top), ones)) != 0) {
+      we0 = decode8_avx2<true>(e0, st.sv);
+      wo0 = decode8_avx2<true>(o0, st.sv);
+      we1 = decode8_avx2<true>(e1, st.sv);
+      wo1 = decode8_avx2<true>(o1, st.sv);
+    } else {
+      we0 = decode8_avx2<false>(e0, st.sf);
+      wo0 = decode8_avx2<false>(o0, st.sf);
+      we1 = decode8_avx2<false>(e1, st.sf);
+      wo1 = decode8_avx2<false>(o1, st.sf);
+    }
+    if (kPairs) {
+      w[0] = wo0, w[1] = we0, w[2] = wo1, w[3] = we1;
+    } else {
+      w[0] = we0, w[1] = we1, w[2] = wo0, w[3] = wo1;
     }
   }
-  for (int mm = 0; mm < MB; ++mm)
-    for (int j = 0; j < NC; ++j) out[mm * ld + j] = chunk_halve_avx2<kPairs>(A[mm][j], B[mm][j]);
+  GROKIT_AVX2 __attribute__((always_inline)) static float halve(__m256 a, __m256 b) { return chunk_halve_avx2<kPairs>(a, b); }
+};
+template <bool kPairs>
+F8DecoderAvx2<kPairs> chunk_decoder_avx2(const F8Layout&) {
+  return {};
 }
 
 // ---------------------------------------------------------------------------------
@@ -266,12 +273,7 @@ template <bool kPairs>
 Status dispatch(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* payload, int64_t N, float* y,
                 int64_t ldy, Pool pool, int64_t sr) {
   if (use_avx512()) return impl<Level::kAvx512, kPairs>(x, M, K, ldx, payload, N, y, ldy, pool, sr);
-  // F16C is CPUID.1:ECX bit 29; asked directly since clang's __builtin_cpu_supports lacks "f16c".
-  static const bool f16c = [] {
-    unsigned a = 0, b = 0, c = 0, d = 0;
-    return __get_cpuid(1, &a, &b, &c, &d) != 0 && (c & (1u << 29)) != 0;
-  }();
-  if (use_avx2() && f16c) return impl<Level::kAvx2, kPairs>(x, M, K, ldx, payload, N, y, ldy, pool, sr);
+  if (use_avx2()) return impl<Level::kAvx2, kPairs>(x, M, K, ldx, payload, N, y, ldy, pool, sr);
   return impl<Level::kScalar, kPairs>(x, M, K, ldx, payload, N, y, ldy, pool, sr);
 }
 

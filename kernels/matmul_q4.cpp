@@ -87,69 +87,64 @@ GROKIT_AVX2 inline void q4_tables_avx2(float s, __m256i& tl, __m256i& th) {
   th = _mm256_permute4x64_epi64(split, 0xdd);  // qwords 1, 3, 1, 3
 }
 
-// Columns [n, n + NC) side by side (chunk_panels.h): their sums are independent chains of
-// fmas, which one column alone leaves waiting on the fma latency.
-template <int MB, int NC, bool kPairs>
-GROKIT_AVX2 void column_avx2(const float* xa, int64_t K, const Q4Layout& L, int64_t ch0, int64_t ch1, int64_t n,
-                             float* out, int64_t ld) {
-  __m256 A[MB][NC], B[MB][NC];
-  for (int mm = 0; mm < MB; ++mm)
-    for (int j = 0; j < NC; ++j) A[mm][j] = B[mm][j] = _mm256_setzero_ps();
-  // Byte j of a lane takes this byte of the chunk; the upper half of each lane (pairs) or
-  // the upper lane (fp32) the high nibbles.
-  const __m256i spread = kPairs ? _mm256_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14,
-                                                   15, 8, 9, 10, 11, 12, 13, 14, 15)
-                                : _mm256_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5,
-                                                   6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  constexpr int kHighNibbles = kPairs ? 0xcc : 0xf0;  // dwords taking the shifted bytes
-  const __m256i nibble = _mm256_set1_epi8(15), zero = _mm256_setzero_si256();
-  __m256i tl[NC], th[NC];
-  for (int64_t c = ch0; c < ch1; ++c) {
-    if (c == ch0 || (c & (L.cpg - 1)) == 0)
-      for (int j = 0; j < NC; ++j) q4_tables_avx2(L.scale(c >> L.log2_cpg, n + j), tl[j], th[j]);
-    for (int j = 0; j < NC; ++j) {
-      const __m256i v = _mm256_shuffle_epi8(
-          _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(L.chunk(c, n + j)))), spread);
-      const __m256i idx = _mm256_and_si256(_mm256_blend_epi32(v, _mm256_srli_epi16(v, 4), kHighNibbles), nibble);
-      const __m256i bl = _mm256_shuffle_epi8(tl[j], idx), bh = _mm256_shuffle_epi8(th[j], idx);
-      const __m256i w1 = _mm256_unpacklo_epi8(bl, bh), w2 = _mm256_unpackhi_epi8(bl, bh);
-      // pairs: w1 = even rows, w2 = odd rows; fp32: w1 = rows 0..15, w2 = rows 16..31.
-      const __m256 w1a = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, w1));
-      const __m256 w1b = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, w1));
-      const __m256 w2a = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, w2));
-      const __m256 w2b = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, w2));
-      for (int mm = 0; mm < MB; ++mm) {
-        const float* xp = xa + mm * K + 32 * c;
-        __m256& a = A[mm][j];
-        __m256& b = B[mm][j];
-        if (kPairs) {  // P: odd rows then even; Q the same
-          a = _mm256_fmadd_ps(_mm256_loadu_ps(xp + 8), w1a, _mm256_fmadd_ps(_mm256_loadu_ps(xp), w2a, a));
-          b = _mm256_fmadd_ps(_mm256_loadu_ps(xp + 24), w1b, _mm256_fmadd_ps(_mm256_loadu_ps(xp + 16), w2b, b));
-        } else {  // a: rows 0..15 then 16..31; b the same
-          a = _mm256_fmadd_ps(_mm256_loadu_ps(xp + 16), w2a, _mm256_fmadd_ps(_mm256_loadu_ps(xp), w1a, a));
-          b = _mm256_fmadd_ps(_mm256_loadu_ps(xp + 24), w2b, _mm256_fmadd_ps(_mm256_loadu_ps(xp + 8), w1b, b));
-        }
-      }
+// The decoder (chunk_panels.h). Slots: pairs, P's odd rows (w2a), P's even rows (w1a),
+// then Q's; fp32, a's rows 0..15 (w1a), a's rows 16..31 (w2a), then b's.
+template <bool kPairs>
+struct Q4DecoderAvx2 {
+  static constexpr std::array<int, 4> kX = kPairs ? std::array<int, 4>{0, 8, 16, 24} : std::array<int, 4>{0, 16, 8, 24};
+  struct State {
+    __m256i tl, th;  // the group's tables
+  };
+  static bool new_group(const Q4Layout& L, int64_t c) { return (c & (L.cpg - 1)) == 0; }
+  GROKIT_AVX2 __attribute__((always_inline)) static void begin(const Q4Layout& L, int64_t n, int64_t c, State& st) {
+    q4_tables_avx2(L.scale(c >> L.log2_cpg, n), st.tl, st.th);
+  }
+  GROKIT_AVX2 __attribute__((always_inline)) static void decode(const Q4Layout& L, int64_t n, int64_t c, const State& st,
+                                                                __m256 (&w)[4]) {
+    // Byte j of a lane takes this byte of the chunk; the upper half of each lane (pairs) or
+    // the upper lane (fp32) the high nibbles.
+    const __m256i spread = kPairs ? _mm256_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13,
+                                                     14, 15, 8, 9, 10, 11, 12, 13, 14, 15)
+                                  : _mm256_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4,
+                                                     5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    constexpr int kHighNibbles = kPairs ? 0xcc : 0xf0;  // dwords taking the shifted bytes
+    const __m256i nibble = _mm256_set1_epi8(15), zero = _mm256_setzero_si256();
+    const __m256i v = _mm256_shuffle_epi8(
+        _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(L.chunk(c, n)))), spread);
+    const __m256i idx = _mm256_and_si256(_mm256_blend_epi32(v, _mm256_srli_epi16(v, 4), kHighNibbles), nibble);
+    const __m256i bl = _mm256_shuffle_epi8(st.tl, idx), bh = _mm256_shuffle_epi8(st.th, idx);
+    const __m256i w1 = _mm256_unpacklo_epi8(bl, bh), w2 = _mm256_unpackhi_epi8(bl, bh);
+    // pairs: w1 = even rows, w2 = odd rows; fp32: w1 = rows 0..15, w2 = rows 16..31.
+    const __m256 w1a = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, w1));
+    const __m256 w1b = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, w1));
+    const __m256 w2a = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, w2));
+    const __m256 w2b = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, w2));
+    if (kPairs) {
+      w[0] = w2a, w[1] = w1a, w[2] = w2b, w[3] = w1b;
+    } else {
+      w[0] = w1a, w[1] = w2a, w[2] = w1b, w[3] = w2b;
     }
   }
-  // The halving (lane i += lane i+8, +4, +2, +1) on the accumulators' positions.
-  for (int mm = 0; mm < MB; ++mm)
-    for (int j = 0; j < NC; ++j) {
-      const __m256 a = A[mm][j], b = B[mm][j];
-      __m128 v2;
-      if (kPairs) {  // v8 = [P.lo + P.hi, Q.lo + Q.hi]: lanes 0..3, 4..7
-        const __m128 v8a = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-        const __m128 v8b = _mm_add_ps(_mm256_castps256_ps128(b), _mm256_extractf128_ps(b, 1));
-        const __m128 v4 = _mm_add_ps(v8a, v8b);
-        v2 = _mm_add_ps(v4, _mm_movehl_ps(v4, v4));  // lanes 0, 1
-      } else {  // v8 = a + b at lanes [0,2,4,6 | 1,3,5,7]
-        const __m256 v8 = _mm256_add_ps(a, b);
-        const __m256 v4 = _mm256_add_ps(v8, _mm256_permute_ps(v8, 0x4e));  // [v4 0, v4 2 | v4 1, v4 3]
-        const __m128 lo = _mm256_castps256_ps128(v4), hi = _mm256_extractf128_ps(v4, 1);
-        v2 = _mm_unpacklo_ps(_mm_add_ss(lo, _mm_movehdup_ps(lo)), _mm_add_ss(hi, _mm_movehdup_ps(hi)));  // v2 0, v2 1
-      }
-      out[mm * ld + j] = _mm_cvtss_f32(_mm_add_ss(v2, _mm_movehdup_ps(v2)));
+  // The halving (lane i += lane i+8, +4, +2, +1) on the sums' positions.
+  GROKIT_AVX2 __attribute__((always_inline)) static float halve(__m256 a, __m256 b) {
+    __m128 v2;
+    if (kPairs) {  // v8 = [P.lo + P.hi, Q.lo + Q.hi]: lanes 0..3, 4..7
+      const __m128 v8a = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+      const __m128 v8b = _mm_add_ps(_mm256_castps256_ps128(b), _mm256_extractf128_ps(b, 1));
+      const __m128 v4 = _mm_add_ps(v8a, v8b);
+      v2 = _mm_add_ps(v4, _mm_movehl_ps(v4, v4));  // lanes 0, 1
+    } else {  // v8 = a + b at lanes [0,2,4,6 | 1,3,5,7]
+      const __m256 v8 = _mm256_add_ps(a, b);
+      const __m256 v4 = _mm256_add_ps(v8, _mm256_permute_ps(v8, 0x4e));  // [v4 0, v4 2 | v4 1, v4 3]
+      const __m128 lo = _mm256_castps256_ps128(v4), hi = _mm256_extractf128_ps(v4, 1);
+      v2 = _mm_unpacklo_ps(_mm_add_ss(lo, _mm_movehdup_ps(lo)), _mm_add_ss(hi, _mm_movehdup_ps(hi)));  // v2 0, v2 1
     }
+    return _mm_cvtss_f32(_mm_add_ss(v2, _mm_movehdup_ps(v2)));
+  }
+};
+template <bool kPairs>
+Q4DecoderAvx2<kPairs> chunk_decoder_avx2(const Q4Layout&) {
+  return {};
 }
 
 // ---------------------------------------------------------------------------------
