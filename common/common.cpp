@@ -342,9 +342,15 @@ Result<std::string> read_small_file(const std::string& path, uint64_t max_bytes)
   if (size > max_bytes) return make_error(path, ": ", size, " bytes, more than the limit of ", max_bytes);
   std::ifstream in(path, std::ios::binary);
   if (!in) return make_error(path, ": cannot open: ", errno_text(errno));
-  std::string s(size, '\0');
-  in.read(s.data(), static_cast<std::streamsize>(size));
-  if (static_cast<uint64_t>(in.gcount()) != size) return make_error(path, ": short read");
+  // To the end, whatever stat said: /proc and cgroup files report a size of 0.
+  std::string s;
+  s.reserve(static_cast<size_t>(size));
+  char buf[4096];
+  while (in.read(buf, sizeof buf) || in.gcount() > 0) {
+    s.append(buf, static_cast<size_t>(in.gcount()));
+    if (s.size() > max_bytes) return make_error(path, ": more than the limit of ", max_bytes, " bytes");
+  }
+  if (in.bad()) return make_error(path, ": read failed: ", errno_text(errno));
   return s;
 }
 Status write_file_atomic(const std::string& path, std::string_view contents) {

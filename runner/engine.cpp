@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <mutex>
+#include <new>
 #include <thread>
 
 #include "kernels/kernels.h"
@@ -279,6 +280,34 @@ uint64_t usable_memory_bytes() {
   return m;
 }
 
+std::string kv_cache_memory_shortfall(int64_t capacity, uint64_t kv_bytes, uint64_t available_bytes) {
+  if (available_bytes == 0 || kv_bytes <= available_bytes) return {};
+  return str_cat("a sequence of ", capacity, " positions needs ", human_bytes(static_cast<double>(kv_bytes)),
+                 " of KV cache, more than the ", human_bytes(static_cast<double>(available_bytes)),
+                 " of memory available; ask for fewer positions (a shorter prompt, --max-tokens) or free memory");
+}
+
+uint64_t available_memory_bytes() {
+  uint64_t m = 0;
+  if (auto meminfo = read_small_file("/proc/meminfo", 1 << 16); meminfo.ok()) {
+    const size_t at = meminfo->find("MemAvailable:");
+    if (at != std::string::npos) m = std::strtoull(meminfo->c_str() + at + 13, nullptr, 10) * 1024ull;
+  }
+  // cgroup v2: what the limit leaves ("max" where there is none).
+  auto limit = read_small_file("/sys/fs/cgroup/memory.max", 64);
+  auto current = read_small_file("/sys/fs/cgroup/memory.current", 64);
+  if (limit.ok() && current.ok()) {
+    char* end = nullptr;
+    const unsigned long long max = std::strtoull(limit->c_str(), &end, 10);
+    const unsigned long long used = std::strtoull(current->c_str(), nullptr, 10);
+    if (end != limit->c_str() && max > 0) {
+      const uint64_t left = max > used ? max - used : 0;
+      if (m == 0 || left < m) m = std::max<uint64_t>(left, 1);
+    }
+  }
+  return m;
+}
+
 Status CpuImpl::load(const std::string& dir, LoadReport* report) {
   auto t0 = std::chrono::steady_clock::now();
   GROKIT_ASSIGN_OR_RETURN(model, format::Model::open(dir));
@@ -436,6 +465,9 @@ Result<int> CpuEngine::open_sequence(int64_t capacity) {
   if (capacity <= 0) return make_error("a sequence needs a capacity of at least one position");
   if (capacity > cfg.sequence_len)
     return make_error("a sequence of ", capacity, " positions exceeds the model's sequence_len of ", cfg.sequence_len);
+  const uint64_t kv_bytes = kv_bytes_per_rank(capacity) * impl_->ranks.size();
+  if (std::string why = kv_cache_memory_shortfall(capacity, kv_bytes, available_memory_bytes()); !why.empty())
+    return make_error(why);
   size_t slot = 0;
   while (slot < impl_->sequences.size() && impl_->sequences[slot].open) ++slot;
   if (slot == impl_->sequences.size()) impl_->sequences.emplace_back();
@@ -444,12 +476,20 @@ Result<int> CpuEngine::open_sequence(int64_t capacity) {
   s.capacity = capacity;
   s.length = 0;
   s.valid.assign(static_cast<size_t>(capacity), 0);
-  for (Rank& R : impl_->ranks) {
-    if (R.caches.size() <= slot) R.caches.resize(slot + 1);
-    Cache& c = R.caches[slot];
-    size_t n = static_cast<size_t>(R.kv_heads * capacity * cfg.key_size);
-    c.k.assign(static_cast<size_t>(cfg.num_layers), std::vector<uint16_t>(n));
-    c.v.assign(static_cast<size_t>(cfg.num_layers), std::vector<uint16_t>(n));
+  try {
+    for (Rank& R : impl_->ranks) {
+      if (R.caches.size() <= slot) R.caches.resize(slot + 1);
+      Cache& c = R.caches[slot];
+      size_t n = static_cast<size_t>(R.kv_heads * capacity * cfg.key_size);
+      c.k.assign(static_cast<size_t>(cfg.num_layers), std::vector<uint16_t>(n));
+      c.v.assign(static_cast<size_t>(cfg.num_layers), std::vector<uint16_t>(n));
+    }
+  } catch (const std::bad_alloc&) {  // what was allocated goes back; the slot stays free
+    impl_->sequences[slot] = Sequence{};
+    for (Rank& R : impl_->ranks)
+      if (R.caches.size() > slot) R.caches[slot] = Cache{};
+    return make_error("out of memory for the KV cache of a sequence of ", capacity, " positions (",
+                      human_bytes(static_cast<double>(kv_bytes)), ")");
   }
   return static_cast<int>(slot);
 }

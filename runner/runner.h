@@ -203,6 +203,13 @@ Status check_prompts(const format::ModelConfig& cfg, const std::vector<std::vect
 // where one is set.
 std::string weights_memory_warning(uint64_t weight_bytes, uint64_t memory_bytes);
 uint64_t usable_memory_bytes();
+// The CPU engine's KV caches are the process's own memory (the weights are mapped pages
+// the kernel can drop): a new sequence whose caches (kv_bytes over all ranks) exceed what
+// the machine has available is refused up front, not left to the out-of-memory killer.
+// The reason (empty where they fit, or where available_bytes is 0: unknown), and the
+// memory available now: MemAvailable, or less where a cgroup limit leaves less.
+std::string kv_cache_memory_shortfall(int64_t capacity, uint64_t kv_bytes, uint64_t available_bytes);
+uint64_t available_memory_bytes();
 // The device engine refuses, before it reads a byte, to load more weights onto a device
 // than it has free (where several ranks share one, their sum): the reason, naming the
 // device and its ranks, or empty where they fit.

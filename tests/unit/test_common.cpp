@@ -1,5 +1,6 @@
 // common: run_in_order, the ordered producer/consumer pipeline that quantize writes its
-// payloads with; same_file, which the commands use to refuse an output over an input.
+// payloads with; same_file, which the commands use to refuse an output over an input;
+// read_small_file.
 #include <gtest/gtest.h>
 #include <unistd.h>
 
@@ -110,6 +111,26 @@ TEST(SameFile, SeesThroughLinksAndTellsFilesApart) {
   EXPECT_FALSE(same_file(d.file("model"), d.file("model/a")));
   EXPECT_FALSE(same_file(d.file("model/missing"), d.file("model/missing")));  // neither exists
   EXPECT_FALSE(same_file(d.file("model/a"), d.file("model/missing")));
+}
+
+TEST(ReadSmallFile, ReadsToTheEndWhateverStatSaysAndKeepsItsLimit) {
+  testing::TempDir d("read_small_file");
+  ASSERT_TRUE(write_file_atomic(d.file("f"), std::string(10000, 'x')).ok());
+  auto whole = read_small_file(d.file("f"), 10000);
+  ASSERT_TRUE(whole.ok()) << whole.error().message;
+  EXPECT_EQ(*whole, std::string(10000, 'x'));
+  auto over = read_small_file(d.file("f"), 9999);
+  ASSERT_FALSE(over.ok());
+  EXPECT_NE(over.error().message.find("more than the limit of 9999"), std::string::npos) << over.error().message;
+  // /proc files have a size of 0 to stat, and content to read.
+  auto meminfo = read_small_file("/proc/meminfo", 1 << 16);
+  ASSERT_TRUE(meminfo.ok()) << meminfo.error().message;
+  EXPECT_NE(meminfo->find("MemTotal:"), std::string::npos);
+  auto capped = read_small_file("/proc/meminfo", 16);
+  ASSERT_FALSE(capped.ok());
+  EXPECT_NE(capped.error().message.find("/proc/meminfo: more than the limit of 16 bytes"), std::string::npos)
+      << capped.error().message;
+  EXPECT_FALSE(read_small_file(d.file("missing"), 100).ok());
 }
 
 }  // namespace

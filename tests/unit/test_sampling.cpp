@@ -472,5 +472,20 @@ TEST(DeviceMemoryShortfall, NamesTheDeviceAndItsRanksWhereTheWeightsDoNotFit) {
   EXPECT_NE(all.find("grokit quantize"), std::string::npos) << all;
 }
 
+TEST(KvCacheMemoryShortfall, RefusesASequenceWhoseCachesExceedTheAvailableMemory) {
+  const uint64_t GiB = 1ull << 30;
+  EXPECT_EQ(kv_cache_memory_shortfall(8192, 2 * GiB, 2 * GiB), "");  // exactly fits
+  EXPECT_EQ(kv_cache_memory_shortfall(8192, 64 * GiB, 0), "");       // unknown: no check
+  const std::string why = kv_cache_memory_shortfall(8192, 2 * GiB + 1, 2 * GiB);
+  EXPECT_NE(why.find("a sequence of 8192 positions needs " + human_bytes(2.0 * GiB + 1) + " of KV cache"),
+            std::string::npos) << why;
+  EXPECT_NE(why.find("more than the " + human_bytes(2.0 * GiB) + " of memory available"), std::string::npos) << why;
+  EXPECT_NE(why.find("--max-tokens"), std::string::npos) << why;
+  // This machine's figure is real: positive, and no more than its physical memory.
+  const uint64_t avail = available_memory_bytes();
+  EXPECT_GT(avail, 0u);
+  EXPECT_LE(avail, static_cast<uint64_t>(sysconf(_SC_PHYS_PAGES)) * static_cast<uint64_t>(sysconf(_SC_PAGESIZE)));
+}
+
 }  // namespace
 }  // namespace grokit::runner
