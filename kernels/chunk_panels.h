@@ -519,10 +519,10 @@ void run_chunked(const float* x, int64_t M, int64_t K, int64_t ldx, const Layout
                  int64_t ldy, Pool pool, int64_t sr) {
   const int64_t chains = K / sr, cpc = sr / 32;  // chunks per chain
   // Owned by the calling thread, reached by the tasks through these references.
-  static thread_local std::vector<uint16_t> xb_storage;
-  static thread_local std::vector<float> xa_storage;
-  std::vector<uint16_t>& xb = xb_storage;
-  std::vector<float>& xa = xa_storage;
+  static thread_local Staged<uint16_t> xb_storage;
+  static thread_local Staged<float> xa_storage;
+  Staged<uint16_t>& xb = xb_storage;
+  Staged<float>& xa = xa_storage;
   if (kLevel == Level::kAvx512 && kPairs) stage_x_bf16(x, M, K, ldx, xb);
   if (kLevel == Level::kAvx2) stage_x_avx2<kPairs>(L, x, M, K, ldx, xa);
   if (kLevel == Level::kAvx512 && chunk_panels_take(kPairs, M, chains)) {

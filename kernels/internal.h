@@ -67,10 +67,16 @@ inline int64_t task_count(Pool pool) { return 4 * thread_count(pool); }
 void combine_chains(float* parts, int64_t chains, int64_t stride, int64_t ld, int64_t M, int64_t width, float* y,
                     int64_t ldy);
 
+// Staged copies of x start on a cache line: the AVX2 walks and panels load 32 bytes of
+// x at a time and the AVX-512 ones 64, which a vector's 16-byte alignment would split
+// across two lines half or all of the time.
+template <class T>
+using Staged = std::vector<T, AlignedAllocator<T, 64>>;
+
 // x staged once per call for the row-major products' AVX-512 pair kernels (q8rb, bf16 W
 // [K][N]): bf16 pairs for vdpbf16ps, [M][(K + 1) / 2], x[k] in the low half and x[k + 1]
 // in the high half (zero past K).
-inline void stage_x_pairs(const float* x, int64_t M, int64_t K, int64_t ldx, std::vector<uint32_t>& xpairs) {
+inline void stage_x_pairs(const float* x, int64_t M, int64_t K, int64_t ldx, Staged<uint32_t>& xpairs) {
   const int64_t kp = (K + 1) / 2;
   xpairs.resize(static_cast<size_t>(M * kp));
   for (int64_t m = 0; m < M; ++m) {
@@ -85,14 +91,14 @@ inline void stage_x_pairs(const float* x, int64_t M, int64_t K, int64_t ldx, std
 // x staged once per call for the k-chunked products (q4g, f8col): bf16 bits [M][K] for
 // the AVX-512 pair kernels; for AVX2, each chunk in its layout's lane order
 // (stage_x_chunks).
-inline void stage_x_bf16(const float* x, int64_t M, int64_t K, int64_t ldx, std::vector<uint16_t>& xb) {
+inline void stage_x_bf16(const float* x, int64_t M, int64_t K, int64_t ldx, Staged<uint16_t>& xb) {
   xb.resize(static_cast<size_t>(M * K));
   for (int64_t m = 0; m < M; ++m)
     for (int64_t k = 0; k < K; ++k) xb[static_cast<size_t>(m * K + k)] = f32_to_bf16_bits(x[m * ldx + k]);
 }
 // For a layout's AVX2 decode, each 32-row chunk of x in the order its lanes take it:
 // a[j] = x[order[j]], [M][K].
-inline void stage_x_chunks(const float* x, int64_t M, int64_t K, int64_t ldx, const int* order, std::vector<float>& xa) {
+inline void stage_x_chunks(const float* x, int64_t M, int64_t K, int64_t ldx, const int* order, Staged<float>& xa) {
   xa.resize(static_cast<size_t>(M * K));
   for (int64_t m = 0; m < M; ++m)
     for (int64_t c = 0; c < K / 32; ++c)

@@ -95,7 +95,7 @@ template <Level kLevel>
 Status impl(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, float* y, int64_t ldy, Pool pool) {
   GROKIT_CHECK(M >= 0 && K > 0 && N > 0 && ldy >= N);
   if (M == 0) return {};
-  std::vector<uint16_t> xb;
+  Staged<uint16_t> xb;  // x as bf16, on a cache line
   if (kLevel != Level::kScalar) {
     xb.resize(static_cast<size_t>(M * K));
     for (int64_t i = 0; i < M * K; ++i) xb[static_cast<size_t>(i)] = f32_to_bf16_bits(x[i]);

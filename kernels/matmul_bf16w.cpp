@@ -209,8 +209,8 @@ Status impl(const float* x, int64_t M, int64_t K, int64_t ldx, const uint16_t* w
   // x's bf16 pairs (stage_x_pairs), owned by the calling thread and reused across calls;
   // the tasks reach them through this reference.
   const int64_t kp = (K + 1) / 2;
-  static thread_local std::vector<uint32_t> xpairs_storage;
-  std::vector<uint32_t>& xpairs = xpairs_storage;
+  static thread_local Staged<uint32_t> xpairs_storage;
+  Staged<uint32_t>& xpairs = xpairs_storage;
   if (kLevel == Level::kAvx512 && kPairs) stage_x_pairs(x, M, K, ldx, xpairs);
   // Prefill (3+ rows of x) takes the panels (pair_panels.h), as the int8 products do, with
   // bf16 x's pairs by two fmas where they beat one vdpbf16ps: the same sums in the same order.

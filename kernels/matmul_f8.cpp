@@ -74,7 +74,7 @@ GROKIT_AVX2 inline __m256 decode8_avx2(__m128i h, __m256 s) {
 constexpr int kChunkLanes[32] = {0,  2,  4,  6,  8,  10, 12, 14, 1,  3,  5,  7,  9,  11, 13, 15,
                                  16, 18, 20, 22, 24, 26, 28, 30, 17, 19, 21, 23, 25, 27, 29, 31};
 template <bool kPairs>
-void stage_x_avx2(const F8Layout&, const float* x, int64_t M, int64_t K, int64_t ldx, std::vector<float>& xa) {
+void stage_x_avx2(const F8Layout&, const float* x, int64_t M, int64_t K, int64_t ldx, Staged<float>& xa) {
   stage_x_chunks(x, M, K, ldx, kChunkLanes, xa);
 }
 

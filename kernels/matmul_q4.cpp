@@ -69,7 +69,7 @@ constexpr std::array<int, 32> kStage = kPairs ? std::array<int, 32>{1, 3, 5, 7, 
                                               : std::array<int, 32>{0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15,
                                                                     16, 18, 20, 22, 17, 19, 21, 23, 24, 26, 28, 30, 25, 27, 29, 31};
 template <bool kPairs>
-void stage_x_avx2(const Q4Layout&, const float* x, int64_t M, int64_t K, int64_t ldx, std::vector<float>& xa) {
+void stage_x_avx2(const Q4Layout&, const float* x, int64_t M, int64_t K, int64_t ldx, Staged<float>& xa) {
   stage_x_chunks(x, M, K, ldx, kStage<kPairs>.data(), xa);
 }
 

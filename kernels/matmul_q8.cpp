@@ -373,8 +373,8 @@ Status impl(const float* x, int64_t M, int64_t K, int64_t ldx, const Q8Operand* 
   const int64_t kp = (K + 1) / 2;
   // Owned by the calling thread and reused across calls; the tasks reach it through this
   // reference (a thread_local named inside the lambdas would be each worker's own).
-  static thread_local std::vector<uint32_t> xpairs_storage;
-  std::vector<uint32_t>& xpairs = xpairs_storage;
+  static thread_local Staged<uint32_t> xpairs_storage;
+  Staged<uint32_t>& xpairs = xpairs_storage;
   // Each operand's scales as fp32 [blocks][N], converted once per call for every task.
   static thread_local std::vector<std::vector<float>> scale_tables_storage;
   std::vector<std::vector<float>>& scale_tables = scale_tables_storage;
