@@ -112,37 +112,44 @@ GROKIT_AVX2 void column_walk_avx2(const float* xa, int64_t K, const Layout& L, i
     for (int j = 0; j < NC; ++j) out[mm * ld + j] = Dec::halve(A[mm][j], B[mm][j]);
 }
 
-// AVX2 panels (prefill): two columns' chunks of one chain decoded once into L1, then the
-// rows of x run down them two at a time, 8 sums in registers, slot by slot (A's first
-// slot, B's, then A's second, B's: each sum's two fmas per chunk apart). Each sum adds the
+// AVX2 panels (prefill): three columns' chunks of one chain decoded once into L1, then
+// the rows of x run down them three at a time, in two passes: the sums A (slots 0 then 1
+// of each chunk), parked, then the sums B (slots 2 then 3). Each pass keeps 9 sums, 3
+// vectors of x and 3 of weights in registers, two loads per three fmas. Each sum adds the
 // same products in the same order as the walk, so the same bits. Chains up to
-// kChunkPanelAvx2Chunks chunks (16 KiB of fp32 weights for the two columns).
+// kChunkPanelAvx2Chunks chunks (24 KiB of fp32 weights for the three columns).
 constexpr int64_t kChunkPanelAvx2Chunks = 64;
+constexpr int kChunkPanelAvx2Columns = 3;
 inline int64_t chunk_panels_avx2_min_rows() { return 6; }
-template <int R, bool kPairs, class Dec>
-GROKIT_AVX2 __attribute__((always_inline)) inline void chunk_panel_rows_avx2(const float* xa, int64_t K,
-                                                                              const __m256 (*panel)[2][4], int64_t ch0,
-                                                                              int64_t steps, int nc, float* out,
-                                                                              int64_t ld) {
+// The sums of rows [0, R) of x (xa, rows K apart) over slots s0 then s0 + 1 of each chunk
+// of the panel's columns (panel[t][j]: chunk ch0 + t of column j).
+template <int R, class Dec>
+GROKIT_AVX2 __attribute__((always_inline)) inline void chunk_panel_pass_avx2(
+    const float* xa, int64_t K, const __m256 (*panel)[kChunkPanelAvx2Columns][4], int64_t ch0, int64_t steps, int s0,
+    __m256 (&acc)[R][kChunkPanelAvx2Columns]) {
+  constexpr int NC = kChunkPanelAvx2Columns;
   constexpr auto kX = Dec::kX;
-  __m256 A[R][2], B[R][2];
   for (int r = 0; r < R; ++r)
-    for (int j = 0; j < 2; ++j) A[r][j] = B[r][j] = _mm256_setzero_ps();
+    for (int j = 0; j < NC; ++j) acc[r][j] = _mm256_setzero_ps();
   for (int64_t t = 0; t < steps; ++t) {
     const float* xp = xa + 32 * (ch0 + t);
-    auto slot = [&](int s, __m256 (&acc)[R][2]) GROKIT_AVX2_INLINE_LAMBDA {
-      __m256 xv[R];
+    for (int s = s0; s < s0 + 2; ++s) {
+      __m256 xv[R], wv[NC];
       for (int r = 0; r < R; ++r) xv[r] = _mm256_loadu_ps(xp + r * K + kX[s]);
-      for (int j = 0; j < 2; ++j) {
-        const __m256 wv = panel[t][j][s];
-        for (int r = 0; r < R; ++r) acc[r][j] = _mm256_fmadd_ps(xv[r], wv, acc[r][j]);
-      }
-    };
-    slot(0, A);
-    slot(2, B);
-    slot(1, A);
-    slot(3, B);
+      for (int j = 0; j < NC; ++j) wv[j] = panel[t][j][s];
+      for (int r = 0; r < R; ++r)
+        for (int j = 0; j < NC; ++j) acc[r][j] = _mm256_fmadd_ps(xv[r], wv[j], acc[r][j]);
+    }
   }
+}
+template <int R, bool kPairs, class Dec>
+GROKIT_AVX2 inline void chunk_panel_rows_avx2(const float* xa, int64_t K,
+                                             const __m256 (*panel)[kChunkPanelAvx2Columns][4], int64_t ch0,
+                                             int64_t steps, int nc, float* out, int64_t ld) {
+  constexpr int NC = kChunkPanelAvx2Columns;
+  __m256 A[R][NC], B[R][NC];
+  chunk_panel_pass_avx2<R, Dec>(xa, K, panel, ch0, steps, 0, A);
+  chunk_panel_pass_avx2<R, Dec>(xa, K, panel, ch0, steps, 2, B);
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < nc; ++j) out[r * ld + j] = Dec::halve(A[r][j], B[r][j]);
 }
@@ -152,13 +159,14 @@ template <bool kPairs, class Layout>
 GROKIT_AVX2 void chunk_panels_avx2(const float* xa, int64_t M, int64_t K, const Layout& L, int64_t ch0, int64_t ch1,
                                    int64_t c0, int64_t c1, float* out, int64_t ld) {
   using Dec = decltype(chunk_decoder_avx2<kPairs>(L));
+  constexpr int NC = kChunkPanelAvx2Columns;
   const int64_t steps = ch1 - ch0;
   GROKIT_CHECK(steps > 0 && steps <= kChunkPanelAvx2Chunks);
-  alignas(32) __m256 panel[kChunkPanelAvx2Chunks][2][4];
-  for (int64_t n = c0; n < c1; n += 2) {
-    const int nc = static_cast<int>(std::min<int64_t>(2, c1 - n));
-    for (int j = 0; j < 2; ++j) {
-      if (j >= nc) {
+  alignas(32) __m256 panel[kChunkPanelAvx2Chunks][NC][4];
+  for (int64_t n = c0; n < c1; n += NC) {
+    const int nc = static_cast<int>(std::min<int64_t>(NC, c1 - n));
+    for (int j = 0; j < NC; ++j) {
+      if (j >= nc) {  // the last columns' missing partners
         for (int64_t t = 0; t < steps; ++t)
           for (int s = 0; s < 4; ++s) panel[t][j][s] = _mm256_setzero_ps();
         continue;
@@ -171,8 +179,8 @@ GROKIT_AVX2 void chunk_panels_avx2(const float* xa, int64_t M, int64_t K, const 
     }
     float* o = out + (n - c0);
     int64_t m = 0;
-    for (; m + 2 <= M; m += 2) chunk_panel_rows_avx2<2, kPairs, Dec>(xa + m * K, K, panel, ch0, steps, nc, o + m * ld, ld);
-    if (m < M) chunk_panel_rows_avx2<1, kPairs, Dec>(xa + m * K, K, panel, ch0, steps, nc, o + m * ld, ld);
+    for (; m + 3 <= M; m += 3) chunk_panel_rows_avx2<3, kPairs, Dec>(xa + m * K, K, panel, ch0, steps, nc, o + m * ld, ld);
+    for (; m < M; ++m) chunk_panel_rows_avx2<1, kPairs, Dec>(xa + m * K, K, panel, ch0, steps, nc, o + m * ld, ld);
   }
 }
 

@@ -610,8 +610,9 @@ std::vector<KernelCase> all_cases() {
                            {8, 64, 9, 32, 0},      {9, 2048, 37, 64, 0},   {70, 1088, 21, 64, 0}, {17, 1024, 50, 128, 256},
                            {11, 96, 8, 32, 32},    {13, 384, 20, 32, 32},  {12, 448, 17, 32, 32}, {15, 768, 9, 32, 32},
                            {13, 4096, 17, 64, 2048}, {66, 256, 40, 32, 64},
-                           // AVX2 from 6 rows of x on: panels of two columns (an odd last one) for
-                           // chains up to 64 chunks; a longer chain takes the walk.
+                           // AVX2 from 6 rows of x on: panels of three columns (one or two left at
+                           // the end), rows of x by three and one, for chains up to 64 chunks; a
+                           // longer chain takes the walk.
                            {6, 4096, 19, 128, 0},  {7, 2080, 5, 32, 0}};
   for (const auto& p : qw) {
     for (bool f32 : {false, true}) {
