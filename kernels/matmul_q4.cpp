@@ -57,17 +57,19 @@ void chain_ref(const float* x, int64_t M, int64_t ldx, const Q4Layout& L, int64_
 // AVX2: per column, the group's 16 values bf16(q * scale) become two byte tables (low and
 // high bytes, in both 128-bit lanes), and each chunk is decoded by two vpshufb: its 16
 // bytes are spread into an index vector of nibbles (`spread` below), the lookups' bytes
-// interleaved into bf16 words, the words into fp32 (word << 16). The arrangement puts
-// distinct lanes of the pinned order in each vector, so x is staged to match (kStage):
-//   pairs: P = lanes [0..3 | 8..11], Q = lanes [4..7 | 12..15]; per chunk the odd rows of
-//          P, the even rows of P, then the same for Q (lane i: row 2i + 1, then 2i);
-//   fp32:  a = lanes [0,2,4,6 | 1,3,5,7], b = lanes [8,10,12,14 | 9,11,13,15]; rows
-//          0..15 of a, of b, then rows 16..31 of a, of b (lane i: row i, then 16 + i).
+// interleaved into bf16 words, the words into fp32 by a shift (even words) and a mask (odd
+// words), not by shuffles: the shuffle ports bound this decode. The arrangement puts
+// distinct lanes of the pinned order in each vector, so x is staged to match (kStage),
+// slot by slot:
+//   pairs: A = lanes [0,2,4,6 | 8,10,12,14], B = lanes [1,3,5,7 | 9,11,13,15]; per chunk A's
+//          odd rows, A's even rows, then B's (lane i: row 2i + 1, then 2i);
+//   fp32:  A = lanes [0,4,8,12 | 1,5,9,13], B = lanes [2,6,10,14 | 3,7,11,15]; A's rows
+//          below 16, A's rows from 16, then B's (lane i: row i, then 16 + i).
 template <bool kPairs>
-constexpr std::array<int, 32> kStage = kPairs ? std::array<int, 32>{1, 3, 5, 7, 17, 19, 21, 23, 0, 2, 4, 6, 16, 18, 20, 22,
-                                                                    9, 11, 13, 15, 25, 27, 29, 31, 8, 10, 12, 14, 24, 26, 28, 30}
-                                              : std::array<int, 32>{0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15,
-                                                                    16, 18, 20, 22, 17, 19, 21, 23, 24, 26, 28, 30, 25, 27, 29, 31};
+constexpr std::array<int, 32> kStage = kPairs ? std::array<int, 32>{1, 5, 9, 13, 17, 21, 25, 29, 0, 4, 8, 12, 16, 20, 24, 28,
+                                                                    3, 7, 11, 15, 19, 23, 27, 31, 2, 6, 10, 14, 18, 22, 26, 30}
+                                              : std::array<int, 32>{0, 4, 8, 12, 1, 5, 9, 13, 16, 20, 24, 28, 17, 21, 25, 29,
+                                                                    2, 6, 10, 14, 3, 7, 11, 15, 18, 22, 26, 30, 19, 23, 27, 31};
 template <bool kPairs>
 void stage_x_avx2(const Q4Layout&, const float* x, int64_t M, int64_t K, int64_t ldx, Staged<float>& xa) {
   stage_x_chunks(x, M, K, ldx, kStage<kPairs>.data(), xa);
@@ -87,11 +89,10 @@ GROKIT_AVX2 inline void q4_tables_avx2(float s, __m256i& tl, __m256i& th) {
   th = _mm256_permute4x64_epi64(split, 0xdd);  // qwords 1, 3, 1, 3
 }
 
-// The decoder (chunk_panels.h). Slots: pairs, P's odd rows (w2a), P's even rows (w1a),
-// then Q's; fp32, a's rows 0..15 (w1a), a's rows 16..31 (w2a), then b's.
+// The decoder (chunk_panels.h), its slots in kStage's order.
 template <bool kPairs>
 struct Q4DecoderAvx2 {
-  static constexpr std::array<int, 4> kX = kPairs ? std::array<int, 4>{0, 8, 16, 24} : std::array<int, 4>{0, 16, 8, 24};
+  static constexpr std::array<int, 4> kX = {0, 8, 16, 24};
   struct State {
     __m256i tl, th;  // the group's tables
   };
@@ -108,38 +109,39 @@ struct Q4DecoderAvx2 {
                                   : _mm256_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4,
                                                      5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     constexpr int kHighNibbles = kPairs ? 0xcc : 0xf0;  // dwords taking the shifted bytes
-    const __m256i nibble = _mm256_set1_epi8(15), zero = _mm256_setzero_si256();
+    const __m256i nibble = _mm256_set1_epi8(15), high = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
     const __m256i v = _mm256_shuffle_epi8(
         _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(L.chunk(c, n)))), spread);
     const __m256i idx = _mm256_and_si256(_mm256_blend_epi32(v, _mm256_srli_epi16(v, 4), kHighNibbles), nibble);
     const __m256i bl = _mm256_shuffle_epi8(st.tl, idx), bh = _mm256_shuffle_epi8(st.th, idx);
+    // pairs: w1 = rows 0, 2, .., 14 | 16, .., 30, w2 = the odd rows; fp32: w1 = rows 0, 2,
+    // .., 14 | 1, 3, .., 15, w2 = those plus 16.
     const __m256i w1 = _mm256_unpacklo_epi8(bl, bh), w2 = _mm256_unpackhi_epi8(bl, bh);
-    // pairs: w1 = even rows, w2 = odd rows; fp32: w1 = rows 0..15, w2 = rows 16..31.
-    const __m256 w1a = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, w1));
-    const __m256 w1b = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, w1));
-    const __m256 w2a = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, w2));
-    const __m256 w2b = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, w2));
+    const __m256 w1s = _mm256_castsi256_ps(_mm256_slli_epi32(w1, 16)), w1m = _mm256_castsi256_ps(_mm256_and_si256(w1, high));
+    const __m256 w2s = _mm256_castsi256_ps(_mm256_slli_epi32(w2, 16)), w2m = _mm256_castsi256_ps(_mm256_and_si256(w2, high));
     if (kPairs) {
-      w[0] = w2a, w[1] = w1a, w[2] = w2b, w[3] = w1b;
+      w[0] = w2s, w[1] = w1s, w[2] = w2m, w[3] = w1m;
     } else {
-      w[0] = w1a, w[1] = w2a, w[2] = w1b, w[3] = w2b;
+      w[0] = w1s, w[1] = w2s, w[2] = w1m, w[3] = w2m;
     }
   }
   // The halving (lane i += lane i+8, +4, +2, +1) on the sums' positions.
   GROKIT_AVX2 __attribute__((always_inline)) static float halve(__m256 a, __m256 b) {
-    __m128 v2;
-    if (kPairs) {  // v8 = [P.lo + P.hi, Q.lo + Q.hi]: lanes 0..3, 4..7
-      const __m128 v8a = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-      const __m128 v8b = _mm_add_ps(_mm256_castps256_ps128(b), _mm256_extractf128_ps(b, 1));
-      const __m128 v4 = _mm_add_ps(v8a, v8b);
-      v2 = _mm_add_ps(v4, _mm_movehl_ps(v4, v4));  // lanes 0, 1
-    } else {  // v8 = a + b at lanes [0,2,4,6 | 1,3,5,7]
-      const __m256 v8 = _mm256_add_ps(a, b);
-      const __m256 v4 = _mm256_add_ps(v8, _mm256_permute_ps(v8, 0x4e));  // [v4 0, v4 2 | v4 1, v4 3]
-      const __m128 lo = _mm256_castps256_ps128(v4), hi = _mm256_extractf128_ps(v4, 1);
-      v2 = _mm_unpacklo_ps(_mm_add_ss(lo, _mm_movehdup_ps(lo)), _mm_add_ss(hi, _mm_movehdup_ps(hi)));  // v2 0, v2 1
+    if (kPairs) {
+      // + 8: a's lanes [0,2,4,6], b's [1,3,5,7]; + 4: a's [0,2], b's [1,3]; + 2: [0, 1].
+      const __m128 a8 = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+      const __m128 b8 = _mm_add_ps(_mm256_castps256_ps128(b), _mm256_extractf128_ps(b, 1));
+      const __m128 a4 = _mm_add_ps(a8, _mm_movehl_ps(a8, a8)), b4 = _mm_add_ps(b8, _mm_movehl_ps(b8, b8));
+      const __m128 u = _mm_unpacklo_ps(a4, b4);                // [a4 0, b4 0, a4 1, b4 1]
+      const __m128 v2 = _mm_add_ps(u, _mm_movehl_ps(u, u));  // [a4 0 + a4 1, b4 0 + b4 1]
+      return _mm_cvtss_f32(_mm_add_ss(v2, _mm_movehdup_ps(v2)));
     }
-    return _mm_cvtss_f32(_mm_add_ss(v2, _mm_movehdup_ps(v2)));
+    // + 8: a's lanes [0,4 | 1,5], b's [2,6 | 3,7] (positions 0, 1 | 4, 5); + 4: a's [0 | 1],
+    // b's [2 | 3] (positions 0 | 4); + 2: [0 | 1].
+    const __m256 a8 = _mm256_add_ps(a, _mm256_permute_ps(a, 0x4e)), b8 = _mm256_add_ps(b, _mm256_permute_ps(b, 0x4e));
+    const __m256 a4 = _mm256_add_ps(a8, _mm256_permute_ps(a8, 0xb1)), b4 = _mm256_add_ps(b8, _mm256_permute_ps(b8, 0xb1));
+    const __m256 v2 = _mm256_add_ps(a4, b4);
+    return _mm_cvtss_f32(_mm_add_ss(_mm256_castps256_ps128(v2), _mm256_extractf128_ps(v2, 1)));
   }
 };
 template <bool kPairs>
