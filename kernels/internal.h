@@ -308,15 +308,16 @@ GROKIT_AVX2 inline __m256 round_bf16x8(__m256 v) {
 // The AVX2 prefill panels of the row-major layouts (matmul_q8.cpp, matmul_bf16w.cpp): a
 // block of rows [k0, k1) of a 32-column tile, as fp32 weights (panel[k - k0]), added to the
 // sums acc ([M][acc_ld]) of rows of x in the pinned order (pairs: k + 1 before k; else k
-// order). MB rows of x at a time: each panel vector loaded once for the MB rows' sums
-// (the loads, not the fmas, bound one row at a time).
+// order), or starting them (first: the chain's first block; acc need not be set). MB rows
+// of x at a time: each panel vector loaded once for the MB rows' sums (the loads, not the
+// fmas, bound one row at a time).
 template <bool kPairs, int MB, int NV>
 GROKIT_AVX2 __attribute__((always_inline)) inline void panel_rows_avx2(const float* x, int64_t ldx, int64_t K,
                                                                        const float (*panel)[32], int64_t k0, int64_t k1,
-                                                                       float* acc, int64_t acc_ld) {
+                                                                       float* acc, int64_t acc_ld, bool first) {
   __m256 a[MB][NV];
   for (int mb = 0; mb < MB; ++mb)
-    for (int j = 0; j < NV; ++j) a[mb][j] = _mm256_loadu_ps(acc + mb * acc_ld + 8 * j);
+    for (int j = 0; j < NV; ++j) a[mb][j] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(acc + mb * acc_ld + 8 * j);
   auto add_row = [&](int64_t k) GROKIT_AVX2_INLINE_LAMBDA {
     __m256 w[NV];
     for (int j = 0; j < NV; ++j) w[j] = _mm256_load_ps(panel[k - k0] + 8 * j);
@@ -341,11 +342,13 @@ GROKIT_AVX2 __attribute__((always_inline)) inline void panel_rows_avx2(const flo
 // latency (two rows' 8 left the core waiting: 57 against 44 GFLOP/s on one Zen 3 core).
 template <bool kPairs, int NV>
 GROKIT_AVX2 inline void panel_all_rows_avx2(const float* x, int64_t M, int64_t ldx, int64_t K, const float (*panel)[32],
-                                            int64_t k0, int64_t k1, float* acc, int64_t acc_ld) {
+                                            int64_t k0, int64_t k1, float* acc, int64_t acc_ld, bool first) {
   int64_t m = 0;
-  for (; m + 3 <= M; m += 3) panel_rows_avx2<kPairs, 3, NV>(x + m * ldx, ldx, K, panel, k0, k1, acc + m * acc_ld, acc_ld);
-  for (; m + 2 <= M; m += 2) panel_rows_avx2<kPairs, 2, NV>(x + m * ldx, ldx, K, panel, k0, k1, acc + m * acc_ld, acc_ld);
-  if (m < M) panel_rows_avx2<kPairs, 1, NV>(x + m * ldx, ldx, K, panel, k0, k1, acc + m * acc_ld, acc_ld);
+  for (; m + 3 <= M; m += 3)
+    panel_rows_avx2<kPairs, 3, NV>(x + m * ldx, ldx, K, panel, k0, k1, acc + m * acc_ld, acc_ld, first);
+  for (; m + 2 <= M; m += 2)
+    panel_rows_avx2<kPairs, 2, NV>(x + m * ldx, ldx, K, panel, k0, k1, acc + m * acc_ld, acc_ld, first);
+  if (m < M) panel_rows_avx2<kPairs, 1, NV>(x + m * ldx, ldx, K, panel, k0, k1, acc + m * acc_ld, acc_ld, first);
 }
 
 // x (8 fp32) times w (8 bf16 widened) into two double accumulators: lanes 0-3 and 4-7.

@@ -52,11 +52,11 @@ void chain_columns_ref(const float* x, int64_t M, int64_t ldx, const uint16_t* w
 // small panel, then used by every row of x.
 template <bool kPairs>
 GROKIT_AVX2 void block_avx2(const float* x, int64_t M, int64_t ldx, int64_t K, const uint16_t* w, int64_t N,
-                            int64_t k0, int64_t k1, int64_t c, float* acc, int64_t acc_ld) {
+                            int64_t k0, int64_t k1, int64_t c, float* acc, int64_t acc_ld, bool first) {
   alignas(32) float panel[kRowBlock][32];
   for (int64_t k = k0; k < k1; ++k)
     for (int j = 0; j < 4; ++j) _mm256_store_ps(panel[k - k0] + 8 * j, load_bf16x8(w + k * N + c + 8 * j));
-  panel_all_rows_avx2<kPairs, 4>(x, M, ldx, K, panel, k0, k1, acc, acc_ld);
+  panel_all_rows_avx2<kPairs, 4>(x, M, ldx, K, panel, k0, k1, acc, acc_ld, first);
 }
 
 // ---------------------------------------------------------------------------------
@@ -243,14 +243,15 @@ Status impl(const float* x, int64_t M, int64_t K, int64_t ldx, const uint16_t* w
     }
     const int64_t vec_end = kLevel == Level::kScalar ? c0 : c0 + (c1 - c0) / 32 * 32;
     if (vec_end > c0) {
-      for (int64_t m = 0; m < M; ++m) std::fill(out + m * ld, out + m * ld + (vec_end - c0), 0.0f);
       if constexpr (kLevel == Level::kAvx512) {
+        for (int64_t m = 0; m < M; ++m) std::fill(out + m * ld, out + m * ld + (vec_end - c0), 0.0f);
         if (kPairs) pairs_rows_avx512(xpairs.data(), M, kp, K, w, N, k0, k1, c0, vec_end, out, ld);
         else fma_rows_avx512(x, M, ldx, w, N, k0, k1, c0, vec_end, out, ld);
       } else if constexpr (kLevel == Level::kAvx2) {
         for (int64_t b0 = k0; b0 < k1; b0 += kRowBlock) {
           const int64_t b1 = std::min(k1, b0 + kRowBlock);
-          for (int64_t c = c0; c < vec_end; c += 32) block_avx2<kPairs>(x, M, ldx, K, w, N, b0, b1, c, out + (c - c0), ld);
+          for (int64_t c = c0; c < vec_end; c += 32)
+            block_avx2<kPairs>(x, M, ldx, K, w, N, b0, b1, c, out + (c - c0), ld, b0 == k0);
         }
       }
     }

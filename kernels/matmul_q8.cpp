@@ -59,11 +59,12 @@ GROKIT_AVX2 inline __m256 dequant8_avx2(const int8_t* p, __m256 s) {
   return round_bf16x8(_mm256_mul_ps(f, s));
 }
 
-// NV 8-column vectors of columns from c (4: a whole tile; 1: the groups past the last tile).
+// NV 8-column vectors of columns from c (4: a whole tile; 1: the groups past the last tile);
+// first: rows [k0, k1) start the chain (the sums start from zero).
 template <bool kPairs, int NV>
 GROKIT_AVX2 void block_avx2(const float* x, int64_t M, int64_t ldx, int64_t K, const int8_t* codes,
                             const uint16_t* scales, int64_t N, int64_t rpb, int64_t k0, int64_t k1, int64_t c,
-                            float* acc, int64_t acc_ld) {
+                            float* acc, int64_t acc_ld, bool first) {
   alignas(32) float panel[kRowBlock + 1][32];
   const int64_t rows = k1 - k0;
   for (int64_t r = 0; r < rows; ++r) {
@@ -72,7 +73,7 @@ GROKIT_AVX2 void block_avx2(const float* x, int64_t M, int64_t ldx, int64_t K, c
     const int8_t* row = codes + k * N + c;
     for (int j = 0; j < NV; ++j) _mm256_store_ps(panel[r] + 8 * j, dequant8_avx2(row + 8 * j, load_bf16x8(sp + 8 * j)));
   }
-  panel_all_rows_avx2<kPairs, NV>(x, M, ldx, K, panel, k0, k1, acc, acc_ld);
+  panel_all_rows_avx2<kPairs, NV>(x, M, ldx, K, panel, k0, k1, acc, acc_ld, first);
 }
 
 // Rows in the order their products are added to a column's sum: each pair's high row
@@ -401,7 +402,7 @@ Status impl(const float* x, int64_t M, int64_t K, int64_t ldx, const Q8Operand* 
     const int64_t vec_end = kLevel == Level::kScalar ? c0 : kLevel == Level::kAvx512 ? c1 : c0 + (c1 - c0) / 8 * 8;
     if (vec_end > c0) {
       // The panels start the sums from zero themselves.
-      if (kLevel != Level::kAvx512 || M < kPanelMinRows)
+      if ((kLevel == Level::kAvx512 && M < kPanelMinRows) || avx2_rows)
         for (int64_t m = 0; m < M; ++m) std::fill(out + m * ld, out + m * ld + (vec_end - c0), 0.0f);
       if constexpr (kLevel == Level::kAvx512) {
         // Row by row over the columns: sequential reads, the sums in L1.
@@ -426,9 +427,9 @@ Status impl(const float* x, int64_t M, int64_t K, int64_t ldx, const Q8Operand* 
             const int64_t b1 = std::min(k1, b0 + kRowBlock);
             int64_t c = c0;
             for (; c + 32 <= vec_end; c += 32)
-              block_avx2<kPairs, 4>(x, M, ldx, K, codes, scales, N, rpb, b0, b1, c, out + (c - c0), ld);
+              block_avx2<kPairs, 4>(x, M, ldx, K, codes, scales, N, rpb, b0, b1, c, out + (c - c0), ld, b0 == k0);
             for (; c < vec_end; c += 8)
-              block_avx2<kPairs, 1>(x, M, ldx, K, codes, scales, N, rpb, b0, b1, c, out + (c - c0), ld);
+              block_avx2<kPairs, 1>(x, M, ldx, K, codes, scales, N, rpb, b0, b1, c, out + (c - c0), ld, b0 == k0);
           }
         }
       }
