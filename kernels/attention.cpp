@@ -32,6 +32,29 @@ GROKIT_AVX2 float dot_bf16_avx2(const float* q, const uint16_t* k, int64_t dh) {
   return static_cast<float>(combine8(lanes));
 }
 
+// Four keys at once (k, k + dh, ...), q converted to double once per head: eight
+// independent chains in flight (one key's two leave the core waiting on the fma latency);
+// each key's sum exactly dot_bf16_avx2's.
+GROKIT_AVX2 void dot4_bf16_avx2(const double* qd, const uint16_t* k, int64_t dh, float* out) {
+  __m256d lo[4], hi[4];
+  for (int r = 0; r < 4; ++r) lo[r] = hi[r] = _mm256_setzero_pd();
+  const int64_t d8 = dh / 8 * 8;
+  for (int64_t d = 0; d < d8; d += 8) {
+    const __m256d ql = _mm256_loadu_pd(qd + d), qh = _mm256_loadu_pd(qd + d + 4);
+    for (int r = 0; r < 4; ++r) {
+      const __m256 kf = load_bf16x8(k + r * dh + d);
+      lo[r] = _mm256_fmadd_pd(ql, _mm256_cvtps_pd(_mm256_castps256_ps128(kf)), lo[r]);
+      hi[r] = _mm256_fmadd_pd(qh, _mm256_cvtps_pd(_mm256_extractf128_ps(kf, 1)), hi[r]);
+    }
+  }
+  for (int r = 0; r < 4; ++r) {
+    double lanes[8];
+    store8_pd(lo[r], hi[r], lanes);
+    for (int64_t d = d8; d < dh; ++d) lanes[d % 8] += qd[d] * static_cast<double>(bf16f(k[r * dh + d]));
+    out[r] = static_cast<float>(combine8(lanes));
+  }
+}
+
 // The same eight lanes in one AVX-512 register, q converted to double once per head.
 GROKIT_AVX512 float dot_bf16_avx512(const double* qd, const uint16_t* k, int64_t dh) {
   __m512d acc = _mm512_setzero_pd();
@@ -214,14 +237,38 @@ KeyRange key_range(int32_t pos, const uint8_t* valid, int64_t n_keys) {
 // (attention_block's shared walk); the others are computed here.
 // weights: when given, the softmax weights w[j] = bf16(e_j / sum) of keys [0, *weights_end)
 // go there and the weighted sum is left to the caller (attention_block).
+// The weighted sum of one 128-wide head (Grok-1's) on AVX2: a quarter of the head (32
+// dims, eight double vectors) at a time with its sums in registers over the keys
+// (acc[d] += w_j v_j[d], key after key, as accumulate_avx2 does with acc in memory). w: the
+// softmax weights; a zero one adds nothing and is skipped, as there.
+GROKIT_AVX2 void weighted_sum128_avx2(const float* w, const uint16_t* v, int64_t end, double* acc) {
+  for (int quarter = 0; quarter < 4; ++quarter) {
+    __m256d a[8];
+    for (int i = 0; i < 8; ++i) a[i] = _mm256_setzero_pd();
+    for (int64_t j = 0; j < end; ++j) {
+      if (w[j] == 0.0f) continue;
+      const __m256d wv = _mm256_set1_pd(static_cast<double>(w[j]));
+      const uint16_t* vr = v + j * 128 + 32 * quarter;
+      for (int i = 0; i < 4; ++i) {
+        const __m256 vf = load_bf16x8(vr + 8 * i);
+        a[2 * i] = _mm256_fmadd_pd(wv, _mm256_cvtps_pd(_mm256_castps256_ps128(vf)), a[2 * i]);
+        a[2 * i + 1] = _mm256_fmadd_pd(wv, _mm256_cvtps_pd(_mm256_extractf128_ps(vf, 1)), a[2 * i + 1]);
+      }
+    }
+    for (int i = 0; i < 8; ++i) _mm256_storeu_pd(acc + 32 * quarter + 4 * i, a[i]);
+  }
+}
+
 template <int kSimd>
 void one_head(const float* q, int32_t pos, const uint16_t* k, const uint16_t* v, const uint8_t* valid, int64_t n_keys,
               const AttentionShape& sh, float* o, std::vector<float>& scores, std::vector<double>& acc,
               const float* pre = nullptr, int64_t pre_end = 0, float* weights = nullptr,
               int64_t* weights_end = nullptr) {
   const int64_t dh = sh.head_dim;
-  double qd[kSimd == 2 ? 512 : 1];  // q in double (AVX-512, head_dim <= 512; see impl)
-  if constexpr (kSimd == 2)
+  // q in double (SIMD, head_dim <= 512; the AVX-512 impl is taken only then).
+  double qd[kSimd > 0 ? 512 : 1];
+  const bool by4 = kSimd > 0 && dh <= 512;
+  if (by4)
     for (int64_t d = 0; d < dh; ++d) qd[d] = static_cast<double>(q[d]);
   const auto [end, any] = key_range(pos, valid, n_keys);
   scores.resize(static_cast<size_t>(end));
@@ -229,10 +276,11 @@ void one_head(const float* q, int32_t pos, const uint16_t* k, const uint16_t* v,
   for (int64_t j = 0; j < given; ++j)
     scores[static_cast<size_t>(j)] = valid[j] != 0 ? round_bf16(pre[j]) * sh.multiplier : kMasked;
   for (int64_t j = given; j < end; ++j) {
-    if constexpr (kSimd == 2) {  // four valid keys at once
-      if (any && j + 4 <= end && (valid[j] & valid[j + 1] & valid[j + 2] & valid[j + 3]) != 0) {
+    if constexpr (kSimd > 0) {  // four valid keys at once
+      if (by4 && any && j + 4 <= end && (valid[j] & valid[j + 1] & valid[j + 2] & valid[j + 3]) != 0) {
         float dots[4];
-        dot4_bf16_avx512(qd, k + j * dh, dh, dots);
+        if (kSimd == 2) dot4_bf16_avx512(qd, k + j * dh, dh, dots);
+        else dot4_bf16_avx2(qd, k + j * dh, dh, dots);
         for (int r = 0; r < 4; ++r) scores[static_cast<size_t>(j + r)] = round_bf16(dots[r]) * sh.multiplier;
         j += 3;
         continue;
@@ -261,6 +309,12 @@ void one_head(const float* q, int32_t pos, const uint16_t* k, const uint16_t* v,
   acc.assign(static_cast<size_t>(dh), 0.0);
   if (kSimd == 2 && dh == 128) {
     weighted_sum128_avx512(scores.data(), sum, v, end, acc.data());
+    for (int64_t d = 0; d < dh; ++d) o[d] = round_bf16(static_cast<float>(acc[static_cast<size_t>(d)]));
+    return;
+  }
+  if (kSimd == 1 && dh == 128) {
+    for (int64_t j = 0; j < end; ++j) scores[static_cast<size_t>(j)] = round_bf16(scores[static_cast<size_t>(j)] / sum);
+    weighted_sum128_avx2(scores.data(), v, end, acc.data());
     for (int64_t d = 0; d < dh; ++d) o[d] = round_bf16(static_cast<float>(acc[static_cast<size_t>(d)]));
     return;
   }
