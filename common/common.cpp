@@ -353,6 +353,13 @@ Result<std::string> read_small_file(const std::string& path, uint64_t max_bytes)
   if (in.bad()) return make_error(path, ": read failed: ", errno_text(errno));
   return s;
 }
+uint64_t meminfo_available_bytes() {
+  auto meminfo = read_small_file("/proc/meminfo", 1 << 16);
+  if (!meminfo.ok()) return 0;
+  const size_t at = meminfo->find("MemAvailable:");
+  if (at == std::string::npos) return 0;
+  return std::strtoull(meminfo->c_str() + at + 13, nullptr, 10) * 1024ull;
+}
 Status write_file_atomic(const std::string& path, std::string_view contents) {
   std::string tmp = path + ".tmp";
   GROKIT_ASSIGN_OR_RETURN(OutputFile f, OutputFile::open(tmp, OutputFile::Mode::kCreateOrTruncate));

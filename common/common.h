@@ -305,6 +305,9 @@ std::vector<std::string> list_directory(const std::string& dir);
 // Removes a directory of plain files: its files, then itself; ok if absent.
 Status remove_directory_files(const std::string& dir);
 Result<std::string> read_small_file(const std::string& path, uint64_t max_bytes);
+// What the kernel calls available memory (MemAvailable of /proc/meminfo: free pages and
+// the cache it can drop), in bytes; 0 where it cannot be read.
+uint64_t meminfo_available_bytes();
 // Writes path.tmp, fsyncs it, renames it over path, fsyncs the directory.
 Status write_file_atomic(const std::string& path, std::string_view contents);
 Result<uint64_t> free_disk_bytes(const std::string& dir);

@@ -81,13 +81,8 @@ int memory_info(int device, uint64_t* free_bytes, uint64_t* total_bytes) {
   const long pages = sysconf(_SC_PHYS_PAGES), avail = sysconf(_SC_AVPHYS_PAGES), page = sysconf(_SC_PAGESIZE);
   *total_bytes = pages > 0 && page > 0 ? static_cast<uint64_t>(pages) * static_cast<uint64_t>(page) : 0;
   *free_bytes = avail > 0 && page > 0 ? static_cast<uint64_t>(avail) * static_cast<uint64_t>(page) : 0;
-  if (auto meminfo = grokit::read_small_file("/proc/meminfo", 1 << 16); meminfo.ok()) {
-    const size_t at = meminfo->find("MemAvailable:");
-    if (at != std::string::npos) {
-      const unsigned long long kib = std::strtoull(meminfo->c_str() + at + 13, nullptr, 10);
-      if (kib > 0) *free_bytes = std::min<uint64_t>(static_cast<uint64_t>(kib) * 1024, *total_bytes);
-    }
-  }
+  if (const uint64_t available = grokit::meminfo_available_bytes(); available > 0)
+    *free_bytes = std::min(available, *total_bytes);
   return GROKIT_OK;
 }
 

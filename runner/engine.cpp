@@ -288,11 +288,7 @@ std::string kv_cache_memory_shortfall(int64_t capacity, uint64_t kv_bytes, uint6
 }
 
 uint64_t available_memory_bytes() {
-  uint64_t m = 0;
-  if (auto meminfo = read_small_file("/proc/meminfo", 1 << 16); meminfo.ok()) {
-    const size_t at = meminfo->find("MemAvailable:");
-    if (at != std::string::npos) m = std::strtoull(meminfo->c_str() + at + 13, nullptr, 10) * 1024ull;
-  }
+  uint64_t m = meminfo_available_bytes();
   // cgroup v2: what the limit leaves ("max" where there is none).
   auto limit = read_small_file("/sys/fs/cgroup/memory.max", 64);
   auto current = read_small_file("/sys/fs/cgroup/memory.current", 64);

@@ -131,6 +131,10 @@ TEST(ReadSmallFile, ReadsToTheEndWhateverStatSaysAndKeepsItsLimit) {
   EXPECT_NE(capped.error().message.find("/proc/meminfo: more than the limit of 16 bytes"), std::string::npos)
       << capped.error().message;
   EXPECT_FALSE(read_small_file(d.file("missing"), 100).ok());
+  // MemAvailable, read from there: positive, and no more than the physical memory.
+  const uint64_t available = meminfo_available_bytes();
+  EXPECT_GT(available, 0u);
+  EXPECT_LE(available, static_cast<uint64_t>(sysconf(_SC_PHYS_PAGES)) * static_cast<uint64_t>(sysconf(_SC_PAGESIZE)));
 }
 
 }  // namespace
