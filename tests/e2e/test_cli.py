@@ -221,11 +221,14 @@ class Convert(unittest.TestCase):
         products = sum(mib for _, mib in ops.values())
         self.assertGreater(products, 0.0)
         self.assertAlmostEqual(products * 2, per_token, delta=0.02 * per_token + 0.004)
-        # The ops' times add up to the steps' (the clock laps cover the whole step).
+        # The ops' times add up to the steps' (the clock laps cover the whole step). This
+        # model's step is a fraction of a millisecond, so the hand-offs between the two
+        # ranks' threads, outside rank 0's laps, weigh: on a loaded 2-core host (ctest -j2)
+        # they took 33 % of it once; a lap left out would still fall below half.
         total = re.search(r"^  all ops +([0-9.]+) ms$", p.stdout, re.M)
         self.assertIsNotNone(total, p.stdout)
         self.assertLessEqual(float(total.group(1)), float(head.group(1)) * 1.001 + 0.002)
-        self.assertGreater(float(total.group(1)), float(head.group(1)) * 0.8)
+        self.assertGreater(float(total.group(1)), float(head.group(1)) * 0.5)
         self.assertAlmostEqual(sum(ms for ms, _ in ops.values()) - float(total.group(1)), 0.0,
                                delta=0.001 * len(ops) + 0.001)
         self.assertEqual(run("bench", out, "--device", "host", "--profile").returncode, 2)
