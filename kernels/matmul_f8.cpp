@@ -11,11 +11,12 @@ namespace grokit::kernels {
 namespace {
 using namespace detail;
 
-// The SIMD decode: a code sign-extended to 16 bits, shifted left by 7, bit 14 cleared, is
-// the fp16 value e4m3(code) * 2^-8 exactly (the e4m3 subnormals as fp16 subnormals,
-// which vcvtph2ps converts exactly: no fp32 subnormal arises), and the column's scale is
-// folded in as scale * 2^8. Scales too large to fold (2^119 and up) and the NaN codes
-// (S.1111.111) take the careful decode: the exact value first, NaN blended in.
+// The fp16 decode (AVX-512, and AVX2's careful one): a code sign-extended to 16 bits,
+// shifted left by 7, bit 14 cleared, is the fp16 value e4m3(code) * 2^-8 exactly (the
+// e4m3 subnormals as fp16 subnormals, which vcvtph2ps converts exactly: no fp32 subnormal
+// arises), and the column's scale is folded in as scale * 2^8. Scales too large to fold
+// (2^119 and up) and the NaN codes (S.1111.111) take the careful decode: the exact value
+// first, NaN blended in.
 constexpr float kTwo8 = 0x1p8f, kBigScale = 0x1p119f;
 constexpr short kF16Bits = static_cast<short>(0xbfff);
 
@@ -31,6 +32,9 @@ struct F8Layout {
     return bf16f(h);
   }
 };
+
+// The same matrix where the AVX2 walks decode by the tables (chains long enough).
+struct F8TableLayout : F8Layout {};
 
 void check_args(int64_t M, int64_t K, int64_t ldx, int64_t N, int64_t ldy, int64_t sr) {
   GROKIT_CHECK(M >= 0 && K > 0 && K % 32 == 0 && N > 0 && ldx >= K && ldy >= N);
@@ -54,12 +58,29 @@ void chain_ref(const float* x, int64_t M, int64_t ldx, const F8Layout& L, int64_
 }
 
 // ---------------------------------------------------------------------------------
-// AVX2 (its F16C converts; the decoder below, the walks in chunk_panels.h): words k of a chunk's 32 bytes
-// hold rows 2k (low byte) and 2k + 1 (high byte), each decoded as fp16.
+// AVX2 (the decoder below, the walks in chunk_panels.h). A code S.EEEE.MMM times a
+// column's scale s, rounded to bf16, is for E >= 1
+//     bf16 bits = T[E & 1][M] + ((E >> 1) << 8) + (S << 15)
+// with T[1][M] the bits for E = 1 and T[0][M] those for E = 2 less 0x100: a power of two
+// commutes with the rounding while every product stays a normal, finite bf16, which holds
+// for every code when 2^-120 <= s < 2^119 (the "table" scales). The subnormal codes
+// (E = 0, zero among them) take a third table, U[M]. So a chunk is decoded by byte
+// lookups (vpshufb): the low nibble (E & 1, M) indexes T's low and high bytes (U's where
+// E = 0), the high nibble (S, E >> 1) adds to the high byte; the bytes interleave into
+// bf16 words, the words become fp32 by a shift (even words) and a mask (odd words). A
+// chunk with a NaN code (S.1111.111), or a column whose scale is not a table scale, takes
+// the careful decode through fp16: the exact value first, NaN blended in. Building a
+// column's tables costs about what two chunks' decodes save, and the decode walk builds
+// them again for each chain, so chains shorter than kTableMinChunks take the fp16 decode
+// with the folded scale (also the AVX-512 one) instead.
+constexpr float kTableScaleMin = 0x1p-120f, kTableScaleMax = 0x1p119f;
+constexpr int64_t kTableMinChunks = 4;
 
-// Eight fp16 values (e4m3 * 2^-8) to bf16-rounded weights in fp32 lanes.
+// Eight codes as fp16 (sign-extended, shifted left by 7, bit 14 cleared: e4m3 * 2^-8) to
+// bf16-rounded weights: fast, with the column's folded scale s * 2^8; careful, with s
+// itself, the exact value first and NaN blended in.
 template <bool kCareful>
-GROKIT_AVX2 inline __m256 decode8_avx2(__m128i h, __m256 s) {
+GROKIT_AVX2 inline __m256 decode8_fp16_avx2(__m128i h, __m256 s) {
   __m256 f = _mm256_cvtph_ps(h);
   if (kCareful) {
     f = _mm256_mul_ps(f, _mm256_set1_ps(kTwo8));
@@ -78,11 +99,48 @@ void stage_x_avx2(const F8Layout&, const float* x, int64_t M, int64_t K, int64_t
   stage_x_chunks(x, M, K, ldx, kChunkLanes, xa);
 }
 
-// The decoder (chunk_panels.h). A chunk's weights come as four vectors of 8: even rows
+// A chunk (v) through fp16 into even rows 0..14 (we0), odd rows 1..15 (wo0), and the same
+// plus 16 (we1, wo1).
+template <bool kCareful>
+GROKIT_AVX2 inline void decode_fp16_avx2(__m256i v, __m256 s, __m256& we0, __m256& wo0, __m256& we1, __m256& wo1) {
+  // Words k of v hold rows 2k (low byte) and 2k + 1 (high byte): each sign-extended, as fp16.
+  const __m256i bits = _mm256_set1_epi16(kF16Bits);
+  const __m256i ev = _mm256_and_si256(_mm256_slli_epi16(_mm256_srai_epi16(_mm256_slli_epi16(v, 8), 8), 7), bits);
+  const __m256i od = _mm256_and_si256(_mm256_slli_epi16(_mm256_srai_epi16(v, 8), 7), bits);
+  we0 = decode8_fp16_avx2<kCareful>(_mm256_castsi256_si128(ev), s);
+  wo0 = decode8_fp16_avx2<kCareful>(_mm256_castsi256_si128(od), s);
+  we1 = decode8_fp16_avx2<kCareful>(_mm256_extracti128_si256(ev, 1), s);
+  wo1 = decode8_fp16_avx2<kCareful>(_mm256_extracti128_si256(od, 1), s);
+}
+// Sixteen words (8 in each lane's low half of 32-bit lanes, a then b) as a byte table of
+// their low bytes and one of their high bytes, each in both 128-bit lanes.
+GROKIT_AVX2 inline void byte_tables_avx2(__m256i a, __m256i b, __m256i& tl, __m256i& th) {
+  const __m256i words = _mm256_permute4x64_epi64(_mm256_packus_epi32(a, b), 0xd8);
+  const __m256i split = _mm256_shuffle_epi8(words, _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                                                    0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15));
+  tl = _mm256_permute4x64_epi64(split, 0x88);  // qwords 0, 2, 0, 2
+  th = _mm256_permute4x64_epi64(split, 0xdd);  // qwords 1, 3, 1, 3
+}
+GROKIT_AVX2 inline __m256i bf16_words(__m256 v) { return _mm256_srli_epi32(_mm256_castps_si256(round_bf16x8(v)), 16); }
+
+// The decoders (chunk_panels.h). A chunk's weights come as four vectors of 8: even rows
 // 0..14 (we0), odd rows 1..15 (wo0), even rows 16..30 (we1), odd rows 17..31 (wo1), and
 // x the same way per chunk (kChunkLanes). Slots: pairs, wo0, we0, wo1, we1 (A = lanes
 // 0..7, rows 2i + 1 then 2i; B = lanes 8..15); fp32, we0, we1, wo0, wo1 (A = even lanes
 // 2j, rows 2j then 16 + 2j; B = odd lanes).
+template <bool kPairs>
+GROKIT_AVX2 __attribute__((always_inline)) inline void to_slots(__m256 we0, __m256 wo0, __m256 we1, __m256 wo1, __m256 (&w)[4]) {
+  if (kPairs) {
+    w[0] = wo0, w[1] = we0, w[2] = wo1, w[3] = we1;
+  } else {
+    w[0] = we0, w[1] = we1, w[2] = wo0, w[3] = wo1;
+  }
+}
+GROKIT_AVX2 __attribute__((always_inline)) inline bool has_nan_code(__m256i v) {
+  return _mm256_movemask_epi8(_mm256_cmpeq_epi8(_mm256_or_si256(v, _mm256_set1_epi8(-128)), _mm256_set1_epi8(-1))) != 0;
+}
+
+// Through fp16, with the folded scale where it can be.
 template <bool kPairs>
 struct F8DecoderAvx2 {
   static constexpr std::array<int, 4> kX = kPairs ? std::array<int, 4>{8, 0, 24, 16} : std::array<int, 4>{0, 16, 8, 24};
@@ -99,35 +157,74 @@ struct F8DecoderAvx2 {
   }
   GROKIT_AVX2 __attribute__((always_inline)) static void decode(const F8Layout& L, int64_t n, int64_t c, const State& st,
                                                                 __m256 (&w)[4]) {
-    const __m256i ones = _mm256_set1_epi8(-1), top = _mm256_set1_epi8(-128), bits = _mm256_set1_epi16(kF16Bits);
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(L.chunk(c, n)));
-    // Words k of v hold rows 2k (low byte) and 2k + 1 (high byte): each sign-extended, as fp16.
-    const __m256i ev = _mm256_and_si256(_mm256_slli_epi16(_mm256_srai_epi16(_mm256_slli_epi16(v, 8), 8), 7), bits);
-    const __m256i od = _mm256_and_si256(_mm256_slli_epi16(_mm256_srai_epi16(v, 8), 7), bits);
-    const __m128i e0 = _mm256_castsi256_si128(ev), e1 = _mm256_extracti128_si256(ev, 1);
-    const __m128i o0 = _mm256_castsi256_si128(od), o1 = _mm256_extracti128_si256(od, 1);
     __m256 we0, wo0, we1, wo1;
-    if (st.big || _mm256_movemask_epi8(_mm256_cmpeq_epi8(_mm256_or_si256(v, top), ones)) != 0) {
-      we0 = decode8_avx2<true>(e0, st.sv);
-      wo0 = decode8_avx2<true>(o0, st.sv);
-      we1 = decode8_avx2<true>(e1, st.sv);
-      wo1 = decode8_avx2<true>(o1, st.sv);
+    if (st.big || has_nan_code(v)) {
+      decode_fp16_avx2<true>(v, st.sv, we0, wo0, we1, wo1);
     } else {
-      we0 = decode8_avx2<false>(e0, st.sf);
-      wo0 = decode8_avx2<false>(o0, st.sf);
-      we1 = decode8_avx2<false>(e1, st.sf);
-      wo1 = decode8_avx2<false>(o1, st.sf);
+      decode_fp16_avx2<false>(v, st.sf, we0, wo0, we1, wo1);
     }
-    if (kPairs) {
-      w[0] = wo0, w[1] = we0, w[2] = wo1, w[3] = we1;
-    } else {
-      w[0] = we0, w[1] = we1, w[2] = wo0, w[3] = wo1;
-    }
+    to_slots<kPairs>(we0, wo0, we1, wo1, w);
   }
   GROKIT_AVX2 __attribute__((always_inline)) static float halve(__m256 a, __m256 b) { return chunk_halve_avx2<kPairs>(a, b); }
 };
+
+// By the tables, for a table scale (otherwise the careful decode).
+template <bool kPairs>
+struct F8TableDecoderAvx2 : F8DecoderAvx2<kPairs> {
+  struct State {
+    __m256i tl, th, ul, uh;  // T's and U's byte tables
+    __m256 sv;               // the column's scale
+    bool table;              // a table scale
+  };
+  GROKIT_AVX2 __attribute__((always_inline)) static void begin(const F8Layout& L, int64_t n, int64_t, State& st) {
+    const float s = L.scale(n);
+    st.sv = _mm256_set1_ps(s);
+    st.table = s >= kTableScaleMin && s < kTableScaleMax;
+    if (!st.table) return;
+    const __m256 m8 = _mm256_setr_ps(8, 9, 10, 11, 12, 13, 14, 15), sv = st.sv;
+    const __m256i e2 = _mm256_sub_epi32(bf16_words(_mm256_mul_ps(_mm256_mul_ps(m8, _mm256_set1_ps(0x1p-8f)), sv)),
+                                        _mm256_set1_epi32(0x100));
+    const __m256i e1 = bf16_words(_mm256_mul_ps(_mm256_mul_ps(m8, _mm256_set1_ps(0x1p-9f)), sv));
+    const __m256i u = bf16_words(_mm256_mul_ps(_mm256_setr_ps(0, 0x1p-9f, 0x2p-9f, 0x3p-9f, 0x4p-9f, 0x5p-9f, 0x6p-9f, 0x7p-9f), sv));
+    byte_tables_avx2(e2, e1, st.tl, st.th);
+    byte_tables_avx2(u, u, st.ul, st.uh);
+  }
+  GROKIT_AVX2 __attribute__((always_inline)) static void decode(const F8Layout& L, int64_t n, int64_t c, const State& st,
+                                                                __m256 (&w)[4]) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(L.chunk(c, n)));
+    __m256 we0, wo0, we1, wo1;
+    if (st.table && !has_nan_code(v)) {
+      // The high nibble's addend to the high byte: E >> 1, and the sign to bit 7.
+      const __m256i high_add = _mm256_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, -128, -127, -126, -125, -124, -123, -122, -121, 0, 1,
+                                                2, 3, 4, 5, 6, 7, -128, -127, -126, -125, -124, -123, -122, -121);
+      const __m256i nibble = _mm256_set1_epi8(15);
+      // Lane 0 takes rows 0..7 and 16..23, lane 1 rows 8..15 and 24..31.
+      const __m256i p = _mm256_permute4x64_epi64(v, 0xd8);
+      const __m256i lo = _mm256_and_si256(p, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(p, 4), nibble);
+      const __m256i sub = _mm256_cmpeq_epi8(_mm256_and_si256(p, _mm256_set1_epi8(0x78)), _mm256_setzero_si256());
+      const __m256i bl = _mm256_blendv_epi8(_mm256_shuffle_epi8(st.tl, lo), _mm256_shuffle_epi8(st.ul, lo), sub);
+      const __m256i bh = _mm256_add_epi8(_mm256_blendv_epi8(_mm256_shuffle_epi8(st.th, lo), _mm256_shuffle_epi8(st.uh, lo), sub),
+                                         _mm256_shuffle_epi8(high_add, hi));
+      // w1: rows 0..7 | 8..15, w2: rows 16..23 | 24..31, as bf16 words.
+      const __m256i w1 = _mm256_unpacklo_epi8(bl, bh), w2 = _mm256_unpackhi_epi8(bl, bh);
+      const __m256i high = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
+      we0 = _mm256_castsi256_ps(_mm256_slli_epi32(w1, 16));
+      wo0 = _mm256_castsi256_ps(_mm256_and_si256(w1, high));
+      we1 = _mm256_castsi256_ps(_mm256_slli_epi32(w2, 16));
+      wo1 = _mm256_castsi256_ps(_mm256_and_si256(w2, high));
+    } else {
+      decode_fp16_avx2<true>(v, st.sv, we0, wo0, we1, wo1);
+    }
+    to_slots<kPairs>(we0, wo0, we1, wo1, w);
+  }
+};
 template <bool kPairs>
 F8DecoderAvx2<kPairs> chunk_decoder_avx2(const F8Layout&) {
+  return {};
+}
+template <bool kPairs>
+F8TableDecoderAvx2<kPairs> chunk_decoder_avx2(const F8TableLayout&) {
   return {};
 }
 
@@ -265,7 +362,13 @@ Status impl(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* pa
   const int64_t sr = sum_rows > 0 ? sum_rows : K;  // rows per independent chain
   check_args(M, K, ldx, N, ldy, sr);
   if (M == 0) return {};
-  run_chunked<kLevel, kPairs>(x, M, K, ldx, F8Layout{payload, K, N}, N, y, ldy, pool, sr);
+  const F8Layout L{payload, K, N};
+  if constexpr (kLevel == Level::kAvx2)
+    if (sr / 32 >= kTableMinChunks) {
+      run_chunked<kLevel, kPairs>(x, M, K, ldx, F8TableLayout{L}, N, y, ldy, pool, sr);
+      return {};
+    }
+  run_chunked<kLevel, kPairs>(x, M, K, ldx, L, N, y, ldy, pool, sr);
   return {};
 }
 

@@ -1349,6 +1349,56 @@ TEST(KernelNumerics, MatmulF8NanCodesGiveNanAndTheCarefulDecodeAgrees) {
   }
 }
 
+TEST(KernelNumerics, MatmulF8EveryCodeAtTheTableScaleBoundsEqualsTheScalarTwin) {
+  // The AVX2 decode looks a code's bf16 bits up in per-column tables only for scales in
+  // [2^-120, 2^119) (every product a normal, finite bf16); the scales at and beside those
+  // bounds, the other signs and the special values take one path or the other. Each column
+  // holds every code but the NaN ones (row k: code k); x = identity reads each weight back
+  // alone (panels), and 1 or 2 random rows take the decode walks; chains of 8 chunks decode
+  // by the tables, chains of one by the fp16 decode.
+  const int64_t K = 256;
+  const float below_min = 0x1p-121f * (2.0f - 0x1p-7f), below_max = 0x1p118f * (2.0f - 0x1p-7f);
+  const std::vector<uint16_t> s = {
+      f32_to_bf16_bits(0x1p-120f), f32_to_bf16_bits(below_min), f32_to_bf16_bits(0x1p-120f * (1.0f + 0x1p-7f)),
+      f32_to_bf16_bits(0x1p119f), f32_to_bf16_bits(below_max), f32_to_bf16_bits(0x1p118f), f32_to_bf16_bits(1.0f),
+      f32_to_bf16_bits(0x1p119f * 1.5f), f32_to_bf16_bits(0x1p120f),
+      f32_to_bf16_bits(0.75f), f32_to_bf16_bits(3.0e-5f), f32_to_bf16_bits(-0.5f), f32_to_bf16_bits(-0x1p-120f),
+      0x0000, 0x8000, 0x0001, 0x007f, 0x7f80, 0xff80, 0x7fc0, 0x7f7f, f32_to_bf16_bits(1.0f + 0x1p-7f * 127)};
+  const int64_t N = static_cast<int64_t>(s.size());
+  std::vector<uint8_t> codes(static_cast<size_t>(K * N));
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t n = 0; n < N; ++n) codes[static_cast<size_t>(k * N + n)] = (k & 0x7f) == 0x7f ? 0 : static_cast<uint8_t>(k);
+  const QuantMatrix w = f8_matrix(codes, s, K, N);
+  Rng rng(37);
+  for (const int64_t M : {int64_t{1}, int64_t{2}, K}) {
+    std::vector<float> x(static_cast<size_t>(M * K), 0.0f);
+    if (M == K) {
+      for (int64_t k = 0; k < K; ++k) x[static_cast<size_t>(k * K + k)] = 1.0f;
+    } else {
+      for (auto& v : x) v = rng.bf16_value(-4, 2);
+    }
+    for (bool f32 : {false, true})
+      for (int64_t sr : {int64_t{0}, int64_t{32}}) {
+        std::vector<float> want(static_cast<size_t>(M * N)), got(want.size());
+        ASSERT_TRUE(chunked(Scheme::kF8, f32, false, x.data(), M, K, w, 32, N, want.data(), sr).ok());
+        ASSERT_TRUE(chunked(Scheme::kF8, f32, true, x.data(), M, K, w, 32, N, got.data(), sr).ok());
+        int64_t finite = 0;
+        for (size_t i = 0; i < want.size(); ++i) {
+          finite += std::isfinite(want[i]) ? 1 : 0;
+          if (std::isnan(want[i]) && std::isnan(got[i])) continue;
+          ASSERT_EQ(bits_of(got[i]), bits_of(want[i]))
+              << "M " << M << (f32 ? " f32" : "") << " sr " << sr << ", row " << i / N << ", scale 0x" << std::hex << s[i % N];
+        }
+        EXPECT_GT(finite, static_cast<int64_t>(want.size()) / 2) << M;  // the large scales overflow
+        if (M == K) {  // each weight read back alone (the finite scales' columns)
+          for (int64_t k = 0; k < K; ++k)
+            for (int64_t n : {0, 1, 2, 3, 4, 5, 6, 9, 10, 11, 12, 13, 14, 15, 16})
+              ASSERT_EQ(got[static_cast<size_t>(k * N + n)], w.w[static_cast<size_t>(k * N + n)]) << k << "," << n;
+        }
+      }
+  }
+}
+
 TEST(KernelNumerics, MatmulF8SubnormalCodesSurviveDenormalsAreZero) {
   // The SIMD decode reads e4m3 subnormals through fp32 subnormals: a caller running with
   // DAZ set must still get the scalar twin's bits, and get its MXCSR back.
