@@ -69,7 +69,7 @@ void chain_ref(const float* x, int64_t M, int64_t ldx, const F8Layout& L, int64_
 // E = 0), the high nibble (S, E >> 1) adds to the high byte; the bytes interleave into
 // bf16 words, the words become fp32 by a shift (even words) and a mask (odd words). A
 // chunk with a NaN code (S.1111.111), or a column whose scale is not a table scale, takes
-// the careful decode through fp16: the exact value first, NaN blended in. Building a
+// the fp16 decode (careful for NaN codes and scales too large to fold). Building a
 // column's tables costs about what two chunks' decodes save, and the decode walk builds
 // them again for each chain, so chains shorter than kTableMinChunks take the fp16 decode
 // with the folded scale (also the AVX-512 one) instead.
@@ -169,17 +169,16 @@ struct F8DecoderAvx2 {
   GROKIT_AVX2 __attribute__((always_inline)) static float halve(__m256 a, __m256 b) { return chunk_halve_avx2<kPairs>(a, b); }
 };
 
-// By the tables, for a table scale (otherwise the careful decode).
+// By the tables, for a table scale (otherwise as F8DecoderAvx2).
 template <bool kPairs>
 struct F8TableDecoderAvx2 : F8DecoderAvx2<kPairs> {
-  struct State {
+  struct State : F8DecoderAvx2<kPairs>::State {
     __m256i tl, th, ul, uh;  // T's and U's byte tables
-    __m256 sv;               // the column's scale
     bool table;              // a table scale
   };
-  GROKIT_AVX2 __attribute__((always_inline)) static void begin(const F8Layout& L, int64_t n, int64_t, State& st) {
+  GROKIT_AVX2 __attribute__((always_inline)) static void begin(const F8Layout& L, int64_t n, int64_t c, State& st) {
+    F8DecoderAvx2<kPairs>::begin(L, n, c, st);
     const float s = L.scale(n);
-    st.sv = _mm256_set1_ps(s);
     st.table = s >= kTableScaleMin && s < kTableScaleMax;
     if (!st.table) return;
     const __m256 m8 = _mm256_setr_ps(8, 9, 10, 11, 12, 13, 14, 15), sv = st.sv;
@@ -213,6 +212,8 @@ struct F8TableDecoderAvx2 : F8DecoderAvx2<kPairs> {
       wo0 = _mm256_castsi256_ps(_mm256_and_si256(w1, high));
       we1 = _mm256_castsi256_ps(_mm256_slli_epi32(w2, 16));
       wo1 = _mm256_castsi256_ps(_mm256_and_si256(w2, high));
+    } else if (!st.big && !has_nan_code(v)) {
+      decode_fp16_avx2<false>(v, st.sf, we0, wo0, we1, wo1);
     } else {
       decode_fp16_avx2<true>(v, st.sv, we0, wo0, we1, wo1);
     }
