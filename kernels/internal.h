@@ -294,6 +294,33 @@ void attention_exp_scores(float* s, int64_t n, float mx, bool simd);
   __attribute__((always_inline, target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")))
 #define GROKIT_AVX2_INLINE_LAMBDA __attribute__((always_inline, target("avx2,fma,f16c")))
 
+// Byte and word constants of the AVX2 decodes, read from memory in their loops. Where a
+// loop uses every ymm register GCC 12 rebuilds a _mm256_set1 constant in each iteration
+// from a general register (mov, vmovq, vpbroadcast: three uops, measured in the fp8
+// walk); a load whose value it cannot see (avx2_consts()) folds into the instruction that
+// uses it instead.
+struct alignas(32) Avx2Consts {
+  uint8_t x0f[32], x78[32], x80[32];
+  uint32_t x7fff[8], x1[8], xffff0000[8];
+};
+inline constexpr Avx2Consts kAvx2Consts = {
+    {0x0f, 0x0f, 0x0f, 0x0f, 0x0f, 0x0f, 0x0f, 0x0f, 0x0f, 0x0f, 0x0f, 0x0f, 0x0f, 0x0f, 0x0f, 0x0f,
+     0x0f, 0x0f, 0x0f, 0x0f, 0x0f, 0x0f, 0x0f, 0x0f, 0x0f, 0x0f, 0x0f, 0x0f, 0x0f, 0x0f, 0x0f, 0x0f},
+    {0x78, 0x78, 0x78, 0x78, 0x78, 0x78, 0x78, 0x78, 0x78, 0x78, 0x78, 0x78, 0x78, 0x78, 0x78, 0x78,
+     0x78, 0x78, 0x78, 0x78, 0x78, 0x78, 0x78, 0x78, 0x78, 0x78, 0x78, 0x78, 0x78, 0x78, 0x78, 0x78},
+    {0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80,
+     0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80},
+    {0x7fff, 0x7fff, 0x7fff, 0x7fff, 0x7fff, 0x7fff, 0x7fff, 0x7fff},
+    {1, 1, 1, 1, 1, 1, 1, 1},
+    {0xffff0000, 0xffff0000, 0xffff0000, 0xffff0000, 0xffff0000, 0xffff0000, 0xffff0000, 0xffff0000}};
+inline const Avx2Consts* avx2_consts() {
+  const Avx2Consts* p = &kAvx2Consts;
+  __asm__("" : "+r"(p));  // hides the values: loads, not rebuilt constants
+  return p;
+}
+GROKIT_AVX2 inline __m256i avx2_const(const uint8_t (&c)[32]) { return _mm256_load_si256(reinterpret_cast<const __m256i*>(c)); }
+GROKIT_AVX2 inline __m256i avx2_const(const uint32_t (&c)[8]) { return _mm256_load_si256(reinterpret_cast<const __m256i*>(c)); }
+
 GROKIT_AVX2 inline __m256 load_bf16x8(const uint16_t* p) {
   __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
@@ -304,6 +331,13 @@ GROKIT_AVX2 inline __m256 round_bf16x8(__m256 v) {
   __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
   b = _mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
   return _mm256_castsi256_ps(_mm256_and_si256(b, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
+}
+// The same with its constants from k (avx2_consts()), for loops short of registers.
+GROKIT_AVX2 inline __m256 round_bf16x8(__m256 v, const Avx2Consts* k) {
+  __m256i b = _mm256_castps_si256(v);
+  __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), avx2_const(k->x1));
+  b = _mm256_add_epi32(b, _mm256_add_epi32(lsb, avx2_const(k->x7fff)));
+  return _mm256_castsi256_ps(_mm256_and_si256(b, avx2_const(k->xffff0000)));
 }
 // The AVX2 prefill panels of the row-major layouts (matmul_q8.cpp, matmul_bf16w.cpp): a
 // block of rows [k0, k1) of a 32-column tile, as fp32 weights (panel[k - k0]), added to the

@@ -80,14 +80,14 @@ constexpr int64_t kTableMinChunks = 4;
 // bf16-rounded weights: fast, with the column's folded scale s * 2^8; careful, with s
 // itself, the exact value first and NaN blended in.
 template <bool kCareful>
-GROKIT_AVX2 inline __m256 decode8_fp16_avx2(__m128i h, __m256 s) {
+GROKIT_AVX2 inline __m256 decode8_fp16_avx2(__m128i h, __m256 s, const Avx2Consts* k) {
   __m256 f = _mm256_cvtph_ps(h);
   if (kCareful) {
     f = _mm256_mul_ps(f, _mm256_set1_ps(kTwo8));
     const __m128i nan = _mm_cmpeq_epi16(_mm_and_si128(h, _mm_set1_epi16(0x3fff)), _mm_set1_epi16(0x3f80));
     f = _mm256_blendv_ps(f, _mm256_set1_ps(std::numeric_limits<float>::quiet_NaN()), _mm256_castsi256_ps(_mm256_cvtepi16_epi32(nan)));
   }
-  return round_bf16x8(_mm256_mul_ps(f, s));
+  return round_bf16x8(_mm256_mul_ps(f, s), k);
 }
 
 // x as the decoder's slots take it: the even then the odd rows of the chunk's
@@ -102,15 +102,16 @@ void stage_x_avx2(const F8Layout&, const float* x, int64_t M, int64_t K, int64_t
 // A chunk (v) through fp16 into even rows 0..14 (we0), odd rows 1..15 (wo0), and the same
 // plus 16 (we1, wo1).
 template <bool kCareful>
-GROKIT_AVX2 inline void decode_fp16_avx2(__m256i v, __m256 s, __m256& we0, __m256& wo0, __m256& we1, __m256& wo1) {
+GROKIT_AVX2 inline void decode_fp16_avx2(__m256i v, __m256 s, const Avx2Consts* k, __m256& we0, __m256& wo0, __m256& we1,
+                                      __m256& wo1) {
   // Words k of v hold rows 2k (low byte) and 2k + 1 (high byte): each sign-extended, as fp16.
   const __m256i bits = _mm256_set1_epi16(kF16Bits);
   const __m256i ev = _mm256_and_si256(_mm256_slli_epi16(_mm256_srai_epi16(_mm256_slli_epi16(v, 8), 8), 7), bits);
   const __m256i od = _mm256_and_si256(_mm256_slli_epi16(_mm256_srai_epi16(v, 8), 7), bits);
-  we0 = decode8_fp16_avx2<kCareful>(_mm256_castsi256_si128(ev), s);
-  wo0 = decode8_fp16_avx2<kCareful>(_mm256_castsi256_si128(od), s);
-  we1 = decode8_fp16_avx2<kCareful>(_mm256_extracti128_si256(ev, 1), s);
-  wo1 = decode8_fp16_avx2<kCareful>(_mm256_extracti128_si256(od, 1), s);
+  we0 = decode8_fp16_avx2<kCareful>(_mm256_castsi256_si128(ev), s, k);
+  wo0 = decode8_fp16_avx2<kCareful>(_mm256_castsi256_si128(od), s, k);
+  we1 = decode8_fp16_avx2<kCareful>(_mm256_extracti128_si256(ev, 1), s, k);
+  wo1 = decode8_fp16_avx2<kCareful>(_mm256_extracti128_si256(od, 1), s, k);
 }
 // Sixteen words (8 in each lane's low half of 32-bit lanes, a then b) as a byte table of
 // their low bytes and one of their high bytes, each in both 128-bit lanes.
@@ -136,8 +137,8 @@ GROKIT_AVX2 __attribute__((always_inline)) inline void to_slots(__m256 we0, __m2
     w[0] = we0, w[1] = we1, w[2] = wo0, w[3] = wo1;
   }
 }
-GROKIT_AVX2 __attribute__((always_inline)) inline bool has_nan_code(__m256i v) {
-  return _mm256_movemask_epi8(_mm256_cmpeq_epi8(_mm256_or_si256(v, _mm256_set1_epi8(-128)), _mm256_set1_epi8(-1))) != 0;
+GROKIT_AVX2 __attribute__((always_inline)) inline bool has_nan_code(__m256i v, const Avx2Consts* k) {
+  return _mm256_movemask_epi8(_mm256_cmpeq_epi8(_mm256_or_si256(v, avx2_const(k->x80)), _mm256_set1_epi8(-1))) != 0;
 }
 
 // Through fp16, with the folded scale where it can be.
@@ -158,11 +159,12 @@ struct F8DecoderAvx2 {
   GROKIT_AVX2 __attribute__((always_inline)) static void decode(const F8Layout& L, int64_t n, int64_t c, const State& st,
                                                                 __m256 (&w)[4]) {
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(L.chunk(c, n)));
+    const Avx2Consts* k = avx2_consts();
     __m256 we0, wo0, we1, wo1;
-    if (st.big || has_nan_code(v)) {
-      decode_fp16_avx2<true>(v, st.sv, we0, wo0, we1, wo1);
+    if (st.big || has_nan_code(v, k)) {
+      decode_fp16_avx2<true>(v, st.sv, k, we0, wo0, we1, wo1);
     } else {
-      decode_fp16_avx2<false>(v, st.sf, we0, wo0, we1, wo1);
+      decode_fp16_avx2<false>(v, st.sf, k, we0, wo0, we1, wo1);
     }
     to_slots<kPairs>(we0, wo0, we1, wo1, w);
   }
@@ -192,30 +194,31 @@ struct F8TableDecoderAvx2 : F8DecoderAvx2<kPairs> {
   GROKIT_AVX2 __attribute__((always_inline)) static void decode(const F8Layout& L, int64_t n, int64_t c, const State& st,
                                                                 __m256 (&w)[4]) {
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(L.chunk(c, n)));
+    const Avx2Consts* k = avx2_consts();
     __m256 we0, wo0, we1, wo1;
-    if (st.table && !has_nan_code(v)) {
+    if (st.table && !has_nan_code(v, k)) {
       // The high nibble's addend to the high byte: E >> 1, and the sign to bit 7.
       const __m256i high_add = _mm256_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, -128, -127, -126, -125, -124, -123, -122, -121, 0, 1,
                                                 2, 3, 4, 5, 6, 7, -128, -127, -126, -125, -124, -123, -122, -121);
-      const __m256i nibble = _mm256_set1_epi8(15);
+      const __m256i nibble = avx2_const(k->x0f);
       // Lane 0 takes rows 0..7 and 16..23, lane 1 rows 8..15 and 24..31.
       const __m256i p = _mm256_permute4x64_epi64(v, 0xd8);
       const __m256i lo = _mm256_and_si256(p, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(p, 4), nibble);
-      const __m256i sub = _mm256_cmpeq_epi8(_mm256_and_si256(p, _mm256_set1_epi8(0x78)), _mm256_setzero_si256());
+      const __m256i sub = _mm256_cmpeq_epi8(_mm256_and_si256(p, avx2_const(k->x78)), _mm256_setzero_si256());
       const __m256i bl = _mm256_blendv_epi8(_mm256_shuffle_epi8(st.tl, lo), _mm256_shuffle_epi8(st.ul, lo), sub);
       const __m256i bh = _mm256_add_epi8(_mm256_blendv_epi8(_mm256_shuffle_epi8(st.th, lo), _mm256_shuffle_epi8(st.uh, lo), sub),
                                          _mm256_shuffle_epi8(high_add, hi));
       // w1: rows 0..7 | 8..15, w2: rows 16..23 | 24..31, as bf16 words.
       const __m256i w1 = _mm256_unpacklo_epi8(bl, bh), w2 = _mm256_unpackhi_epi8(bl, bh);
-      const __m256i high = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
+      const __m256i high = avx2_const(k->xffff0000);
       we0 = _mm256_castsi256_ps(_mm256_slli_epi32(w1, 16));
       wo0 = _mm256_castsi256_ps(_mm256_and_si256(w1, high));
       we1 = _mm256_castsi256_ps(_mm256_slli_epi32(w2, 16));
       wo1 = _mm256_castsi256_ps(_mm256_and_si256(w2, high));
-    } else if (!st.big && !has_nan_code(v)) {
-      decode_fp16_avx2<false>(v, st.sf, we0, wo0, we1, wo1);
+    } else if (!st.big && !has_nan_code(v, k)) {
+      decode_fp16_avx2<false>(v, st.sf, k, we0, wo0, we1, wo1);
     } else {
-      decode_fp16_avx2<true>(v, st.sv, we0, wo0, we1, wo1);
+      decode_fp16_avx2<true>(v, st.sv, k, we0, wo0, we1, wo1);
     }
     to_slots<kPairs>(we0, wo0, we1, wo1, w);
   }
