@@ -122,7 +122,9 @@ GROKIT_AVX2 inline void byte_tables_avx2(__m256i a, __m256i b, __m256i& tl, __m2
   tl = _mm256_permute4x64_epi64(split, 0x88);  // qwords 0, 2, 0, 2
   th = _mm256_permute4x64_epi64(split, 0xdd);  // qwords 1, 3, 1, 3
 }
-GROKIT_AVX2 inline __m256i bf16_words(__m256 v) { return _mm256_srli_epi32(_mm256_castps_si256(round_bf16x8(v)), 16); }
+GROKIT_AVX2 inline __m256i bf16_words(__m256 v, const Avx2Consts* k) {
+  return _mm256_srli_epi32(_mm256_castps_si256(round_bf16x8(v, k)), 16);
+}
 
 // The decoders (chunk_panels.h). A chunk's weights come as four vectors of 8: even rows
 // 0..14 (we0), odd rows 1..15 (wo0), even rows 16..30 (we1), odd rows 17..31 (wo1), and
@@ -183,11 +185,12 @@ struct F8TableDecoderAvx2 : F8DecoderAvx2<kPairs> {
     const float s = L.scale(n);
     st.table = s >= kTableScaleMin && s < kTableScaleMax;
     if (!st.table) return;
+    const Avx2Consts* k = avx2_consts();
     const __m256 m8 = _mm256_setr_ps(8, 9, 10, 11, 12, 13, 14, 15), sv = st.sv;
-    const __m256i e2 = _mm256_sub_epi32(bf16_words(_mm256_mul_ps(_mm256_mul_ps(m8, _mm256_set1_ps(0x1p-8f)), sv)),
+    const __m256i e2 = _mm256_sub_epi32(bf16_words(_mm256_mul_ps(_mm256_mul_ps(m8, _mm256_set1_ps(0x1p-8f)), sv), k),
                                         _mm256_set1_epi32(0x100));
-    const __m256i e1 = bf16_words(_mm256_mul_ps(_mm256_mul_ps(m8, _mm256_set1_ps(0x1p-9f)), sv));
-    const __m256i u = bf16_words(_mm256_mul_ps(_mm256_setr_ps(0, 0x1p-9f, 0x2p-9f, 0x3p-9f, 0x4p-9f, 0x5p-9f, 0x6p-9f, 0x7p-9f), sv));
+    const __m256i e1 = bf16_words(_mm256_mul_ps(_mm256_mul_ps(m8, _mm256_set1_ps(0x1p-9f)), sv), k);
+    const __m256i u = bf16_words(_mm256_mul_ps(_mm256_setr_ps(0, 0x1p-9f, 0x2p-9f, 0x3p-9f, 0x4p-9f, 0x5p-9f, 0x6p-9f, 0x7p-9f), sv), k);
     byte_tables_avx2(e2, e1, st.tl, st.th);
     byte_tables_avx2(u, u, st.ul, st.uh);
   }
