@@ -11,12 +11,12 @@ namespace grokit::kernels {
 namespace {
 using namespace detail;
 
-// The fp16 decode (AVX-512, and AVX2's careful one): a code sign-extended to 16 bits,
-// shifted left by 7, bit 14 cleared, is the fp16 value e4m3(code) * 2^-8 exactly (the
-// e4m3 subnormals as fp16 subnormals, which vcvtph2ps converts exactly: no fp32 subnormal
-// arises), and the column's scale is folded in as scale * 2^8. Scales too large to fold
-// (2^119 and up) and the NaN codes (S.1111.111) take the careful decode: the exact value
-// first, NaN blended in.
+// The fp16 decode (AVX-512, and AVX2's where it has no tables): a code sign-extended to
+// 16 bits, shifted left by 7, bit 14 cleared, is the fp16 value e4m3(code) * 2^-8 exactly
+// (the e4m3 subnormals as fp16 subnormals, which vcvtph2ps converts exactly: no fp32
+// subnormal arises), and the column's scale is folded in as scale * 2^8. Scales too large
+// to fold (2^119 and up) and the NaN codes (S.1111.111) take the careful decode: the exact
+// value first, NaN blended in.
 constexpr float kTwo8 = 0x1p8f, kBigScale = 0x1p119f;
 constexpr short kF16Bits = static_cast<short>(0xbfff);
 
@@ -104,7 +104,7 @@ void stage_x_avx2(const F8Layout&, const float* x, int64_t M, int64_t K, int64_t
 template <bool kCareful>
 GROKIT_AVX2 inline void decode_fp16_avx2(__m256i v, __m256 s, const Avx2Consts* k, __m256& we0, __m256& wo0, __m256& we1,
                                       __m256& wo1) {
-  // Words k of v hold rows 2k (low byte) and 2k + 1 (high byte): each sign-extended, as fp16.
+  // Word i of v holds rows 2i (low byte) and 2i + 1 (high byte): each sign-extended, as fp16.
   const __m256i bits = _mm256_set1_epi16(kF16Bits);
   const __m256i ev = _mm256_and_si256(_mm256_slli_epi16(_mm256_srai_epi16(_mm256_slli_epi16(v, 8), 8), 7), bits);
   const __m256i od = _mm256_and_si256(_mm256_slli_epi16(_mm256_srai_epi16(v, 8), 7), bits);
@@ -199,7 +199,8 @@ struct F8TableDecoderAvx2 : F8DecoderAvx2<kPairs> {
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(L.chunk(c, n)));
     const Avx2Consts* k = avx2_consts();
     __m256 we0, wo0, we1, wo1;
-    if (st.table && !has_nan_code(v, k)) {
+    const bool nan = has_nan_code(v, k);
+    if (st.table && !nan) {
       // The high nibble's addend to the high byte: E >> 1, and the sign to bit 7.
       const __m256i high_add = _mm256_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, -128, -127, -126, -125, -124, -123, -122, -121, 0, 1,
                                                 2, 3, 4, 5, 6, 7, -128, -127, -126, -125, -124, -123, -122, -121);
@@ -218,7 +219,7 @@ struct F8TableDecoderAvx2 : F8DecoderAvx2<kPairs> {
       wo0 = _mm256_castsi256_ps(_mm256_and_si256(w1, high));
       we1 = _mm256_castsi256_ps(_mm256_slli_epi32(w2, 16));
       wo1 = _mm256_castsi256_ps(_mm256_and_si256(w2, high));
-    } else if (!st.big && !has_nan_code(v, k)) {
+    } else if (!st.big && !nan) {
       decode_fp16_avx2<false>(v, st.sf, k, we0, wo0, we1, wo1);
     } else {
       decode_fp16_avx2<true>(v, st.sv, k, we0, wo0, we1, wo1);
