@@ -412,6 +412,7 @@ Status Quantizer::write_weight(size_t t, size_t r, format::PayloadWriter& w, Err
   const int64_t rows = k_end - k_begin;
   const Scheme sc = plan_.schemes[t];
   // Expert e's scale rows, columns [a, b), into a per-thread buffer.
+  // Expert e's scale rows for columns [a, b), row stride b - a (Int8Source::scales_ld).
   auto expert_scales = [&](int64_t e, int64_t a, int64_t b) {
     uint16_t* p = scratch<uint16_t>(1, static_cast<size_t>(B * (b - a)));
     for (int64_t bl = 0; bl < B; ++bl) in.scales(e, bl, a, b, p + bl * (b - a));
@@ -430,7 +431,7 @@ Status Quantizer::write_weight(size_t t, size_t r, format::PayloadWriter& w, Err
   auto source = [&](int64_t e, int64_t k0, int64_t k1) {
     int64_t ld = 0;
     const int8_t* codes = codes_of(e, k0, k1, c0, c1, &ld);
-    return Int8Source{codes, expert_scales(e, c0, c1), k1 - k0, width, ld, B, k0, K};
+    return Int8Source{codes, expert_scales(e, c0, c1), k1 - k0, width, ld, B, k0, K, width};
   };
   // Items of the rank's rows, expert after expert: 32 to 256 rows (a multiple of 32, as
   // f8col needs), about kItemBytes of codes, so that many threads' windows stay small.
@@ -496,7 +497,7 @@ Status Quantizer::write_weight(size_t t, size_t r, format::PayloadWriter& w, Err
           const int64_t k1 = std::min(K, k0 + kRowBlock);
           int64_t ld = 0;
           const int8_t* codes = codes_of(e, k0, k1, a, b, &ld);
-          column_absmax(Int8Source{codes, scales, k1 - k0, b - a, ld, B, k0, K}, absmax);
+          column_absmax(Int8Source{codes, scales, k1 - k0, b - a, ld, B, k0, K, b - a}, absmax);
         }
         f8_column_scales(absmax, b - a, col_scales.data() + e * width + (a - c0));
       });

@@ -163,7 +163,7 @@ bool exact_grid(const int8_t* col, int64_t stride, int64_t G, int camax, float s
 
 void check_source(const Int8Source& s) {
   GROKIT_CHECK((s.codes != nullptr && s.scales != nullptr) || s.rows == 0 || s.cols == 0);
-  GROKIT_CHECK(s.rows >= 0 && s.cols >= 0 && s.cols <= s.ld);
+  GROKIT_CHECK(s.rows >= 0 && s.cols >= 0 && s.cols <= s.ld && s.cols <= s.scale_stride());
   GROKIT_CHECK(s.blocks >= 1 && s.total_rows % s.blocks == 0);
   GROKIT_CHECK(s.row0 >= 0 && s.row0 + s.rows <= s.total_rows);
 }
@@ -212,7 +212,7 @@ QI void copy_panel(const Int8Source& s, int64_t k0, int64_t rows, int64_t p0, in
   }
 }
 QI void load_scale_row(const Int8Source& s, int64_t b, int64_t p0, int np, float* s8) {
-  for (int j = 0; j < kP; ++j) s8[j] = j < np ? bf16_value(s.scales[b * s.ld + p0 + j]) : 0.0f;
+  for (int j = 0; j < kP; ++j) s8[j] = j < np ? bf16_value(s.scales[b * s.scale_stride() + p0 + j]) : 0.0f;
 }
 
 // -------------------------------------------------------------------------------
@@ -314,7 +314,7 @@ QI void q4_screen(Q4Panel& P, int64_t G) {
 // Group g, columns [p0, p0 + np): nibbles and scales into gout, stats into st.
 QI void q4g_panel(const Int8Source& s, int64_t g, int64_t G, bool search, int64_t p0, int np, uint8_t* gout,
                   ErrorStats& st, Q4Panel& P) {
-  const int64_t N = s.cols, ld = s.ld, rpb = s.total_rows / s.blocks;
+  const int64_t N = s.cols, lds = s.scale_stride(), rpb = s.total_rows / s.blocks;
   const int64_t lk0 = g * G, r0 = s.row0 + lk0;
   copy_panel(s, lk0, G, p0, np, P.code);
 
@@ -386,7 +386,7 @@ QI void q4g_panel(const Int8Source& s, int64_t g, int64_t G, bool search, int64_
     for (int j = 0; j < kP; ++j) {
       bool uniform = j < np;
       for (int64_t bb = b_first + 1; bb <= b_last && uniform; ++bb)
-        uniform = s.scales[bb * ld + p0 + j] == s.scales[b_first * ld + p0 + j];
+        uniform = s.scales[bb * lds + p0 + j] == s.scales[b_first * lds + p0 + j];
       P.uniform[j] = uniform ? 1 : 0;
     }
     for (int j = 0; j < np; ++j) {
@@ -633,7 +633,7 @@ QI void absmax_body(const Int8Source& s, float* __restrict absmax) {
         m[j] = a > m[j] ? a : m[j];
       }
     }
-    const uint16_t* __restrict sc = s.scales + b * s.ld;
+    const uint16_t* __restrict sc = s.scales + b * s.scale_stride();
     for (int64_t j = 0; j < N; ++j) {
       const float a = abs_bits(bf16_any(static_cast<float>(m[j]) * bf16_value(sc[j])));
       absmax[j] = a > absmax[j] ? a : absmax[j];
@@ -667,7 +667,7 @@ QI void bf16_body(const Int8Source& s, uint16_t* __restrict out, ErrorStats& st)
   // double every 32 rows.
   for (int64_t k = 0; k < s.rows; ++k) {
     const int8_t* __restrict code = s.codes + k * s.ld;
-    const uint16_t* __restrict sc = s.scales + ((s.row0 + k) / rpb) * s.ld;
+    const uint16_t* __restrict sc = s.scales + ((s.row0 + k) / rpb) * s.scale_stride();
     uint16_t* __restrict o = out + k * N;
     int64_t j0 = 0;
     for (; j0 + kP <= N; j0 += kP)
@@ -993,7 +993,7 @@ void quantize_q4g_ref(const Int8Source& s, int64_t group, bool search, uint8_t* 
   GROKIT_CHECK(group == 32 || group == 64 || group == 128);
   GROKIT_CHECK(s.rows % group == 0);
   if (s.cols == 0) return;
-  const int64_t G = group, N = s.cols, ld = s.ld, rpb = s.total_rows / s.blocks;
+  const int64_t G = group, N = s.cols, ld = s.ld, lds = s.scale_stride(), rpb = s.total_rows / s.blocks;
   const int64_t gbytes = static_cast<int64_t>(format::q4g_group_bytes(G, N));
   ErrorStats st;
   std::vector<float> w(static_cast<size_t>(G));
@@ -1003,13 +1003,13 @@ void quantize_q4g_ref(const Int8Source& s, int64_t group, bool search, uint8_t* 
     std::memset(gout, 0, static_cast<size_t>(gbytes));
     const int64_t lk0 = g * G, r0 = s.row0 + lk0;
     for (int64_t n = 0; n < N; ++n) {
-      const uint16_t s8_bits = s.scales[(r0 / rpb) * ld + n];
+      const uint16_t s8_bits = s.scales[(r0 / rpb) * lds + n];
       const float s8 = bf16_bits_to_f32(s8_bits);
       bool uniform = true, nonfin = false;
       float A = 0;
       int camax = 0;
       for (int64_t k = 0; k < G; ++k) {
-        const uint16_t sb = s.scales[((r0 + k) / rpb) * ld + n];
+        const uint16_t sb = s.scales[((r0 + k) / rpb) * lds + n];
         uniform = uniform && sb == s8_bits;
         code[k] = s.codes[(lk0 + k) * ld + n];
         w[k] = round_bf16(static_cast<float>(code[k]) * bf16_bits_to_f32(sb));

@@ -11,13 +11,16 @@
 // global row `row0` of a matrix of `total_rows` rows, and `cols` consecutive columns:
 //
 //     codes[k * ld + n]       int8, k in [0, rows), n in [0, cols): global row row0 + k
-//     scales[b * ld + n]      bf16 bits, b in [0, blocks): global rows
-//                             [b * total_rows / blocks, (b + 1) * total_rows / blocks)
+//     scales[b * lds + n]     bf16 bits, b in [0, blocks): global rows
+//                             [b * total_rows / blocks, (b + 1) * total_rows / blocks);
+//                             lds = scales_ld, or ld where scales_ld is 0
 //
 // so a row slice of a row-split matrix (row0 > 0) finds its own blocks. The scales
 // pointer covers all `blocks` scale rows of the whole matrix. A column window is a
-// pointer offset (codes + c0, scales + c0, same ld); columns are independent, so
+// pointer offset (codes + c0, scales + c0, the same strides); columns are independent, so
 // quantizing [0, c) and [c, N) gives, column for column, the bytes of quantizing [0, N).
+// The codes and the scales each keep their own stride: codes read in place from a wide
+// matrix (ld its full width) go with scale rows copied for the window only.
 //
 // The schemes (one block layout each, defined in SPEC §4.1 and sized by format.h):
 //
@@ -95,6 +98,9 @@ struct Int8Source {
   int64_t blocks = 1;                // scale blocks of the whole matrix (q8rb param B)
   int64_t row0 = 0;                  // global index of local row 0
   int64_t total_rows = 0;            // rows of the whole matrix (a multiple of blocks)
+  int64_t scales_ld = 0;             // stride of the scale rows; 0: ld
+
+  int64_t scale_stride() const { return scales_ld > 0 ? scales_ld : ld; }
 };
 
 struct ErrorStats {

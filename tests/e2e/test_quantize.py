@@ -207,6 +207,43 @@ class Quantize(unittest.TestCase):
         self.assertGreater(results["fp8"]["top1"]["agreement"], 0.5)  # measured 0.61
         self.assertGreater(results["fp8"]["top1"]["agreement"], results["int4"]["top1"]["agreement"])
 
+    def test_fp8_column_scales_cover_every_row_of_a_wide_row_split_matrix(self):
+        # Columns wider than the absmax pass's window (1024) with 8 scale blocks per column
+        # (attention output, expert down): each column's scale is the smallest bf16 >= its
+        # absmax over all K rows / 448, so nothing saturates. (The pass once paired the
+        # window's copied scale rows with the in-place codes' row stride and read other
+        # blocks' scales: clipped weights, 13 steps of error.)
+        wide = self.path("wide-int8")
+        run("convert", write_checkpoint(self.path("wide-ck"), tiny_config(
+            emb=1280, layers=1, q_heads=8, kv_heads=8, key_size=160, experts=2, widening_factor=0.6)),
+            wide, "--tp", 1, "--no-progress", check=0)
+        out = self.path("wide-fp8")
+        p = run("quantize", wide, out, "--scheme", "fp8", "--json", "--no-progress", "--force", check=0)
+        report = {t["name"]: t for t in json.loads(p.stdout)["tensors"]}
+        checked = 0
+        for name in ("layer.0.attn.output", "layer.0.moe.down", "layer.0.moe.gate"):
+            src_e, src = payload(wide, 0, name)
+            e, data = payload(out, 0, name)
+            self.assertEqual(e["dtype_name"], "f8col", name)
+            K, N = e["shape"][-2], e["shape"][-1]
+            E = e["shape"][0] if len(e["shape"]) == 3 else 1
+            w = dequantize(src_e, src)
+            mbytes = 32 * (K // 32) * N + (2 * N + 15) // 16 * 16
+            buf = np.frombuffer(data, np.uint8)
+            for x in range(E):
+                stored = buf[x * mbytes + 32 * (K // 32) * N:][:2 * N].view("<u2")
+                a = np.abs(w[x]).max(axis=0)
+                near = (a / np.float32(448)).astype(BF16)  # nearest, then up to the first that covers a
+                want = near.view("<u2") + (near.astype(np.float32) * np.float32(448) < a)
+                np.testing.assert_array_equal(stored, want, f"{name} expert {x}")
+            self.assertEqual(report[name]["clipped_fraction"], 0.0, name)
+            self.assertLess(report[name]["max_error_steps"], 0.6, name)
+            checked += 1
+            if name != "layer.0.moe.gate":  # row split: 8 scale blocks, more columns than a window
+                self.assertEqual(src_e["param"], 8, name)
+                self.assertGreater(N, 1024, name)
+        self.assertEqual(checked, 3)
+
     def test_mixed_schemes_by_pattern(self):
         out, report = self.quantize("q-mixed", "--scheme", "int4", "--group-size", "32",
                                     "--override", "layer.*.attn.*=int8")

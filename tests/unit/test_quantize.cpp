@@ -578,6 +578,46 @@ TEST(QuantizeSlices, ColumnHalvesGiveTheWholeBytes) {
   }
 }
 
+// A column window whose scale rows are copied for the window alone (stride = its width,
+// Int8Source::scales_ld) while its codes stay in place (stride = the matrix's width), as
+// the quantize pipeline reads them: the same bytes and statistics as the window over the
+// whole scale rows, at every SIMD level, in every scheme. Four scale blocks, so a
+// mistaken stride reads other blocks' scales.
+TEST(QuantizeSlices, WindowScaleRowsKeepTheirOwnStride) {
+  const int64_t K = 256, N = 100, B = 4, c0 = 24, c = 48;
+  Release r = make_release(K, N, B, 41);
+  std::vector<uint16_t> compact(static_cast<size_t>(B * c));
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t j = 0; j < c; ++j) compact[static_cast<size_t>(b * c + j)] = r.scales[static_cast<size_t>(b * N + c0 + j)];
+  const Int8Source full = r.view(0, -1, c0, c);
+  Int8Source own = full;
+  own.scales = compact.data();
+  own.scales_ld = c;
+  for_each_simd_level([&](int) {
+    for (int64_t G : {32, 128})
+      for (bool search : {false, true}) {
+        ErrorStats a, b;
+        EXPECT_EQ(run_q4g(own, G, search, &a), run_q4g(full, G, search, &b)) << G << " " << search;
+        expect_stats_near(a, b);
+        EXPECT_EQ(a.sum_err2, b.sum_err2);
+        ErrorStats ra, rb;
+        EXPECT_EQ(run_q4g_ref(own, G, search, &ra), run_q4g_ref(full, G, search, &rb)) << G << " " << search;
+        EXPECT_EQ(ra.sum_err2, rb.sum_err2);
+      }
+    const std::vector<uint16_t> sc = col_scales(full);
+    EXPECT_EQ(col_scales(own), sc);
+    ErrorStats a, b;
+    EXPECT_EQ(run_f8(own, sc, &a), run_f8(full, sc, &b));
+    EXPECT_EQ(a.sum_err2, b.sum_err2);
+    std::vector<uint16_t> w1(static_cast<size_t>(K * c)), w2(w1.size());
+    dequantize_bf16(own, w1.data(), nullptr);
+    dequantize_bf16(full, w2.data(), nullptr);
+    EXPECT_EQ(w1, w2);
+  });
+  // And they are the window's scales: block 3's weights differ from block 0's scale's.
+  EXPECT_NE(r.scales[3 * N + c0], r.scales[c0]);
+}
+
 // ---------------------------------------------------------------------------------
 // E4M3.
 TEST(QuantizeE4m3, AllCodesRoundTrip) {
