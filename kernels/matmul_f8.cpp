@@ -147,6 +147,7 @@ GROKIT_AVX2 __attribute__((always_inline)) inline bool has_nan_code(__m256i v, c
 template <bool kPairs>
 struct F8DecoderAvx2 {
   static constexpr std::array<int, 4> kX = kPairs ? std::array<int, 4>{8, 0, 24, 16} : std::array<int, 4>{0, 16, 8, 24};
+  static constexpr int kColumnBytes = 32;
   struct State {
     __m256 sv, sf;  // the column's scale, and folded (times 2^8)
     bool big;       // too large to fold

@@ -93,6 +93,7 @@ GROKIT_AVX2 inline void q4_tables_avx2(float s, __m256i& tl, __m256i& th) {
 template <bool kPairs>
 struct Q4DecoderAvx2 {
   static constexpr std::array<int, 4> kX = {0, 8, 16, 24};
+  static constexpr int kColumnBytes = 16;
   struct State {
     __m256i tl, th;  // the group's tables
   };
