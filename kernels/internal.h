@@ -332,7 +332,9 @@ GROKIT_AVX2 inline __m256 round_bf16x8(__m256 v) {
   b = _mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
   return _mm256_castsi256_ps(_mm256_and_si256(b, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
 }
-// The same with its constants from k (avx2_consts()), for loops short of registers.
+// The same with its constants read from k (avx2_consts()), for loops short of registers.
+// (Not the default: where the constants fit in registers, as in the int8 walks, reading
+// them from memory changed the code for nothing.)
 GROKIT_AVX2 inline __m256 round_bf16x8(__m256 v, const Avx2Consts* k) {
   __m256i b = _mm256_castps_si256(v);
   __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), avx2_const(k->x1));

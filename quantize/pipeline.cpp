@@ -411,8 +411,8 @@ Status Quantizer::write_weight(size_t t, size_t r, format::PayloadWriter& w, Err
   const int64_t c0 = col_split ? sl.start : 0, c1 = col_split ? sl.start + sl.length : N, width = c1 - c0;
   const int64_t rows = k_end - k_begin;
   const Scheme sc = plan_.schemes[t];
-  // Expert e's scale rows, columns [a, b), into a per-thread buffer.
-  // Expert e's scale rows for columns [a, b), row stride b - a (Int8Source::scales_ld).
+  // Expert e's scale rows for columns [a, b) into a per-thread buffer, row stride b - a
+  // (Int8Source::scales_ld).
   auto expert_scales = [&](int64_t e, int64_t a, int64_t b) {
     uint16_t* p = scratch<uint16_t>(1, static_cast<size_t>(B * (b - a)));
     for (int64_t bl = 0; bl < B; ++bl) in.scales(e, bl, a, b, p + bl * (b - a));
