@@ -291,13 +291,15 @@ int cmd_run(int argc, char** argv) {
   const char* prog = "grokit run";
   cxxopts::Options opts(prog,
                         "Generate text. One --prompt streams its continuation to stdout; --prompt-file runs "
-                        "one prompt per line as a batch and prints each continuation as it ends.");
+                        "one prompt per line as a batch and prints the continuations, one line each, in the "
+                        "prompts' order.");
   opts.positional_help("<model dir>");
   opts.add_options()
       ("prompt", "the prompt text (default: none; give one of --prompt, --prompt-file, --tokens-in)",
        cxxopts::value<std::string>())
-      ("prompt-file", "a file of prompts ('-': standard input), one per line, run as one batch; each "
-       "continuation is printed on one line with \\n, \\r, \\t, \\\\ and \\xNN escapes (default: none)", cxxopts::value<std::string>())
+      ("prompt-file", "a file of prompts ('-': standard input), one per line (no blank line between "
+       "them), run as one batch; each continuation is printed on one line with \\n, \\r, \\t, \\\\ and "
+       "\\xNN escapes (default: none)", cxxopts::value<std::string>())
       ("tokens-in", "prompts as int32 token ids [B, T] (.npy, 0-padded on the right) instead of text (default: none)",
        cxxopts::value<std::string>())
       ("tokenizer", "a SentencePiece model to use instead of the model's own tokenizer.model (for a model "
@@ -369,12 +371,25 @@ int cmd_run(int argc, char** argv) {
         if (!opened) return fail(prog, make_error(file, ": cannot read"));
       }
       std::istream& in = file == "-" ? std::cin : opened;
+      const std::string name = file == "-" ? "standard input" : file;
+      // Output line i answers input line i: a blank line between prompts is refused
+      // (skipping it would shift every later answer); blank lines at the end are not prompts.
+      int64_t line_no = 0, first_blank = 0;
       for (std::string line; std::getline(in, line);) {
+        ++line_no;
         if (!line.empty() && line.back() == '\r') line.pop_back();  // CRLF files
-        if (!line.empty()) texts.push_back(line);
+        if (line.empty()) {
+          if (first_blank == 0) first_blank = line_no;
+          continue;
+        }
+        if (first_blank != 0)
+          return fail(prog, make_error(name, " line ", first_blank,
+                                       ": empty, between prompts (one prompt per line; line i of the output answers "
+                                       "prompt i)"));
+        texts.push_back(line);
       }
-      if (in.bad()) return fail(prog, make_error(file == "-" ? "standard input" : file, ": read error"));
-      if (texts.empty()) return fail(prog, make_error(file == "-" ? "standard input" : file, ": no prompts"));
+      if (in.bad()) return fail(prog, make_error(name, ": read error"));
+      if (texts.empty()) return fail(prog, make_error(name, ": no prompts"));
     }
     for (const auto& t : texts) {
       auto ids = tok->encode(t);

@@ -297,6 +297,25 @@ class Runner(unittest.TestCase):
         self.assertEqual(p.stdout.count(b"\n"), 3, p.stdout)
         self.assertTrue(p.stdout.endswith(b"\n"))
 
+    def test_prompt_file_refuses_a_blank_line_between_prompts(self):
+        flags = ["--max-tokens", 4, "--temperature", 0, "--no-progress"]
+        # Output line i answers prompt i: a blank line in between would shift every later
+        # answer if it were skipped, so it is refused, by its line number.
+        f = self.path("prompts-gap.txt")
+        with open(f, "w") as fh:
+            fh.write("Hello world\n\nGood morning\n")
+        p = run_bytes("run", self.model[1], "--prompt-file", f, *flags)
+        self.assertEqual(p.returncode, 1, p.stderr)
+        self.assertEqual(p.stdout, b"")
+        self.assertIn(b"prompts-gap.txt line 2: empty, between prompts", p.stderr)
+        # Blank lines after the last prompt are not prompts: two prompts, two lines out.
+        f = self.path("prompts-tail.txt")
+        with open(f, "w") as fh:
+            fh.write("Hello world\r\nGood morning\n\n\r\n")
+        p = run_bytes("run", self.model[1], "--prompt-file", f, *flags)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertEqual(p.stdout.count(b"\n"), 2, p.stdout)
+
     def test_prompt_file_from_standard_input_and_with_crlf_lines(self):
         f = self.path("prompts-lf.txt")
         with open(f, "w") as fh:
