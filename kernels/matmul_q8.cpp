@@ -113,10 +113,13 @@ GROKIT_AVX2 void rows_step_avx2(const float* x, int64_t ldx, int64_t k, const in
   __m256 xv[kM][kRows];
   for (int m = 0; m < kM; ++m)
     for (int r = 0; r < kRows; ++r) xv[m][r] = _mm256_broadcast_ss(x + m * ldx + k + r);
+  // Groups per step: kM x kG sums and the dequantized groups stay in registers (x's
+  // broadcasts, loop-invariant, may live in memory as fma operands).
+  constexpr int kG = kM <= 2 ? 4 : kM == 3 ? 2 : 1;
   int64_t c = c0;
-  for (; c + 32 <= c1; c += 32) {
+  for (; c + 8 * kG <= c1; c += 8 * kG) {
     if (((c - c0) & 63) == 0) prefetch.next(fetch);
-    rows_groups_avx2<kPairs, kRows, kM, 4>(xv, ra, N, s, c, acc + (c - c0), acc_ld);
+    rows_groups_avx2<kPairs, kRows, kM, kG>(xv, ra, N, s, c, acc + (c - c0), acc_ld);
   }
   for (; c < c1; c += 8) {
     if (((c - c0) & 63) == 0) prefetch.next(fetch);
@@ -124,12 +127,14 @@ GROKIT_AVX2 void rows_step_avx2(const float* x, int64_t ldx, int64_t k, const in
   }
 }
 
-// AVX2, decode (fewer than kPanelMinRows rows of x): four rows of codes at a time walk the
+// AVX2, decode and small batches (up to kAvx2RowsMaxM rows of x; fewer column groups per
+// step as rows are added, so the sums stay in registers): four rows of codes at a time walk the
 // task's columns in memory order, the next rows prefetched ahead as in the AVX-512 walks
 // (BlockPrefetch), each 8-column group dequantized in registers and added to every row of
 // x's sums in `acc` (read and written once per four rows), in the pinned order. The
 // panels of block_avx2 cost a store and a load per weight, and their 64-row tiles read 64
 // rows side by side.
+constexpr int64_t kAvx2RowsMaxM = 4;
 template <bool kPairs, int kM>
 GROKIT_AVX2 void rows_avx2(const float* x, int64_t ldx, const int8_t* codes, const float* scale_table, int64_t N,
                            int64_t rpb, int64_t k0, int64_t k1, int64_t c0, int64_t c1, float* acc, int64_t acc_ld) {
@@ -379,7 +384,7 @@ Status impl(const float* x, int64_t M, int64_t K, int64_t ldx, const Q8Operand* 
   // Each operand's scales as fp32 [blocks][N], converted once per call for every task.
   static thread_local std::vector<std::vector<float>> scale_tables_storage;
   std::vector<std::vector<float>>& scale_tables = scale_tables_storage;
-  if (kLevel == Level::kAvx512 || (kLevel == Level::kAvx2 && M < kPanelMinRows)) {
+  if (kLevel == Level::kAvx512 || (kLevel == Level::kAvx2 && M <= kAvx2RowsMaxM)) {
     if (static_cast<int64_t>(scale_tables.size()) < count) scale_tables.resize(static_cast<size_t>(count));
     for (int64_t p = 0; p < count; ++p) {
       std::vector<float>& table = scale_tables[static_cast<size_t>(p)];
@@ -398,7 +403,7 @@ Status impl(const float* x, int64_t M, int64_t K, int64_t ldx, const Q8Operand* 
     const uint16_t* scales = ops[p].scales;
     const int64_t N = ops[p].N, rpb = K / ops[p].blocks;
     // AVX-512 takes every column (its last tile masked), AVX2 the whole 8-column groups.
-    const bool avx2_rows = kLevel == Level::kAvx2 && M < kPanelMinRows;
+    const bool avx2_rows = kLevel == Level::kAvx2 && M <= kAvx2RowsMaxM;
     const int64_t vec_end = kLevel == Level::kScalar ? c0 : kLevel == Level::kAvx512 ? c1 : c0 + (c1 - c0) / 8 * 8;
     if (vec_end > c0) {
       // The panels start the sums from zero themselves.
@@ -421,7 +426,9 @@ Status impl(const float* x, int64_t M, int64_t K, int64_t ldx, const Q8Operand* 
         if (avx2_rows) {
           const float* table = scale_tables[static_cast<size_t>(p)].data();
           if (M == 1) rows_avx2<kPairs, 1>(x, ldx, codes, table, N, rpb, k0, k1, c0, vec_end, out, ld);
-          else rows_avx2<kPairs, 2>(x, ldx, codes, table, N, rpb, k0, k1, c0, vec_end, out, ld);
+          else if (M == 2) rows_avx2<kPairs, 2>(x, ldx, codes, table, N, rpb, k0, k1, c0, vec_end, out, ld);
+          else if (M == 3) rows_avx2<kPairs, 3>(x, ldx, codes, table, N, rpb, k0, k1, c0, vec_end, out, ld);
+          else rows_avx2<kPairs, 4>(x, ldx, codes, table, N, rpb, k0, k1, c0, vec_end, out, ld);
         } else {
           for (int64_t b0 = k0; b0 < k1; b0 += kRowBlock) {
             const int64_t b1 = std::min(k1, b0 + kRowBlock);

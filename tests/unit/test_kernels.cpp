@@ -548,12 +548,15 @@ std::vector<KernelCase> all_cases() {
   // 560 / B8 give blocks of 75 and 70 rows (odd), so pairs of rows straddle scale blocks
   // and the kernel's 64-row tiles; N = 32, 64 are whole SIMD tiles, the others leave a
   // masked last tile (AVX-512) or a scalar tail (AVX2: past the last 8-column group where
-  // M < 3, past the last 32-column tile otherwise); odd K leaves a last pair of one; the
-  // AVX2 decode walk steps four rows at a time, so K and the chains leave 1 to 3 rows.
+  // M <= 4, past the last 32-column tile otherwise); odd K leaves a last pair of one; the
+  // AVX2 walk of M <= 4 steps four rows at a time, so K and the chains leave 1 to 3 rows,
+  // and 32, 16 or 8 columns at a time (M 1-2, 3, 4), so N leaves 8-column groups after
+  // the last step.
   const int64_t q8[][4] = {{1, 1, 1, 1},     {1, 6, 17, 2},    {2, 30, 33, 1},  {3, 24, 47, 8},   {7, 150, 100, 2},
                            {33, 40, 16, 8},  {1, 560, 129, 8}, {2, 130, 32, 1}, {7, 9, 300, 1},   {33, 100, 31, 2},
                            {3, 136, 65, 8},  {1, 200, 257, 8}, {7, 2, 15, 2},   {2, 1000, 48, 8}, {33, 66, 129, 2},
-                           {1, 63, 64, 1},   {3, 127, 33, 1}};
+                           {1, 63, 64, 1},   {3, 127, 33, 1},  {4, 150, 100, 2}, {4, 561, 129, 3}, {3, 130, 40, 1},
+                           {4, 7, 8, 1},     {5, 64, 41, 2}};
   for (const auto& p : q8) {
     c.push_back(case_matmul_q8(p[0], p[1], p[2], p[3], 0));
     c.push_back(case_matmul_q8(p[0], p[1], p[2], p[3], 0, true));
@@ -569,6 +572,8 @@ std::vector<KernelCase> all_cases() {
   c.push_back(case_matmul_q8(3, 192, 70, 2, 1, false, 64));
   c.push_back(case_matmul_q8(2, 256, 64, 8, 0, true, 128));
   c.push_back(case_matmul_q8(5, 96, 33, 1, 0, true, 12));
+  c.push_back(case_matmul_q8(4, 192, 72, 4, 0, false, 32));
+  c.push_back(case_matmul_q8(3, 256, 56, 8, 0, true, 64));
   c.push_back(case_matmul_q8(1, 24, 40, 3, 0, false, 8));
   // Prefill-sized with chains (M N chains > 2^22): the AVX-512 tiles that walk the chains'
   // tree themselves; 12 and 24 chains (not powers of two), a partial last tile.
@@ -581,6 +586,7 @@ std::vector<KernelCase> all_cases() {
   // one chain (each its own plan), prefill-sized (each its own plan), M = 0.
   c.push_back(case_matmul_q8_multi(1, 256, {96, 33, 64}, 16));
   c.push_back(case_matmul_q8_multi(2, 128, {100, 7}, 32));
+  c.push_back(case_matmul_q8_multi(4, 128, {96, 40}, 32));
   c.push_back(case_matmul_q8_multi(1, 64, {40}, 8));
   c.push_back(case_matmul_q8_multi(1, 64, {40, 50}, 0));
   c.push_back(case_matmul_q8_multi(600, 512, {120, 33}, 8));
