@@ -131,8 +131,14 @@ GROKIT_AVX2 void column_walk_avx2(const float* xa, int64_t K, const Layout& L, i
 // vectors of x and 3 of weights in registers, two loads per three fmas. Each sum adds the
 // same products in the same order as the walk, so the same bits. Chains up to
 // kChunkPanelAvx2Chunks chunks (24 KiB of fp32 weights for the three columns).
+// Short chains decode several column triples at once (up to kChunkPanelAvx2Bytes of
+// panels) and run each row triple down all of them: the rows' x, which comes from L2
+// once many rows no longer fit L1, is then read from L2 once per block of triples
+// instead of once per triple (at 256 rows the triple-at-a-time order was bound by L2).
 constexpr int64_t kChunkPanelAvx2Chunks = 64;
 constexpr int kChunkPanelAvx2Columns = 3;
+constexpr int kChunkPanelAvx2Triples = 8;            // column triples decoded together, at most
+constexpr int64_t kChunkPanelAvx2Bytes = 20 << 10;  // their panels' bytes, at most (L1)
 inline int64_t chunk_panels_avx2_min_rows() { return 6; }
 // The sums of rows [0, R) of x (xa, rows K apart) over slots s0 then s0 + 1 of each chunk
 // of the panel's columns (panel[t][j]: chunk ch0 + t of column j).
@@ -173,27 +179,47 @@ GROKIT_AVX2 void chunk_panels_avx2(const float* xa, int64_t M, int64_t K, const 
                                    int64_t c0, int64_t c1, float* out, int64_t ld) {
   using Dec = decltype(chunk_decoder_avx2<kPairs>(L));
   constexpr int NC = kChunkPanelAvx2Columns;
+  using Panel = __m256[NC][4];  // one chunk of a column triple
   const int64_t steps = ch1 - ch0;
   GROKIT_CHECK(steps > 0 && steps <= kChunkPanelAvx2Chunks);
-  alignas(32) __m256 panel[kChunkPanelAvx2Chunks][NC][4];
-  for (int64_t n = c0; n < c1; n += NC) {
-    const int nc = static_cast<int>(std::min<int64_t>(NC, c1 - n));
-    for (int j = 0; j < NC; ++j) {
-      if (j >= nc) {  // the last columns' missing partners
-        for (int64_t t = 0; t < steps; ++t)
-          for (int s = 0; s < 4; ++s) panel[t][j][s] = _mm256_setzero_ps();
-        continue;
-      }
-      typename Dec::State st;
-      for (int64_t t = 0; t < steps; ++t) {
-        if (t == 0 || Dec::new_group(L, ch0 + t)) Dec::begin(L, n + j, ch0 + t, st);
-        Dec::decode(L, n + j, ch0 + t, st, panel[t][j]);
+  // Triples per block: as many as kChunkPanelAvx2Bytes holds (one at the longest chains).
+  const int64_t triple_bytes = steps * static_cast<int64_t>(sizeof(Panel));
+  const int64_t per_block =
+      std::clamp<int64_t>(kChunkPanelAvx2Bytes / triple_bytes, 1, kChunkPanelAvx2Triples);
+  // per_block * steps chunks: at most max(kChunkPanelAvx2Bytes / sizeof(Panel), steps).
+  static_assert(kChunkPanelAvx2Bytes / sizeof(Panel) <= kChunkPanelAvx2Chunks);
+  alignas(32) Panel panel[kChunkPanelAvx2Chunks];
+  for (int64_t b0 = c0; b0 < c1; b0 += per_block * NC) {
+    const int64_t b1 = std::min(c1, b0 + per_block * NC), triples = (b1 - b0 + NC - 1) / NC;
+    for (int64_t tr = 0; tr < triples; ++tr) {
+      const int64_t n = b0 + tr * NC;
+      const int nc = static_cast<int>(std::min<int64_t>(NC, b1 - n));
+      Panel* pt = panel + tr * steps;
+      for (int j = 0; j < NC; ++j) {
+        if (j >= nc) {  // the last columns' missing partners
+          for (int64_t t = 0; t < steps; ++t)
+            for (int s = 0; s < 4; ++s) pt[t][j][s] = _mm256_setzero_ps();
+          continue;
+        }
+        typename Dec::State st;
+        for (int64_t t = 0; t < steps; ++t) {
+          if (t == 0 || Dec::new_group(L, ch0 + t)) Dec::begin(L, n + j, ch0 + t, st);
+          Dec::decode(L, n + j, ch0 + t, st, pt[t][j]);
+        }
       }
     }
-    float* o = out + (n - c0);
+    // Each row triple (then each remaining row) down every triple of the block.
+    auto rows = [&](auto r, int64_t m) GROKIT_AVX2_INLINE_LAMBDA {
+      for (int64_t tr = 0; tr < triples; ++tr) {
+        const int64_t n = b0 + tr * NC;
+        const int nc = static_cast<int>(std::min<int64_t>(NC, b1 - n));
+        chunk_panel_rows_avx2<decltype(r)::value, kPairs, Dec>(xa + m * K, K, panel + tr * steps, ch0, steps, nc,
+                                                               out + (n - c0) + m * ld, ld);
+      }
+    };
     int64_t m = 0;
-    for (; m + 3 <= M; m += 3) chunk_panel_rows_avx2<3, kPairs, Dec>(xa + m * K, K, panel, ch0, steps, nc, o + m * ld, ld);
-    for (; m < M; ++m) chunk_panel_rows_avx2<1, kPairs, Dec>(xa + m * K, K, panel, ch0, steps, nc, o + m * ld, ld);
+    for (; m + 3 <= M; m += 3) rows(std::integral_constant<int, 3>{}, m);
+    for (; m < M; ++m) rows(std::integral_constant<int, 1>{}, m);
   }
 }
 
