@@ -127,31 +127,33 @@ GROKIT_AVX2 void column_walk_avx2(const float* xa, int64_t K, const Layout& L, i
 
 // AVX2 panels (prefill): three columns' chunks of one chain decoded once into L1, then
 // the rows of x run down them three at a time, in two passes: the sums A (slots 0 then 1
-// of each chunk), parked, then the sums B (slots 2 then 3). Each pass keeps 9 sums, 3
-// vectors of x and 3 of weights in registers, two loads per three fmas. Each sum adds the
-// same products in the same order as the walk, so the same bits. Chains up to
-// kChunkPanelAvx2Chunks chunks (24 KiB of fp32 weights for the three columns).
-// Short chains decode several column triples at once (up to kChunkPanelAvx2Bytes of
-// panels) and run each row triple down all of them: the rows' x, which comes from L2
-// once many rows no longer fit L1, is then read from L2 once per block of triples
-// instead of once per triple (at 256 rows the triple-at-a-time order was bound by L2).
+// of each chunk), then the sums B (slots 2 then 3). Each pass keeps 9 sums, 3 vectors of x
+// and 3 of weights in registers, two loads per three fmas. Each sum adds the same products
+// in the same order as the walk, so the same bits. Chains up to kChunkPanelAvx2Chunks
+// chunks.
+// The rows' x comes from L2 once many rows no longer fit L1, so the panels are laid out
+// for few reads of it: several column triples are decoded at once (up to
+// kChunkPanelAvx2Bytes of panels) and each row triple runs down all of them; a chain
+// longer than kChunkPanelAvx2Tile chunks goes by tiles of that many, its sums parked
+// between tiles (a row triple's x for one tile, 6 KiB, stays in L1 next to the panels).
+// At 256 rows the triple-at-a-time order over whole chains was bound by L2.
 constexpr int64_t kChunkPanelAvx2Chunks = 64;
 constexpr int kChunkPanelAvx2Columns = 3;
 constexpr int kChunkPanelAvx2Triples = 8;            // column triples decoded together, at most
 constexpr int64_t kChunkPanelAvx2Bytes = 20 << 10;  // their panels' bytes, at most (L1)
+constexpr int64_t kChunkPanelAvx2Tile = 16;          // chunks per tile of a longer chain
 inline int64_t chunk_panels_avx2_min_rows() { return 6; }
-// The sums of rows [0, R) of x (xa, rows K apart) over slots s0 then s0 + 1 of each chunk
-// of the panel's columns (panel[t][j]: chunk ch0 + t of column j).
+// acc[r][j] += the products of rows [0, R) of x (xa, rows K apart) over slots s0 then
+// s0 + 1 of chunks [c0, c0 + steps) of the panel's columns (panel[t][j]: chunk c0 + t of
+// column j).
 template <int R, class Dec>
 GROKIT_AVX2 __attribute__((always_inline)) inline void chunk_panel_pass_avx2(
-    const float* xa, int64_t K, const __m256 (*panel)[kChunkPanelAvx2Columns][4], int64_t ch0, int64_t steps, int s0,
+    const float* xa, int64_t K, const __m256 (*panel)[kChunkPanelAvx2Columns][4], int64_t c0, int64_t steps, int s0,
     __m256 (&acc)[R][kChunkPanelAvx2Columns]) {
   constexpr int NC = kChunkPanelAvx2Columns;
   constexpr auto kX = Dec::kX;
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < NC; ++j) acc[r][j] = _mm256_setzero_ps();
   for (int64_t t = 0; t < steps; ++t) {
-    const float* xp = xa + 32 * (ch0 + t);
+    const float* xp = xa + 32 * (c0 + t);
     for (int s = s0; s < s0 + 2; ++s) {
       __m256 xv[R], wv[NC];
       for (int r = 0; r < R; ++r) xv[r] = _mm256_loadu_ps(xp + r * K + kX[s]);
@@ -161,16 +163,33 @@ GROKIT_AVX2 __attribute__((always_inline)) inline void chunk_panel_pass_avx2(
     }
   }
 }
+// One tile [c0, c0 + steps) of a chain for rows [0, R) and one column triple: the sums
+// start from zero (first) or from park, and end in out (last) or in park. park: row r's
+// sums at park + r * park_ld floats, A of column j at [16j], B at [16j + 8].
 template <int R, bool kPairs, class Dec>
 GROKIT_AVX2 inline void chunk_panel_rows_avx2(const float* xa, int64_t K,
-                                             const __m256 (*panel)[kChunkPanelAvx2Columns][4], int64_t ch0,
-                                             int64_t steps, int nc, float* out, int64_t ld) {
+                                             const __m256 (*panel)[kChunkPanelAvx2Columns][4], int64_t c0,
+                                             int64_t steps, bool first, bool last, float* park, int64_t park_ld,
+                                             int nc, float* out, int64_t ld) {
   constexpr int NC = kChunkPanelAvx2Columns;
   __m256 A[R][NC], B[R][NC];
-  chunk_panel_pass_avx2<R, Dec>(xa, K, panel, ch0, steps, 0, A);
-  chunk_panel_pass_avx2<R, Dec>(xa, K, panel, ch0, steps, 2, B);
   for (int r = 0; r < R; ++r)
-    for (int j = 0; j < nc; ++j) out[r * ld + j] = Dec::halve(A[r][j], B[r][j]);
+    for (int j = 0; j < NC; ++j) A[r][j] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(park + r * park_ld + 16 * j);
+  chunk_panel_pass_avx2<R, Dec>(xa, K, panel, c0, steps, 0, A);
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NC; ++j)
+      B[r][j] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(park + r * park_ld + 16 * j + 8);
+  chunk_panel_pass_avx2<R, Dec>(xa, K, panel, c0, steps, 2, B);
+  if (last) {
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < nc; ++j) out[r * ld + j] = Dec::halve(A[r][j], B[r][j]);
+    return;
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NC; ++j) {
+      _mm256_storeu_ps(park + r * park_ld + 16 * j, A[r][j]);
+      _mm256_storeu_ps(park + r * park_ld + 16 * j + 8, B[r][j]);
+    }
 }
 // Chain [ch0, ch1) (at most kChunkPanelAvx2Chunks chunks) of columns [c0, c1), every row
 // of x (xa staged, [M][K]), into out ([M][ld], column c0 at out[0]).
@@ -180,46 +199,56 @@ GROKIT_AVX2 void chunk_panels_avx2(const float* xa, int64_t M, int64_t K, const 
   using Dec = decltype(chunk_decoder_avx2<kPairs>(L));
   constexpr int NC = kChunkPanelAvx2Columns;
   using Panel = __m256[NC][4];  // one chunk of a column triple
-  const int64_t steps = ch1 - ch0;
-  GROKIT_CHECK(steps > 0 && steps <= kChunkPanelAvx2Chunks);
-  // Triples per block: as many as kChunkPanelAvx2Bytes holds (one at the longest chains).
-  const int64_t triple_bytes = steps * static_cast<int64_t>(sizeof(Panel));
-  const int64_t per_block =
-      std::clamp<int64_t>(kChunkPanelAvx2Bytes / triple_bytes, 1, kChunkPanelAvx2Triples);
-  // per_block * steps chunks: at most max(kChunkPanelAvx2Bytes / sizeof(Panel), steps).
+  GROKIT_CHECK(ch1 > ch0 && ch1 - ch0 <= kChunkPanelAvx2Chunks);
+  const int64_t tile = std::min(ch1 - ch0, kChunkPanelAvx2Tile);
+  // Triples per block: as many as kChunkPanelAvx2Bytes holds at the tile's length.
+  const int64_t per_block = std::clamp<int64_t>(kChunkPanelAvx2Bytes / (tile * static_cast<int64_t>(sizeof(Panel))), 1,
+                                                kChunkPanelAvx2Triples);
+  // per_block * tile chunks: at most max(kChunkPanelAvx2Bytes / sizeof(Panel), tile).
   static_assert(kChunkPanelAvx2Bytes / sizeof(Panel) <= kChunkPanelAvx2Chunks);
   alignas(32) Panel panel[kChunkPanelAvx2Chunks];
+  // Parked sums (chains of several tiles): [M][per_block][NC][A, B] of 8 floats, kept by
+  // the thread.
+  const int64_t park_ld = per_block * NC * 16;
+  thread_local std::vector<float> parked;
+  if (tile < ch1 - ch0 && parked.size() < static_cast<size_t>(M * park_ld))
+    parked.resize(static_cast<size_t>(M * park_ld));
   for (int64_t b0 = c0; b0 < c1; b0 += per_block * NC) {
     const int64_t b1 = std::min(c1, b0 + per_block * NC), triples = (b1 - b0 + NC - 1) / NC;
-    for (int64_t tr = 0; tr < triples; ++tr) {
-      const int64_t n = b0 + tr * NC;
-      const int nc = static_cast<int>(std::min<int64_t>(NC, b1 - n));
-      Panel* pt = panel + tr * steps;
-      for (int j = 0; j < NC; ++j) {
-        if (j >= nc) {  // the last columns' missing partners
-          for (int64_t t = 0; t < steps; ++t)
-            for (int s = 0; s < 4; ++s) pt[t][j][s] = _mm256_setzero_ps();
-          continue;
-        }
-        typename Dec::State st;
-        for (int64_t t = 0; t < steps; ++t) {
-          if (t == 0 || Dec::new_group(L, ch0 + t)) Dec::begin(L, n + j, ch0 + t, st);
-          Dec::decode(L, n + j, ch0 + t, st, pt[t][j]);
-        }
-      }
-    }
-    // Each row triple (then each remaining row) down every triple of the block.
-    auto rows = [&](auto r, int64_t m) GROKIT_AVX2_INLINE_LAMBDA {
+    for (int64_t t0 = ch0; t0 < ch1; t0 += tile) {
+      const int64_t steps = std::min(tile, ch1 - t0);
+      const bool first = t0 == ch0, last = t0 + steps == ch1;
       for (int64_t tr = 0; tr < triples; ++tr) {
         const int64_t n = b0 + tr * NC;
         const int nc = static_cast<int>(std::min<int64_t>(NC, b1 - n));
-        chunk_panel_rows_avx2<decltype(r)::value, kPairs, Dec>(xa + m * K, K, panel + tr * steps, ch0, steps, nc,
-                                                               out + (n - c0) + m * ld, ld);
+        Panel* pt = panel + tr * tile;
+        for (int j = 0; j < NC; ++j) {
+          if (j >= nc) {  // the last columns' missing partners
+            for (int64_t t = 0; t < steps; ++t)
+              for (int s = 0; s < 4; ++s) pt[t][j][s] = _mm256_setzero_ps();
+            continue;
+          }
+          typename Dec::State st;
+          for (int64_t t = 0; t < steps; ++t) {
+            if (t == 0 || Dec::new_group(L, t0 + t)) Dec::begin(L, n + j, t0 + t, st);
+            Dec::decode(L, n + j, t0 + t, st, pt[t][j]);
+          }
+        }
       }
-    };
-    int64_t m = 0;
-    for (; m + 3 <= M; m += 3) rows(std::integral_constant<int, 3>{}, m);
-    for (; m < M; ++m) rows(std::integral_constant<int, 1>{}, m);
+      // Each row triple (then each remaining row) down every triple of the block.
+      auto rows = [&](auto r, int64_t m) GROKIT_AVX2_INLINE_LAMBDA {
+        for (int64_t tr = 0; tr < triples; ++tr) {
+          const int64_t n = b0 + tr * NC;
+          const int nc = static_cast<int>(std::min<int64_t>(NC, b1 - n));
+          float* park = first && last ? nullptr : parked.data() + m * park_ld + tr * NC * 16;
+          chunk_panel_rows_avx2<decltype(r)::value, kPairs, Dec>(xa + m * K, K, panel + tr * tile, t0, steps, first,
+                                                                 last, park, park_ld, nc, out + (n - c0) + m * ld, ld);
+        }
+      };
+      int64_t m = 0;
+      for (; m + 3 <= M; m += 3) rows(std::integral_constant<int, 3>{}, m);
+      for (; m < M; ++m) rows(std::integral_constant<int, 1>{}, m);
+    }
   }
 }
 

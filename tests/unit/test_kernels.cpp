@@ -618,8 +618,10 @@ std::vector<KernelCase> all_cases() {
                            {13, 4096, 17, 64, 2048}, {66, 256, 40, 32, 64},
                            // AVX2 from 6 rows of x on: panels of three columns (one or two left at
                            // the end), rows of x by three and one, for chains up to 64 chunks; a
-                           // longer chain takes the walk.
-                           {6, 4096, 19, 128, 0},  {7, 2080, 5, 32, 0}};
+                           // longer chain takes the walk. Several triples per block, chains longer
+                           // than a tile (16 chunks) with their sums parked: two chains of 41 chunks
+                           // (a last tile of 9), blocks of 9 columns and a last one of 5.
+                           {6, 4096, 19, 128, 0},  {7, 2080, 5, 32, 0},    {10, 2624, 23, 32, 1312}};
   for (const auto& p : qw) {
     for (bool f32 : {false, true}) {
       c.push_back(case_matmul_w(Scheme::kQ4, p[0], p[1], p[2], p[3], 0, f32, p[4]));
