@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The CUDA kernels' host emulation (tests/gpu/test_cuda_emulation.cpp) built with
-# ThreadSanitizer into build-tsan/ and run. Each emulated block's threads are real threads,
-# its shared memory plain memory and its barriers std::barrier, so a kernel that orders a
-# shared-memory access with no __syncthreads (or leans on a warp running in lockstep)
-# shows up as a data race: a race check of the device code with no GPU. Needs the CUDA
-# toolkit's compiler and headers; says so and exits 0 where they are absent.
+# ThreadSanitizer into build-tsan/ and run. Each emulated block's threads are real threads
+# here (fibers elsewhere: tests/gpu/emu_block.h), its shared memory plain memory and its
+# barriers std::barrier, so a kernel that orders a shared-memory access with no
+# __syncthreads (or leans on a warp running in lockstep) shows up as a data race: a race
+# check of the device code with no GPU. Needs the CUDA toolkit's compiler and headers;
+# says so and exits 0 where they are absent.
 # Usage: scripts/test-emulation-tsan.sh [gtest flags...]
 set -euo pipefail
 cd "$(dirname "$0")/.."

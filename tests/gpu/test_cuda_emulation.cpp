@@ -1,11 +1,12 @@
 // The device code of every kernel of a decode step (the weight products, the router, the
 // decode attention, residual_norm, rope_store: kernels/cuda/*_device.cuh and the *_impl.cuh
 // they use) and of the prefill attention compiled as plain C++ and run on the host: each
-// block's threads are std::threads, __syncthreads a barrier, __shared__ a static, a warp
-// shuffle a barrier per warp, and the prefill attention's tensor-core instructions
-// (ldmatrix, mma) whole-warp exchanges of their PTX fragments. So the decode kernel's indexing, split-k, routing, rounding and every plan a
-// benchmark may force (k splits, warps across columns, the deep variant), the router's
-// two shapes and the others' plans are checked against the host twins on a machine
+// block's threads are fibers taking turns (std::threads under ThreadSanitizer: emu_block.h),
+// __syncthreads a barrier, __shared__ a static, a warp shuffle a barrier per warp, and the
+// prefill attention's tensor-core instructions (ldmatrix, mma) whole-warp exchanges of
+// their PTX fragments. So the decode kernel's indexing, split-k, routing, rounding and
+// every plan a benchmark may force (k splits, warps across columns, the deep variant), the
+// router's two shapes and the others' plans are checked against the host twins on a machine
 // without a GPU. The arithmetic is the device's (fp32 fma, bf16x2 multiplies from
 // cuda_bf16.h's host versions); the summation order is the kernel's, so results are held
 // to the parity harness's budgets, or to the bits of the CUDA ops a fused kernel replaces.
@@ -32,9 +33,17 @@
 #include <type_traits>
 #include <vector>
 
-// What matmul_device.cuh asks of its includer in emulation.
+#include "tests/gpu/emu_block.h"
+
+// What matmul_device.cuh asks of its includer in emulation (per thread where the block's
+// threads are std::threads; fibers set threadIdx at each turn).
+#if GK_EMU_THREADS
 thread_local uint3 threadIdx;
 thread_local uint3 blockIdx;
+#else
+uint3 threadIdx;
+uint3 blockIdx;
+#endif
 dim3 gridDim;
 void gk_emu_sync();
 void gk_emu_pdl_wait();
@@ -71,11 +80,11 @@ namespace payloads = grokit::payloads;
 using payloads::Rng;
 using payloads::WeightPayload;
 
-std::optional<std::barrier<>> g_sync;
+std::optional<emu::Barrier> g_sync;
 std::vector<float> g_smem;
 // A warp's exchange: each lane's value, and a barrier per warp.
 constexpr int kMaxEmuThreads = 1024;
-std::vector<std::unique_ptr<std::barrier<>>> g_warps;
+std::vector<std::unique_ptr<emu::Barrier>> g_warps;
 uint64_t g_lanes[kMaxEmuThreads];
 
 // The guarded pages of the launch running now, inaccessible from each block's start until
@@ -89,10 +98,9 @@ void set_guard(bool on) {
   for (const Region& r : g_guarded)
     if (mprotect(r.p, r.bytes, on ? PROT_NONE : PROT_READ | PROT_WRITE) != 0) std::abort();
 }
-struct Unguard {
-  void operator()() noexcept { set_guard(false); }
-};
-std::optional<std::barrier<Unguard>> g_pdl;
+void unguard() { set_guard(false); }
+std::optional<emu::Barrier> g_pdl;
+bool g_pdl_waited[kMaxEmuThreads];  // the thread has passed its first pdl_wait in this block
 void on_fault(int, siginfo_t* info, void*) {
   for (const Region& r : g_guarded) {
     const auto a = reinterpret_cast<uintptr_t>(info->si_addr), b = reinterpret_cast<uintptr_t>(r.p);
@@ -109,8 +117,15 @@ void on_fault(int, siginfo_t* info, void*) {
 
 void gk_emu_sync() { g_sync->arrive_and_wait(); }
 // Every thread of the block reaches it (the kernels call it uniformly); the last one in
-// opens the guarded pages.
-void gk_emu_pdl_wait() { g_pdl->arrive_and_wait(); }
+// opens the guarded pages. Later calls in the block return at once, as on the device
+// (it waits for the kernel before, not for the block's other threads): no barrier that
+// could hide a missing __syncthreads.
+void gk_emu_pdl_wait() {
+  const auto t = static_cast<size_t>(threadIdx.x);
+  if (g_pdl_waited[t]) return;
+  g_pdl_waited[t] = true;
+  g_pdl->arrive_and_wait();
+}
 // Every lane of the warp calls it (as __shfl_xor_sync with a full mask requires).
 template <class T>
 T gk_emu_shfl_xor(T v, int mask) {
@@ -259,16 +274,26 @@ void launch(dim3 grid, size_t smem_bytes, const Fn& fn, int T = mm::kThreads, st
   }();
   ASSERT_TRUE(handler);
   g_guarded = std::move(guard);
-  g_pdl.emplace(T);
-  set_guard(true);
   gridDim = grid;
-  g_smem.assign(smem_bytes / 4 + 4, std::nanf(""));
-  g_sync.emplace(T);
-  auto make_warps = [T] {
+  g_smem.resize(smem_bytes / 4 + 4);
+  // The block's barriers, fresh, its guard on and its shared memory NaN.
+  auto new_block = [T] {
+    g_sync.emplace(T, nullptr);
+    g_pdl.emplace(T, unguard);
+    std::fill(std::begin(g_pdl_waited), std::end(g_pdl_waited), false);
     g_warps.clear();
-    for (int w = 0; w < T / 32; ++w) g_warps.push_back(std::make_unique<std::barrier<>>(32));
+    for (int w = 0; w < T / 32; ++w) g_warps.push_back(std::make_unique<emu::Barrier>(32, nullptr));
+    set_guard(true);
+    std::fill(g_smem.begin(), g_smem.end(), std::nanf(""));
   };
-  make_warps();
+  auto thread_body = [&fn](int t) {
+    fn();
+    g_sync->arrive_and_drop();
+    g_pdl->arrive_and_drop();
+    g_warps[static_cast<size_t>(t / 32)]->arrive_and_drop();
+  };
+#if GK_EMU_THREADS
+  new_block();
   std::barrier start(T), end(T);
   std::vector<std::thread> threads;
   for (int t = 0; t < T; ++t) {
@@ -279,22 +304,25 @@ void launch(dim3 grid, size_t smem_bytes, const Fn& fn, int T = mm::kThreads, st
           for (unsigned x = 0; x < grid.x; ++x) {
             start.arrive_and_wait();
             blockIdx = uint3{x, y, z};
-            fn();
-            g_sync->arrive_and_drop();
-            g_pdl->arrive_and_drop();
-            g_warps[static_cast<size_t>(t / 32)]->arrive_and_drop();
+            thread_body(t);
             end.arrive_and_wait();
-            if (t == 0) {  // nobody touches these until the next start
-              g_sync.emplace(T);
-              g_pdl.emplace(T);
-              set_guard(true);
-              make_warps();
-              std::fill(g_smem.begin(), g_smem.end(), std::nanf(""));
-            }
+            if (t == 0) new_block();  // nobody touches these until the next start
           }
     });
   }
   for (auto& th : threads) th.join();
+#else
+  // Launches and blocks alternate which warp runs ahead (the lowest or the highest).
+  static unsigned launches = 0;
+  auto set_thread = [](int t) { threadIdx = uint3{static_cast<unsigned>(t), 0, 0}; };
+  for (unsigned z = 0, b = launches++; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x, ++b) {
+        new_block();
+        blockIdx = uint3{x, y, z};
+        emu::run_block(T, b % 2 == 1, thread_body, set_thread);
+      }
+#endif
   set_guard(false);
   g_guarded.clear();
 }
