@@ -871,6 +871,9 @@ TEST(CudaEmulation, PrefillAttentionMatchesTheTwin) {
   // head_dim 16 (padded to 64; odd dims: the 4-byte loads), and 20 (not a multiple of 8).
   check_prefill_attention("head_dim 16", 4, 4, 16, m16, 2, {{50, 45, 0, 0, 45}}, 8, rng, 1);
   check_prefill_attention("head_dim 20", 2, 1, 20, 0.22360679774997896f, 2, {{40, 33, 1, 0, 33}}, 8, rng, 1);
+  // 45 padding keys: the first valid key lies past the first warp's 32 (first_valid's
+  // per-warp minimum across the block).
+  check_prefill_attention("45 padding keys", 2, 1, 128, m128, 2, {{100, 90, 45, 0, 90}}, 8, rng, 1);
   // head_dim 160 (padded to 256: tiles of 32 keys), logits past the cap.
   check_prefill_attention("head_dim 160, capped", 2, 1, 160, 1.0f, 4, {{72, 70, 0, 0, 70}}, 8, rng, 1);
 }
