@@ -26,7 +26,9 @@
 #define GK_D inline
 #define GK_KERNEL_T(threads, min_blocks) inline void
 #define GK_KERNEL_MAX(threads) inline void
-#define GK_SHARED static
+// Statics in a section of their own, which the emulation poisons before each block (a
+// device's shared memory starts with whatever the last block left, never zeros).
+#define GK_SHARED static __attribute__((section("gk_emu_shared")))
 #define GK_SYNC() gk_emu_sync()
 #endif
 #if defined(__CUDA_ARCH__)

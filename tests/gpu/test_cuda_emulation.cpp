@@ -2,14 +2,15 @@
 // decode attention, residual_norm, rope_store: kernels/cuda/*_device.cuh and the *_impl.cuh
 // they use) and of the prefill attention compiled as plain C++ and run on the host: each
 // block's threads are fibers taking turns (std::threads under ThreadSanitizer: emu_block.h),
-// __syncthreads a barrier, __shared__ a static, a warp shuffle a barrier per warp, and the
-// prefill attention's tensor-core instructions (ldmatrix, mma) whole-warp exchanges of
-// their PTX fragments. So the decode kernel's indexing, split-k, routing, rounding and
-// every plan a benchmark may force (k splits, warps across columns, the deep variant), the
-// router's two shapes and the others' plans are checked against the host twins on a machine
-// without a GPU. The arithmetic is the device's (fp32 fma, bf16x2 multiplies from
-// cuda_bf16.h's host versions); the summation order is the kernel's, so results are held
-// to the parity harness's budgets, or to the bits of the CUDA ops a fused kernel replaces.
+// __syncthreads a barrier, __shared__ a static (poisoned before each block), a warp
+// shuffle a barrier per warp, and the prefill attention's tensor-core instructions
+// (ldmatrix, mma) whole-warp exchanges of their PTX fragments. So the decode kernel's
+// indexing, split-k, routing, rounding and every plan a benchmark may force (k splits,
+// warps across columns, the deep variant), the router's two shapes and the others' plans
+// are checked against the host twins on a machine without a GPU. The arithmetic is the
+// device's (fp32 fma, bf16x2 multiplies from cuda_bf16.h's host versions); the summation
+// order is the kernel's, so results are held to the parity harness's budgets, or to the
+// bits of the CUDA ops a fused kernel replaces.
 //
 // The kernels' pdl_wait rule (emulable.cuh) is checked too: every buffer of a launch but
 // the weights lives in pages of its own (PageBuf), which no thread may touch until all the
@@ -99,6 +100,13 @@ void set_guard(bool on) {
     if (mprotect(r.p, r.bytes, on ? PROT_NONE : PROT_READ | PROT_WRITE) != 0) std::abort();
 }
 void unguard() { set_guard(false); }
+// The kernels' __shared__ statics (GK_SHARED: emulable.cuh), poisoned before each block:
+// bytes 0xff are NaN as floats, -1 as integers and a non-canonical address as pointers,
+// so a read of shared memory no thread of the block wrote shows.
+extern "C" unsigned char __start_gk_emu_shared[], __stop_gk_emu_shared[];
+void poison_static_shared() {
+  std::memset(__start_gk_emu_shared, 0xff, static_cast<size_t>(__stop_gk_emu_shared - __start_gk_emu_shared));
+}
 std::optional<emu::Barrier> g_pdl;
 bool g_pdl_waited[kMaxEmuThreads];  // the thread has passed its first pdl_wait in this block
 void on_fault(int, siginfo_t* info, void*) {
@@ -285,6 +293,7 @@ void launch(dim3 grid, size_t smem_bytes, const Fn& fn, int T = mm::kThreads, st
     for (int w = 0; w < T / 32; ++w) g_warps.push_back(std::make_unique<emu::Barrier>(32, nullptr));
     set_guard(true);
     std::fill(g_smem.begin(), g_smem.end(), std::nanf(""));
+    poison_static_shared();
   };
   auto thread_body = [&fn](int t) {
     fn();
