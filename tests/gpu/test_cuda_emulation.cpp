@@ -521,6 +521,8 @@ TEST(CudaEmulation, RoutedDecodeRoundedAndGeluOutputs) {
     // writes the zeros).
     check_case({payloads::kQ8RowBlock, 1, 5, 256, 96, 4, 2, true, 3}, f, Out::kSums, rng);
     check_case({payloads::kQ8RowBlock, 1, 5, 256, 96, 4, 2, true, -1}, f, Out::kSums, rng);
+    // 130 rows: the slots' scan and each block's row collection take three windows of ids.
+    check_case({payloads::kQ8RowBlock, 1, 5, 64, 40, 130, 2, true}, f, Out::kSums, rng);
   }
 }
 
